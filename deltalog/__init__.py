@@ -1,0 +1,59 @@
+"""deltalog: an event-sourced delta log on S3, folded into ChromaDB snapshots.
+
+Producers append deltas (upserts, deletes and metadata updates of vector
+records) to a log of immutable S3 objects at dense sequence numbers, exactly
+once. A compactor (the ``compactor`` package) folds the log into ChromaDB
+snapshots under a fenced DynamoDB lease.
+"""
+
+from deltalog.config import LogConfig
+from deltalog.entry import Batch, Delete, Delta, Entry, Seal, UpdateMetadata, Upsert
+from deltalog.errors import (
+    Closed,
+    ConfigurationError,
+    Conflict,
+    CorruptEntry,
+    DataError,
+    DeltalogError,
+    Fenced,
+    InvalidInput,
+    LeaseBusy,
+    LeaseLost,
+    Unavailable,
+    ValidationError,
+)
+from deltalog.log import DeltaLog, LogStatistics, LogStatus
+from deltalog.producer import Producer, ProducerStatistics
+from deltalog.read import LogReader, ReadEnd
+
+__all__ = [
+    "Batch",
+    "Closed",
+    "ConfigurationError",
+    "Conflict",
+    "CorruptEntry",
+    "DataError",
+    "Delete",
+    "Delta",
+    "DeltaLog",
+    "DeltalogError",
+    "Entry",
+    "Fenced",
+    "InvalidInput",
+    "LeaseBusy",
+    "LeaseLost",
+    "LogConfig",
+    "LogReader",
+    "LogStatistics",
+    "LogStatus",
+    "Producer",
+    "ProducerStatistics",
+    "ReadEnd",
+    "Seal",
+    "Unavailable",
+    "UpdateMetadata",
+    "Upsert",
+    "ValidationError",
+]
+
+__version__ = "0.1.0"

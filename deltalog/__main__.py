@@ -1,0 +1,5 @@
+import sys
+
+from deltalog.cli import main
+
+sys.exit(main())

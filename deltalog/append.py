@@ -1,0 +1,294 @@
+"""The append protocol: one entry, written exactly once, at a fresh seq.
+
+1. Reserve a seq: add one to the counter (an ambiguous failure of that
+   costs a hole, never a duplicate).
+2. Claim the idempotency keys of the entry's deltas at that seq.
+3. Create ``entries/{seq}`` only if absent.
+4. On an ambiguous failure or a 412, read the key back: our ``entry_id``
+   means success; a seal means reserve again (moving our claims); nothing
+   means retry the write; another producer's entry means the counter was
+   reset: log loudly and reserve again.
+
+A delta whose idempotency key is already claimed by a written entry is a
+duplicate: it is not written again and resolves to the original seq.
+Every wait between attempts backs off exponentially with jitter, and the
+number of attempts is bounded by ``LogConfig.append_attempts``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+
+from deltalog.codec import Frame, batch_body, decode_entry
+from deltalog.config import LogConfig
+from deltalog.entry import Batch, Seal, new_id
+from deltalog.errors import Conflict, CorruptEntry, DeltalogError, Unavailable
+from deltalog.store import ObjectStore, StoredObject
+from deltalog.table import Claim, Table
+
+__all__ = ["Appender", "EncodedDelta"]
+
+log = logging.getLogger("deltalog.append")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedDelta:
+    """A validated delta and its MessagePack bytes."""
+
+    delta_id: str
+    idempotency_key: str | None
+    data: bytes
+
+
+Outcome = int | DeltalogError
+"""Per delta: the seq it is durable at, or why it was not written."""
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One entry on its way into the log."""
+
+    entry_id: str
+    deltas: list[EncodedDelta]
+    outcomes: dict[str, Outcome]
+    claimed: list[Claim]
+    follows: dict[str, str]
+    """delta_id -> the delta_id of an earlier delta in this entry with the same key"""
+
+
+class Appender:
+    """Writes entries for one log; shared by ``DeltaLog.append`` and producers."""
+
+    def __init__(self, config: LogConfig, store: ObjectStore, table: Table) -> None:
+        self.config = config
+        self.keys = config.keys
+        self.log_id = self.keys.log_id
+        self.store = store
+        self.table = table
+        self.producer_id = config.producer_id or f"producer-{new_id()[:12]}"
+        self.entries_written = 0
+        self.retries = 0
+        self.duplicates = 0
+
+    def _error(
+        self, error: type[DeltalogError], message: str, seq: int | None = None
+    ) -> DeltalogError:
+        return error(message, log=self.config.log, seq=seq)
+
+    async def write(self, deltas: Sequence[EncodedDelta]) -> dict[str, Outcome]:
+        """Append ``deltas`` as one entry; return each delta's outcome by ``delta_id``."""
+        attempt = _Attempt(new_id(), [], {}, [], {})
+        attempt.deltas = await self._retrying(
+            lambda: self._drop_known_duplicates(attempt, list(deltas))
+        )
+        if not attempt.deltas:
+            return self._finish(attempt, 0, wrote=False)
+        last: DeltalogError | None = None
+        for n in range(self.config.append_attempts):
+            try:
+                seq = await self.table.reserve(self.log_id)
+            except Unavailable as exc:
+                last = exc
+                await self._backoff(n)
+                continue
+            await self._retrying(functools.partial(self._claim, attempt, seq))
+            written = await self._put(attempt, seq)
+            if written:
+                return self._finish(attempt, seq)
+            await self._backoff(n)
+        raise Unavailable(
+            f"append failed after {self.config.append_attempts} attempts: {last}",
+            log=self.config.log,
+        ) from last
+
+    def _finish(self, attempt: _Attempt, seq: int, *, wrote: bool = True) -> dict[str, Outcome]:
+        self.entries_written += wrote
+        for delta in attempt.deltas:
+            attempt.outcomes[delta.delta_id] = seq
+        for follower, leader in attempt.follows.items():
+            attempt.outcomes[follower] = attempt.outcomes[leader]
+        return attempt.outcomes
+
+    async def _put(self, attempt: _Attempt, seq: int) -> bool:
+        """Write at ``seq``; True when durable, False when a new seq is needed."""
+        body = batch_body(
+            attempt.entry_id,
+            [d.data for d in attempt.deltas],
+            producer_id=self.producer_id,
+            created_at=time.time(),
+        )
+        frame = Frame(body)
+        data = frame.at(seq)
+        key = self.keys.entry(seq)
+        for n in range(self.config.append_attempts):
+            try:
+                if await self.store.put_if_absent(key, data):
+                    return True
+            except Unavailable as exc:
+                if not exc.ambiguous:
+                    self.retries += 1
+                    await self._backoff(n)
+                    continue
+            verdict = await self._read_back(attempt, seq, key)
+            if verdict is not None:
+                return verdict
+            self.retries += 1
+            await self._backoff(n)
+        raise self._error(
+            Unavailable, f"could not write entry after {self.config.append_attempts} tries", seq
+        )
+
+    async def _read_back(self, attempt: _Attempt, seq: int, key: str) -> bool | None:
+        """What is at ``key``: True ours, False taken (re-reserve), None absent."""
+        stored = await self._get_with_retry(key)
+        if stored is None:
+            return None
+        try:
+            entry = decode_entry(stored.data, seq=seq, key=key)
+        except CorruptEntry:
+            log.error(
+                "seq %d of log %s holds an undecodable object; reserving again",
+                seq,
+                self.config.log,
+            )
+            return False
+        if isinstance(entry, Batch) and entry.entry_id == attempt.entry_id:
+            return True
+        if isinstance(entry, Batch):
+            log.error(
+                "seq %d of log %s holds another producer's entry: was the counter reset? "
+                "reserving again",
+                seq,
+                self.config.log,
+            )
+        return False
+
+    async def _get_with_retry(self, key: str) -> StoredObject | None:
+        return await self._retrying(lambda: self.store.get(key))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, retried with backoff while it raises ``Unavailable``."""
+        for n in range(self.config.append_attempts - 1):
+            try:
+                return await call()
+            except Unavailable:
+                self.retries += 1
+                await self._backoff(n)
+        return await call()
+
+    async def _backoff(self, attempt: int) -> None:
+        await anyio.sleep(random.uniform(0, min(2.0, 0.02 * 2**attempt)))
+
+    # -- idempotency keys -------------------------------------------------
+
+    async def _drop_known_duplicates(
+        self, attempt: _Attempt, deltas: list[EncodedDelta]
+    ) -> list[EncodedDelta]:
+        """Resolve deltas whose key is already claimed, before reserving a seq."""
+        deltas = self._dedupe_within(attempt, deltas)
+        keys = [d.idempotency_key for d in deltas if d.idempotency_key]
+        if not keys:
+            return deltas
+        claims = await self.table.get_claims(self.log_id, keys)
+        return [
+            d
+            for d in deltas
+            if not await self._settled(attempt, d, claims.get(d.idempotency_key or ""))
+        ]
+
+    def _dedupe_within(self, attempt: _Attempt, deltas: list[EncodedDelta]) -> list[EncodedDelta]:
+        first: dict[str, EncodedDelta] = {}
+        kept = []
+        for delta in deltas:
+            key = delta.idempotency_key
+            if key is not None and key in first:
+                attempt.follows[delta.delta_id] = first[key].delta_id
+                continue
+            if key is not None:
+                first[key] = delta
+            kept.append(delta)
+        return kept
+
+    async def _settled(self, attempt: _Attempt, delta: EncodedDelta, claim: Claim | None) -> bool:
+        """True if ``delta`` needs no write: a duplicate, or refused while in flight."""
+        if claim is None or claim.entry_id == attempt.entry_id:
+            return False
+        state = await self._claim_state(claim)
+        if state == "written":
+            self.duplicates += 1
+            attempt.outcomes[delta.delta_id] = claim.seq
+            return True
+        if state == "in-flight":
+            attempt.outcomes[delta.delta_id] = self._error(
+                Conflict,
+                f"idempotency key {claim.key!r} is held by an append at seq {claim.seq} that "
+                "has not been written yet; if its producer died, the hole is sealed after the "
+                "grace period: retry then",
+                claim.seq,
+            )
+            return True
+        return False
+
+    async def _claim_state(self, claim: Claim) -> str:
+        """``written``, ``in-flight`` or ``stale`` (the claimed seq was sealed)."""
+        key = self.keys.entry(claim.seq)
+        stored = await self._get_with_retry(key)
+        if stored is None:
+            return "in-flight"
+        try:
+            entry = decode_entry(stored.data, seq=claim.seq, key=key)
+        except CorruptEntry:
+            return "stale"
+        if isinstance(entry, Batch) and entry.entry_id == claim.entry_id:
+            return "written"
+        return "stale" if isinstance(entry, Seal | Batch) else "in-flight"
+
+    async def _claim(self, attempt: _Attempt, seq: int) -> None:
+        """Claim (or move) every key of the attempt at ``seq``."""
+        wanted = [
+            Claim(d.idempotency_key, seq, attempt.entry_id)
+            for d in attempt.deltas
+            if d.idempotency_key
+        ]
+        if not wanted:
+            return
+        moved = {c.key: c for c in attempt.claimed}
+        fresh = [c for c in wanted if c.key not in moved]
+        held = await self.table.claim_keys(self.log_id, fresh) if fresh else {}
+        lost: set[str] = set()
+        for claim in wanted:
+            if claim.key in moved:
+                if not await self.table.replace_claim(self.log_id, moved[claim.key], claim):
+                    lost.add(claim.key)
+                    delta = next(d for d in attempt.deltas if d.idempotency_key == claim.key)
+                    attempt.outcomes[delta.delta_id] = self._error(
+                        Conflict,
+                        f"idempotency key {claim.key!r} was taken over while its seq "
+                        f"{moved[claim.key].seq} was sealed; retry the append",
+                        seq,
+                    )
+            elif claim.key in held and not await self._take_over(attempt, held[claim.key], claim):
+                lost.add(claim.key)
+        attempt.claimed = [c for c in wanted if c.key not in lost]
+        attempt.deltas = [d for d in attempt.deltas if d.idempotency_key not in lost]
+
+    async def _take_over(self, attempt: _Attempt, other: Claim, mine: Claim) -> bool:
+        """Resolve a key another entry claimed first; True if ours now."""
+        delta = next(d for d in attempt.deltas if d.idempotency_key == mine.key)
+        if await self._settled(attempt, delta, other):
+            return False
+        if await self.table.replace_claim(self.log_id, other, mine):
+            return True
+        attempt.outcomes[delta.delta_id] = self._error(
+            Conflict, f"idempotency key {mine.key!r} was claimed concurrently; retry the append"
+        )
+        return False

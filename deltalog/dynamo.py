@@ -1,0 +1,281 @@
+"""``DynamoTable``: the table seam on DynamoDB.
+
+One table holds every log: partition key ``pk`` (the log id), sort key
+``sk`` (the item kind, see ``deltalog.keys``), on-demand billing. Every
+read that decides something is strongly consistent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from deltalog.aws import client, error_code, translate
+from deltalog.config import LogConfig
+from deltalog.errors import Closed, ConfigurationError, DeltalogError
+from deltalog.keys import HEAD_SK, IDEMPOTENCY_PREFIX, SCHEMA_SK, STATE_SK, idempotency_sk
+from deltalog.table import Claim, LogState
+
+__all__ = ["DynamoTable"]
+
+_TRANSACTION_LIMIT = 100
+_DIM_PREFIX = "dim#"
+
+
+def _s(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def _n(value: int | float) -> dict[str, str]:
+    return {"N": str(value)}
+
+
+def _item_key(log_id: str, sk: str) -> dict[str, dict[str, str]]:
+    return {"pk": _s(log_id), "sk": _s(sk)}
+
+
+def _claim_of(item: dict[str, Any]) -> Claim:
+    key = item["sk"]["S"][len(IDEMPOTENCY_PREFIX) :]
+    return Claim(key, int(item["seq"]["N"]), item["entry_id"]["S"])
+
+
+class DynamoTable:
+    """The table seam over one DynamoDB table."""
+
+    def __init__(self, config: LogConfig) -> None:
+        self.config = config
+        self.name = config.table
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, config: LogConfig) -> DynamoTable:
+        table = cls(config)
+        table._client = await client(table._stack, config, "dynamodb")
+        return table
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._stack.aclose()
+
+    @property
+    def _db(self) -> Any:
+        if self._closed or self._client is None:
+            raise Closed("the DynamoDB table is closed")
+        return self._client
+
+    def _missing_table(self, what: str) -> DeltalogError:
+        return ConfigurationError(
+            f"{what}: table {self.name!r} does not exist; run "
+            f"`deltalog init --bucket {self.config.bucket} --table {self.name}`"
+        )
+
+    def _error(self, exc: BaseException, what: str, *, ambiguous: bool) -> DeltalogError:
+        return translate(exc, what, ambiguous=ambiguous, missing=self._missing_table)
+
+    async def _call(self, method: str, what: str, *, ambiguous: bool, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._db, method)(TableName=self.name, **kwargs)
+        except Exception as exc:
+            raise self._error(exc, what, ambiguous=ambiguous) from exc
+
+    async def reserve(self, log_id: str) -> int:
+        answer = await self._call(
+            "update_item",
+            "reserve a seq",
+            ambiguous=True,
+            Key=_item_key(log_id, HEAD_SK),
+            UpdateExpression="ADD next_seq :one",
+            ExpressionAttributeValues={":one": _n(1)},
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(answer["Attributes"]["next_seq"]["N"])
+
+    async def _get(self, log_id: str, sk: str, what: str) -> dict[str, Any]:
+        answer = await self._call(
+            "get_item", what, ambiguous=False, Key=_item_key(log_id, sk), ConsistentRead=True
+        )
+        item: dict[str, Any] = answer.get("Item", {})
+        return item
+
+    async def read_head(self, log_id: str) -> int:
+        item = await self._get(log_id, HEAD_SK, "read the head")
+        return int(item["next_seq"]["N"]) if "next_seq" in item else 0
+
+    async def record_dim(self, log_id: str, collection: str, dim: int) -> int:
+        answer = await self._call(
+            "update_item",
+            "record a collection's dimension",
+            ambiguous=True,
+            Key=_item_key(log_id, SCHEMA_SK),
+            UpdateExpression="SET #d = if_not_exists(#d, :d)",
+            ExpressionAttributeNames={"#d": f"{_DIM_PREFIX}{collection}"},
+            ExpressionAttributeValues={":d": _n(dim)},
+            ReturnValues="ALL_NEW",
+        )
+        return int(answer["Attributes"][f"{_DIM_PREFIX}{collection}"]["N"])
+
+    async def read_dims(self, log_id: str) -> dict[str, int]:
+        item = await self._get(log_id, SCHEMA_SK, "read the schema")
+        return {
+            name[len(_DIM_PREFIX) :]: int(value["N"])
+            for name, value in item.items()
+            if name.startswith(_DIM_PREFIX)
+        }
+
+    async def claim_keys(self, log_id: str, claims: Sequence[Claim]) -> dict[str, Claim]:
+        held: dict[str, Claim] = {}
+        for start in range(0, len(claims), _TRANSACTION_LIMIT):
+            held.update(
+                await self._claim_chunk(log_id, list(claims[start : start + _TRANSACTION_LIMIT]))
+            )
+        return held
+
+    async def _claim_chunk(self, log_id: str, claims: list[Claim]) -> dict[str, Claim]:
+        held: dict[str, Claim] = {}
+        pending = claims
+        while pending:
+            failed = set(await self._try_claims(log_id, pending))
+            if not failed:
+                break
+            existing = await self.get_claims(log_id, sorted(failed))
+            for claim in pending:
+                other = existing.get(claim.key)
+                if claim.key in failed and other is not None and other.entry_id != claim.entry_id:
+                    held[claim.key] = other
+            # The transaction was cancelled as a whole: the rest try again.
+            pending = [c for c in pending if c.key not in failed]
+        return held
+
+    async def _try_claims(self, log_id: str, claims: list[Claim]) -> list[str]:
+        """Write all claims in one transaction; return the keys whose condition failed."""
+        items = [
+            {
+                "Put": {
+                    "TableName": self.name,
+                    "Item": {
+                        **_item_key(log_id, idempotency_sk(c.key)),
+                        "seq": _n(c.seq),
+                        "entry_id": _s(c.entry_id),
+                    },
+                    "ConditionExpression": "attribute_not_exists(pk) OR entry_id = :e",
+                    "ExpressionAttributeValues": {":e": _s(c.entry_id)},
+                }
+            }
+            for c in claims
+        ]
+        try:
+            await self._db.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
+            reasons = exc.response.get("CancellationReasons", [])
+            failed = [
+                c.key
+                for c, r in zip(claims, reasons, strict=False)
+                if r.get("Code") == "ConditionalCheckFailed"
+            ]
+            if not failed:
+                raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
+            return failed
+        except Exception as exc:
+            raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
+        return []
+
+    async def get_claims(self, log_id: str, keys: Sequence[str]) -> dict[str, Claim]:
+        found: dict[str, Claim] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _TRANSACTION_LIMIT):
+            request: dict[str, Any] = {
+                self.name: {
+                    "Keys": [
+                        _item_key(log_id, idempotency_sk(k))
+                        for k in unique[start : start + _TRANSACTION_LIMIT]
+                    ],
+                    "ConsistentRead": True,
+                }
+            }
+            while request:
+                try:
+                    answer = await self._db.batch_get_item(RequestItems=request)
+                except Exception as exc:
+                    raise self._error(exc, "read idempotency claims", ambiguous=False) from exc
+                for item in answer.get("Responses", {}).get(self.name, []):
+                    claim = _claim_of(item)
+                    found[claim.key] = claim
+                request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
+        try:
+            await self._db.put_item(
+                TableName=self.name,
+                Item={
+                    **_item_key(log_id, idempotency_sk(new.key)),
+                    "seq": _n(new.seq),
+                    "entry_id": _s(new.entry_id),
+                },
+                ConditionExpression="seq = :s AND entry_id = :e",
+                ExpressionAttributeValues={":s": _n(old.seq), ":e": _s(old.entry_id)},
+            )
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
+        except Exception as exc:
+            raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
+        return True
+
+    async def read_state(self, log_id: str) -> LogState:
+        item = await self._get(log_id, STATE_SK, "read the state")
+        return _state_of(item)
+
+    async def ensure_table(self) -> bool:
+        """Create the table if it is missing; True if it was created."""
+        try:
+            await self._db.describe_table(TableName=self.name)
+            return False
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise self._error(exc, "describe table", ambiguous=False) from exc
+        except Exception as exc:
+            raise self._error(exc, "describe table", ambiguous=False) from exc
+        await self._call(
+            "create_table",
+            "create table",
+            ambiguous=False,
+            KeySchema=[
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        waiter = self._db.get_waiter("table_exists")
+        await waiter.wait(TableName=self.name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        return True
+
+
+def _state_of(item: dict[str, Any]) -> LogState:
+    def text(name: str) -> str | None:
+        return item[name]["S"] if name in item and "S" in item[name] else None
+
+    def number(name: str) -> float:
+        return float(item[name]["N"]) if name in item else 0.0
+
+    return LogState(
+        hwm=int(number("hwm")),
+        snapshot_key=text("snapshot_key"),
+        snapshot_sha256=text("snapshot_sha256"),
+        owner=text("owner"),
+        token=int(number("token")),
+        expires_at=number("expires_at"),
+        updated_at=number("updated_at"),
+    )

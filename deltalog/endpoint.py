@@ -1,0 +1,108 @@
+"""An embedded S3 + DynamoDB endpoint on loopback, for the demo and tests.
+
+It runs moto's server in a child process (an in-process server would
+share the GIL with the code it serves) on ``127.0.0.1`` and a free port,
+and speaks the real wire protocol: deltalog talks to it exactly as it
+talks to AWS. Nothing it stores survives ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from types import TracebackType
+
+from deltalog.errors import ConfigurationError
+
+__all__ = ["EmbeddedEndpoint", "FAKE_CREDENTIALS"]
+
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedEndpoint:
+    """moto's server as a child process; ``url`` once started."""
+
+    def __init__(self, *, startup_timeout: float = 30.0) -> None:
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start the server and wait until it answers; return its URL."""
+        for _ in range(3):
+            self.port = _free_port()
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, **FAKE_CREDENTIALS, "PYTHONUNBUFFERED": "1"},
+            )
+            if self._wait_ready():
+                return self.url
+            self.stop()
+        raise ConfigurationError(
+            "could not start the embedded S3/DynamoDB endpoint (moto server); "
+            "is the 'moto[server]' package installed?"
+        )
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):
+                    return True
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        return False
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def reset(self) -> None:
+        """Forget everything stored (moto's reset API)."""
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def __enter__(self) -> EmbeddedEndpoint:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,129 @@
+"""Every error deltalog raises, grouped by what the caller should do.
+
+::
+
+    DeltalogError                   the root: catch this to catch everything
+    ├── InvalidInput                fix the call; nothing was written
+    │   └── ValidationError         a delta breaks a rule (names the field)
+    ├── ConfigurationError          fix the setup: missing bucket or table,
+    │                               bad credentials, an unusable endpoint
+    ├── Unavailable                 retry later: network, throttling, 5xx
+    ├── Conflict                    re-read and retry: someone else won a race
+    │   └── LeaseBusy               another compactor holds the lease
+    ├── Fenced                      stop, never retry: a newer owner exists
+    │   └── LeaseLost               our lease expired or was taken over
+    ├── DataError                   stored bytes are wrong (names key and seq)
+    │   └── CorruptEntry            an entry that cannot be decoded or verified
+    └── Closed                      the object was closed before the call
+
+Every error carries the ``log``, ``seq`` and ``key`` it concerns when known,
+and adapters chain the foreign exception with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Closed",
+    "ConfigurationError",
+    "Conflict",
+    "CorruptEntry",
+    "DataError",
+    "DeltalogError",
+    "Fenced",
+    "InvalidInput",
+    "LeaseBusy",
+    "LeaseLost",
+    "Unavailable",
+    "ValidationError",
+]
+
+
+class DeltalogError(Exception):
+    """The root of every deltalog error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        log: str | None = None,
+        seq: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.message = message
+        self.log = log
+        self.seq = seq
+        self.key = key
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = [
+            f"{name}={value}"
+            for name, value in (("log", self.log), ("seq", self.seq), ("key", self.key))
+            if value is not None
+        ]
+        return f"{self.message} [{', '.join(where)}]" if where else self.message
+
+
+class InvalidInput(DeltalogError):
+    """The call was wrong: fix it. Nothing was written."""
+
+
+class ValidationError(InvalidInput):
+    """A delta breaks a rule; ``field`` is a path such as ``ops[0].ids[3]``."""
+
+    def __init__(self, field: str, reason: str, *, log: str | None = None) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}", log=log)
+
+
+class ConfigurationError(DeltalogError):
+    """The setup is wrong: a missing bucket or table, credentials, endpoint."""
+
+
+class Unavailable(DeltalogError):
+    """A transient failure; retrying later may succeed.
+
+    ``ambiguous`` is true when a write may have happened although the call
+    failed (a timeout or reset after the request was sent).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        ambiguous: bool = False,
+        log: str | None = None,
+        seq: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.ambiguous = ambiguous
+        super().__init__(message, log=log, seq=seq, key=key)
+
+
+class Conflict(DeltalogError):
+    """Somebody else won a race: re-read the state and retry."""
+
+
+class LeaseBusy(Conflict):
+    """Another compactor holds the lease for this log."""
+
+
+class Fenced(DeltalogError):
+    """A newer owner exists: stop and never retry this operation."""
+
+
+class LeaseLost(Fenced):
+    """The lease expired or was taken over while we held it."""
+
+
+class DataError(DeltalogError):
+    """Stored bytes are wrong; the message names the key and the seq."""
+
+
+class CorruptEntry(DataError):
+    """An entry that cannot be decoded or fails verification."""
+
+
+class Closed(DeltalogError):
+    """The object was closed; open a new one."""

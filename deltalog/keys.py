@@ -1,0 +1,95 @@
+"""Every storage key deltalog uses, built here and nowhere else.
+
+S3, under one bucket and a configurable root prefix::
+
+    {root}/{log}/entries/{seq:020d}
+    {root}/{log}/snapshots/{hwm:020d}-{token:012d}-{nonce}.tar[.zst]
+
+DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
+
+    (log, "head")           next_seq, the append counter
+    (log, "state")          hwm, snapshot, lease: the commit point
+    (log, "schema")         the embedding dimension of each collection
+    (log, "idem#{key}")     an idempotency key's claim: the seq it went to
+
+Zero padding keeps S3's lexicographic listing order equal to seq order, so
+"every entry after n" is one ``ListObjectsV2`` with ``StartAfter``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SEQ_WIDTH = 20
+MAX_SEQ = 10**SEQ_WIDTH - 1
+
+HEAD_SK = "head"
+STATE_SK = "state"
+SCHEMA_SK = "schema"
+IDEMPOTENCY_PREFIX = "idem#"
+
+_LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ROOT = re.compile(r"^[A-Za-z0-9._/-]*$")
+
+
+def valid_log_name(name: str) -> bool:
+    """Log names become key segments: letters, digits, ``.``, ``_``, ``-``."""
+    return bool(_LOG_NAME.match(name))
+
+
+def valid_root(root: str) -> bool:
+    return bool(_ROOT.match(root)) and ".." not in root.split("/")
+
+
+@dataclass(frozen=True, slots=True)
+class LogKeys:
+    """The keys of one log under one root prefix."""
+
+    root: str
+    log: str
+
+    @property
+    def log_id(self) -> str:
+        """The DynamoDB partition key: the log, qualified by the root prefix."""
+        root = self.root.strip("/")
+        return f"{root}/{self.log}" if root else self.log
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.log_id}/"
+
+    @property
+    def entries_prefix(self) -> str:
+        return f"{self.prefix}entries/"
+
+    @property
+    def snapshots_prefix(self) -> str:
+        return f"{self.prefix}snapshots/"
+
+    def entry(self, seq: int) -> str:
+        if not 0 <= seq <= MAX_SEQ:
+            raise ValueError(f"seq {seq} out of range")
+        return f"{self.entries_prefix}{seq:0{SEQ_WIDTH}d}"
+
+    def seq_of(self, key: str) -> int | None:
+        """The seq of an entry key, or None for anything else under the prefix."""
+        if not key.startswith(self.entries_prefix):
+            return None
+        tail = key[len(self.entries_prefix) :]
+        if len(tail) != SEQ_WIDTH or not tail.isdigit():
+            return None
+        return int(tail)
+
+    def snapshot(self, hwm: int, token: int, nonce: str, suffix: str = ".tar") -> str:
+        return f"{self.snapshots_prefix}{hwm:0{SEQ_WIDTH}d}-{token:012d}-{nonce}{suffix}"
+
+    def snapshot_hwm(self, key: str) -> int | None:
+        if not key.startswith(self.snapshots_prefix):
+            return None
+        head = key[len(self.snapshots_prefix) :][:SEQ_WIDTH]
+        return int(head) if head.isdigit() and len(head) == SEQ_WIDTH else None
+
+
+def idempotency_sk(key: str) -> str:
+    return f"{IDEMPOTENCY_PREFIX}{key}"

@@ -1,0 +1,235 @@
+"""``DeltaLog``: the handle producers and readers use for one log.
+
+It owns the two seams (object store and table), validates and encodes
+deltas, appends them one at a time or through a group-commit ``Producer``,
+reads them back in seq order, and reports the log's status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from deltalog.append import Appender, EncodedDelta
+from deltalog.codec import encode_delta
+from deltalog.config import LogConfig
+from deltalog.entry import Delta
+from deltalog.errors import Closed, ValidationError
+from deltalog.producer import MiB, Producer
+from deltalog.read import LogReader, list_entries
+from deltalog.store import ObjectStore
+from deltalog.table import LogState, Table
+from deltalog.validate import validate_delta
+
+__all__ = ["DeltaLog", "LogStatistics", "LogStatus"]
+
+_MAX_HOLES_LISTED = 100
+
+
+@dataclass(frozen=True, slots=True)
+class LogStatus:
+    """A log at one moment: what was reserved, written, and compacted."""
+
+    log: str
+    head: int
+    """The last reserved seq."""
+    entries: int
+    """Entry objects present."""
+    holes: list[int]
+    """Missing seqs at or below the head (at most 100 listed)."""
+    hole_count: int
+    hwm: int
+    state: LogState
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.hwm)
+
+
+@dataclass(frozen=True, slots=True)
+class LogStatistics:
+    entries_written: int
+    deltas_appended: int
+    append_retries: int
+    duplicates_skipped: int
+
+
+class DeltaLog:
+    """One log on an object store and a table. Open with ``DeltaLog.open(config)``."""
+
+    def __init__(self, config: LogConfig, store: ObjectStore, table: Table) -> None:
+        self.config = config
+        self.keys = config.keys
+        self.store = store
+        self.table = table
+        self.appender = Appender(config, store, table)
+        self._dims: dict[str, int] = {}
+        self._deltas = 0
+        self._closed = False
+        self._stack = AsyncExitStack()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        config: LogConfig,
+        *,
+        store: ObjectStore | None = None,
+        table: Table | None = None,
+    ) -> AsyncIterator[DeltaLog]:
+        """Connect to the log's bucket and table (or use the given adapters)."""
+        log = await cls.connect(config, store=store, table=table)
+        try:
+            yield log
+        finally:
+            await log.aclose()
+
+    @classmethod
+    async def connect(
+        cls,
+        config: LogConfig,
+        *,
+        store: ObjectStore | None = None,
+        table: Table | None = None,
+    ) -> DeltaLog:
+        """Like ``open`` without a context manager; call ``aclose()`` when done."""
+        from deltalog.dynamo import DynamoTable
+        from deltalog.s3 import S3Store
+
+        stack = AsyncExitStack()
+        try:
+            if store is None:
+                store = await S3Store.connect(config)
+                stack.push_async_callback(store.aclose)
+            if table is None:
+                table = await DynamoTable.connect(config)
+                stack.push_async_callback(table.aclose)
+        except BaseException:
+            await stack.aclose()
+            raise
+        log = cls(config, store, table)
+        log._stack = stack
+        return log
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> DeltaLog:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("the log is closed", log=self.config.log)
+
+    async def prepare(self, delta: Delta) -> EncodedDelta:
+        """Validate and encode a delta; raise ``ValidationError`` if it may not enter."""
+        self._check_open()
+        try:
+            dims = validate_delta(delta)
+        except ValidationError as exc:
+            raise ValidationError(exc.field, exc.reason, log=self.config.log) from None
+        await self._check_dims(dims)
+        data = encode_delta(delta)
+        if len(data) > self.config.max_delta_bytes:
+            raise ValidationError(
+                "delta",
+                f"encodes to {len(data)} bytes, over max_delta_bytes "
+                f"({self.config.max_delta_bytes}): split it into smaller deltas",
+                log=self.config.log,
+            )
+        return EncodedDelta(delta.delta_id, delta.idempotency_key, data)
+
+    async def _check_dims(self, dims: dict[str, int]) -> None:
+        """Each collection keeps the dimension of its first vectors, log-wide."""
+        for collection, dim in dims.items():
+            known = self._dims.get(collection)
+            if known is None:
+                known = await self.table.record_dim(self.keys.log_id, collection, dim)
+                self._dims[collection] = known
+            if known != dim:
+                raise ValidationError(
+                    f"collection {collection!r}",
+                    f"holds {known}-dimensional vectors; this delta has {dim}: "
+                    "use another collection or the same embedding model",
+                    log=self.config.log,
+                )
+
+    async def append(self, delta: Delta) -> int:
+        """Append one delta as its own entry; return its seq once durable."""
+        encoded = await self.prepare(delta)
+        outcome = (await self.appender.write([encoded]))[encoded.delta_id]
+        if isinstance(outcome, int):
+            self._deltas += 1
+            return outcome
+        raise outcome
+
+    def producer(
+        self,
+        *,
+        linger_ms: float = 5.0,
+        max_bytes: int = 8 * MiB,
+        max_deltas: int = 1000,
+        max_pending: int = 10_000,
+        max_in_flight: int = 8,
+    ) -> Producer:
+        """A group-commit producer; use it as ``async with log.producer() as p``."""
+        self._check_open()
+        return Producer(
+            self,
+            linger_ms=linger_ms,
+            max_bytes=max_bytes,
+            max_deltas=max_deltas,
+            max_pending=max_pending,
+            max_in_flight=max_in_flight,
+        )
+
+    def read(self, after: int = 0, *, to_seq: int | None = None, prefetch: int = 32) -> LogReader:
+        """``(seq, entry)`` after ``after`` in seq order; see ``LogReader``."""
+        self._check_open()
+        return LogReader(
+            self.store,
+            self.table,
+            self.keys,
+            log=self.config.log,
+            after=after,
+            to_seq=to_seq,
+            prefetch=prefetch,
+        )
+
+    async def head(self) -> int:
+        """The last reserved seq."""
+        self._check_open()
+        return await self.table.read_head(self.keys.log_id)
+
+    async def status(self) -> LogStatus:
+        """Head, entries, holes and the committed state; lists the whole log."""
+        self._check_open()
+        state = await self.table.read_state(self.keys.log_id)
+        head = await self.head()
+        holes: list[int] = []
+        entries, hole_count, expected = 0, 0, 1
+        async for seq, _info in list_entries(self.store, self.keys, 0):
+            if seq > expected:
+                missing = range(expected, min(seq, head + 1))
+                hole_count += len(missing)
+                holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
+            entries += 1
+            expected = seq + 1
+        if expected <= head:
+            missing = range(expected, head + 1)
+            hole_count += len(missing)
+            holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
+        return LogStatus(self.config.log, head, entries, holes, hole_count, state.hwm, state)
+
+    def statistics(self) -> LogStatistics:
+        return LogStatistics(
+            entries_written=self.appender.entries_written,
+            deltas_appended=self._deltas,
+            append_retries=self.appender.retries,
+            duplicates_skipped=self.appender.duplicates,
+        )

@@ -1,0 +1,168 @@
+"""Reading a log in seq order.
+
+``LogReader`` lists the entry keys after a seq (one ``ListObjectsV2`` with
+``StartAfter``), fetches them in windows of ``prefetch`` concurrent
+requests, verifies and decodes each one, and yields ``(seq, entry)`` in seq
+order. It stops at the first missing seq and records why in ``end``: a
+**hole** is a missing seq at or below the counter (reserved, not written);
+past the counter the log simply ends.
+
+A corrupt entry raises ``CorruptEntry`` when its turn comes, after every
+entry before it has been yielded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+
+from deltalog.codec import decode_entry
+from deltalog.entry import Entry
+from deltalog.errors import CorruptEntry, DataError, DeltalogError
+from deltalog.keys import LogKeys
+from deltalog.store import ObjectInfo, ObjectStore
+from deltalog.table import Table
+
+__all__ = ["LogReader", "ReadEnd", "list_entries"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadEnd:
+    """Where and why a read stopped."""
+
+    seq: int
+    """The first seq that was not yielded."""
+    head: int
+    """The counter (the last reserved seq) when the read stopped."""
+    reason: str
+    """``hole``, ``end`` (past the counter) or ``limit`` (``to_seq`` reached)."""
+    next_entry: ObjectInfo | None = None
+    """The first entry listed after a hole: its age bounds the hole's age."""
+
+    @property
+    def is_hole(self) -> bool:
+        return self.reason == "hole"
+
+
+async def list_entries(
+    store: ObjectStore, keys: LogKeys, after: int
+) -> AsyncIterator[tuple[int, ObjectInfo]]:
+    """``(seq, info)`` of every entry after ``after``, in seq order."""
+    start = keys.entry(after) if after > 0 else ""
+    async for info in store.list_after(keys.entries_prefix, start):
+        seq = keys.seq_of(info.key)
+        if seq is not None and seq > after:
+            yield seq, info
+
+
+class LogReader:
+    """An async iterator of ``(seq, entry)``; see the module docstring."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        table: Table,
+        keys: LogKeys,
+        *,
+        log: str,
+        after: int = 0,
+        to_seq: int | None = None,
+        prefetch: int = 32,
+    ) -> None:
+        if after < 0 or (to_seq is not None and to_seq < after) or prefetch < 1:
+            raise ValueError("need 0 <= after <= to_seq and prefetch >= 1")
+        self._store = store
+        self._table = table
+        self._keys = keys
+        self._log = log
+        self.after = after
+        self.to_seq = to_seq
+        self.prefetch = prefetch
+        self.end: ReadEnd | None = None
+        self.bytes_read = 0
+        self._error: DeltalogError | None = None
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, Entry]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[tuple[int, Entry]]:
+        expected = self.after + 1
+        window: list[ObjectInfo] = []
+        gap_after: ObjectInfo | None = None
+        limited = False
+        async for seq, info in list_entries(self._store, self._keys, self.after):
+            if self.to_seq is not None and seq > self.to_seq:
+                limited = True
+                break
+            if seq != expected:
+                gap_after = info
+                break
+            window.append(info)
+            expected += 1
+            if len(window) >= self.prefetch:
+                for item in await self._fetch(window):
+                    yield item
+                if self._error is not None:
+                    raise self._error
+                window = []
+        for item in await self._fetch(window):
+            yield item
+        if self._error is not None:
+            raise self._error
+        await self._finish(expected, gap_after, limited)
+
+    async def _finish(self, expected: int, gap_after: ObjectInfo | None, limited: bool) -> None:
+        head = await self._table.read_head(self._keys.log_id)
+        if limited or (self.to_seq is not None and expected > self.to_seq):
+            reason = "limit"
+        else:
+            reason = "hole" if expected <= head else "end"
+        self.end = ReadEnd(expected, head, reason, gap_after)
+
+    async def _fetch(self, window: list[ObjectInfo]) -> list[tuple[int, Entry]]:
+        """Fetch a window concurrently; return it in order up to the first bad entry.
+
+        The bad entry's error is raised by the next call, so that every entry
+        before it is yielded first.
+        """
+        results: list[Entry | DeltalogError | None] = [None] * len(window)
+
+        async def fetch(i: int, info: ObjectInfo) -> None:
+            try:
+                results[i] = await self._fetch_one(info)
+            except DataError as exc:
+                results[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i, info in enumerate(window):
+                tg.start_soon(fetch, i, info)
+        out: list[tuple[int, Entry]] = []
+        for info, result in zip(window, results, strict=True):
+            if isinstance(result, DeltalogError) or result is None:
+                self._error = result
+                break
+            out.append((self._seq(info), result))
+        return out
+
+    def _seq(self, info: ObjectInfo) -> int:
+        seq = self._keys.seq_of(info.key)
+        assert seq is not None
+        return seq
+
+    async def _fetch_one(self, info: ObjectInfo) -> Entry:
+        seq = self._seq(info)
+        stored = await self._store.get(info.key)
+        if stored is None:
+            raise DataError(
+                "a listed entry is gone: entries must never be deleted",
+                log=self._log,
+                seq=seq,
+                key=info.key,
+            )
+        self.bytes_read += len(stored.data)
+        try:
+            return decode_entry(stored.data, seq=seq, key=info.key)
+        except CorruptEntry as exc:
+            raise CorruptEntry(exc.message, log=self._log, seq=seq, key=info.key) from exc

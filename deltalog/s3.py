@@ -1,0 +1,158 @@
+"""``S3Store``: the object store seam on S3 (or any S3-compatible endpoint).
+
+Creation is conditional (``If-None-Match: *``), so two writers of one key
+cannot both win: the loser gets HTTP 412 and ``put_if_absent`` returns
+False. botocore adds a CRC-32 checksum to every upload, so the store
+refuses a body damaged on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+from botocore.exceptions import ClientError
+
+from deltalog.aws import client, error_code, http_status, translate
+from deltalog.config import LogConfig
+from deltalog.errors import Closed, ConfigurationError, DeltalogError
+from deltalog.store import ObjectInfo, StoredObject
+
+__all__ = ["S3Store"]
+
+_CHUNK = 1024 * 1024
+
+
+class S3Store:
+    """The object store seam over one S3 bucket."""
+
+    def __init__(self, config: LogConfig) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, config: LogConfig) -> S3Store:
+        store = cls(config)
+        store._client = await client(store._stack, config, "s3")
+        return store
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._stack.aclose()
+
+    @property
+    def _s3(self) -> Any:
+        if self._closed or self._client is None:
+            raise Closed("the S3 store is closed")
+        return self._client
+
+    def _missing_bucket(self, what: str) -> DeltalogError:
+        return ConfigurationError(
+            f"{what}: bucket {self.bucket!r} does not exist; run "
+            f"`deltalog init --bucket {self.bucket} --table {self.config.table}`"
+        )
+
+    def _error(self, exc: BaseException, what: str, key: str, *, ambiguous: bool) -> DeltalogError:
+        return translate(exc, what, ambiguous=ambiguous, missing=self._missing_bucket, key=key)
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            await self._s3.put_object(
+                Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*", ChecksumAlgorithm="CRC32"
+            )
+        except ClientError as exc:
+            if http_status(exc) == 412 or error_code(exc) == "PreconditionFailed":
+                return False
+            raise self._error(exc, "put object", key, ambiguous=True) from exc
+        except Exception as exc:
+            raise self._error(exc, "put object", key, ambiguous=True) from exc
+        return True
+
+    async def get(self, key: str) -> StoredObject | None:
+        try:
+            answer = await self._s3.get_object(Bucket=self.bucket, Key=key)
+            async with answer["Body"] as body:
+                data = await body.read()
+        except ClientError as exc:
+            if error_code(exc) in {"NoSuchKey", "404"}:
+                return None
+            raise self._error(exc, "get object", key, ambiguous=False) from exc
+        except Exception as exc:
+            raise self._error(exc, "get object", key, ambiguous=False) from exc
+        return StoredObject(key, data, answer["LastModified"].timestamp())
+
+    async def list_after(
+        self, prefix: str, start_after: str = "", *, page_size: int = 1000
+    ) -> AsyncIterator[ObjectInfo]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
+            if token:
+                kwargs["ContinuationToken"] = token
+            elif start_after:
+                kwargs["StartAfter"] = start_after
+            try:
+                page = await self._s3.list_objects_v2(**kwargs)
+            except Exception as exc:
+                raise self._error(exc, "list objects", prefix, ambiguous=False) from exc
+            for item in page.get("Contents", ()):
+                yield ObjectInfo(item["Key"], item["Size"], item["LastModified"].timestamp())
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._s3.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise self._error(exc, "delete object", key, ambiguous=True) from exc
+
+    async def upload_file(self, key: str, path: Path) -> bool:
+        data = await anyio.Path(path).read_bytes()
+        return await self.put_if_absent(key, data)
+
+    async def download_file(self, key: str, path: Path) -> bool:
+        try:
+            answer = await self._s3.get_object(Bucket=self.bucket, Key=key)
+            async with answer["Body"] as body, await anyio.open_file(path, "wb") as out:
+                while chunk := await body.read(_CHUNK):
+                    await out.write(chunk)
+        except ClientError as exc:
+            if error_code(exc) in {"NoSuchKey", "404"}:
+                return False
+            raise self._error(exc, "download object", key, ambiguous=False) from exc
+        except OSError as exc:
+            if isinstance(exc, PermissionError | FileNotFoundError | IsADirectoryError):
+                raise ConfigurationError(f"cannot write {path}: {exc}", key=key) from exc
+            raise self._error(exc, "download object", key, ambiguous=False) from exc
+        except Exception as exc:
+            raise self._error(exc, "download object", key, ambiguous=False) from exc
+        return True
+
+    async def ensure_bucket(self) -> bool:
+        """Create the bucket if it is missing; True if it was created."""
+        try:
+            await self._s3.head_bucket(Bucket=self.bucket)
+            return False
+        except ClientError as exc:
+            if http_status(exc) != 404 and error_code(exc) not in {"404", "NoSuchBucket"}:
+                raise self._error(exc, "head bucket", self.bucket, ambiguous=False) from exc
+        except Exception as exc:
+            raise self._error(exc, "head bucket", self.bucket, ambiguous=False) from exc
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        region = self.config.region
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            await self._s3.create_bucket(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) in {"BucketAlreadyOwnedByYou"}:
+                return False
+            raise self._error(exc, "create bucket", self.bucket, ambiguous=False) from exc
+        return True

@@ -1,0 +1,164 @@
+"""The rules a delta must meet before it may enter the log.
+
+A delta that could never be applied must be refused at append time, never
+discovered by the compactor. Each rule raises ``ValidationError`` naming the
+field (``ops[2].metadatas[7]['price']``) and what to do about it.
+
+The rules: at least one op; collection names Chroma accepts; ids non-empty,
+unique within an op; one vector per id, 2-D float32, finite, one dimension
+per collection; documents and metadatas one per id; metadata flat, with
+string keys and str, int, float or bool values (``None`` only in
+``UpdateMetadata``, where it removes a key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from deltalog.entry import Delete, Delta, Op, UpdateMetadata, Upsert
+from deltalog.errors import ValidationError
+
+__all__ = ["MAX_IDEMPOTENCY_KEY", "validate_collection_name", "validate_delta"]
+
+MAX_IDEMPOTENCY_KEY = 512
+_INT64 = (-(2**63), 2**63 - 1)
+_COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
+_RESERVED_KEY_PREFIXES = ("#", "chroma:")
+
+
+def validate_delta(delta: Delta) -> dict[str, int]:
+    """Check every rule; return the embedding dimension of each collection."""
+    if not isinstance(delta, Delta):
+        raise ValidationError("delta", f"expected a Delta, got {type(delta).__name__}")
+    _check_idempotency_key(delta.idempotency_key)
+    if not isinstance(delta.ops, list) or not delta.ops:
+        raise ValidationError("ops", "a delta needs at least one op")
+    dims: dict[str, int] = {}
+    for i, op in enumerate(delta.ops):
+        where = f"ops[{i}]"
+        _check_op(where, op)
+        if isinstance(op, Upsert):
+            known = dims.setdefault(op.collection, op.dim)
+            if known != op.dim:
+                raise ValidationError(
+                    f"{where}.embeddings",
+                    f"dimension {op.dim} differs from {known} used for collection "
+                    f"{op.collection!r} earlier in this delta",
+                )
+    return dims
+
+
+def validate_collection_name(name: object, where: str = "collection") -> str:
+    if not isinstance(name, str) or not _COLLECTION.match(name) or ".." in name:
+        raise ValidationError(
+            where,
+            f"invalid collection name {name!r}: use 3-512 characters from [a-zA-Z0-9._-], "
+            "starting and ending with a letter or digit, without '..'",
+        )
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+    raise ValidationError(where, f"invalid collection name {name!r}: it is an IPv4 address")
+
+
+def _check_idempotency_key(key: object) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str) or not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise ValidationError(
+            "idempotency_key", f"must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} chars"
+        )
+
+
+def _check_op(where: str, op: Op) -> None:
+    if not isinstance(op, Upsert | Delete | UpdateMetadata):
+        raise ValidationError(
+            where, f"expected Upsert, Delete or UpdateMetadata, got {type(op).__name__}"
+        )
+    validate_collection_name(op.collection, f"{where}.collection")
+    _check_ids(f"{where}.ids", op.ids)
+    if isinstance(op, Upsert):
+        _check_embeddings(f"{where}.embeddings", op.embeddings, len(op.ids))
+        if op.documents is not None:
+            _check_documents(f"{where}.documents", op.documents, len(op.ids))
+        if op.metadatas is not None:
+            _check_metadatas(f"{where}.metadatas", op.metadatas, len(op.ids), patch=False)
+    elif isinstance(op, UpdateMetadata):
+        _check_metadatas(f"{where}.metadatas", op.metadatas, len(op.ids), patch=True)
+
+
+def _check_ids(where: str, ids: object) -> None:
+    if not isinstance(ids, list) or not ids:
+        raise ValidationError(where, "expected a non-empty list of ids")
+    for j, id_ in enumerate(ids):
+        if not isinstance(id_, str) or not id_:
+            raise ValidationError(f"{where}[{j}]", f"ids must be non-empty strings, got {id_!r}")
+    if len(set(ids)) != len(ids):
+        dup = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise ValidationError(where, f"duplicate id {dup!r} within one op")
+
+
+def _check_embeddings(where: str, vectors: object, count: int) -> None:
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32:
+        raise ValidationError(
+            where, "expected a 2-D float32 numpy array (or a list of equal-length float lists)"
+        )
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise ValidationError(where, f"expected shape (n, dim) with dim >= 1, got {vectors.shape}")
+    if vectors.shape[0] != count:
+        raise ValidationError(where, f"{vectors.shape[0]} vectors for {count} ids")
+    if not np.isfinite(vectors).all():
+        row = int(np.argwhere(~np.isfinite(vectors))[0][0])
+        raise ValidationError(f"{where}[{row}]", "vector holds NaN or infinity")
+
+
+def _check_documents(where: str, documents: object, count: int) -> None:
+    if not isinstance(documents, list) or len(documents) != count:
+        raise ValidationError(where, f"expected a list of {count} documents, one per id")
+    for j, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise ValidationError(f"{where}[{j}]", f"documents must be strings, got {doc!r}")
+
+
+def _check_metadatas(where: str, metadatas: object, count: int, *, patch: bool) -> None:
+    if not isinstance(metadatas, list) or len(metadatas) != count:
+        raise ValidationError(where, f"expected a list of {count} metadata dicts, one per id")
+    for j, meta in enumerate(metadatas):
+        _check_metadata(f"{where}[{j}]", meta, patch=patch)
+
+
+def _check_metadata(where: str, meta: object, *, patch: bool) -> None:
+    if not isinstance(meta, Mapping) or not meta:
+        raise ValidationError(where, "expected a non-empty dict of metadata")
+    for key, value in meta.items():
+        if not isinstance(key, str) or not key or key.startswith(_RESERVED_KEY_PREFIXES):
+            raise ValidationError(
+                where, f"metadata key {key!r} must be a non-empty string not starting with '#'"
+            )
+        _check_value(f"{where}[{key!r}]", value, patch=patch)
+
+
+def _check_value(where: str, value: Any, *, patch: bool) -> None:
+    if value is None:
+        if not patch:
+            raise ValidationError(where, "None is only allowed in UpdateMetadata (removes the key)")
+        return
+    if isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ValidationError(where, "integer out of the 64-bit range")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(where, "float must be finite")
+        return
+    kind = "list" if isinstance(value, Sequence) else type(value).__name__
+    raise ValidationError(where, f"metadata values must be str, int, float or bool, not {kind}")

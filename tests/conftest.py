@@ -1,0 +1,72 @@
+"""Fixtures: moto's server on loopback (a child process), fresh logs, seeded randomness."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import pytest
+
+from deltalog import DeltaLog, LogConfig
+from deltalog.dynamo import DynamoTable
+from deltalog.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
+from deltalog.s3 import S3Store
+from deltalog.store import MemoryStore
+from deltalog.table import MemoryTable
+
+BUCKET = "deltalog-tests"
+TABLE = "deltalog-tests"
+
+
+@pytest.fixture(scope="session")
+def endpoint() -> Iterator[str]:
+    """moto's S3 + DynamoDB server, once per test session, with fake credentials."""
+    for name, value in FAKE_CREDENTIALS.items():
+        os.environ[name] = value
+    os.environ.pop("AWS_PROFILE", None)
+    with EmbeddedEndpoint() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+async def initialized(endpoint: str) -> str:
+    """The shared test bucket and table exist."""
+    config = LogConfig(bucket=BUCKET, table=TABLE, endpoint_url=endpoint)
+    store = await S3Store.connect(config)
+    await store.ensure_bucket()
+    await store.aclose()
+    table = await DynamoTable.connect(config)
+    await table.ensure_table()
+    await table.aclose()
+    return endpoint
+
+
+@pytest.fixture
+def config(initialized: str) -> LogConfig:
+    """A fresh, empty log on the shared endpoint."""
+    return LogConfig(
+        bucket=BUCKET, table=TABLE, log=f"t-{uuid.uuid4().hex[:12]}", endpoint_url=initialized
+    )
+
+
+@pytest.fixture
+async def log(config: LogConfig) -> AsyncIterator[DeltaLog]:
+    async with DeltaLog.open(config) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def memory_log() -> AsyncIterator[DeltaLog]:
+    config = LogConfig(bucket="memory", table="memory", log="mem")
+    async with DeltaLog.open(config, store=MemoryStore(), table=MemoryTable()) as opened:
+        yield opened
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Seeded randomness; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("DELTALOG_TEST_SEED", uuid.uuid4().int % 2**32))
+    print(f"{request.node.nodeid}: DELTALOG_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
