@@ -78,6 +78,7 @@ class Appender:
         self.entries_written = 0
         self.retries = 0
         self.duplicates = 0
+        self._keys_in_flight: dict[str, anyio.Event] = {}
 
     def _error(
         self, error: type[DeltalogError], message: str, seq: int | None = None
@@ -86,6 +87,28 @@ class Appender:
 
     async def write(self, deltas: Sequence[EncodedDelta]) -> dict[str, Outcome]:
         """Append ``deltas`` as one entry; return each delta's outcome by ``delta_id``."""
+        keys = {d.idempotency_key for d in deltas if d.idempotency_key}
+        await self._wait_for_keys(keys)
+        done = anyio.Event()
+        self._keys_in_flight.update(dict.fromkeys(keys, done))
+        try:
+            return await self._write(deltas)
+        finally:
+            for key in keys:
+                del self._keys_in_flight[key]
+            done.set()
+
+    async def _wait_for_keys(self, keys: set[str]) -> None:
+        """Wait until no other write of this appender holds one of ``keys``.
+
+        Two writes with one key in one process take turns, so the second
+        finds the first's claim written and resolves to its seq, where racing
+        it would only tell one of them that the key is in flight.
+        """
+        while busy := [self._keys_in_flight[k] for k in keys if k in self._keys_in_flight]:
+            await busy[0].wait()
+
+    async def _write(self, deltas: Sequence[EncodedDelta]) -> dict[str, Outcome]:
         attempt = _Attempt(new_id(), [], {}, [], {})
         attempt.deltas = await self._retrying(
             lambda: self._drop_known_duplicates(attempt, list(deltas))
@@ -129,11 +152,13 @@ class Appender:
         frame = Frame(body)
         data = frame.at(seq)
         key = self.keys.entry(seq)
+        last: Unavailable | None = None
         for n in range(self.config.append_attempts):
             try:
                 if await self.store.put_if_absent(key, data):
                     return True
             except Unavailable as exc:
+                last = exc
                 if not exc.ambiguous:
                     self.retries += 1
                     await self._backoff(n)
@@ -143,9 +168,12 @@ class Appender:
                 return verdict
             self.retries += 1
             await self._backoff(n)
-        raise self._error(
-            Unavailable, f"could not write entry after {self.config.append_attempts} tries", seq
-        )
+        raise Unavailable(
+            f"could not write entry after {self.config.append_attempts} tries: {last}",
+            log=self.config.log,
+            seq=seq,
+            key=key,
+        ) from last
 
     async def _read_back(self, attempt: _Attempt, seq: int, key: str) -> bool | None:
         """What is at ``key``: True ours, False taken (re-reserve), None absent."""

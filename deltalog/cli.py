@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 
@@ -76,7 +77,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
     async with DeltaLog.open(config_from(args)) as log:
         status = await log.status()
     if args.json:
-        print(json.dumps({**asdict(status), "lag": status.lag}, indent=2, sort_keys=True))
+        record = {**asdict(status), "lag": status.lag}
+        record["quarantined"] = {str(k): v for k, v in status.quarantined.items()}
+        print(json.dumps(record, indent=2, sort_keys=True))
         return 0
     print(f"log        {status.log}")
     print(f"head       {status.head}")
@@ -85,13 +88,49 @@ async def cmd_status(args: argparse.Namespace) -> int:
     print(f"holes      {status.hole_count} ({holes})")
     print(f"hwm        {status.hwm}")
     print(f"lag        {status.lag}")
+    state = status.state
+    if state.owner:
+        left = state.expires_at - time.time()
+        lease = f"held by {state.owner}, token {state.token}, expires in {left:.1f}s"
+    else:
+        lease = f"free (token {state.token})"
+    print(f"lease      {lease}")
+    snapshot = (
+        f"{state.snapshot_key} ({state.snapshot_size:,} bytes)" if state.snapshot_key else "none"
+    )
+    print(f"snapshot   {snapshot}")
+    quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
+    print(f"quarantine {quarantined or 'none'}")
+    print(f"last run   {_last_run(state.last_run)}")
     return 0
+
+
+def _last_run(record: str) -> str:
+    if not record:
+        return "never"
+    run = json.loads(record)
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(run.get("at", 0))))
+    if run.get("status") == "error":
+        return f"{at}: error: {run.get('error')}"
+    return f"{at}: {run.get('status')}, hwm {run.get('hwm_before')} -> {run.get('hwm_after')}"
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     from deltalog.demo import run_demo
 
     return await run_demo(args)
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    from deltalog.generate import run_generate
+
+    return await run_generate(args)
+
+
+async def cmd_ingest(args: argparse.Namespace) -> int:
+    from deltalog.ingest import run_ingest
+
+    return await run_ingest(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +155,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--producers", type=int, default=64, help="concurrent producer tasks")
     demo.add_argument("--dim", type=int, default=1536, help="embedding dimension")
     demo.set_defaults(run=cmd_demo)
+
+    generate = commands.add_parser("generate", help="write synthetic receipts as JSONL")
+    generate.add_argument("--receipts", type=int, required=True, help="how many receipts")
+    generate.add_argument("--out", required=True, help="the JSONL file to write")
+    generate.add_argument("--seed", type=int, default=0, help="same seed, same receipts")
+    generate.set_defaults(run=cmd_generate)
+
+    ingest = commands.add_parser(
+        "ingest", help="embed receipts from a JSONL file and append them to a log"
+    )
+    ingest.add_argument("path", help="JSONL file, one receipt per line")
+    ingest.add_argument(
+        "--on-error",
+        choices=["stop", "skip"],
+        default="stop",
+        help="at a bad line: stop before it (default) or skip it",
+    )
+    ingest.add_argument(
+        "--concurrency", type=int, default=8, help="receipts embedded at once (default 8)"
+    )
+    ingest.add_argument(
+        "--embedder",
+        choices=["auto", "openai", "hash"],
+        default="auto",
+        help="auto (default): openai if OPENAI_API_KEY is set, else hash (offline)",
+    )
+    ingest.add_argument("--dim", type=int, help="vector dimension (hash; openai 'dimensions')")
+    add_location_flags(ingest)
+    ingest.set_defaults(run=cmd_ingest)
+
+    from compactor.cli import register as register_compactor
+
+    register_compactor(commands)
     return parser
 
 

@@ -9,20 +9,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, ClassVar
 
 from botocore.exceptions import ClientError
 
 from deltalog.aws import client, error_code, translate
 from deltalog.config import LogConfig
-from deltalog.errors import Closed, ConfigurationError, DeltalogError
-from deltalog.keys import HEAD_SK, IDEMPOTENCY_PREFIX, SCHEMA_SK, STATE_SK, idempotency_sk
-from deltalog.table import Claim, LogState
+from deltalog.errors import (
+    Closed,
+    ConfigurationError,
+    Conflict,
+    DeltalogError,
+    LeaseBusy,
+    LeaseLost,
+    Unavailable,
+)
+from deltalog.keys import (
+    HEAD_SK,
+    IDEMPOTENCY_PREFIX,
+    QUARANTINE_PREFIX,
+    SCHEMA_SK,
+    STATE_SK,
+    idempotency_sk,
+    quarantine_sk,
+)
+from deltalog.table import Claim, Commit, LogState
 
 __all__ = ["DynamoTable"]
 
 _TRANSACTION_LIMIT = 100
 _DIM_PREFIX = "dim#"
+_RETRYABLE_CANCELLATIONS = {
+    "TransactionConflict",
+    "ThrottlingError",
+    "ProvisionedThroughputExceeded",
+}
 
 
 def _s(value: str) -> dict[str, str]:
@@ -179,9 +200,17 @@ class DynamoTable:
                 for c, r in zip(claims, reasons, strict=False)
                 if r.get("Code") == "ConditionalCheckFailed"
             ]
-            if not failed:
-                raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
-            return failed
+            if failed:
+                return failed
+            codes = {r.get("Code") for r in reasons} - {"None", None}
+            if codes and codes <= _RETRYABLE_CANCELLATIONS:
+                # A concurrent transaction on the same key, or throttling: a
+                # cancelled transaction wrote nothing, so retrying is safe.
+                raise Unavailable(
+                    f"claim idempotency keys: transaction cancelled ({', '.join(sorted(codes))})",
+                    log=log_id,
+                ) from exc
+            raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
         except Exception as exc:
             raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
         return []
@@ -219,8 +248,14 @@ class DynamoTable:
                     "seq": _n(new.seq),
                     "entry_id": _s(new.entry_id),
                 },
-                ConditionExpression="seq = :s AND entry_id = :e",
-                ExpressionAttributeValues={":s": _n(old.seq), ":e": _s(old.entry_id)},
+                # The second clause makes a retried swap (answer lost) succeed.
+                ConditionExpression="(seq = :s AND entry_id = :e) OR (seq = :n AND entry_id = :f)",
+                ExpressionAttributeValues={
+                    ":s": _n(old.seq),
+                    ":e": _s(old.entry_id),
+                    ":n": _n(new.seq),
+                    ":f": _s(new.entry_id),
+                },
             )
         except ClientError as exc:
             if error_code(exc) == "ConditionalCheckFailedException":
@@ -233,6 +268,174 @@ class DynamoTable:
     async def read_state(self, log_id: str) -> LogState:
         item = await self._get(log_id, STATE_SK, "read the state")
         return _state_of(item)
+
+    async def _update_state(
+        self, log_id: str, what: str, *, condition: str, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        """A conditional update of the state item; None if the condition failed."""
+        try:
+            answer = await self._db.update_item(
+                TableName=self.name,
+                Key=_item_key(log_id, STATE_SK),
+                ConditionExpression=condition,
+                ReturnValues="ALL_NEW",
+                **kwargs,
+            )
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return None
+            raise self._error(exc, what, ambiguous=True) from exc
+        except Exception as exc:
+            raise self._error(exc, what, ambiguous=True) from exc
+        attributes: dict[str, Any] = answer["Attributes"]
+        return attributes
+
+    async def _lost(self, log_id: str, token: int, what: str) -> LeaseLost:
+        state = await self.read_state(log_id)
+        return LeaseLost(
+            f"{what}: lease lost (now held by {state.owner} with token {state.token}, "
+            f"ours was {token}); stop: a newer compactor owns this log",
+            log=log_id,
+        )
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        item = await self._update_state(
+            log_id,
+            "acquire the lease",
+            condition="attribute_not_exists(#owner) OR #exp <= :now",
+            UpdateExpression="SET #owner = :owner, #exp = :exp, updated_at = :now ADD #token :one",
+            ExpressionAttributeNames={"#owner": "owner", "#exp": "expires_at", "#token": "token"},
+            ExpressionAttributeValues={
+                ":owner": _s(owner),
+                ":exp": _n(now + ttl),
+                ":now": _n(now),
+                ":one": _n(1),
+            },
+        )
+        if item is None:
+            state = await self.read_state(log_id)
+            raise LeaseBusy(
+                f"the lease is held by {state.owner} until {state.expires_at:.3f} "
+                f"(in {max(0.0, state.expires_at - now):.1f}s)",
+                log=log_id,
+            )
+        return _state_of(item)
+
+    _HELD = "#owner = :owner AND #token = :token"
+    _HELD_NAMES: ClassVar[dict[str, str]] = {"#owner": "owner", "#token": "token"}
+
+    def _held_values(self, owner: str, token: int) -> dict[str, Any]:
+        return {":owner": _s(owner), ":token": _n(token)}
+
+    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        item = await self._update_state(
+            log_id,
+            "renew the lease",
+            condition=self._HELD,
+            UpdateExpression="SET expires_at = :exp, updated_at = :now",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":exp": _n(now + ttl),
+                ":now": _n(now),
+            },
+        )
+        if item is None:
+            raise await self._lost(log_id, token, "renew")
+
+    async def commit(
+        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+    ) -> LogState:
+        hwm_matches = "hwm = :prev" if prev_hwm else "(attribute_not_exists(hwm) OR hwm = :prev)"
+        item = await self._update_state(
+            log_id,
+            "commit",
+            condition=f"{self._HELD} AND {hwm_matches}",
+            UpdateExpression=(
+                "SET hwm = :hwm, snapshot_key = :key, snapshot_sha256 = :sha, "
+                "snapshot_size = :size, last_run = :run, updated_at = :now"
+            ),
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":prev": _n(prev_hwm),
+                ":hwm": _n(commit.hwm),
+                ":key": _s(commit.snapshot_key),
+                ":sha": _s(commit.snapshot_sha256),
+                ":size": _n(commit.snapshot_size),
+                ":run": _s(commit.last_run),
+                ":now": _n(now),
+            },
+        )
+        if item is not None:
+            return _state_of(item)
+        state = await self.read_state(log_id)
+        if state.owner == owner and state.token == token:
+            raise Conflict(f"commit refused: hwm moved from {prev_hwm} to {state.hwm}", log=log_id)
+        raise await self._lost(log_id, token, "commit")
+
+    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+        run = ", last_run = :run" if last_run else ""
+        item = await self._update_state(
+            log_id,
+            "release the lease",
+            condition=self._HELD,
+            UpdateExpression=f"REMOVE #owner SET expires_at = :zero{run}",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":zero": _n(0),
+                **({":run": _s(last_run)} if last_run else {}),
+            },
+        )
+        return item is not None
+
+    async def note_hole(
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+    ) -> float:
+        state = await self.read_state(log_id)
+        if state.owner != owner or state.token != token:
+            raise await self._lost(log_id, token, "note a hole")
+        if state.hole_seq == seq:
+            return state.hole_first_seen
+        item = await self._update_state(
+            log_id,
+            "note a hole",
+            condition=self._HELD,
+            UpdateExpression="SET hole_seq = :seq, hole_first_seen = :now",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":seq": _n(seq),
+                ":now": _n(now),
+            },
+        )
+        if item is None:
+            raise await self._lost(log_id, token, "note a hole")
+        return now
+
+    async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
+        await self._call(
+            "put_item",
+            "quarantine an entry",
+            ambiguous=True,
+            Item={**_item_key(log_id, quarantine_sk(seq)), "reason": _s(reason), "at": _n(now)},
+        )
+
+    async def read_quarantined(self, log_id: str) -> dict[int, str]:
+        found: dict[int, str] = {}
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": {":pk": _s(log_id), ":prefix": _s(QUARANTINE_PREFIX)},
+            "ConsistentRead": True,
+        }
+        while True:
+            answer = await self._call("query", "read quarantine marks", ambiguous=False, **kwargs)
+            for item in answer.get("Items", []):
+                found[int(item["sk"]["S"][len(QUARANTINE_PREFIX) :])] = item["reason"]["S"]
+            if "LastEvaluatedKey" not in answer:
+                return found
+            kwargs["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
 
     async def ensure_table(self) -> bool:
         """Create the table if it is missing; True if it was created."""
@@ -274,8 +477,12 @@ def _state_of(item: dict[str, Any]) -> LogState:
         hwm=int(number("hwm")),
         snapshot_key=text("snapshot_key"),
         snapshot_sha256=text("snapshot_sha256"),
+        snapshot_size=int(number("snapshot_size")),
         owner=text("owner"),
         token=int(number("token")),
         expires_at=number("expires_at"),
         updated_at=number("updated_at"),
+        hole_seq=int(number("hole_seq")),
+        hole_first_seen=number("hole_first_seen"),
+        last_run=text("last_run") or "",
     )

@@ -49,18 +49,23 @@ def new_id() -> str:
 
 
 def _as_float32(value: Any) -> Any:
-    """Coerce array-likes to a float32 array; leave anything odd to validation."""
-    if isinstance(value, np.ndarray):
-        if value.dtype == np.float32:
+    """Coerce array-likes to a float32 array; leave anything odd to validation.
+
+    A value beyond float32's range becomes infinity without a warning:
+    validation refuses it by the row it is in.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if isinstance(value, np.ndarray):
+            if value.dtype == np.float32:
+                return value
+            if value.dtype.kind in "fiu":
+                return value.astype(np.float32)
             return value
-        if value.dtype.kind in "fiu":
-            return value.astype(np.float32)
-        return value
-    if isinstance(value, list | tuple):
-        try:
-            return np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):
-            return value
+        if isinstance(value, list | tuple):
+            try:
+                return np.asarray(value, dtype=np.float32)
+            except (TypeError, ValueError):
+                return value
     return value
 
 

@@ -13,7 +13,8 @@
     ├── Fenced                      stop, never retry: a newer owner exists
     │   └── LeaseLost               our lease expired or was taken over
     ├── DataError                   stored bytes are wrong (names key and seq)
-    │   └── CorruptEntry            an entry that cannot be decoded or verified
+    │   ├── CorruptEntry            an entry that cannot be decoded or verified
+    │   └── CorruptSnapshot         a snapshot archive or its sidecar is wrong
     └── Closed                      the object was closed before the call
 
 Every error carries the ``log``, ``seq`` and ``key`` it concerns when known,
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "Conflict",
     "CorruptEntry",
+    "CorruptSnapshot",
     "DataError",
     "DeltalogError",
     "Fenced",
@@ -123,6 +125,11 @@ class DataError(DeltalogError):
 
 class CorruptEntry(DataError):
     """An entry that cannot be decoded or fails verification."""
+
+
+class CorruptSnapshot(DataError):
+    """A snapshot archive that fails its checksum, cannot be read, or whose
+    sidecar is missing, undecodable or does not match the files."""
 
 
 class Closed(DeltalogError):

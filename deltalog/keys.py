@@ -11,6 +11,7 @@ DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
     (log, "state")          hwm, snapshot, lease: the commit point
     (log, "schema")         the embedding dimension of each collection
     (log, "idem#{key}")     an idempotency key's claim: the seq it went to
+    (log, "quarantine#{seq:020d}")  an operator's mark: treat that entry as sealed
 
 Zero padding keeps S3's lexicographic listing order equal to seq order, so
 "every entry after n" is one ``ListObjectsV2`` with ``StartAfter``.
@@ -28,6 +29,7 @@ HEAD_SK = "head"
 STATE_SK = "state"
 SCHEMA_SK = "schema"
 IDEMPOTENCY_PREFIX = "idem#"
+QUARANTINE_PREFIX = "quarantine#"
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ROOT = re.compile(r"^[A-Za-z0-9._/-]*$")
@@ -93,3 +95,7 @@ class LogKeys:
 
 def idempotency_sk(key: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{key}"
+
+
+def quarantine_sk(seq: int) -> str:
+    return f"{QUARANTINE_PREFIX}{seq:0{SEQ_WIDTH}d}"

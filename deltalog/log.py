@@ -41,6 +41,8 @@ class LogStatus:
     hole_count: int
     hwm: int
     state: LogState
+    quarantined: dict[int, str]
+    """Seqs an operator quarantined, with the reason."""
 
     @property
     def lag(self) -> int:
@@ -133,7 +135,6 @@ class DeltaLog:
             dims = validate_delta(delta)
         except ValidationError as exc:
             raise ValidationError(exc.field, exc.reason, log=self.config.log) from None
-        await self._check_dims(dims)
         data = encode_delta(delta)
         if len(data) > self.config.max_delta_bytes:
             raise ValidationError(
@@ -142,22 +143,33 @@ class DeltaLog:
                 f"({self.config.max_delta_bytes}): split it into smaller deltas",
                 log=self.config.log,
             )
+        await self._check_dims(dims)
         return EncodedDelta(delta.delta_id, delta.idempotency_key, data)
 
     async def _check_dims(self, dims: dict[str, int]) -> None:
-        """Each collection keeps the dimension of its first vectors, log-wide."""
+        """Each collection keeps the dimension of its first vectors, log-wide.
+
+        Runs after every other check, and compares every known dimension
+        before recording a new one, so that a refused delta fixes none.
+        """
+        if any(collection not in self._dims for collection in dims):
+            self._dims.update(await self.table.read_dims(self.keys.log_id))
         for collection, dim in dims.items():
-            known = self._dims.get(collection)
-            if known is None:
+            self._check_dim(collection, dim, self._dims.get(collection, dim))
+        for collection, dim in dims.items():
+            if collection not in self._dims:
                 known = await self.table.record_dim(self.keys.log_id, collection, dim)
                 self._dims[collection] = known
-            if known != dim:
-                raise ValidationError(
-                    f"collection {collection!r}",
-                    f"holds {known}-dimensional vectors; this delta has {dim}: "
-                    "use another collection or the same embedding model",
-                    log=self.config.log,
-                )
+                self._check_dim(collection, dim, known)
+
+    def _check_dim(self, collection: str, dim: int, known: int) -> None:
+        if known != dim:
+            raise ValidationError(
+                f"collection {collection!r}",
+                f"holds {known}-dimensional vectors; this delta has {dim}: "
+                "use another collection or the same embedding model",
+                log=self.config.log,
+            )
 
     async def append(self, delta: Delta) -> int:
         """Append one delta as its own entry; return its seq once durable."""
@@ -224,7 +236,10 @@ class DeltaLog:
             missing = range(expected, head + 1)
             hole_count += len(missing)
             holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
-        return LogStatus(self.config.log, head, entries, holes, hole_count, state.hwm, state)
+        quarantined = await self.table.read_quarantined(self.keys.log_id)
+        return LogStatus(
+            self.config.log, head, entries, holes, hole_count, state.hwm, state, quarantined
+        )
 
     def statistics(self) -> LogStatistics:
         return LogStatistics(

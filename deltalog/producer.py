@@ -89,6 +89,9 @@ class Producer:
         self._entries = 0
         self._bytes = 0
         self._in_flight = 0
+        # Submitters not yet queued (validating, or waiting for room in the
+        # queue): the last one out after aclose() closes the queue.
+        self._sending = 0
 
     async def __aenter__(self) -> Producer:
         if self._tg is not None or self._closed:
@@ -109,21 +112,31 @@ class Producer:
         return await self._tg.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """Stop taking deltas; what was submitted is still written."""
+        """Stop taking deltas; what was submitted is still written.
+
+        That includes submitters still validating or waiting for room in the
+        queue: the last of them closes the queue once it is in, while the
+        collector keeps draining it.
+        """
         self._closed = True
-        await self._send.aclose()
+        if not self._sending:
+            self._send.close()
 
     async def submit(self, delta: Delta) -> int:
         """Append ``delta`` as part of a shared entry; return the entry's seq."""
         if self._closed or self._tg is None:
             raise Closed("the producer is closed (or was never entered)", log=self._log.config.log)
-        encoded = await self._log.prepare(delta)
-        submission = _Submission(encoded)
-        self._submitted += 1
+        self._sending += 1
         try:
+            submission = _Submission(await self._log.prepare(delta))
+            self._submitted += 1
             await self._send.send(submission)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError) as exc:
-            raise Closed("the producer closed before the delta was queued") from exc
+            raise Closed("the producer stopped before the delta was queued") from exc
+        finally:
+            self._sending -= 1
+            if self._closed and not self._sending:
+                self._send.close()
         await submission.done.wait()
         outcome = submission.outcome
         if isinstance(outcome, int):

@@ -13,7 +13,7 @@ entry before it has been yielded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import anyio
@@ -84,10 +84,11 @@ class LogReader:
         self.bytes_read = 0
         self._error: DeltalogError | None = None
 
-    def __aiter__(self) -> AsyncIterator[tuple[int, Entry]]:
+    def __aiter__(self) -> AsyncGenerator[tuple[int, Entry], None]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[tuple[int, Entry]]:
+    async def _iterate(self) -> AsyncGenerator[tuple[int, Entry], None]:
+        self._error = None
         expected = self.after + 1
         window: list[ObjectInfo] = []
         gap_after: ObjectInfo | None = None
@@ -124,15 +125,16 @@ class LogReader:
     async def _fetch(self, window: list[ObjectInfo]) -> list[tuple[int, Entry]]:
         """Fetch a window concurrently; return it in order up to the first bad entry.
 
-        The bad entry's error is raised by the next call, so that every entry
-        before it is yielded first.
+        The bad entry's error (corrupt, gone, or the store unavailable) is
+        raised by the caller after every entry before it was yielded, as
+        itself rather than wrapped in the task group's ``ExceptionGroup``.
         """
         results: list[Entry | DeltalogError | None] = [None] * len(window)
 
         async def fetch(i: int, info: ObjectInfo) -> None:
             try:
                 results[i] = await self._fetch_one(info)
-            except DataError as exc:
+            except DeltalogError as exc:
                 results[i] = exc
 
         async with anyio.create_task_group() as tg:

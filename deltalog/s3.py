@@ -120,7 +120,10 @@ class S3Store:
     async def download_file(self, key: str, path: Path) -> bool:
         try:
             answer = await self._s3.get_object(Bucket=self.bucket, Key=key)
-            async with answer["Body"] as body, await anyio.open_file(path, "wb") as out:
+            # Entering the body yields aiohttp's response, whose read() takes no
+            # size: read chunks from aiobotocore's StreamingBody itself.
+            body = answer["Body"]
+            async with body, await anyio.open_file(path, "wb") as out:
                 while chunk := await body.read(_CHUNK):
                     await out.write(chunk)
         except ClientError as exc:

@@ -6,8 +6,14 @@ in-memory adapter that runs the same contract tests.
 
 Items per log (see ``deltalog.keys``): the append counter ``head``, the
 ``schema`` (one embedding dimension per collection, fixed by first use),
-idempotency ``claims`` (which seq an idempotency key went to) and the
-``state`` item the compactor commits to.
+idempotency ``claims`` (which seq an idempotency key went to), the
+``state`` item the compactor commits to (hwm, snapshot, and the lease with
+its fencing token), and ``quarantine`` marks set by an operator.
+
+The lease: ``acquire`` takes it when free or expired and adds one to the
+token; ``renew``, ``commit``, ``note_hole`` and ``release`` are conditioned
+on owner and token, so a compactor that paused past its lease is fenced
+off whatever the clocks say.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-__all__ = ["Claim", "LogState", "MemoryTable", "Table"]
+from deltalog.errors import Conflict, LeaseBusy, LeaseLost
+
+__all__ = ["Claim", "Commit", "LogState", "MemoryTable", "Table"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +43,30 @@ class LogState:
     hwm: int = 0
     snapshot_key: str | None = None
     snapshot_sha256: str | None = None
+    snapshot_size: int = 0
     owner: str | None = None
     token: int = 0
     expires_at: float = 0.0
     updated_at: float = 0.0
+    hole_seq: int = 0
+    """The hole the compactor last stopped at, and when it first saw it."""
+    hole_first_seen: float = 0.0
+    last_run: str = ""
+    """A one-line JSON summary of the last compaction run."""
+
+    def lease_free(self, now: float) -> bool:
+        return self.owner is None or self.expires_at <= now
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What a compaction run commits: the new hwm and its snapshot."""
+
+    hwm: int
+    snapshot_key: str
+    snapshot_sha256: str
+    snapshot_size: int
+    last_run: str = ""
 
 
 class Table(Protocol):
@@ -68,10 +96,51 @@ class Table(Protocol):
     async def get_claims(self, log_id: str, keys: Sequence[str]) -> dict[str, Claim]: ...
 
     async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
-        """Swap ``old`` for ``new`` if ``old`` is still what is stored."""
+        """Swap ``old`` for ``new`` if ``old`` is still what is stored.
+
+        True also when ``new`` is already stored: a retry of a swap whose
+        answer was lost must not look like losing the key.
+        """
         ...
 
     async def read_state(self, log_id: str) -> LogState: ...
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        """Take the lease if free or expired, adding one to the token.
+
+        Raises ``LeaseBusy`` naming the holder otherwise.
+        """
+        ...
+
+    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        """Extend the lease; ``LeaseLost`` if ``owner``/``token`` no longer hold it."""
+        ...
+
+    async def commit(
+        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+    ) -> LogState:
+        """The commit point: set hwm and snapshot only if the lease and hwm are as read.
+
+        Raises ``LeaseLost`` when fenced (another owner or token), ``Conflict``
+        when hwm moved.
+        """
+        ...
+
+    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+        """Give the lease up (keeping the token); False if it was no longer ours."""
+        ...
+
+    async def note_hole(
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+    ) -> float:
+        """Record when the hole at ``seq`` was first seen (under the lease); return that time."""
+        ...
+
+    async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
+        """Mark the entry at ``seq`` as quarantined: compaction treats it as a seal."""
+        ...
+
+    async def read_quarantined(self, log_id: str) -> dict[int, str]: ...
 
     async def aclose(self) -> None: ...
 
@@ -84,6 +153,7 @@ class MemoryTable:
         self._dims: dict[str, dict[str, int]] = {}
         self._claims: dict[tuple[str, str], Claim] = {}
         self._states: dict[str, LogState] = {}
+        self._quarantined: dict[str, dict[int, str]] = {}
         self.requests = 0
 
     async def reserve(self, log_id: str) -> int:
@@ -118,14 +188,88 @@ class MemoryTable:
 
     async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
         self.requests += 1
-        if self._claims.get((log_id, old.key)) != old:
+        if self._claims.get((log_id, old.key)) not in (old, new):
             return False
         self._claims[(log_id, old.key)] = new
         return True
 
     async def read_state(self, log_id: str) -> LogState:
         self.requests += 1
-        return replace(self._states.get(log_id, LogState()))
+        return self._states.get(log_id, LogState())
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        state = await self.read_state(log_id)
+        if not state.lease_free(now):
+            raise LeaseBusy(
+                f"the lease is held by {state.owner} until {state.expires_at:.3f}", log=log_id
+            )
+        state = replace(
+            state, owner=owner, token=state.token + 1, expires_at=now + ttl, updated_at=now
+        )
+        self._states[log_id] = state
+        return state
+
+    def _held(self, log_id: str, owner: str, token: int) -> LogState:
+        state = self._states.get(log_id, LogState())
+        if state.owner != owner or state.token != token:
+            raise LeaseLost(
+                f"lease lost: held by {state.owner} with token {state.token}, not token {token}",
+                log=log_id,
+            )
+        return state
+
+    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        self.requests += 1
+        state = self._held(log_id, owner, token)
+        self._states[log_id] = replace(state, expires_at=now + ttl, updated_at=now)
+
+    async def commit(
+        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+    ) -> LogState:
+        self.requests += 1
+        state = self._held(log_id, owner, token)
+        if state.hwm != prev_hwm:
+            raise Conflict(f"hwm moved from {prev_hwm} to {state.hwm}", log=log_id)
+        state = replace(
+            state,
+            hwm=commit.hwm,
+            snapshot_key=commit.snapshot_key,
+            snapshot_sha256=commit.snapshot_sha256,
+            snapshot_size=commit.snapshot_size,
+            last_run=commit.last_run or state.last_run,
+            updated_at=now,
+        )
+        self._states[log_id] = state
+        return state
+
+    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+        self.requests += 1
+        try:
+            state = self._held(log_id, owner, token)
+        except LeaseLost:
+            return False
+        self._states[log_id] = replace(
+            state, owner=None, expires_at=0.0, last_run=last_run or state.last_run
+        )
+        return True
+
+    async def note_hole(
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+    ) -> float:
+        self.requests += 1
+        state = self._held(log_id, owner, token)
+        if state.hole_seq == seq:
+            return state.hole_first_seen
+        self._states[log_id] = replace(state, hole_seq=seq, hole_first_seen=now)
+        return now
+
+    async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
+        self.requests += 1
+        self._quarantined.setdefault(log_id, {})[seq] = reason
+
+    async def read_quarantined(self, log_id: str) -> dict[int, str]:
+        self.requests += 1
+        return dict(self._quarantined.get(log_id, {}))
 
     async def aclose(self) -> None:
         return None

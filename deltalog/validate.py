@@ -116,7 +116,9 @@ def _check_embeddings(where: str, vectors: object, count: int) -> None:
         raise ValidationError(where, f"{vectors.shape[0]} vectors for {count} ids")
     if not np.isfinite(vectors).all():
         row = int(np.argwhere(~np.isfinite(vectors))[0][0])
-        raise ValidationError(f"{where}[{row}]", "vector holds NaN or infinity")
+        raise ValidationError(
+            f"{where}[{row}]", "vector holds NaN or infinity (or a value beyond float32's range)"
+        )
 
 
 def _check_documents(where: str, documents: object, count: int) -> None:

@@ -1,0 +1,126 @@
+"""The compaction lease: who may compact a log, and since which fencing token.
+
+- **lease**: the right to compact one log, held for ``ttl`` seconds and
+  renewed by a heartbeat every ``ttl / 3``.
+- **token**: a number that grows by one on every acquire. Every write the
+  holder makes to the state item is conditioned on (owner, token), so a
+  compactor that paused past its lease is fenced off when it wakes: its
+  renewals and its commit fail, whatever the clocks say.
+
+A failed renewal cancels the run that holds the lease: ``LeaseKeeper``
+cancels the run's cancel scope and records ``LeaseLost``, which the run
+raises once its task group has unwound. Nothing is committed after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from deltalog.errors import LeaseLost, Unavailable
+from deltalog.table import LogState, Table
+
+__all__ = ["Lease", "LeaseKeeper", "new_owner"]
+
+log = logging.getLogger("compactor.lease")
+
+
+def new_owner() -> str:
+    """A unique owner id that also tells an operator where the holder runs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(slots=True)
+class Lease:
+    """A lease we hold: the state read when it was acquired."""
+
+    log_id: str
+    owner: str
+    state: LogState
+    lost: LeaseLost | None = None
+    renewals: int = 0
+    expires_at: float = field(default=0.0)
+
+    @property
+    def token(self) -> int:
+        return self.state.token
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` if the heartbeat found the lease gone."""
+        if self.lost is not None:
+            raise self.lost
+
+
+class LeaseKeeper:
+    """Acquires, renews and releases the lease of one log."""
+
+    def __init__(
+        self,
+        table: Table,
+        log_id: str,
+        *,
+        ttl: float = 30.0,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("the lease ttl must be positive")
+        self.table = table
+        self.log_id = log_id
+        self.ttl = ttl
+        self.owner = owner or new_owner()
+        self.clock = clock
+
+    async def acquire(self) -> Lease:
+        """Take the lease (``LeaseBusy`` if another compactor holds it)."""
+        now = self.clock()
+        state = await self.table.acquire(self.log_id, self.owner, ttl=self.ttl, now=now)
+        return Lease(self.log_id, self.owner, state, expires_at=now + self.ttl)
+
+    async def heartbeat(self, lease: Lease, run: anyio.CancelScope) -> None:
+        """Renew every ttl/3 until cancelled; on loss, record it and cancel ``run``."""
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            try:
+                await self._renew(lease)
+            except LeaseLost as exc:
+                lease.lost = exc
+                run.cancel()
+                return
+
+    async def _renew(self, lease: Lease) -> None:
+        """Renew, retrying transient failures until the lease would have expired."""
+        while True:
+            now = self.clock()
+            if now >= lease.expires_at:
+                raise LeaseLost("lease expired: could not renew it in time", log=self.log_id)
+            try:
+                await self.table.renew(self.log_id, self.owner, lease.token, ttl=self.ttl, now=now)
+            except Unavailable:
+                await anyio.sleep(min(1.0, self.ttl / 10))
+                continue
+            lease.expires_at = now + self.ttl
+            lease.renewals += 1
+            return
+
+    async def release(self, lease: Lease, *, last_run: str = "") -> bool:
+        """Give the lease up, shielded from cancellation; False if it was gone."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                return await self.table.release(
+                    self.log_id, self.owner, lease.token, last_run=last_run
+                )
+            except Unavailable as exc:
+                log.warning(
+                    "could not release the lease of %s (%s): it expires by itself", self.log_id, exc
+                )
+                return False
+        log.warning("releasing the lease of %s timed out: it expires by itself", self.log_id)
+        return False

@@ -1,0 +1,93 @@
+"""Publishing a snapshot: archive the closed working copy, upload it, prune old ones.
+
+The Chroma client must be closed before ``publish`` is called: archiving a
+directory while Chroma writes to it produced snapshots that could not be
+opened. Uploads never overwrite (a fresh key with a nonce, put-if-absent),
+and old snapshots are deleted only after a commit made them unreferenced.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from compactor.snapshot import Sidecar, archive
+from deltalog import __version__
+from deltalog.errors import Conflict
+from deltalog.keys import LogKeys
+from deltalog.store import ObjectStore
+
+__all__ = ["Published", "prune_snapshots", "publish_snapshot"]
+
+log = logging.getLogger("compactor.publish")
+
+Compression = Literal["none", "zstd"]
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    key: str
+    sha256: str
+    size: int
+    counts: dict[str, int]
+
+
+def _chroma_version() -> str:
+    import chromadb
+
+    return str(getattr(chromadb, "__version__", ""))
+
+
+async def publish_snapshot(
+    store: ObjectStore,
+    keys: LogKeys,
+    directory: Path,
+    *,
+    hwm: int,
+    token: int,
+    counts: dict[str, int],
+    compression: Compression = "none",
+) -> Published:
+    """Archive ``directory`` (a closed Chroma directory) and upload it under a new key."""
+    sidecar = Sidecar(
+        format=1,
+        log=keys.log,
+        hwm=hwm,
+        token=token,
+        created_at=time.time(),
+        counts=counts,
+        files={},
+        deltalog_version=__version__,
+        chroma_version=_chroma_version(),
+    )
+    suffix = ".tar.zst" if compression == "zstd" else ".tar"
+    key = keys.snapshot(hwm, token, uuid.uuid4().hex[:12], suffix)
+    with tempfile.TemporaryDirectory(prefix="deltalog-publish-") as tmp:
+        out = Path(tmp) / f"snapshot{suffix}"
+        info = await anyio.to_thread.run_sync(
+            lambda: archive(directory, sidecar, out, compression=compression)
+        )
+        if not await store.upload_file(key, out):
+            raise Conflict(f"snapshot key {key} already exists", key=key)
+    return Published(key, info.sha256, info.size, counts)
+
+
+async def prune_snapshots(
+    store: ObjectStore, keys: LogKeys, *, keep: int, committed: str | None
+) -> list[str]:
+    """Delete all but the newest ``keep`` snapshots, never the committed one."""
+    listed = [info.key async for info in store.list_after(keys.snapshots_prefix)]
+    ordered = sorted(listed, key=lambda k: (keys.snapshot_hwm(k) or 0, k))
+    doomed = [k for k in ordered[: max(0, len(ordered) - keep)] if k != committed]
+    for key in doomed:
+        await store.delete(key)
+    if doomed:
+        log.info("deleted %d old snapshots of %s", len(doomed), keys.log)
+    return doomed

@@ -1,0 +1,283 @@
+"""Replay: read entries in seq order, fold them, apply them to a sink.
+
+Two tasks in one task group: the **reader** lists and fetches entries
+(``LogReader``'s concurrent prefetch) into a bounded stream, and the
+**applier** folds them and applies each chunk's plan to the sink (in a
+worker thread, for Chroma) while the next entries download. Applying the
+plans of consecutive chunks one after another equals applying the plan of
+the whole run, so chunking changes nothing but memory and latency.
+
+The reader stops at:
+
+- the end of the log, or ``to_seq``;
+- a **hole**: sealed and passed if the ``HoleSealer`` says it is old
+  enough, otherwise the replay stops before it (``young-hole``);
+- a **poison** entry (corrupt or undecodable): passed as a seal if an
+  operator quarantined its seq, otherwise the replay stops before it and
+  reports the error;
+- a configured limit on entries, bytes or seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from compactor.sink import Sink
+from deltalog.entry import Entry, Seal, Upsert
+from deltalog.errors import CorruptEntry, DeltalogError
+from deltalog.fold import Folder
+from deltalog.log import DeltaLog
+from deltalog.read import ReadEnd
+
+__all__ = ["HoleSealer", "Limits", "Progress", "Replay", "Replayer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """When a run stops early: after this many entries, bytes or seconds."""
+
+    max_entries: int | None = None
+    max_bytes: int | None = None
+    max_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A progress report: the last seq read and what has been done so far."""
+
+    seq: int
+    entries: int
+    vectors: int
+    elapsed: float
+
+
+class HoleSealer(Protocol):
+    """Decides whether a hole is old enough and seals it (the compactor, under its lease)."""
+
+    async def should_seal(self, end: ReadEnd) -> bool: ...
+
+    async def seal(self, seq: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Replay:
+    """What one replay did, and why it stopped."""
+
+    after: int
+    last_seq: int
+    entries: int = 0
+    bytes_read: int = 0
+    vectors_upserted: int = 0
+    ids_deleted: int = 0
+    ids_patched: int = 0
+    seals_written: int = 0
+    quarantined_passed: int = 0
+    stopped: str = "end"
+    """``end``, ``limit``, ``hole`` (not sealable), ``poison``."""
+    stop_seq: int | None = None
+    error: DeltalogError | None = None
+    seconds: float = 0.0
+    ends: list[ReadEnd] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    """Records per collection in the sink after the replay, when known."""
+
+    @property
+    def advanced(self) -> bool:
+        return self.last_seq > self.after
+
+
+def _vectors(entry: Entry) -> int:
+    return sum(
+        op.embeddings.shape[0] for d in entry.deltas for op in d.ops if isinstance(op, Upsert)
+    )
+
+
+class Replayer:
+    """Replays a log into a sink; see the module docstring."""
+
+    def __init__(
+        self,
+        log: DeltaLog,
+        *,
+        prefetch: int = 32,
+        chunk_vectors: int = 10_000,
+        chunk_entries: int = 2_000,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.log = log
+        self.prefetch = prefetch
+        self.chunk_vectors = chunk_vectors
+        self.chunk_entries = chunk_entries
+        self.progress = progress
+
+    async def run(
+        self,
+        sink: Sink,
+        *,
+        after: int,
+        to_seq: int | None = None,
+        quarantined: dict[int, str] | None = None,
+        sealer: HoleSealer | None = None,
+        limits: Limits | None = None,
+    ) -> Replay:
+        """Replay entries after ``after`` into ``sink``.
+
+        A failure to read stops the replay and is reported in ``error``: what
+        was applied before it is a contiguous prefix and may be committed. A
+        failure to apply raises, since the sink's state is then unknown.
+        """
+        replay = Replay(after=after, last_seq=after)
+        start = time.monotonic()
+        send, recv = anyio.create_memory_object_stream[tuple[int, Entry]](self.prefetch)
+        failed: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                self._read,
+                send,
+                replay,
+                to_seq,
+                quarantined or {},
+                sealer,
+                limits or Limits(),
+                start,
+            )
+            try:
+                await self._apply_all(recv, sink, replay, start)
+            except Exception as exc:
+                failed = exc
+                tg.cancel_scope.cancel()
+        replay.seconds = time.monotonic() - start
+        if failed is not None:
+            raise failed
+        return replay
+
+    async def _read(
+        self,
+        send: MemoryObjectSendStream[tuple[int, Entry]],
+        replay: Replay,
+        to_seq: int | None,
+        quarantined: dict[int, str],
+        sealer: HoleSealer | None,
+        limits: Limits,
+        start: float,
+    ) -> None:
+        async with send:
+            next_after: int | None = replay.after
+            try:
+                while next_after is not None:
+                    next_after = await self._read_pass(
+                        send, replay, next_after, to_seq, quarantined, sealer, limits, start
+                    )
+            except DeltalogError as exc:
+                replay.stopped, replay.error = "error", exc
+
+    async def _read_pass(
+        self,
+        send: MemoryObjectSendStream[tuple[int, Entry]],
+        replay: Replay,
+        after: int,
+        to_seq: int | None,
+        quarantined: dict[int, str],
+        sealer: HoleSealer | None,
+        limits: Limits,
+        start: float,
+    ) -> int | None:
+        """One listing pass; return where the next pass starts, or None to stop."""
+        reader = self.log.read(after=after, to_seq=to_seq, prefetch=self.prefetch)
+        seen = 0
+        try:
+            async with aclosing(reader.__aiter__()) as entries:
+                async for seq, entry in entries:
+                    await send.send((seq, entry))
+                    seen += 1
+                    replay.entries += 1
+                    if self._over(limits, replay, reader.bytes_read, start):
+                        replay.stopped, replay.stop_seq = "limit", seq + 1
+                        return None
+        except CorruptEntry as exc:
+            replay.bytes_read += reader.bytes_read
+            return await self._poison(send, replay, exc, quarantined)
+        replay.bytes_read += reader.bytes_read
+        end = reader.end
+        assert end is not None
+        replay.ends.append(end)
+        return await self._at_end(replay, end, sealer)
+
+    def _over(self, limits: Limits, replay: Replay, pass_bytes: int, start: float) -> bool:
+        return (
+            (limits.max_entries is not None and replay.entries >= limits.max_entries)
+            or (limits.max_bytes is not None and replay.bytes_read + pass_bytes >= limits.max_bytes)
+            or (limits.max_seconds is not None and time.monotonic() - start >= limits.max_seconds)
+        )
+
+    async def _poison(
+        self,
+        send: MemoryObjectSendStream[tuple[int, Entry]],
+        replay: Replay,
+        exc: CorruptEntry,
+        quarantined: dict[int, str],
+    ) -> int | None:
+        seq = exc.seq
+        if seq is not None and seq in quarantined:
+            seal = Seal(sealed_by="quarantine", reason=quarantined[seq], kind="quarantine")
+            await send.send((seq, seal))
+            replay.entries += 1
+            replay.quarantined_passed += 1
+            return seq
+        replay.stopped, replay.stop_seq, replay.error = "poison", seq, exc
+        return None
+
+    async def _at_end(self, replay: Replay, end: ReadEnd, sealer: HoleSealer | None) -> int | None:
+        replay.stop_seq = end.seq
+        if end.reason != "hole":
+            replay.stopped = end.reason
+            return None
+        if sealer is None or not await sealer.should_seal(end):
+            replay.stopped = "hole"
+            return None
+        await sealer.seal(end.seq)
+        replay.seals_written += 1
+        return end.seq - 1
+
+    async def _apply_all(
+        self,
+        recv: MemoryObjectReceiveStream[tuple[int, Entry]],
+        sink: Sink,
+        replay: Replay,
+        start: float,
+    ) -> None:
+        folder = Folder()
+        vectors = entries = 0
+        async with recv:
+            async for seq, entry in recv:
+                folder.add(seq, entry)
+                vectors += _vectors(entry)
+                entries += 1
+                if vectors >= self.chunk_vectors or entries >= self.chunk_entries:
+                    await self._apply(sink, folder, replay, start)
+                    vectors = entries = 0
+        await self._apply(sink, folder, replay, start)
+
+    async def _apply(self, sink: Sink, folder: Folder, replay: Replay, start: float) -> None:
+        plan = folder.plan()
+        if plan.last_seq is None:
+            return
+        await sink.apply(plan)
+        replay.last_seq = plan.last_seq
+        replay.vectors_upserted += plan.vectors_upserted
+        replay.ids_deleted += plan.ids_deleted
+        replay.ids_patched += plan.ids_patched
+        folder.reset()
+        if self.progress is not None:
+            self.progress(
+                Progress(
+                    plan.last_seq, replay.entries, replay.vectors_upserted, time.monotonic() - start
+                )
+            )

@@ -1,0 +1,502 @@
+"""``Compactor``: incremental compaction, rebuild and verify for one log.
+
+One run, under one lease, inside one task group (DESIGN.md "Compaction"):
+
+1. acquire the lease (fencing token + 1) and read hwm and the snapshot;
+2. a heartbeat renews it every ttl/3; a failed renewal cancels the run;
+3. working copy: the cached committed snapshot (downloaded and verified
+   if the cache does not hold exactly it), copied into a private directory;
+4. replay entries after hwm: read, fold, apply (``compactor.replay``),
+   sealing holes older than the grace period and stopping at younger ones;
+5. publish: close Chroma, archive, upload under a new key;
+6. commit hwm + snapshot key + sha256 in one conditional update on owner,
+   token and the previous hwm: the only commit point;
+7. release the lease; delete snapshots beyond the retention count.
+
+A crash anywhere before 6 leaves the committed state as it was and the
+next run redoes the work; the fold is deterministic, so the result is the
+same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import anyio
+
+from compactor.lease import Lease, LeaseKeeper
+from compactor.publish import Compression, Published, prune_snapshots, publish_snapshot
+from compactor.replay import Limits, Progress, Replay, Replayer
+from compactor.sink import ChromaSink, Sink
+from compactor.snapshot import SnapshotCache
+from compactor.verify import VerifyResult, compare_sinks
+from deltalog.codec import Frame, seal_body
+from deltalog.config import LogConfig
+from deltalog.entry import Seal
+from deltalog.errors import Conflict, Fenced, InvalidInput, LeaseBusy, Unavailable
+from deltalog.log import DeltaLog
+from deltalog.read import ReadEnd
+from deltalog.store import ObjectStore
+from deltalog.table import Commit, LogState, Table
+
+__all__ = ["CompactionResult", "Compactor", "RebuildResult"]
+
+log = logging.getLogger("compactor")
+
+Status = Literal["applied", "nothing", "busy"]
+SinkFactory = Callable[[Path], Awaitable[Sink]]
+"""Opens the sink for a working directory (default: ``ChromaSink.open``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionResult:
+    """What one ``run_once`` did."""
+
+    status: Status
+    """``applied`` (hwm moved), ``nothing`` (nothing new) or ``busy`` (lease held)."""
+    log: str
+    hwm_before: int
+    hwm_after: int
+    entries_applied: int = 0
+    vectors_upserted: int = 0
+    ids_deleted: int = 0
+    ids_patched: int = 0
+    seals_written: int = 0
+    snapshot_key: str | None = None
+    snapshot_size: int = 0
+    stopped: str = ""
+    """Why reading stopped: ``end``, ``hole`` (younger than the grace), ``limit``, ``poison``."""
+    seconds: float = 0.0
+    token: int = 0
+
+    def summary(self) -> str:
+        """The one-line summary the CLI prints."""
+        if self.status == "busy":
+            return f"{self.log}: lease busy ({self.stopped})"
+        if self.status == "nothing":
+            why = (
+                f", stopped at a young hole at {self.hwm_after + 1}"
+                if self.stopped == "hole"
+                else ""
+            )
+            return f"{self.log}: nothing to do at hwm {self.hwm_after}{why}"
+        return (
+            f"{self.log}: applied {self.entries_applied} entries (hwm {self.hwm_before} -> "
+            f"{self.hwm_after}): {self.vectors_upserted} vectors upserted, {self.ids_deleted} "
+            f"deleted, {self.ids_patched} patched, {self.seals_written} holes sealed in "
+            f"{self.seconds:.1f}s; snapshot {self.snapshot_key} ({self.snapshot_size} bytes)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    """What a rebuild produced."""
+
+    log: str
+    hwm: int
+    snapshot_key: str
+    snapshot_sha256: str
+    snapshot_size: int
+    counts: dict[str, int]
+    vectors_upserted: int
+    entries: int
+    seconds: float
+    published: bool
+
+
+class _LeaseSealer:
+    """Seals holes older than the grace period, under the run's lease."""
+
+    def __init__(self, compactor: Compactor, lease: Lease) -> None:
+        self.compactor = compactor
+        self.lease = lease
+
+    async def should_seal(self, end: ReadEnd) -> bool:
+        c, now = self.compactor, time.time()
+        self.lease.check()
+        first_seen = await c.table.note_hole(
+            self.lease.log_id, self.lease.owner, self.lease.token, seq=end.seq, now=now
+        )
+        age = now - first_seen
+        if end.next_entry is not None:
+            age = max(age, now - end.next_entry.last_modified)
+        return age >= c.grace
+
+    async def seal(self, seq: int) -> None:
+        self.lease.check()
+        seal = Seal(
+            sealed_by=self.lease.owner,
+            reason=f"hole older than the grace period ({self.compactor.grace:g}s)",
+            kind="hole",
+            sealed_at=time.time(),
+        )
+        written = await self.compactor.store.put_if_absent(
+            self.compactor.keys.entry(seq), Frame(seal_body(seal)).at(seq)
+        )
+        log.info(
+            "%s seq %d: %s",
+            self.compactor.config.log,
+            seq,
+            "sealed" if written else "late entry won",
+        )
+
+
+class Compactor:
+    """Compacts one log. Use as ``async with Compactor(config) as compactor``."""
+
+    def __init__(
+        self,
+        config: LogConfig,
+        *,
+        cache_dir: Path | str | None = None,
+        lease_ttl: float = 30.0,
+        grace: float = 60.0,
+        limits: Limits | None = None,
+        retain: int = 3,
+        compression: Compression = "none",
+        prefetch: int = 32,
+        progress: Callable[[Progress], None] | None = None,
+        store: ObjectStore | None = None,
+        table: Table | None = None,
+        owner: str | None = None,
+        sink_factory: SinkFactory | None = None,
+    ) -> None:
+        if retain < 1:
+            raise InvalidInput("retain must keep at least one snapshot")
+        self.config = config
+        self.keys = config.keys
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
+        self.lease_ttl = lease_ttl
+        self.grace = grace
+        self.limits = limits or Limits()
+        self.retain = retain
+        self.compression: Compression = compression
+        self.prefetch = prefetch
+        self.progress = progress
+        self._store, self._table, self._owner = store, table, owner
+        self._sink_factory = sink_factory
+        self._log: DeltaLog | None = None
+        self._cache: SnapshotCache | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def __aenter__(self) -> Compactor:
+        self._cache = SnapshotCache(self.cache_dir / self.keys.log_id.replace("/", "_"))
+        self._log = await DeltaLog.connect(self.config, store=self._store, table=self._table)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._log is not None:
+            await self._log.aclose()
+
+    @property
+    def log(self) -> DeltaLog:
+        if self._log is None:
+            raise InvalidInput("use the compactor as `async with Compactor(config) as c`")
+        return self._log
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.log.store
+
+    @property
+    def table(self) -> Table:
+        return self.log.table
+
+    @property
+    def cache(self) -> SnapshotCache:
+        assert self._cache is not None
+        return self._cache
+
+    async def _open_sink(self, path: Path) -> Sink:
+        if self._sink_factory is not None:
+            return await self._sink_factory(path)
+        return await ChromaSink.open(path, limiter=self._limiter)
+
+    def _replayer(self) -> Replayer:
+        return Replayer(self.log, prefetch=self.prefetch, progress=self.progress)
+
+    # -- incremental compaction ---------------------------------------------
+
+    async def run_once(self) -> CompactionResult:
+        """One incremental compaction run; see the module docstring.
+
+        Raises ``LeaseLost`` if the lease was lost (nothing committed), and
+        a ``CorruptEntry`` for a poison entry after committing everything
+        before it.
+        """
+        keeper = LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
+        try:
+            lease = await keeper.acquire()
+        except LeaseBusy as exc:
+            state = await self.table.read_state(self.keys.log_id)
+            return CompactionResult(
+                "busy", self.config.log, state.hwm, state.hwm, stopped=exc.message
+            )
+        result: CompactionResult | None = None
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(keeper.heartbeat, lease, tg.cancel_scope)
+                try:
+                    result, failure = await self._compact(lease)
+                except Exception as exc:
+                    failure = exc
+                tg.cancel_scope.cancel()
+        finally:
+            if lease.lost is None:
+                await keeper.release(lease, last_run=self._last_run(result, failure))
+        lease.check()
+        if failure is not None:
+            raise failure
+        assert result is not None
+        return result
+
+    def _last_run(self, result: CompactionResult | None, failure: Exception | None) -> str:
+        record: dict[str, object] = {"at": time.time()}
+        if result is not None:
+            record.update(asdict(result))
+        if failure is not None:
+            record.update(status="error", error=f"{type(failure).__name__}: {failure}")
+        return json.dumps(record, sort_keys=True, default=str)
+
+    async def _compact(self, lease: Lease) -> tuple[CompactionResult, Exception | None]:
+        state = lease.state
+        head = await self.log.head()
+        if head <= state.hwm:
+            return self._nothing(state, "end"), None
+        base = await self._committed_copy(state)
+        work = await anyio.to_thread.run_sync(self.cache.working_copy, base)
+        try:
+            replay = await self._replay_into(work, lease, after=state.hwm)
+            if not replay.advanced:
+                return self._nothing(state, replay.stopped), replay.error
+            published = await publish_snapshot(
+                self.store,
+                self.keys,
+                work,
+                hwm=replay.last_seq,
+                token=lease.token,
+                counts=replay.counts,
+                compression=self.compression,
+            )
+            result = self._applied(state, replay, published, lease)
+            await self._commit(lease, state, published, result)
+            await anyio.to_thread.run_sync(self.cache.adopt, work, published.key, published.sha256)
+        finally:
+            await anyio.to_thread.run_sync(self.cache.discard, work)
+        await prune_snapshots(self.store, self.keys, keep=self.retain, committed=published.key)
+        return result, replay.error
+
+    async def _committed_copy(self, state: LogState) -> Path | None:
+        if state.snapshot_key is None or state.snapshot_sha256 is None:
+            return None
+        return await self.cache.committed(
+            self.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
+        )
+
+    async def _replay_into(self, work: Path, lease: Lease, *, after: int) -> Replay:
+        quarantined = await self.table.read_quarantined(self.keys.log_id)
+        sink = await self._open_sink(work)
+        try:
+            replay = await self._replayer().run(
+                sink,
+                after=after,
+                quarantined=quarantined,
+                sealer=_LeaseSealer(self, lease),
+                limits=self.limits,
+            )
+            replay.counts = await sink.counts()
+        finally:
+            await sink.aclose()
+        return replay
+
+    async def _commit(
+        self, lease: Lease, state: LogState, published: Published, result: CompactionResult
+    ) -> None:
+        """The commit point. The upload is deleted only when the commit is refused for sure."""
+        lease.check()
+        try:
+            await self.table.commit(
+                self.keys.log_id,
+                lease.owner,
+                lease.token,
+                prev_hwm=state.hwm,
+                commit=Commit(
+                    hwm=result.hwm_after,
+                    snapshot_key=published.key,
+                    snapshot_sha256=published.sha256,
+                    snapshot_size=published.size,
+                    last_run=self._last_run(result, None),
+                ),
+                now=time.time(),
+            )
+        except (Fenced, Conflict):
+            await self._forget(published.key)
+            raise
+        except Unavailable:
+            # Ambiguous: the update may have landed before the answer was lost.
+            now = await self.table.read_state(self.keys.log_id)
+            if now.snapshot_key != published.key:
+                raise
+
+    async def _forget(self, key: str) -> None:
+        """Delete an upload no commit will ever reference (best effort, shielded)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            try:
+                await self.store.delete(key)
+            except Exception as exc:
+                log.warning("could not delete unreferenced snapshot %s: %s", key, exc)
+
+    def _nothing(self, state: LogState, stopped: str) -> CompactionResult:
+        return CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
+
+    def _applied(
+        self, state: LogState, replay: Replay, published: Published, lease: Lease
+    ) -> CompactionResult:
+        return CompactionResult(
+            "applied",
+            self.config.log,
+            state.hwm,
+            replay.last_seq,
+            entries_applied=replay.last_seq - state.hwm,
+            vectors_upserted=replay.vectors_upserted,
+            ids_deleted=replay.ids_deleted,
+            ids_patched=replay.ids_patched,
+            seals_written=replay.seals_written,
+            snapshot_key=published.key,
+            snapshot_size=published.size,
+            stopped=replay.stopped,
+            seconds=replay.seconds,
+            token=lease.token,
+        )
+
+    # -- rebuild and verify ---------------------------------------------------
+
+    async def rebuild(
+        self, to_seq: int | None = None, *, publish: bool = False, force: bool = False
+    ) -> RebuildResult:
+        """Replay entries 1..to_seq into an empty snapshot and upload it.
+
+        With ``publish`` the rebuild replaces the committed state, under the
+        lease, and never to a lower hwm unless ``force``.
+        """
+        state = await self.table.read_state(self.keys.log_id)
+        if publish and not force and to_seq is not None and to_seq < state.hwm:
+            raise InvalidInput(
+                f"refusing to publish a rebuild to seq {to_seq} below the committed hwm "
+                f"{state.hwm}; pass force=True (--force) to roll back on purpose",
+                log=self.config.log,
+            )
+        keeper = LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
+        lease = await keeper.acquire() if publish else None
+        try:
+            return await self._rebuild(state, to_seq, lease, force)
+        finally:
+            if lease is not None and lease.lost is None:
+                await keeper.release(lease)
+
+    async def _rebuild(
+        self, state: LogState, to_seq: int | None, lease: Lease | None, force: bool
+    ) -> RebuildResult:
+        work = await anyio.to_thread.run_sync(self.cache.working_copy, None)
+        try:
+            quarantined = await self.table.read_quarantined(self.keys.log_id)
+            sink = await self._open_sink(work)
+            try:
+                replay = await self._replayer().run(
+                    sink, after=0, to_seq=to_seq, quarantined=quarantined
+                )
+                counts = await sink.counts()
+            finally:
+                await sink.aclose()
+            if replay.error is not None:
+                raise replay.error
+            token = lease.token if lease is not None else state.token
+            published = await publish_snapshot(
+                self.store,
+                self.keys,
+                work,
+                hwm=replay.last_seq,
+                token=token,
+                counts=counts,
+                compression=self.compression,
+            )
+        finally:
+            await anyio.to_thread.run_sync(self.cache.discard, work)
+        if lease is not None:
+            await self._publish_rebuild(lease, replay, published, force)
+        return RebuildResult(
+            self.config.log,
+            replay.last_seq,
+            published.key,
+            published.sha256,
+            published.size,
+            counts,
+            replay.vectors_upserted,
+            replay.entries,
+            replay.seconds,
+            lease is not None,
+        )
+
+    async def _publish_rebuild(
+        self, lease: Lease, replay: Replay, published: Published, force: bool
+    ) -> None:
+        committed = lease.state.hwm
+        if replay.last_seq < committed and not force:
+            await self._forget(published.key)
+            raise Conflict(
+                f"the rebuild reached seq {replay.last_seq}, below the committed hwm "
+                f"{committed}; not published (use --force to roll back on purpose)",
+                log=self.config.log,
+            )
+        lease.check()
+        await self.table.commit(
+            self.keys.log_id,
+            lease.owner,
+            lease.token,
+            prev_hwm=committed,
+            commit=Commit(replay.last_seq, published.key, published.sha256, published.size),
+            now=time.time(),
+        )
+
+    async def verify(self) -> VerifyResult:
+        """Rebuild to the committed hwm into a fresh Chroma directory and compare.
+
+        Both sides are Chroma directories built by the same fold, so the
+        comparison is exact: ids, vectors bit for bit, documents, metadata.
+        """
+        state = await self.table.read_state(self.keys.log_id)
+        quarantined = await self.table.read_quarantined(self.keys.log_id)
+        base = await self._committed_copy(state)
+        rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
+        committed = await anyio.to_thread.run_sync(self.cache.working_copy, base)
+        try:
+            expected = await self._open_sink(rebuilt)
+            actual = await self._open_sink(committed)
+            try:
+                replay = await self._replayer().run(
+                    expected, after=0, to_seq=state.hwm, quarantined=quarantined
+                )
+                if replay.error is not None:
+                    raise replay.error
+                return await compare_sinks(
+                    expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq
+                )
+            finally:
+                await expected.aclose()
+                await actual.aclose()
+        finally:
+            await anyio.to_thread.run_sync(self.cache.discard, rebuilt)
+            await anyio.to_thread.run_sync(self.cache.discard, committed)

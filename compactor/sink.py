@@ -1,0 +1,368 @@
+"""The sink seam: where fold plans land.
+
+A **sink** holds a state (collection -> id -> record) and applies plans to
+it. ``ChromaSink`` is a ChromaDB persistent directory; ``MemorySink`` holds
+dicts and is a real adapter that runs the same contract tests.
+
+Contract:
+
+- ``apply`` gives exactly ``deltalog.fold.apply_to_state``: deletes, then
+  puts that replace whole records, then metadata patches (``None`` removes a
+  key; a patch of an absent id does nothing). Collections are created on
+  first use, even by a plan that only deletes. A collection's vector
+  dimension is fixed by its first put; a put of another one is a
+  ``DataError``.
+- ``counts`` and ``collections`` list every collection, empty ones included;
+  ``records`` returns a collection's records sorted by id (none for a
+  collection that does not exist), vectors bit-exact.
+- ``aclose`` is idempotent; any other call after it raises ``Closed``.
+
+ChromaDB semantics this relies on (chromadb 1.5): ``add`` of an existing id
+is silently ignored and ``upsert`` merges metadata and keeps the old document
+when given none, so a put is applied as a delete of the ids that exist
+followed by an ``add``. ``update`` merges metadata like a patch, skips absent
+ids, and leaves ``None`` metadata when the last key is removed. Vectors are
+stored as float32 and read back as float64 that converts back exactly.
+Every blocking call runs in a worker thread, in batches of
+``get_max_batch_size()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from deltalog.entry import Metadata, MetadataPatch
+from deltalog.errors import Closed, DataError
+from deltalog.fold import CollectionPlan, FoldPlan, Record, State, apply_to_state
+
+if TYPE_CHECKING:  # importing chromadb takes a second: only ChromaSink pays for it
+    from chromadb.api.client import Client
+    from chromadb.api.models.Collection import Collection
+    from chromadb.api.types import Metadata as ChromaMetadata
+
+__all__ = ["ApplyStats", "ChromaSink", "MemorySink", "Sink"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyStats:
+    """What one ``apply`` did: ids in the plan's parts, and the sink calls it took."""
+
+    deletes: int
+    puts: int
+    patches: int
+    batches: int = 0
+    seconds: float = 0.0
+
+
+class Sink(Protocol):
+    """Where plans are applied; see the module docstring for the contract."""
+
+    async def apply(self, plan: FoldPlan) -> ApplyStats: ...
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def records(self, collection: str) -> list[Record]: ...
+
+    async def collections(self) -> list[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _open_client(path: Path) -> Client:
+    import chromadb
+    from chromadb.api.client import Client
+    from chromadb.config import Settings
+
+    path.mkdir(parents=True, exist_ok=True)
+    client = chromadb.PersistentClient(
+        path=str(path), settings=Settings(anonymized_telemetry=False)
+    )
+    if not isinstance(client, Client):  # close() is only on the concrete client
+        raise TypeError(f"chromadb returned a {type(client).__name__}, not a Client")
+    return client
+
+
+class ChromaSink:
+    """A ChromaDB persistent directory as a sink; open it with ``ChromaSink.open``."""
+
+    def __init__(
+        self,
+        client: Client,
+        path: Path,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        log: str | None = None,
+        batch_size: int,
+    ) -> None:
+        """Use ``ChromaSink.open``; ``batch_size`` must not exceed Chroma's maximum."""
+        self._client: Client | None = client
+        self.path = path
+        self._limiter = limiter
+        self._log = log
+        self._batch = batch_size
+        self._handles: dict[str, Collection] = {}
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        limiter: anyio.CapacityLimiter | None = None,
+        log: str | None = None,
+        max_batch_size: int | None = None,
+    ) -> ChromaSink:
+        """Open (or create) the directory.
+
+        ``log`` only names it in errors; ``max_batch_size`` lowers Chroma's own
+        maximum (tests use it to exercise batching).
+        """
+        with _chroma_errors(f"open {path}", log):
+            client = await anyio.to_thread.run_sync(_open_client, path, limiter=limiter)
+            most = await anyio.to_thread.run_sync(client.get_max_batch_size, limiter=limiter)
+        batch_size = min(most, max_batch_size or most)
+        return cls(client, path, limiter=limiter, log=log, batch_size=batch_size)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch
+
+    async def apply(self, plan: FoldPlan) -> ApplyStats:
+        started = time.perf_counter()
+        async with self._lock:
+            batches = 0
+            for name, changes in plan.collections.items():
+                batches += await self._apply_collection(name, changes)
+        return _stats(plan, batches, time.perf_counter() - started)
+
+    async def _apply_collection(self, name: str, changes: CollectionPlan) -> int:
+        collection = await self._collection(name)
+        removals = sorted(changes.deletes | changes.puts.keys())
+        puts = list(changes.puts.values())
+        patches = [(id_, patch) for id_, patch in changes.patches.items() if patch]
+        calls = 0
+        for ids in _chunks(removals, self._batch):
+            calls += await self._run(f"delete from {name!r}", _remove_existing, collection, ids)
+        for records in _chunks(puts, self._batch):
+            calls += await self._run(f"add to {name!r}", _add, collection, records)
+        for some in _chunks(patches, self._batch):
+            calls += await self._run(f"update {name!r}", _update, collection, some)
+        return calls
+
+    async def counts(self) -> dict[str, int]:
+        names = await self.collections()
+        return {
+            name: await self._run("count", _count, await self._collection(name)) for name in names
+        }
+
+    async def records(self, collection: str) -> list[Record]:
+        if collection not in await self.collections():
+            return []
+        handle = await self._collection(collection)
+        out: list[Record] = []
+        while True:
+            page = await self._run(f"read {collection!r}", _page, handle, len(out), self._batch)
+            out += page
+            if len(page) < self._batch:
+                return sorted(out, key=lambda r: r.id)
+
+    async def collections(self) -> list[str]:
+        client = self._open_client()
+        listed = await self._run("list collections", client.list_collections)
+        return sorted(str(getattr(c, "name", c)) for c in listed)
+
+    async def aclose(self) -> None:
+        """Close the client, so the directory can be archived; idempotent."""
+        async with self._lock:
+            client, self._client = self._client, None
+            self._handles.clear()
+            if client is not None:
+                with _chroma_errors(f"close {self.path}", self._log):
+                    await anyio.to_thread.run_sync(client.close, limiter=self._limiter)
+
+    async def _collection(self, name: str) -> Collection:
+        handle = self._handles.get(name)
+        if handle is None:
+            create = self._open_client().get_or_create_collection
+            handle = await self._run(f"create {name!r}", _create, create, name)
+            self._handles[name] = handle
+        return handle
+
+    def _open_client(self) -> Client:
+        if self._client is None:
+            raise Closed(f"the chroma sink at {self.path} is closed", log=self._log)
+        return self._client
+
+    async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        self._open_client()
+        with _chroma_errors(f"{what} in {self.path}", self._log):
+            return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+
+@contextmanager
+def _chroma_errors(what: str, log: str | None) -> Iterator[None]:
+    """Chroma's refusals become ``DataError``: the log holds something it cannot take."""
+    from chromadb.errors import ChromaError
+
+    try:
+        yield
+    except (ChromaError, ValueError) as exc:
+        raise DataError(f"chroma could not {what}: {exc}", log=log) from exc
+
+
+def _create(create: Callable[..., Collection], name: str) -> Collection:
+    return create(name, embedding_function=None)
+
+
+def _remove_existing(collection: Collection, ids: list[str]) -> int:
+    """Delete the ids that exist; deleting absent ids costs as much as an add."""
+    existing: list[str] = list(collection.get(ids=ids, include=[])["ids"])
+    if existing:
+        collection.delete(ids=existing)
+    return 1 + bool(existing)
+
+
+def _add(collection: Collection, records: list[Record]) -> int:
+    documents = [r.document for r in records]
+    metadatas = [r.metadata for r in records]
+    # Chroma takes None entries for records without a document or metadata;
+    # its type hints do not say so.
+    collection.add(
+        ids=[r.id for r in records],
+        embeddings=np.stack([r.embedding for r in records]),
+        documents=cast("list[str]", documents) if _any_set(documents) else None,
+        metadatas=cast("list[ChromaMetadata]", metadatas) if _any_set(metadatas) else None,
+    )
+    return 1
+
+
+def _any_set(values: list[T | None]) -> bool:
+    return any(v is not None for v in values)
+
+
+def _update(collection: Collection, patches: list[tuple[str, MetadataPatch]]) -> int:
+    collection.update(ids=[id_ for id_, _ in patches], metadatas=[p for _, p in patches])
+    return 1
+
+
+def _count(collection: Collection) -> int:
+    return collection.count()
+
+
+def _page(collection: Collection, offset: int, limit: int) -> list[Record]:
+    got = collection.get(
+        include=["embeddings", "documents", "metadatas"], offset=offset, limit=limit
+    )
+    ids = list(got["ids"])
+    if not ids:
+        return []
+    # Chroma stores float32 and returns float64: the conversion back is exact.
+    vectors = np.asarray(got["embeddings"], dtype=np.float64).astype(np.float32)
+    none: list[None] = [None] * len(ids)
+    documents: Sequence[str | None] = got["documents"] or none
+    metadatas: Sequence[Mapping[str, object] | None] = got["metadatas"] or none
+    return [
+        Record(id_, vectors[i], documents[i], _metadata(id_, metadatas[i]))
+        for i, id_ in enumerate(ids)
+    ]
+
+
+def _metadata(id_: str, raw: Mapping[str, object] | None) -> Metadata | None:
+    """Chroma's metadata as deltalog's: flat str, int, float or bool values."""
+    out: Metadata = {}
+    for key, value in (raw or {}).items():
+        if not isinstance(value, str | int | float | bool):
+            raise ValueError(f"record {id_!r} has metadata {key!r} of type {type(value).__name__}")
+        out[key] = value
+    return out or None
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _stats(plan: FoldPlan, batches: int, seconds: float) -> ApplyStats:
+    return ApplyStats(plan.ids_deleted, plan.vectors_upserted, plan.ids_patched, batches, seconds)
+
+
+class MemorySink:
+    """A sink in dicts: ``apply_to_state`` with the Chroma sink's dimension rule."""
+
+    def __init__(self, *, log: str | None = None) -> None:
+        self._state: State = {}
+        self._dims: dict[str, int] = {}
+        self._log = log
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def apply(self, plan: FoldPlan) -> ApplyStats:
+        started = time.perf_counter()
+        self._check_open()
+        dims = dict(self._dims)
+        for name, changes in plan.collections.items():
+            for record in changes.puts.values():
+                self._check_dim(dims, name, record)
+        apply_to_state(self._state, plan)
+        self._dims = dims
+        return _stats(plan, 0, time.perf_counter() - started)
+
+    def _check_dim(self, dims: dict[str, int], name: str, record: Record) -> None:
+        dim = dims.setdefault(name, record.embedding.shape[0])
+        if record.embedding.shape != (dim,):
+            raise DataError(
+                f"collection {name!r} holds {dim}-dimensional vectors; "
+                f"{record.id!r} has shape {record.embedding.shape}",
+                log=self._log,
+            )
+
+    async def counts(self) -> dict[str, int]:
+        self._check_open()
+        return {name: len(records) for name, records in sorted(self._state.items())}
+
+    async def records(self, collection: str) -> list[Record]:
+        self._check_open()
+        return sorted(self._state.get(collection, {}).values(), key=lambda r: r.id)
+
+    async def collections(self) -> list[str]:
+        self._check_open()
+        return sorted(self._state)
+
+    def state(self) -> State:
+        """A copy of the state (the records themselves are shared and immutable)."""
+        self._check_open()
+        return {name: dict(records) for name, records in self._state.items()}
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("the memory sink is closed", log=self._log)

@@ -1,0 +1,180 @@
+"""Helpers for compactor tests: reading committed state, comparing states, fault seams."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from compactor import Compactor
+from compactor.sink import ChromaSink, Sink
+from deltalog import DeltaLog
+from deltalog.entry import Entry
+from deltalog.fold import FoldPlan, Record, reference_state
+from deltalog.table import Commit, LogState, MemoryTable
+
+State = dict[str, dict[str, Record]]
+
+
+class Crash(Exception):
+    """Stands for a process dying at a chosen step."""
+
+
+async def committed_state(compactor: Compactor) -> State:
+    """Every record of the committed snapshot, read with a real Chroma client."""
+    state = await compactor.table.read_state(compactor.keys.log_id)
+    if state.snapshot_key is None or state.snapshot_sha256 is None:
+        return {}
+    path = await compactor.cache.committed(
+        compactor.store, state.snapshot_key, state.snapshot_sha256, log=compactor.config.log
+    )
+    return await sink_state(path, compactor.cache.working_copy)
+
+
+async def snapshot_state(compactor: Compactor, key: str, sha256: str) -> State:
+    path = await compactor.cache.committed(compactor.store, key, sha256, log=compactor.config.log)
+    return await sink_state(path, compactor.cache.working_copy)
+
+
+async def sink_state(path: Path, copy: Callable[[Path | None], Path]) -> State:
+    work = copy(path)
+    sink = await ChromaSink.open(work)
+    try:
+        return {c: {r.id: r for r in await sink.records(c)} for c in await sink.collections()}
+    finally:
+        await sink.aclose()
+
+
+async def log_entries(log: DeltaLog, to_seq: int | None = None) -> list[tuple[int, Entry]]:
+    return [item async for item in log.read(after=0, to_seq=to_seq)]
+
+
+async def reference(log: DeltaLog, to_seq: int | None = None) -> State:
+    """The plain-Python fold of the log, op by op."""
+    return {
+        c: dict(records)
+        for c, records in reference_state(await log_entries(log, to_seq)).items()
+        if records
+    }
+
+
+def assert_states_equal(got: State, want: State) -> None:
+    """Same collections, ids, bit-identical vectors, documents and metadata."""
+    got = {c: r for c, r in got.items() if r}
+    want = {c: r for c, r in want.items() if r}
+    assert sorted(got) == sorted(want)
+    for collection, records in want.items():
+        assert sorted(got[collection]) == sorted(records), collection
+        for id_, record in records.items():
+            other = got[collection][id_]
+            assert other.embedding.dtype == np.float32
+            assert other.embedding.tobytes() == record.embedding.tobytes(), (collection, id_)
+            assert other.document == record.document, (collection, id_)
+            assert (other.metadata or None) == (record.metadata or None), (collection, id_)
+
+
+class FaultyTable(MemoryTable):
+    """A memory table that crashes on a chosen method, once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crash_on: str | None = None
+
+    def _maybe_crash(self, method: str) -> None:
+        if self.crash_on == method:
+            self.crash_on = None
+            raise Crash(f"crash in {method}")
+
+    async def commit(
+        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+    ) -> LogState:
+        self._maybe_crash("before-commit")
+        state = await super().commit(
+            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
+        )
+        self._maybe_crash("after-commit")
+        return state
+
+    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+        self._maybe_crash("release")
+        return await super().release(log_id, owner, token, last_run=last_run)
+
+
+class FaultySink:
+    """Wraps a real sink; crashes before or after its n-th apply."""
+
+    def __init__(
+        self,
+        inner: Sink,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        gate: anyio.Event | None = None,
+        entered: anyio.Event | None = None,
+    ) -> None:
+        self.inner = inner
+        self.before = before
+        self.after = after
+        self.applies = 0
+        self.entered = entered or anyio.Event()
+        self.gate = gate
+
+    async def apply(self, plan: FoldPlan) -> object:
+        self.applies += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.before == self.applies:
+            raise Crash("crash before apply")
+        stats = await self.inner.apply(plan)
+        if self.after == self.applies:
+            raise Crash("crash after apply")
+        return stats
+
+    async def counts(self) -> dict[str, int]:
+        return await self.inner.counts()
+
+    async def records(self, collection: str) -> list[Record]:
+        return await self.inner.records(collection)
+
+    async def collections(self) -> list[str]:
+        return await self.inner.collections()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def faulty_sinks(
+    *,
+    before: int | None = None,
+    after: int | None = None,
+    gate: anyio.Event | None = None,
+    entered: anyio.Event | None = None,
+) -> tuple[list[FaultySink], Callable[[Path], Awaitable[Sink]]]:
+    """A sink factory whose sinks crash (or wait for ``gate``) as told; the list collects them."""
+    made: list[FaultySink] = []
+
+    async def factory(path: Path) -> Sink:
+        inner = await ChromaSink.open(path)
+        sink = FaultySink(inner, before=before, after=after, gate=gate, entered=entered)
+        made.append(sink)
+        return sink  # type: ignore[return-value]
+
+    return made, factory
+
+
+class StalledRenewTable(MemoryTable):
+    """The same items as ``shared``, but renewals hang: a paused process's heartbeat."""
+
+    def __init__(self, shared: MemoryTable) -> None:
+        super().__init__()
+        self._heads = shared._heads
+        self._dims = shared._dims
+        self._claims = shared._claims
+        self._states = shared._states
+        self._quarantined = shared._quarantined
+
+    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        await anyio.sleep_forever()

@@ -1,0 +1,117 @@
+"""Seam-level faults: real adapters wrapped to fail the way networks do.
+
+Each wrapper implements its seam's protocol by doing the real operation on
+the adapter it wraps (moto-backed or in memory) and then, when told to,
+failing the way the network can: a write that lands while the caller sees an
+error (ambiguous), a request refused before it is sent (not ambiguous).
+Everything not overridden passes straight through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+from deltalog import DeltaLog, LogConfig
+from deltalog.dynamo import DynamoTable
+from deltalog.errors import Unavailable
+from deltalog.s3 import S3Store
+from deltalog.store import ObjectStore, StoredObject
+from deltalog.table import Claim, Table
+
+
+class FaultyStore:
+    """An ``ObjectStore`` that injects faults into ``put_if_absent`` and ``get``."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.lost_answers = 0
+        """The next N puts write, then raise ``Unavailable(ambiguous=True)``."""
+        self.lost_requests = 0
+        """The next N puts write nothing and raise ``Unavailable(ambiguous=True)``."""
+        self.refuse_puts = False
+        """Every put writes nothing and raises a non-ambiguous ``Unavailable``."""
+        self.broken_gets: set[str] = set()
+        """Keys whose ``get`` raises a non-ambiguous ``Unavailable``."""
+        self.vanished: set[str] = set()
+        """Keys whose ``get`` answers None although they are listed."""
+        self.puts: list[str] = []
+        self.faults: list[Unavailable] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _fault(self, message: str, key: str, *, ambiguous: bool) -> Unavailable:
+        fault = Unavailable(f"injected: {message}", ambiguous=ambiguous, key=key)
+        self.faults.append(fault)
+        return fault
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        self.puts.append(key)
+        if self.refuse_puts:
+            raise self._fault("put refused", key, ambiguous=False)
+        if self.lost_requests:
+            self.lost_requests -= 1
+            raise self._fault("request lost before it arrived", key, ambiguous=True)
+        written = await self.inner.put_if_absent(key, data)
+        if self.lost_answers:
+            self.lost_answers -= 1
+            raise self._fault(f"answer lost (written: {written})", key, ambiguous=True)
+        return written
+
+    async def get(self, key: str) -> StoredObject | None:
+        if key in self.broken_gets:
+            raise self._fault("get failed", key, ambiguous=False)
+        if key in self.vanished:
+            return None
+        return await self.inner.get(key)
+
+
+class FaultyTable:
+    """A ``Table`` whose ``reserve`` and ``replace_claim`` can lose their answers."""
+
+    def __init__(self, inner: Table) -> None:
+        self.inner = inner
+        self.lost_reserve_answers = 0
+        """The next N reserves add one to the counter, then raise (ambiguous)."""
+        self.lost_replace_answers = 0
+        """The next N claim replacements happen, then raise (ambiguous)."""
+        self.reserved: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def reserve(self, log_id: str) -> int:
+        seq = await self.inner.reserve(log_id)
+        self.reserved.append(seq)
+        if self.lost_reserve_answers:
+            self.lost_reserve_answers -= 1
+            raise Unavailable(f"injected: reserve answer lost (seq {seq})", ambiguous=True)
+        return seq
+
+    async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
+        replaced = await self.inner.replace_claim(log_id, old, new)
+        if self.lost_replace_answers:
+            self.lost_replace_answers -= 1
+            raise Unavailable(f"injected: replace answer lost ({replaced})", ambiguous=True)
+        return replaced
+
+
+@asynccontextmanager
+async def faulty_log(
+    config: LogConfig, **changes: Any
+) -> AsyncIterator[tuple[DeltaLog, FaultyStore, FaultyTable]]:
+    """A log on moto's server through fault-injecting wrappers of the real adapters."""
+    config = replace(config, **changes)
+    async with AsyncExitStack() as stack:
+        store = await S3Store.connect(config)
+        stack.push_async_callback(store.aclose)
+        table = await DynamoTable.connect(config)
+        stack.push_async_callback(table.aclose)
+        faulty_store, faulty_table = FaultyStore(store), FaultyTable(table)
+        log = await stack.enter_async_context(
+            DeltaLog.open(config, store=faulty_store, table=faulty_table)
+        )
+        yield log, faulty_store, faulty_table

@@ -1,0 +1,69 @@
+"""Keys: one module builds them, and listing order is seq order."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltalog.keys import MAX_SEQ, LogKeys, idempotency_sk, valid_log_name, valid_root
+
+
+def test_entry_keys_sort_like_their_seqs() -> None:
+    keys = LogKeys("", "receipts")
+    seqs = [1, 2, 9, 10, 11, 99, 100, 12345, MAX_SEQ]
+    assert sorted(keys.entry(s) for s in reversed(seqs)) == [keys.entry(s) for s in seqs]
+    assert keys.entry(7) == "receipts/entries/00000000000000000007"
+
+
+@pytest.mark.parametrize(
+    ("root", "log_id", "entries"),
+    [
+        ("", "receipts", "receipts/entries/"),
+        ("prod", "prod/receipts", "prod/receipts/entries/"),
+        ("/a/b/", "a/b/receipts", "a/b/receipts/entries/"),
+    ],
+)
+def test_the_root_prefix_qualifies_every_key(root: str, log_id: str, entries: str) -> None:
+    keys = LogKeys(root, "receipts")
+    assert keys.log_id == log_id
+    assert keys.entries_prefix == entries
+    assert keys.entry(3).startswith(entries)
+    assert keys.snapshots_prefix == f"{log_id}/snapshots/"
+
+
+def test_seq_of_inverts_entry_and_rejects_everything_else() -> None:
+    keys = LogKeys("r", "log")
+    for seq in (0, 1, 42, MAX_SEQ):
+        assert keys.seq_of(keys.entry(seq)) == seq
+    other = LogKeys("r", "log2")
+    for key in (
+        other.entry(1),
+        "r/log/entries/1",
+        "r/log/entries/0000000000000000000x",
+        "r/log/entries/000000000000000000001",
+        keys.snapshot(1, 1, "n"),
+    ):
+        assert keys.seq_of(key) is None, key
+
+
+@pytest.mark.parametrize("seq", [-1, MAX_SEQ + 1])
+def test_seqs_out_of_range_are_refused(seq: int) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        LogKeys("", "log").entry(seq)
+
+
+def test_snapshot_keys_sort_by_hwm_and_name_it() -> None:
+    keys = LogKeys("", "log")
+    first, second = keys.snapshot(9, 2, "abc"), keys.snapshot(10, 1, "abc", ".tar.zst")
+    assert first < second
+    assert (keys.snapshot_hwm(first), keys.snapshot_hwm(second)) == (9, 10)
+    assert keys.snapshot_hwm(keys.entry(9)) is None
+
+
+def test_names() -> None:
+    assert valid_log_name("receipts") and valid_log_name("a.b_c-1") and valid_log_name("x" * 128)
+    for bad in ("", "-x", "a/b", "a b", "x" * 129, "ü"):
+        assert not valid_log_name(bad), bad
+    assert valid_root("") and valid_root("a/b.c/d-e")
+    for bad in ("a/../b", "..", "a b", "a\\b"):
+        assert not valid_root(bad), bad
+    assert idempotency_sk("k") == "idem#k"
