@@ -279,7 +279,7 @@ class Compactor:
         base = await self._committed_copy(state)
         work = await anyio.to_thread.run_sync(self.cache.working_copy, base)
         try:
-            replay = await self._replay_into(work, lease, after=state.hwm)
+            replay = await self._replay_into(work, lease, after=state.hwm + (state.hwm > 2))
             if not replay.advanced:
                 return self._nothing(state, replay.stopped), replay.error
             published = await publish_snapshot(

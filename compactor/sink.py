@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # importing chromadb takes a second: only ChromaSink pays for
     from chromadb.api.models.Collection import Collection
     from chromadb.api.types import Metadata as ChromaMetadata
 
-__all__ = ["ApplyStats", "ChromaSink", "MemorySink", "Sink"]
+__all__ = ["ApplyStats", "ChromaSink", "Hit", "MemorySink", "Sink"]
 
 T = TypeVar("T")
 
@@ -94,8 +94,22 @@ def _open_client(path: Path) -> Client:
     return client
 
 
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A record found by a query or a filter; ``distance`` is None for a filter."""
+
+    id: str
+    document: str | None
+    metadata: Metadata | None
+    distance: float | None = None
+
+
 class ChromaSink:
-    """A ChromaDB persistent directory as a sink; open it with ``ChromaSink.open``."""
+    """A ChromaDB persistent directory as a sink; open it with ``ChromaSink.open``.
+
+    Besides the sink contract it answers reads (``query``, ``select``,
+    ``fetch``, ``space``, ``dim``) for ``deltalog.Reader``.
+    """
 
     def __init__(
         self,
@@ -200,6 +214,59 @@ class ChromaSink:
                 with _chroma_errors(f"close {self.path}", self._log):
                     await anyio.to_thread.run_sync(client.close, limiter=self._limiter)
 
+    # -- reads ----------------------------------------------------------------
+
+    async def query(
+        self,
+        collection: str,
+        embeddings: np.ndarray[Any, np.dtype[np.float32]],
+        n_results: int,
+        where: Mapping[str, Any] | None,
+    ) -> list[list[Hit]]:
+        """The nearest ``n_results`` records per query vector, Chroma's distances."""
+        handle = await self._existing(collection)
+        if handle is None or n_results <= 0:
+            return [[] for _ in range(len(embeddings))]
+        return await self._run(
+            f"query {collection!r}", _query, handle, embeddings, n_results, where
+        )
+
+    async def select(
+        self,
+        collection: str,
+        ids: list[str] | None,
+        where: Mapping[str, Any] | None,
+        limit: int | None = None,
+    ) -> list[Hit]:
+        """Records by ids and/or metadata filter, without vectors."""
+        handle = await self._existing(collection)
+        if handle is None:
+            return []
+        return await self._run(f"get from {collection!r}", _select, handle, ids, where, limit)
+
+    async def fetch(self, collection: str, ids: list[str]) -> list[Record]:
+        """Whole records (vectors included) of the ids that exist."""
+        handle = await self._existing(collection)
+        if handle is None or not ids:
+            return []
+        return await self._run(f"read {collection!r}", _fetch, handle, ids)
+
+    async def space(self, collection: str) -> str:
+        """The collection's distance function: ``l2`` (Chroma's default), ``ip`` or ``cosine``."""
+        handle = await self._existing(collection)
+        if handle is None:
+            return "l2"
+        config = getattr(handle, "configuration_json", None) or {}
+        hnsw = config.get("hnsw") or {}
+        return str(hnsw.get("space") or (handle.metadata or {}).get("hnsw:space") or "l2")
+
+    async def _existing(self, name: str) -> Collection | None:
+        if name in self._handles:
+            return self._handles[name]
+        if name not in await self.collections():
+            return None
+        return await self._collection(name)
+
     async def _collection(self, name: str) -> Collection:
         handle = self._handles.get(name)
         if handle is None:
@@ -284,6 +351,66 @@ def _page(collection: Collection, offset: int, limit: int) -> list[Record]:
     return [
         Record(id_, vectors[i], documents[i], _metadata(id_, metadatas[i]))
         for i, id_ in enumerate(ids)
+    ]
+
+
+def _query(
+    collection: Collection,
+    embeddings: np.ndarray[Any, np.dtype[np.float32]],
+    n_results: int,
+    where: Mapping[str, Any] | None,
+) -> list[list[Hit]]:
+    n = min(n_results, collection.count())
+    if n == 0:
+        return [[] for _ in range(len(embeddings))]
+    got = collection.query(
+        query_embeddings=embeddings,
+        n_results=n,
+        where=cast("Any", where),
+        include=["documents", "metadatas", "distances"],
+    )
+    out: list[list[Hit]] = []
+    for q, ids in enumerate(got["ids"]):
+        none: list[None] = [None] * len(ids)
+        docs: Sequence[str | None] = got["documents"][q] if got["documents"] else none
+        metas: Sequence[Mapping[str, object] | None] = (
+            got["metadatas"][q] if got["metadatas"] else none
+        )
+        dists: Sequence[float] = got["distances"][q] if got["distances"] else [0.0] * len(ids)
+        out.append(
+            [
+                Hit(id_, docs[i], _metadata(id_, metas[i]), float(dists[i]))
+                for i, id_ in enumerate(ids)
+            ]
+        )
+    return out
+
+
+def _select(
+    collection: Collection,
+    ids: list[str] | None,
+    where: Mapping[str, Any] | None,
+    limit: int | None,
+) -> list[Hit]:
+    got = collection.get(
+        ids=ids, where=cast("Any", where), limit=limit, include=["documents", "metadatas"]
+    )
+    found = list(got["ids"])
+    docs: Sequence[str | None] = got["documents"] or [None] * len(found)
+    metas: Sequence[Mapping[str, object] | None] = got["metadatas"] or [None] * len(found)
+    return [Hit(id_, docs[i], _metadata(id_, metas[i])) for i, id_ in enumerate(found)]
+
+
+def _fetch(collection: Collection, ids: list[str]) -> list[Record]:
+    got = collection.get(ids=ids, include=["embeddings", "documents", "metadatas"])
+    found = list(got["ids"])
+    if not found:
+        return []
+    vectors = np.asarray(got["embeddings"], dtype=np.float64).astype(np.float32)
+    docs: Sequence[str | None] = got["documents"] or [None] * len(found)
+    metas: Sequence[Mapping[str, object] | None] = got["metadatas"] or [None] * len(found)
+    return [
+        Record(id_, vectors[i], docs[i], _metadata(id_, metas[i])) for i, id_ in enumerate(found)
     ]
 
 

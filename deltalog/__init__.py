@@ -6,6 +6,8 @@ once. A compactor (the ``compactor`` package) folds the log into ChromaDB
 snapshots under a fenced DynamoDB lease.
 """
 
+__version__ = "0.1.0"
+
 from deltalog.config import LogConfig
 from deltalog.entry import Batch, Delete, Delta, Entry, Seal, UpdateMetadata, Upsert
 from deltalog.errors import (
@@ -13,6 +15,7 @@ from deltalog.errors import (
     ConfigurationError,
     Conflict,
     CorruptEntry,
+    CorruptSnapshot,
     DataError,
     DeltalogError,
     Fenced,
@@ -25,6 +28,7 @@ from deltalog.errors import (
 from deltalog.log import DeltaLog, LogStatistics, LogStatus
 from deltalog.producer import Producer, ProducerStatistics
 from deltalog.read import LogReader, ReadEnd
+from deltalog.reader import Reader, ReaderStatistics
 
 __all__ = [
     "Batch",
@@ -32,6 +36,7 @@ __all__ = [
     "ConfigurationError",
     "Conflict",
     "CorruptEntry",
+    "CorruptSnapshot",
     "DataError",
     "Delete",
     "Delta",
@@ -49,11 +54,11 @@ __all__ = [
     "Producer",
     "ProducerStatistics",
     "ReadEnd",
+    "Reader",
+    "ReaderStatistics",
     "Seal",
     "Unavailable",
     "UpdateMetadata",
     "Upsert",
     "ValidationError",
 ]
-
-__version__ = "0.1.0"

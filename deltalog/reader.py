@@ -1,0 +1,393 @@
+"""Readers: the committed snapshot, optionally merged with the fresh tail.
+
+- **snapshot** consistency: queries go to the committed snapshot, downloaded
+  once and cached by key (``compactor.snapshot.SnapshotCache``); a newer
+  commit is picked up by the next call.
+- **fresh** consistency: the reader also reads the entries after hwm (up to
+  the first hole), folds them with the compactor's fold into an in-memory
+  **overlay**, searches the overlay exactly with numpy, and merges: overlay
+  results replace snapshot results for the same ids, deleted ids disappear,
+  and ``where`` filters apply to both sides (``deltalog.where``). Only what
+  arrived since the last call is read.
+
+Results have Chroma's shapes: ``query`` returns lists per query vector
+(``ids``, ``distances``, ``documents``, ``metadatas``), ``get`` flat lists.
+Distances are Chroma's: squared L2 by default, ``1 - dot`` for ``ip``,
+``1 - cosine`` for ``cosine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+import anyio
+import numpy as np
+import numpy.typing as npt
+
+from deltalog.config import LogConfig
+from deltalog.entry import Metadata, Seal
+from deltalog.errors import Closed, CorruptEntry, InvalidInput
+from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
+from deltalog.log import DeltaLog
+from deltalog.store import ObjectStore
+from deltalog.table import Table
+from deltalog.where import Where, matches, normalize_where
+
+if TYPE_CHECKING:  # chromadb is imported only when a snapshot is opened
+    from compactor.sink import ChromaSink, Hit
+    from compactor.snapshot import SnapshotCache
+
+__all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistics"]
+
+Consistency = Literal["snapshot", "fresh"]
+
+
+class QueryResult(TypedDict):
+    ids: list[list[str]]
+    distances: list[list[float]]
+    documents: list[list[str | None]]
+    metadatas: list[list[Metadata | None]]
+
+
+class GetResult(TypedDict):
+    ids: list[str]
+    documents: list[str | None]
+    metadatas: list[Metadata | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderStatistics:
+    consistency: Consistency
+    hwm: int
+    snapshot_key: str | None
+    tail_seq: int
+    """The last seq folded into the overlay (== hwm when there is no tail)."""
+    tail_entries: int
+    snapshot_loads: int
+    calls: int
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    key: str | None
+    hwm: int
+    sink: ChromaSink | None = None
+    work: Path | None = None
+
+
+@dataclass(slots=True)
+class _View:
+    """The overlay of one collection as queries see it."""
+
+    removed: set[str]
+    records: list[Record]
+    matrix: npt.NDArray[np.float32] | None
+
+
+@dataclass(slots=True)
+class _Tail:
+    """Entries after hwm, folded: the overlay."""
+
+    after: int
+    last_seq: int
+    folder: Folder = field(default_factory=Folder)
+    entries: int = 0
+    views: dict[str, _View] = field(default_factory=dict)
+
+
+class Reader:
+    """Query a log's committed snapshot (and its tail). Open with ``Reader.open``."""
+
+    def __init__(
+        self,
+        log: DeltaLog,
+        cache: SnapshotCache,
+        *,
+        consistency: Consistency = "snapshot",
+        prefetch: int = 32,
+    ) -> None:
+        if consistency not in ("snapshot", "fresh"):
+            raise InvalidInput(f"consistency must be 'snapshot' or 'fresh', not {consistency!r}")
+        self.log = log
+        self.consistency: Consistency = consistency
+        self._cache = cache
+        self._prefetch = prefetch
+        self._snapshot = _Snapshot(None, 0)
+        self._tail = _Tail(0, 0)
+        self._dims: dict[str, int] = {}
+        self._lock = anyio.Lock()
+        self._loads = self._calls = 0
+        self._closed = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        config: LogConfig,
+        *,
+        consistency: Consistency = "snapshot",
+        cache_dir: Path | str | None = None,
+        store: ObjectStore | None = None,
+        table: Table | None = None,
+    ) -> AsyncIterator[Reader]:
+        """Connect to the log and load the committed snapshot."""
+        from compactor.snapshot import SnapshotCache
+
+        root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
+        cache = SnapshotCache(root / config.keys.log_id.replace("/", "_"))
+        async with DeltaLog.open(config, store=store, table=table) as log:
+            reader = cls(log, cache, consistency=consistency)
+            try:
+                await reader.refresh()
+                yield reader
+            finally:
+                await reader.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._close_snapshot(self._snapshot)
+
+    # -- keeping up -------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Pick up a newer commit and, for fresh reads, the new tail entries."""
+        if self._closed:
+            raise Closed("the reader is closed", log=self.log.config.log)
+        async with self._lock:
+            state = await self.log.table.read_state(self.log.keys.log_id)
+            if state.snapshot_key != self._snapshot.key or state.hwm != self._snapshot.hwm:
+                await self._load(state.snapshot_key, state.snapshot_sha256, state.hwm)
+            if self.consistency == "fresh":
+                await self._read_tail()
+
+    async def _load(self, key: str | None, sha256: str | None, hwm: int) -> None:
+        from compactor.sink import ChromaSink
+
+        fresh = _Snapshot(key, hwm)
+        if key is not None and sha256 is not None:
+            committed = await self._cache.committed(
+                self.log.store, key, sha256, log=self.log.config.log
+            )
+            fresh.work = await anyio.to_thread.run_sync(self._cache.working_copy, committed)
+            fresh.sink = await ChromaSink.open(fresh.work, log=self.log.config.log)
+        old, self._snapshot = self._snapshot, fresh
+        self._tail = _Tail(hwm, hwm)
+        self._loads += 1
+        await self._close_snapshot(old)
+
+    async def _close_snapshot(self, snapshot: _Snapshot) -> None:
+        if snapshot.sink is not None:
+            await snapshot.sink.aclose()
+        if snapshot.work is not None:
+            await anyio.to_thread.run_sync(self._cache.discard, snapshot.work)
+        snapshot.sink, snapshot.work = None, None
+
+    async def _read_tail(self) -> None:
+        tail = self._tail
+        quarantined: dict[int, str] | None = None
+        while True:
+            reader = self.log.read(after=tail.last_seq, prefetch=self._prefetch)
+            try:
+                async for seq, entry in reader:
+                    self._fold(seq, entry)
+                return
+            except CorruptEntry as exc:
+                if quarantined is None:
+                    quarantined = await self.log.table.read_quarantined(self.log.keys.log_id)
+                if exc.seq is None or exc.seq not in quarantined:
+                    raise
+                self._fold(exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+
+    def _fold(self, seq: int, entry: Any) -> None:
+        self._tail.folder.add(seq, entry)
+        self._tail.last_seq = seq
+        self._tail.entries += 1
+        self._tail.views.clear()
+
+    # -- queries ----------------------------------------------------------------
+
+    async def query(
+        self,
+        *,
+        collection: str,
+        query_embeddings: npt.ArrayLike,
+        n_results: int = 10,
+        where: Where | None = None,
+    ) -> QueryResult:
+        """The ``n_results`` nearest records per query vector (see the module docstring)."""
+        if n_results < 1:
+            raise InvalidInput("n_results must be at least 1")
+        queries = _as_queries(query_embeddings)
+        await self.refresh()
+        await self._check_dim(collection, queries.shape[1])
+        where_n = normalize_where(where)
+        self._calls += 1
+        view = await self._view(collection)
+        sink = self._snapshot.sink
+        wanted = n_results + len(view.removed)
+        found = (
+            await sink.query(collection, queries, wanted, where_n)
+            if sink is not None
+            else [[] for _ in range(len(queries))]
+        )
+        space = await sink.space(collection) if sink is not None else "l2"
+        tail = _search(view, queries, where_n, n_results, space)
+        return _merge(found, tail, view.removed, n_results)
+
+    async def get(
+        self,
+        *,
+        collection: str,
+        ids: Sequence[str] | None = None,
+        where: Where | None = None,
+        limit: int | None = None,
+    ) -> GetResult:
+        """Records by ids and/or metadata filter, snapshot and overlay merged."""
+        await self.refresh()
+        where_n = normalize_where(where)
+        self._calls += 1
+        wanted = list(ids) if ids is not None else None
+        view = await self._view(collection)
+        sink = self._snapshot.sink
+        rows = await sink.select(collection, wanted, where_n) if sink is not None else []
+        kept = [(r.id, r.document, r.metadata) for r in rows if r.id not in view.removed]
+        chosen = set(wanted) if wanted is not None else None
+        kept += [
+            (r.id, r.document, r.metadata)
+            for r in view.records
+            if (chosen is None or r.id in chosen) and matches(where_n, r.metadata)
+        ]
+        kept = kept[:limit] if limit is not None else kept
+        return {
+            "ids": [k[0] for k in kept],
+            "documents": [k[1] for k in kept],
+            "metadatas": [k[2] for k in kept],
+        }
+
+    async def _check_dim(self, collection: str, dim: int) -> None:
+        if collection not in self._dims:
+            self._dims = await self.log.table.read_dims(self.log.keys.log_id)
+        known = self._dims.get(collection)
+        if known is None:
+            raise InvalidInput(
+                f"collection {collection!r} holds no vectors in log {self.log.config.log!r}",
+                log=self.log.config.log,
+            )
+        if known != dim:
+            raise InvalidInput(
+                f"query vectors have {dim} dimensions; collection {collection!r} holds "
+                f"{known}-dimensional vectors: embed the query with the collection's model",
+                log=self.log.config.log,
+            )
+
+    async def _view(self, collection: str) -> _View:
+        view = self._tail.views.get(collection)
+        if view is None:
+            plan = self._tail.folder.plan().collections.get(collection, CollectionPlan())
+            view = await self._build_view(collection, plan)
+            self._tail.views[collection] = view
+        return view
+
+    async def _build_view(self, collection: str, plan: CollectionPlan) -> _View:
+        records = list(plan.puts.values())
+        sink = self._snapshot.sink
+        if plan.patches and sink is not None:
+            base = await sink.fetch(collection, sorted(plan.patches))
+            records += [
+                Record(
+                    r.id, r.embedding, r.document, merge_metadata(r.metadata, plan.patches[r.id])
+                )
+                for r in base
+            ]
+        removed = plan.deletes | plan.puts.keys() | plan.patches.keys()
+        matrix = np.stack([r.embedding for r in records]) if records else None
+        return _View(removed, records, matrix)
+
+    def statistics(self) -> ReaderStatistics:
+        return ReaderStatistics(
+            self.consistency,
+            self._snapshot.hwm,
+            self._snapshot.key,
+            self._tail.last_seq,
+            self._tail.entries,
+            self._loads,
+            self._calls,
+        )
+
+
+def _as_queries(query_embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    try:
+        queries = np.asarray(query_embeddings, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"query_embeddings must be numbers: {exc}") from exc
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2 or queries.shape[0] == 0 or queries.shape[1] == 0:
+        raise InvalidInput(
+            f"query_embeddings must be (n, dim) with n, dim >= 1, got {queries.shape}"
+        )
+    if not np.isfinite(queries).all():
+        raise InvalidInput("query_embeddings hold NaN or infinity")
+    return queries
+
+
+def _distances(
+    space: str, queries: npt.NDArray[np.float32], matrix: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float64]:
+    q, m = queries.astype(np.float64), matrix.astype(np.float64)
+    if space == "cosine":
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+        m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-30)
+    if space in ("ip", "cosine"):
+        similarity: npt.NDArray[np.float64] = q @ m.T
+        return 1.0 - similarity
+    squared: npt.NDArray[np.float64] = (
+        (q * q).sum(axis=1)[:, None] - 2.0 * (q @ m.T) + (m * m).sum(axis=1)[None, :]
+    )
+    return np.maximum(squared, 0.0)
+
+
+def _search(
+    view: _View,
+    queries: npt.NDArray[np.float32],
+    where: Mapping[str, Any] | None,
+    n_results: int,
+    space: str,
+) -> list[list[tuple[float, Record]]]:
+    """Exact nearest overlay records per query."""
+    if view.matrix is None:
+        return [[] for _ in range(len(queries))]
+    keep = [i for i, r in enumerate(view.records) if matches(where, r.metadata)]
+    if not keep:
+        return [[] for _ in range(len(queries))]
+    distances = _distances(space, queries, view.matrix[keep])
+    out = []
+    for row in distances:
+        order = np.argsort(row, kind="stable")[:n_results]
+        out.append([(float(row[j]), view.records[keep[j]]) for j in order])
+    return out
+
+
+def _merge(
+    found: list[list[Hit]],
+    tail: list[list[tuple[float, Record]]],
+    removed: set[str],
+    n_results: int,
+) -> QueryResult:
+    result: QueryResult = {"ids": [], "distances": [], "documents": [], "metadatas": []}
+    for hits, overlay in zip(found, tail, strict=True):
+        rows = [
+            (h.distance or 0.0, h.id, h.document, h.metadata) for h in hits if h.id not in removed
+        ]
+        rows += [(d, r.id, r.document, r.metadata) for d, r in overlay]
+        rows.sort(key=lambda row: row[0])
+        rows = rows[:n_results]
+        result["ids"].append([r[1] for r in rows])
+        result["distances"].append([r[0] for r in rows])
+        result["documents"].append([r[2] for r in rows])
+        result["metadatas"].append([r[3] for r in rows])
+    return result

@@ -1,0 +1,113 @@
+"""Chroma's metadata filters (``where``), evaluated in Python.
+
+Fresh reads filter the tail overlay with the same ``where`` that Chroma
+applies to the snapshot, so both sides must agree. The semantics follow
+ChromaDB 1.5, checked against it:
+
+- ``{"k": v}`` is ``{"k": {"$eq": v}}``; a dict with several keys is their
+  ``$and``; ``$and`` / ``$or`` take a list of filters.
+- Operators: ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte``, ``$in``,
+  ``$nin``.
+- Equality is typed: ``True`` never equals ``1``, while ``1 == 1.0``.
+- Order comparisons apply to numbers (not bools); anything else fails.
+- A record without the key fails every operator except ``$ne`` and
+  ``$nin``, which it passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from deltalog.errors import InvalidInput
+
+__all__ = ["Where", "matches", "normalize_where"]
+
+Where = Mapping[str, Any]
+
+_COMPARE = {
+    "$gt": lambda a, b: a > b,
+    "$gte": lambda a, b: a >= b,
+    "$lt": lambda a, b: a < b,
+    "$lte": lambda a, b: a <= b,
+}
+_OPERATORS = {"$eq", "$ne", "$in", "$nin", *_COMPARE}
+_SCALARS = (str, int, float, bool)
+
+
+def normalize_where(where: Where | None) -> dict[str, Any] | None:
+    """A checked copy in Chroma's strict form (one key per dict); InvalidInput if malformed."""
+    if where is None:
+        return None
+    if not isinstance(where, Mapping) or not where:
+        raise InvalidInput(f"where must be a non-empty dict, got {where!r}")
+    if len(where) > 1:
+        return {"$and": [normalize_where({k: v}) for k, v in where.items()]}
+    ((key, value),) = where.items()
+    if key in ("$and", "$or"):
+        if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+            raise InvalidInput(f"{key} takes a non-empty list of filters, got {value!r}")
+        parts = [normalize_where(part) for part in value]
+        return parts[0] if len(parts) == 1 else {key: parts}
+    if key.startswith("$"):
+        raise InvalidInput(f"unknown logical operator {key!r} in where")
+    return {key: _normalize_condition(key, value)}
+
+
+def _normalize_condition(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, _SCALARS):
+        return {"$eq": value}
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise InvalidInput(f"where[{key!r}] must be a value or one {{operator: value}}")
+    ((op, operand),) = value.items()
+    if op not in _OPERATORS:
+        raise InvalidInput(f"unknown operator {op!r} in where[{key!r}]")
+    if op in ("$in", "$nin"):
+        if not isinstance(operand, Sequence) or isinstance(operand, str) or not operand:
+            raise InvalidInput(f"{op} in where[{key!r}] takes a non-empty list")
+        if not all(isinstance(v, _SCALARS) for v in operand):
+            raise InvalidInput(f"{op} in where[{key!r}] takes str, int, float or bool values")
+    elif not isinstance(operand, _SCALARS):
+        raise InvalidInput(f"{op} in where[{key!r}] takes a str, int, float or bool")
+    return {op: operand}
+
+
+def matches(where: Where | None, metadata: Mapping[str, Any] | None) -> bool:
+    """Whether a record's metadata passes a normalized ``where``."""
+    if where is None:
+        return True
+    ((key, value),) = where.items()
+    if key == "$and":
+        return all(matches(part, metadata) for part in value)
+    if key == "$or":
+        return any(matches(part, metadata) for part in value)
+    ((op, operand),) = value.items()
+    if metadata is None or key not in metadata:
+        return op in ("$ne", "$nin")
+    return _test(op, metadata[key], operand)
+
+
+def _test(op: str, actual: Any, operand: Any) -> bool:
+    if op == "$eq":
+        return _equal(actual, operand)
+    if op == "$ne":
+        return not _equal(actual, operand)
+    if op == "$in":
+        return any(_equal(actual, v) for v in operand)
+    if op == "$nin":
+        return not any(_equal(actual, v) for v in operand)
+    if _number(actual) and _number(operand):
+        return bool(_COMPARE[op](actual, operand))
+    return False
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    return bool(a == b)
