@@ -12,17 +12,19 @@ import json
 import signal
 import sys
 import time
+from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+import anyio.abc
 
 from compactor.follow import follow
 from compactor.replay import Limits, Progress
 from compactor.runner import CompactionResult, Compactor
 from deltalog.cli import add_location_flags, config_from
-from deltalog.errors import InvalidInput
+from deltalog.errors import DeltalogError, InvalidInput
 from deltalog.log import DeltaLog
 
 __all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "ProgressLine", "register"]
@@ -74,15 +76,30 @@ def _compactor(
     )
 
 
+def _end_progress(compactor: Compactor) -> None:
+    if isinstance(compactor.progress, ProgressLine):
+        compactor.progress.done()
+
+
 def _print_result(result: CompactionResult, as_json: bool) -> None:
     print(json.dumps(asdict(result), sort_keys=True) if as_json else result.summary(), flush=True)
 
 
 async def cmd_compact(args: argparse.Namespace) -> int:
     if args.follow:
-        return await _follow(args)
-    async with _compactor(args) as compactor:
+        try:
+            return await _follow(args)
+        except ExceptionGroup as group:
+            # A log's task stopped the daemon (a setup error): report it as
+            # any command does, not as a task group's traceback.
+            error = _deltalog_error(group)
+            if error is None:
+                raise
+            raise error from group
+    compactor = _compactor(args)
+    async with compactor:
         result = await compactor.run_once()
+    _end_progress(compactor)
     _print_result(result, args.json)
     return EXIT_BUSY if result.status == "busy" else 0
 
@@ -92,30 +109,41 @@ async def _follow(args: argparse.Namespace) -> int:
         None
     ]
     compactors = [_compactor(args, name, progress=False) for name in names]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope)
+    async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signal, tg.cancel_scope)
         for compactor in compactors:
-            await compactor.__aenter__()
-        try:
-            await follow(
-                compactors,
-                poll_min=args.poll_min,
-                poll_max=args.poll_max,
-                on_result=lambda r: _print_result(r, args.json),
-                on_error=lambda name, exc: print(
-                    f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr
-                ),
-            )
-        finally:
-            with anyio.CancelScope(shield=True):
-                for compactor in compactors:
-                    await compactor.__aexit__(None, None, None)
+            await stack.enter_async_context(compactor)
+        logs = ", ".join(c.config.log for c in compactors)
+        print(f"following {logs}; SIGINT or SIGTERM stops", file=sys.stderr, flush=True)
+        await follow(
+            compactors,
+            poll_min=args.poll_min,
+            poll_max=args.poll_max,
+            on_result=lambda r: _print_result(r, args.json),
+            on_error=lambda name, exc: print(
+                f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr
+            ),
+        )
     print("stopped; leases released", file=sys.stderr)
     return 0
 
 
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+def _deltalog_error(group: BaseExceptionGroup[Exception]) -> DeltalogError | None:
+    """The first ``DeltalogError`` in a (nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, DeltalogError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _deltalog_error(exc)):
+            return found
+    return None
+
+
+async def _stop_on_signal(
+    scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Cancel ``scope`` on SIGINT or SIGTERM; started (handlers installed) before anything runs."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             print(f"received {signal.Signals(signum).name}: stopping", file=sys.stderr)
             scope.cancel()
@@ -123,8 +151,10 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
-    async with _compactor(args) as compactor:
+    compactor = _compactor(args)
+    async with compactor:
         result = await compactor.rebuild(args.to_seq, publish=args.publish, force=args.force)
+    _end_progress(compactor)
     if args.json:
         print(json.dumps(asdict(result), sort_keys=True))
     else:
@@ -174,7 +204,7 @@ async def cmd_quarantine(args: argparse.Namespace) -> int:
             sealed_by="quarantine", reason=args.reason, kind="quarantine", sealed_at=time.time()
         )
         filled = await log.store.put_if_absent(
-            log.keys.entry(args.seq), Frame(seal_body(seal)).at(args.seq)
+            log.keys.entry(args.seq), Frame(seal_body(seal)).at(args.seq, signer=config.signer)
         )
     what = "was missing: sealed" if filled else "kept in the log, compaction passes it as a seal"
     print(f"{config.log}: seq {args.seq} quarantined ({what})")

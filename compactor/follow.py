@@ -20,7 +20,7 @@ from collections.abc import Callable
 import anyio
 
 from compactor.runner import CompactionResult, Compactor
-from deltalog.errors import DataError, Fenced, Unavailable
+from deltalog.errors import Conflict, DataError, Fenced, Unavailable
 
 __all__ = ["follow", "follow_one"]
 
@@ -41,9 +41,10 @@ async def follow_one(
     while True:
         try:
             result = await _step(compactor)
-        except (Unavailable, Fenced, DataError) as exc:
-            # Retryable or an operator's matter (a poison entry waits for a
-            # quarantine): report it and keep following at the slowest pace.
+        except (Unavailable, Conflict, Fenced, DataError) as exc:
+            # Retryable (every run re-reads the state) or an operator's matter
+            # (a poison entry waits for a quarantine): report it and keep
+            # following at the slowest pace.
             if on_error is not None:
                 on_error(name, exc)
             log.error("%s: %s", name, exc)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from deltalog.errors import LeaseLost, Unavailable
+from deltalog.errors import LeaseBusy, LeaseLost, Unavailable
 from deltalog.table import LogState, Table
 
 __all__ = ["Lease", "LeaseKeeper", "new_owner"]
@@ -79,9 +79,22 @@ class LeaseKeeper:
         self.clock = clock
 
     async def acquire(self) -> Lease:
-        """Take the lease (``LeaseBusy`` if another compactor holds it)."""
+        """Take the lease (``LeaseBusy`` if another compactor holds it).
+
+        Shielded from cancellation: a cancel arriving while the request is in
+        flight would leave the lease taken without the caller knowing that it
+        holds it, so nobody would release it before it expires.
+        """
         now = self.clock()
-        state = await self.table.acquire(self.log_id, self.owner, ttl=self.ttl, now=now)
+        with anyio.CancelScope(shield=True):
+            try:
+                state = await self.table.acquire(self.log_id, self.owner, ttl=self.ttl, now=now)
+            except (LeaseBusy, Unavailable):
+                # Our request may have landed with its answer lost, and botocore's
+                # retry of it found the lease busy: held by us. Owners are unique.
+                state = await self.table.read_state(self.log_id)
+                if state.owner != self.owner:
+                    raise
         return Lease(self.log_id, self.owner, state, expires_at=now + self.ttl)
 
     async def heartbeat(self, lease: Lease, run: anyio.CancelScope) -> None:
@@ -96,14 +109,26 @@ class LeaseKeeper:
                 return
 
     async def _renew(self, lease: Lease) -> None:
-        """Renew, retrying transient failures until the lease would have expired."""
+        """Renew, retrying transient failures until the lease would have expired.
+
+        A late heartbeat (the process or its event loop stalled past the
+        expiry) still tries: the renewal is conditioned on owner and token,
+        so it succeeds only if nobody took the lease meanwhile, which is safe.
+        """
         while True:
             now = self.clock()
-            if now >= lease.expires_at:
-                raise LeaseLost("lease expired: could not renew it in time", log=self.log_id)
             try:
-                await self.table.renew(self.log_id, self.owner, lease.token, ttl=self.ttl, now=now)
-            except Unavailable:
+                # botocore backs off for seconds between its own retries: bound
+                # each attempt to a third of the lease and then try afresh.
+                with anyio.fail_after(self.ttl / 3):
+                    await self.table.renew(
+                        self.log_id, self.owner, lease.token, ttl=self.ttl, now=now
+                    )
+            except (Unavailable, TimeoutError) as exc:
+                if self.clock() >= lease.expires_at:
+                    raise LeaseLost(
+                        f"lease expired: could not renew it in time ({exc})", log=self.log_id
+                    ) from exc
                 await anyio.sleep(min(1.0, self.ttl / 10))
                 continue
             lease.expires_at = now + self.ttl

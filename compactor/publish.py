@@ -18,7 +18,7 @@ from typing import Literal
 
 import anyio
 
-from compactor.snapshot import Sidecar, archive
+from compactor.snapshot import Sidecar, archive, sha256_file
 from deltalog import __version__
 from deltalog.errors import Conflict
 from deltalog.keys import LogKeys
@@ -74,18 +74,46 @@ async def publish_snapshot(
         info = await anyio.to_thread.run_sync(
             lambda: archive(directory, sidecar, out, compression=compression)
         )
-        if not await store.upload_file(key, out):
+        if not await store.upload_file(key, out) and not await _holds(store, key, out, info.sha256):
             raise Conflict(f"snapshot key {key} already exists", key=key)
     return Published(key, info.sha256, info.size, counts)
 
 
+async def _holds(store: ObjectStore, key: str, archive_path: Path, sha256: str) -> bool:
+    """Whether ``key`` holds our archive already.
+
+    It does when an upload's answer was lost and botocore's retry met the
+    first attempt's object (412): the key's nonce is fresh, so nobody else
+    wrote it.
+    """
+    existing = archive_path.with_name("existing")
+    if not await store.download_file(key, existing):
+        return False
+    digest, _size = await anyio.to_thread.run_sync(sha256_file, existing)
+    return digest == sha256
+
+
 async def prune_snapshots(
-    store: ObjectStore, keys: LogKeys, *, keep: int, committed: str | None
+    store: ObjectStore,
+    keys: LogKeys,
+    *,
+    keep: int,
+    committed: str | None,
+    below: int | None = None,
 ) -> list[str]:
-    """Delete all but the newest ``keep`` snapshots, never the committed one."""
+    """Delete all but the newest ``keep`` snapshots, never the committed one.
+
+    With ``below`` (the committed hwm, read just before), only snapshots of a
+    lower hwm go: one at or above it is the committed one or an upload that
+    a newer owner may be about to commit, whatever this caller believes.
+    """
     listed = [info.key async for info in store.list_after(keys.snapshots_prefix)]
     ordered = sorted(listed, key=lambda k: (keys.snapshot_hwm(k) or 0, k))
-    doomed = [k for k in ordered[: max(0, len(ordered) - keep)] if k != committed]
+    doomed = [
+        k
+        for k in ordered[: max(0, len(ordered) - keep)]
+        if k != committed and (below is None or (keys.snapshot_hwm(k) or 0) < below)
+    ]
     for key in doomed:
         await store.delete(key)
     if doomed:

@@ -34,7 +34,7 @@ from deltalog.entry import Entry, Seal, Upsert
 from deltalog.errors import CorruptEntry, DeltalogError
 from deltalog.fold import Folder
 from deltalog.log import DeltaLog
-from deltalog.read import ReadEnd
+from deltalog.read import LogReader, ReadEnd
 
 __all__ = ["HoleSealer", "Limits", "Progress", "Replay", "Replayer"]
 
@@ -74,6 +74,9 @@ class Replay:
     last_seq: int
     entries: int = 0
     bytes_read: int = 0
+    """Bytes fetched, prefetched entries included."""
+    bytes_passed: int = 0
+    """Stored bytes of the entries passed on to be applied (what ``max_bytes`` limits)."""
     vectors_upserted: int = 0
     ids_deleted: int = 0
     ids_patched: int = 0
@@ -198,22 +201,30 @@ class Replayer:
                     await send.send((seq, entry))
                     seen += 1
                     replay.entries += 1
-                    if self._over(limits, replay, reader.bytes_read, start):
+                    if self._over(limits, replay, reader.bytes_yielded, start):
                         replay.stopped, replay.stop_seq = "limit", seq + 1
                         return None
         except CorruptEntry as exc:
-            replay.bytes_read += reader.bytes_read
+            self._count_bytes(replay, reader)
             return await self._poison(send, replay, exc, quarantined)
-        replay.bytes_read += reader.bytes_read
+        self._count_bytes(replay, reader)
         end = reader.end
         assert end is not None
         replay.ends.append(end)
         return await self._at_end(replay, end, sealer)
 
+    def _count_bytes(self, replay: Replay, reader: LogReader) -> None:
+        replay.bytes_read += reader.bytes_read
+        replay.bytes_passed += reader.bytes_yielded
+
     def _over(self, limits: Limits, replay: Replay, pass_bytes: int, start: float) -> bool:
+        """Checked after each entry passed on; bytes count entries passed, not prefetched."""
         return (
             (limits.max_entries is not None and replay.entries >= limits.max_entries)
-            or (limits.max_bytes is not None and replay.bytes_read + pass_bytes >= limits.max_bytes)
+            or (
+                limits.max_bytes is not None
+                and replay.bytes_passed + pass_bytes >= limits.max_bytes
+            )
             or (limits.max_seconds is not None and time.monotonic() - start >= limits.max_seconds)
         )
 
@@ -253,7 +264,7 @@ class Replayer:
         replay: Replay,
         start: float,
     ) -> None:
-        folder = Folder()
+        folder = Folder(log=self.log.config.log)
         vectors = entries = 0
         async with recv:
             async for seq, entry in recv:

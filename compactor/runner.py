@@ -40,7 +40,14 @@ from compactor.verify import VerifyResult, compare_sinks
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
-from deltalog.errors import Conflict, Fenced, InvalidInput, LeaseBusy, Unavailable
+from deltalog.errors import (
+    Conflict,
+    DeltalogError,
+    Fenced,
+    InvalidInput,
+    LeaseBusy,
+    Unavailable,
+)
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.store import ObjectStore
@@ -111,6 +118,15 @@ class RebuildResult:
     published: bool
 
 
+_CLEANUP_SECONDS = 60.0
+
+
+async def _close(sink: Sink) -> None:
+    """Close a sink, also when the run was cancelled: an open Chroma client leaks."""
+    with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
+        await sink.aclose()
+
+
 class _LeaseSealer:
     """Seals holes older than the grace period, under the run's lease."""
 
@@ -138,7 +154,8 @@ class _LeaseSealer:
             sealed_at=time.time(),
         )
         written = await self.compactor.store.put_if_absent(
-            self.compactor.keys.entry(seq), Frame(seal_body(seal)).at(seq)
+            self.compactor.keys.entry(seq),
+            Frame(seal_body(seal)).at(seq, signer=self.compactor.config.signer),
         )
         log.info(
             "%s seq %d: %s",
@@ -279,7 +296,7 @@ class Compactor:
         base = await self._committed_copy(state)
         work = await anyio.to_thread.run_sync(self.cache.working_copy, base)
         try:
-            replay = await self._replay_into(work, lease, after=state.hwm + (state.hwm > 2))
+            replay = await self._replay_into(work, lease, after=state.hwm)
             if not replay.advanced:
                 return self._nothing(state, replay.stopped), replay.error
             published = await publish_snapshot(
@@ -295,9 +312,35 @@ class Compactor:
             await self._commit(lease, state, published, result)
             await anyio.to_thread.run_sync(self.cache.adopt, work, published.key, published.sha256)
         finally:
-            await anyio.to_thread.run_sync(self.cache.discard, work)
-        await prune_snapshots(self.store, self.keys, keep=self.retain, committed=published.key)
+            await self._discard(work)
+        await self._prune(published.key)
         return result, replay.error
+
+    async def _discard(self, *works: Path) -> None:
+        """Remove working copies, also when the run was cancelled (lease lost, stop signal)."""
+        with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
+            for work in works:
+                await anyio.to_thread.run_sync(self.cache.discard, work)
+
+    async def _prune(self, committed: str) -> None:
+        """Retention, after a commit. Housekeeping: a failure must not fail the committed run.
+
+        The lease may be gone by now (a pause after the commit): what is
+        committed is read again, and nothing at or above its hwm is deleted.
+        """
+        try:
+            state = await self.table.read_state(self.keys.log_id)
+            await prune_snapshots(
+                self.store,
+                self.keys,
+                keep=self.retain,
+                committed=state.snapshot_key or committed,
+                below=state.hwm,
+            )
+        except DeltalogError as exc:
+            log.warning(
+                "%s: could not delete old snapshots (next run retries): %s", self.keys.log, exc
+            )
 
     async def _committed_copy(self, state: LogState) -> Path | None:
         if state.snapshot_key is None or state.snapshot_sha256 is None:
@@ -319,7 +362,7 @@ class Compactor:
             )
             replay.counts = await sink.counts()
         finally:
-            await sink.aclose()
+            await _close(sink)
         return replay
 
     async def _commit(
@@ -342,14 +385,16 @@ class Compactor:
                 ),
                 now=time.time(),
             )
-        except (Fenced, Conflict):
-            await self._forget(published.key)
-            raise
-        except Unavailable:
-            # Ambiguous: the update may have landed before the answer was lost.
+        except (Fenced, Conflict, Unavailable) as exc:
+            # The update may have landed although we were told otherwise: its
+            # answer lost, then botocore's retry refused by the condition that
+            # the first attempt had just changed (hwm). Only the state knows.
             now = await self.table.read_state(self.keys.log_id)
-            if now.snapshot_key != published.key:
-                raise
+            if now.snapshot_key == published.key:
+                return
+            if not isinstance(exc, Unavailable):  # refused for sure
+                await self._forget(published.key)
+            raise
 
     async def _forget(self, key: str) -> None:
         """Delete an upload no commit will ever reference (best effort, shielded)."""
@@ -420,7 +465,7 @@ class Compactor:
                 )
                 counts = await sink.counts()
             finally:
-                await sink.aclose()
+                await _close(sink)
             if replay.error is not None:
                 raise replay.error
             token = lease.token if lease is not None else state.token
@@ -434,7 +479,7 @@ class Compactor:
                 compression=self.compression,
             )
         finally:
-            await anyio.to_thread.run_sync(self.cache.discard, work)
+            await self._discard(work)
         if lease is not None:
             await self._publish_rebuild(lease, replay, published, force)
         return RebuildResult(
@@ -462,14 +507,22 @@ class Compactor:
                 log=self.config.log,
             )
         lease.check()
+        record = {"status": "rebuilt", "hwm_before": committed, "hwm_after": replay.last_seq}
         await self.table.commit(
             self.keys.log_id,
             lease.owner,
             lease.token,
             prev_hwm=committed,
-            commit=Commit(replay.last_seq, published.key, published.sha256, published.size),
+            commit=Commit(
+                replay.last_seq,
+                published.key,
+                published.sha256,
+                published.size,
+                last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
+            ),
             now=time.time(),
         )
+        await self._prune(published.key)
 
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
@@ -495,8 +548,7 @@ class Compactor:
                     expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq
                 )
             finally:
-                await expected.aclose()
-                await actual.aclose()
+                await _close(expected)
+                await _close(actual)
         finally:
-            await anyio.to_thread.run_sync(self.cache.discard, rebuilt)
-            await anyio.to_thread.run_sync(self.cache.discard, committed)
+            await self._discard(rebuilt, committed)

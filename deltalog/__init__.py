@@ -23,6 +23,7 @@ from deltalog.errors import (
     LeaseBusy,
     LeaseLost,
     Unavailable,
+    UntrustedEntry,
     ValidationError,
 )
 from deltalog.log import DeltaLog, LogStatistics, LogStatus
@@ -58,6 +59,7 @@ __all__ = [
     "ReaderStatistics",
     "Seal",
     "Unavailable",
+    "UntrustedEntry",
     "UpdateMetadata",
     "Upsert",
     "ValidationError",

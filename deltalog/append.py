@@ -150,30 +150,46 @@ class Appender:
             created_at=time.time(),
         )
         frame = Frame(body)
-        data = frame.at(seq)
+        data = frame.at(seq, signer=self.config.signer)
         key = self.keys.entry(seq)
         last: Unavailable | None = None
+        maybe_written = False
         for n in range(self.config.append_attempts):
             try:
                 if await self.store.put_if_absent(key, data):
                     return True
             except Unavailable as exc:
                 last = exc
+                maybe_written |= exc.ambiguous
                 if not exc.ambiguous:
                     self.retries += 1
                     await self._backoff(n)
                     continue
-            verdict = await self._read_back(attempt, seq, key)
+            verdict = await self._read_back_or_say_so(attempt, seq, key)
             if verdict is not None:
                 return verdict
             self.retries += 1
             await self._backoff(n)
         raise Unavailable(
             f"could not write entry after {self.config.append_attempts} tries: {last}",
+            ambiguous=maybe_written,
             log=self.config.log,
             seq=seq,
             key=key,
         ) from last
+
+    async def _read_back_or_say_so(self, attempt: _Attempt, seq: int, key: str) -> bool | None:
+        """``_read_back``; if that fails, the entry may be written: the error says so."""
+        try:
+            return await self._read_back(attempt, seq, key)
+        except Unavailable as exc:
+            raise Unavailable(
+                f"the entry may have been written, but reading it back failed: {exc.message}",
+                ambiguous=True,
+                log=self.config.log,
+                seq=seq,
+                key=key,
+            ) from exc
 
     async def _read_back(self, attempt: _Attempt, seq: int, key: str) -> bool | None:
         """What is at ``key``: True ours, False taken (re-reserve), None absent."""

@@ -29,7 +29,7 @@ from botocore.exceptions import (
 from deltalog.config import LogConfig
 from deltalog.errors import ConfigurationError, DeltalogError, Unavailable
 
-__all__ = ["client", "error_code", "http_status", "translate"]
+__all__ = ["Reachability", "client", "error_code", "http_status", "translate"]
 
 _AUTH_CODES = {
     "AccessDenied",
@@ -56,8 +56,27 @@ _RETRYABLE_CODES = {
 }
 
 
-async def client(stack: AsyncExitStack, config: LogConfig, service: str) -> Any:
-    """An aioboto3 client for ``service``, closed with ``stack``."""
+class Reachability:
+    """Whether an endpoint has answered at least once (any HTTP answer counts).
+
+    A connection failure to an endpoint that never answered is a setup
+    problem (a wrong URL, port or region, or a service not started) and is
+    reported at once as ``ConfigurationError``, instead of being retried as
+    an outage for half a minute; once it has answered, the same failure is
+    ``Unavailable``.
+    """
+
+    def __init__(self) -> None:
+        self.answered = False
+
+    def __call__(self, **_event: object) -> None:
+        self.answered = True
+
+
+async def client(
+    stack: AsyncExitStack, config: LogConfig, service: str, reach: Reachability | None = None
+) -> Any:
+    """An aioboto3 client for ``service``, closed with ``stack``; ``reach`` notes its answers."""
     session = _session(config.profile, _region(config))
     endpoint = config.s3_endpoint if service == "s3" else config.dynamodb_endpoint
     aio_config = AioConfig(
@@ -70,7 +89,10 @@ async def client(stack: AsyncExitStack, config: LogConfig, service: str) -> Any:
     kwargs: dict[str, Any] = {"config": aio_config}
     if endpoint:
         kwargs["endpoint_url"] = endpoint
-    return await stack.enter_async_context(session.client(service, **kwargs))
+    made = await stack.enter_async_context(session.client(service, **kwargs))
+    if reach is not None:
+        made.meta.events.register("after-call", reach)
+    return made
 
 
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str | None, str], Any]]
@@ -113,12 +135,14 @@ def translate(
     ambiguous: bool,
     missing: Callable[[str], DeltalogError] | None = None,
     key: str | None = None,
+    reached: bool = True,
 ) -> DeltalogError:
     """The deltalog error for a foreign exception raised while doing ``what``.
 
     ``ambiguous`` says whether the operation may have taken effect when the
     answer was lost; ``missing`` builds the error for a missing bucket or
-    table.
+    table; ``reached`` says whether the endpoint ever answered (see
+    ``Reachability``).
     """
     if isinstance(exc, DeltalogError):
         return exc
@@ -130,6 +154,13 @@ def translate(
         )
     if isinstance(exc, ClientError):
         return _translate_client_error(exc, what, ambiguous=ambiguous, missing=missing, key=key)
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError) and not reached:
+        return ConfigurationError(
+            f"{what}: cannot reach the endpoint, which never answered ({exc}); check the "
+            "endpoint URL (--endpoint-url, AWS_ENDPOINT_URL*), the region, and that the "
+            "service is running",
+            key=key,
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
         return Unavailable(f"{what}: cannot reach the endpoint ({exc})", key=key)
     if isinstance(exc, ReadTimeoutError | ConnectionClosedError | BotoCoreError):
@@ -150,6 +181,18 @@ def _translate_client_error(
     code, status = error_code(exc), http_status(exc)
     if code in {"NoSuchBucket", "ResourceNotFoundException"} and missing is not None:
         return missing(f"{what}: {code}")
+    if code == "InvalidBucketName":
+        return ConfigurationError(
+            f"{what}: the bucket name is invalid: S3 bucket names are 3-63 lowercase "
+            "letters, digits, '.' and '-', starting and ending with a letter or digit",
+            key=key,
+        )
+    if code == "NotImplemented" or status == 501:
+        return ConfigurationError(
+            f"{what}: the endpoint does not implement this request ({code or status}); "
+            "deltalog needs S3 conditional writes (If-None-Match) and DynamoDB transactions",
+            key=key,
+        )
     if code in _AUTH_CODES or status in {401, 403}:
         return ConfigurationError(
             f"{what}: access denied ({code}); check the credentials and the policy", key=key

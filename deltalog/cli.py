@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 
@@ -59,15 +60,36 @@ async def cmd_init(args: argparse.Namespace) -> int:
     store = await S3Store.connect(config)
     try:
         bucket_created = await store.ensure_bucket()
+        print(f"bucket {config.bucket}: {'created' if bucket_created else 'exists'}", flush=True)
+        await store.check_conditional_writes(config.keys.probe(uuid.uuid4().hex))
     finally:
         await store.aclose()
+    print("conditional writes: honoured (If-None-Match probe refused with 412)", flush=True)
     table = await DynamoTable.connect(config)
     try:
         table_created = await table.ensure_table()
     finally:
         await table.aclose()
-    print(f"bucket {config.bucket}: {'created' if bucket_created else 'exists'}")
     print(f"table {config.table}: {'created' if table_created else 'exists'}")
+    return 0
+
+
+async def cmd_policy(args: argparse.Namespace) -> int:
+    from deltalog.policy import render
+
+    config = config_from(args)
+    document = render(
+        args.role,
+        bucket=config.bucket,
+        table=config.table,
+        log=config.log,
+        root=config.root,
+        account=args.account,
+        region=config.region or "*",
+        partition=args.partition,
+        kms_key_arn=args.kms_key,
+    )
+    print(json.dumps(document, indent=2))
     return 0
 
 
@@ -79,6 +101,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         record = {**asdict(status), "lag": status.lag}
         record["quarantined"] = {str(k): v for k, v in status.quarantined.items()}
+        record["last_run"] = json.loads(status.state.last_run) if status.state.last_run else None
         print(json.dumps(record, indent=2, sort_keys=True))
         return 0
     print(f"log        {status.log}")
@@ -91,7 +114,8 @@ async def cmd_status(args: argparse.Namespace) -> int:
     state = status.state
     if state.owner:
         left = state.expires_at - time.time()
-        lease = f"held by {state.owner}, token {state.token}, expires in {left:.1f}s"
+        when = f"expires in {left:.1f}s" if left > 0 else f"expired {-left:.1f}s ago: free to take"
+        lease = f"held by {state.owner}, token {state.token}, {when}"
     else:
         lease = f"free (token {state.token})"
     print(f"lease      {lease}")
@@ -133,6 +157,12 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
     return await run_ingest(args)
 
 
+async def cmd_soak(args: argparse.Namespace) -> int:
+    from deltalog.soak import run_soak
+
+    return await run_soak(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltalog", description="An event-sourced delta log on S3, folded into ChromaDB."
@@ -143,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_location_flags(init)
     init.set_defaults(run=cmd_init)
 
+    policy = commands.add_parser("policy", help="print a least-privilege IAM policy as JSON")
+    policy.add_argument(
+        "--role", required=True, choices=["producer", "compactor", "reader", "bucket"]
+    )
+    add_location_flags(policy)
+    policy.add_argument("--account", default="*", help="AWS account id of the table (default *)")
+    policy.add_argument("--partition", default="aws", help="ARN partition (default aws)")
+    policy.add_argument("--kms-key", help="ARN of the SSE-KMS key the log uses")
+    policy.set_defaults(run=cmd_policy)
+
     status = commands.add_parser("status", help="head, entries, holes, hwm and lag of a log")
     add_location_flags(status)
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -151,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the whole story on an embedded S3/DynamoDB endpoint on loopback"
     )
-    demo.add_argument("--deltas", type=int, default=4000, help="deltas to append")
-    demo.add_argument("--producers", type=int, default=64, help="concurrent producer tasks")
-    demo.add_argument("--dim", type=int, default=1536, help="embedding dimension")
+    demo.add_argument("--receipts", type=int, default=120, help="receipts in the first batch")
+    demo.add_argument("--more", type=int, default=60, help="receipts in the second batch")
+    demo.add_argument("--concurrency", type=int, default=8, help="receipts embedded at once")
+    demo.add_argument("--embedder", default="auto", help="auto (OpenAI if OPENAI_API_KEY), hash")
+    demo.add_argument("--dim", type=int, help="embedding dimension")
+    demo.add_argument("--seed", type=int, default=7, help="receipt generator seed")
     demo.set_defaults(run=cmd_demo)
 
     generate = commands.add_parser("generate", help="write synthetic receipts as JSONL")
@@ -186,8 +229,25 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(run=cmd_ingest)
 
     from compactor.cli import register as register_compactor
+    from deltalog.query import add_query_command
+
+    add_query_command(commands)
 
     register_compactor(commands)
+
+    soak = commands.add_parser(
+        "soak", help="producers, a killed and paused compactor and network faults for N minutes"
+    )
+    soak.add_argument("--minutes", type=float, default=5.0, help="how long the chaos lasts")
+    soak.add_argument("--seed", type=int, help="replay a run (default: random, printed)")
+    soak.add_argument("--producers", type=int, default=8, help="producer tasks")
+    soak.add_argument("--fault-rate", type=float, default=0.1, help="share of requests faulted")
+    soak.add_argument("--ambiguous", type=float, default=0.5, help="share of faults ambiguous")
+    soak.add_argument("--lease-ttl", type=float, default=3.0, help="the compactors' lease (s)")
+    soak.add_argument("--endpoint-url", help="an S3 + DynamoDB endpoint (default: embedded)")
+    soak.add_argument("--bucket", default="deltalog-soak", help="bucket (created if missing)")
+    soak.add_argument("--table", default="deltalog-soak", help="table name prefix")
+    soak.set_defaults(run=cmd_soak)
     return parser
 
 

@@ -6,20 +6,33 @@ environment variables (``AWS_REGION``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``,
 read by botocore itself, so a ``LogConfig`` only names an endpoint when the
 caller wants to override them. Bucket, table, log and root prefix come from
 arguments or the ``DELTALOG_*`` variables.
+
+Security settings, all optional:
+
+- ``signing_key`` (``DELTALOG_SIGNING_KEY``, hex): sign every entry written
+  (deltas and seals); ``verify_keys`` (``DELTALOG_VERIFY_KEYS``, hex, comma
+  separated): the keys whose signatures readers and the compactor accept,
+  besides the signing key. When any key is trusted, unsigned entries are
+  refused (see ``deltalog.signing``). Neither appears in ``repr``.
+- ``sse`` (``DELTALOG_SSE``: ``AES256``, ``aws:kms`` or ``aws:kms:dsse``) and
+  ``sse_kms_key_id`` (``DELTALOG_SSE_KMS_KEY_ID``): server-side encryption
+  requested on every object deltalog writes (entries, seals, snapshots).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from deltalog.errors import ConfigurationError
 from deltalog.keys import LogKeys, valid_log_name, valid_root
+from deltalog.signing import Signer, Verifier, check_key, parse_key
 
 __all__ = ["LogConfig"]
 
 MiB = 1024 * 1024
+SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +54,17 @@ class LogConfig:
     max_pool_connections: int = 64
     request_timeout: float = 30.0
     producer_id: str = field(default="")
+    signing_key: bytes | None = field(default=None, repr=False)
+    verify_keys: Iterable[bytes] = field(default=frozenset(), repr=False)
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_location()
+        self._check_limits()
+        self._check_security()
+
+    def _check_location(self) -> None:
         if not self.bucket:
             raise ConfigurationError("no bucket configured: pass --bucket or set DELTALOG_BUCKET")
         if not self.table:
@@ -53,10 +75,42 @@ class LogConfig:
             )
         if not valid_root(self.root):
             raise ConfigurationError(f"invalid root prefix {self.root!r}")
+
+    def _check_limits(self) -> None:
         if self.max_delta_bytes > self.max_entry_bytes:
             raise ConfigurationError("max_delta_bytes must not exceed max_entry_bytes")
         if self.append_attempts < 1:
             raise ConfigurationError("append_attempts must be at least 1")
+
+    def _check_security(self) -> None:
+        if self.signing_key is not None:
+            object.__setattr__(self, "signing_key", check_key(self.signing_key, "signing_key"))
+        if isinstance(self.verify_keys, bytes | str):
+            raise ConfigurationError("verify_keys must be a collection of keys, not one key")
+        trusted = frozenset(check_key(k, "a verify key") for k in self.verify_keys)
+        object.__setattr__(self, "verify_keys", trusted)
+        if self.sse is not None and self.sse not in SSE_MODES:
+            raise ConfigurationError(
+                f"sse {self.sse!r} is not a server-side encryption mode: use one of "
+                f"{', '.join(SSE_MODES)}"
+            )
+        if self.sse_kms_key_id and not (self.sse or "").startswith("aws:kms"):
+            raise ConfigurationError(
+                "sse_kms_key_id needs sse='aws:kms' (or 'aws:kms:dsse'): set DELTALOG_SSE too"
+            )
+
+    @property
+    def signer(self) -> Signer | None:
+        """Signs what this config writes, when a signing key is set."""
+        return Signer(self.signing_key) if self.signing_key is not None else None
+
+    @property
+    def verifier(self) -> Verifier | None:
+        """Checks what this config reads against the trusted keys, when any is set."""
+        trusted = set(self.verify_keys)
+        if self.signing_key is not None:
+            trusted.add(self.signing_key)
+        return Verifier.of(trusted) if trusted else None
 
     @property
     def keys(self) -> LogKeys:
@@ -90,5 +144,21 @@ class LogConfig:
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if region:
             values["region"] = region
+        values.update(_security_from_env(env))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _security_from_env(env: Mapping[str, str]) -> dict[str, object]:
+    """Signing keys and encryption settings from ``DELTALOG_*`` variables."""
+    values: dict[str, object] = {}
+    if signing := env.get("DELTALOG_SIGNING_KEY", "").strip():
+        values["signing_key"] = parse_key(signing, "DELTALOG_SIGNING_KEY")
+    if trusted := env.get("DELTALOG_VERIFY_KEYS", "").strip():
+        values["verify_keys"] = frozenset(
+            parse_key(k, "a key in DELTALOG_VERIFY_KEYS") for k in trusted.split(",") if k.strip()
+        )
+    for name, var in (("sse", "DELTALOG_SSE"), ("sse_kms_key_id", "DELTALOG_SSE_KMS_KEY_ID")):
+        if value := env.get(var, "").strip():
+            values[name] = value
+    return values

@@ -1,47 +1,71 @@
-"""The README's main command: the log end to end on an embedded endpoint.
+"""The README's main command: the whole story on an embedded endpoint.
 
-Starts moto's S3 + DynamoDB server on loopback (unless ``AWS_ENDPOINT_URL``
-points elsewhere), creates the bucket and table, appends synthetic deltas
-from many concurrent producer tasks through group commit, reads the log
-back, checks that every acknowledged delta is there exactly once, at the
-seq its submitter was given, and prints a summary.
+1. start moto's S3 + DynamoDB server on loopback (unless ``AWS_ENDPOINT_URL``
+   points elsewhere) and create the bucket and table;
+2. generate synthetic receipts and ingest them with concurrent producers
+   (one delta per receipt, group commit, idempotency keys);
+3. compact, ingest more, compact again: the second run applies only what
+   is new;
+4. rebuild from seq 1 and verify it equals the incremental snapshot;
+5. label updates, a merchant update, a receipt deletion and a new receipt,
+   not compacted yet: fresh reads see them, snapshot reads do not;
+6. the queries people run, then a last compaction and a summary table.
+
+The embedder is OpenAI's when ``OPENAI_API_KEY`` is set, else the offline
+hashing embedder.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import anyio
-import numpy as np
-
+from compactor import CompactionResult, Compactor
+from compactor.cli import ProgressLine
 from deltalog.config import LogConfig
 from deltalog.dynamo import DynamoTable
+from deltalog.embed import Embedder, make_embedder
 from deltalog.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
-from deltalog.entry import Delta, Upsert
 from deltalog.errors import DataError
+from deltalog.generate import generate_receipts
+from deltalog.ingest import IngestSummary, LabelUpdate, ReceiptProducer, ingest_file
 from deltalog.log import DeltaLog
+from deltalog.reader import Reader
+from deltalog.receipts import Receipt, word_inputs, write_jsonl
 from deltalog.s3 import S3Store
 
 __all__ = ["run_demo"]
 
 
-def _delta(rng: np.random.Generator, n: int, dim: int) -> Delta:
-    ids = [f"IMAGE#{n:08d}#RECEIPT#00001#LINE#{i:05d}" for i in range(int(rng.integers(1, 4)))]
-    vectors = rng.standard_normal((len(ids), dim), dtype=np.float32)
-    return Delta(
-        ops=[
-            Upsert(
-                collection="lines",
-                ids=ids,
-                embeddings=vectors,
-                documents=[f"line {i} of receipt {n}" for i in range(len(ids))],
-                metadatas=[{"receipt_id": n, "line_id": i} for i in range(len(ids))],
-            )
-        ]
-    )
+@dataclass
+class _Tally:
+    ingests: list[IngestSummary] = field(default_factory=list)
+    compactions: list[CompactionResult] = field(default_factory=list)
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _step(tally: _Tally, title: str) -> None:
+    tally.steps += 1
+    elapsed = time.perf_counter() - tally.started
+    print(f"\n[{tally.steps}] {title}  (t={elapsed:.1f}s)", flush=True)
+
+
+@contextmanager
+def _endpoint() -> Iterator[str]:
+    with ExitStack() as stack:
+        url = os.environ.get("AWS_ENDPOINT_URL")
+        if not url:
+            url = stack.enter_context(EmbeddedEndpoint()).url
+            for name, value in FAKE_CREDENTIALS.items():
+                os.environ.setdefault(name, value)
+        yield url
 
 
 async def _init(config: LogConfig) -> None:
@@ -57,82 +81,225 @@ async def _init(config: LogConfig) -> None:
         await table.aclose()
 
 
-async def _append(log: DeltaLog, deltas: int, producers: int, dim: int) -> dict[str, int]:
-    acknowledged: dict[str, int] = {}
-    rng = np.random.default_rng(7)
-    prepared = [_delta(rng, n, dim) for n in range(deltas)]
-    async with log.producer(linger_ms=5) as producer:
-
-        async def worker(first: int) -> None:
-            for n in range(first, deltas, producers):
-                delta = prepared[n]
-                acknowledged[delta.delta_id] = await producer.submit(delta)
-
-        async with anyio.create_task_group() as tg:
-            for w in range(producers):
-                tg.start_soon(worker, w)
-    return acknowledged
+async def _ingest(tally: _Tally, log: DeltaLog, setup: _Setup, name: str) -> None:
+    summary = await ingest_file(
+        setup.work / name, log, setup.embedder, concurrency=setup.concurrency, progress=True
+    )
+    tally.ingests.append(summary)
+    print(
+        f"    {summary.receipts} receipts, {summary.vectors:,} vectors in {summary.seconds:.1f}s "
+        f"({summary.receipts_per_second:,.0f} receipts/s, {summary.vectors_per_second:,.0f} "
+        f"vectors/s) as {summary.deltas_written} deltas in {summary.entries_written} entries"
+    )
 
 
-async def _read_back(log: DeltaLog, acknowledged: dict[str, int]) -> tuple[int, int]:
-    seen: dict[str, int] = {}
-    entries = 0
-    async for seq, entry in log.read(after=0):
-        entries += 1
-        for delta in entry.deltas:
-            if delta.delta_id in seen:
-                raise DataError(f"delta {delta.delta_id} appears twice", seq=seq)
-            seen[delta.delta_id] = seq
-    if seen != acknowledged:
-        raise DataError("the log does not hold exactly the acknowledged deltas")
-    return entries, len(seen)
+async def _compact(tally: _Tally, compactor: Compactor) -> CompactionResult:
+    result = await compactor.run_once()
+    tally.compactions.append(result)
+    print(f"    {result.summary()}")
+    return result
+
+
+async def _changes(
+    log: DeltaLog, embedder: Embedder, receipts: list[Receipt], late: Receipt
+) -> None:
+    target, doomed = receipts[0], receipts[1]
+    totals = [
+        LabelUpdate(
+            r.image_id, r.receipt_id, w.line_id, w.word_id, add=["GRAND_TOTAL"], status="validated"
+        )
+        for r in receipts[:5]
+        for w in r.words
+        if w.text.upper() == "TOTAL"
+    ]
+    async with ReceiptProducer(log, embedder) as producer:
+        if totals:
+            await producer.update_labels(totals)
+        await producer.set_merchant(target, "Corner Market")
+        await producer.delete_receipt(doomed)
+        added = await producer.add(late)
+    print(
+        f"    labelled {len(totals)} TOTAL words GRAND_TOTAL, renamed receipt "
+        f"{_name(target)}'s merchant to 'Corner Market', deleted receipt {_name(doomed)}, "
+        f"added receipt {_name(late)} ({added.vectors} vectors) at seq {added.seq}"
+    )
+
+
+async def _fresh_vs_snapshot(
+    config: LogConfig, cache: Path, receipts: list[Receipt], late: Receipt
+) -> None:
+    doomed = receipts[1]
+    async with (
+        Reader.open(config, consistency="snapshot", cache_dir=cache) as snapshot,
+        Reader.open(config, consistency="fresh", cache_dir=cache) as fresh,
+    ):
+        for name, reader in (("snapshot", snapshot), ("fresh   ", fresh)):
+            new = await reader.get(
+                collection="words",
+                where={"receipt_id": late.receipt_id, "image_id": str(late.image_id)},
+            )
+            gone = await reader.get(
+                collection="words",
+                where={"receipt_id": doomed.receipt_id, "image_id": str(doomed.image_id)},
+            )
+            renamed = await reader.get(collection="lines", where={"merchant_name": "Corner Market"})
+            print(
+                f"    {name} read: new receipt {len(new['ids'])} words, deleted receipt "
+                f"{len(gone['ids'])} words, 'Corner Market' lines {len(renamed['ids'])}"
+            )
+        stats = fresh.statistics()
+        print(
+            f"    the fresh reader folded {stats.tail_entries} tail entries after hwm {stats.hwm}"
+        )
+
+
+async def _queries(
+    config: LogConfig, cache: Path, embedder: Embedder, receipts: list[Receipt]
+) -> None:
+    """The queries people run (RECEIPTS.md): similar words at a merchant, a receipt, a label."""
+    source = next(
+        (r for r in receipts[2:] if any(w.text.upper() == "TOTAL" for w in r.words)), receipts[2]
+    )
+    index = next((i for i, w in enumerate(source.words) if w.text.upper() == "TOTAL"), 0)
+    text = word_inputs(source)[index]
+    async with Reader.open(config, consistency="fresh", cache_dir=cache) as reader:
+        vector = await embedder.embed([text])
+        near = await reader.query(
+            collection="words",
+            query_embeddings=vector,
+            n_results=5,
+            where={"merchant_name": source.merchant_name},
+        )
+        shown = ", ".join(
+            f"{d!r} ({x:.3f})"
+            for d, x in zip(near["documents"][0], near["distances"][0], strict=True)
+        )
+        print(f"    words like {text!r} at {source.merchant_name}: {shown}")
+        words = await reader.get(
+            collection="words",
+            where={"image_id": str(source.image_id), "receipt_id": source.receipt_id},
+        )
+        print(f"    all words of receipt {_name(source)}: {len(words['ids'])}")
+        totals = await reader.get(collection="lines", where={"section_label": "TOTAL_LINE"})
+        print(f"    lines labelled TOTAL_LINE: {len(totals['ids'])}")
+        labelled = await reader.get(collection="words", where={"label_GRAND_TOTAL": True})
+        print(f"    words validated as GRAND_TOTAL: {len(labelled['ids'])}")
+
+
+def _name(receipt: Receipt) -> str:
+    return f"{str(receipt.image_id)[:8]}/{receipt.receipt_id}"
+
+
+@dataclass(frozen=True)
+class _Setup:
+    config: LogConfig
+    work: Path
+    embedder: Embedder
+    concurrency: int
+    first: list[Receipt]
+    second: list[Receipt]
+    late: Receipt
 
 
 async def run_demo(args: argparse.Namespace) -> int:
-    with ExitStack() as stack:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        if not endpoint:
-            print("starting an embedded S3 + DynamoDB endpoint on loopback ...", flush=True)
-            endpoint = stack.enter_context(EmbeddedEndpoint()).url
-            for name, value in FAKE_CREDENTIALS.items():
-                os.environ.setdefault(name, value)
-        config = LogConfig(
-            bucket="deltalog-demo", table="deltalog-demo", log="receipts", endpoint_url=endpoint
-        )
-        await _init(config)
-        print(f"endpoint {endpoint}, bucket {config.bucket}, table {config.table}", flush=True)
-        async with DeltaLog.open(config) as log:
-            start = time.perf_counter()
-            acknowledged = await _append(log, args.deltas, args.producers, args.dim)
-            append_s = time.perf_counter() - start
-            start = time.perf_counter()
-            entries, deltas = await _read_back(log, acknowledged)
-            read_s = time.perf_counter() - start
-            status = await log.status()
-    _summary(args, append_s, read_s, entries, deltas, status.head, status.hole_count)
+    tally = _Tally()
+    work = Path(tempfile.mkdtemp(prefix="deltalog-demo-"))
+    embedder = make_embedder(args.embedder, dim=args.dim)
+    try:
+        with _endpoint() as endpoint:
+            config = LogConfig(
+                bucket="deltalog-demo", table="deltalog-demo", log="receipts", endpoint_url=endpoint
+            )
+            _step(tally, f"S3 + DynamoDB endpoint at {endpoint}; bucket and table created")
+            await _init(config)
+            receipts = list(generate_receipts(args.receipts + args.more + 1, seed=args.seed))
+            setup = _Setup(
+                config,
+                work,
+                embedder,
+                args.concurrency,
+                receipts[: args.receipts],
+                receipts[args.receipts : -1],
+                receipts[-1],
+            )
+            write_jsonl(work / "first.jsonl", setup.first)
+            write_jsonl(work / "second.jsonl", setup.second)
+            print(f"    embedder {embedder.name} ({embedder.dim} dims); receipts in {work}")
+            await _story(tally, setup)
+    finally:
+        await embedder.aclose()
     return 0
 
 
-def _summary(
-    args: argparse.Namespace,
-    append_s: float,
-    read_s: float,
-    entries: int,
-    deltas: int,
-    head: int,
-    holes: int,
-) -> None:
+async def _story(tally: _Tally, setup: _Setup) -> None:
+    config, work, embedder = setup.config, setup.work, setup.embedder
+    progress = ProgressLine("compact")
+    async with (
+        DeltaLog.open(config) as log,
+        Compactor(config, cache_dir=work / "cache", grace=5, progress=progress) as compactor,
+    ):
+        _step(tally, f"ingest {len(setup.first)} receipts with concurrent producers")
+        await _ingest(tally, log, setup, "first.jsonl")
+        _step(tally, "compact")
+        await _compact(tally, compactor)
+        _step(tally, f"ingest {len(setup.second)} more receipts, compact again: only what is new")
+        await _ingest(tally, log, setup, "second.jsonl")
+        await _compact(tally, compactor)
+        _step(tally, "ingest the first file again: idempotency keys write nothing twice")
+        await _ingest(tally, log, setup, "first.jsonl")
+        _step(tally, "rebuild from seq 1 and verify against the incremental snapshot")
+        await _rebuild_and_verify(compactor)
+        _step(tally, "label updates, a merchant update, a deletion, a new receipt (not compacted)")
+        await _changes(log, embedder, setup.first, setup.late)
+        _step(tally, "fresh reads see the tail; snapshot reads do not")
+        await _fresh_vs_snapshot(config, work / "reader", setup.first, setup.late)
+        _step(tally, "queries")
+        await _queries(config, work / "reader", embedder, setup.first)
+        lag_before = (await log.status()).lag
+        _step(tally, "compact the tail")
+        await _compact(tally, compactor)
+        status = await log.status()
+    _summary(tally, status.head, lag_before, status.lag, status.state.snapshot_size)
+
+
+async def _rebuild_and_verify(compactor: Compactor) -> None:
+    rebuilt = await compactor.rebuild()
+    verified = await compactor.verify()
+    print(
+        f"    rebuilt to seq {rebuilt.hwm}: {rebuilt.vectors_upserted:,} vectors "
+        f"in {rebuilt.seconds:.1f}s"
+    )
+    verdict = "equal" if verified.ok else f"{verified.difference_count} differences"
+    print(f"    verify: {verified.records:,} records, {verdict}")
+    if not verified.ok:
+        raise DataError("verify found differences: " + "; ".join(verified.differences[:5]))
+
+
+def _summary(tally: _Tally, head: int, lag_before: int, lag_after: int, snapshot_size: int) -> None:
+    ingest_s = sum(i.seconds for i in tally.ingests[:2])
+    receipts = sum(i.receipts for i in tally.ingests[:2])
+    vectors = sum(i.vectors for i in tally.ingests[:2])
+    applied = [c for c in tally.compactions if c.status == "applied"]
+    compact_s = sum(c.seconds for c in applied)
+    upserted = sum(c.vectors_upserted for c in applied)
     rows = [
-        ("producer tasks", f"{args.producers}"),
-        ("deltas acknowledged", f"{deltas}"),
+        ("receipts ingested", f"{receipts:,}"),
+        ("vectors written", f"{vectors:,}"),
+        ("log entries (head)", f"{head:,}"),
         (
-            "entries written (group commit)",
-            f"{entries}  ({deltas / max(entries, 1):.0f} deltas/entry)",
+            "ingest throughput",
+            f"{receipts / ingest_s:,.1f} receipts/s, {vectors / ingest_s:,.0f} vectors/s",
         ),
-        ("append throughput", f"{deltas / append_s:,.0f} deltas/s"),
-        ("read-back throughput", f"{deltas / read_s:,.0f} deltas/s"),
-        ("head / holes", f"{head} / {holes}"),
-        ("exactly once", "yes: every acknowledged delta once, at its seq"),
+        ("compaction runs", " + ".join(f"{c.entries_applied} entries" for c in applied)),
+        ("compaction throughput", f"{upserted / max(compact_s, 1e-9):,.0f} vectors/s"),
+        ("lag before / after the last run", f"{lag_before} / {lag_after} entries"),
+        ("snapshot size", f"{snapshot_size / 2**20:,.1f} MiB"),
+        (
+            "rerun of the first file",
+            f"{tally.ingests[2].duplicates_skipped} duplicates skipped, "
+            f"{tally.ingests[2].vectors} vectors written",
+        ),
+        ("total time", f"{time.perf_counter() - tally.started:.1f}s"),
     ]
     width = max(len(name) for name, _ in rows)
     print()

@@ -3,6 +3,11 @@
 One table holds every log: partition key ``pk`` (the log id), sort key
 ``sk`` (the item kind, see ``deltalog.keys``), on-demand billing. Every
 read that decides something is strongly consistent.
+
+Producers write only with ``UpdateItem`` (never ``PutItem``, which replaces
+a whole item), so an IAM policy can confine them to the attributes they own
+(``dynamodb:Attributes``) and keep them off the state item's commit point;
+see ``deltalog/policies``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any, ClassVar
 
 from botocore.exceptions import ClientError
 
-from deltalog.aws import client, error_code, translate
+from deltalog.aws import Reachability, client, error_code, translate
 from deltalog.config import LogConfig
 from deltalog.errors import (
     Closed,
@@ -72,11 +77,12 @@ class DynamoTable:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._closed = False
+        self._reach = Reachability()
 
     @classmethod
     async def connect(cls, config: LogConfig) -> DynamoTable:
         table = cls(config)
-        table._client = await client(table._stack, config, "dynamodb")
+        table._client = await client(table._stack, config, "dynamodb", table._reach)
         return table
 
     async def aclose(self) -> None:
@@ -96,7 +102,13 @@ class DynamoTable:
         )
 
     def _error(self, exc: BaseException, what: str, *, ambiguous: bool) -> DeltalogError:
-        return translate(exc, what, ambiguous=ambiguous, missing=self._missing_table)
+        return translate(
+            exc,
+            what,
+            ambiguous=ambiguous,
+            missing=self._missing_table,
+            reached=self._reach.answered,
+        )
 
     async def _call(self, method: str, what: str, *, ambiguous: bool, **kwargs: Any) -> Any:
         try:
@@ -176,15 +188,12 @@ class DynamoTable:
         """Write all claims in one transaction; return the keys whose condition failed."""
         items = [
             {
-                "Put": {
+                "Update": {
                     "TableName": self.name,
-                    "Item": {
-                        **_item_key(log_id, idempotency_sk(c.key)),
-                        "seq": _n(c.seq),
-                        "entry_id": _s(c.entry_id),
-                    },
+                    "Key": _item_key(log_id, idempotency_sk(c.key)),
+                    "UpdateExpression": "SET seq = :s, entry_id = :e",
                     "ConditionExpression": "attribute_not_exists(pk) OR entry_id = :e",
-                    "ExpressionAttributeValues": {":e": _s(c.entry_id)},
+                    "ExpressionAttributeValues": {":s": _n(c.seq), ":e": _s(c.entry_id)},
                 }
             }
             for c in claims
@@ -241,13 +250,10 @@ class DynamoTable:
 
     async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
         try:
-            await self._db.put_item(
+            await self._db.update_item(
                 TableName=self.name,
-                Item={
-                    **_item_key(log_id, idempotency_sk(new.key)),
-                    "seq": _n(new.seq),
-                    "entry_id": _s(new.entry_id),
-                },
+                Key=_item_key(log_id, idempotency_sk(new.key)),
+                UpdateExpression="SET seq = :n, entry_id = :f",
                 # The second clause makes a retried swap (answer lost) succeed.
                 ConditionExpression="(seq = :s AND entry_id = :e) OR (seq = :n AND entry_id = :f)",
                 ExpressionAttributeValues={
@@ -347,13 +353,15 @@ class DynamoTable:
         self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
     ) -> LogState:
         hwm_matches = "hwm = :prev" if prev_hwm else "(attribute_not_exists(hwm) OR hwm = :prev)"
+        # An empty last_run keeps the one recorded, as in the memory adapter.
+        run = ", last_run = :run" if commit.last_run else ""
         item = await self._update_state(
             log_id,
             "commit",
             condition=f"{self._HELD} AND {hwm_matches}",
             UpdateExpression=(
                 "SET hwm = :hwm, snapshot_key = :key, snapshot_sha256 = :sha, "
-                "snapshot_size = :size, last_run = :run, updated_at = :now"
+                f"snapshot_size = :size, updated_at = :now{run}"
             ),
             ExpressionAttributeNames=self._HELD_NAMES,
             ExpressionAttributeValues={
@@ -363,8 +371,8 @@ class DynamoTable:
                 ":key": _s(commit.snapshot_key),
                 ":sha": _s(commit.snapshot_sha256),
                 ":size": _n(commit.snapshot_size),
-                ":run": _s(commit.last_run),
                 ":now": _n(now),
+                **({":run": _s(commit.last_run)} if commit.last_run else {}),
             },
         )
         if item is not None:

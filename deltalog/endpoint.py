@@ -4,6 +4,12 @@ It runs moto's server in a child process (an in-process server would
 share the GIL with the code it serves) on ``127.0.0.1`` and a free port,
 and speaks the real wire protocol: deltalog talks to it exactly as it
 talks to AWS. Nothing it stores survives ``stop()``.
+
+moto's backends are not thread-safe, and its server handles each connection
+in a thread: two concurrent ``ADD next_seq 1`` could return the same value,
+and two concurrent ``PutObject If-None-Match: *`` of one key could both
+succeed. The child therefore serves one request at a time (connections stay
+kept alive), which makes counters and conditional writes atomic, as in AWS.
 """
 
 from __future__ import annotations
@@ -26,6 +32,24 @@ FAKE_CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+_SERVER = """
+import sys, threading
+from werkzeug.serving import make_server
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app,
+)
+app = DomainDispatcherApplication(create_backend_app)
+lock = threading.Lock()
+def serialized(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+make_server(
+    sys.argv[1], int(sys.argv[2]), serialized, threaded=True, request_handler=MotoRequestHandler
+).serve_forever()
+"""
+"""moto's server, one request at a time (see the module docstring)."""
 
 
 def _free_port() -> int:
@@ -52,7 +76,7 @@ class EmbeddedEndpoint:
         for _ in range(3):
             self.port = _free_port()
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-c", _SERVER, "127.0.0.1", str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

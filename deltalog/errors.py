@@ -14,6 +14,7 @@
     │   └── LeaseLost               our lease expired or was taken over
     ├── DataError                   stored bytes are wrong (names key and seq)
     │   ├── CorruptEntry            an entry that cannot be decoded or verified
+    │   │   └── UntrustedEntry      not signed by a trusted key (signing is on)
     │   └── CorruptSnapshot         a snapshot archive or its sidecar is wrong
     └── Closed                      the object was closed before the call
 
@@ -36,6 +37,7 @@ __all__ = [
     "LeaseBusy",
     "LeaseLost",
     "Unavailable",
+    "UntrustedEntry",
     "ValidationError",
 ]
 
@@ -125,6 +127,27 @@ class DataError(DeltalogError):
 
 class CorruptEntry(DataError):
     """An entry that cannot be decoded or fails verification."""
+
+
+class UntrustedEntry(CorruptEntry):
+    """An entry that is unsigned, signed by an untrusted key, or whose signature
+    does not match, read by a reader that requires signatures.
+
+    ``key_id`` names the signing key (16 hex digits, never the key itself),
+    or is None for an unsigned entry.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key_id: str | None = None,
+        log: str | None = None,
+        seq: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.key_id = key_id
+        super().__init__(message, log=log, seq=seq, key=key)
 
 
 class CorruptSnapshot(DataError):

@@ -13,6 +13,10 @@ DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
     (log, "idem#{key}")     an idempotency key's claim: the seq it went to
     (log, "quarantine#{seq:020d}")  an operator's mark: treat that entry as sealed
 
+and, outside every log (log names cannot start with ``_``)::
+
+    {root}/_deltalog/probes/{nonce}     ``deltalog init``'s conditional-write probe
+
 Zero padding keeps S3's lexicographic listing order equal to seq order, so
 "every entry after n" is one ``ListObjectsV2`` with ``StartAfter``.
 """
@@ -82,6 +86,11 @@ class LogKeys:
         if len(tail) != SEQ_WIDTH or not tail.isdigit():
             return None
         return int(tail)
+
+    def probe(self, nonce: str) -> str:
+        """A scratch key for ``deltalog init``'s probe, outside every log."""
+        root = self.root.strip("/")
+        return f"{root}/_deltalog/probes/{nonce}" if root else f"_deltalog/probes/{nonce}"
 
     def snapshot(self, hwm: int, token: int, nonce: str, suffix: str = ".tar") -> str:
         return f"{self.snapshots_prefix}{hwm:0{SEQ_WIDTH}d}-{token:012d}-{nonce}{suffix}"

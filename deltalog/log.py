@@ -211,6 +211,7 @@ class DeltaLog:
             after=after,
             to_seq=to_seq,
             prefetch=prefetch,
+            verifier=self.config.verifier,
         )
 
     async def head(self) -> int:

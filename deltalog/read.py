@@ -8,7 +8,8 @@ order. It stops at the first missing seq and records why in ``end``: a
 past the counter the log simply ends.
 
 A corrupt entry raises ``CorruptEntry`` when its turn comes, after every
-entry before it has been yielded.
+entry before it has been yielded; with a ``verifier`` (trusted signing
+keys), so does an unsigned or badly signed one (``UntrustedEntry``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import anyio
 
 from deltalog.codec import decode_entry
 from deltalog.entry import Entry
-from deltalog.errors import CorruptEntry, DataError, DeltalogError
+from deltalog.errors import DataError, DeltalogError
 from deltalog.keys import LogKeys
+from deltalog.signing import Verifier
 from deltalog.store import ObjectInfo, ObjectStore
 from deltalog.table import Table
 
@@ -70,6 +72,7 @@ class LogReader:
         after: int = 0,
         to_seq: int | None = None,
         prefetch: int = 32,
+        verifier: Verifier | None = None,
     ) -> None:
         if after < 0 or (to_seq is not None and to_seq < after) or prefetch < 1:
             raise ValueError("need 0 <= after <= to_seq and prefetch >= 1")
@@ -80,8 +83,12 @@ class LogReader:
         self.after = after
         self.to_seq = to_seq
         self.prefetch = prefetch
+        self.verifier = verifier
         self.end: ReadEnd | None = None
         self.bytes_read = 0
+        """Bytes fetched, prefetched entries included."""
+        self.bytes_yielded = 0
+        """Stored bytes of the entries yielded so far (what a byte limit counts)."""
         self._error: DeltalogError | None = None
 
     def __aiter__(self) -> AsyncGenerator[tuple[int, Entry], None]:
@@ -103,12 +110,14 @@ class LogReader:
             window.append(info)
             expected += 1
             if len(window) >= self.prefetch:
-                for item in await self._fetch(window):
+                for item, fetched in zip(await self._fetch(window), window, strict=False):
+                    self.bytes_yielded += fetched.size
                     yield item
                 if self._error is not None:
                     raise self._error
                 window = []
-        for item in await self._fetch(window):
+        for item, fetched in zip(await self._fetch(window), window, strict=False):
+            self.bytes_yielded += fetched.size
             yield item
         if self._error is not None:
             raise self._error
@@ -164,7 +173,6 @@ class LogReader:
                 key=info.key,
             )
         self.bytes_read += len(stored.data)
-        try:
-            return decode_entry(stored.data, seq=seq, key=info.key)
-        except CorruptEntry as exc:
-            raise CorruptEntry(exc.message, log=self._log, seq=seq, key=info.key) from exc
+        return decode_entry(
+            stored.data, seq=seq, key=info.key, log=self._log, verifier=self.verifier
+        )

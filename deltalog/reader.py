@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # chromadb is imported only when a snapshot is opened
 __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistics"]
 
 Consistency = Literal["snapshot", "fresh"]
+Matrix64 = npt.NDArray[np.float64]
 
 
 class QueryResult(TypedDict):
@@ -86,6 +87,21 @@ class _View:
     removed: set[str]
     records: list[Record]
     matrix: npt.NDArray[np.float32] | None
+    shadowed: int = 0
+    """How many ``removed`` ids the snapshot holds: the most snapshot hits a query drops."""
+    prepared: dict[str, tuple[Matrix64, Matrix64 | None]] = field(default_factory=dict)
+    """Per distance space: ``matrix`` as float64 (normalized for cosine) and, for l2,
+    its squared row norms; computed once, not on every query."""
+
+    def for_space(self, space: str) -> tuple[Matrix64, Matrix64 | None]:
+        assert self.matrix is not None
+        if space not in self.prepared:
+            m = self.matrix.astype(np.float64)
+            if space == "cosine":
+                m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-30)
+            norms = None if space in ("ip", "cosine") else (m * m).sum(axis=1)
+            self.prepared[space] = (m, norms)
+        return self.prepared[space]
 
 
 @dataclass(slots=True)
@@ -228,7 +244,7 @@ class Reader:
         self._calls += 1
         view = await self._view(collection)
         sink = self._snapshot.sink
-        wanted = n_results + len(view.removed)
+        wanted = n_results + view.shadowed
         found = (
             await sink.query(collection, queries, wanted, where_n)
             if sink is not None
@@ -305,7 +321,19 @@ class Reader:
             ]
         removed = plan.deletes | plan.puts.keys() | plan.patches.keys()
         matrix = np.stack([r.embedding for r in records]) if records else None
-        return _View(removed, records, matrix)
+        return _View(removed, records, matrix, await self._shadowed(collection, removed))
+
+    async def _shadowed(self, collection: str, removed: set[str]) -> int:
+        """How many of ``removed`` the snapshot holds (tail upserts are mostly new ids)."""
+        sink = self._snapshot.sink
+        if sink is None or not removed:
+            return 0
+        ids = sorted(removed)
+        step = sink.batch_size
+        found = 0
+        for start in range(0, len(ids), step):
+            found += len(await sink.select(collection, ids[start : start + step], None))
+        return found
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(
@@ -336,17 +364,18 @@ def _as_queries(query_embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:
 
 
 def _distances(
-    space: str, queries: npt.NDArray[np.float32], matrix: npt.NDArray[np.float32]
+    space: str, queries: npt.NDArray[np.float32], m: Matrix64, norms: Matrix64 | None
 ) -> npt.NDArray[np.float64]:
-    q, m = queries.astype(np.float64), matrix.astype(np.float64)
+    """``m`` and ``norms`` as ``_View.for_space`` prepares them (rows already selected)."""
+    q = queries.astype(np.float64)
     if space == "cosine":
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-        m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-30)
     if space in ("ip", "cosine"):
         similarity: npt.NDArray[np.float64] = q @ m.T
         return 1.0 - similarity
+    assert norms is not None
     squared: npt.NDArray[np.float64] = (
-        (q * q).sum(axis=1)[:, None] - 2.0 * (q @ m.T) + (m * m).sum(axis=1)[None, :]
+        (q * q).sum(axis=1)[:, None] - 2.0 * (q @ m.T) + norms[None, :]
     )
     return np.maximum(squared, 0.0)
 
@@ -361,10 +390,14 @@ def _search(
     """Exact nearest overlay records per query."""
     if view.matrix is None:
         return [[] for _ in range(len(queries))]
-    keep = [i for i, r in enumerate(view.records) if matches(where, r.metadata)]
-    if not keep:
-        return [[] for _ in range(len(queries))]
-    distances = _distances(space, queries, view.matrix[keep])
+    m, norms = view.for_space(space)
+    keep = list(range(len(view.records)))
+    if where is not None:
+        keep = [i for i in keep if matches(where, view.records[i].metadata)]
+        if not keep:
+            return [[] for _ in range(len(queries))]
+        m, norms = m[keep], norms[keep] if norms is not None else None
+    distances = _distances(space, queries, m, norms)
     out = []
     for row in distances:
         order = np.argsort(row, kind="stable")[:n_results]

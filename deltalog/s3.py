@@ -3,7 +3,9 @@
 Creation is conditional (``If-None-Match: *``), so two writers of one key
 cannot both win: the loser gets HTTP 412 and ``put_if_absent`` returns
 False. botocore adds a CRC-32 checksum to every upload, so the store
-refuses a body damaged on the way.
+refuses a body damaged on the way. Every upload (entries, seals,
+snapshots) carries the configured server-side encryption (``LogConfig.sse``,
+``sse_kms_key_id``).
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, IncompleteReadError, ResponseStreamingError
 
-from deltalog.aws import client, error_code, http_status, translate
+from deltalog.aws import Reachability, client, error_code, http_status, translate
 from deltalog.config import LogConfig
-from deltalog.errors import Closed, ConfigurationError, DeltalogError
+from deltalog.errors import Closed, ConfigurationError, DeltalogError, Unavailable
 from deltalog.store import ObjectInfo, StoredObject
 
 __all__ = ["S3Store"]
 
 _CHUNK = 1024 * 1024
+_BODY_ATTEMPTS = 3
+_BODY_CUT = (aiohttp.ClientPayloadError, IncompleteReadError, ResponseStreamingError)
+"""How a GetObject body cut short shows (aiohttp's, or botocore's length check)."""
 
 
 class S3Store:
@@ -35,11 +41,12 @@ class S3Store:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._closed = False
+        self._reach = Reachability()
 
     @classmethod
     async def connect(cls, config: LogConfig) -> S3Store:
         store = cls(config)
-        store._client = await client(store._stack, config, "s3")
+        store._client = await client(store._stack, config, "s3", store._reach)
         return store
 
     async def aclose(self) -> None:
@@ -59,12 +66,33 @@ class S3Store:
         )
 
     def _error(self, exc: BaseException, what: str, key: str, *, ambiguous: bool) -> DeltalogError:
-        return translate(exc, what, ambiguous=ambiguous, missing=self._missing_bucket, key=key)
+        return translate(
+            exc,
+            what,
+            ambiguous=ambiguous,
+            missing=self._missing_bucket,
+            key=key,
+            reached=self._reach.answered,
+        )
+
+    def _encryption(self) -> dict[str, str]:
+        """The server-side encryption parameters every upload carries (``LogConfig.sse``)."""
+        params: dict[str, str] = {}
+        if self.config.sse:
+            params["ServerSideEncryption"] = self.config.sse
+        if self.config.sse_kms_key_id:
+            params["SSEKMSKeyId"] = self.config.sse_kms_key_id
+        return params
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         try:
             await self._s3.put_object(
-                Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*", ChecksumAlgorithm="CRC32"
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+                ChecksumAlgorithm="CRC32",
+                **self._encryption(),
             )
         except ClientError as exc:
             if http_status(exc) == 412 or error_code(exc) == "PreconditionFailed":
@@ -75,6 +103,17 @@ class S3Store:
         return True
 
     async def get(self, key: str) -> StoredObject | None:
+        # botocore retries a request that failed, not a body cut short after
+        # the answer began (a reset, a truncated transfer): read it again.
+        for _ in range(_BODY_ATTEMPTS - 1):
+            try:
+                return await self._get(key)
+            except Unavailable as exc:
+                if not isinstance(exc.__cause__, _BODY_CUT):
+                    raise
+        return await self._get(key)
+
+    async def _get(self, key: str) -> StoredObject | None:
         try:
             answer = await self._s3.get_object(Bucket=self.bucket, Key=key)
             async with answer["Body"] as body:
@@ -137,6 +176,34 @@ class S3Store:
         except Exception as exc:
             raise self._error(exc, "download object", key, ambiguous=False) from exc
         return True
+
+    async def check_conditional_writes(self, key: str) -> None:
+        """Refuse a store that does not honour ``If-None-Match: *``.
+
+        Puts ``key`` (a fresh scratch key) twice with put-if-absent: the second
+        must be refused with 412. A store that accepts it would let two
+        writers both create one entry, and deltalog could not keep appends
+        exactly once. The probe object is deleted afterwards.
+        """
+        first = await self.put_if_absent(key, b"deltalog conditional-write probe")
+        second = await self.put_if_absent(key, b"deltalog conditional-write probe, again")
+        await self.delete(key)
+        where = str(getattr(self._s3.meta, "endpoint_url", "") or "S3")
+        if not first:
+            raise ConfigurationError(
+                f"the object store at {where} refused to create a fresh object with "
+                "If-None-Match: * (412 for a key that did not exist): its conditional writes "
+                "are broken; deltalog cannot guarantee exactly-once appends on it",
+                key=key,
+            )
+        if second:
+            raise ConfigurationError(
+                f"the object store at {where} does not honour If-None-Match: a second "
+                "put-if-absent of the same key succeeded instead of failing with 412, so two "
+                "writers could both create one entry and deltalog cannot guarantee "
+                "exactly-once appends; use S3 or an S3-compatible store with conditional writes",
+                key=key,
+            )
 
     async def ensure_bucket(self) -> bool:
         """Create the bucket if it is missing; True if it was created."""

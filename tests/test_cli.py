@@ -48,10 +48,11 @@ async def test_init_creates_then_reports_existing(endpoint: str) -> None:
     bucket, table = _names()
     first = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert first.code == 0, first.err
-    assert first.out.splitlines() == [f"bucket {bucket}: created", f"table {table}: created"]
+    probe = "conditional writes: honoured (If-None-Match probe refused with 412)"
+    assert first.out.splitlines() == [f"bucket {bucket}: created", probe, f"table {table}: created"]
     again = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert again.code == 0, again.err
-    assert again.out.splitlines() == [f"bucket {bucket}: exists", f"table {table}: exists"]
+    assert again.out.splitlines() == [f"bucket {bucket}: exists", probe, f"table {table}: exists"]
 
 
 async def test_status_json_shows_the_log(endpoint: str) -> None:

@@ -9,8 +9,9 @@ import anyio
 import numpy as np
 import pytest
 
-from compactor import Compactor
+from compactor import Compactor, Limits
 from deltalog import (
+    Closed,
     ConfigurationError,
     CorruptEntry,
     DataError,
@@ -18,10 +19,11 @@ from deltalog import (
     DeltaLog,
     LeaseLost,
     LogConfig,
+    Unavailable,
     UpdateMetadata,
 )
 from deltalog.store import MemoryStore
-from deltalog.table import MemoryTable
+from deltalog.table import LogState, MemoryTable
 from tests.builders import delete, delta, patch
 from tests.compaction import (
     Crash,
@@ -320,3 +322,235 @@ async def test_publish_rebuild_never_lowers_hwm_without_force(
             again = await c.run_once()
             assert again.hwm_after == 4
             assert_states_equal(await committed_state(c), await reference(log))
+
+
+class CountingStore(MemoryStore):
+    """Records which snapshots were downloaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.downloads: list[str] = []
+
+    async def download_file(self, key: str, path: Path) -> bool:
+        self.downloads.append(key)
+        return await super().download_file(key, path)
+
+
+def _cached_keys(compactor: Compactor) -> set[str]:
+    """The snapshot keys the cache holds slots for (``committed/*/source.json``)."""
+    import json
+
+    slots = (compactor.cache.root / "committed").glob("*/source.json")
+    return {json.loads(source.read_text())["key"] for source in slots}
+
+
+def _working_copies(compactor: Compactor) -> list[Path]:
+    return list((compactor.cache.root / "work").iterdir())
+
+
+async def test_the_cache_reuses_exactly_the_committed_snapshot(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = CountingStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        await log.append(delta(rng, "a"))
+        async with Compactor(MEMORY, cache_dir=tmp_path / "a", store=store, table=table) as a:
+            first = await a.run_once()
+            await log.append(delta(rng, "b"))
+            second = await a.run_once()
+            assert store.downloads == [], "a second run reuses the snapshot it committed"
+            assert _cached_keys(a) == {first.snapshot_key, second.snapshot_key}
+            await log.append(delta(rng, "c"))
+            async with Compactor(MEMORY, cache_dir=tmp_path / "b", store=store, table=table) as b:
+                third = await b.run_once()
+            assert store.downloads == [second.snapshot_key]  # b's cache was cold
+            await log.append(delta(rng, "d"))
+            fourth = await a.run_once()  # a holds second; third is committed: download it
+            assert store.downloads == [second.snapshot_key, third.snapshot_key]
+            assert (await a.run_once()).status == "nothing"
+            await log.append(delta(rng, "e"))
+            await a.run_once()
+            assert store.downloads == [second.snapshot_key, third.snapshot_key]
+            assert fourth.snapshot_key in _cached_keys(a) and _working_copies(a) == []
+            assert_states_equal(await committed_state(a), await reference(log))
+
+
+async def test_an_uncommitted_working_copy_is_never_reused(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = CountingStore(), FaultyTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        await log.append(delta(rng, "a"))
+        async with Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table) as c:
+            committed = await c.run_once()
+            await log.append(delta(rng, "b"))
+            table.crash_on = "before-commit"
+            with pytest.raises(Crash):
+                await c.run_once()
+            assert _cached_keys(c) == {committed.snapshot_key} and _working_copies(c) == []
+            assert (await table.read_state(log.keys.log_id)).hwm == committed.hwm_after
+            again = await c.run_once()
+            assert again.hwm_before == committed.hwm_after == again.hwm_after - 1
+            assert store.downloads == []
+            assert_states_equal(await committed_state(c), await reference(log))
+
+
+async def test_retention_deletes_old_snapshots_only_after_a_commit(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = MemoryStore(), FaultyTable()
+
+    async def listed() -> list[str]:
+        return [info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)]
+
+    async with (
+        DeltaLog.open(MEMORY, store=store, table=table) as log,
+        Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table, retain=2) as c,
+    ):
+        committed: list[str] = []
+        for name in ("a", "b", "c", "d"):
+            await log.append(delta(rng, name))
+            result = await c.run_once()
+            assert result.snapshot_key is not None
+            committed.append(result.snapshot_key)
+            assert await listed() == sorted(committed[-2:])
+        await log.append(delta(rng, "e"))
+        table.crash_on = "before-commit"
+        with pytest.raises(Crash):
+            await c.run_once()
+        kept = await listed()
+        assert set(committed[-2:]) < set(kept) and len(kept) == 3, "nothing deleted uncommitted"
+        result = await c.run_once()
+        after = await listed()
+        assert len(after) == 2 and result.snapshot_key in after
+        assert (await table.read_state(log.keys.log_id)).snapshot_key == result.snapshot_key
+
+
+async def test_a_byte_limit_commits_the_entries_that_fit_then_continues(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        for i in range(6):
+            await log.append(delta(rng, f"r{i}"))
+        sizes = [info.size async for info in store.list_after(log.keys.entries_prefix)]
+        limits = Limits(max_bytes=sizes[0] + sizes[1] + 1)  # reached by the third entry
+        async with Compactor(
+            MEMORY, cache_dir=tmp_path, store=store, table=table, limits=limits
+        ) as c:
+            first = await c.run_once()
+            assert (first.hwm_after, first.stopped) == (3, "limit")
+            assert_states_equal(await committed_state(c), await reference(log, to_seq=3))
+            second = await c.run_once()
+            assert (second.hwm_before, second.hwm_after) == (3, 6)
+            assert_states_equal(await committed_state(c), await reference(log))
+
+
+async def test_a_time_limit_stops_a_run_after_what_it_read(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        for i in range(3):
+            await log.append(delta(rng, f"r{i}"))
+        limits = Limits(max_seconds=0.0)  # at least one entry per run, then stop
+        async with Compactor(
+            MEMORY, cache_dir=tmp_path, store=store, table=table, limits=limits
+        ) as c:
+            results = [await c.run_once() for _ in range(4)]
+        assert [(r.hwm_after, r.stopped) for r in results] == [
+            (1, "limit"),
+            (2, "limit"),
+            (3, "limit"),
+            (3, "end"),
+        ]
+
+
+async def test_a_cancelled_run_closes_its_sink_removes_its_copy_and_releases(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """What a stop signal does to a run in progress in ``compact --follow``."""
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        await log.append(delta(rng, "a"))
+        entered = anyio.Event()
+        made, factory = faulty_sinks(gate=anyio.Event(), entered=entered)
+        c = Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table, sink_factory=factory)
+        async with c, anyio.create_task_group() as tg:
+            tg.start_soon(c.run_once)
+            await entered.wait()
+            tg.cancel_scope.cancel()
+        state = await table.read_state(log.keys.log_id)
+        assert (state.owner, state.hwm, state.token) == (None, 0, 1)
+        assert _working_copies(c) == []
+        with pytest.raises(Closed):
+            await made[0].inner.counts()
+
+
+class SlowAcquireTable(MemoryTable):
+    """The acquire lands at once; its answer arrives when ``answer`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed = anyio.Event()
+        self.answer = anyio.Event()
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        state = await super().acquire(log_id, owner, ttl=ttl, now=now)
+        self.landed.set()
+        await self.answer.wait()
+        return state
+
+
+async def test_a_run_cancelled_while_acquiring_still_releases_the_lease(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = MemoryStore(), SlowAcquireTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        await log.append(delta(rng, "a"))
+        c = Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table)
+        async with c, anyio.create_task_group() as tg:
+            tg.start_soon(c.run_once)
+            await table.landed.wait()
+            tg.cancel_scope.cancel()  # a stop signal while the answer is in flight
+            table.answer.set()
+        state = await table.read_state(log.keys.log_id)
+        assert (state.owner, state.token, state.hwm) == (None, 1, 0)
+
+
+class FailingDeleteStore(MemoryStore):
+    """Deletes fail while ``failing`` is set: S3 unavailable for a moment."""
+
+    failing = False
+
+    async def delete(self, key: str) -> None:
+        if self.failing:
+            raise Unavailable("delete: service unavailable", key=key)
+        await super().delete(key)
+
+
+async def test_a_failed_cleanup_does_not_fail_a_committed_run(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = FailingDeleteStore(), MemoryTable()
+
+    async def listed() -> list[str]:
+        return [info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)]
+
+    async with (
+        DeltaLog.open(MEMORY, store=store, table=table) as log,
+        Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table, retain=1) as c,
+    ):
+        await log.append(delta(rng, "a"))
+        first = await c.run_once()
+        await log.append(delta(rng, "b"))
+        store.failing = True
+        second = await c.run_once()
+        assert second.status == "applied"
+        assert (await table.read_state(log.keys.log_id)).snapshot_key == second.snapshot_key
+        assert await listed() == sorted(filter(None, [first.snapshot_key, second.snapshot_key]))
+        assert len(await listed()) == 2, "the old snapshot stays until a later run deletes it"
+        store.failing = False
+        await log.append(delta(rng, "c"))
+        third = await c.run_once()
+        assert await listed() == [third.snapshot_key]

@@ -9,9 +9,9 @@ from dataclasses import replace
 import anyio
 import pytest
 
-from deltalog import Closed, ConfigurationError, LogConfig
+from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
 from deltalog.dynamo import DynamoTable
-from deltalog.table import Claim, LogState, MemoryTable, Table
+from deltalog.table import Claim, Commit, LogState, MemoryTable, Table
 
 
 class TableContract:
@@ -118,6 +118,84 @@ class TableContract:
         state = await table.read_state(log_id)
         assert state == LogState()
         assert (state.hwm, state.snapshot_key, state.owner, state.token) == (0, None, None, 0)
+
+    # -- the lease and the commit point ------------------------------------------------
+
+    async def test_acquire_takes_a_free_lease_and_counts_the_token(
+        self, table: Table, log_id: str
+    ) -> None:
+        state = await table.acquire(log_id, "a", ttl=10, now=100.0)
+        assert (state.owner, state.token, state.expires_at) == ("a", 1, 110.0)
+        with pytest.raises(LeaseBusy, match="held by a"):
+            await table.acquire(log_id, "b", ttl=10, now=109.0)
+        assert await table.release(log_id, "a", 1)
+        freed = await table.read_state(log_id)
+        assert (freed.owner, freed.token) == (None, 1)
+        again = await table.acquire(log_id, "b", ttl=10, now=109.0)
+        assert (again.owner, again.token) == ("b", 2)
+
+    async def test_an_expired_lease_is_taken_and_the_old_holder_fenced(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        await table.renew(log_id, "a", 1, ttl=10, now=105.0)
+        with pytest.raises(LeaseBusy):
+            await table.acquire(log_id, "b", ttl=10, now=114.0)
+        taken = await table.acquire(log_id, "b", ttl=10, now=115.0)
+        assert (taken.owner, taken.token) == ("b", 2)
+        with pytest.raises(LeaseLost):
+            await table.renew(log_id, "a", 1, ttl=10, now=116.0)
+        commit = Commit(1, "snap-a", "sha-a", 10)
+        with pytest.raises(LeaseLost):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=commit, now=116.0)
+        with pytest.raises(LeaseLost):
+            await table.note_hole(log_id, "a", 1, seq=3, now=116.0)
+        assert await table.release(log_id, "a", 1) is False
+        with pytest.raises(LeaseLost):  # the same owner with an old token is fenced too
+            await table.renew(log_id, "b", 1, ttl=10, now=116.0)
+        state = await table.read_state(log_id)
+        assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
+
+    async def test_commit_is_conditioned_on_the_previous_hwm(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        first = Commit(4, "snap-4", "sha-4", 40, last_run='{"status": "applied"}')
+        state = await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=101.0)
+        assert (state.hwm, state.snapshot_key, state.snapshot_sha256, state.snapshot_size) == (
+            4,
+            "snap-4",
+            "sha-4",
+            40,
+        )
+        with pytest.raises(Conflict):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=102.0)
+        # An empty last_run keeps the recorded one.
+        second = Commit(6, "snap-6", "sha-6", 60)
+        state = await table.commit(log_id, "a", 1, prev_hwm=4, commit=second, now=103.0)
+        assert (state.hwm, state.last_run) == (6, '{"status": "applied"}')
+        assert await table.release(log_id, "a", 1, last_run='{"status": "nothing"}')
+        state = await table.read_state(log_id)
+        assert (state.owner, state.hwm, state.snapshot_key, state.last_run) == (
+            None,
+            6,
+            "snap-6",
+            '{"status": "nothing"}',
+        )
+
+    async def test_note_hole_remembers_when_a_hole_was_first_seen(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        assert await table.note_hole(log_id, "a", 1, seq=5, now=101.0) == 101.0
+        assert await table.note_hole(log_id, "a", 1, seq=5, now=104.0) == 101.0
+        assert await table.note_hole(log_id, "a", 1, seq=7, now=105.0) == 105.0
+
+    async def test_quarantine_marks(self, table: Table, log_id: str) -> None:
+        assert await table.read_quarantined(log_id) == {}
+        await table.quarantine(log_id, 12, "garbage bytes", now=100.0)
+        await table.quarantine(log_id, 3, "undecodable", now=101.0)
+        assert await table.read_quarantined(log_id) == {3: "undecodable", 12: "garbage bytes"}
 
 
 class TestMemoryTable(TableContract):

@@ -1,0 +1,125 @@
+"""How big each benchmark is in each mode: ``full``, ``quick`` (< 5 min on 2 cores), ``smoke``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["DIM", "MODES", "Mode", "Sizes", "sizes_for"]
+
+Mode = Literal["full", "quick", "smoke"]
+MODES: tuple[Mode, ...] = ("full", "quick", "smoke")
+
+DIM = 1536
+"""OpenAI ``text-embedding-3-small``: what production embeds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """The parameters of one run; recorded in the results."""
+
+    mode: Mode
+    concurrency: tuple[int, ...]
+    """Producer tasks for the append grid."""
+    cell_seconds: float
+    """How long each append cell submits (it then drains what is in flight)."""
+    rounds: int
+    """Rounds of the three append cells at each concurrency (their figures add up)."""
+    proxy_cell_seconds: float
+    proxy_rounds: int
+    compaction_receipts: int
+    receipts_per_entry: int
+    """Group commit's deltas per entry in the compaction log (``max_deltas``)."""
+    proxy_compaction_receipts: int
+    incremental_n: tuple[int, ...]
+    """Entries already compacted when 100 new ones are compacted."""
+    incremental_new: int
+    incremental_vectors: int
+    """Vectors per entry in the incremental log."""
+    incremental_repeats: int
+    codec_receipts: int
+    codec_repeats: int
+    fresh_snapshot_receipts: int
+    fresh_tails: tuple[int, ...]
+    """Vectors appended after the snapshot (0 = snapshot only)."""
+    fresh_queries: int
+    baseline_receipts: int
+    e2e_concurrency: int
+    proxy_low_ms: float = 20.0
+    proxy_high_ms: float = 100.0
+    dim: int = DIM
+
+
+_FULL = Sizes(
+    mode="full",
+    concurrency=(1, 8, 64, 256),
+    cell_seconds=2.0,
+    rounds=3,
+    proxy_cell_seconds=2.0,
+    proxy_rounds=2,
+    compaction_receipts=200,
+    receipts_per_entry=4,
+    proxy_compaction_receipts=200,
+    incremental_n=(100, 1_000, 10_000),
+    incremental_new=100,
+    incremental_vectors=4,
+    incremental_repeats=3,
+    codec_receipts=64,
+    codec_repeats=5,
+    fresh_snapshot_receipts=100,
+    fresh_tails=(0, 1_000, 10_000),
+    fresh_queries=200,
+    baseline_receipts=100,
+    e2e_concurrency=8,
+)
+
+_QUICK = Sizes(
+    mode="quick",
+    concurrency=(1, 8, 64, 256),
+    cell_seconds=0.6,
+    rounds=2,
+    proxy_cell_seconds=0.5,
+    proxy_rounds=1,
+    compaction_receipts=32,
+    receipts_per_entry=4,
+    proxy_compaction_receipts=32,
+    incremental_n=(100, 300, 1_000),
+    incremental_new=100,
+    incremental_vectors=2,
+    incremental_repeats=2,
+    codec_receipts=8,
+    codec_repeats=2,
+    fresh_snapshot_receipts=20,
+    fresh_tails=(0, 1_000, 10_000),
+    fresh_queries=20,
+    baseline_receipts=16,
+    e2e_concurrency=8,
+)
+
+_SMOKE = Sizes(
+    mode="smoke",
+    concurrency=(1, 8, 64),
+    cell_seconds=0.2,
+    rounds=1,
+    proxy_cell_seconds=0.2,
+    proxy_rounds=1,
+    compaction_receipts=4,
+    receipts_per_entry=2,
+    proxy_compaction_receipts=4,
+    incremental_n=(5, 10),
+    incremental_new=5,
+    incremental_vectors=2,
+    incremental_repeats=1,
+    codec_receipts=2,
+    codec_repeats=1,
+    fresh_snapshot_receipts=2,
+    fresh_tails=(0, 100),
+    fresh_queries=4,
+    baseline_receipts=3,
+    e2e_concurrency=2,
+    dim=64,
+)
+
+
+def sizes_for(mode: Mode) -> Sizes:
+    return {"full": _FULL, "quick": _QUICK, "smoke": _SMOKE}[mode]

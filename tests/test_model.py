@@ -1,0 +1,352 @@
+"""A stateful model test of the whole protocol against a reference model.
+
+Hypothesis drives a ``RuleBasedStateMachine`` through random sequences of:
+
+- **append**: a delta through ``DeltaLog.append``, sometimes with an
+  idempotency key; **append again**: a new call with an acknowledged key
+  (it must return the original seq and write nothing); **submit**: several
+  deltas at once through a group-commit producer;
+- **compact**: ``Compactor.run_once``;
+- **crash**: a compaction that dies at a random step (before or after
+  applying to Chroma, while uploading the snapshot, before or after the
+  commit, while releasing the lease), followed by the lease's expiry;
+- **rebuild**: ``Compactor.rebuild`` to a random seq, or to the end and
+  published as the committed snapshot;
+- **fresh read**: ``Reader.open(consistency="fresh")`` sees every
+  acknowledged delta, compacted or not.
+
+The **model** is the list of acknowledged deltas and their seqs; its state
+at a seq is ``deltalog.fold.reference_state`` of those deltas, op by op.
+Invariants after every step: the committed snapshot equals the model at
+hwm (vectors bit for bit, documents, metadata); hwm never decreases; every
+acknowledged delta is in the log exactly once, at its seq, and nothing
+else is.
+
+The adapters are the in-memory ones (first-class, same contract as S3 and
+DynamoDB) and the sink is real ChromaDB. Float metadata has few significant
+digits (``CHROMA_EXACT_FLOATS``): Chroma changes the last bit of floats
+with 16-17 significant digits.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.from_thread
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from compactor import Compactor
+from compactor.snapshot import SnapshotCache
+from deltalog import Batch, Delta, DeltaLog, LogConfig, Reader
+from deltalog.entry import MetadataValue
+from deltalog.fold import State, reference_state
+from deltalog.store import MemoryStore
+from deltalog.table import LogState
+from tests.compaction import Crash, FaultyTable, assert_states_equal, faulty_sinks, sink_state
+from tests.strategies import CHROMA_EXACT_FLOATS, COLLECTIONS, KEYS, deletes, updates, upserts
+
+CONFIG = LogConfig(bucket="memory", table="memory", log="model")
+LOG_ID = CONFIG.keys.log_id
+CRASH_TTL = 2.0
+STEPS = ("apply-before", "apply-after", "upload", "before-commit", "after-commit", "release")
+T = TypeVar("T")
+
+values: st.SearchStrategy[MetadataValue] = st.one_of(
+    st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), CHROMA_EXACT_FLOATS, st.booleans()
+)
+keys = st.sampled_from(KEYS)
+ops = st.one_of(
+    upserts(st.dictionaries(keys, values, min_size=1, max_size=3)),
+    deletes(),
+    updates(st.dictionaries(keys, st.none() | values, min_size=1, max_size=3)),
+)
+op_lists = st.lists(ops, min_size=1, max_size=3)
+
+
+class CrashingStore(MemoryStore):
+    """A memory store whose next snapshot upload can die before it writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crash_upload = False
+
+    async def upload_file(self, key: str, path: Path) -> bool:
+        if self.crash_upload:
+            self.crash_upload = False
+            raise Crash("crash while uploading the snapshot")
+        return await super().upload_file(key, path)
+
+
+class DeltaLogModel(RuleBasedStateMachine):
+    """See the module docstring."""
+
+    keyed = Bundle("keyed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="deltalog-model-"))
+        self.store = CrashingStore()
+        self.table = FaultyTable()
+        self.log = self.run(DeltaLog.connect, CONFIG, store=self.store, table=self.table)
+        self.acked: dict[str, tuple[int, Delta]] = {}
+        """delta_id -> (seq, delta): every acknowledged delta."""
+        self.hwm = 0
+        self.checked: tuple[str | None, str | None] = (None, None)
+        self.next_key = 0
+
+    def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        async def call() -> T:
+            return await func(*args, **kwargs)
+
+        return self.portal.call(call)
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.log.aclose)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- the model ----------------------------------------------------------------
+
+    def head(self) -> int:
+        return max((seq for seq, _ in self.acked.values()), default=0)
+
+    def model_at(self, seq: int) -> State:
+        """The reference fold of every acknowledged delta up to ``seq``, op by op.
+
+        Within one entry (group commit) the deltas apply in the entry's
+        order, which the log decides: the model takes that order from the
+        log's delta ids, and the deltas themselves from its own records.
+        """
+        order = self.run(self.delta_order)
+        entries = [
+            (s, Batch("model", [self.acked[d][1] for d in order[s]]))
+            for s in sorted(order)
+            if s <= seq
+        ]
+        return reference_state(entries)
+
+    async def delta_order(self) -> dict[int, list[str]]:
+        return {seq: [d.delta_id for d in entry.deltas] async for seq, entry in self.log.read()}
+
+    def compactor(self, **options: Any) -> Compactor:
+        return Compactor(
+            CONFIG,
+            cache_dir=self.tmp / "cache",
+            store=self.store,
+            table=self.table,
+            grace=3600,
+            **options,
+        )
+
+    def state(self) -> LogState:
+        return self.run(self.table.read_state, LOG_ID)
+
+    def snapshot(self, key: str, sha256: str) -> State:
+        async def read() -> State:
+            cache = SnapshotCache(self.tmp / "check")
+            path = await cache.committed(self.store, key, sha256, log=CONFIG.log)
+            return await sink_state(path, cache.working_copy)
+
+        return self.run(read)
+
+    # -- rules --------------------------------------------------------------------
+
+    def _ack(self, delta: Delta, seq: int) -> None:
+        assert seq > 0 and delta.delta_id not in self.acked
+        self.acked[delta.delta_id] = (seq, delta)
+
+    @rule(ops=op_lists)
+    def append(self, ops: list[Any]) -> None:
+        event("append")
+        delta = Delta(ops=ops)
+        self._ack(delta, self.run(self.log.append, delta))
+
+    @rule(target=keyed, ops=op_lists)
+    def append_keyed(self, ops: list[Any]) -> tuple[str, int]:
+        event("append keyed")
+        self.next_key += 1
+        delta = Delta(ops=ops, idempotency_key=f"receipt-{self.next_key}")
+        seq = self.run(self.log.append, delta)
+        self._ack(delta, seq)
+        return delta.idempotency_key or "", seq
+
+    @rule(original=consumes(keyed), ops=op_lists)
+    def append_again(self, original: tuple[str, int], ops: list[Any]) -> None:
+        """A repeated call (after a producer crash): the original seq, nothing written."""
+        event("append again")
+        key, seq = original
+        again = self.run(self.log.append, Delta(ops=ops, idempotency_key=key))
+        assert again == seq
+
+    @rule(batch=st.lists(op_lists, min_size=1, max_size=4))
+    def submit(self, batch: list[list[Any]]) -> None:
+        event("submit")
+        deltas = [Delta(ops=ops) for ops in batch]
+        seqs: dict[str, int] = {}
+
+        async def go() -> None:
+            async with self.log.producer(linger_ms=20) as producer:
+
+                async def one(delta: Delta) -> None:
+                    seqs[delta.delta_id] = await producer.submit(delta)
+
+                async with anyio.create_task_group() as tg:
+                    for delta in deltas:
+                        tg.start_soon(one, delta)
+
+        self.run(go)
+        for delta in deltas:
+            self._ack(delta, seqs[delta.delta_id])
+
+    @rule()
+    def compact(self) -> None:
+        event("compact")
+
+        async def go() -> Any:
+            async with self.compactor() as compactor:
+                return await compactor.run_once()
+
+        result = self.run(go)
+        assert result.status == ("applied" if self.head() > self.hwm else "nothing"), result
+        assert result.hwm_after == self.head()
+
+    @precondition(lambda self: self.head() > self.hwm)
+    @rule(step=st.sampled_from(STEPS))
+    def crash(self, step: str) -> None:
+        event(f"crash {step}")
+        _, factory = faulty_sinks(
+            before=1 if step == "apply-before" else None,
+            after=1 if step == "apply-after" else None,
+        )
+        self.store.crash_upload = step == "upload"
+        self.table.crash_on = step if step in ("before-commit", "after-commit", "release") else None
+
+        async def go() -> None:
+            async with self.compactor(sink_factory=factory, lease_ttl=CRASH_TTL) as compactor:
+                await compactor.run_once()
+
+        try:
+            self.run(go)
+        except Crash:
+            pass
+        else:
+            raise AssertionError(f"the compaction did not crash at {step}")
+        assert not self.store.crash_upload and self.table.crash_on is None
+        self._await_lease_expiry()
+
+    def _await_lease_expiry(self) -> None:
+        """A crashed holder never releases: its lease ends by expiring."""
+        state = self.state()
+        if state.owner is not None:
+            time.sleep(max(0.0, state.expires_at - time.time()) + 0.05)
+            assert self.state().lease_free(time.time())
+
+    @rule(fraction=st.floats(0, 1))
+    def rebuild(self, fraction: float) -> None:
+        event("rebuild")
+        to_seq = round(self.head() * fraction)
+
+        async def go() -> Any:
+            async with self.compactor() as compactor:
+                return await compactor.rebuild(to_seq)
+
+        result = self.run(go)
+        assert (result.hwm, result.published) == (to_seq, False)
+        assert_states_equal(
+            self.snapshot(result.snapshot_key, result.snapshot_sha256), self.model_at(to_seq)
+        )
+
+    @rule()
+    def rebuild_and_publish(self) -> None:
+        event("rebuild and publish")
+
+        async def go() -> Any:
+            async with self.compactor() as compactor:
+                return await compactor.rebuild(publish=True)
+
+        result = self.run(go)
+        assert (result.hwm, result.published) == (self.head(), True)
+        assert self.state().snapshot_key == result.snapshot_key
+
+    @rule()
+    def fresh_read(self) -> None:
+        event("fresh read")
+
+        async def go() -> dict[str, Any]:
+            async with Reader.open(
+                CONFIG,
+                consistency="fresh",
+                cache_dir=self.tmp / "reader",
+                store=self.store,
+                table=self.table,
+            ) as reader:
+                return {c: await reader.get(collection=c) for c in COLLECTIONS}
+
+        got = self.run(go)
+        want = self.model_at(self.head())
+        for collection in COLLECTIONS:
+            records = want.get(collection, {})
+            seen = got[collection]
+            assert sorted(seen["ids"]) == sorted(records), collection
+            for id_, document, metadata in zip(
+                seen["ids"], seen["documents"], seen["metadatas"], strict=True
+            ):
+                assert (document, metadata or None) == (
+                    records[id_].document,
+                    records[id_].metadata,
+                ), (collection, id_)
+
+    # -- invariants -----------------------------------------------------------------
+
+    @invariant()
+    def hwm_never_decreases(self) -> None:
+        state = self.state()
+        assert state.hwm >= self.hwm, f"hwm went from {self.hwm} to {state.hwm}"
+        assert state.hwm <= self.head()
+        self.hwm = state.hwm
+
+    @invariant()
+    def every_acknowledged_delta_is_in_the_log_exactly_once(self) -> None:
+        order = self.run(self.delta_order)
+        where: dict[str, list[int]] = {}
+        for seq, ids in order.items():
+            for delta_id in ids:
+                where.setdefault(delta_id, []).append(seq)
+        assert where == {d: [seq] for d, (seq, _) in self.acked.items()}
+        assert sorted(order) == list(range(1, self.head() + 1)), "dense seqs, no seals needed"
+
+    @invariant()
+    def the_committed_snapshot_is_the_model_at_hwm(self) -> None:
+        state = self.state()
+        committed = (state.snapshot_key, state.snapshot_sha256)
+        if committed == self.checked:
+            return
+        if state.snapshot_key is None or state.snapshot_sha256 is None:
+            assert state.hwm == 0
+        else:
+            got = self.snapshot(state.snapshot_key, state.snapshot_sha256)
+            assert_states_equal(got, self.model_at(state.hwm))
+        self.checked = committed
+
+
+TestDeltaLogModel = DeltaLogModel.TestCase
+TestDeltaLogModel.settings = settings(max_examples=20, stateful_step_count=15, deadline=None)
