@@ -295,6 +295,8 @@ class _Ledger:
     def __init__(self) -> None:
         self.acked: dict[str, int] = {}
         self.failed: dict[str, BaseException] = {}
+        self.maybe_written: set[str] = set()
+        """Failed with an ambiguous error at least once."""
         self.retried = 0
 
     def check(self, entries: list[tuple[int, Entry]]) -> None:
@@ -306,6 +308,10 @@ class _Ledger:
             assert found.get(delta_id) == [seq], f"acknowledged {delta_id} at {seq}: {found}"
         for delta_id in self.failed:
             assert len(found.get(delta_id, [])) <= 1, f"unacknowledged {delta_id} duplicated"
+            assert delta_id not in found or delta_id in self.maybe_written, (
+                f"{delta_id} is in the log, but its producer was told it was not written: "
+                f"{self.failed[delta_id]!r}"
+            )
         unknown = set(found) - set(self.acked) - set(self.failed)
         assert not unknown, f"deltas nobody submitted: {sorted(unknown)[:5]}"
 
@@ -339,6 +345,8 @@ async def _produce(
                 break
             except (Unavailable, Conflict) as exc:
                 ledger.failed[d.delta_id] = exc
+                if isinstance(exc, Unavailable) and exc.ambiguous:
+                    ledger.maybe_written.add(d.delta_id)
                 ledger.retried += attempt == 0 and keyed
 
 
