@@ -9,6 +9,7 @@ and old snapshots are deleted only after a commit made them unreferenced.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -54,8 +55,14 @@ async def publish_snapshot(
     token: int,
     counts: dict[str, int],
     compression: Compression = "none",
+    scratch: Path | None = None,
 ) -> Published:
-    """Archive ``directory`` (a closed Chroma directory) and upload it under a new key."""
+    """Archive ``directory`` (a closed Chroma directory) and upload it under a new key.
+
+    The archive is written under ``scratch`` (the snapshot cache's, so on the
+    same disk and swept after a crash), else in the system's temporary
+    directory.
+    """
     sidecar = Sidecar(
         format=1,
         log=keys.log,
@@ -69,7 +76,7 @@ async def publish_snapshot(
     )
     suffix = ".tar.zst" if compression == "zstd" else ".tar"
     key = keys.snapshot(hwm, token, uuid.uuid4().hex[:12], suffix)
-    with tempfile.TemporaryDirectory(prefix="deltalog-publish-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"publish-{os.getpid()}-", dir=scratch) as tmp:
         out = Path(tmp) / f"snapshot{suffix}"
         info = await anyio.to_thread.run_sync(
             lambda: archive(directory, sidecar, out, compression=compression)

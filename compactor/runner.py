@@ -307,6 +307,7 @@ class Compactor:
                 token=lease.token,
                 counts=replay.counts,
                 compression=self.compression,
+                scratch=self.cache.scratch,
             )
             result = self._applied(state, replay, published, lease)
             await self._commit(lease, state, published, result)
@@ -477,6 +478,7 @@ class Compactor:
                 token=token,
                 counts=counts,
                 compression=self.compression,
+                scratch=self.cache.scratch,
             )
         finally:
             await self._discard(work)

@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
@@ -403,6 +403,15 @@ class SnapshotCache:
     ``keep`` is how many slots survive when a new one is installed (the new
     one included). ``working_copy``, ``adopt`` and ``discard`` block; call
     them in a worker thread when the directories are large.
+
+    Crash safety: a slot appears in ``committed/`` by one rename of a
+    complete directory and leaves it by one rename into ``tmp/`` before it
+    is deleted, so a process killed at any moment leaves either a whole slot
+    or none (a slot without its ``source.json`` is not trusted). Scratch
+    directories (``tmp/``, ``work/``) carry the creating process's pid in
+    their names; opening a cache removes those of processes that no longer
+    run on this host. Share a cache directory between processes of one host
+    only.
     """
 
     def __init__(self, root: Path, *, keep: int = 2) -> None:
@@ -423,6 +432,17 @@ class SnapshotCache:
             raise ConfigurationError(
                 f"the snapshot cache directory {root} is not writable: {exc}"
             ) from exc
+        self.swept = self._sweep()
+        """Scratch directories of dead processes removed when the cache was opened."""
+
+    @property
+    def scratch(self) -> Path:
+        """Where to put temporary files of this cache's size (same filesystem)."""
+        return self._tmp
+
+    def scratch_prefix(self, kind: str) -> str:
+        """A name prefix for a scratch directory: swept once this process is gone."""
+        return f"{kind}-{os.getpid()}-"
 
     async def committed(self, store: ObjectStore, key: str, sha256: str, *, log: str) -> Path:
         """The extracted snapshot ``key``, downloaded and verified unless already cached.
@@ -432,7 +452,7 @@ class SnapshotCache:
         ``CorruptSnapshot``. Both name the key; nothing is left in the cache.
         """
         slot = self._slot(key, sha256)
-        if await anyio.Path(slot / "chroma").is_dir():
+        if await anyio.to_thread.run_sync(self._complete, slot):
             return slot / "chroma"
         tmp = Path(await anyio.to_thread.run_sync(self._mkdtemp, "download-"))
         try:
@@ -496,7 +516,17 @@ class SnapshotCache:
         return self._committed / name
 
     def _mkdtemp(self, prefix: str, parent: Path | None = None) -> str:
-        return tempfile.mkdtemp(prefix=prefix, dir=parent or self._tmp)
+        return tempfile.mkdtemp(
+            prefix=self.scratch_prefix(prefix.rstrip("-")), dir=parent or self._tmp
+        )
+
+    def _complete(self, slot: Path) -> bool:
+        """Whether ``slot`` is whole; a partial one (left by an older version) is removed."""
+        if (slot / _SOURCE_NAME).is_file() and (slot / "chroma").is_dir():
+            return True
+        if slot.exists():
+            self._remove(slot)
+        return False
 
     def _place(self, staged: Path, source: _Source) -> None:
         """Rename a complete slot into place; another process may have won the race."""
@@ -505,7 +535,7 @@ class SnapshotCache:
         try:
             staged.rename(slot)
         except OSError:
-            if not (slot / "chroma").is_dir():
+            if not self._complete(slot):
                 raise
         self._prune(slot)
 
@@ -514,7 +544,51 @@ class SnapshotCache:
         slots = sorted(self._committed.iterdir(), key=_installed_at, reverse=True)
         others = [s for s in slots if s != current]
         for old in others[self.keep - 1 :]:
-            shutil.rmtree(old)
+            self._remove(old)
+
+    def _remove(self, slot: Path) -> None:
+        """Take a slot out of ``committed/`` in one rename, then delete it."""
+        doomed = Path(self._mkdtemp("prune")) / "slot"
+        with suppress(FileNotFoundError):  # another process removed it first
+            slot.rename(doomed)
+        shutil.rmtree(doomed.parent)
+
+    def _sweep(self) -> list[str]:
+        """Remove scratch directories whose creating process no longer runs."""
+        swept = []
+        for parent in (self._tmp, self._work):
+            for path in parent.iterdir():
+                pid = _scratch_pid(path.name)
+                if pid is None or pid == os.getpid() or _running(pid):
+                    continue
+                try:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                except FileNotFoundError:  # another process swept it first
+                    continue
+                swept.append(f"{parent.name}/{path.name}")
+        return swept
+
+
+def _scratch_pid(name: str) -> int | None:
+    """The pid in a scratch directory's name (``kind-pid-random``), if it has one."""
+    parts = name.split("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _installed_at(slot: Path) -> float:

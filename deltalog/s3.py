@@ -26,6 +26,9 @@ from deltalog.store import ObjectInfo, StoredObject
 
 __all__ = ["S3Store"]
 
+_FIRST_PAGE = 64
+"""Keys in the first page of a listing; later pages double, up to ``page_size``."""
+
 _CHUNK = 1024 * 1024
 _BODY_ATTEMPTS = 3
 _BODY_CUT = (aiohttp.ClientPayloadError, IncompleteReadError, ResponseStreamingError)
@@ -129,9 +132,14 @@ class S3Store:
     async def list_after(
         self, prefix: str, start_after: str = "", *, page_size: int = 1000
     ) -> AsyncIterator[ObjectInfo]:
+        # Pages start small and double up to ``page_size``: a caller that stops
+        # early (a reader at a hole, a fresh read of a short tail) lists little,
+        # one that reads on pays a few more requests per million keys.
         token: str | None = None
+        size = min(page_size, _FIRST_PAGE)
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": size}
+            size = min(page_size, size * 2)
             if token:
                 kwargs["ContinuationToken"] = token
             elif start_after:

@@ -378,13 +378,15 @@ async def test_follow_compacts_two_logs_and_stops_cleanly_on_a_signal(
             await log.append(delta(rng, f"first{i}"))
             await log.append(delete(f"first{i}#0"))
         assert await _eventually(caught_up, 30), daemon.stderr
+        # The hwm is committed before the lease is released; the result is
+        # printed after the release, so wait for it before reading the state.
+        printed = [f"{log.config.log}: applied" for log in logs]
+        assert await _eventually(lambda: _true(all(p in daemon.stdout for p in printed)), 30)
         first = [await _state(log) for log in logs]
         for log, state in zip(logs, first, strict=True):  # each log under its own lease
             assert (state.owner, state.hwm) == (None, 2), state
             assert state.token >= 1 and json.loads(state.last_run)["status"] == "applied"
             assert (state.snapshot_key or "").startswith(log.keys.snapshots_prefix)
-        printed = [f"{log.config.log}: applied" for log in logs]  # printed after the release
-        assert await _eventually(lambda: _true(all(p in daemon.stdout for p in printed)), 5)
 
         for i, log in enumerate(logs):  # arriving while the daemon follows
             for j in range(12):

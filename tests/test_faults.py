@@ -241,10 +241,11 @@ async def test_compaction_survives_a_lost_answer_at_each_write(
 # -- many producers under random faults -------------------------------------------
 
 TASKS = 32
-DELTAS_PER_TASK = 75
-"""Each task waits for every ack, and a faulted request costs an entry botocore's
-backoff (0.5 s on average): the run is bound by ``DELTAS_PER_TASK`` sequential
-appends, not by the number of tasks."""
+DELTAS_PER_TASK = 300
+IN_FLIGHT_PER_TASK = 8
+"""Each task keeps this many submissions waiting for their acks: a faulted request
+costs an entry botocore's backoff (0.5 s on average), so strictly sequential
+tasks would be bound by that latency, not by the protocol."""
 KEYED_TASKS = {1, 3}
 """Tasks whose deltas carry idempotency keys (and may be retried): moto copies a
 whole table for every item of a ``TransactWriteItems``, so keep claims few."""
@@ -335,9 +336,19 @@ def _delta(task: int, i: int, rng: np.random.Generator) -> Delta:
 async def _produce(
     task: int, producer: Producer, ledger: _Ledger, rng: np.random.Generator
 ) -> None:
+    """Submit the task's deltas, ``IN_FLIGHT_PER_TASK`` at a time."""
+    window = anyio.Semaphore(IN_FLIGHT_PER_TASK)
+    async with anyio.create_task_group() as tg:
+        for i in range(DELTAS_PER_TASK):
+            await window.acquire()
+            tg.start_soon(_submit, task, _delta(task, i, rng), producer, ledger, window)
+
+
+async def _submit(
+    task: int, d: Delta, producer: Producer, ledger: _Ledger, window: anyio.Semaphore
+) -> None:
     keyed = task in KEYED_TASKS
-    for i in range(DELTAS_PER_TASK):
-        d = _delta(task, i, rng)
+    try:
         for attempt in range(2 if keyed else 1):  # only a keyed delta may be retried
             try:
                 ledger.acked[d.delta_id] = await producer.submit(d)
@@ -348,6 +359,8 @@ async def _produce(
                 if isinstance(exc, Unavailable) and exc.ambiguous:
                     ledger.maybe_written.add(d.delta_id)
                 ledger.retried += attempt == 0 and keyed
+    finally:
+        window.release()
 
 
 async def test_producers_under_faults_lose_nothing_and_duplicate_nothing(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -262,6 +265,14 @@ async def uploaded(store: MemoryStore, info: ArchiveInfo, key: str = KEY) -> Non
     assert await store.upload_file(key, info.path)
 
 
+async def cache_with(tmp_path: Path, info: ArchiveInfo) -> tuple[MemoryStore, SnapshotCache, Path]:
+    """A store holding the snapshot, an empty cache, and the snapshot fetched into it."""
+    store = MemoryStore()
+    await uploaded(store, info)
+    cache = SnapshotCache(tmp_path / "cache")
+    return store, cache, await cache.committed(store, KEY, info.sha256, log=LOG)
+
+
 def leftovers(cache: SnapshotCache) -> list[str]:
     """Everything in the cache outside committed slots and working copies."""
     return sorted(p.name for p in (cache.root / "tmp").iterdir())
@@ -271,10 +282,7 @@ async def test_cache_downloads_once_then_reuses(
     tmp_path: Path, snapshot: tuple[ArchiveInfo, State]
 ) -> None:
     info, state = snapshot
-    store = MemoryStore()
-    await uploaded(store, info)
-    cache = SnapshotCache(tmp_path / "cache")
-    first = await cache.committed(store, KEY, info.sha256, log=LOG)
+    store, cache, first = await cache_with(tmp_path, info)
     assert state_differences(state, await read_chroma(first)) == []
     before = store.requests
     assert await cache.committed(store, KEY, info.sha256, log=LOG) == first
@@ -364,6 +372,61 @@ async def test_cache_keeps_the_newest_slots(tmp_path: Path) -> None:
         (work / "f").write_text(str(n))
         paths.append(cache.adopt(work, f"{KEY}{n}", f"{n:064d}"))
     assert [p.exists() for p in paths] == [False, True, True]
+    assert leftovers(cache) == []  # the pruned slot went through tmp/ and is gone
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_opening_a_cache_sweeps_scratch_of_dead_processes_only(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    dead, alive = _dead_pid(), os.getppid()
+    names = {
+        "tmp": [f"download-{dead}-x1", f"publish-{alive}-x2", "no-pid-here", f"adopt-{dead}-x3"],
+        "work": [f"run-{dead}-x4", f"run-{os.getpid()}-x5"],
+    }
+    for parent, entries in names.items():
+        for name in entries:
+            (root / parent / name / "chroma").mkdir(parents=True)
+            (root / parent / name / "chroma" / "data").write_bytes(b"half written")
+    cache = SnapshotCache(root)
+    assert sorted(cache.swept) == [
+        f"tmp/adopt-{dead}-x3",
+        f"tmp/download-{dead}-x1",
+        f"work/run-{dead}-x4",
+    ]
+    assert leftovers(cache) == sorted(["no-pid-here", f"publish-{alive}-x2"])
+    assert [p.name for p in (root / "work").iterdir()] == [f"run-{os.getpid()}-x5"]
+    assert SnapshotCache(root).swept == []
+
+
+def test_scratch_directories_name_their_process(tmp_path: Path) -> None:
+    cache = SnapshotCache(tmp_path / "cache")
+    work = cache.working_copy(None)
+    assert work.name.startswith(f"run-{os.getpid()}-")
+    assert cache.scratch_prefix("publish") == f"publish-{os.getpid()}-"
+
+
+async def test_a_partial_slot_is_not_trusted(
+    tmp_path: Path, snapshot: tuple[ArchiveInfo, State]
+) -> None:
+    """A slot half deleted by a killed process (older versions) is downloaded again."""
+    info, state = snapshot
+    store, cache, committed = await cache_with(tmp_path, info)
+    slot = committed.parent
+    for path in sorted(slot.rglob("*"), reverse=True):  # what a killed rmtree leaves
+        if path.is_file():
+            path.unlink()
+    assert (slot / "chroma").is_dir()
+    before = store.requests
+    again = await cache.committed(store, KEY, info.sha256, log=LOG)
+    assert store.requests > before
+    assert state_differences(state, await read_chroma(again)) == []
+    assert leftovers(cache) == []
 
 
 def test_unwritable_cache_directory_is_a_configuration_error(tmp_path: Path) -> None:

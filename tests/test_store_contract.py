@@ -94,6 +94,16 @@ class StoreContract:
         assert await self._list(store, prefix, keys[2], page_size=2) == keys[3:]
         assert await self._list(store, prefix, keys[1], page_size=1) == keys[2:]
 
+    async def test_list_after_crosses_growing_pages(self, store: ObjectStore, prefix: str) -> None:
+        """S3Store's pages start small and double: 200 keys take pages of 64, 128, 8."""
+        keys = [f"{prefix}{n:03d}" for n in range(200)]
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(store.put_if_absent, key, b"x")
+        assert await self._list(store, prefix) == keys
+        assert await self._list(store, prefix, keys[63]) == keys[64:]
+        assert await self._list(store, prefix, keys[100], page_size=50) == keys[101:]
+
     async def test_list_after_reports_sizes(self, store: ObjectStore, prefix: str) -> None:
         assert await store.put_if_absent(f"{prefix}a", b"12345")
         infos = [info async for info in store.list_after(prefix)]
