@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -231,7 +230,6 @@ async def test_throttling_beyond_the_retries_is_unavailable(server: OpenAIServer
 
 async def test_invalid_key_is_one_clear_configuration_error(server: OpenAIServer) -> None:
     e = openai_embedder(server, api_key="sk-wrong", batch_size=1, max_concurrency=4)
-    started = time.monotonic()
     try:
         with pytest.raises(ConfigurationError) as caught:
             await e.embed([f"t{i}" for i in range(5)])
@@ -245,7 +243,6 @@ async def test_invalid_key_is_one_clear_configuration_error(server: OpenAIServer
         assert len(server.requests) == seen  # a known-bad key is not tried again
     finally:
         await e.aclose()
-    assert time.monotonic() - started < 5
 
 
 async def test_bad_request_is_invalid_input(server: OpenAIServer, embedder: OpenAIEmbedder) -> None:
