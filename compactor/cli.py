@@ -71,6 +71,7 @@ def _compactor(
         grace=args.grace,
         limits=Limits(args.max_entries, args.max_bytes, args.max_seconds),
         retain=args.retain,
+        orphan_grace=args.orphan_grace,
         compression=args.compression,
         progress=ProgressLine(config.log) if progress else None,
     )
@@ -222,7 +223,13 @@ def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-entries", type=int, help="stop a run after this many entries")
     group.add_argument("--max-bytes", type=int, help="stop a run after reading this many bytes")
     group.add_argument("--max-seconds", type=float, help="stop reading after this many seconds")
-    group.add_argument("--retain", type=int, default=3, help="snapshots to keep")
+    group.add_argument("--retain", type=int, default=3, help="committed snapshots to keep")
+    group.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=3600.0,
+        help="delete snapshots no commit references once this old (s)",
+    )
     group.add_argument("--compression", choices=["none", "zstd"], default="none")
     group.add_argument("--json", action="store_true", help="print JSON")
 

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -107,18 +108,42 @@ async def prune_snapshots(
     keep: int,
     committed: str | None,
     below: int | None = None,
+    recent: Sequence[str] = (),
+    orphan_grace: float = 3600.0,
+    now: float | None = None,
 ) -> list[str]:
-    """Delete all but the newest ``keep`` snapshots, never the committed one.
+    """Delete the snapshots retention no longer needs; return their keys.
 
-    With ``below`` (the committed hwm, read just before), only snapshots of a
-    lower hwm go: one at or above it is the committed one or an upload that
-    a newer owner may be about to commit, whatever this caller believes.
+    ``recent`` is the state item's history of committed keys, newest first:
+    its first ``keep`` stay, older committed ones go. A snapshot no commit
+    referenced (an **orphan**: the upload of a crashed or fenced run, or of
+    a rebuild that was not published) goes once it is ``orphan_grace``
+    seconds old, and never counts toward ``keep``. Without a history (a
+    state committed by an older version) the newest ``keep`` by hwm stay.
+
+    Whatever the rest says, ``committed`` stays, and with ``below`` (the
+    committed hwm, read just before) so does every snapshot at or above it:
+    the committed one or an upload that a newer owner may be about to
+    commit, whatever this caller believes.
     """
-    listed = [info.key async for info in store.list_after(keys.snapshots_prefix)]
-    ordered = sorted(listed, key=lambda k: (keys.snapshot_hwm(k) or 0, k))
+    listed = [info async for info in store.list_after(keys.snapshots_prefix)]
+    if recent:
+        kept = set(recent[:keep])
+        known = set(recent)
+        cutoff = (time.time() if now is None else now) - orphan_grace
+        candidates = [
+            info.key
+            for info in listed
+            if info.key not in kept and (info.key in known or info.last_modified <= cutoff)
+        ]
+    else:
+        ordered = sorted(
+            (info.key for info in listed), key=lambda k: (keys.snapshot_hwm(k) or 0, k)
+        )
+        candidates = ordered[: max(0, len(ordered) - keep)]
     doomed = [
         k
-        for k in ordered[: max(0, len(ordered) - keep)]
+        for k in candidates
         if k != committed and (below is None or (keys.snapshot_hwm(k) or 0) < below)
     ]
     for key in doomed:

@@ -119,6 +119,8 @@ class RebuildResult:
 
 
 _CLEANUP_SECONDS = 60.0
+_RECENT_SNAPSHOTS = 16
+"""How many committed snapshot keys the state item remembers (at least ``retain``)."""
 
 
 async def _close(sink: Sink) -> None:
@@ -177,6 +179,7 @@ class Compactor:
         grace: float = 60.0,
         limits: Limits | None = None,
         retain: int = 3,
+        orphan_grace: float = 3600.0,
         compression: Compression = "none",
         prefetch: int = 32,
         progress: Callable[[Progress], None] | None = None,
@@ -186,7 +189,9 @@ class Compactor:
         sink_factory: SinkFactory | None = None,
     ) -> None:
         if retain < 1:
-            raise InvalidInput("retain must keep at least one snapshot")
+            raise InvalidInput("retain (--retain) must keep at least one snapshot")
+        if orphan_grace < 0:
+            raise InvalidInput("orphan_grace (--orphan-grace) must be at least 0 seconds")
         self.config = config
         self.keys = config.keys
         self.cache_dir = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
@@ -194,6 +199,7 @@ class Compactor:
         self.grace = grace
         self.limits = limits or Limits()
         self.retain = retain
+        self.orphan_grace = orphan_grace
         self.compression: Compression = compression
         self.prefetch = prefetch
         self.progress = progress
@@ -337,6 +343,9 @@ class Compactor:
                 keep=self.retain,
                 committed=state.snapshot_key or committed,
                 below=state.hwm,
+                recent=state.recent_snapshots,
+                orphan_grace=self.orphan_grace,
+                now=time.time(),
             )
         except DeltalogError as exc:
             log.warning(
@@ -383,6 +392,7 @@ class Compactor:
                     snapshot_sha256=published.sha256,
                     snapshot_size=published.size,
                     last_run=self._last_run(result, None),
+                    recent_snapshots=self._recent(published.key, state),
                 ),
                 now=time.time(),
             )
@@ -396,6 +406,14 @@ class Compactor:
             if not isinstance(exc, Unavailable):  # refused for sure
                 await self._forget(published.key)
             raise
+
+    def _recent(self, key: str, state: LogState) -> tuple[str, ...]:
+        """The committed snapshots' history after committing ``key``, newest first."""
+        history = state.recent_snapshots
+        if not history and state.snapshot_key is not None:  # committed by an older version
+            history = (state.snapshot_key,)
+        older = [k for k in history if k != key]
+        return (key, *older)[: max(self.retain, _RECENT_SNAPSHOTS)]
 
     async def _forget(self, key: str) -> None:
         """Delete an upload no commit will ever reference (best effort, shielded)."""
@@ -521,6 +539,7 @@ class Compactor:
                 published.sha256,
                 published.size,
                 last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
+                recent_snapshots=self._recent(published.key, lease.state),
             ),
             now=time.time(),
         )

@@ -355,6 +355,8 @@ class DynamoTable:
         hwm_matches = "hwm = :prev" if prev_hwm else "(attribute_not_exists(hwm) OR hwm = :prev)"
         # An empty last_run keeps the one recorded, as in the memory adapter.
         run = ", last_run = :run" if commit.last_run else ""
+        if commit.recent_snapshots:
+            run += ", recent_snapshots = :recent"
         item = await self._update_state(
             log_id,
             "commit",
@@ -373,6 +375,11 @@ class DynamoTable:
                 ":size": _n(commit.snapshot_size),
                 ":now": _n(now),
                 **({":run": _s(commit.last_run)} if commit.last_run else {}),
+                **(
+                    {":recent": {"L": [_s(k) for k in commit.recent_snapshots]}}
+                    if commit.recent_snapshots
+                    else {}
+                ),
             },
         )
         if item is not None:
@@ -493,4 +500,7 @@ def _state_of(item: dict[str, Any]) -> LogState:
         hole_seq=int(number("hole_seq")),
         hole_first_seen=number("hole_first_seen"),
         last_run=text("last_run") or "",
+        recent_snapshots=tuple(
+            v["S"] for v in item.get("recent_snapshots", {}).get("L", ()) if "S" in v
+        ),
     )

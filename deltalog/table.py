@@ -53,6 +53,10 @@ class LogState:
     hole_first_seen: float = 0.0
     last_run: str = ""
     """A one-line JSON summary of the last compaction run."""
+    recent_snapshots: tuple[str, ...] = ()
+    """The keys of the most recently committed snapshots, newest (the committed
+    one) first: what retention keeps. Empty for a state committed by a version
+    before it."""
 
     def lease_free(self, now: float) -> bool:
         return self.owner is None or self.expires_at <= now
@@ -67,6 +71,9 @@ class Commit:
     snapshot_sha256: str
     snapshot_size: int
     last_run: str = ""
+    recent_snapshots: tuple[str, ...] = ()
+    """The new ``LogState.recent_snapshots`` (``snapshot_key`` first); empty keeps
+    the recorded ones."""
 
 
 class Table(Protocol):
@@ -237,6 +244,7 @@ class MemoryTable:
             snapshot_sha256=commit.snapshot_sha256,
             snapshot_size=commit.snapshot_size,
             last_run=commit.last_run or state.last_run,
+            recent_snapshots=commit.recent_snapshots or state.recent_snapshots,
             updated_at=now,
         )
         self._states[log_id] = state

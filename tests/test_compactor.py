@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -17,6 +18,7 @@ from deltalog import (
     DataError,
     Delta,
     DeltaLog,
+    InvalidInput,
     LeaseLost,
     LogConfig,
     Unavailable,
@@ -420,10 +422,50 @@ async def test_retention_deletes_old_snapshots_only_after_a_commit(
             await c.run_once()
         kept = await listed()
         assert set(committed[-2:]) < set(kept) and len(kept) == 3, "nothing deleted uncommitted"
+        (orphan,) = set(kept) - set(committed)
         result = await c.run_once()
-        after = await listed()
-        assert len(after) == 2 and result.snapshot_key in after
-        assert (await table.read_state(log.keys.log_id)).snapshot_key == result.snapshot_key
+        assert result.snapshot_key is not None
+        # The crashed run's upload is an orphan: it never counts toward retain,
+        # and it is young (the grace is an hour), so it stays for now.
+        assert await listed() == sorted([committed[-1], orphan, result.snapshot_key])
+        state = await table.read_state(log.keys.log_id)
+        assert state.snapshot_key == result.snapshot_key
+        assert state.recent_snapshots[:2] == (result.snapshot_key, committed[-1])
+
+
+async def test_retention_keeps_committed_snapshots_and_deletes_orphans_after_a_grace(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = MemoryStore(), MemoryTable()
+
+    async def listed() -> set[str]:
+        return {info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)}
+
+    async with (
+        DeltaLog.open(MEMORY, store=store, table=table) as log,
+        Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table, retain=2) as keeper,
+        Compactor(
+            MEMORY, cache_dir=tmp_path, store=store, table=table, retain=2, orphan_grace=0
+        ) as sweeper,
+    ):
+        committed: list[str] = []
+        orphans: list[str] = []
+        for i, compactor in enumerate((keeper, keeper, keeper, sweeper)):
+            await log.append(delta(rng, f"d{i}"))
+            # A run killed between its upload and its commit, at the hwm to come:
+            orphan = log.keys.snapshot(await log.head(), 90 + i, f"orphan{i}")
+            assert await store.put_if_absent(orphan, b"never committed")
+            orphans.append(orphan)
+            result = await compactor.run_once()
+            assert result.snapshot_key is not None
+            committed.append(result.snapshot_key)
+            if compactor is keeper:  # orphans younger than the grace stay, uncounted
+                assert await listed() == {*committed[-2:], *orphans}
+        # The sweeper (grace 0) deleted every orphan below the committed hwm; the
+        # one at the committed hwm may be a newer owner's upload about to commit.
+        assert await listed() == {*committed[-2:], orphans[-1]}
+        state = await table.read_state(log.keys.log_id)
+        assert state.recent_snapshots == tuple(reversed(committed))
 
 
 async def test_a_byte_limit_commits_the_entries_that_fit_then_continues(
@@ -554,3 +596,17 @@ async def test_a_failed_cleanup_does_not_fail_a_committed_run(
         await log.append(delta(rng, "c"))
         third = await c.run_once()
         assert await listed() == [third.snapshot_key]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"retain": 0}, r"retain \(--retain\) must keep at least one snapshot"),
+        ({"orphan_grace": -1.0}, r"orphan_grace \(--orphan-grace\) must be at least 0"),
+    ],
+)
+def test_bad_retention_settings_are_refused(
+    settings: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        Compactor(MEMORY, cache_dir=tmp_path, **settings)

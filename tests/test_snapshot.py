@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import chromadb
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from chromadb.api.client import Client
 
+from compactor.publish import prune_snapshots
 from compactor.sink import ChromaSink
 from compactor.snapshot import (
     SIDECAR_NAME,
@@ -30,10 +32,12 @@ from compactor.snapshot import (
 from deltalog.entry import Batch, Delete, Delta, Entry, Op, UpdateMetadata, Upsert
 from deltalog.errors import ConfigurationError, CorruptSnapshot, DataError, InvalidInput
 from deltalog.fold import State, fold, reference_state, state_differences
+from deltalog.keys import LogKeys
 from deltalog.store import MemoryStore
 
 KEY = "root/receipts/snapshots/00000000000000000003-000000000007-abc.tar"
 LOG = "receipts"
+LOG_KEYS = LogKeys("root", LOG)
 
 
 def sidecar(**changes: object) -> Sidecar:
@@ -434,3 +438,48 @@ def test_unwritable_cache_directory_is_a_configuration_error(tmp_path: Path) -> 
     blocker.write_text("not a directory")
     with pytest.raises(ConfigurationError, match=f"{blocker}/cache"):
         SnapshotCache(blocker / "cache")
+
+
+# -- retention ----------------------------------------------------------------------------
+
+
+async def _snapshots(store: MemoryStore, hwms: range) -> list[str]:
+    keys = [LOG_KEYS.snapshot(hwm, hwm, f"n{hwm}", ".tar") for hwm in hwms]
+    for key in keys:
+        assert await store.put_if_absent(key, b"snapshot")
+    return keys
+
+
+async def _listed(store: MemoryStore) -> list[str]:
+    return [info.key async for info in store.list_after(LOG_KEYS.snapshots_prefix)]
+
+
+async def test_retention_without_a_history_keeps_the_newest_by_hwm() -> None:
+    """A state committed by a version that kept no history."""
+    store = MemoryStore()
+    k1, k2, k3, k4 = await _snapshots(store, range(1, 5))
+    doomed = await prune_snapshots(store, LOG_KEYS, keep=2, committed=k4, below=4)
+    assert doomed == [k1, k2]
+    assert await _listed(store) == [k3, k4]
+
+
+async def test_retention_with_a_history_tells_committed_from_orphans() -> None:
+    store = MemoryStore()
+    k1, k2, k3, k4, k5 = await _snapshots(store, range(1, 6))
+    recent = (k4, k3, k1)  # k2 was never committed; k5 is above the committed hwm
+    young = await prune_snapshots(
+        store, LOG_KEYS, keep=2, committed=k4, below=4, recent=recent, orphan_grace=60
+    )
+    assert young == [k1], "an orphan younger than the grace stays"
+    old = await prune_snapshots(
+        store,
+        LOG_KEYS,
+        keep=2,
+        committed=k4,
+        below=4,
+        recent=recent,
+        orphan_grace=60,
+        now=time.time() + 61,
+    )
+    assert old == [k2]
+    assert await _listed(store) == [k3, k4, k5]

@@ -183,6 +183,20 @@ class TableContract:
             '{"status": "nothing"}',
         )
 
+    async def test_commit_records_the_recent_snapshots(self, table: Table, log_id: str) -> None:
+        assert (await table.read_state(log_id)).recent_snapshots == ()
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        first = Commit(4, "snap-4", "sha-4", 40, recent_snapshots=("snap-4", "snap-2"))
+        state = await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=101.0)
+        assert state.recent_snapshots == ("snap-4", "snap-2")
+        # An empty history keeps the recorded one.
+        second = Commit(6, "snap-6", "sha-6", 60)
+        await table.commit(log_id, "a", 1, prev_hwm=4, commit=second, now=102.0)
+        assert (await table.read_state(log_id)).recent_snapshots == ("snap-4", "snap-2")
+        third = Commit(8, "snap-8", "sha-8", 80, recent_snapshots=("snap-8", "snap-4"))
+        await table.commit(log_id, "a", 1, prev_hwm=6, commit=third, now=103.0)
+        assert (await table.read_state(log_id)).recent_snapshots == ("snap-8", "snap-4")
+
     async def test_note_hole_remembers_when_a_hole_was_first_seen(
         self, table: Table, log_id: str
     ) -> None:
