@@ -397,13 +397,14 @@ async def test_an_uncommitted_working_copy_is_never_reused(
             assert_states_equal(await committed_state(c), await reference(log))
 
 
+async def snapshot_keys(store: MemoryStore) -> list[str]:
+    return [info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)]
+
+
 async def test_retention_deletes_old_snapshots_only_after_a_commit(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
     store, table = MemoryStore(), FaultyTable()
-
-    async def listed() -> list[str]:
-        return [info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)]
 
     async with (
         DeltaLog.open(MEMORY, store=store, table=table) as log,
@@ -415,19 +416,19 @@ async def test_retention_deletes_old_snapshots_only_after_a_commit(
             result = await c.run_once()
             assert result.snapshot_key is not None
             committed.append(result.snapshot_key)
-            assert await listed() == sorted(committed[-2:])
+            assert await snapshot_keys(store) == sorted(committed[-2:])
         await log.append(delta(rng, "e"))
         table.crash_on = "before-commit"
         with pytest.raises(Crash):
             await c.run_once()
-        kept = await listed()
+        kept = await snapshot_keys(store)
         assert set(committed[-2:]) < set(kept) and len(kept) == 3, "nothing deleted uncommitted"
         (orphan,) = set(kept) - set(committed)
         result = await c.run_once()
         assert result.snapshot_key is not None
         # The crashed run's upload is an orphan: it never counts toward retain,
         # and it is young (the grace is an hour), so it stays for now.
-        assert await listed() == sorted([committed[-1], orphan, result.snapshot_key])
+        assert await snapshot_keys(store) == sorted([committed[-1], orphan, result.snapshot_key])
         state = await table.read_state(log.keys.log_id)
         assert state.snapshot_key == result.snapshot_key
         assert state.recent_snapshots[:2] == (result.snapshot_key, committed[-1])
@@ -437,9 +438,6 @@ async def test_retention_keeps_committed_snapshots_and_deletes_orphans_after_a_g
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
     store, table = MemoryStore(), MemoryTable()
-
-    async def listed() -> set[str]:
-        return {info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)}
 
     async with (
         DeltaLog.open(MEMORY, store=store, table=table) as log,
@@ -460,10 +458,10 @@ async def test_retention_keeps_committed_snapshots_and_deletes_orphans_after_a_g
             assert result.snapshot_key is not None
             committed.append(result.snapshot_key)
             if compactor is keeper:  # orphans younger than the grace stay, uncounted
-                assert await listed() == {*committed[-2:], *orphans}
+                assert set(await snapshot_keys(store)) == {*committed[-2:], *orphans}
         # The sweeper (grace 0) deleted every orphan below the committed hwm; the
         # one at the committed hwm may be a newer owner's upload about to commit.
-        assert await listed() == {*committed[-2:], orphans[-1]}
+        assert set(await snapshot_keys(store)) == {*committed[-2:], orphans[-1]}
         state = await table.read_state(log.keys.log_id)
         assert state.recent_snapshots == tuple(reversed(committed))
 
@@ -576,9 +574,6 @@ async def test_a_failed_cleanup_does_not_fail_a_committed_run(
 ) -> None:
     store, table = FailingDeleteStore(), MemoryTable()
 
-    async def listed() -> list[str]:
-        return [info.key async for info in store.list_after(MEMORY.keys.snapshots_prefix)]
-
     async with (
         DeltaLog.open(MEMORY, store=store, table=table) as log,
         Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table, retain=1) as c,
@@ -590,12 +585,16 @@ async def test_a_failed_cleanup_does_not_fail_a_committed_run(
         second = await c.run_once()
         assert second.status == "applied"
         assert (await table.read_state(log.keys.log_id)).snapshot_key == second.snapshot_key
-        assert await listed() == sorted(filter(None, [first.snapshot_key, second.snapshot_key]))
-        assert len(await listed()) == 2, "the old snapshot stays until a later run deletes it"
+        assert await snapshot_keys(store) == sorted(
+            filter(None, [first.snapshot_key, second.snapshot_key])
+        )
+        assert len(await snapshot_keys(store)) == 2, (
+            "the old snapshot stays until a later run deletes it"
+        )
         store.failing = False
         await log.append(delta(rng, "c"))
         third = await c.run_once()
-        assert await listed() == [third.snapshot_key]
+        assert await snapshot_keys(store) == [third.snapshot_key]
 
 
 @pytest.mark.parametrize(
