@@ -200,7 +200,14 @@ class DeltaLog:
             max_in_flight=max_in_flight,
         )
 
-    def read(self, after: int = 0, *, to_seq: int | None = None, prefetch: int = 32) -> LogReader:
+    def read(
+        self,
+        after: int = 0,
+        *,
+        to_seq: int | None = None,
+        prefetch: int = 32,
+        classify_end: bool = True,
+    ) -> LogReader:
         """``(seq, entry)`` after ``after`` in seq order; see ``LogReader``."""
         self._check_open()
         return LogReader(
@@ -212,6 +219,7 @@ class DeltaLog:
             to_seq=to_seq,
             prefetch=prefetch,
             verifier=self.config.verifier,
+            classify_end=classify_end,
         )
 
     async def head(self) -> int:

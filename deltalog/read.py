@@ -5,7 +5,9 @@
 requests, verifies and decodes each one, and yields ``(seq, entry)`` in seq
 order. It stops at the first missing seq and records why in ``end``: a
 **hole** is a missing seq at or below the counter (reserved, not written);
-past the counter the log simply ends.
+past the counter the log simply ends. Telling the two apart costs one read
+of the counter; a caller that does not need it (a fresh reader, which reads
+whatever is there) passes ``classify_end=False`` and ``end`` stays None.
 
 A corrupt entry raises ``CorruptEntry`` when its turn comes, after every
 entry before it has been yielded; with a ``verifier`` (trusted signing
@@ -73,6 +75,7 @@ class LogReader:
         to_seq: int | None = None,
         prefetch: int = 32,
         verifier: Verifier | None = None,
+        classify_end: bool = True,
     ) -> None:
         if after < 0 or (to_seq is not None and to_seq < after) or prefetch < 1:
             raise ValueError("need 0 <= after <= to_seq and prefetch >= 1")
@@ -84,6 +87,7 @@ class LogReader:
         self.to_seq = to_seq
         self.prefetch = prefetch
         self.verifier = verifier
+        self.classify_end = classify_end
         self.end: ReadEnd | None = None
         self.bytes_read = 0
         """Bytes fetched, prefetched entries included."""
@@ -121,7 +125,8 @@ class LogReader:
             yield item
         if self._error is not None:
             raise self._error
-        await self._finish(expected, gap_after, limited)
+        if self.classify_end:
+            await self._finish(expected, gap_after, limited)
 
     async def _finish(self, expected: int, gap_after: ObjectInfo | None, limited: bool) -> None:
         head = await self._table.read_head(self._keys.log_id)

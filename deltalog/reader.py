@@ -206,7 +206,7 @@ class Reader:
         tail = self._tail
         quarantined: dict[int, str] | None = None
         while True:
-            reader = self.log.read(after=tail.last_seq, prefetch=self._prefetch)
+            reader = self.log.read(after=tail.last_seq, prefetch=self._prefetch, classify_end=False)
             try:
                 async for seq, entry in reader:
                     self._fold(seq, entry)

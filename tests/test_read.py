@@ -9,6 +9,7 @@ import pytest
 from deltalog import Closed, CorruptEntry, DataError, DeltaLog, Entry, LogConfig, Unavailable
 from deltalog.aws import client
 from deltalog.store import MemoryStore
+from deltalog.table import MemoryTable
 from tests.builders import batch_of, delete
 from tests.faulty import faulty_log
 
@@ -44,6 +45,23 @@ async def test_entries_come_in_seq_order_across_windows(
     assert reader.end is not None
     assert (reader.end.seq, reader.end.head, reader.end.reason) == (11, 10, "end")
     assert reader.bytes_read > 0
+
+
+async def test_a_read_that_does_not_classify_its_end_skips_the_counter(
+    memory_log: DeltaLog,
+) -> None:
+    await _fill(memory_log, 3)
+    table = memory_log.table
+    assert isinstance(table, MemoryTable)
+    before = table.requests
+    reader = memory_log.read(after=1, classify_end=False)
+    assert [seq async for seq, _ in reader] == [2, 3]
+    assert reader.end is None
+    assert table.requests == before, "no counter read"
+    classified = memory_log.read(after=1)
+    assert [seq async for seq, _ in classified] == [2, 3]
+    assert classified.end is not None and classified.end.reason == "end"
+    assert table.requests == before + 1
 
 
 async def test_read_on_moto_in_small_windows(log: DeltaLog) -> None:

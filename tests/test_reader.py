@@ -9,6 +9,8 @@ import pytest
 
 from compactor import Compactor
 from deltalog import Delta, DeltaLog, InvalidInput, LogConfig, Reader, UpdateMetadata, Upsert
+from deltalog.store import MemoryStore
+from deltalog.table import MemoryTable
 from tests.builders import delete
 
 DIM = 8
@@ -128,3 +130,18 @@ async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_pat
     with pytest.raises(InvalidInput, match="consistency"):
         async with Reader.open(config, consistency="eventual", cache_dir=tmp_path):  # type: ignore[arg-type]
             pass
+
+
+async def test_a_fresh_read_with_nothing_new_costs_two_requests(tmp_path: Path) -> None:
+    """One state read and one listing: the counter is not read."""
+    config = LogConfig(bucket="memory", table="memory", log="mem")
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(config, store=store, table=table) as log:
+        await log.append(_upsert(["a"], _basis(0), "Costco"))
+        async with Reader.open(
+            config, consistency="fresh", cache_dir=tmp_path, store=store, table=table
+        ) as reader:
+            assert (await reader.get(collection="words"))["ids"] == ["a"]
+            before = (store.requests, table.requests)
+            assert (await reader.get(collection="words"))["ids"] == ["a"]
+            assert (store.requests - before[0], table.requests - before[1]) == (1, 1)
