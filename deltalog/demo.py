@@ -29,7 +29,6 @@ from pathlib import Path
 from compactor import CompactionResult, Compactor
 from compactor.cli import ProgressLine
 from deltalog.config import LogConfig
-from deltalog.dynamo import DynamoTable
 from deltalog.embed import Embedder, make_embedder
 from deltalog.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
 from deltalog.errors import DataError
@@ -38,7 +37,7 @@ from deltalog.ingest import IngestSummary, LabelUpdate, ReceiptProducer, ingest_
 from deltalog.log import DeltaLog
 from deltalog.reader import Reader
 from deltalog.receipts import Receipt, word_inputs, write_jsonl
-from deltalog.s3 import S3Store
+from deltalog.storage import ensure_storage
 
 __all__ = ["run_demo"]
 
@@ -66,19 +65,6 @@ def _endpoint() -> Iterator[str]:
             for name, value in FAKE_CREDENTIALS.items():
                 os.environ.setdefault(name, value)
         yield url
-
-
-async def _init(config: LogConfig) -> None:
-    store = await S3Store.connect(config)
-    try:
-        await store.ensure_bucket()
-    finally:
-        await store.aclose()
-    table = await DynamoTable.connect(config)
-    try:
-        await table.ensure_table()
-    finally:
-        await table.aclose()
 
 
 async def _ingest(tally: _Tally, log: DeltaLog, setup: _Setup, name: str) -> None:
@@ -211,7 +197,7 @@ async def run_demo(args: argparse.Namespace) -> int:
                 bucket="deltalog-demo", table="deltalog-demo", log="receipts", endpoint_url=endpoint
             )
             _step(tally, f"S3 + DynamoDB endpoint at {endpoint}; bucket and table created")
-            await _init(config)
+            await ensure_storage(config)
             receipts = list(generate_receipts(args.receipts + args.more + 1, seed=args.seed))
             setup = _Setup(
                 config,

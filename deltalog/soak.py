@@ -56,7 +56,7 @@ from deltalog.faults import FaultPolicy, FaultProxy, FaultStatistics
 from deltalog.fold import State, reference_state, state_differences
 from deltalog.log import DeltaLog
 from deltalog.producer import Producer
-from deltalog.s3 import S3Store
+from deltalog.storage import ensure_storage
 
 if TYPE_CHECKING:
     from compactor.runner import Compactor
@@ -397,23 +397,10 @@ async def run_soak(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else 1
 
 
-async def _init(config: LogConfig) -> None:
-    store = await S3Store.connect(config)
-    try:
-        await store.ensure_bucket()
-    finally:
-        await store.aclose()
-    table = await DynamoTable.connect(config)
-    try:
-        await table.ensure_table()
-    finally:
-        await table.aclose()
-
-
 async def _soak(
     args: argparse.Namespace, config: LogConfig, work: Path, children: ChildProcesses
 ) -> Outcome:
-    await _init(config)
+    await ensure_storage(config)
     rng = np.random.default_rng(args.seed)
     policy = FaultPolicy(rate=args.fault_rate, ambiguous=args.ambiguous)
     ledger, tally = Ledger(), Tally()
