@@ -31,12 +31,12 @@ from typing import Any, Literal
 from benchmarks.harness import MB, CpuMeter, Endpoint, Run, Summary, drive, progress
 from benchmarks.settings import Sizes
 from benchmarks.workload import ReceiptData, label_delta
-from deltalog.aws import client
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.config import LogConfig
 from deltalog.entry import Delta
 from deltalog.log import DeltaLog
 from deltalog.producer import Producer
+from deltalog.storage.aws import client
 
 __all__ = ["AppendCell", "Workload", "run_append"]
 

@@ -55,12 +55,12 @@ from benchmarks.settings import Sizes
 from benchmarks.workload import LINES, WORDS, PrecomputedEmbedder, ReceiptData
 from compactor.publish import publish_snapshot
 from compactor.runner import Compactor
-from deltalog.aws import client
 from deltalog.config import LogConfig
-from deltalog.ingest import ReceiptProducer
 from deltalog.log import DeltaLog
 from deltalog.read import list_entries
-from deltalog.s3 import S3Store
+from deltalog.receipts.ingest import ReceiptProducer
+from deltalog.storage.aws import client
+from deltalog.storage.s3 import S3Store
 
 __all__ = ["E2EFigures", "PipelineFigures", "run_baseline"]
 

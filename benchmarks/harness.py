@@ -32,16 +32,16 @@ import numpy as np
 from benchmarks.latency_proxy import LatencyProxy
 from benchmarks.workload import LINES, WORDS, ReceiptData
 from deltalog.config import LogConfig
-from deltalog.dynamo import DynamoTable
-from deltalog.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
 from deltalog.entry import Upsert
-from deltalog.s3 import S3Store
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
+from deltalog.storage.s3 import S3Store
 
 if TYPE_CHECKING:
     from chromadb.api.types import Metadata as ChromaMetadata
 
-    from compactor.sink import ApplyStats, ChromaSink, Sink
     from deltalog.fold import FoldPlan, Record
+    from deltalog.snapshot.sink import ApplyStats, ChromaSink, Sink
 
 __all__ = [
     "CpuMeter",
@@ -259,7 +259,7 @@ class TimedSink:
 
     @classmethod
     async def open(cls, path: Path) -> TimedSink:
-        from compactor.sink import ChromaSink
+        from deltalog.snapshot.sink import ChromaSink
 
         return cls(await ChromaSink.open(path, limiter=anyio.CapacityLimiter(1)))
 

@@ -20,8 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from deltalog.entry import Delta, Op, UpdateMetadata, Upsert
-from deltalog.generate import generate_receipts
-from deltalog.receipts import Receipt, Records, line_records, word_records
+from deltalog.receipts.generate import generate_receipts
+from deltalog.receipts.model import Receipt, Records, line_records, word_records
 
 __all__ = [
     "LINES",

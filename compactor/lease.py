@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from deltalog.errors import LeaseBusy, LeaseLost, Unavailable
-from deltalog.table import LogState, Table
+from deltalog.storage.table import LogState, Table
 
 __all__ = ["Lease", "LeaseKeeper", "new_owner"]
 

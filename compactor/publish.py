@@ -20,11 +20,11 @@ from typing import Literal
 
 import anyio
 
-from compactor.snapshot import Sidecar, archive, sha256_file
 from deltalog import __version__
 from deltalog.errors import Conflict
 from deltalog.keys import LogKeys
-from deltalog.store import ObjectStore
+from deltalog.snapshot.archive import Sidecar, archive, sha256_file
+from deltalog.storage.store import ObjectStore
 
 __all__ = ["Published", "prune_snapshots", "publish_snapshot"]
 

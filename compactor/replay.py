@@ -29,12 +29,12 @@ from typing import Protocol
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from compactor.sink import Sink
 from deltalog.entry import Entry, Seal, Upsert
 from deltalog.errors import CorruptEntry, DeltalogError
 from deltalog.fold import Folder
 from deltalog.log import DeltaLog
 from deltalog.read import LogReader, ReadEnd
+from deltalog.snapshot.sink import Sink
 
 __all__ = ["HoleSealer", "Limits", "Progress", "Replay", "Replayer"]
 
@@ -56,6 +56,8 @@ class Progress:
     entries: int
     vectors: int
     elapsed: float
+    after: int = 0
+    """The seq the run started after (its committed hwm): ``seq - after`` seqs are done."""
 
 
 class HoleSealer(Protocol):
@@ -289,6 +291,10 @@ class Replayer:
         if self.progress is not None:
             self.progress(
                 Progress(
-                    plan.last_seq, replay.entries, replay.vectors_upserted, time.monotonic() - start
+                    plan.last_seq,
+                    replay.entries,
+                    replay.vectors_upserted,
+                    time.monotonic() - start,
+                    replay.after,
                 )
             )

@@ -34,8 +34,6 @@ import anyio
 from compactor.lease import Lease, LeaseKeeper
 from compactor.publish import Compression, Published, prune_snapshots, publish_snapshot
 from compactor.replay import Limits, Progress, Replay, Replayer
-from compactor.sink import ChromaSink, Sink
-from compactor.snapshot import SnapshotCache
 from compactor.verify import VerifyResult, compare_sinks
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
@@ -50,8 +48,10 @@ from deltalog.errors import (
 )
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
-from deltalog.store import ObjectStore
-from deltalog.table import Commit, LogState, Table
+from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.sink import ChromaSink, Sink
+from deltalog.storage.store import ObjectStore
+from deltalog.storage.table import Commit, LogState, Table
 
 __all__ = ["CompactionResult", "Compactor", "RebuildResult"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compactor.sink import Sink
 from deltalog.fold import State, state_differences
+from deltalog.snapshot.sink import Sink
 
 __all__ = ["VerifyResult", "compare_sinks", "sink_state"]
 

@@ -31,8 +31,8 @@ from deltalog.codec import Frame, batch_body, decode_entry
 from deltalog.config import LogConfig
 from deltalog.entry import Batch, Seal, new_id
 from deltalog.errors import Conflict, CorruptEntry, DeltalogError, Unavailable
-from deltalog.store import ObjectStore, StoredObject
-from deltalog.table import Claim, Table
+from deltalog.storage.store import ObjectStore, StoredObject
+from deltalog.storage.table import Claim, Table
 
 __all__ = ["Appender", "EncodedDelta"]
 

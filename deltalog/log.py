@@ -18,8 +18,8 @@ from deltalog.entry import Delta
 from deltalog.errors import Closed, ValidationError
 from deltalog.producer import MiB, Producer
 from deltalog.read import LogReader, list_entries
-from deltalog.store import ObjectStore
-from deltalog.table import LogState, Table
+from deltalog.storage.store import ObjectStore
+from deltalog.storage.table import LogState, Table
 from deltalog.validate import validate_delta
 
 __all__ = ["DeltaLog", "LogStatistics", "LogStatus"]
@@ -96,8 +96,8 @@ class DeltaLog:
         table: Table | None = None,
     ) -> DeltaLog:
         """Like ``open`` without a context manager; call ``aclose()`` when done."""
-        from deltalog.dynamo import DynamoTable
-        from deltalog.s3 import S3Store
+        from deltalog.storage.dynamo import DynamoTable
+        from deltalog.storage.s3 import S3Store
 
         stack = AsyncExitStack()
         try:

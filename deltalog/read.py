@@ -26,8 +26,8 @@ from deltalog.entry import Entry
 from deltalog.errors import DataError, DeltalogError
 from deltalog.keys import LogKeys
 from deltalog.signing import Verifier
-from deltalog.store import ObjectInfo, ObjectStore
-from deltalog.table import Table
+from deltalog.storage.store import ObjectInfo, ObjectStore
+from deltalog.storage.table import Table
 
 __all__ = ["LogReader", "ReadEnd", "list_entries"]
 

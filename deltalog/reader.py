@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import anyio
 import numpy as np
@@ -33,13 +33,11 @@ from deltalog.entry import Metadata, Seal
 from deltalog.errors import Closed, CorruptEntry, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
-from deltalog.store import ObjectStore
-from deltalog.table import Table
+from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.sink import ChromaSink, Hit
+from deltalog.storage.store import ObjectStore
+from deltalog.storage.table import Table
 from deltalog.where import Where, matches, normalize_where
-
-if TYPE_CHECKING:  # chromadb is imported only when a snapshot is opened
-    from compactor.sink import ChromaSink, Hit
-    from compactor.snapshot import SnapshotCache
 
 __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistics"]
 
@@ -151,8 +149,6 @@ class Reader:
         table: Table | None = None,
     ) -> AsyncIterator[Reader]:
         """Connect to the log and load the committed snapshot."""
-        from compactor.snapshot import SnapshotCache
-
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
         cache = SnapshotCache(root / config.keys.log_id.replace("/", "_"))
         async with DeltaLog.open(config, store=store, table=table) as log:
@@ -181,8 +177,6 @@ class Reader:
                 await self._read_tail()
 
     async def _load(self, key: str | None, sha256: str | None, hwm: int) -> None:
-        from compactor.sink import ChromaSink
-
         fresh = _Snapshot(key, hwm)
         if key is not None and sha256 is not None:
             committed = await self._cache.committed(

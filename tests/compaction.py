@@ -9,11 +9,11 @@ import anyio
 import numpy as np
 
 from compactor import Compactor
-from compactor.sink import ChromaSink, Sink
 from deltalog import DeltaLog
 from deltalog.entry import Entry
 from deltalog.fold import FoldPlan, Record, reference_state
-from deltalog.table import Commit, LogState, MemoryTable
+from deltalog.snapshot.sink import ChromaSink, Sink
+from deltalog.storage.table import Commit, LogState, MemoryTable
 
 State = dict[str, dict[str, Record]]
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from deltalog import DeltaLog, LogConfig
-from deltalog.dynamo import DynamoTable
-from deltalog.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
-from deltalog.s3 import S3Store
-from deltalog.store import MemoryStore
-from deltalog.table import MemoryTable
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import MemoryTable
 
 BUCKET = "deltalog-tests"
 TABLE = "deltalog-tests"

@@ -15,11 +15,11 @@ from dataclasses import replace
 from typing import Any
 
 from deltalog import DeltaLog, LogConfig
-from deltalog.dynamo import DynamoTable
 from deltalog.errors import Unavailable
-from deltalog.s3 import S3Store
-from deltalog.store import ObjectStore, StoredObject
-from deltalog.table import Claim, Table
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import ObjectStore, StoredObject
+from deltalog.storage.table import Claim, Table
 
 
 class FaultyStore:

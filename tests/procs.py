@@ -21,7 +21,7 @@ import anyio
 import numpy as np
 
 from deltalog import DeltaLog, LogConfig
-from deltalog.soak import Ledger, produce
+from deltalog.cli.soak import Ledger, produce
 
 
 def argv(command: str, config: LogConfig, *extra: str) -> list[str]:

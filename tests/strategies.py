@@ -6,7 +6,7 @@ id is upserted, patched and deleted many times within one example.
 Float metadata values default to ``CHROMA_EXACT_FLOATS``: at most 13
 significant digits and a moderate exponent. ChromaDB parses stored metadata
 with a float parser that can change the last bit of longer ones (see
-``tests/test_sink.py``), and most tests compare Chroma with the plain-Python
+``tests/snapshot/test_sink.py``), and most tests compare Chroma with the plain-Python
 reference exactly. ``ANY_FLOATS`` is for comparing Chroma with Chroma.
 """
 

@@ -21,7 +21,7 @@ from deltalog import (
     Unavailable,
 )
 from deltalog.codec import Frame, batch_body, encode_delta, seal_body
-from deltalog.table import Claim
+from deltalog.storage.table import Claim
 from tests.builders import batch_of, delete, delta, delta_seqs, read_all, seal_of
 from tests.faulty import faulty_log
 

@@ -44,8 +44,6 @@ import numpy as np
 import pytest
 
 from compactor import Compactor
-from compactor.sink import MemorySink, Sink
-from compactor.snapshot import SIDECAR_NAME, Sidecar, archive
 from deltalog import (
     ConfigurationError,
     CorruptEntry,
@@ -61,13 +59,15 @@ from deltalog import (
     ValidationError,
 )
 from deltalog.codec import Frame, batch_body, encode_delta
-from deltalog.dynamo import DynamoTable
-from deltalog.endpoint import FAKE_CREDENTIALS
 from deltalog.errors import CorruptSnapshot, UntrustedEntry
-from deltalog.s3 import S3Store
 from deltalog.signing import Signer
-from deltalog.store import MemoryStore
-from deltalog.table import Commit, LogState, MemoryTable
+from deltalog.snapshot.archive import SIDECAR_NAME, Sidecar, archive
+from deltalog.snapshot.sink import MemorySink, Sink
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.endpoint import FAKE_CREDENTIALS
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import Commit, LogState, MemoryTable
 from tests.conftest import BUCKET, TABLE
 from tests.faulty import FaultyStore
 from tests.http_stubs import StubServer, denying, forwarding, not_implementing

@@ -51,12 +51,12 @@ from hypothesis.stateful import (
 )
 
 from compactor import Compactor
-from compactor.snapshot import SnapshotCache
 from deltalog import Batch, Delta, DeltaLog, LogConfig, Reader
 from deltalog.entry import MetadataValue
 from deltalog.fold import State, reference_state
-from deltalog.store import MemoryStore
-from deltalog.table import LogState
+from deltalog.snapshot.cache import SnapshotCache
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import LogState
 from tests.compaction import Crash, FaultyTable, assert_states_equal, faulty_sinks, sink_state
 from tests.strategies import CHROMA_EXACT_FLOATS, COLLECTIONS, KEYS, deletes, updates, upserts
 

@@ -7,9 +7,9 @@ from contextlib import AsyncExitStack
 import pytest
 
 from deltalog import Closed, CorruptEntry, DataError, DeltaLog, Entry, LogConfig, Unavailable
-from deltalog.aws import client
-from deltalog.store import MemoryStore
-from deltalog.table import MemoryTable
+from deltalog.storage.aws import client
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import MemoryTable
 from tests.builders import batch_of, delete
 from tests.faulty import faulty_log
 

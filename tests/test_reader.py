@@ -9,8 +9,8 @@ import pytest
 
 from compactor import Compactor
 from deltalog import Delta, DeltaLog, InvalidInput, LogConfig, Reader, UpdateMetadata, Upsert
-from deltalog.store import MemoryStore
-from deltalog.table import MemoryTable
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import MemoryTable
 from tests.builders import delete
 
 DIM = 8

@@ -16,10 +16,8 @@ import anyio
 import numpy as np
 import pytest
 
-import deltalog.aws
 from compactor import Compactor
 from deltalog import ConfigurationError, Delta, DeltaLog, LogConfig, Upsert
-from deltalog.aws import client
 from deltalog.codec import (
     FLAG_SIGNED,
     HEADER_SIZE,
@@ -29,12 +27,14 @@ from deltalog.codec import (
     decode_entry,
     encode_delta,
 )
-from deltalog.embed import OpenAIEmbedder
 from deltalog.errors import CorruptEntry, UntrustedEntry
-from deltalog.policy import ROLES, render
+from deltalog.receipts.embed import OpenAIEmbedder
 from deltalog.signing import Signer, Verifier, key_id
-from deltalog.store import MemoryStore
-from deltalog.table import MemoryTable
+from deltalog.storage import aws
+from deltalog.storage.aws import client
+from deltalog.storage.policy import ROLES, render
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import MemoryTable
 from tests.builders import delete, delta
 from tests.compaction import committed_state
 from tests.openai_server import OpenAIServer
@@ -394,7 +394,7 @@ async def test_logs_hold_no_secrets_and_no_payloads(
 ) -> None:
     """Every logger at DEBUG (ours, botocore, openai) through embed, append, seal, compact."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    monkeypatch.setattr(deltalog.aws, "_sessions", weakref.WeakKeyDictionary())  # reads it
+    monkeypatch.setattr(aws, "_sessions", weakref.WeakKeyDictionary())  # reads it
     monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
     caplog.set_level(logging.DEBUG)
     config = LogConfig(

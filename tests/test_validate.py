@@ -18,8 +18,8 @@ from deltalog import (
     Upsert,
     ValidationError,
 )
-from deltalog.store import MemoryStore
-from deltalog.table import MemoryTable
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import MemoryTable
 from deltalog.validate import MAX_IDEMPOTENCY_KEY, validate_collection_name, validate_delta
 from tests.builders import DIM, read_all
 

@@ -1,0 +1,59 @@
+"""The ``deltalog`` command line: one module per command group.
+
+| module | commands |
+|---|---|
+| ``log`` | ``init``, ``status``, ``policy`` |
+| ``receipts`` | ``generate``, ``ingest``, ``query`` |
+| ``compact`` | ``compact [--follow]``, ``rebuild``, ``verify``, ``quarantine`` |
+| ``demo`` | ``demo`` |
+| ``soak`` | ``soak`` |
+
+The command line is the only part of ``deltalog`` that imports the
+``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
+message says what to do), 2 a usage error, 3 lease busy, 4 ``verify`` found
+differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+from deltalog.cli import compact, demo, log, receipts, soak
+from deltalog.errors import DeltalogError
+
+__all__ = ["build_parser", "main"]
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+_GROUPS = (log, demo, receipts, compact, soak)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltalog", description="An event-sourced delta log on S3, folded into ChromaDB."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in _GROUPS:
+        group.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Command = args.run
+    try:
+        code: int = anyio.run(run, args)
+    except DeltalogError as exc:
+        print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The compactor's commands: ``compact``, ``rebuild``, ``verify``, ``quarantine``.
+
+Exit
+status: 0 done (applied, nothing to do, verified equal), 1 an error, 3 the
+lease is busy, 4 ``verify`` found differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from compactor.follow import follow
+from compactor.replay import Limits, Progress
+from compactor.runner import CompactionResult, Compactor
+from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.progress import ProgressDisplay, compaction_progress
+from deltalog.errors import DeltalogError, InvalidInput
+from deltalog.log import DeltaLog
+
+__all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "register"]
+
+EXIT_BUSY = 3
+EXIT_DIFFERENT = 4
+
+
+def _compactor(
+    args: argparse.Namespace,
+    log: str | None = None,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+) -> Compactor:
+    config = config_from(args, log)
+    return Compactor(
+        config,
+        cache_dir=args.cache_dir,
+        lease_ttl=args.lease_ttl,
+        grace=args.grace,
+        limits=Limits(args.max_entries, args.max_bytes, args.max_seconds),
+        retain=args.retain,
+        orphan_grace=args.orphan_grace,
+        compression=args.compression,
+        progress=progress,
+    )
+
+
+async def _head(args: argparse.Namespace) -> int | None:
+    """The log's head, for the progress bar's total (None when quiet: not worth a request)."""
+    if args.quiet:
+        return None
+    async with DeltaLog.open(config_from(args)) as log:
+        return await log.head()
+
+
+def _display(args: argparse.Namespace, label: str) -> ProgressDisplay:
+    return ProgressDisplay(label, unit="seqs", quiet=args.quiet)
+
+
+def _print_result(result: CompactionResult, as_json: bool) -> None:
+    print(json.dumps(asdict(result), sort_keys=True) if as_json else result.summary(), flush=True)
+
+
+async def cmd_compact(args: argparse.Namespace) -> int:
+    if args.follow:
+        try:
+            return await _follow(args)
+        except ExceptionGroup as group:
+            # A log's task stopped the daemon (a setup error): report it as
+            # any command does, not as a task group's traceback.
+            error = _deltalog_error(group)
+            if error is None:
+                raise
+            raise error from group
+    head = await _head(args)
+    with _display(args, config_from(args).log) as display:
+        async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
+            result = await compactor.run_once()
+    _print_result(result, args.json)
+    return EXIT_BUSY if result.status == "busy" else 0
+
+
+async def _follow(args: argparse.Namespace) -> int:
+    names = [n for item in (args.logs or [args.log]) for n in (item or "").split(",") if n] or [
+        None
+    ]
+    compactors = [_compactor(args, name) for name in names]
+    async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signal, tg.cancel_scope)
+        for compactor in compactors:
+            await stack.enter_async_context(compactor)
+        logs = ", ".join(c.config.log for c in compactors)
+        print(f"following {logs}; SIGINT or SIGTERM stops", file=sys.stderr, flush=True)
+        await follow(
+            compactors,
+            poll_min=args.poll_min,
+            poll_max=args.poll_max,
+            on_result=lambda r: _print_result(r, args.json),
+            on_error=lambda name, exc: print(
+                f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr
+            ),
+        )
+    print("stopped; leases released", file=sys.stderr)
+    return 0
+
+
+def _deltalog_error(group: BaseExceptionGroup[Exception]) -> DeltalogError | None:
+    """The first ``DeltalogError`` in a (nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, DeltalogError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _deltalog_error(exc)):
+            return found
+    return None
+
+
+async def _stop_on_signal(
+    scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Cancel ``scope`` on SIGINT or SIGTERM; started (handlers installed) before anything runs."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            print(f"received {signal.Signals(signum).name}: stopping", file=sys.stderr)
+            scope.cancel()
+            return
+
+
+async def cmd_rebuild(args: argparse.Namespace) -> int:
+    head = args.to_seq or await _head(args)
+    with _display(args, "rebuild") as display:
+        async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
+            result = await compactor.rebuild(args.to_seq, publish=args.publish, force=args.force)
+    if args.json:
+        print(json.dumps(asdict(result), sort_keys=True))
+    else:
+        what = "published as the committed snapshot" if result.published else "not published"
+        print(
+            f"{result.log}: rebuilt to seq {result.hwm} from {result.entries} entries, "
+            f"{result.vectors_upserted} vectors in {result.seconds:.1f}s; snapshot "
+            f"{result.snapshot_key} ({result.snapshot_size} bytes), {what}"
+        )
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    async with _compactor(args) as compactor:
+        result = await compactor.verify()
+    if args.json:
+        print(json.dumps({**asdict(result), "ok": result.ok}, sort_keys=True))
+    else:
+        for line in result.differences:
+            print(line)
+        more = result.difference_count - len(result.differences)
+        if more > 0:
+            print(f"... and {more} more differences")
+        verdict = "equal" if result.ok else f"{result.difference_count} differences"
+        print(f"verify at hwm {result.hwm}: {result.records} records, {verdict}")
+    return 0 if result.ok else EXIT_DIFFERENT
+
+
+async def cmd_quarantine(args: argparse.Namespace) -> int:
+    from deltalog.codec import Frame, seal_body
+    from deltalog.entry import Seal
+
+    config = config_from(args)
+    if not args.reason.strip():
+        raise InvalidInput("--reason must say why the entry is quarantined")
+    async with DeltaLog.open(config) as log:
+        state = await log.table.read_state(log.keys.log_id)
+        if args.seq <= state.hwm:
+            raise InvalidInput(
+                f"seq {args.seq} is at or below the committed hwm {state.hwm}: already applied",
+                log=config.log,
+            )
+        if args.seq > await log.head():
+            raise InvalidInput(f"seq {args.seq} was never reserved", log=config.log)
+        await log.table.quarantine(log.keys.log_id, args.seq, args.reason, now=time.time())
+        seal = Seal(
+            sealed_by="quarantine", reason=args.reason, kind="quarantine", sealed_at=time.time()
+        )
+        filled = await log.store.put_if_absent(
+            log.keys.entry(args.seq), Frame(seal_body(seal)).at(args.seq, signer=config.signer)
+        )
+    what = "was missing: sealed" if filled else "kept in the log, compaction passes it as a seal"
+    print(f"{config.log}: seq {args.seq} quarantined ({what})")
+    return 0
+
+
+def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
+    add_location_flags(parser)
+    group = parser.add_argument_group("compaction")
+    group.add_argument(
+        "--cache-dir", type=Path, default=Path(".deltalog/cache"), help="local snapshot cache"
+    )
+    group.add_argument("--lease-ttl", type=float, default=30.0, help="lease time to live (s)")
+    group.add_argument("--grace", type=float, default=60.0, help="seal holes older than this (s)")
+    group.add_argument("--max-entries", type=int, help="stop a run after this many entries")
+    group.add_argument("--max-bytes", type=int, help="stop a run after reading this many bytes")
+    group.add_argument("--max-seconds", type=float, help="stop reading after this many seconds")
+    group.add_argument("--retain", type=int, default=3, help="committed snapshots to keep")
+    group.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=3600.0,
+        help="delete snapshots no commit references once this old (s)",
+    )
+    group.add_argument("--compression", choices=["none", "zstd"], default="none")
+    add_output_flags(parser)
+
+
+def register(commands: Any) -> None:
+    """Add ``compact``, ``rebuild``, ``verify`` and ``quarantine`` to the ``deltalog`` parser."""
+    compact = commands.add_parser("compact", help="apply new entries to the snapshot (one run)")
+    _add_compactor_flags(compact)
+    compact.add_argument("--follow", action="store_true", help="keep compacting as entries arrive")
+    compact.add_argument(
+        "--logs", action="append", help="with --follow: logs to follow (repeat or comma-separate)"
+    )
+    compact.add_argument("--poll-min", type=float, default=0.5, help="fastest poll (s)")
+    compact.add_argument("--poll-max", type=float, default=10.0, help="slowest poll (s)")
+    compact.set_defaults(run=cmd_compact)
+
+    rebuild = commands.add_parser("rebuild", help="replay the log from seq 1 into a new snapshot")
+    _add_compactor_flags(rebuild)
+    rebuild.add_argument("--to-seq", type=int, help="stop at this seq")
+    rebuild.add_argument("--publish", action="store_true", help="make it the committed snapshot")
+    rebuild.add_argument("--force", action="store_true", help="allow publishing a lower hwm")
+    rebuild.set_defaults(run=cmd_rebuild)
+
+    verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")
+    _add_compactor_flags(verify)
+    verify.set_defaults(run=cmd_verify)
+
+    quarantine = commands.add_parser("quarantine", help="let compaction pass a poison entry")
+    add_location_flags(quarantine)
+    quarantine.add_argument("--seq", type=int, required=True)
+    quarantine.add_argument("--reason", required=True)
+    quarantine.set_defaults(run=cmd_quarantine)

@@ -1,0 +1,136 @@
+"""The log's own commands: ``init``, ``status``, ``policy``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.output import print_fields
+from deltalog.log import DeltaLog, LogStatus
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.policy import render
+from deltalog.storage.s3 import S3Store
+
+__all__ = ["register"]
+
+
+async def cmd_init(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    store = await S3Store.connect(config)
+    try:
+        bucket_created = await store.ensure_bucket()
+        print(f"bucket {config.bucket}: {'created' if bucket_created else 'exists'}", flush=True)
+        await store.check_conditional_writes(config.keys.probe(uuid.uuid4().hex))
+    finally:
+        await store.aclose()
+    print("conditional writes: honoured (If-None-Match probe refused with 412)", flush=True)
+    table = await DynamoTable.connect(config)
+    try:
+        table_created = await table.ensure_table()
+    finally:
+        await table.aclose()
+    print(f"table {config.table}: {'created' if table_created else 'exists'}")
+    return 0
+
+
+async def cmd_policy(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    document = render(
+        args.role,
+        bucket=config.bucket,
+        table=config.table,
+        log=config.log,
+        root=config.root,
+        account=args.account,
+        region=config.region or "*",
+        partition=args.partition,
+        kms_key_arn=args.kms_key,
+    )
+    print(json.dumps(document, indent=2))
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with DeltaLog.open(config_from(args)) as log:
+        status = await log.status()
+    if args.json:
+        print(json.dumps(status_record(status), indent=2, sort_keys=True))
+    else:
+        print_fields(status_rows(status))
+    return 0
+
+
+def status_record(status: LogStatus) -> dict[str, Any]:
+    """What ``status --json`` prints."""
+    record = {**asdict(status), "lag": status.lag}
+    record["quarantined"] = {str(k): v for k, v in status.quarantined.items()}
+    record["last_run"] = json.loads(status.state.last_run) if status.state.last_run else None
+    return record
+
+
+def status_rows(status: LogStatus) -> list[tuple[str, object]]:
+    """What ``status`` prints: one row per figure."""
+    state = status.state
+    holes = ", ".join(map(str, status.holes)) or "none"
+    snapshot = (
+        f"{state.snapshot_key} ({state.snapshot_size:,} bytes)" if state.snapshot_key else "none"
+    )
+    quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
+    return [
+        ("log", status.log),
+        ("head", status.head),
+        ("entries", status.entries),
+        ("holes", f"{status.hole_count} ({holes})"),
+        ("hwm", status.hwm),
+        ("lag", status.lag),
+        ("lease", _lease(status)),
+        ("snapshot", snapshot),
+        ("quarantine", quarantined or "none"),
+        ("last run", _last_run(state.last_run)),
+    ]
+
+
+def _lease(status: LogStatus) -> str:
+    state = status.state
+    if not state.owner:
+        return f"free (token {state.token})"
+    left = state.expires_at - time.time()
+    when = f"expires in {left:.1f}s" if left > 0 else f"expired {-left:.1f}s ago: free to take"
+    return f"held by {state.owner}, token {state.token}, {when}"
+
+
+def _last_run(record: str) -> str:
+    if not record:
+        return "never"
+    run = json.loads(record)
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(run.get("at", 0))))
+    if run.get("status") == "error":
+        return f"{at}: error: {run.get('error')}"
+    return f"{at}: {run.get('status')}, hwm {run.get('hwm_before')} -> {run.get('hwm_after')}"
+
+
+def register(commands: Any) -> None:
+    """Add ``init``, ``policy`` and ``status`` to the ``deltalog`` parser."""
+    init = commands.add_parser("init", help="create the bucket and the table if missing")
+    add_location_flags(init)
+    init.set_defaults(run=cmd_init)
+
+    policy = commands.add_parser("policy", help="print a least-privilege IAM policy as JSON")
+    policy.add_argument(
+        "--role", required=True, choices=["producer", "compactor", "reader", "bucket"]
+    )
+    add_location_flags(policy)
+    policy.add_argument("--account", default="*", help="AWS account id of the table (default *)")
+    policy.add_argument("--partition", default="aws", help="ARN partition (default aws)")
+    policy.add_argument("--kms-key", help="ARN of the SSE-KMS key the log uses")
+    policy.set_defaults(run=cmd_policy)
+
+    status = commands.add_parser("status", help="head, entries, holes, hwm and lag of a log")
+    add_location_flags(status)
+    add_output_flags(status, quiet=False)
+    status.set_defaults(run=cmd_status)

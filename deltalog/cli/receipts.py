@@ -1,0 +1,212 @@
+"""The receipts commands: ``generate``, ``ingest``, ``query``.
+
+``query --where key=value`` (repeatable; values typed: ``true``/``false``
+are bools, numbers are numbers, anything else a string) or ``--where-json``
+for Chroma's full filter syntax. The text is embedded with the configured
+embedder, which must be the one the collection was written with (the
+dimensions are checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.output import print_fields, print_table
+from deltalog.cli.progress import ProgressDisplay
+from deltalog.errors import InvalidInput
+from deltalog.log import DeltaLog
+from deltalog.reader import QueryResult, Reader
+from deltalog.receipts.embed import make_embedder
+from deltalog.receipts.generate import generate_receipts
+from deltalog.receipts.ingest import IngestProgress, IngestSummary, ingest_file
+from deltalog.receipts.model import write_jsonl
+
+__all__ = ["ingest_display", "parse_where", "register"]
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    """``deltalog generate --receipts N --out PATH [--seed S]``."""
+    if args.receipts < 0:
+        print("deltalog generate: --receipts must be >= 0", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    receipts = generate_receipts(args.receipts, seed=args.seed)
+    count = await anyio.to_thread.run_sync(write_jsonl, out, receipts)
+    print(f"wrote {count} receipts to {out} (seed {args.seed})")
+    return 0
+
+
+async def cmd_ingest(args: argparse.Namespace) -> int:
+    """``deltalog ingest receipts.jsonl [--on-error stop|skip] [--concurrency N] ...``."""
+    embedder = make_embedder(args.embedder, dim=args.dim)
+    try:
+        async with DeltaLog.open(config_from(args)) as log:
+            total = await anyio.to_thread.run_sync(_count_lines, Path(args.path))
+            with ingest_display(total, quiet=args.quiet) as display:
+                summary = await ingest_file(
+                    args.path,
+                    log,
+                    embedder,
+                    on_error=args.on_error,
+                    concurrency=args.concurrency,
+                    progress=lambda p: _show(display, p),
+                    on_skip=lambda error: display.note(f"skipped: {error}"),
+                )
+    finally:
+        await embedder.aclose()
+    print(f"embedder {embedder.name} ({embedder.dim} dims), log {log.config.log}")
+    print_summary(summary)
+    return 0
+
+
+def ingest_display(total: int | None, *, quiet: bool = False) -> ProgressDisplay:
+    """The progress display of an ingest of ``total`` receipts."""
+    return ProgressDisplay("ingest", unit="receipts", total=total, quiet=quiet)
+
+
+def _show(display: ProgressDisplay, progress: IngestProgress) -> None:
+    display.update(
+        progress.receipts + progress.errors,
+        vectors=progress.vectors,
+        duplicates=progress.duplicates,
+        errors=progress.errors,
+    )
+
+
+def print_summary(summary: IngestSummary) -> None:
+    print_fields(summary.rows())
+
+
+def _count_lines(path: Path) -> int | None:
+    """Non-blank lines of a JSONL file: the ingest's total (None if unreadable: ingest says why)."""
+    try:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
+def _typed(text: str) -> str | int | float | bool:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def parse_where(pairs: list[str] | None, raw_json: str | None) -> dict[str, Any] | None:
+    """The filter named by ``--where k=v`` flags and ``--where-json``."""
+    where: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--where takes key=value, got {pair!r}")
+        where[key] = _typed(value)
+    if raw_json:
+        try:
+            extra = json.loads(raw_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"--where-json is not valid JSON: {exc}") from exc
+        if not isinstance(extra, dict):
+            raise InvalidInput("--where-json must be a JSON object")
+        where.update(extra)
+    return where or None
+
+
+def print_results(result: QueryResult, *, title: str | None = None) -> None:
+    """The first query's results as a table: rank, distance, document, merchant, id."""
+    ids, distances = result["ids"][0], result["distances"][0]
+    documents, metadatas = result["documents"][0], result["metadatas"][0]
+    if not ids:
+        print("no results")
+        return
+    rows = [
+        (rank, f"{distance:.4f}", repr(document), (metadata or {}).get("merchant_name", ""), id_)
+        for rank, (id_, distance, document, metadata) in enumerate(
+            zip(ids, distances, documents, metadatas, strict=True), start=1
+        )
+    ]
+    print_table(
+        ["#", "distance", "document", "merchant", "id"],
+        rows,
+        title=title,
+        right=["#", "distance"],
+    )
+
+
+async def cmd_query(args: argparse.Namespace) -> int:
+    where = parse_where(args.where, args.where_json)
+    embedder = make_embedder(args.embedder, dim=args.dim)
+    try:
+        vectors = await embedder.embed([args.text])
+        async with Reader.open(
+            config_from(args), consistency=args.consistency, cache_dir=Path(args.cache_dir)
+        ) as reader:
+            result = await reader.query(
+                collection=args.collection, query_embeddings=vectors, n_results=args.k, where=where
+            )
+    finally:
+        await embedder.aclose()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_results(result)
+    return 0
+
+
+def register(commands: Any) -> None:
+    """Add ``generate``, ``ingest`` and ``query`` to the ``deltalog`` parser."""
+    generate = commands.add_parser("generate", help="write synthetic receipts as JSONL")
+    generate.add_argument("--receipts", type=int, required=True, help="how many receipts")
+    generate.add_argument("--out", required=True, help="the JSONL file to write")
+    generate.add_argument("--seed", type=int, default=0, help="same seed, same receipts")
+    generate.set_defaults(run=cmd_generate)
+
+    ingest = commands.add_parser(
+        "ingest", help="embed receipts from a JSONL file and append them to a log"
+    )
+    ingest.add_argument("path", help="JSONL file, one receipt per line")
+    ingest.add_argument(
+        "--on-error",
+        choices=["stop", "skip"],
+        default="stop",
+        help="at a bad line: stop before it (default) or skip it",
+    )
+    ingest.add_argument(
+        "--concurrency", type=int, default=8, help="receipts embedded at once (default 8)"
+    )
+    ingest.add_argument(
+        "--embedder",
+        choices=["auto", "openai", "hash"],
+        default="auto",
+        help="auto (default): openai if OPENAI_API_KEY is set, else hash (offline)",
+    )
+    ingest.add_argument("--dim", type=int, help="vector dimension (hash; openai 'dimensions')")
+    add_location_flags(ingest)
+    add_output_flags(ingest, json=False)
+    ingest.set_defaults(run=cmd_ingest)
+
+    query = commands.add_parser("query", help="embed a text and search a collection")
+    add_location_flags(query)
+    query.add_argument("--collection", required=True, help="words or lines")
+    query.add_argument("--text", required=True, help="the text to embed and search for")
+    query.add_argument("-k", type=int, default=10, help="results to return")
+    query.add_argument("--where", action="append", help="metadata filter key=value (repeatable)")
+    query.add_argument("--where-json", help="a Chroma where filter as JSON")
+    query.add_argument("--consistency", choices=["snapshot", "fresh"], default="snapshot")
+    query.add_argument("--embedder", default="auto", help="auto, openai or hash")
+    query.add_argument("--dim", type=int, help="embedding dimension (hash; OpenAI dimensions)")
+    query.add_argument("--cache-dir", default=".deltalog/cache", help="local snapshot cache")
+    add_output_flags(query, quiet=False)
+    query.set_defaults(run=cmd_query)

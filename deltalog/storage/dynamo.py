@@ -1,0 +1,506 @@
+"""``DynamoTable``: the table seam on DynamoDB.
+
+One table holds every log: partition key ``pk`` (the log id), sort key
+``sk`` (the item kind, see ``deltalog.keys``), on-demand billing. Every
+read that decides something is strongly consistent.
+
+Producers write only with ``UpdateItem`` (never ``PutItem``, which replaces
+a whole item), so an IAM policy can confine them to the attributes they own
+(``dynamodb:Attributes``) and keep them off the state item's commit point;
+see ``deltalog/storage/policies``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any, ClassVar
+
+from botocore.exceptions import ClientError
+
+from deltalog.config import LogConfig
+from deltalog.errors import (
+    Closed,
+    ConfigurationError,
+    Conflict,
+    DeltalogError,
+    LeaseBusy,
+    LeaseLost,
+    Unavailable,
+)
+from deltalog.keys import (
+    HEAD_SK,
+    IDEMPOTENCY_PREFIX,
+    QUARANTINE_PREFIX,
+    SCHEMA_SK,
+    STATE_SK,
+    idempotency_sk,
+    quarantine_sk,
+)
+from deltalog.storage.aws import Reachability, client, error_code, translate
+from deltalog.storage.table import Claim, Commit, LogState
+
+__all__ = ["DynamoTable"]
+
+_TRANSACTION_LIMIT = 100
+_DIM_PREFIX = "dim#"
+_RETRYABLE_CANCELLATIONS = {
+    "TransactionConflict",
+    "ThrottlingError",
+    "ProvisionedThroughputExceeded",
+}
+
+
+def _s(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def _n(value: int | float) -> dict[str, str]:
+    return {"N": str(value)}
+
+
+def _item_key(log_id: str, sk: str) -> dict[str, dict[str, str]]:
+    return {"pk": _s(log_id), "sk": _s(sk)}
+
+
+def _claim_of(item: dict[str, Any]) -> Claim:
+    key = item["sk"]["S"][len(IDEMPOTENCY_PREFIX) :]
+    return Claim(key, int(item["seq"]["N"]), item["entry_id"]["S"])
+
+
+class DynamoTable:
+    """The table seam over one DynamoDB table."""
+
+    def __init__(self, config: LogConfig) -> None:
+        self.config = config
+        self.name = config.table
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._closed = False
+        self._reach = Reachability()
+
+    @classmethod
+    async def connect(cls, config: LogConfig) -> DynamoTable:
+        table = cls(config)
+        table._client = await client(table._stack, config, "dynamodb", table._reach)
+        return table
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._stack.aclose()
+
+    @property
+    def _db(self) -> Any:
+        if self._closed or self._client is None:
+            raise Closed("the DynamoDB table is closed")
+        return self._client
+
+    def _missing_table(self, what: str) -> DeltalogError:
+        return ConfigurationError(
+            f"{what}: table {self.name!r} does not exist; run "
+            f"`deltalog init --bucket {self.config.bucket} --table {self.name}`"
+        )
+
+    def _error(self, exc: BaseException, what: str, *, ambiguous: bool) -> DeltalogError:
+        return translate(
+            exc,
+            what,
+            ambiguous=ambiguous,
+            missing=self._missing_table,
+            reached=self._reach.answered,
+        )
+
+    async def _call(self, method: str, what: str, *, ambiguous: bool, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._db, method)(TableName=self.name, **kwargs)
+        except Exception as exc:
+            raise self._error(exc, what, ambiguous=ambiguous) from exc
+
+    async def reserve(self, log_id: str) -> int:
+        answer = await self._call(
+            "update_item",
+            "reserve a seq",
+            ambiguous=True,
+            Key=_item_key(log_id, HEAD_SK),
+            UpdateExpression="ADD next_seq :one",
+            ExpressionAttributeValues={":one": _n(1)},
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(answer["Attributes"]["next_seq"]["N"])
+
+    async def _get(self, log_id: str, sk: str, what: str) -> dict[str, Any]:
+        answer = await self._call(
+            "get_item", what, ambiguous=False, Key=_item_key(log_id, sk), ConsistentRead=True
+        )
+        item: dict[str, Any] = answer.get("Item", {})
+        return item
+
+    async def read_head(self, log_id: str) -> int:
+        item = await self._get(log_id, HEAD_SK, "read the head")
+        return int(item["next_seq"]["N"]) if "next_seq" in item else 0
+
+    async def record_dim(self, log_id: str, collection: str, dim: int) -> int:
+        answer = await self._call(
+            "update_item",
+            "record a collection's dimension",
+            ambiguous=True,
+            Key=_item_key(log_id, SCHEMA_SK),
+            UpdateExpression="SET #d = if_not_exists(#d, :d)",
+            ExpressionAttributeNames={"#d": f"{_DIM_PREFIX}{collection}"},
+            ExpressionAttributeValues={":d": _n(dim)},
+            ReturnValues="ALL_NEW",
+        )
+        return int(answer["Attributes"][f"{_DIM_PREFIX}{collection}"]["N"])
+
+    async def read_dims(self, log_id: str) -> dict[str, int]:
+        item = await self._get(log_id, SCHEMA_SK, "read the schema")
+        return {
+            name[len(_DIM_PREFIX) :]: int(value["N"])
+            for name, value in item.items()
+            if name.startswith(_DIM_PREFIX)
+        }
+
+    async def claim_keys(self, log_id: str, claims: Sequence[Claim]) -> dict[str, Claim]:
+        held: dict[str, Claim] = {}
+        for start in range(0, len(claims), _TRANSACTION_LIMIT):
+            held.update(
+                await self._claim_chunk(log_id, list(claims[start : start + _TRANSACTION_LIMIT]))
+            )
+        return held
+
+    async def _claim_chunk(self, log_id: str, claims: list[Claim]) -> dict[str, Claim]:
+        held: dict[str, Claim] = {}
+        pending = claims
+        while pending:
+            failed = set(await self._try_claims(log_id, pending))
+            if not failed:
+                break
+            existing = await self.get_claims(log_id, sorted(failed))
+            for claim in pending:
+                other = existing.get(claim.key)
+                if claim.key in failed and other is not None and other.entry_id != claim.entry_id:
+                    held[claim.key] = other
+            # The transaction was cancelled as a whole: the rest try again.
+            pending = [c for c in pending if c.key not in failed]
+        return held
+
+    async def _try_claims(self, log_id: str, claims: list[Claim]) -> list[str]:
+        """Write all claims in one transaction; return the keys whose condition failed."""
+        items = [
+            {
+                "Update": {
+                    "TableName": self.name,
+                    "Key": _item_key(log_id, idempotency_sk(c.key)),
+                    "UpdateExpression": "SET seq = :s, entry_id = :e",
+                    "ConditionExpression": "attribute_not_exists(pk) OR entry_id = :e",
+                    "ExpressionAttributeValues": {":s": _n(c.seq), ":e": _s(c.entry_id)},
+                }
+            }
+            for c in claims
+        ]
+        try:
+            await self._db.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
+            reasons = exc.response.get("CancellationReasons", [])
+            failed = [
+                c.key
+                for c, r in zip(claims, reasons, strict=False)
+                if r.get("Code") == "ConditionalCheckFailed"
+            ]
+            if failed:
+                return failed
+            codes = {r.get("Code") for r in reasons} - {"None", None}
+            if codes and codes <= _RETRYABLE_CANCELLATIONS:
+                # A concurrent transaction on the same key, or throttling: a
+                # cancelled transaction wrote nothing, so retrying is safe.
+                raise Unavailable(
+                    f"claim idempotency keys: transaction cancelled ({', '.join(sorted(codes))})",
+                    log=log_id,
+                ) from exc
+            raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
+        except Exception as exc:
+            raise self._error(exc, "claim idempotency keys", ambiguous=True) from exc
+        return []
+
+    async def get_claims(self, log_id: str, keys: Sequence[str]) -> dict[str, Claim]:
+        found: dict[str, Claim] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _TRANSACTION_LIMIT):
+            request: dict[str, Any] = {
+                self.name: {
+                    "Keys": [
+                        _item_key(log_id, idempotency_sk(k))
+                        for k in unique[start : start + _TRANSACTION_LIMIT]
+                    ],
+                    "ConsistentRead": True,
+                }
+            }
+            while request:
+                try:
+                    answer = await self._db.batch_get_item(RequestItems=request)
+                except Exception as exc:
+                    raise self._error(exc, "read idempotency claims", ambiguous=False) from exc
+                for item in answer.get("Responses", {}).get(self.name, []):
+                    claim = _claim_of(item)
+                    found[claim.key] = claim
+                request = answer.get("UnprocessedKeys") or {}
+        return found
+
+    async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
+        try:
+            await self._db.update_item(
+                TableName=self.name,
+                Key=_item_key(log_id, idempotency_sk(new.key)),
+                UpdateExpression="SET seq = :n, entry_id = :f",
+                # The second clause makes a retried swap (answer lost) succeed.
+                ConditionExpression="(seq = :s AND entry_id = :e) OR (seq = :n AND entry_id = :f)",
+                ExpressionAttributeValues={
+                    ":s": _n(old.seq),
+                    ":e": _s(old.entry_id),
+                    ":n": _n(new.seq),
+                    ":f": _s(new.entry_id),
+                },
+            )
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
+        except Exception as exc:
+            raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
+        return True
+
+    async def read_state(self, log_id: str) -> LogState:
+        item = await self._get(log_id, STATE_SK, "read the state")
+        return _state_of(item)
+
+    async def _update_state(
+        self, log_id: str, what: str, *, condition: str, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        """A conditional update of the state item; None if the condition failed."""
+        try:
+            answer = await self._db.update_item(
+                TableName=self.name,
+                Key=_item_key(log_id, STATE_SK),
+                ConditionExpression=condition,
+                ReturnValues="ALL_NEW",
+                **kwargs,
+            )
+        except ClientError as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return None
+            raise self._error(exc, what, ambiguous=True) from exc
+        except Exception as exc:
+            raise self._error(exc, what, ambiguous=True) from exc
+        attributes: dict[str, Any] = answer["Attributes"]
+        return attributes
+
+    async def _lost(self, log_id: str, token: int, what: str) -> LeaseLost:
+        state = await self.read_state(log_id)
+        return LeaseLost(
+            f"{what}: lease lost (now held by {state.owner} with token {state.token}, "
+            f"ours was {token}); stop: a newer compactor owns this log",
+            log=log_id,
+        )
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        item = await self._update_state(
+            log_id,
+            "acquire the lease",
+            condition="attribute_not_exists(#owner) OR #exp <= :now",
+            UpdateExpression="SET #owner = :owner, #exp = :exp, updated_at = :now ADD #token :one",
+            ExpressionAttributeNames={"#owner": "owner", "#exp": "expires_at", "#token": "token"},
+            ExpressionAttributeValues={
+                ":owner": _s(owner),
+                ":exp": _n(now + ttl),
+                ":now": _n(now),
+                ":one": _n(1),
+            },
+        )
+        if item is None:
+            state = await self.read_state(log_id)
+            raise LeaseBusy(
+                f"the lease is held by {state.owner} until {state.expires_at:.3f} "
+                f"(in {max(0.0, state.expires_at - now):.1f}s)",
+                log=log_id,
+            )
+        return _state_of(item)
+
+    _HELD = "#owner = :owner AND #token = :token"
+    _HELD_NAMES: ClassVar[dict[str, str]] = {"#owner": "owner", "#token": "token"}
+
+    def _held_values(self, owner: str, token: int) -> dict[str, Any]:
+        return {":owner": _s(owner), ":token": _n(token)}
+
+    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        item = await self._update_state(
+            log_id,
+            "renew the lease",
+            condition=self._HELD,
+            UpdateExpression="SET expires_at = :exp, updated_at = :now",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":exp": _n(now + ttl),
+                ":now": _n(now),
+            },
+        )
+        if item is None:
+            raise await self._lost(log_id, token, "renew")
+
+    async def commit(
+        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+    ) -> LogState:
+        hwm_matches = "hwm = :prev" if prev_hwm else "(attribute_not_exists(hwm) OR hwm = :prev)"
+        # An empty last_run keeps the one recorded, as in the memory adapter.
+        run = ", last_run = :run" if commit.last_run else ""
+        if commit.recent_snapshots:
+            run += ", recent_snapshots = :recent"
+        item = await self._update_state(
+            log_id,
+            "commit",
+            condition=f"{self._HELD} AND {hwm_matches}",
+            UpdateExpression=(
+                "SET hwm = :hwm, snapshot_key = :key, snapshot_sha256 = :sha, "
+                f"snapshot_size = :size, updated_at = :now{run}"
+            ),
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":prev": _n(prev_hwm),
+                ":hwm": _n(commit.hwm),
+                ":key": _s(commit.snapshot_key),
+                ":sha": _s(commit.snapshot_sha256),
+                ":size": _n(commit.snapshot_size),
+                ":now": _n(now),
+                **({":run": _s(commit.last_run)} if commit.last_run else {}),
+                **(
+                    {":recent": {"L": [_s(k) for k in commit.recent_snapshots]}}
+                    if commit.recent_snapshots
+                    else {}
+                ),
+            },
+        )
+        if item is not None:
+            return _state_of(item)
+        state = await self.read_state(log_id)
+        if state.owner == owner and state.token == token:
+            raise Conflict(f"commit refused: hwm moved from {prev_hwm} to {state.hwm}", log=log_id)
+        raise await self._lost(log_id, token, "commit")
+
+    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+        run = ", last_run = :run" if last_run else ""
+        item = await self._update_state(
+            log_id,
+            "release the lease",
+            condition=self._HELD,
+            UpdateExpression=f"REMOVE #owner SET expires_at = :zero{run}",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":zero": _n(0),
+                **({":run": _s(last_run)} if last_run else {}),
+            },
+        )
+        return item is not None
+
+    async def note_hole(
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+    ) -> float:
+        state = await self.read_state(log_id)
+        if state.owner != owner or state.token != token:
+            raise await self._lost(log_id, token, "note a hole")
+        if state.hole_seq == seq:
+            return state.hole_first_seen
+        item = await self._update_state(
+            log_id,
+            "note a hole",
+            condition=self._HELD,
+            UpdateExpression="SET hole_seq = :seq, hole_first_seen = :now",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":seq": _n(seq),
+                ":now": _n(now),
+            },
+        )
+        if item is None:
+            raise await self._lost(log_id, token, "note a hole")
+        return now
+
+    async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
+        await self._call(
+            "put_item",
+            "quarantine an entry",
+            ambiguous=True,
+            Item={**_item_key(log_id, quarantine_sk(seq)), "reason": _s(reason), "at": _n(now)},
+        )
+
+    async def read_quarantined(self, log_id: str) -> dict[int, str]:
+        found: dict[int, str] = {}
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": {":pk": _s(log_id), ":prefix": _s(QUARANTINE_PREFIX)},
+            "ConsistentRead": True,
+        }
+        while True:
+            answer = await self._call("query", "read quarantine marks", ambiguous=False, **kwargs)
+            for item in answer.get("Items", []):
+                found[int(item["sk"]["S"][len(QUARANTINE_PREFIX) :])] = item["reason"]["S"]
+            if "LastEvaluatedKey" not in answer:
+                return found
+            kwargs["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
+    async def ensure_table(self) -> bool:
+        """Create the table if it is missing; True if it was created."""
+        try:
+            await self._db.describe_table(TableName=self.name)
+            return False
+        except ClientError as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise self._error(exc, "describe table", ambiguous=False) from exc
+        except Exception as exc:
+            raise self._error(exc, "describe table", ambiguous=False) from exc
+        await self._call(
+            "create_table",
+            "create table",
+            ambiguous=False,
+            KeySchema=[
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        waiter = self._db.get_waiter("table_exists")
+        await waiter.wait(TableName=self.name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        return True
+
+
+def _state_of(item: dict[str, Any]) -> LogState:
+    def text(name: str) -> str | None:
+        return item[name]["S"] if name in item and "S" in item[name] else None
+
+    def number(name: str) -> float:
+        return float(item[name]["N"]) if name in item else 0.0
+
+    return LogState(
+        hwm=int(number("hwm")),
+        snapshot_key=text("snapshot_key"),
+        snapshot_sha256=text("snapshot_sha256"),
+        snapshot_size=int(number("snapshot_size")),
+        owner=text("owner"),
+        token=int(number("token")),
+        expires_at=number("expires_at"),
+        updated_at=number("updated_at"),
+        hole_seq=int(number("hole_seq")),
+        hole_first_seen=number("hole_first_seen"),
+        last_run=text("last_run") or "",
+        recent_snapshots=tuple(
+            v["S"] for v in item.get("recent_snapshots", {}).get("L", ()) if "S" in v
+        ),
+    )

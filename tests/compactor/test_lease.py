@@ -1,0 +1,83 @@
+"""The lease keeper: heartbeat every ttl/3 on (owner, token), loss cancels the run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import anyio
+import pytest
+
+from compactor.lease import LeaseKeeper
+from deltalog.errors import LeaseLost
+from deltalog.storage.table import MemoryTable
+
+LOG = "lease-log"
+
+
+class RecordingTable(MemoryTable):
+    """Records every renewal: when, by whom, with which token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals: list[tuple[float, str, int]] = []
+
+    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        self.renewals.append((time.monotonic(), owner, token))
+        await super().renew(log_id, owner, token, ttl=ttl, now=now)
+
+
+async def test_heartbeat_renews_every_third_of_the_ttl_with_owner_and_token() -> None:
+    table = RecordingTable()
+    await table.acquire(LOG, "before", ttl=0.01, now=time.time() - 1)  # an expired holder
+    keeper = LeaseKeeper(table, LOG, ttl=0.6, owner="me")
+    lease = await keeper.acquire()
+    assert lease.token == 2
+    started = time.monotonic()
+    with anyio.move_on_after(1.1):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keeper.heartbeat, lease, tg.cancel_scope)
+    assert lease.lost is None
+    times = [t - started for t, _, _ in table.renewals]
+    assert len(times) >= 3, times  # at about 0.2, 0.4, 0.6, 0.8, 1.0 s
+    assert {(owner, token) for _, owner, token in table.renewals} == {("me", 2)}
+    gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    assert all(gap >= 0.18 for gap in gaps), gaps  # not faster than ttl/3
+    assert statistics.median(gaps) < 0.4, gaps  # about ttl/3, well before the ttl
+    state = await table.read_state(LOG)
+    assert state.owner == "me" and state.expires_at > time.time()
+    assert lease.renewals == len(times)
+
+
+async def test_a_late_heartbeat_renews_if_nobody_took_the_lease() -> None:
+    """The event loop stalled past the expiry: fencing, not the local clock, decides."""
+    table = MemoryTable()
+    clock = [1000.0]
+    keeper = LeaseKeeper(table, LOG, ttl=0.3, owner="me", clock=lambda: clock[0])
+    lease = await keeper.acquire()
+    clock[0] += 5.0  # far past expires_at = 1000.3
+    with anyio.move_on_after(0.25):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keeper.heartbeat, lease, tg.cancel_scope)
+    assert lease.lost is None and lease.renewals >= 1
+    assert (await table.read_state(LOG)).expires_at == pytest.approx(1005.3)
+
+
+async def test_a_taken_lease_fails_the_renewal_and_cancels_the_run() -> None:
+    table = MemoryTable()
+    keeper = LeaseKeeper(table, LOG, ttl=0.3, owner="me")
+    lease = await keeper.acquire()
+    await table.acquire(LOG, "intruder", ttl=30, now=time.time() + 60)
+    cancelled = True
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(keeper.heartbeat, lease, tg.cancel_scope)
+            await anyio.sleep(5)
+            cancelled = False
+    assert cancelled, "the heartbeat must cancel the run's scope"
+    assert isinstance(lease.lost, LeaseLost)
+    with pytest.raises(LeaseLost):
+        lease.check()
+    assert await keeper.release(lease) is False
+    state = await table.read_state(LOG)
+    assert (state.owner, state.token) == ("intruder", 2)

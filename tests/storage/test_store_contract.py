@@ -1,0 +1,186 @@
+"""The object store contract, run against every adapter.
+
+``StoreContract`` holds the tests; each adapter's class only says how to
+build the store (eventsourcing's ``tests/persistence.py`` pattern).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import pytest
+
+from deltalog import Closed, ConfigurationError, LogConfig
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore, ObjectStore
+
+
+class StoreContract:
+    """Every ``ObjectStore`` adapter passes these."""
+
+    @pytest.fixture
+    def prefix(self) -> str:
+        return f"contract-{uuid.uuid4().hex[:12]}/"
+
+    async def _list(
+        self, store: ObjectStore, prefix: str, start_after: str = "", page_size: int = 1000
+    ) -> list[str]:
+        return [
+            info.key async for info in store.list_after(prefix, start_after, page_size=page_size)
+        ]
+
+    async def test_put_if_absent_creates_once(self, store: ObjectStore, prefix: str) -> None:
+        key = f"{prefix}a"
+        assert await store.put_if_absent(key, b"first") is True
+        assert await store.put_if_absent(key, b"second") is False
+        stored = await store.get(key)
+        assert stored is not None
+        assert (stored.key, stored.data) == (key, b"first")
+        assert abs(stored.last_modified - time.time()) < 120
+
+    async def test_concurrent_creators_have_one_winner(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        key = f"{prefix}race"
+        won: list[bytes] = []
+
+        async def put(n: int) -> None:
+            data = f"writer {n}".encode()
+            if await store.put_if_absent(key, data):
+                won.append(data)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(10):
+                tg.start_soon(put, n)
+        assert len(won) == 1
+        stored = await store.get(key)
+        assert stored is not None and stored.data == won[0]
+
+    async def test_bytes_come_back_exactly(self, store: ObjectStore, prefix: str) -> None:
+        data = bytes(range(256)) * 64
+        assert await store.put_if_absent(f"{prefix}bin", data)
+        assert await store.put_if_absent(f"{prefix}empty", b"")
+        stored, empty = await store.get(f"{prefix}bin"), await store.get(f"{prefix}empty")
+        assert stored is not None and stored.data == data
+        assert empty is not None and empty.data == b""
+
+    async def test_get_of_a_missing_key_is_none(self, store: ObjectStore, prefix: str) -> None:
+        assert await store.get(f"{prefix}missing") is None
+
+    async def test_list_after_orders_keys_and_starts_after(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        names = ["05", "01", "10", "03", "02", "07", "04"]
+        for name in names:
+            assert await store.put_if_absent(f"{prefix}{name}", name.encode())
+        assert await store.put_if_absent(f"{prefix[:-1]}-other/01", b"not ours")
+        everything = [f"{prefix}{n}" for n in sorted(names)]
+        assert await self._list(store, prefix) == everything
+        assert await self._list(store, prefix, f"{prefix}03") == everything[3:]
+        assert await self._list(store, prefix, f"{prefix}06") == everything[5:]
+        assert await self._list(store, prefix, f"{prefix}10") == []
+        assert await self._list(store, prefix, f"{prefix[:-1]}") == everything
+
+    async def test_list_after_pages(self, store: ObjectStore, prefix: str) -> None:
+        keys = [f"{prefix}{n:03d}" for n in range(7)]
+        for key in reversed(keys):
+            assert await store.put_if_absent(key, b"x")
+        assert await self._list(store, prefix, page_size=2) == keys
+        assert await self._list(store, prefix, keys[2], page_size=2) == keys[3:]
+        assert await self._list(store, prefix, keys[1], page_size=1) == keys[2:]
+
+    async def test_list_after_crosses_growing_pages(self, store: ObjectStore, prefix: str) -> None:
+        """S3Store's pages start small and double: 200 keys take pages of 64, 128, 8."""
+        keys = [f"{prefix}{n:03d}" for n in range(200)]
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(store.put_if_absent, key, b"x")
+        assert await self._list(store, prefix) == keys
+        assert await self._list(store, prefix, keys[63]) == keys[64:]
+        assert await self._list(store, prefix, keys[100], page_size=50) == keys[101:]
+
+    async def test_list_after_reports_sizes(self, store: ObjectStore, prefix: str) -> None:
+        assert await store.put_if_absent(f"{prefix}a", b"12345")
+        infos = [info async for info in store.list_after(prefix)]
+        assert [(i.key, i.size) for i in infos] == [(f"{prefix}a", 5)]
+        assert abs(infos[0].last_modified - time.time()) < 120
+
+    async def test_list_of_an_empty_prefix_is_empty(self, store: ObjectStore, prefix: str) -> None:
+        assert await self._list(store, prefix) == []
+
+    async def test_delete(self, store: ObjectStore, prefix: str) -> None:
+        key = f"{prefix}a"
+        assert await store.put_if_absent(key, b"x")
+        await store.delete(key)
+        assert await store.get(key) is None
+        assert await self._list(store, prefix) == []
+        await store.delete(key)  # a missing key is not an error
+        assert await store.put_if_absent(key, b"y")
+
+    async def test_upload_and_download_files(
+        self, store: ObjectStore, prefix: str, tmp_path: Path
+    ) -> None:
+        source, target = tmp_path / "source", tmp_path / "target"
+        data = bytes(range(256)) * 5000  # over one download chunk
+        source.write_bytes(data)
+        key = f"{prefix}file"
+        assert await store.upload_file(key, source) is True
+        assert await store.upload_file(key, tmp_path / "source") is False
+        assert await store.download_file(key, target) is True
+        assert target.read_bytes() == data
+        missing = tmp_path / "missing"
+        assert await store.download_file(f"{prefix}nothing", missing) is False
+        assert not missing.exists()
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    def store(self) -> MemoryStore:
+        return MemoryStore()
+
+    async def test_overwrite_replaces_bytes(self, store: MemoryStore) -> None:
+        assert await store.put_if_absent("k", b"a")
+        store.overwrite("k", b"b")
+        stored = await store.get("k")
+        assert stored is not None and stored.data == b"b"
+
+
+class TestS3Store(StoreContract):
+    @pytest.fixture
+    async def store(self, config: LogConfig) -> AsyncIterator[S3Store]:
+        store = await S3Store.connect(config)
+        yield store
+        await store.aclose()
+
+    async def test_a_missing_bucket_says_to_run_init(self, config: LogConfig) -> None:
+        config = replace(config, bucket=f"missing-{uuid.uuid4().hex[:12]}")
+        store = await S3Store.connect(config)
+        try:
+            with pytest.raises(ConfigurationError, match="deltalog init --bucket missing-"):
+                await store.put_if_absent("k", b"x")
+            with pytest.raises(ConfigurationError, match="does not exist"):
+                await store.get("k")
+            with pytest.raises(ConfigurationError, match="does not exist"):
+                await anext(aiter(store.list_after("")))
+        finally:
+            await store.aclose()
+
+    async def test_ensure_bucket_is_idempotent(self, config: LogConfig) -> None:
+        store = await S3Store.connect(replace(config, bucket=f"new-{uuid.uuid4().hex[:12]}"))
+        try:
+            assert await store.ensure_bucket() is True
+            assert await store.ensure_bucket() is False
+            assert await store.put_if_absent("k", b"x")
+        finally:
+            await store.aclose()
+
+    async def test_a_closed_store_raises_closed(self, config: LogConfig) -> None:
+        store = await S3Store.connect(config)
+        await store.aclose()
+        with pytest.raises(Closed):
+            await store.get("k")

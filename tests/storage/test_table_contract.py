@@ -1,0 +1,245 @@
+"""The table contract, run against every adapter (see ``test_store_contract``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import anyio
+import pytest
+
+from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.table import Claim, Commit, LogState, MemoryTable, Table
+
+
+class TableContract:
+    """Every ``Table`` adapter passes these."""
+
+    @pytest.fixture
+    def log_id(self) -> str:
+        return f"contract/{uuid.uuid4().hex[:12]}"
+
+    async def test_reserve_counts_up_from_one(self, table: Table, log_id: str) -> None:
+        assert await table.read_head(log_id) == 0
+        assert [await table.reserve(log_id) for _ in range(3)] == [1, 2, 3]
+        assert await table.read_head(log_id) == 3
+        assert await table.read_head(f"{log_id}-other") == 0
+        assert await table.reserve(f"{log_id}-other") == 1
+
+    async def test_concurrent_reserves_are_unique(self, table: Table, log_id: str) -> None:
+        got: list[int] = []
+
+        async def reserve() -> None:
+            got.append(await table.reserve(log_id))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(reserve)
+        assert sorted(got) == list(range(1, 41))
+        assert await table.read_head(log_id) == 40
+
+    async def test_record_dim_keeps_the_first(self, table: Table, log_id: str) -> None:
+        assert await table.read_dims(log_id) == {}
+        assert await table.record_dim(log_id, "words", 8) == 8
+        assert await table.record_dim(log_id, "words", 4) == 8
+        assert await table.record_dim(log_id, "lines", 4) == 4
+        assert await table.read_dims(log_id) == {"words": 8, "lines": 4}
+        assert await table.read_dims(f"{log_id}-other") == {}
+
+    async def test_claim_keys_takes_free_keys(self, table: Table, log_id: str) -> None:
+        claims = [Claim("a", 1, "e1"), Claim("b", 1, "e1")]
+        assert await table.claim_keys(log_id, claims) == {}
+        assert await table.get_claims(log_id, ["a", "b", "c"]) == {"a": claims[0], "b": claims[1]}
+
+    async def test_claim_keys_returns_conflicts(self, table: Table, log_id: str) -> None:
+        held = Claim("a", 1, "e1")
+        assert await table.claim_keys(log_id, [held]) == {}
+        mine = [Claim("a", 2, "e2"), Claim("b", 2, "e2"), Claim("c", 2, "e2")]
+        assert await table.claim_keys(log_id, mine) == {"a": held}
+        assert await table.get_claims(log_id, ["a", "b", "c"]) == {
+            "a": held,
+            "b": mine[1],
+            "c": mine[2],
+        }
+
+    async def test_the_same_entry_claiming_again_counts_as_ours(
+        self, table: Table, log_id: str
+    ) -> None:
+        claim = Claim("a", 3, "e1")
+        assert await table.claim_keys(log_id, [claim]) == {}
+        assert await table.claim_keys(log_id, [claim, Claim("b", 3, "e1")]) == {}
+        assert (await table.get_claims(log_id, ["a"]))["a"] == claim
+
+    async def test_concurrent_claims_of_one_key_have_one_winner(
+        self, table: Table, log_id: str
+    ) -> None:
+        winners: list[str] = []
+
+        async def claim(n: int) -> None:
+            if not await table.claim_keys(log_id, [Claim("k", n, f"e{n}")]):
+                winners.append(f"e{n}")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(claim, n)
+        assert len(winners) == 1
+        assert (await table.get_claims(log_id, ["k"]))["k"].entry_id == winners[0]
+
+    async def test_many_claims_at_once(self, table: Table, log_id: str) -> None:
+        claims = [Claim(f"k{n:03d}", 7, "e") for n in range(230)]
+        assert await table.claim_keys(log_id, claims) == {}
+        keys = [c.key for c in claims]
+        assert await table.get_claims(log_id, keys + keys[:5]) == {c.key: c for c in claims}
+        others = [Claim(c.key, 8, "f") for c in claims[::50]]
+        held = await table.claim_keys(log_id, [*others, Claim("fresh", 8, "f")])
+        assert held == {c.key: Claim(c.key, 7, "e") for c in others}
+
+    async def test_get_claims_of_nothing(self, table: Table, log_id: str) -> None:
+        assert await table.get_claims(log_id, []) == {}
+        assert await table.get_claims(log_id, ["missing"]) == {}
+
+    async def test_replace_claim_swaps_only_what_it_read(self, table: Table, log_id: str) -> None:
+        old, new = Claim("k", 1, "e1"), Claim("k", 5, "e1")
+        await table.claim_keys(log_id, [old])
+        assert await table.replace_claim(log_id, old, new) is True
+        assert (await table.get_claims(log_id, ["k"]))["k"] == new
+        # A retry of the same swap (its answer was lost) still reports success.
+        assert await table.replace_claim(log_id, old, new) is True
+        # A stale read loses.
+        assert await table.replace_claim(log_id, old, Claim("k", 9, "e9")) is False
+        assert (await table.get_claims(log_id, ["k"]))["k"] == new
+        assert (
+            await table.replace_claim(log_id, Claim("k", 5, "other"), Claim("k", 6, "x")) is False
+        )
+
+    async def test_read_state_of_a_new_log(self, table: Table, log_id: str) -> None:
+        state = await table.read_state(log_id)
+        assert state == LogState()
+        assert (state.hwm, state.snapshot_key, state.owner, state.token) == (0, None, None, 0)
+
+    # -- the lease and the commit point ------------------------------------------------
+
+    async def test_acquire_takes_a_free_lease_and_counts_the_token(
+        self, table: Table, log_id: str
+    ) -> None:
+        state = await table.acquire(log_id, "a", ttl=10, now=100.0)
+        assert (state.owner, state.token, state.expires_at) == ("a", 1, 110.0)
+        with pytest.raises(LeaseBusy, match="held by a"):
+            await table.acquire(log_id, "b", ttl=10, now=109.0)
+        assert await table.release(log_id, "a", 1)
+        freed = await table.read_state(log_id)
+        assert (freed.owner, freed.token) == (None, 1)
+        again = await table.acquire(log_id, "b", ttl=10, now=109.0)
+        assert (again.owner, again.token) == ("b", 2)
+
+    async def test_an_expired_lease_is_taken_and_the_old_holder_fenced(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        await table.renew(log_id, "a", 1, ttl=10, now=105.0)
+        with pytest.raises(LeaseBusy):
+            await table.acquire(log_id, "b", ttl=10, now=114.0)
+        taken = await table.acquire(log_id, "b", ttl=10, now=115.0)
+        assert (taken.owner, taken.token) == ("b", 2)
+        with pytest.raises(LeaseLost):
+            await table.renew(log_id, "a", 1, ttl=10, now=116.0)
+        commit = Commit(1, "snap-a", "sha-a", 10)
+        with pytest.raises(LeaseLost):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=commit, now=116.0)
+        with pytest.raises(LeaseLost):
+            await table.note_hole(log_id, "a", 1, seq=3, now=116.0)
+        assert await table.release(log_id, "a", 1) is False
+        with pytest.raises(LeaseLost):  # the same owner with an old token is fenced too
+            await table.renew(log_id, "b", 1, ttl=10, now=116.0)
+        state = await table.read_state(log_id)
+        assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
+
+    async def test_commit_is_conditioned_on_the_previous_hwm(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        first = Commit(4, "snap-4", "sha-4", 40, last_run='{"status": "applied"}')
+        state = await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=101.0)
+        assert (state.hwm, state.snapshot_key, state.snapshot_sha256, state.snapshot_size) == (
+            4,
+            "snap-4",
+            "sha-4",
+            40,
+        )
+        with pytest.raises(Conflict):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=102.0)
+        # An empty last_run keeps the recorded one.
+        second = Commit(6, "snap-6", "sha-6", 60)
+        state = await table.commit(log_id, "a", 1, prev_hwm=4, commit=second, now=103.0)
+        assert (state.hwm, state.last_run) == (6, '{"status": "applied"}')
+        assert await table.release(log_id, "a", 1, last_run='{"status": "nothing"}')
+        state = await table.read_state(log_id)
+        assert (state.owner, state.hwm, state.snapshot_key, state.last_run) == (
+            None,
+            6,
+            "snap-6",
+            '{"status": "nothing"}',
+        )
+
+    async def test_commit_records_the_recent_snapshots(self, table: Table, log_id: str) -> None:
+        assert (await table.read_state(log_id)).recent_snapshots == ()
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        first = Commit(4, "snap-4", "sha-4", 40, recent_snapshots=("snap-4", "snap-2"))
+        state = await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=101.0)
+        assert state.recent_snapshots == ("snap-4", "snap-2")
+        # An empty history keeps the recorded one.
+        second = Commit(6, "snap-6", "sha-6", 60)
+        await table.commit(log_id, "a", 1, prev_hwm=4, commit=second, now=102.0)
+        assert (await table.read_state(log_id)).recent_snapshots == ("snap-4", "snap-2")
+        third = Commit(8, "snap-8", "sha-8", 80, recent_snapshots=("snap-8", "snap-4"))
+        await table.commit(log_id, "a", 1, prev_hwm=6, commit=third, now=103.0)
+        assert (await table.read_state(log_id)).recent_snapshots == ("snap-8", "snap-4")
+
+    async def test_note_hole_remembers_when_a_hole_was_first_seen(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        assert await table.note_hole(log_id, "a", 1, seq=5, now=101.0) == 101.0
+        assert await table.note_hole(log_id, "a", 1, seq=5, now=104.0) == 101.0
+        assert await table.note_hole(log_id, "a", 1, seq=7, now=105.0) == 105.0
+
+    async def test_quarantine_marks(self, table: Table, log_id: str) -> None:
+        assert await table.read_quarantined(log_id) == {}
+        await table.quarantine(log_id, 12, "garbage bytes", now=100.0)
+        await table.quarantine(log_id, 3, "undecodable", now=101.0)
+        assert await table.read_quarantined(log_id) == {3: "undecodable", 12: "garbage bytes"}
+
+
+class TestMemoryTable(TableContract):
+    @pytest.fixture
+    def table(self) -> MemoryTable:
+        return MemoryTable()
+
+
+class TestDynamoTable(TableContract):
+    @pytest.fixture
+    async def table(self, config: LogConfig) -> AsyncIterator[DynamoTable]:
+        table = await DynamoTable.connect(config)
+        yield table
+        await table.aclose()
+
+    async def test_a_missing_table_says_to_run_init(self, config: LogConfig) -> None:
+        name = f"missing-{uuid.uuid4().hex[:12]}"
+        table = await DynamoTable.connect(replace(config, table=name))
+        try:
+            with pytest.raises(ConfigurationError, match=f"--table {name}"):
+                await table.reserve("log")
+            with pytest.raises(ConfigurationError, match="does not exist"):
+                await table.read_head("log")
+            with pytest.raises(ConfigurationError, match="does not exist"):
+                await table.claim_keys("log", [Claim("k", 1, "e")])
+        finally:
+            await table.aclose()
+
+    async def test_a_closed_table_raises_closed(self, config: LogConfig) -> None:
+        table = await DynamoTable.connect(config)
+        await table.aclose()
+        with pytest.raises(Closed):
+            await table.read_head("log")
