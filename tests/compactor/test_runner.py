@@ -26,6 +26,7 @@ from deltalog import (
 )
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import LogState, MemoryTable
+from deltalog.storage.transfer import Transferred
 from tests.builders import delete, delta, patch
 from tests.compaction import (
     Crash,
@@ -333,7 +334,7 @@ class CountingStore(MemoryStore):
         super().__init__()
         self.downloads: list[str] = []
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         self.downloads.append(key)
         return await super().download_file(key, path)
 
