@@ -24,10 +24,8 @@ Markdown table.
 from __future__ import annotations
 
 import io
-import os
 import socket
 import struct
-import sys
 import tarfile
 import time
 import uuid
@@ -38,7 +36,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -69,6 +66,7 @@ from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
+from tests.commands import deltalog
 from tests.faulty import FaultyStore
 from tests.footprint import Footprint, take_footprint
 from tests.http_stubs import StubServer, denying, forwarding, not_implementing
@@ -741,15 +739,6 @@ async def unreachable(endpoint: str, config: LogConfig) -> Act:
     return Act(run)
 
 
-def _init_env(s3_url: str, dynamodb_url: str) -> Env:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("DELTALOG_", "AWS_"))},
-        **FAKE_CREDENTIALS,
-        "AWS_ENDPOINT_URL_S3": s3_url,
-        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
-    }
-
-
 async def ignores_conditional_writes(endpoint: str, config: LogConfig) -> Act:
     """``deltalog init`` through a proxy that drops If-None-Match.
 
@@ -762,15 +751,13 @@ async def ignores_conditional_writes(endpoint: str, config: LogConfig) -> Act:
 
     async def run() -> None:
         with StubServer(forwarding(endpoint, drop={"If-None-Match"})) as proxy:
-            env = _init_env(proxy.url, endpoint)
-            done = await anyio.run_process(
-                [sys.executable, "-m", "deltalog", *init], env=env, check=False
-            )
-            out, err = done.stdout.decode(), done.stderr.decode()
-            assert done.returncode == 1, (done.returncode, err)
-            assert err.startswith("deltalog: ConfigurationError: "), err
-            assert "does not honour If-None-Match" in err and err.count("\n") == 1, err
-            assert out.splitlines() == [f"bucket {bucket}: created"], out
+            env = {"AWS_ENDPOINT_URL_S3": proxy.url, "AWS_ENDPOINT_URL_DYNAMODB": endpoint}
+            done = await deltalog(*init, **env)
+            assert done.code == 1, (done.code, done.err)
+            assert done.err.startswith("deltalog: ConfigurationError: "), done.err
+            assert "does not honour If-None-Match" in done.err, done.err
+            assert done.err.count("\n") == 1, done.err
+            assert done.out.splitlines() == [f"bucket {bucket}: created"], done.out
             args = build_parser().parse_args(init)
             with pytest.MonkeyPatch.context() as patch:
                 for name, value in env.items():
