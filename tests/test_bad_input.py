@@ -24,7 +24,6 @@ Markdown table.
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import tarfile
 import time
@@ -69,7 +68,7 @@ from deltalog.storage.table import Commit, LogState, MemoryTable
 from tests.commands import deltalog
 from tests.faulty import FaultyStore
 from tests.footprint import Footprint, take_footprint
-from tests.http_stubs import StubServer, denying, forwarding, not_implementing
+from tests.http_stubs import StubServer, closed_port, denying, forwarding, not_implementing
 
 MEMORY = LogConfig(bucket="memory", table="memory", log="mem", max_delta_bytes=64 * 1024)
 KEY = bytes(range(32))
@@ -581,13 +580,6 @@ async def test_an_endpoint_that_answered_once_is_unavailable_not_misconfigured(
         with pytest.raises(Unavailable, match="cannot reach the endpoint") as raised:
             await table.read_head("log")  # the stub is gone now
         assert "never answered" not in str(raised.value)
-
-
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @asynccontextmanager
