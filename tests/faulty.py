@@ -37,6 +37,8 @@ class FaultyStore:
         """Keys whose ``get`` raises a non-ambiguous ``Unavailable``."""
         self.vanished: set[str] = set()
         """Keys whose ``get`` answers None although they are listed."""
+        self.refuse_deletes = False
+        """Every delete deletes nothing and raises a non-ambiguous ``Unavailable``."""
         self.puts: list[str] = []
         self.faults: list[Unavailable] = []
 
@@ -60,6 +62,11 @@ class FaultyStore:
             self.lost_answers -= 1
             raise self._fault(f"answer lost (written: {written})", key, ambiguous=True)
         return written
+
+    async def delete(self, key: str) -> None:
+        if self.refuse_deletes:
+            raise self._fault("delete refused", key, ambiguous=False)
+        await self.inner.delete(key)
 
     async def get(self, key: str) -> StoredObject | None:
         if key in self.broken_gets:
