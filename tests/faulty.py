@@ -44,6 +44,8 @@ class FaultyStore:
         self.hung = anyio.Event()
         """Set when a put hangs."""
         self.release = anyio.Event()
+        self.refuse_deletes = False
+        """Every delete deletes nothing and raises a non-ambiguous ``Unavailable``."""
         self.puts: list[str] = []
         self.faults: list[Unavailable] = []
 
@@ -60,8 +62,9 @@ class FaultyStore:
         if self.hang_puts == "before":
             await self._hang()
         if self.hang_puts == "after":
-            await self.inner.put_if_absent(key, data)
+            written = await self.inner.put_if_absent(key, data)
             await self._hang()
+            return written
         if self.refuse_puts:
             raise self._fault("put refused", key, ambiguous=False)
         if self.lost_requests:
@@ -76,6 +79,11 @@ class FaultyStore:
     async def _hang(self) -> None:
         self.hung.set()
         await self.release.wait()
+
+    async def delete(self, key: str) -> None:
+        if self.refuse_deletes:
+            raise self._fault("delete refused", key, ambiguous=False)
+        await self.inner.delete(key)
 
     async def get(self, key: str) -> StoredObject | None:
         if key in self.broken_gets:
