@@ -24,10 +24,7 @@ Markdown table.
 from __future__ import annotations
 
 import io
-import os
-import socket
 import struct
-import sys
 import tarfile
 import time
 import uuid
@@ -38,7 +35,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -69,9 +65,10 @@ from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
+from tests.commands import deltalog
 from tests.faulty import FaultyStore
 from tests.footprint import Footprint, take_footprint
-from tests.http_stubs import StubServer, denying, forwarding, not_implementing
+from tests.http_stubs import StubServer, closed_port, denying, forwarding, not_implementing
 
 MEMORY = LogConfig(bucket="memory", table="memory", log="mem", max_delta_bytes=64 * 1024)
 KEY = bytes(range(32))
@@ -579,13 +576,6 @@ async def test_an_endpoint_that_answered_once_is_unavailable_not_misconfigured(
         assert "never answered" not in str(raised.value)
 
 
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @asynccontextmanager
 async def aws_log(config: LogConfig) -> AsyncIterator[tuple[DeltaLog, S3Store, DynamoTable]]:
     async with AsyncExitStack() as stack:
@@ -735,15 +725,6 @@ async def unreachable(endpoint: str, config: LogConfig) -> Act:
     return Act(run)
 
 
-def _init_env(s3_url: str, dynamodb_url: str) -> Env:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("DELTALOG_", "AWS_"))},
-        **FAKE_CREDENTIALS,
-        "AWS_ENDPOINT_URL_S3": s3_url,
-        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
-    }
-
-
 async def ignores_conditional_writes(endpoint: str, config: LogConfig) -> Act:
     """``deltalog init`` through a proxy that drops If-None-Match.
 
@@ -756,15 +737,13 @@ async def ignores_conditional_writes(endpoint: str, config: LogConfig) -> Act:
 
     async def run() -> None:
         with StubServer(forwarding(endpoint, drop={"If-None-Match"})) as proxy:
-            env = _init_env(proxy.url, endpoint)
-            done = await anyio.run_process(
-                [sys.executable, "-m", "deltalog", *init], env=env, check=False
-            )
-            out, err = done.stdout.decode(), done.stderr.decode()
-            assert done.returncode == 1, (done.returncode, err)
-            assert err.startswith("deltalog: ConfigurationError: "), err
-            assert "does not honour If-None-Match" in err and err.count("\n") == 1, err
-            assert out.splitlines() == [f"bucket {bucket}: created"], out
+            env = {"AWS_ENDPOINT_URL_S3": proxy.url, "AWS_ENDPOINT_URL_DYNAMODB": endpoint}
+            done = await deltalog(*init, **env)
+            assert done.code == 1, (done.code, done.err)
+            assert done.err.startswith("deltalog: ConfigurationError: "), done.err
+            assert "does not honour If-None-Match" in done.err, done.err
+            assert done.err.count("\n") == 1, done.err
+            assert done.out.splitlines() == [f"bucket {bucket}: created"], done.out
             args = build_parser().parse_args(init)
             with pytest.MonkeyPatch.context() as patch:
                 for name, value in env.items():
