@@ -10,9 +10,10 @@ the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``.
 It checks the bearer key (401 ``invalid_api_key`` when wrong), refuses what
 the API refuses (empty inputs, more than 2,048 inputs, inputs over the token
 limit, counted here as UTF-8 bytes), and can be scripted: ``faults`` are
-answered in order before normal service resumes, ``delay`` holds each
-request, ``shuffle`` returns the data in reverse order, ``floats_only``
-ignores ``encoding_format``. Every request is recorded with its timing, and
+answered in order before normal service resumes, ``outage`` answers 503
+to everything while it is set, ``delay`` holds each request, ``shuffle``
+returns the data in reverse order, ``floats_only`` ignores
+``encoding_format``. Every request is recorded with its timing, and
 ``max_in_flight`` is the most requests it served at once.
 
 ``hold()`` makes every request wait until the test lets one go with
@@ -87,6 +88,7 @@ class OpenAIServer:
         self.max_input_tokens = max_input_tokens
         self.max_request_tokens = max_request_tokens
         self.faults: deque[Fault] = deque()
+        self.outage = False
         self.delay = 0.0
         self.shuffle = False
         self.floats_only = False
@@ -166,6 +168,7 @@ class OpenAIServer:
             self._permits = 0
             self._changed.notify_all()
             self.faults.clear()
+            self.outage = False
             self.delay = 0.0
             self.shuffle = False
             self.floats_only = False
@@ -247,6 +250,9 @@ class OpenAIServer:
             return 401, {}, _error(message, "invalid_api_key", "invalid_request_error")
         if fault is not None:
             return fault.status, fault.headers, _error(fault.message, fault.code, fault.type)
+        if self.outage:
+            message = "The server is overloaded or not ready yet."
+            return 503, {}, _error(message, None, "server_error")
         refused = self._refusal(record.inputs)
         if refused is not None:
             return 400, {}, _error(refused, None, "invalid_request_error")
