@@ -41,6 +41,7 @@ __all__ = [
     "Sidecar",
     "archive",
     "extract",
+    "read_sidecar",
     "sha256_file",
 ]
 
@@ -351,6 +352,16 @@ def _decode_sidecar(body: bytes, where: _Subject) -> Sidecar:
             f"{SNAPSHOT_FORMAT}); upgrade deltalog to read it"
         )
     return sidecar
+
+
+def read_sidecar(directory: Path, *, key: str, log: str | None = None) -> Sidecar:
+    """The sidecar of an extracted snapshot (``CorruptSnapshot`` if missing or wrong)."""
+    where = _Subject(key, log)
+    try:
+        body = (directory / SIDECAR_NAME).read_bytes()
+    except OSError as exc:
+        raise where.corrupt(f"no readable {SIDECAR_NAME} in {directory}: {exc}") from exc
+    return _decode_sidecar(body, where)
 
 
 def _check_files(sidecar: Sidecar, digests: dict[str, str], where: _Subject) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,15 @@ from deltalog import (
     LogConfig,
     Unavailable,
     UpdateMetadata,
+    Upsert,
 )
+from deltalog.codec import Frame, batch_body, encode_delta
+from deltalog.entry import new_id
+from deltalog.reader import Reader
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
-from tests.builders import delete, delta, patch
+from tests.builders import delete, delta, patch, upsert, vectors
 from tests.compaction import (
     Crash,
     FaultyTable,
@@ -256,6 +261,85 @@ async def test_poison_entry_stops_compaction_until_quarantined(
             assert set(state["words"]) == {"a#0", "a#1", "c#0", "c#1"}
             assert (await compactor.verify()).ok
         assert (await log.status()).quarantined == {2: "garbage bytes"}
+
+
+def _malformed(rng: np.random.Generator, kind: str) -> Delta:
+    """A delta append would refuse: it decodes, and only its rules make it bad."""
+    good = upsert(rng, ["half#0", "half#1"])  # folded alone, it would show half the entry
+    if kind == "lengths":
+        return Delta(ops=[good, Upsert("words", ["x", "y"], vectors(rng, 1))])
+    return Delta(ops=[upsert(rng, ["half#0", "half#1"], dim=4)])  # words holds 8-dim vectors
+
+
+async def _append_unchecked(log: DeltaLog, bad: Delta) -> int:
+    """Write ``bad`` at the next seq as a producer would, without its checks."""
+    seq = await log.table.reserve(log.keys.log_id)
+    body = batch_body(new_id(), [encode_delta(bad)], created_at=time.time())
+    assert await log.store.put_if_absent(log.keys.entry(seq), Frame(body).at(seq))
+    return seq
+
+
+@pytest.mark.parametrize("kind", ["lengths", "dimension"])
+async def test_a_malformed_entry_is_poison_whole_until_quarantined(
+    kind: str, backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """It decodes, so only validation can refuse it: before any of it is folded."""
+    async with backend.open_log() as log:
+        for name in ("a", "b"):
+            await log.append(delta(rng, name))
+        bad = await _append_unchecked(log, _malformed(rng, kind))
+        await log.append(delta(rng, "c"))
+        async with backend.compactor(cache_dir=tmp_path) as compactor:
+            for _ in range(2):  # stuck at it, every run, with what came before committed
+                with pytest.raises(CorruptEntry, match="malformed entry") as raised:
+                    await compactor.run_once()
+                assert (raised.value.seq, raised.value.log) == (bad, log.config.log)
+                assert (await log.table.read_state(log.keys.log_id)).hwm == bad - 1
+                assert set((await committed_state(compactor))["words"]) == {
+                    "a#0",
+                    "a#1",
+                    "b#0",
+                    "b#1",
+                }
+            with pytest.raises(CorruptEntry, match="malformed entry"):
+                await compactor.rebuild()
+            assert (await compactor.verify()).ok  # to the committed hwm, before it
+            await log.table.quarantine(log.keys.log_id, bad, f"{kind} mismatch", now=time.time())
+            result = await compactor.run_once()
+            assert (result.status, result.hwm_after) == ("applied", bad + 1)
+            want = {"a#0", "a#1", "b#0", "b#1", "c#0", "c#1"}
+            assert set((await committed_state(compactor))["words"]) == want
+            rebuilt = await compactor.rebuild()
+            assert rebuilt.hwm == bad + 1 and rebuilt.counts == {"words": 6}
+            assert (await compactor.verify()).ok
+
+
+async def test_a_fresh_read_never_shows_part_of_a_malformed_entry(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    async with backend.open_log() as log:
+        await log.append(delta(rng, "a"))
+        async with backend.compactor(cache_dir=tmp_path / "c") as compactor:
+            await compactor.run_once()
+        bad = await _append_unchecked(log, _malformed(rng, "lengths"))
+        await log.append(delta(rng, "c"))
+
+        def fresh() -> AbstractAsyncContextManager[Reader]:
+            return Reader.open(
+                log.config,
+                consistency="fresh",
+                cache_dir=tmp_path,
+                store=backend.store,
+                table=backend.table,
+            )
+
+        with pytest.raises(CorruptEntry, match="malformed entry"):
+            async with fresh():
+                pass
+        await log.table.quarantine(log.keys.log_id, bad, "lengths", now=time.time())
+        async with fresh() as reader:
+            got = await reader.get(collection="words")
+        assert sorted(got["ids"]) == ["a#0", "a#1", "c#0", "c#1"]
 
 
 async def test_corrupt_or_missing_snapshot_is_refused_and_nothing_committed(
