@@ -375,7 +375,9 @@ async def test_an_outage_stops_the_run_with_one_clear_error(
     assert str(raised.value).startswith("OpenAI embeddings failed after retries (HTTP 503)")
     assert skipped == [], "an outage is not a bad line"
     written = await upserted_receipts(log)
-    assert 2 <= len(written) < len(receipts), "the receipts before the outage, then it stopped"
+    # Only two receipts were embedded: at most those are written (whether they are
+    # depends on how far they got when the run stopped "at once"), each whole.
+    assert len(written) <= 2 < len(receipts), "nothing embedded after the outage is written"
     by_key = {key_of(r): r for r in receipts}
     found = await deltas(log)
     assert len(found) == len(written), "one delta per receipt"
