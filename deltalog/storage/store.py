@@ -57,6 +57,12 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def clock(self, prefix: str) -> float:
+        """The store's own time now (seconds since the epoch), the clock of its
+        ``last_modified``; read from an answer to a listing of ``prefix`` (one
+        the caller may list), so no local clock is trusted."""
+        ...
+
     async def upload_file(self, key: str, path: Path) -> bool:
         """``put_if_absent`` with the contents of a local file."""
         ...
@@ -98,6 +104,10 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self.requests += 1
         self._objects.pop(key, None)
+
+    async def clock(self, prefix: str) -> float:
+        self.requests += 1
+        return time.time()  # the clock ``put_if_absent`` stamps objects with
 
     async def upload_file(self, key: str, path: Path) -> bool:
         return await self.put_if_absent(key, await anyio.Path(path).read_bytes())
