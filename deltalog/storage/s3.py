@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -176,6 +177,22 @@ class S3Store:
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    async def clock(self, prefix: str) -> float:
+        """S3's time, from the ``Date`` header of a one-key listing (to the second)."""
+        try:
+            page = await self._s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except Exception as exc:
+            raise self._error(exc, "list objects", prefix, ambiguous=False) from exc
+        date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            return parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"the object store answered without a valid Date header ({date!r}): deltalog "
+                "measures the age of holes on the store's clock; use an S3-compatible store "
+                "that sends one"
+            ) from exc
 
     async def delete(self, key: str) -> None:
         try:

@@ -76,6 +76,12 @@ class ObjectStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def clock(self, prefix: str) -> float:
+        """The store's own time now (seconds since the epoch), the clock of its
+        ``last_modified``; read from an answer to a listing of ``prefix`` (one
+        the caller may list), so no local clock is trusted."""
+        ...
+
     def upload(self, key: str) -> AbstractAsyncContextManager[Upload]:
         """A streaming, put-if-absent upload to ``key``; see the module docstring."""
         ...
@@ -123,6 +129,10 @@ class MemoryStore:
     async def delete(self, key: str) -> None:
         self.requests += 1
         self._objects.pop(key, None)
+
+    async def clock(self, prefix: str) -> float:
+        self.requests += 1
+        return time.time()  # the clock ``put_if_absent`` stamps objects with
 
     @asynccontextmanager
     async def upload(self, key: str) -> AsyncIterator[Upload]:

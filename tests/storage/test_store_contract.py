@@ -78,6 +78,17 @@ class StoreContract:
         assert stored is not None and stored.data == data
         assert empty is not None and empty.data == b""
 
+    async def test_the_clock_is_the_one_objects_are_stamped_with(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        before = await store.clock(prefix)
+        assert await store.put_if_absent(f"{prefix}stamped", b"x")
+        after = await store.clock(prefix)
+        stored = await store.get(f"{prefix}stamped")
+        assert stored is not None
+        # The store's clock may count whole seconds (S3's Date header).
+        assert before - 1 <= stored.last_modified <= after + 1
+
     async def test_get_of_a_missing_key_is_none(self, store: ObjectStore, prefix: str) -> None:
         assert await store.get(f"{prefix}missing") is None
 
