@@ -28,13 +28,21 @@ from deltalog.errors import Conflict
 from deltalog.keys import LogKeys
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL, Sidecar, write_archive
 from deltalog.storage.store import ObjectInfo, ObjectStore
-from deltalog.storage.transfer import Transferred, UploadWriter
+from deltalog.storage.transfer import Transferred, upload_from_thread
 
-__all__ = ["Published", "list_snapshots", "prune_snapshots", "publish_snapshot"]
+__all__ = [
+    "DEFAULT_COMPRESSION",
+    "Published",
+    "forget_snapshot",
+    "list_snapshots",
+    "prune_snapshots",
+    "publish_snapshot",
+]
 
 log = logging.getLogger("compactor.publish")
 
 Compression = Literal["none", "zstd"]
+DEFAULT_COMPRESSION: Compression = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +67,7 @@ async def publish_snapshot(
     hwm: int,
     token: int,
     counts: dict[str, int],
-    compression: Compression = "none",
+    compression: Compression = DEFAULT_COMPRESSION,
     level: int = DEFAULT_ZSTD_LEVEL,
     scratch: Path | None = None,
 ) -> Published:
@@ -82,17 +90,34 @@ async def publish_snapshot(
     )
     suffix = ".tar.zst" if compression == "zstd" else ".tar"
     key = keys.snapshot(hwm, token, uuid.uuid4().hex[:12], suffix)
-    async with store.upload(key) as upload:
-
-        def write(writer: UploadWriter) -> None:
-            write_archive(directory, sidecar, writer, compression=compression, level=level)
-            writer.flush()
-
-        await anyio.to_thread.run_sync(write, UploadWriter(upload))
-        done = await upload.complete()
+    done: Transferred | None = None
+    try:
+        async with store.upload(key) as upload:
+            await upload_from_thread(
+                upload,
+                lambda writer: write_archive(
+                    directory, sidecar, writer, compression=compression, level=level
+                ),
+            )
+            with anyio.CancelScope(shield=True):  # once created, we know it (see below)
+                done = await upload.complete()
+    except BaseException:
+        if done is not None and done.created:  # cancelled after creating it: no commit has it
+            await forget_snapshot(store, key)
+        raise
+    assert done is not None  # the block above completed the upload or raised
     if not done.created and not await _holds(store, done, scratch):
         raise Conflict(f"snapshot key {key} already exists", key=key)
     return Published(key, done.sha256, done.size, counts)
+
+
+async def forget_snapshot(store: ObjectStore, key: str) -> None:
+    """Delete an upload no commit references (best effort, shielded; retention is the backstop)."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        try:
+            await store.delete(key)
+        except Exception as exc:
+            log.warning("could not delete unreferenced snapshot %s: %s", key, exc)
 
 
 async def _holds(store: ObjectStore, ours: Transferred, scratch: Path | None) -> bool:

@@ -1,41 +1,66 @@
 """``Compactor``: incremental compaction, rebuild and verify for one log.
 
-One run, under one lease, inside one task group (DESIGN.md "Compaction"):
+One run, under one lease, inside one task group (DESIGN.md "Compaction"
+and "Checkpoints"):
 
-1. acquire the lease (fencing token + 1) and read hwm and the snapshot;
+1. acquire the lease (fencing token + 1) and read hwm and the checkpoint;
 2. a heartbeat renews it every ttl/3; a failed renewal cancels the run;
-3. working copy: the cached committed snapshot (downloaded and verified
-   if the cache does not hold exactly it), copied into a private directory;
+3. working copy (``compactor.working``): the live copy left by the last
+   run on this host (warm), else the checkpoint (downloaded and verified
+   unless cached) with the committed tail replayed into it (cold);
 4. replay entries after hwm: read, fold, apply (``compactor.replay``),
    sealing holes older than the grace period and stopping at younger ones;
-5. publish: close Chroma, archive, upload under a new key;
-6. commit hwm + snapshot key + sha256 in one conditional update on owner,
-   token and the previous hwm: the only commit point;
-7. release the lease; delete snapshots beyond the retention count.
+5. publish, only when the checkpoint policy says so
+   (``compactor.checkpoint``): close Chroma, archive and upload as it is
+   written, under a new key;
+6. commit hwm (and the new checkpoint, if one was published) in one
+   conditional update on owner, token and the previous hwm: the only
+   commit point; the working copy becomes the live copy;
+7. release the lease; after a new checkpoint, delete snapshots beyond the
+   retention count (never the one the state points to).
 
-A crash anywhere before 6 leaves the committed state as it was and the
-next run redoes the work; the fold is deterministic, so the result is the
-same.
+A crash anywhere before 6 leaves the committed state as it was (an upload
+is an orphan retention deletes later) and the next run redoes the work; the
+fold is deterministic, so the result is the same. A crash after 6 leaves a
+committed state whose checkpoint and tail are all stored: the next run,
+without a live copy, rebuilds its copy from them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
 
 import anyio
 
+from compactor.checkpoint import (
+    DEFAULT_MAX_TAIL_BYTES,
+    DEFAULT_MAX_TAIL_ENTRIES,
+    DEFAULT_RATIO,
+    CheckpointPolicy,
+    Reason,
+    Tail,
+)
 from compactor.lease import Lease, LeaseKeeper
-from compactor.publish import Compression, Published, prune_snapshots, publish_snapshot
+from compactor.publish import (
+    DEFAULT_COMPRESSION,
+    Compression,
+    Published,
+    forget_snapshot,
+    prune_snapshots,
+    publish_snapshot,
+)
 from compactor.replay import Limits, Progress, Replay, Replayer
 from compactor.verify import VerifyResult, compare_sinks
+from compactor.working import WorkingCopy, catch_up, take
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -49,16 +74,17 @@ from deltalog.errors import (
 )
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
+from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
 
-__all__ = ["CompactionResult", "Compactor", "RebuildResult"]
+__all__ = ["CompactionResult", "Compactor", "ExportResult", "RebuildResult"]
 
 log = logging.getLogger("compactor")
 
-Status = Literal["applied", "nothing", "busy"]
+Status = Literal["applied", "checkpointed", "nothing", "busy"]
 _T = TypeVar("_T")
 SinkFactory = Callable[[Path], Awaitable[Sink]]
 """Opens the sink for a working directory (default: ``ChromaSink.open``)."""
@@ -69,7 +95,8 @@ class CompactionResult:
     """What one ``run_once`` did."""
 
     status: Status
-    """``applied`` (hwm moved), ``nothing`` (nothing new) or ``busy`` (lease held)."""
+    """``applied`` (hwm moved), ``checkpointed`` (nothing new, but a requested
+    checkpoint was published), ``nothing`` (nothing new) or ``busy`` (lease held)."""
     log: str
     hwm_before: int
     hwm_after: int
@@ -79,11 +106,23 @@ class CompactionResult:
     ids_patched: int = 0
     seals_written: int = 0
     snapshot_key: str | None = None
+    """The checkpoint the committed state points to after the run."""
     snapshot_size: int = 0
     stopped: str = ""
     """Why reading stopped: ``end``, ``hole`` (younger than the grace), ``limit``, ``poison``."""
     seconds: float = 0.0
     token: int = 0
+    checkpoint: str = ""
+    """Why this run published the checkpoint (``compactor.checkpoint.Reason``), or ""."""
+    snapshot_hwm: int = 0
+    """The seq the checkpoint holds, after the run."""
+    tail_entries: int = 0
+    """Seqs in the committed tail after the run: ``(snapshot_hwm, hwm_after]``."""
+    tail_bytes: int = 0
+    working_copy: str = ""
+    """``warm`` (the live copy), ``checkpoint`` (downloaded or cached) or ``empty``."""
+    replayed_tail: int = 0
+    """Committed seqs replayed to bring the working copy up to ``hwm_before``."""
 
     def summary(self) -> str:
         """The one-line summary the CLI prints."""
@@ -96,12 +135,39 @@ class CompactionResult:
                 else ""
             )
             return f"{self.log}: nothing to do at hwm {self.hwm_after}{why}"
+        if self.status == "checkpointed":
+            return f"{self.log}: at hwm {self.hwm_after}: {self._checkpoint_summary()}"
         return (
             f"{self.log}: applied {self.entries_applied} entries (hwm {self.hwm_before} -> "
             f"{self.hwm_after}): {self.vectors_upserted} vectors upserted, {self.ids_deleted} "
             f"deleted, {self.ids_patched} patched, {self.seals_written} holes sealed in "
-            f"{self.seconds:.1f}s; snapshot {self.snapshot_key} ({self.snapshot_size} bytes)"
+            f"{self.seconds:.1f}s; {self._checkpoint_summary()}"
         )
+
+    def _checkpoint_summary(self) -> str:
+        if self.checkpoint:
+            return (
+                f"checkpoint {self.snapshot_key} published ({self.snapshot_size} bytes, "
+                f"{self.checkpoint})"
+            )
+        return (
+            f"tail of {self.tail_entries} entries ({self.tail_bytes} bytes) after checkpoint "
+            f"{self.snapshot_key} at seq {self.snapshot_hwm}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What ``export`` wrote: a plain Chroma directory at the committed hwm."""
+
+    log: str
+    path: Path
+    hwm: int
+    snapshot_key: str | None
+    snapshot_hwm: int
+    tail_entries: int
+    """Committed seqs replayed on top of the checkpoint."""
+    counts: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +258,11 @@ class Compactor:
         limits: Limits | None = None,
         retain: int = 3,
         orphan_grace: float = 3600.0,
-        compression: Compression = "none",
+        compression: Compression = DEFAULT_COMPRESSION,
+        compression_level: int = DEFAULT_ZSTD_LEVEL,
+        checkpoint_ratio: float = DEFAULT_RATIO,
+        max_tail_entries: int | None = DEFAULT_MAX_TAIL_ENTRIES,
+        max_tail_bytes: int | None = DEFAULT_MAX_TAIL_BYTES,
         prefetch: int = 32,
         progress: Callable[[Progress], None] | None = None,
         store: ObjectStore | None = None,
@@ -213,6 +283,8 @@ class Compactor:
         self.retain = retain
         self.orphan_grace = orphan_grace
         self.compression: Compression = compression
+        self.compression_level = compression_level
+        self.policy = CheckpointPolicy(checkpoint_ratio, max_tail_entries, max_tail_bytes)
         self.prefetch = prefetch
         self.progress = progress
         self._store, self._table, self._owner = store, table, owner
@@ -267,11 +339,13 @@ class Compactor:
 
     # -- incremental compaction ---------------------------------------------
 
-    async def run_once(self) -> CompactionResult:
+    async def run_once(self, *, checkpoint: bool = False) -> CompactionResult:
         """One incremental compaction run; see the module docstring.
 
-        Raises ``LeaseLost`` if the lease was lost (nothing committed), and
-        a ``CorruptEntry`` for a poison entry after committing everything
+        ``checkpoint`` publishes a checkpoint whatever the policy says (also
+        when nothing is new but the committed tail is not empty). Raises
+        ``LeaseLost`` if the lease was lost (nothing committed), and a
+        ``CorruptEntry`` for a poison entry after committing everything
         before it.
         """
         keeper = self._keeper()
@@ -282,7 +356,9 @@ class Compactor:
             return CompactionResult(
                 "busy", self.config.log, state.hwm, state.hwm, stopped=exc.message
             )
-        result, failure = await self._leased(keeper, lease, self._compact, self._run_record)
+        result, failure = await self._leased(
+            keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
+        )
         if failure is not None:
             raise failure
         return result
@@ -335,34 +411,52 @@ class Compactor:
             record.update(status="error", error=f"{type(failure).__name__}: {failure}")
         return json.dumps(record, sort_keys=True, default=str)
 
-    async def _compact(self, lease: Lease) -> tuple[CompactionResult, Exception | None]:
+    async def _compact(
+        self, lease: Lease, requested: bool
+    ) -> tuple[CompactionResult, Exception | None]:
         state = lease.state
         head = await self.log.head()
-        if head <= state.hwm:
+        if head <= state.hwm and not (requested and state.tail_entries > 0):
             return self._nothing(state, "end"), None
-        base = await self._committed_copy(state)
-        work = await anyio.to_thread.run_sync(self.cache.working_copy, base)
+        copy = await take(self.cache, self.store, state, log=self.config.log)
         try:
-            replay = await self._replay_into(work, lease, after=state.hwm)
-            if not replay.advanced:
+            replay, replayed = await self._replay_into(copy, lease)
+            if not replay.advanced and not (requested and state.tail_entries > 0):
+                await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, state.hwm)
                 return self._nothing(state, replay.stopped), replay.error
-            published = await publish_snapshot(
-                self.store,
-                self.keys,
-                work,
-                hwm=replay.last_seq,
-                token=lease.token,
-                counts=replay.counts,
-                compression=self.compression,
-                scratch=self.cache.scratch,
-            )
-            result = self._applied(state, replay, published, lease)
+            tail = self._tail(state, replay)
+            reason = self.policy.reason(tail, requested=requested)
+            published = await self._publish(copy.path, replay, lease) if reason else None
+            result = self._applied(state, replay, lease, tail, reason, published)
+            result = replace(result, working_copy=copy.how, replayed_tail=replayed)
             await self._commit(lease, state, published, result)
-            await anyio.to_thread.run_sync(self.cache.adopt, work, published.key, published.sha256)
+            await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, replay.last_seq)
         finally:
-            await self._discard(work)
-        await self._prune(published.key)
+            await self._discard(copy.path)
+        await self._prune(result.snapshot_key)
         return result, replay.error
+
+    def _tail(self, state: LogState, replay: Replay) -> Tail:
+        """The committed tail after this run, if it publishes nothing."""
+        return Tail(
+            entries=replay.last_seq - state.checkpoint_hwm,
+            bytes=state.tail_bytes + replay.bytes_passed,
+            checkpoint_bytes=state.snapshot_size,
+            has_checkpoint=state.snapshot_key is not None,
+        )
+
+    async def _publish(self, work: Path, replay: Replay, lease: Lease) -> Published:
+        return await publish_snapshot(
+            self.store,
+            self.keys,
+            work,
+            hwm=replay.last_seq,
+            token=lease.token,
+            counts=replay.counts,
+            compression=self.compression,
+            level=self.compression_level,
+            scratch=self.cache.scratch,
+        )
 
     async def _discard(self, *works: Path) -> None:
         """Remove working copies, also when the run was cancelled (lease lost, stop signal)."""
@@ -370,7 +464,7 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str) -> None:
+    async def _prune(self, committed: str | None) -> None:
         """Retention, after a commit. Housekeeping: a failure must not fail the committed run.
 
         The lease may be gone by now (a pause after the commit): what is
@@ -393,20 +487,20 @@ class Compactor:
                 "%s: could not delete old snapshots (next run retries): %s", self.keys.log, exc
             )
 
-    async def _committed_copy(self, state: LogState) -> Path | None:
-        if state.snapshot_key is None or state.snapshot_sha256 is None:
-            return None
-        return await self.cache.committed(
-            self.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
-        )
+    async def _replay_into(self, copy: WorkingCopy, lease: Lease) -> tuple[Replay, int]:
+        """Bring ``copy`` up to the committed hwm, then replay what is new after it.
 
-    async def _replay_into(self, work: Path, lease: Lease, *, after: int) -> Replay:
+        Returns the replay of the new entries and how many committed seqs
+        the copy needed first.
+        """
+        state = lease.state
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        sink = await self._open_sink(work)
+        sink = await self._open_sink(copy.path)
         try:
+            replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
             replay = await self._replayer().run(
                 sink,
-                after=after,
+                after=state.hwm,
                 quarantined=quarantined,
                 sealer=_LeaseSealer(self, lease),
                 limits=self.limits,
@@ -414,19 +508,31 @@ class Compactor:
             replay.counts = await sink.counts()
         finally:
             await _close(sink)
-        return replay
+        return replay, replayed
+
+    def _quiet_replayer(self) -> Replayer:
+        """A replayer for committed seqs: no progress reports (they are not the run's work)."""
+        return Replayer(self.log, prefetch=self.prefetch)
 
     async def _commit(
-        self, lease: Lease, state: LogState, published: Published, result: CompactionResult
+        self,
+        lease: Lease,
+        state: LogState,
+        published: Published | None,
+        result: CompactionResult,
     ) -> None:
-        commit = Commit(
-            hwm=result.hwm_after,
-            snapshot_key=published.key,
-            snapshot_sha256=published.sha256,
-            snapshot_size=published.size,
-            last_run=self._last_run(result, None),
-            recent_snapshots=self._recent(published.key, state),
-        )
+        last_run = self._last_run(result, None)
+        if published is None:
+            commit = Commit(result.hwm_after, last_run=last_run, tail_bytes=result.tail_bytes)
+        else:
+            commit = Commit(
+                hwm=result.hwm_after,
+                snapshot_key=published.key,
+                snapshot_sha256=published.sha256,
+                snapshot_size=published.size,
+                last_run=last_run,
+                recent_snapshots=self._recent(published.key, state),
+            )
         await self._commit_point(lease, state.hwm, commit)
 
     async def _commit_point(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
@@ -435,11 +541,21 @@ class Compactor:
         The update may have landed although we were told otherwise: its answer
         lost, then botocore's retry refused by the condition the first attempt
         had just changed (hwm), or by a successor that took the lease over
-        since and committed after us. Only the state knows: our key (a fresh
-        nonce) is committed or in ``recent_snapshots`` exactly when our
-        update landed.
+        since and committed after us. Only the state knows (``_landed``).
+
+        Shielded: a commit in flight is let finish (it is one conditional
+        update, bounded by the request timeout), so a run stopped around its
+        commit knows whether it committed, and deletes an upload it did not.
         """
-        lease.check()
+        try:
+            lease.check()
+        except Fenced:
+            await self._forget(commit.snapshot_key)
+            raise
+        with anyio.CancelScope(shield=True):
+            await self._commit_once(lease, prev_hwm, commit)
+
+    async def _commit_once(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
         try:
             await self.table.commit(
                 self.keys.log_id,
@@ -451,16 +567,16 @@ class Compactor:
             )
         except (Fenced, Conflict, Unavailable) as exc:
             now = await self.table.read_state(self.keys.log_id)
-            if commit.snapshot_key in (now.snapshot_key, *now.recent_snapshots):
+            if _landed(commit, now, lease):
                 log.warning(
-                    "%s: the commit of %s landed although its answer said %s",
+                    "%s: the commit of hwm %d landed although its answer said %s",
                     self.keys.log,
-                    commit.snapshot_key,
+                    commit.hwm,
                     type(exc).__name__,
                 )
                 return
-            if not isinstance(exc, Unavailable):  # refused for sure
-                await self._forget(commit.snapshot_key)
+            if not isinstance(exc, Unavailable):
+                await self._forget(commit.snapshot_key)  # refused for sure
             raise
 
     def _recent(self, key: str, state: LogState) -> tuple[str, ...]:
@@ -471,22 +587,26 @@ class Compactor:
         older = [k for k in history if k != key]
         return (key, *older)[: max(self.retain, _RECENT_SNAPSHOTS)]
 
-    async def _forget(self, key: str) -> None:
+    async def _forget(self, key: str | None) -> None:
         """Delete an upload no commit will ever reference (best effort, shielded)."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            try:
-                await self.store.delete(key)
-            except Exception as exc:
-                log.warning("could not delete unreferenced snapshot %s: %s", key, exc)
+        if key is not None:
+            await forget_snapshot(self.store, key)
 
     def _nothing(self, state: LogState, stopped: str) -> CompactionResult:
         return CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
 
     def _applied(
-        self, state: LogState, replay: Replay, published: Published, lease: Lease
+        self,
+        state: LogState,
+        replay: Replay,
+        lease: Lease,
+        tail: Tail,
+        reason: Reason | None,
+        published: Published | None,
     ) -> CompactionResult:
+        advanced = replay.last_seq > state.hwm
         return CompactionResult(
-            "applied",
+            "applied" if advanced else "checkpointed",
             self.config.log,
             state.hwm,
             replay.last_seq,
@@ -495,11 +615,15 @@ class Compactor:
             ids_deleted=replay.ids_deleted,
             ids_patched=replay.ids_patched,
             seals_written=replay.seals_written,
-            snapshot_key=published.key,
-            snapshot_size=published.size,
+            snapshot_key=published.key if published else state.snapshot_key,
+            snapshot_size=published.size if published else state.snapshot_size,
             stopped=replay.stopped,
             seconds=replay.seconds,
             token=lease.token,
+            checkpoint=reason or "",
+            snapshot_hwm=replay.last_seq if published else state.checkpoint_hwm,
+            tail_entries=0 if published else tail.entries,
+            tail_bytes=0 if published else tail.bytes,
         )
 
     # -- rebuild and verify ---------------------------------------------------
@@ -562,6 +686,7 @@ class Compactor:
                 token=token,
                 counts=counts,
                 compression=self.compression,
+                level=self.compression_level,
                 scratch=self.cache.scratch,
             )
         finally:
@@ -604,27 +729,89 @@ class Compactor:
         await self._commit_point(lease, committed, commit)
         await self._prune(published.key)
 
+    async def export(self, out: Path | str) -> ExportResult:
+        """Write a plain Chroma persistent directory at the committed hwm to ``out``.
+
+        The checkpoint (downloaded unless cached) with the committed tail
+        replayed into it: what a snapshot reader sees. ``out`` must not exist
+        or be an empty directory; it appears only when whole (built in the
+        cache, then moved).
+        """
+        target = Path(out)
+        if await anyio.to_thread.run_sync(_occupied, target):
+            raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
+        state = await self.table.read_state(self.keys.log_id)
+        quarantined = await self.table.read_quarantined(self.keys.log_id)
+        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
+        try:
+            # Always Chroma (not the sink factory): what is exported is a Chroma directory.
+            sink = await ChromaSink.open(copy.path, limiter=self._limiter)
+            try:
+                replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
+                counts = await sink.counts()
+            finally:
+                await _close(sink)
+            await anyio.to_thread.run_sync(_move_into, copy.path, target)
+        finally:
+            await self._discard(copy.path)
+        return ExportResult(
+            self.config.log,
+            target,
+            state.hwm,
+            state.snapshot_key,
+            state.checkpoint_hwm,
+            replayed,
+            counts,
+        )
+
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
 
-        Both sides are Chroma directories built by the same fold, so the
-        comparison is exact: ids, vectors bit for bit, documents, metadata.
+        The committed side is what a reader on a fresh machine gets: the
+        checkpoint downloaded, with the committed tail replayed. Both sides
+        are Chroma directories built by the same fold, so the comparison is
+        exact: ids, vectors bit for bit, documents, metadata.
         """
         state = await self.table.read_state(self.keys.log_id)
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        base = await self._committed_copy(state)
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
             cleanup.push_async_callback(self._discard, rebuilt)
-            committed = await anyio.to_thread.run_sync(self.cache.working_copy, base)
-            cleanup.push_async_callback(self._discard, committed)
+            committed = await take(self.cache, self.store, state, log=self.config.log, warm=False)
+            cleanup.push_async_callback(self._discard, committed.path)
             expected = await self._open_sink(rebuilt)
             cleanup.push_async_callback(_close, expected)
-            actual = await self._open_sink(committed)
+            actual = await self._open_sink(committed.path)
             cleanup.push_async_callback(_close, actual)
+            await catch_up(self._quiet_replayer(), actual, committed, state, quarantined)
             replay = await self._replayer().run(
                 expected, after=0, to_seq=state.hwm, quarantined=quarantined
             )
             if replay.error is not None:
                 raise replay.error
             return await compare_sinks(expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq)
+
+
+def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:
+    """Whether ``commit`` is in the state read after its answer was lost or refused.
+
+    A checkpoint's key (a fresh nonce) is committed or in
+    ``recent_snapshots`` exactly when the update landed. A commit of hwm
+    alone landed when the state holds its hwm under our token: no successor
+    took the lease, and only we can move hwm under it.
+    """
+    if commit.snapshot_key is not None:
+        return commit.snapshot_key in (now.snapshot_key, *now.recent_snapshots)
+    return (now.owner, now.token, now.hwm) == (lease.owner, lease.token, commit.hwm)
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _move_into(work: Path, target: Path) -> None:
+    """Move a closed working copy to ``target`` (a rename on one filesystem, else a copy)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rmdir()  # empty: checked before the export started
+    shutil.move(work, target)

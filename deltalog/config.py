@@ -17,11 +17,15 @@ Security settings, all optional:
 - ``sse`` (``DELTALOG_SSE``: ``AES256``, ``aws:kms`` or ``aws:kms:dsse``) and
   ``sse_kms_key_id`` (``DELTALOG_SSE_KMS_KEY_ID``): server-side encryption
   requested on every object deltalog writes (entries, seals, snapshots).
+
+Transfers of snapshot archives: ``part_size`` (``DELTALOG_PART_SIZE``, bytes
+or a size such as ``16MiB``) and ``transfer_concurrency``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -29,9 +33,28 @@ from deltalog.errors import ConfigurationError
 from deltalog.keys import LogKeys, valid_log_name, valid_root
 from deltalog.signing import Signer, Verifier, check_key, parse_key
 
-__all__ = ["LogConfig"]
+__all__ = ["LogConfig", "parse_size"]
 
 MiB = 1024 * 1024
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"8388608"``, ``"8MiB"``, ``"8M"`` (= 8 MB), ``"1GiB"``...
+
+    Binary units (``KiB``, ``MiB``, ``GiB``, ``TiB``) are powers of 1024,
+    the others of 1000.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ConfigurationError(f"{text!r} is not a size: use bytes or e.g. 16MiB, 1GB")
+    number, unit = int(match.group(1)), (match.group(2) or "").upper()
+    if unit.endswith("IB"):
+        return number * int(1024 ** ("KMGT".index(unit[0]) + 1))
+    return number * _UNITS[unit.rstrip("B") if unit != "B" else "B"]
+
+
 SSE_MODES = ("AES256", "aws:kms", "aws:kms:dsse")
 
 
@@ -171,4 +194,6 @@ def _security_from_env(env: Mapping[str, str]) -> dict[str, object]:
     for name, var in (("sse", "DELTALOG_SSE"), ("sse_kms_key_id", "DELTALOG_SSE_KMS_KEY_ID")):
         if value := env.get(var, "").strip():
             values[name] = value
+    if part := env.get("DELTALOG_PART_SIZE", "").strip():
+        values["part_size"] = parse_size(part)
     return values

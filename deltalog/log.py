@@ -43,6 +43,14 @@ class LogStatus:
     state: LogState
     quarantined: dict[int, str]
     """Seqs an operator quarantined, with the reason."""
+    snapshot_hwm: int = 0
+    """The seq the checkpoint (the published snapshot) holds."""
+    snapshot_bytes: int = 0
+    """The checkpoint archive's size."""
+    tail_entries: int = 0
+    """Entry objects in the committed tail ``(snapshot_hwm, hwm]`` (seals included)."""
+    tail_bytes: int = 0
+    """Their stored bytes, as listed."""
 
     @property
     def lag(self) -> int:
@@ -236,20 +244,35 @@ class DeltaLog:
         head = await self.head()
         holes: list[int] = []
         entries, hole_count, expected = 0, 0, 1
-        async for seq, _info in list_entries(self.store, self.keys, 0):
+        tail_entries = tail_bytes = 0
+        async for seq, info in list_entries(self.store, self.keys, 0):
             if seq > expected:
                 missing = range(expected, min(seq, head + 1))
                 hole_count += len(missing)
                 holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
             entries += 1
             expected = seq + 1
+            if state.checkpoint_hwm < seq <= state.hwm:
+                tail_entries += 1
+                tail_bytes += info.size
         if expected <= head:
             missing = range(expected, head + 1)
             hole_count += len(missing)
             holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         return LogStatus(
-            self.config.log, head, entries, holes, hole_count, state.hwm, state, quarantined
+            self.config.log,
+            head,
+            entries,
+            holes,
+            hole_count,
+            state.hwm,
+            state,
+            quarantined,
+            snapshot_hwm=state.checkpoint_hwm,
+            snapshot_bytes=state.snapshot_size,
+            tail_entries=tail_entries,
+            tail_bytes=tail_bytes,
         )
 
     def statistics(self) -> LogStatistics:

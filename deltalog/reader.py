@@ -1,14 +1,19 @@
-"""Readers: the committed snapshot, optionally merged with the fresh tail.
+"""Readers: the committed state (a checkpoint plus its tail), optionally with the fresh tail.
 
-- **snapshot** consistency: queries go to the committed snapshot, downloaded
-  once and cached by key (``compactor.snapshot.SnapshotCache``); a newer
-  commit is picked up by the next call.
-- **fresh** consistency: the reader also reads the entries after hwm (up to
-  the first hole), folds them with the compactor's fold into an in-memory
-  **overlay**, searches the overlay exactly with numpy, and merges: overlay
-  results replace snapshot results for the same ids, deleted ids disappear,
-  and ``where`` filters apply to both sides (``deltalog.where``). Only what
-  arrived since the last call is read.
+- The **checkpoint** is the published snapshot the committed state points
+  to, downloaded once and cached by key (``deltalog.snapshot.cache``); it
+  holds the seqs up to ``snapshot_hwm``. The entries after it are folded
+  with the compactor's fold into an in-memory **overlay**, searched exactly
+  with numpy and merged with Chroma's answers: overlay results replace
+  checkpoint results for the same ids, deleted ids disappear, and ``where``
+  filters apply to both sides (``deltalog.where``).
+- **snapshot** consistency: the overlay holds the committed tail,
+  ``(snapshot_hwm, hwm]``, so a query sees exactly the fold at the
+  committed hwm. A newer commit is picked up by the next call: when only
+  hwm moved, the new tail entries are folded in and nothing is downloaded;
+  a new checkpoint is loaded (and the overlay restarts after it).
+- **fresh** consistency: the overlay goes on past hwm, up to the first hole.
+  Only what arrived since the last call is read.
 
 One ``Reader`` may serve concurrent calls (tasks of one event loop). Each
 call **pins** what it reads: under the reader's lock it refreshes, then
@@ -76,12 +81,15 @@ class GetResult(TypedDict):
 class ReaderStatistics:
     consistency: Consistency
     hwm: int
+    """The committed hwm the reader last read."""
     snapshot_key: str | None
     tail_seq: int
-    """The last seq folded into the overlay (== hwm when there is no tail)."""
+    """The last seq folded into the overlay (== snapshot_hwm when there is no tail)."""
     tail_entries: int
     snapshot_loads: int
     calls: int
+    snapshot_hwm: int = 0
+    """The seq the loaded checkpoint holds."""
 
 
 @dataclass(slots=True)
@@ -110,7 +118,7 @@ class _View:
 
 @dataclass(slots=True)
 class _Tail:
-    """Entries after hwm, folded: the overlay."""
+    """Entries after the checkpoint, folded: the overlay."""
 
     after: int
     last_seq: int
@@ -122,7 +130,7 @@ class _Tail:
 
 @dataclass(slots=True, eq=False)
 class _Snapshot:
-    """A loaded committed snapshot and the tail folded on top of it.
+    """A loaded checkpoint (holding seqs up to ``hwm``) and the tail folded on top of it.
 
     ``users`` counts the calls that pinned it; once it is no longer
     ``current`` the last of them closes it.
@@ -161,6 +169,7 @@ class Reader:
         self._cache = cache
         self._prefetch = prefetch
         self._snapshot = _Snapshot(None, 0)
+        self._hwm = 0
         self._dims: dict[str, int] = {}
         self._lock = anyio.Lock()
         self._loads = self._calls = 0
@@ -222,7 +231,7 @@ class Reader:
             raise Closed("the reader is closed", log=self.log.config.log)
         state = await self.log.table.read_state(self.log.keys.log_id)
         for attempt in range(1, _LOAD_ATTEMPTS + 1):
-            if (state.snapshot_key, state.hwm) == (self._snapshot.key, self._snapshot.hwm):
+            if self._holds(state):
                 break
             try:
                 await self._load(state)
@@ -232,11 +241,23 @@ class Reader:
                 if attempt == _LOAD_ATTEMPTS or not _pruned(exc, state, newer):
                     raise
                 state = newer
+        self._hwm = state.hwm
+        tail = self._snapshot.tail
         if self.consistency == "fresh":
-            await self._read_tail(self._snapshot.tail)
+            await self._read_tail(tail, None)
+        elif tail.last_seq < state.hwm:
+            await self._read_tail(tail, state.hwm)
+            _check_committed_tail(tail, state, self.log.config.log)
+
+    def _holds(self, state: LogState) -> bool:
+        """Whether the loaded checkpoint is the one ``state`` points to."""
+        loaded = self._snapshot
+        return (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
 
     async def _load(self, state: LogState) -> None:
-        loaded = await self._open_snapshot(state.snapshot_key, state.snapshot_sha256, state.hwm)
+        loaded = await self._open_snapshot(
+            state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
+        )
         if self._closed:  # aclose() ran while it loaded
             await self._retire(loaded)
             raise Closed("the reader is closed", log=self.log.config.log)
@@ -276,10 +297,12 @@ class Reader:
                 if work is not None:
                     await anyio.to_thread.run_sync(self._cache.discard, work)
 
-    async def _read_tail(self, tail: _Tail) -> None:
+    async def _read_tail(self, tail: _Tail, to_seq: int | None) -> None:
         quarantined: dict[int, str] | None = None
         while True:
-            reader = self.log.read(after=tail.last_seq, prefetch=self._prefetch, classify_end=False)
+            reader = self.log.read(
+                after=tail.last_seq, to_seq=to_seq, prefetch=self._prefetch, classify_end=False
+            )
             try:
                 async for seq, entry in reader:
                     _fold(tail, seq, entry)
@@ -382,12 +405,13 @@ class Reader:
         snapshot = self._snapshot
         return ReaderStatistics(
             self.consistency,
-            snapshot.hwm,
+            self._hwm,
             snapshot.key,
             snapshot.tail.last_seq,
             snapshot.tail.entries,
             self._loads,
             self._calls,
+            snapshot.hwm,
         )
 
 
@@ -399,6 +423,17 @@ def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
     is a real ``DataError``.
     """
     return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
+
+
+def _check_committed_tail(tail: _Tail, state: LogState, log: str) -> None:
+    """Every seq up to hwm is an entry or a seal: a committed tail that ends early is damage."""
+    if tail.last_seq < state.hwm:
+        raise DataError(
+            f"the committed tail ({state.checkpoint_hwm}, {state.hwm}] is missing seq "
+            f"{tail.last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
+            log=log,
+            seq=tail.last_seq + 1,
+        )
 
 
 def _fold(tail: _Tail, seq: int, entry: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,14 @@ class Crash(Exception):
 
 
 async def committed_state(compactor: Compactor) -> State:
-    """Every record of the committed snapshot, read with a real Chroma client."""
-    state = await compactor.table.read_state(compactor.keys.log_id)
-    if state.snapshot_key is None or state.snapshot_sha256 is None:
-        return {}
-    path = await compactor.cache.committed(
-        compactor.store, state.snapshot_key, state.snapshot_sha256, log=compactor.config.log
-    )
-    return await sink_state(path, compactor.cache.working_copy)
+    """Every record of the committed state (the checkpoint plus the committed tail, as
+    ``export`` writes it), read with a real Chroma client."""
+    out = Path(tempfile.mkdtemp(prefix="export-", dir=compactor.cache.scratch)) / "chroma"
+    try:
+        await compactor.export(out)
+        return await sink_state(out, compactor.cache.working_copy)
+    finally:
+        shutil.rmtree(out.parent)
 
 
 async def until_not_busy(compactor: Compactor) -> CompactionResult:
@@ -217,13 +219,18 @@ def faulty_sinks(
 
 
 class StalledRenewTable:
-    """The table ``inner``, but renewals hang: a paused process's heartbeat."""
+    """The table ``inner``, but renewals hang once ``stalled`` is set (at once without one):
+    a process paused from that moment, its heartbeat too."""
 
-    def __init__(self, inner: Table) -> None:
+    def __init__(self, inner: Table, stalled: anyio.Event | None = None) -> None:
         self.inner = inner
+        self.stalled = stalled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+        if self.stalled is not None and not self.stalled.is_set():
+            await self.inner.renew(log_id, owner, token, ttl=ttl, now=now)
+            return
         await anyio.sleep_forever()

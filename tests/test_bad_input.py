@@ -520,6 +520,7 @@ async def snapshot_setup(tmp_path: Path, snap: Snap) -> tuple[MemoryStore, Memor
     await write_three(store, table, None)
     commit = await commit_snapshot(store, table, snap.data(tmp_path))
     if snap.after is not None:
+        assert commit.snapshot_key is not None
         await snap.after(store, commit.snapshot_key)
     return store, table
 

@@ -6,9 +6,11 @@ Hypothesis drives a ``RuleBasedStateMachine`` through random sequences of:
   idempotency key; **append again**: a new call with an acknowledged key
   (it must return the original seq and write nothing); **submit**: several
   deltas at once through a group-commit producer;
-- **compact**: ``Compactor.run_once``;
+- **compact**: ``Compactor.run_once`` under a random checkpoint policy
+  (publish every run, at the default ratio, rarely), sometimes with a
+  checkpoint requested;
 - **crash**: a compaction that dies at a random step (before or after
-  applying to Chroma, while uploading the snapshot, before or after the
+  applying to Chroma, while uploading a checkpoint, before or after the
   commit, while releasing the lease), followed by the lease's expiry;
 - **rebuild**: ``Compactor.rebuild`` to a random seq, or to the end and
   published as the committed snapshot;
@@ -17,10 +19,11 @@ Hypothesis drives a ``RuleBasedStateMachine`` through random sequences of:
 
 The **model** is the list of acknowledged deltas and their seqs; its state
 at a seq is ``deltalog.fold.reference_state`` of those deltas, op by op.
-Invariants after every step: the committed snapshot equals the model at
-hwm (vectors bit for bit, documents, metadata); hwm never decreases; every
-acknowledged delta is in the log exactly once, at its seq, and nothing
-else is.
+Invariants after every step: the committed state (the checkpoint plus the
+committed tail, as ``export`` writes it) equals the model at hwm (vectors
+bit for bit, documents, metadata), and the checkpoint alone the model at
+the seq it holds; hwm never decreases; every acknowledged delta is in the
+log exactly once, at its seq, and nothing else is.
 
 The adapters are the in-memory ones (first-class, same contract as S3 and
 DynamoDB) and the sink is real ChromaDB. Float metadata has few significant
@@ -59,13 +62,22 @@ from deltalog.snapshot.cache import SnapshotCache
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import LogState
 from deltalog.storage.transfer import Transferred, Upload
-from tests.compaction import Crash, FaultyTable, assert_states_equal, faulty_sinks, sink_state
+from tests.compaction import (
+    Crash,
+    FaultyTable,
+    assert_states_equal,
+    committed_state,
+    faulty_sinks,
+    sink_state,
+)
 from tests.strategies import CHROMA_EXACT_FLOATS, COLLECTIONS, KEYS, deletes, updates, upserts
 
 CONFIG = LogConfig(bucket="memory", table="memory", log="model")
 LOG_ID = CONFIG.keys.log_id
 CRASH_TTL = 2.0
 STEPS = ("apply-before", "apply-after", "upload", "before-commit", "after-commit", "release")
+RATIOS = (0.0, 0.1, 1e9)
+"""Checkpoint ratios: publish every run, the default, (almost) never."""
 T = TypeVar("T")
 
 values: st.SearchStrategy[MetadataValue] = st.one_of(
@@ -124,7 +136,7 @@ class DeltaLogModel(RuleBasedStateMachine):
         self.acked: dict[str, tuple[int, Delta]] = {}
         """delta_id -> (seq, delta): every acknowledged delta."""
         self.hwm = 0
-        self.checked: tuple[str | None, str | None] = (None, None)
+        self.checked: tuple[str | None, int] = (None, 0)
         self.next_key = 0
 
     def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
@@ -233,21 +245,31 @@ class DeltaLogModel(RuleBasedStateMachine):
         for delta in deltas:
             self._ack(delta, seqs[delta.delta_id])
 
-    @rule()
-    def compact(self) -> None:
-        event("compact")
+    @rule(ratio=st.sampled_from(RATIOS), requested=st.booleans())
+    def compact(self, ratio: float, requested: bool) -> None:
+        event(f"compact ratio {ratio:g}{' checkpoint' if requested else ''}")
+        before = self.state()
 
         async def go() -> Any:
-            async with self.compactor() as compactor:
-                return await compactor.run_once()
+            async with self.compactor(checkpoint_ratio=ratio) as compactor:
+                return await compactor.run_once(checkpoint=requested)
 
         result = self.run(go)
-        assert result.status == ("applied" if self.head() > self.hwm else "nothing"), result
+        if self.head() > self.hwm:
+            status = "applied"
+        elif requested and before.tail_entries:
+            status = "checkpointed"
+        else:
+            status = "nothing"
+        assert result.status == status, result
         assert result.hwm_after == self.head()
+        if status != "nothing":
+            published = bool(result.checkpoint)
+            assert published == (requested or ratio == 0 or before.snapshot_key is None), result
 
     @precondition(lambda self: self.head() > self.hwm)
-    @rule(step=st.sampled_from(STEPS))
-    def crash(self, step: str) -> None:
+    @rule(step=st.sampled_from(STEPS), ratio=st.sampled_from(RATIOS))
+    def crash(self, step: str, ratio: float) -> None:
         event(f"crash {step}")
         _, factory = faulty_sinks(
             before=1 if step == "apply-before" else None,
@@ -257,8 +279,10 @@ class DeltaLogModel(RuleBasedStateMachine):
         self.table.crash_on = step if step in ("before-commit", "after-commit", "release") else None
 
         async def go() -> None:
-            async with self.compactor(sink_factory=factory, lease_ttl=CRASH_TTL) as compactor:
-                await compactor.run_once()
+            async with self.compactor(
+                sink_factory=factory, lease_ttl=CRASH_TTL, checkpoint_ratio=ratio
+            ) as compactor:
+                await compactor.run_once(checkpoint=step == "upload")
 
         try:
             self.run(go)
@@ -351,17 +375,22 @@ class DeltaLogModel(RuleBasedStateMachine):
         assert sorted(order) == list(range(1, self.head() + 1)), "dense seqs, no seals needed"
 
     @invariant()
-    def the_committed_snapshot_is_the_model_at_hwm(self) -> None:
+    def the_committed_state_is_the_model_at_hwm(self) -> None:
         state = self.state()
-        committed = (state.snapshot_key, state.snapshot_sha256)
+        committed = (state.snapshot_key, state.hwm)
         if committed == self.checked:
             return
         if state.snapshot_key is None or state.snapshot_sha256 is None:
             assert state.hwm == 0
         else:
-            got = self.snapshot(state.snapshot_key, state.snapshot_sha256)
-            assert_states_equal(got, self.model_at(state.hwm))
+            checkpoint = self.snapshot(state.snapshot_key, state.snapshot_sha256)
+            assert_states_equal(checkpoint, self.model_at(state.checkpoint_hwm))
+            assert_states_equal(self.run(self.exported), self.model_at(state.hwm))
         self.checked = committed
+
+    async def exported(self) -> State:
+        async with self.compactor() as compactor:
+            return await committed_state(compactor)
 
 
 TestDeltaLogModel = DeltaLogModel.TestCase

@@ -56,6 +56,10 @@ async def _compacted(log: DeltaLog, config: LogConfig, tmp_path: Path, **options
         assert (await compactor.run_once()).status == "applied"
 
 
+EVERY_RUN: dict[str, Any] = {"checkpoint_ratio": 0}
+"""Compactor options: every run publishes a checkpoint (tests of snapshots replaced)."""
+
+
 async def test_fresh_reads_see_the_tail_and_equal_snapshot_reads_after_compaction(
     log: DeltaLog, config: LogConfig, tmp_path: Path
 ) -> None:
@@ -126,9 +130,25 @@ async def test_a_reader_picks_up_new_commits(
     async with Reader.open(config, cache_dir=tmp_path / "r") as reader:
         assert (await reader.get(collection="words"))["ids"] == ["a"]
         await log.append(_upsert(["b"], _basis(1), "Costco"))
-        await _compacted(log, config, tmp_path)
+        await _compacted(log, config, tmp_path)  # hwm moves, the checkpoint stays
         assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b"]
-        assert reader.statistics().snapshot_loads == 2
+        stats = reader.statistics()
+        assert (stats.hwm, stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (
+            2,
+            1,
+            1,
+            1,
+        )
+        await log.append(_upsert(["c"], _basis(2), "Costco"))
+        await _compacted(log, config, tmp_path, **EVERY_RUN)  # a new checkpoint
+        assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b", "c"]
+        stats = reader.statistics()
+        assert (stats.hwm, stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (
+            3,
+            3,
+            0,
+            2,
+        )
 
 
 async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
@@ -255,7 +275,7 @@ async def test_a_call_that_built_its_view_before_a_commit_stores_no_stale_view(
 
     async def commit_s2() -> None:
         await log.append(_upsert(["X", "Y"], np.vstack([_basis(1), _basis(2)]), "Aldi"))
-        await _compacted(log, config, tmp_path)
+        await _compacted(log, config, tmp_path, **EVERY_RUN)
 
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
         answers = await _while_a_waits(reader, gate, commit_s2)
@@ -301,7 +321,7 @@ async def test_a_snapshot_stays_open_until_the_calls_using_it_return(
                 tg.start_soon(call_a)
                 await gate.reached.wait()
                 await log.append(delete("X"))
-                await _compacted(log, config, tmp_path)
+                await _compacted(log, config, tmp_path, **EVERY_RUN)
                 answers["B"] = await _ids(reader)
                 assert len(_work_copies(config, cache)) == 2, "S1 is still in use"
                 gate.opened.set()
@@ -359,7 +379,7 @@ async def test_a_snapshot_pruned_before_its_download_sends_the_reader_to_the_new
 
     async def commit_s2_and_prune_s1() -> None:
         await log.append(_upsert(["X"], _basis(1), "Costco"))
-        await _compacted(log, config, tmp_path, retain=1)
+        await _compacted(log, config, tmp_path, retain=1, **EVERY_RUN)
         assert await log.store.get(first.snapshot_key or "") is None, "retention deleted S1"
 
     store = _PrunedBeforeDownload(

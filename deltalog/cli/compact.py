@@ -1,4 +1,4 @@
-"""The compactor's commands: ``compact``, ``rebuild``, ``verify``, ``quarantine``.
+"""The compactor's commands: ``compact``, ``rebuild``, ``verify``, ``export``, ``quarantine``.
 
 Exit
 status: 0 done (applied, nothing to do, verified equal), 1 an error, 3 the
@@ -15,20 +15,28 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
+from compactor.checkpoint import (
+    DEFAULT_MAX_TAIL_BYTES,
+    DEFAULT_MAX_TAIL_ENTRIES,
+    DEFAULT_RATIO,
+)
 from compactor.follow import follow
+from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
+from deltalog.config import parse_size
 from deltalog.errors import DeltalogError, InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
+from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
 
 __all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "register"]
 
@@ -43,6 +51,8 @@ def _compactor(
     progress: Callable[[Progress], None] | None = None,
 ) -> Compactor:
     config = config_from(args, log)
+    if args.part_size is not None:
+        config = replace(config, part_size=args.part_size)
     return Compactor(
         config,
         cache_dir=args.cache_dir,
@@ -52,8 +62,17 @@ def _compactor(
         retain=args.retain,
         orphan_grace=args.orphan_grace,
         compression=args.compression,
+        compression_level=args.compression_level,
+        checkpoint_ratio=args.checkpoint_ratio,
+        max_tail_entries=_cap(args.max_tail_entries),
+        max_tail_bytes=_cap(args.max_tail_bytes),
         progress=progress,
     )
+
+
+def _cap(value: int) -> int | None:
+    """0 on the command line turns a cap off."""
+    return value or None
 
 
 async def _head(args: argparse.Namespace) -> int | None:
@@ -73,6 +92,11 @@ def _print_result(result: CompactionResult, as_json: bool) -> None:
 
 
 async def cmd_compact(args: argparse.Namespace) -> int:
+    if args.follow and args.checkpoint:
+        raise InvalidInput(
+            "--checkpoint publishes in one run; with --follow use --checkpoint-ratio 0 to "
+            "publish in every run"
+        )
     if args.follow:
         try:
             return await _follow(args)
@@ -86,7 +110,7 @@ async def cmd_compact(args: argparse.Namespace) -> int:
     head = await _head(args)
     with _display(args, config_from(args).log) as display:
         async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
-            result = await compactor.run_once()
+            result = await compactor.run_once(checkpoint=args.checkpoint)
     _print_result(result, args.json)
     return EXIT_BUSY if result.status == "busy" else 0
 
@@ -176,6 +200,20 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else EXIT_DIFFERENT
 
 
+async def cmd_export(args: argparse.Namespace) -> int:
+    async with _compactor(args) as compactor:
+        result = await compactor.export(args.out)
+    if args.json:
+        print(json.dumps(asdict(result), sort_keys=True, default=str))
+    else:
+        records = sum(result.counts.values())
+        print(
+            f"{result.log}: exported hwm {result.hwm} to {result.path}: checkpoint at seq "
+            f"{result.snapshot_hwm} plus {result.tail_entries} tail entries, {records} records"
+        )
+    return 0
+
+
 async def cmd_quarantine(args: argparse.Namespace) -> int:
     from deltalog.codec import Frame, seal_body
     from deltalog.entry import Seal
@@ -222,7 +260,44 @@ def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
         default=3600.0,
         help="delete snapshots no commit references once this old (s)",
     )
-    group.add_argument("--compression", choices=["none", "zstd"], default="none")
+    group.add_argument(
+        "--compression",
+        choices=["none", "zstd"],
+        default=DEFAULT_COMPRESSION,
+        help=f"snapshot archives (default {DEFAULT_COMPRESSION})",
+    )
+    group.add_argument(
+        "--compression-level",
+        type=int,
+        default=DEFAULT_ZSTD_LEVEL,
+        help=f"zstd level, 1-22 (default {DEFAULT_ZSTD_LEVEL})",
+    )
+    group.add_argument(
+        "--part-size",
+        type=parse_size,
+        help="archive transfers in parts of this size, e.g. 16MiB (default 8MiB)",
+    )
+    checkpoints = parser.add_argument_group("checkpoints (when a run publishes a snapshot)")
+    checkpoints.add_argument(
+        "--checkpoint-ratio",
+        type=float,
+        default=DEFAULT_RATIO,
+        help="publish once the committed tail's bytes reach this share of the checkpoint's "
+        f"(default {DEFAULT_RATIO}; 0 publishes every run)",
+    )
+    checkpoints.add_argument(
+        "--max-tail-entries",
+        type=int,
+        default=DEFAULT_MAX_TAIL_ENTRIES,
+        help=f"publish once the tail holds this many seqs (default {DEFAULT_MAX_TAIL_ENTRIES}; "
+        "0: no cap)",
+    )
+    checkpoints.add_argument(
+        "--max-tail-bytes",
+        type=parse_size,
+        default=DEFAULT_MAX_TAIL_BYTES,
+        help="publish once the tail's entries reach this size (default 256MiB; 0: no cap)",
+    )
     add_output_flags(parser)
 
 
@@ -231,6 +306,11 @@ def register(commands: Any) -> None:
     compact = commands.add_parser("compact", help="apply new entries to the snapshot (one run)")
     _add_compactor_flags(compact)
     compact.add_argument("--follow", action="store_true", help="keep compacting as entries arrive")
+    compact.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="publish a checkpoint in this run, whatever the policy says",
+    )
     compact.add_argument(
         "--logs", action="append", help="with --follow: logs to follow (repeat or comma-separate)"
     )
@@ -256,6 +336,13 @@ def register(commands: Any) -> None:
     verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")
     _add_compactor_flags(verify)
     verify.set_defaults(run=cmd_verify)
+
+    export = commands.add_parser(
+        "export", help="write a plain Chroma directory at the committed hwm"
+    )
+    _add_compactor_flags(export)
+    export.add_argument("--out", type=Path, required=True, help="a new (or empty) directory")
+    export.set_defaults(run=cmd_export)
 
     quarantine = commands.add_parser("quarantine", help="let compaction pass a poison entry")
     add_location_flags(quarantine)

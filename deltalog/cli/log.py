@@ -78,7 +78,15 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
     state = status.state
     holes = ", ".join(map(str, status.holes)) or "none"
     snapshot = (
-        f"{state.snapshot_key} ({state.snapshot_size:,} bytes)" if state.snapshot_key else "none"
+        f"{state.snapshot_key} ({status.snapshot_bytes:,} bytes), holds seq {status.snapshot_hwm}"
+        if state.snapshot_key
+        else "none"
+    )
+    tail = (
+        f"{status.tail_entries} entries, {status.tail_bytes:,} bytes "
+        f"(seqs {status.snapshot_hwm + 1}-{status.hwm}, applied, not in the checkpoint)"
+        if status.tail_entries
+        else "empty"
     )
     quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
     return [
@@ -89,7 +97,8 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
         ("hwm", status.hwm),
         ("lag", status.lag),
         ("lease", _lease(status)),
-        ("snapshot", snapshot),
+        ("checkpoint", snapshot),
+        ("tail", tail),
         ("quarantine", quarantined or "none"),
         ("last run", _last_run(state.last_run)),
     ]

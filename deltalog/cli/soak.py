@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -553,24 +554,21 @@ async def _final_check(
 
 
 async def _committed_state(compactor: Compactor) -> State:
+    """The committed state: the checkpoint plus the committed tail, as ``export`` writes it."""
     from compactor.verify import sink_state
     from deltalog.snapshot.sink import ChromaSink
 
-    state = await compactor.table.read_state(compactor.keys.log_id)
-    if state.snapshot_key is None or state.snapshot_sha256 is None:
-        return {}
-    path = await compactor.cache.committed(
-        compactor.store, state.snapshot_key, state.snapshot_sha256, log=compactor.config.log
-    )
-    work = await anyio.to_thread.run_sync(compactor.cache.working_copy, path)
+    scratch = compactor.cache.scratch
+    tmp = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(dir=scratch)))
     try:
-        sink = await ChromaSink.open(work)
+        exported = await compactor.export(tmp / "chroma")
+        sink = await ChromaSink.open(exported.path)
         try:
             return {c: r for c, r in (await sink_state(sink)).items() if r}
         finally:
             await sink.aclose()
     finally:
-        await anyio.to_thread.run_sync(compactor.cache.discard, work)
+        await anyio.to_thread.run_sync(shutil.rmtree, tmp)
 
 
 def compactor_errors(stderrs: Iterable[str]) -> dict[str, int]:

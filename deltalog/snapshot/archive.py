@@ -14,8 +14,8 @@
 
 ``archive``, ``write_archive`` and ``extract`` block: call them in a worker
 thread. ``write_archive`` writes to any binary stream (the compactor gives
-it an ``UploadWriter``, so the archive goes up as it is written and never
-sits whole in memory or on disk); ``archive`` writes a file. The local cache
+it the writer of ``upload_from_thread``, so the archive goes up as it is
+written and never sits whole in memory or on disk); ``archive`` writes a file. The local cache
 of extracted snapshots is ``deltalog.snapshot.cache``.
 """
 

@@ -1,19 +1,27 @@
-"""The local snapshot cache: extracted committed snapshots and working copies.
+"""The local snapshot cache: extracted checkpoints, working copies, the live copy.
 
-- The **cache** keeps extracted committed snapshots in **slots**, one per
-  (key, sha256), and hands out **working copies**: private directories for
-  one compaction run, never reused. A working copy becomes a slot only when
-  its snapshot was committed (``adopt``).
+- The **cache** keeps extracted committed snapshots (checkpoints) in
+  **slots**, one per (key, sha256), and hands out **working copies**:
+  private directories for one compaction run. A working copy becomes a
+  slot only when its snapshot was committed (``adopt``).
+- The **live copy** is a compactor's warm working copy between runs: the
+  fold of the log up to the seq it records (``hwm``), committed at that seq.
+  A run takes it (``take_live``) instead of copying a checkpoint, applies
+  only new entries, and puts it back after its commit (``keep_live``).
 
 Layout under its root::
 
     committed/{slot}/chroma/        an extracted committed snapshot
     committed/{slot}/source.json    which key and sha256 it is
+    live/chroma/                    the live copy
+    live/live.json                  the seq it holds
     work/run-*/                     working copies
     tmp/                            downloads and extractions in progress
 
-Slots appear by an atomic rename of a complete directory, so a slot that
-exists is whole.
+Slots and the live copy appear by an atomic rename of a complete directory,
+so one that exists is whole. A run's copy is in ``work/`` while Chroma
+writes to it: a run that dies there leaves no live copy, only scratch that
+the next opening of the cache sweeps.
 """
 
 from __future__ import annotations
@@ -38,6 +46,14 @@ from deltalog.storage.store import ObjectStore
 __all__ = ["SnapshotCache"]
 
 _SOURCE_NAME = "source.json"
+_LIVE_NAME = "live.json"
+
+
+class _Live(msgspec.Struct, frozen=True):
+    """Written next to the live copy: the seq it holds."""
+
+    hwm: int
+    installed_at: float
 
 
 class _Source(msgspec.Struct, frozen=True):
@@ -73,6 +89,7 @@ class SnapshotCache:
         self.root = root
         self.keep = keep
         self._committed = root / "committed"
+        self._live = root / "live"
         self._work = root / "work"
         self._tmp = root / "tmp"
         try:
@@ -165,6 +182,51 @@ class SnapshotCache:
         self._check_working_copy(path)
         if path.exists():
             shutil.rmtree(path)
+
+    def take_live(self) -> tuple[Path, int] | None:
+        """Take the live copy as a working copy: its path and the seq it holds.
+
+        One rename claims it, so of two processes only one gets it; None when
+        there is none. Until ``keep_live`` there is no live copy.
+        """
+        claimed = Path(self._mkdtemp("take-")) / "live"
+        try:
+            self._live.rename(claimed)
+        except FileNotFoundError:
+            shutil.rmtree(claimed.parent)
+            return None
+        try:
+            live = msgspec.json.decode((claimed / _LIVE_NAME).read_bytes(), type=_Live)
+            work = Path(self._mkdtemp("run-", self._work))
+            work.rmdir()
+            (claimed / "chroma").rename(work)
+        except (OSError, msgspec.DecodeError):  # not whole (left by an older version)
+            return None
+        finally:
+            shutil.rmtree(claimed.parent)
+        return work, live.hwm
+
+    def keep_live(self, work: Path, hwm: int) -> None:
+        """Make a working copy the live copy, holding ``hwm``; ``work`` is moved.
+
+        Call it only after ``hwm`` was committed, on a closed directory. A
+        live copy already there (another process put one) is replaced.
+        """
+        self._check_working_copy(work)
+        staged = Path(self._mkdtemp("live-"))
+        try:
+            work.rename(staged / "chroma")
+            record = _Live(hwm, time.time())
+            (staged / _LIVE_NAME).write_bytes(msgspec.json.encode(record))
+            old = Path(self._mkdtemp("prune")) / "live"
+            with suppress(FileNotFoundError):
+                self._live.rename(old)
+            shutil.rmtree(old.parent)
+            with suppress(OSError):  # another process put a live copy meanwhile: keep it
+                staged.rename(self._live)
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged)
 
     def _check_working_copy(self, path: Path) -> None:
         if path.parent != self._work:

@@ -370,33 +370,18 @@ class DynamoTable:
         self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
     ) -> LogState:
         hwm_matches = "hwm = :prev" if prev_hwm else "(attribute_not_exists(hwm) OR hwm = :prev)"
-        # An empty last_run keeps the one recorded, as in the memory adapter.
-        run = ", last_run = :run" if commit.last_run else ""
-        if commit.recent_snapshots:
-            run += ", recent_snapshots = :recent"
+        sets, values = _commit_sets(commit)
         item = await self._update_state(
             log_id,
             "commit",
             condition=f"{self._HELD} AND {hwm_matches}",
-            UpdateExpression=(
-                "SET hwm = :hwm, snapshot_key = :key, snapshot_sha256 = :sha, "
-                f"snapshot_size = :size, updated_at = :now{run}"
-            ),
+            UpdateExpression=f"SET {', '.join(sets)}",
             ExpressionAttributeNames=self._HELD_NAMES,
             ExpressionAttributeValues={
                 **self._held_values(owner, token),
                 ":prev": _n(prev_hwm),
-                ":hwm": _n(commit.hwm),
-                ":key": _s(commit.snapshot_key),
-                ":sha": _s(commit.snapshot_sha256),
-                ":size": _n(commit.snapshot_size),
                 ":now": _n(now),
-                **({":run": _s(commit.last_run)} if commit.last_run else {}),
-                **(
-                    {":recent": {"L": [_s(k) for k in commit.recent_snapshots]}}
-                    if commit.recent_snapshots
-                    else {}
-                ),
+                **values,
             },
         )
         if item is not None:
@@ -553,6 +538,38 @@ def _lease_of(item: dict[str, Any]) -> LeaseState:
     )
 
 
+def _commit_sets(commit: Commit) -> tuple[list[str], dict[str, Any]]:
+    """The SET clauses and values of a commit (see ``Commit``).
+
+    A commit without a checkpoint keeps the snapshot attributes; on a state
+    written before checkpoints it records ``snapshot_hwm`` as the previous
+    hwm, which that snapshot holds.
+    """
+    sets = ["hwm = :hwm", "tail_bytes = :tail", "updated_at = :now"]
+    values: dict[str, Any] = {":hwm": _n(commit.hwm), ":tail": _n(commit.tail_bytes)}
+    if commit.snapshot_key is not None and commit.snapshot_sha256 is not None:
+        sets += [
+            "snapshot_key = :key",
+            "snapshot_sha256 = :sha",
+            "snapshot_size = :size",
+            "snapshot_hwm = :hwm",
+        ]
+        values |= {
+            ":key": _s(commit.snapshot_key),
+            ":sha": _s(commit.snapshot_sha256),
+            ":size": _n(commit.snapshot_size),
+        }
+    else:
+        sets.append("snapshot_hwm = if_not_exists(snapshot_hwm, :prev)")
+    if commit.last_run:  # an empty last_run keeps the one recorded, as in the memory adapter
+        sets.append("last_run = :run")
+        values[":run"] = _s(commit.last_run)
+    if commit.recent_snapshots:
+        sets.append("recent_snapshots = :recent")
+        values[":recent"] = {"L": [_s(k) for k in commit.recent_snapshots]}
+    return sets, values
+
+
 def _state_of(item: dict[str, Any]) -> LogState:
     def text(name: str) -> str | None:
         return item[name]["S"] if name in item and "S" in item[name] else None
@@ -565,6 +582,8 @@ def _state_of(item: dict[str, Any]) -> LogState:
         snapshot_key=text("snapshot_key"),
         snapshot_sha256=text("snapshot_sha256"),
         snapshot_size=int(number("snapshot_size")),
+        snapshot_hwm=int(item["snapshot_hwm"]["N"]) if "snapshot_hwm" in item else None,
+        tail_bytes=int(number("tail_bytes")),
         owner=text("owner"),
         token=int(number("token")),
         expires_at=number("expires_at"),

@@ -44,12 +44,24 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class LogState:
-    """The commit point of a log: what the committed snapshot holds, who compacts."""
+    """The commit point of a log: hwm, the checkpoint, who compacts.
+
+    The committed state is the **checkpoint** (the published snapshot
+    ``snapshot_key``, holding seqs up to ``snapshot_hwm``) plus the
+    **committed tail**: the entries in ``(snapshot_hwm, hwm]``, applied but
+    not re-published (DESIGN.md "Checkpoints").
+    """
 
     hwm: int = 0
     snapshot_key: str | None = None
     snapshot_sha256: str | None = None
     snapshot_size: int = 0
+    """The checkpoint archive's bytes."""
+    snapshot_hwm: int | None = None
+    """The seq the checkpoint holds; None in a state committed by a version before
+    checkpoints, whose snapshot holds ``hwm`` (see ``checkpoint_hwm``)."""
+    tail_bytes: int = 0
+    """Stored bytes of the entries in the committed tail."""
     owner: str | None = None
     token: int = 0
     expires_at: float = 0.0
@@ -67,6 +79,16 @@ class LogState:
     def lease_free(self, now: float) -> bool:
         return self.owner is None or self.expires_at <= now
 
+    @property
+    def checkpoint_hwm(self) -> int:
+        """The seq the checkpoint holds: ``snapshot_hwm``, or ``hwm`` for an older state."""
+        return self.hwm if self.snapshot_hwm is None else self.snapshot_hwm
+
+    @property
+    def tail_entries(self) -> int:
+        """Seqs in the committed tail, ``(checkpoint_hwm, hwm]``."""
+        return self.hwm - self.checkpoint_hwm
+
 
 @dataclass(frozen=True, slots=True)
 class LeaseState:
@@ -83,16 +105,29 @@ class LeaseState:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """What a compaction run commits: the new hwm and its snapshot."""
+    """What a compaction run commits: the new hwm and, when it published one, a checkpoint.
+
+    With ``snapshot_key`` the checkpoint is replaced by one that holds
+    ``hwm`` (``snapshot_hwm = hwm``, an empty tail); without, only hwm and
+    the tail's bytes move and the checkpoint stays.
+    """
 
     hwm: int
-    snapshot_key: str
-    snapshot_sha256: str
-    snapshot_size: int
+    snapshot_key: str | None = None
+    snapshot_sha256: str | None = None
+    snapshot_size: int = 0
     last_run: str = ""
     recent_snapshots: tuple[str, ...] = ()
     """The new ``LogState.recent_snapshots`` (``snapshot_key`` first); empty keeps
     the recorded ones."""
+    tail_bytes: int = 0
+    """The committed tail's stored bytes after this commit (0 with a checkpoint)."""
+
+    def __post_init__(self) -> None:
+        if (self.snapshot_key is None) != (self.snapshot_sha256 is None):
+            raise ValueError("a checkpoint needs both its key and its sha256")
+        if self.snapshot_key is not None and self.tail_bytes:
+            raise ValueError("a commit with a checkpoint has an empty tail")
 
 
 class Table(Protocol):
@@ -275,12 +310,20 @@ class MemoryTable:
         state = self._held(log_id, owner, token)
         if state.hwm != prev_hwm:
             raise Conflict(f"hwm moved from {prev_hwm} to {state.hwm}", log=log_id)
+        if commit.snapshot_key is not None:
+            state = replace(
+                state,
+                snapshot_key=commit.snapshot_key,
+                snapshot_sha256=commit.snapshot_sha256,
+                snapshot_size=commit.snapshot_size,
+                snapshot_hwm=commit.hwm,
+            )
+        elif state.snapshot_hwm is None:  # an older state: its snapshot holds its hwm
+            state = replace(state, snapshot_hwm=state.hwm)
         state = replace(
             state,
             hwm=commit.hwm,
-            snapshot_key=commit.snapshot_key,
-            snapshot_sha256=commit.snapshot_sha256,
-            snapshot_size=commit.snapshot_size,
+            tail_bytes=commit.tail_bytes,
             last_run=commit.last_run or state.last_run,
             recent_snapshots=commit.recent_snapshots or state.recent_snapshots,
             updated_at=now,

@@ -11,8 +11,8 @@
   at a time, and writes them in order to a local file while computing the
   sha256 of the stream: no second pass over the file to check it.
 - ``Transferred`` says what went through: size, sha256 and how many parts.
-- ``UploadWriter`` is the blocking, file-like face of an upload, for code
-  that writes in a worker thread (``tarfile``, ``zstandard``).
+- ``upload_from_thread`` streams what a worker thread writes (``tarfile``,
+  ``zstandard``) into an upload, through a small bounded queue.
 
 S3 limits an upload to 10,000 parts; past the first 1,000 parts each
 thousand uses parts one ``part_size`` larger than the one before, so 8 MiB
@@ -22,15 +22,17 @@ parts reach about 430 GB before the limit.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
 
 from deltalog.errors import InvalidInput
 
@@ -39,16 +41,22 @@ __all__ = [
     "Hasher",
     "Transferred",
     "Upload",
-    "UploadWriter",
+    "ThreadWriter",
+    "UploadAborted",
     "check_part_size",
     "download_ranges",
     "part_size_for",
+    "upload_from_thread",
     "upload_path",
 ]
+
+T = TypeVar("T")
 
 MAX_PARTS = 10_000
 MAX_PART_SIZE = 5 * 1024**3
 _GROWTH_EVERY = 1_000
+_POLL = 0.1
+"""Seconds a worker thread waits for room before it checks whether the upload was abandoned."""
 _HASH_IN_THREAD = 256 * 1024
 """Chunks at least this large are hashed in a worker thread (hashlib releases the GIL)."""
 
@@ -118,48 +126,104 @@ async def upload_path(upload: Upload, path: Path, chunk: int) -> Transferred:
     return await upload.complete()
 
 
-class UploadWriter:
-    """A blocking, write-only file object over an ``Upload``, for a worker thread.
+class ThreadWriter:
+    """The blocking, write-only file a worker thread writes to in ``upload_from_thread``.
 
-    ``write`` buffers ``chunk`` bytes, then hands them to the upload on the
-    event loop and waits until it took them (backpressure from the upload's
-    parts in flight). Call ``flush`` (still in the thread) after the last
-    write. Only for threads started by ``anyio.to_thread.run_sync``.
+    ``write`` buffers ``chunk`` bytes, then queues them for the event loop,
+    waiting while ``depth`` chunks are queued already (backpressure from the
+    upload). It never waits on the event loop itself, so a cancelled upload
+    cannot leave it stuck: once the loop side gives up, the next ``write``
+    raises ``UploadAborted``.
     """
 
-    def __init__(self, upload: Upload, *, chunk: int = 1 << 20) -> None:
-        self._upload = upload
+    def __init__(self, send: MemoryObjectSendStream[bytes], *, chunk: int, depth: int) -> None:
+        self._send = send
         self._chunk = chunk
+        self._slots = threading.BoundedSemaphore(depth)
         self._buffer = bytearray()
+        self._aborted = threading.Event()
         self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._buffer += data
         self.written += len(data)
         if len(self._buffer) >= self._chunk:
-            self._hand_over()
+            self._queue()
         return len(data)
 
     def flush(self) -> None:
         if self._buffer:
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        data, self._buffer = bytes(self._buffer), bytearray()
-        anyio.from_thread.run(self._upload.write, data)
-
-    def tell(self) -> int:
-        return self.written
+            self._queue()
 
     def writable(self) -> bool:
         return True
 
-    def close(self) -> None:
-        self.flush()
+    def _queue(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+        while not self._slots.acquire(timeout=_POLL):
+            self._check()
+        self._check()
+        anyio.from_thread.run_sync(self._send.send_nowait, data)
 
-    @property
-    def closed(self) -> bool:
-        return False
+    def _check(self) -> None:
+        if self._aborted.is_set():
+            raise UploadAborted("the upload this archive was streaming to was abandoned")
+
+    def taken(self) -> None:
+        """The event loop took a chunk: room for one more."""
+        self._slots.release()
+
+    def abort(self) -> None:
+        self._aborted.set()
+
+
+class UploadAborted(Exception):
+    """Raised in the worker thread of ``upload_from_thread`` once the upload was abandoned."""
+
+
+async def upload_from_thread(
+    upload: Upload,
+    produce: Callable[[ThreadWriter], T],
+    *,
+    chunk: int = 1 << 20,
+    depth: int = 4,
+) -> T:
+    """Run ``produce(writer)`` in a worker thread; what it writes streams into ``upload``.
+
+    At most ``depth`` chunks of ``chunk`` bytes wait between the thread and
+    the upload. Returns what ``produce`` returned, once all it wrote went to
+    ``upload`` (the caller completes it); when ``produce`` raises, its
+    exception is raised; when the caller is cancelled, the thread stops at
+    its next write.
+    """
+    send, receive = anyio.create_memory_object_stream[bytes](depth + 1)
+    writer = ThreadWriter(send, chunk=chunk, depth=depth)
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(produce(writer))
+            writer.flush()
+        except BaseException as exc:  # handed to the event loop side below
+            failure.append(exc)
+        finally:
+            anyio.from_thread.run_sync(send.close)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, run)
+        try:
+            async with receive:
+                async for data in receive:
+                    writer.taken()
+                    await upload.write(data)
+        except Exception as exc:  # raised below, after the thread stopped: not in a group
+            failure.insert(0, exc)
+        finally:
+            writer.abort()  # the thread stops at its next write, if it is still writing
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 FetchRange = Callable[[int, int], Awaitable[bytes]]

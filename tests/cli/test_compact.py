@@ -117,8 +117,8 @@ async def test_compact_applies_then_has_nothing_to_do_and_status_json_shows_it(
     assert state.snapshot_key is not None
     assert run.out.splitlines() == [
         f"{name}: applied 3 entries (hwm 0 -> 3): 2 vectors upserted, 1 deleted, 0 patched, "
-        f"0 holes sealed in {_seconds(run.out)}s; snapshot {state.snapshot_key} "
-        f"({state.snapshot_size} bytes)"
+        f"0 holes sealed in {_seconds(run.out)}s; checkpoint {state.snapshot_key} published "
+        f"({state.snapshot_size} bytes, first)"
     ]
     again = await cli("compact")
     assert (again.code, again.out) == (0, f"{name}: nothing to do at hwm 3\n"), again.err
@@ -130,6 +130,52 @@ async def test_compact_applies_then_has_nothing_to_do_and_status_json_shows_it(
     assert (status["state"]["owner"], status["state"]["token"]) == (None, 2)
     assert status["last_run"]["status"] == "nothing"
     assert (status["last_run"]["hwm_before"], status["last_run"]["hwm_after"]) == (3, 3)
+    assert (status["snapshot_hwm"], status["snapshot_bytes"]) == (3, state.snapshot_size)
+    assert (status["tail_entries"], status["tail_bytes"]) == (0, 0)
+
+
+async def test_a_run_commits_the_tail_and_status_shows_it_until_a_checkpoint(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator
+) -> None:
+    name = log.config.log
+    await log.append(delta(rng, "a", rows=3))
+    assert (await cli("compact")).code == 0
+    checkpoint = await _state(log)
+    await log.append(delta(rng, "b"))
+    await log.append(delete("a#1"))
+    tail_bytes = sum(
+        [info.size async for info in log.store.list_after(log.keys.entries_prefix)][1:]
+    )
+    run = await cli("compact")
+    assert run.code == 0, run.err
+    assert run.out.splitlines() == [
+        f"{name}: applied 2 entries (hwm 1 -> 3): 2 vectors upserted, 1 deleted, 0 patched, "
+        f"0 holes sealed in {_seconds(run.out)}s; tail of 2 entries ({tail_bytes} bytes) after "
+        f"checkpoint {checkpoint.snapshot_key} at seq 1"
+    ]
+    status = await cli.status()
+    assert (status["hwm"], status["snapshot_hwm"], status["snapshot_bytes"]) == (
+        3,
+        1,
+        checkpoint.snapshot_size,
+    )
+    assert (status["tail_entries"], status["tail_bytes"]) == (2, tail_bytes)
+    assert status["state"]["snapshot_key"] == checkpoint.snapshot_key
+    human = await cli("status")
+    assert f"2 entries, {tail_bytes:,} bytes (seqs 2-3" in human.out
+    assert "holds seq 1" in human.out
+
+    forced = await cli("compact", "--checkpoint", "--json")
+    assert forced.code == 0, forced.err
+    result = json.loads(forced.out)
+    assert (result["status"], result["checkpoint"], result["hwm_after"]) == (
+        "checkpointed",
+        "requested",
+        3,
+    )
+    status = await cli.status()
+    assert (status["snapshot_hwm"], status["tail_entries"], status["tail_bytes"]) == (3, 0, 0)
+    assert status["state"]["snapshot_key"] == result["snapshot_key"] != checkpoint.snapshot_key
 
 
 def _seconds(summary: str) -> str:
@@ -159,7 +205,8 @@ async def test_a_held_lease_exits_3_and_status_shows_the_holder(
     for line in (
         "hwm        1",
         "lag        1",
-        f"snapshot   {committed.snapshot_key} ({committed.snapshot_size:,} bytes)",
+        f"checkpoint {committed.snapshot_key} ({committed.snapshot_size:,} bytes), holds seq 1",
+        "tail       empty",
     ):
         assert line in lines, (line, text.out)
     assert re.search(

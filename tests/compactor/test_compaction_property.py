@@ -3,11 +3,15 @@
 Random upserts, deletes and metadata updates over a small id space (two
 collections, six ids, dimension 4) are appended through ``DeltaLog.append``
 on the in-memory adapters, and compacted with ``Compactor.run_once`` into
-real ChromaDB snapshots at random points, sometimes by a compactor with a
-cold cache (it downloads the committed snapshot) and sometimes under an
-entry limit (a run commits a prefix and the next one continues). After every
-commit the committed snapshot equals the plain-Python reference fold of the
-log up to hwm; at the end a rebuild from seq 1 equals both.
+real ChromaDB at random points, under a random checkpoint policy (publish
+every run, at a ratio, (almost) never, with an entry cap; sometimes a
+checkpoint requested), sometimes by a compactor with a cold cache (it
+downloads the checkpoint and replays the committed tail) and sometimes
+under an entry limit (a run commits a prefix and the next one continues).
+After every commit, the plain-Python reference fold of the log up to hwm
+equals: the committed state as ``export`` writes it (the checkpoint plus
+the committed tail), what a snapshot reader open all along answers, and a
+rebuild from seq 1 to hwm.
 
 Float metadata has at most 13 significant digits (``CHROMA_EXACT_FLOATS``):
 ChromaDB changes the last bit of some longer ones, which would make the
@@ -27,11 +31,18 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from compactor import Compactor, Limits
-from deltalog import Delete, Delta, DeltaLog, LogConfig, UpdateMetadata, Upsert
+from compactor.checkpoint import CheckpointPolicy
+from deltalog import Delete, Delta, DeltaLog, LogConfig, Reader, UpdateMetadata, Upsert
 from deltalog.entry import Metadata, MetadataPatch, MetadataValue, Op
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
-from tests.compaction import assert_states_equal, committed_state, reference, snapshot_state
+from tests.compaction import (
+    State,
+    assert_states_equal,
+    committed_state,
+    reference,
+    snapshot_state,
+)
 from tests.strategies import CHROMA_EXACT_FLOATS
 
 IDS = ("a", "b", "c", "d", "e", "f")
@@ -72,23 +83,34 @@ def ops(draw: st.DrawFn) -> Op:
 
 @dataclass(frozen=True)
 class Compact:
-    """Compact here: with a cold cache (a new compactor) or not, under an entry limit or not."""
+    """Compact here: with a cold cache (a new compactor) or not, under an entry limit or
+    not, under a checkpoint policy, with a checkpoint requested or not."""
 
     cold: bool
     max_entries: int | None
+    ratio: float = 0.1
+    max_tail_entries: int | None = None
+    requested: bool = False
 
 
 steps = st.lists(
     st.one_of(
         st.builds(Delta, ops=st.lists(ops(), min_size=1, max_size=3)),
-        st.builds(Compact, cold=st.booleans(), max_entries=st.none() | st.integers(1, 3)),
+        st.builds(
+            Compact,
+            cold=st.booleans(),
+            max_entries=st.none() | st.integers(1, 3),
+            ratio=st.sampled_from((0.0, 0.1, 1.0, 1e9)),
+            max_tail_entries=st.none() | st.integers(1, 4),
+            requested=st.booleans(),
+        ),
     ),
     min_size=1,
-    max_size=14,
+    max_size=12,
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(history=steps)
 def test_compaction_at_random_points_equals_reference_and_rebuild(
     history: list[Delta | Compact],
@@ -100,26 +122,27 @@ async def check_history(history: list[Delta | Compact]) -> None:
     store, table = MemoryStore(), MemoryTable()
     with tempfile.TemporaryDirectory(prefix="deltalog-prop-") as tmp:
         caches = iter(Path(tmp) / f"cache-{i}" for i in range(len(history) + 1))
-        async with DeltaLog.open(CONFIG, store=store, table=table) as log:
+        async with (
+            DeltaLog.open(CONFIG, store=store, table=table) as log,
+            Reader.open(CONFIG, cache_dir=Path(tmp) / "reader", store=store, table=table) as seen,
+        ):
             warm = Compactor(CONFIG, cache_dir=next(caches), store=store, table=table)
             async with warm:
                 for step in history:
                     if isinstance(step, Delta):
                         await log.append(step)
-                    elif step.cold:
-                        async with Compactor(
-                            CONFIG,
-                            cache_dir=next(caches),
-                            store=store,
-                            table=table,
-                            limits=Limits(max_entries=step.max_entries),
-                        ) as cold:
-                            await compact_to_head(cold, log)
+                        continue
+                    if step.cold:
+                        cache = next(caches)
+                        cold = Compactor(CONFIG, cache_dir=cache, store=store, table=table)
+                        async with cold:
+                            _configure(cold, step)
+                            await compact_to_head(cold, log, seen, step.requested)
                     else:
-                        warm.limits = Limits(max_entries=step.max_entries)
-                        await compact_to_head(warm, log)
+                        _configure(warm, step)
+                        await compact_to_head(warm, log, seen, step.requested)
                 warm.limits = Limits()
-                await compact_to_head(warm, log)
+                await compact_to_head(warm, log, seen, False)
                 incremental = await committed_state(warm)
                 rebuilt = await warm.rebuild()
                 assert rebuilt.hwm == await log.head() and not rebuilt.published
@@ -130,20 +153,62 @@ async def check_history(history: list[Delta | Compact]) -> None:
             assert_states_equal(from_scratch, incremental)
 
 
-async def compact_to_head(compactor: Compactor, log: DeltaLog) -> None:
-    """Run until hwm reaches the head; after every commit the snapshot equals the reference."""
+def _configure(compactor: Compactor, step: Compact) -> None:
+    compactor.limits = Limits(max_entries=step.max_entries)
+    compactor.policy = CheckpointPolicy(step.ratio, step.max_tail_entries, None)
+
+
+async def compact_to_head(
+    compactor: Compactor, log: DeltaLog, seen: Reader, requested: bool
+) -> None:
+    """Run until hwm reaches the head; after every commit, export, a snapshot reader and a
+    rebuild equal the reference at hwm."""
     head = await log.head()
     limit = compactor.limits.max_entries
     while True:
-        before = (await log.table.read_state(log.keys.log_id)).hwm
-        result = await compactor.run_once()
-        if result.status == "nothing":
-            assert result.hwm_after == head == before
-            return
-        limited = limit is not None and before + limit <= head
-        assert result.status == "applied" and result.hwm_before == before
-        assert result.hwm_after == (before + limit if limit is not None and limited else head)
-        assert result.stopped == ("limit" if limited else "end")
+        before = await log.table.read_state(log.keys.log_id)
+        result = await compactor.run_once(checkpoint=requested)
+        requested = False
+        if result.status in ("nothing", "checkpointed"):
+            assert result.hwm_after == head == before.hwm
+            if result.status == "nothing":
+                return
+        else:
+            limited = limit is not None and before.hwm + limit <= head
+            assert result.status == "applied" and result.hwm_before == before.hwm
+            assert result.hwm_after == (
+                before.hwm + limit if limit is not None and limited else head
+            )
+            assert result.stopped == ("limit" if limited else "end")
+        want = await reference(log, to_seq=result.hwm_after)
+        assert_states_equal(await committed_state(compactor), want)
+        assert await _read_everything(seen) == _visible(want)
+        rebuilt = await compactor.rebuild(result.hwm_after)
         assert_states_equal(
-            await committed_state(compactor), await reference(log, to_seq=result.hwm_after)
+            await snapshot_state(compactor, rebuilt.snapshot_key, rebuilt.snapshot_sha256), want
         )
+        await log.store.delete(rebuilt.snapshot_key)  # an unpublished rebuild: not retained
+
+
+Visible = dict[str, dict[str, tuple[str | None, Metadata | None]]]
+
+
+def _visible(state: State) -> Visible:
+    """What a reader's ``get`` shows of a state: documents and metadata by id."""
+    return {
+        c: {i: (r.document, r.metadata or None) for i, r in records.items()}
+        for c, records in state.items()
+        if records
+    }
+
+
+async def _read_everything(reader: Reader) -> Visible:
+    got: Visible = {}
+    for collection in COLLECTIONS:
+        rows = await reader.get(collection=collection)
+        if rows["ids"]:
+            got[collection] = {
+                i: (d, m or None)
+                for i, d, m in zip(rows["ids"], rows["documents"], rows["metadatas"], strict=True)
+            }
+    return got

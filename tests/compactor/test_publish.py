@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from tests.builders import delta
 from tests.compaction import Crash, FaultyTable
 from tests.compactor.conftest import Backend
 from tests.faulty import FaultyStore
+
+EVERY_RUN: dict[str, Any] = {"checkpoint_ratio": 0}
+"""Compactor options: every run that applies anything publishes a checkpoint."""
 
 
 async def snapshot_keys(log: DeltaLog) -> list[str]:
@@ -61,7 +65,7 @@ async def test_retention_deletes_old_snapshots_only_after_a_commit(
     table = FaultyTable(backend.table)
     async with (
         backend.open_log() as log,
-        backend.compactor(cache_dir=tmp_path, table=table, retain=2) as c,
+        backend.compactor(cache_dir=tmp_path, table=table, retain=2, **EVERY_RUN) as c,
     ):
         committed: list[str] = []
         for name in ("a", "b", "c", "d"):
@@ -92,8 +96,8 @@ async def test_retention_keeps_committed_snapshots_and_deletes_orphans_after_a_g
 ) -> None:
     async with (
         backend.open_log() as log,
-        backend.compactor(cache_dir=tmp_path, retain=2) as keeper,
-        backend.compactor(cache_dir=tmp_path, retain=2, orphan_grace=0) as sweeper,
+        backend.compactor(cache_dir=tmp_path, retain=2, **EVERY_RUN) as keeper,
+        backend.compactor(cache_dir=tmp_path, retain=2, orphan_grace=0, **EVERY_RUN) as sweeper,
     ):
         committed: list[str] = []
         orphans: list[str] = []
@@ -121,7 +125,7 @@ async def test_a_failed_cleanup_does_not_fail_a_committed_run(
     store = FaultyStore(backend.store)
     async with (
         backend.open_log() as log,
-        backend.compactor(cache_dir=tmp_path, store=store, retain=1) as c,
+        backend.compactor(cache_dir=tmp_path, store=store, retain=1, **EVERY_RUN) as c,
     ):
         await log.append(delta(rng, "a"))
         first = await c.run_once()

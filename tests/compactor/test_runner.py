@@ -166,7 +166,7 @@ async def test_zombie_commit_is_fenced(
         _, factory = faulty_sinks(gate=gate, entered=entered)
         zombie = backend.compactor(
             cache_dir=tmp_path / "a",
-            table=StalledRenewTable(backend.table),
+            table=StalledRenewTable(backend.table, stalled=entered),  # paused in apply
             sink_factory=factory,
             lease_ttl=backend.lease_ttl,
         )
@@ -593,19 +593,11 @@ class CountingStore(MemoryStore):
         return await super().download_file(key, path)
 
 
-def _cached_keys(compactor: Compactor) -> set[str]:
-    """The snapshot keys the cache holds slots for (``committed/*/source.json``)."""
-    import json
-
-    slots = (compactor.cache.root / "committed").glob("*/source.json")
-    return {json.loads(source.read_text())["key"] for source in slots}
-
-
 def _working_copies(compactor: Compactor) -> list[Path]:
     return list((compactor.cache.root / "work").iterdir())
 
 
-async def test_the_cache_reuses_exactly_the_committed_snapshot(
+async def test_a_warm_compactor_downloads_nothing_and_a_cold_one_replays_the_tail(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
     store, table = CountingStore(), MemoryTable()
@@ -613,22 +605,28 @@ async def test_the_cache_reuses_exactly_the_committed_snapshot(
         await log.append(delta(rng, "a"))
         async with Compactor(MEMORY, cache_dir=tmp_path / "a", store=store, table=table) as a:
             first = await a.run_once()
-            await log.append(delta(rng, "b"))
-            second = await a.run_once()
-            assert store.downloads == [], "a second run reuses the snapshot it committed"
-            assert _cached_keys(a) == {first.snapshot_key, second.snapshot_key}
-            await log.append(delta(rng, "c"))
-            async with Compactor(MEMORY, cache_dir=tmp_path / "b", store=store, table=table) as b:
-                third = await b.run_once()
-            assert store.downloads == [second.snapshot_key]  # b's cache was cold
+            assert (first.checkpoint, first.working_copy) == ("first", "empty")
+            for name in ("b", "c"):
+                await log.append(delta(rng, name))
+                warm = await a.run_once()
+                assert (warm.checkpoint, warm.working_copy, warm.replayed_tail) == ("", "warm", 0)
+            assert (warm.snapshot_key, warm.snapshot_hwm, warm.tail_entries) == (
+                first.snapshot_key,
+                1,
+                2,
+            )
+            assert store.downloads == [], "a warm run downloads nothing"
             await log.append(delta(rng, "d"))
-            fourth = await a.run_once()  # a holds second; third is committed: download it
-            assert store.downloads == [second.snapshot_key, third.snapshot_key]
-            assert (await a.run_once()).status == "nothing"
+            async with Compactor(MEMORY, cache_dir=tmp_path / "b", store=store, table=table) as b:
+                cold = await b.run_once()
+            assert (cold.working_copy, cold.replayed_tail, cold.hwm_after) == ("checkpoint", 2, 4)
+            assert store.downloads == [first.snapshot_key]  # the checkpoint, once
             await log.append(delta(rng, "e"))
-            await a.run_once()
-            assert store.downloads == [second.snapshot_key, third.snapshot_key]
-            assert fourth.snapshot_key in _cached_keys(a) and _working_copies(a) == []
+            behind = await a.run_once()  # a's live copy is at 3, b committed 4: replay 4 only
+            assert (behind.working_copy, behind.replayed_tail, behind.hwm_after) == ("warm", 1, 5)
+            assert store.downloads == [first.snapshot_key]
+            assert (await a.run_once()).status == "nothing"
+            assert _working_copies(a) == []
             assert_states_equal(await committed_state(a), await reference(log))
 
 
@@ -644,11 +642,29 @@ async def test_an_uncommitted_working_copy_is_never_reused(
             table.crash_on = "before-commit"
             with pytest.raises(Crash):
                 await c.run_once()
-            assert _cached_keys(c) == {committed.snapshot_key} and _working_copies(c) == []
+            assert _working_copies(c) == [] and not (c.cache.root / "live").exists()
             assert (await table.read_state(log.keys.log_id)).hwm == committed.hwm_after
             again = await c.run_once()
             assert again.hwm_before == committed.hwm_after == again.hwm_after - 1
-            assert store.downloads == []
+            assert again.working_copy == "checkpoint", "the applied but uncommitted copy is gone"
+            assert store.downloads == [committed.snapshot_key]
+            assert_states_equal(await committed_state(c), await reference(log))
+
+
+async def test_a_live_copy_ahead_of_the_committed_hwm_is_discarded(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A rollback (``rebuild --publish --force``) leaves the live copy above hwm."""
+    store, table = CountingStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        for name in ("a", "b", "c"):
+            await log.append(delta(rng, name))
+        async with Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table) as c:
+            assert (await c.run_once()).hwm_after == 3
+            rolled = await c.rebuild(to_seq=1, publish=True, force=True)
+            again = await c.run_once()
+            assert (again.hwm_before, again.hwm_after, again.working_copy) == (1, 3, "checkpoint")
+            assert store.downloads == [rolled.snapshot_key]
             assert_states_equal(await committed_state(c), await reference(log))
 
 

@@ -7,6 +7,7 @@ build the store (eventsourcing's ``tests/persistence.py`` pattern).
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import pytest
 from deltalog import Closed, ConfigurationError, LogConfig
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore, ObjectStore
-from deltalog.storage.transfer import UploadWriter
+from deltalog.storage.transfer import ThreadWriter, upload_from_thread
 
 PART = 4096
 """The part size of the stores under test: archives of several parts stay small."""
@@ -218,23 +219,66 @@ class StoreContract:
         assert got is not None and got.size == 0
         assert (tmp_path / "empty").read_bytes() == b""
 
-    async def test_a_worker_thread_writes_through_upload_writer(
+    async def test_a_worker_thread_streams_into_an_upload(
         self, store: ObjectStore, prefix: str
     ) -> None:
         data = bytes(range(256)) * 100
         key = f"{prefix}threaded"
 
-        def produce(writer: UploadWriter) -> None:
+        def produce(writer: ThreadWriter) -> int:
             for start in range(0, len(data), 777):
                 writer.write(data[start : start + 777])
-            writer.flush()
+            return 42
 
         async with store.upload(key) as upload:
-            await anyio.to_thread.run_sync(produce, UploadWriter(upload, chunk=PART))
+            result = await upload_from_thread(upload, produce, chunk=PART, depth=2)
             done = await upload.complete()
-        assert done.created and done.size == len(data)
+        assert result == 42 and done.created and done.size == len(data)
         stored = await store.get(key)
         assert stored is not None and stored.data == data
+
+    async def test_a_thread_that_fails_completes_nothing(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        key = f"{prefix}failed"
+
+        def produce(writer: ThreadWriter) -> None:
+            writer.write(b"w" * (5 * PART))
+            raise Boom
+
+        async def upload() -> None:
+            async with store.upload(key) as upload:
+                await upload_from_thread(upload, produce, chunk=PART, depth=2)
+
+        with pytest.raises(Boom):
+            await upload()
+        assert await store.get(key) is None
+
+    async def test_a_cancelled_upload_stops_its_thread(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        """The caller gives up while the thread still writes: nothing hangs, nothing is made."""
+        key = f"{prefix}cancelled"
+        writing, stopped = threading.Event(), threading.Event()
+
+        def produce(writer: ThreadWriter) -> None:
+            try:
+                while True:
+                    writer.write(b"c" * PART)
+                    writing.set()
+            finally:
+                stopped.set()
+
+        async with store.upload(key) as upload, anyio.create_task_group() as tg:
+
+            async def stream() -> None:
+                await upload_from_thread(upload, produce, chunk=PART, depth=2)
+
+            tg.start_soon(stream)
+            await anyio.to_thread.run_sync(writing.wait)
+            tg.cancel_scope.cancel()
+        assert await anyio.to_thread.run_sync(stopped.wait, 10)
+        assert await store.get(key) is None
 
 
 class TestMemoryStore(StoreContract):

@@ -10,12 +10,19 @@ import anyio
 import pytest
 
 from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
+from deltalog.keys import STATE_SK
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.table import Claim, Commit, LeaseState, LogState, MemoryTable, Table
 
 
 class TableContract:
     """Every ``Table`` adapter passes these."""
+
+    async def write_state_of_the_previous_version(
+        self, table: Table, log_id: str, *, hwm: int, key: str
+    ) -> None:
+        """Store a state item as a version without checkpoints wrote it (no snapshot_hwm)."""
+        raise NotImplementedError
 
     @pytest.fixture
     def log_id(self) -> str:
@@ -221,6 +228,61 @@ class TableContract:
         await table.commit(log_id, "a", 1, prev_hwm=6, commit=third, now=103.0)
         assert (await table.read_state(log_id)).recent_snapshots == ("snap-8", "snap-4")
 
+    async def test_a_commit_without_a_checkpoint_moves_hwm_and_keeps_the_checkpoint(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        first = Commit(4, "snap-4", "sha-4", 40, recent_snapshots=("snap-4",))
+        state = await table.commit(log_id, "a", 1, prev_hwm=0, commit=first, now=101.0)
+        assert (state.snapshot_hwm, state.checkpoint_hwm, state.tail_entries) == (4, 4, 0)
+        tail = Commit(9, tail_bytes=1234, last_run='{"status": "applied"}')
+        await table.commit(log_id, "a", 1, prev_hwm=4, commit=tail, now=102.0)
+        state = await table.read_state(log_id)
+        assert (state.hwm, state.snapshot_key, state.snapshot_sha256, state.snapshot_size) == (
+            9,
+            "snap-4",
+            "sha-4",
+            40,
+        )
+        assert (state.snapshot_hwm, state.tail_entries, state.tail_bytes) == (4, 5, 1234)
+        assert state.recent_snapshots == ("snap-4",)
+        with pytest.raises(Conflict):  # the same conditions as any commit
+            await table.commit(log_id, "a", 1, prev_hwm=4, commit=tail, now=103.0)
+        again = Commit(12, "snap-12", "sha-12", 120, recent_snapshots=("snap-12", "snap-4"))
+        state = await table.commit(log_id, "a", 1, prev_hwm=9, commit=again, now=104.0)
+        assert (state.hwm, state.snapshot_key, state.snapshot_hwm, state.tail_bytes) == (
+            12,
+            "snap-12",
+            12,
+            0,
+        )
+
+    async def test_a_state_committed_before_checkpoints_holds_hwm_in_its_snapshot(
+        self, table: Table, log_id: str
+    ) -> None:
+        """No ``snapshot_hwm``: the snapshot holds hwm; the first tail commit records it."""
+        await self.write_state_of_the_previous_version(table, log_id, hwm=5, key="old-5")
+        state = await table.read_state(log_id)
+        assert (state.hwm, state.snapshot_key, state.snapshot_hwm) == (5, "old-5", None)
+        assert (state.checkpoint_hwm, state.tail_entries, state.tail_bytes) == (5, 0, 0)
+        acquired = await table.acquire(log_id, "a", ttl=10, now=200.0)
+        assert acquired.checkpoint_hwm == 5
+        tail = Commit(7, tail_bytes=300)
+        await table.commit(log_id, "a", acquired.token, prev_hwm=5, commit=tail, now=201.0)
+        state = await table.read_state(log_id)
+        assert (state.hwm, state.snapshot_key, state.snapshot_hwm, state.tail_bytes) == (
+            7,
+            "old-5",
+            5,
+            300,
+        )
+
+    def test_a_commit_with_a_checkpoint_has_an_empty_tail(self) -> None:
+        with pytest.raises(ValueError, match="empty tail"):
+            Commit(3, "k", "sha", 10, tail_bytes=5)
+        with pytest.raises(ValueError, match="key and its sha256"):
+            Commit(3, "k")
+
     async def test_note_hole_remembers_when_a_hole_was_first_seen(
         self, table: Table, log_id: str
     ) -> None:
@@ -241,6 +303,14 @@ class TestMemoryTable(TableContract):
     def table(self) -> MemoryTable:
         return MemoryTable()
 
+    async def write_state_of_the_previous_version(
+        self, table: Table, log_id: str, *, hwm: int, key: str
+    ) -> None:
+        assert isinstance(table, MemoryTable)
+        table._states[log_id] = LogState(
+            hwm=hwm, snapshot_key=key, snapshot_sha256="sha", snapshot_size=50, token=3
+        )
+
 
 class TestDynamoTable(TableContract):
     @pytest.fixture
@@ -248,6 +318,27 @@ class TestDynamoTable(TableContract):
         table = await DynamoTable.connect(config)
         yield table
         await table.aclose()
+
+    async def write_state_of_the_previous_version(
+        self, table: Table, log_id: str, *, hwm: int, key: str
+    ) -> None:
+        """The state item exactly as the version before checkpoints committed it."""
+        assert isinstance(table, DynamoTable)
+        await table._db.put_item(
+            TableName=table.name,
+            Item={
+                "pk": {"S": log_id},
+                "sk": {"S": STATE_SK},
+                "hwm": {"N": str(hwm)},
+                "snapshot_key": {"S": key},
+                "snapshot_sha256": {"S": "sha"},
+                "snapshot_size": {"N": "50"},
+                "token": {"N": "3"},
+                "expires_at": {"N": "0"},
+                "updated_at": {"N": "100"},
+                "recent_snapshots": {"L": [{"S": key}]},
+            },
+        )
 
     async def test_a_missing_table_says_to_run_init(self, config: LogConfig) -> None:
         name = f"missing-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,335 @@
+"""Checkpoints: crashes at each new step, retention, multipart archives, older states.
+
+Each test runs on the memory adapters and on moto's server (``backend``).
+
+- **Crashes** at each step a run with checkpoints adds: after applying,
+  before committing hwm alone; after uploading a checkpoint, before its
+  commit; after a commit, before the live copy is kept and retention runs.
+  The committed state is unchanged by the first two (the upload is an
+  orphan), moved by the third; in every case the next run converges to the
+  reference fold, and readers see it.
+- **Retention** never deletes the checkpoint the committed state points to,
+  even at ``orphan_grace=0`` with every other snapshot gone.
+- **Size**: an archive of many parts goes up as a multipart upload and
+  comes down by ranged requests, for a cold compactor, a reader and
+  ``export``.
+- **Compatibility**: a state committed by the version before checkpoints
+  (no ``snapshot_hwm``, no ``tail_bytes``) reads as a checkpoint at hwm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compactor import Compactor
+from deltalog import DeltaLog, Reader
+from deltalog.keys import STATE_SK
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import MemoryTable
+from tests.builders import delete, delta, patch
+from tests.compaction import (
+    Crash,
+    FaultyTable,
+    State,
+    assert_states_equal,
+    committed_state,
+    faulty_sinks,
+    reference,
+    until_state,
+)
+from tests.compactor.conftest import Backend
+
+PART = 4096
+
+
+async def snapshot_keys(log: DeltaLog) -> list[str]:
+    return [info.key async for info in log.store.list_after(log.keys.snapshots_prefix)]
+
+
+async def reader_sees(log: DeltaLog, cache: Path) -> dict[str, list[str]]:
+    """What a snapshot reader with its own cache answers: ids per collection."""
+    async with Reader.open(log.config, cache_dir=cache, store=log.store, table=log.table) as reader:
+        return {"words": sorted((await reader.get(collection="words"))["ids"])}
+
+
+def ids_of(state: State) -> dict[str, list[str]]:
+    return {"words": sorted(state.get("words", {}))}
+
+
+async def converged(log: DeltaLog, c: Compactor, cache: Path) -> None:
+    """The committed state, a fresh snapshot reader and verify all equal the reference."""
+    want = await reference(log)
+    assert (await log.table.read_state(log.keys.log_id)).hwm == await log.head()
+    assert_states_equal(await committed_state(c), want)
+    assert await reader_sees(log, cache) == ids_of(want)
+    assert (await c.verify()).ok
+
+
+async def three_entries(log: DeltaLog, rng: np.random.Generator, name: str) -> None:
+    await log.append(delta(rng, name, rows=3))
+    await log.append(delete(f"{name}#1"))
+    await log.append(patch([f"{name}#0"], [{"label": "TOTAL"}]))
+
+
+# -- crashes at each new step ---------------------------------------------------------
+
+
+async def test_a_crash_after_applying_before_committing_hwm_changes_nothing(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    table = FaultyTable(backend.table)
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c", table=table, lease_ttl=backend.lease_ttl) as c,
+    ):
+        await three_entries(log, rng, "a")
+        first = await c.run_once()
+        await three_entries(log, rng, "b")
+        before = await log.table.read_state(log.keys.log_id)
+        table.crash_on = "before-commit"  # applied to the live copy, not committed
+        with pytest.raises(Crash):
+            await c.run_once()
+        after = await log.table.read_state(log.keys.log_id)
+        assert (after.hwm, after.snapshot_key, after.tail_bytes) == (
+            before.hwm,
+            first.snapshot_key,
+            0,
+        )
+        assert await snapshot_keys(log) == [first.snapshot_key], "nothing was uploaded"
+        await until_free(log)
+        again = await c.run_once()
+        assert (again.hwm_before, again.hwm_after, again.checkpoint) == (3, 6, "")
+        assert again.working_copy == "checkpoint", "the uncommitted live copy was not reused"
+        await converged(log, c, tmp_path / "reader")
+
+
+async def test_a_crash_after_uploading_a_checkpoint_before_its_commit_leaves_an_orphan(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    table = FaultyTable(backend.table)
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c", table=table, lease_ttl=backend.lease_ttl) as c,
+        backend.compactor(cache_dir=tmp_path / "s", orphan_grace=0, retain=1) as sweeper,
+    ):
+        await three_entries(log, rng, "a")
+        first = await c.run_once()
+        await three_entries(log, rng, "b")
+        table.crash_on = "before-commit"
+        with pytest.raises(Crash):
+            await c.run_once(checkpoint=True)
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_key) == (3, first.snapshot_key)
+        (orphan,) = set(await snapshot_keys(log)) - {first.snapshot_key}
+        await until_free(log)
+        await log.append(delta(rng, "c"))
+        done = await sweeper.run_once()  # a tail commit; its retention sweeps the orphan
+        assert (done.hwm_after, done.checkpoint, done.snapshot_key) == (7, "", first.snapshot_key)
+        assert await snapshot_keys(log) == [first.snapshot_key], f"{orphan} is gone"
+        await converged(log, c, tmp_path / "reader")
+
+
+async def test_a_crash_after_a_commit_before_the_live_copy_and_retention_converges(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    for publish in (False, True):
+        table = FaultyTable(backend.table)
+        config = replace(backend.config, log=f"{backend.config.log}-{publish}")
+        async with (
+            backend.open_log(config) as log,
+            backend.compactor(
+                config,
+                cache_dir=tmp_path / f"c{publish}",
+                table=table,
+                lease_ttl=backend.lease_ttl,
+                retain=1,
+                orphan_grace=0,
+            ) as c,
+        ):
+            await three_entries(log, rng, "a")
+            first = await c.run_once()
+            await three_entries(log, rng, "b")
+            table.crash_on = "after-commit"
+            with pytest.raises(Crash):
+                await c.run_once(checkpoint=publish)
+            state = await log.table.read_state(log.keys.log_id)
+            assert state.hwm == 6, "the commit landed"
+            assert (state.snapshot_key == first.snapshot_key) is not publish
+            assert first.snapshot_key in await snapshot_keys(log), "retention did not run"
+            await until_free(log)
+            await log.append(delta(rng, "c"))
+            again = await c.run_once()
+            assert again.working_copy == "checkpoint" and again.hwm_after == 7
+            assert again.replayed_tail == (0 if publish else 3)
+            keys = await snapshot_keys(log)
+            assert keys == [state.snapshot_key], "retention ran with the next commit"
+            await converged(log, c, tmp_path / f"reader{publish}")
+
+
+async def until_free(log: DeltaLog) -> None:
+    """A crashed run never released its lease: it ends by expiring."""
+    await until_state(log, lambda state: state.lease_free(time.time()))
+
+
+async def test_a_crash_mid_replay_of_a_cold_copy_leaves_no_live_copy(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A cold compactor dies while replaying the committed tail: nothing is kept."""
+    async with backend.open_log() as log:
+        async with backend.compactor(cache_dir=tmp_path / "a") as a:
+            await three_entries(log, rng, "a")
+            await a.run_once()
+            await three_entries(log, rng, "b")
+            assert (await a.run_once()).tail_entries == 3
+        await log.append(delta(rng, "c"))
+        _, crashing = faulty_sinks(before=1)
+        async with backend.compactor(
+            cache_dir=tmp_path / "b", sink_factory=crashing, lease_ttl=backend.lease_ttl
+        ) as b:
+            with pytest.raises(Crash):
+                await b.run_once()
+            assert not (b.cache.root / "live").exists()
+            await until_free(log)
+        async with backend.compactor(cache_dir=tmp_path / "b") as b:
+            again = await b.run_once()
+            assert (again.working_copy, again.replayed_tail, again.hwm_after) == (
+                "checkpoint",
+                3,
+                7,
+            )
+            await converged(log, b, tmp_path / "reader")
+
+
+# -- retention --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("history", [True, False], ids=["history", "no-history"])
+async def test_retention_keeps_the_checkpoint_the_state_points_to(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path, history: bool
+) -> None:
+    """retain=1, orphan_grace=0: orphans and unpublished rebuilds go, the checkpoint
+    (older than every one of them, far below hwm) stays; also when the state has no
+    ``recent_snapshots`` (committed by an older version), where retention keeps the
+    newest snapshots by hwm, and the checkpoint is not among them."""
+    options: dict[str, Any] = {"retain": 1, "orphan_grace": 0}
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c", **options) as c,
+    ):
+        await log.append(delta(rng, "a"))
+        checkpoint = (await c.run_once()).snapshot_key
+        assert checkpoint is not None
+        if not history:
+            await forget_checkpoint_fields(backend, log, "recent_snapshots")
+        for i in range(4):
+            await log.append(delta(rng, f"t{i}"))
+            orphan = log.keys.snapshot(await log.head() - 1, 90 + i, f"orphan{i}")
+            assert await log.store.put_if_absent(orphan, b"never committed")
+            rebuilt = await c.rebuild()  # uploaded, not published: an orphan too
+            result = await c.run_once()
+            assert (result.checkpoint, result.snapshot_key) == ("", checkpoint)
+            assert checkpoint in await snapshot_keys(log)
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_hwm, state.snapshot_key) == (5, 1, checkpoint)
+        assert set(await snapshot_keys(log)) <= {checkpoint, rebuilt.snapshot_key}
+        assert_states_equal(await committed_state(c), await reference(log))
+        assert await reader_sees(log, tmp_path / "reader") == ids_of(await reference(log))
+
+
+# -- size: archives of many parts -------------------------------------------------------
+
+
+async def test_an_archive_of_many_parts_goes_up_and_comes_down_whole(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    config = replace(backend.config, part_size=PART, transfer_concurrency=3)
+    store: Any = MemoryStore(part_size=PART) if backend.name == "memory" else None
+    table = MemoryTable() if backend.name == "memory" else backend.table
+    if store is None:
+        store = await S3Store.connect(config)
+    try:
+        async with (
+            DeltaLog.open(config, store=store, table=table) as log,
+            Compactor(config, cache_dir=tmp_path / "a", store=store, table=table) as a,
+        ):
+            for i in range(4):
+                await log.append(delta(rng, f"r{i}", rows=20, dim=64))
+            first = await a.run_once()
+            assert first.snapshot_key is not None
+            assert first.snapshot_size > 20 * PART, "an archive of many parts"
+            if isinstance(store, S3Store):
+                head = await store._s3.head_object(Bucket=config.bucket, Key=first.snapshot_key)
+                parts = -(-first.snapshot_size // PART)
+                assert head["ETag"].strip('"').endswith(f"-{parts}"), "a multipart upload"
+            await log.append(delete("r0#3"))
+            await a.run_once()
+            want = await reference(log)
+            async with Compactor(config, cache_dir=tmp_path / "b", store=store, table=table) as b:
+                cold = await b.run_once(checkpoint=True)
+                assert cold.working_copy == "checkpoint" and cold.replayed_tail == 1
+                assert_states_equal(await committed_state(b), want)  # export, downloaded
+            async with Reader.open(
+                config, cache_dir=tmp_path / "r", store=store, table=table
+            ) as reader:
+                assert sorted((await reader.get(collection="words"))["ids"]) == sorted(
+                    want["words"]
+                )
+    finally:
+        await store.aclose()
+
+
+# -- compatibility with states committed before checkpoints ----------------------------
+
+
+async def test_a_state_committed_before_checkpoints_is_read_as_a_checkpoint_at_hwm(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    async with backend.open_log() as log:
+        async with backend.compactor(cache_dir=tmp_path / "old") as old:
+            await three_entries(log, rng, "a")
+            committed = await old.run_once()
+        await forget_checkpoint_fields(backend, log)
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_hwm, state.checkpoint_hwm, state.tail_entries) == (
+            3,
+            None,
+            3,
+            0,
+        )
+        status = await log.status()
+        assert (status.snapshot_hwm, status.tail_entries, status.tail_bytes) == (3, 0, 0)
+        assert await reader_sees(log, tmp_path / "r1") == ids_of(await reference(log))
+        await three_entries(log, rng, "b")
+        async with backend.compactor(cache_dir=tmp_path / "new") as new:
+            result = await new.run_once()
+            assert (result.hwm_before, result.hwm_after, result.checkpoint) == (3, 6, "")
+            assert (result.snapshot_key, result.snapshot_hwm) == (committed.snapshot_key, 3)
+            state = await log.table.read_state(log.keys.log_id)
+            assert (state.snapshot_hwm, state.tail_entries) == (3, 3)
+            await converged(log, new, tmp_path / "r2")
+
+
+async def forget_checkpoint_fields(backend: Backend, log: DeltaLog, *fields: str) -> None:
+    """Make the state item what an older version left: without ``fields`` (by default
+    those of checkpoints, ``snapshot_hwm`` and ``tail_bytes``)."""
+    fields = fields or ("snapshot_hwm", "tail_bytes")
+    table = backend.table
+    if isinstance(table, MemoryTable):
+        state = table._states[log.keys.log_id]
+        empty: dict[str, Any] = {"snapshot_hwm": None, "tail_bytes": 0, "recent_snapshots": ()}
+        table._states[log.keys.log_id] = replace(state, **{f: empty[f] for f in fields})
+        return
+    assert isinstance(table, DynamoTable)
+    await table._db.update_item(
+        TableName=table.name,
+        Key={"pk": {"S": log.keys.log_id}, "sk": {"S": STATE_SK}},
+        UpdateExpression=f"REMOVE {', '.join(fields)}",
+    )
