@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from compactor import Compactor
-from deltalog import Delta, DeltaLog, InvalidInput, LogConfig, Reader, UpdateMetadata, Upsert
+from deltalog import (
+    Delta,
+    DeltaLog,
+    DimensionMismatch,
+    InvalidInput,
+    LogConfig,
+    Reader,
+    UpdateMetadata,
+    Upsert,
+)
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
 from tests.builders import delete
@@ -119,8 +128,11 @@ async def test_a_reader_picks_up_new_commits(
 async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
     await log.append(_upsert(["a"], _basis(0), "Costco"))
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path) as reader:
-        with pytest.raises(InvalidInput, match="dimension"):
+        with pytest.raises(DimensionMismatch) as mismatch:
             await reader.query(collection="words", query_embeddings=np.ones((1, 3), np.float32))
+        assert (mismatch.value.known, mismatch.value.got) == (DIM, 3)
+        for words in (f"holds {DIM}-dimensional", "the query has 3", "new log", "rebuild"):
+            assert words in str(mismatch.value)
         with pytest.raises(InvalidInput, match="no vectors"):
             await reader.query(collection="nothing", query_embeddings=_basis(0))
         with pytest.raises(InvalidInput, match="NaN"):
