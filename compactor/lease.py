@@ -69,16 +69,47 @@ class LeaseKeeper:
         ttl: float = 30.0,
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
+        poll: float = 0.1,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the lease ttl must be positive")
+        self.poll = poll
+        """How often a waiting ``acquire`` reads the state (a holder's gap between runs
+        can be short: a follower under load releases and takes it again at once)."""
         self.table = table
         self.log_id = log_id
         self.ttl = ttl
         self.owner = owner or new_owner()
         self.clock = clock
 
-    async def acquire(self) -> Lease:
+    async def acquire(self, *, wait: float = 0.0) -> Lease:
+        """Take the lease; ``LeaseBusy`` if another compactor holds it for ``wait`` seconds more.
+
+        While it waits it reads the state every ``poll`` seconds and tries
+        again as soon as the lease is free or expired (a holder that died
+        lets it go after its ttl).
+        """
+        deadline = anyio.current_time() + wait
+        while True:
+            try:
+                return await self._acquire_once()
+            except LeaseBusy as exc:
+                if anyio.current_time() >= deadline:
+                    if wait > 0:
+                        raise LeaseBusy(
+                            f"{exc.message}; waited {wait:g}s for it", log=self.log_id
+                        ) from exc
+                    raise
+                await self._until_free(deadline)
+
+    async def _until_free(self, deadline: float) -> None:
+        """Return once the state says the lease is free or expired, or at ``deadline``."""
+        while anyio.current_time() < deadline:
+            await anyio.sleep(min(self.poll, max(0.0, deadline - anyio.current_time())))
+            if (await self.table.read_state(self.log_id)).lease_free(self.clock()):
+                return
+
+    async def _acquire_once(self) -> Lease:
         """Take the lease (``LeaseBusy`` if another compactor holds it).
 
         Shielded from cancellation: a cancel arriving while the request is in

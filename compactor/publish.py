@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,9 +24,9 @@ from deltalog import __version__
 from deltalog.errors import Conflict
 from deltalog.keys import LogKeys
 from deltalog.snapshot.archive import Sidecar, archive, sha256_file
-from deltalog.storage.store import ObjectStore
+from deltalog.storage.store import ObjectInfo, ObjectStore
 
-__all__ = ["Published", "prune_snapshots", "publish_snapshot"]
+__all__ = ["Published", "list_snapshots", "prune_snapshots", "publish_snapshot"]
 
 log = logging.getLogger("compactor.publish")
 
@@ -101,6 +101,22 @@ async def _holds(store: ObjectStore, key: str, archive_path: Path, sha256: str) 
     return digest == sha256
 
 
+async def list_snapshots(store: ObjectStore, keys: LogKeys) -> AsyncIterator[ObjectInfo]:
+    """This log's snapshot objects, in hwm order; every other key under the prefix is skipped.
+
+    The prefix can hold other logs' keys (see ``LogKeys.snapshot_hwm``).
+    Ours start with 20 digits, which sort before any letter: the listing
+    stops at the first key past the digits (another log's ``entries/``,
+    say) instead of paging through that log.
+    """
+    prefix = len(keys.snapshots_prefix)
+    async for info in store.list_after(keys.snapshots_prefix):
+        if info.key[prefix : prefix + 1] > "9":
+            return
+        if keys.snapshot_hwm(info.key) is not None:
+            yield info
+
+
 async def prune_snapshots(
     store: ObjectStore,
     keys: LogKeys,
@@ -126,7 +142,7 @@ async def prune_snapshots(
     the committed one or an upload that a newer owner may be about to
     commit, whatever this caller believes.
     """
-    listed = [info async for info in store.list_after(keys.snapshots_prefix)]
+    listed = [info async for info in list_snapshots(store, keys)]
     if recent:
         kept = set(recent[:keep])
         known = set(recent)

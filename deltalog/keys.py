@@ -36,6 +36,8 @@ IDEMPOTENCY_PREFIX = "idem#"
 QUARANTINE_PREFIX = "quarantine#"
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-\d{{12,}}-[A-Za-z0-9]+\.tar(?:\.zst)?")
+"""What ``LogKeys.snapshot`` puts after the snapshots prefix, and nothing else."""
 _ROOT = re.compile(r"^[A-Za-z0-9._/-]*$")
 
 
@@ -96,10 +98,16 @@ class LogKeys:
         return f"{self.snapshots_prefix}{hwm:0{SEQ_WIDTH}d}-{token:012d}-{nonce}{suffix}"
 
     def snapshot_hwm(self, key: str) -> int | None:
+        """The hwm of a snapshot key this log's layout produced; None for any other key.
+
+        Strict on purpose: under another root the same prefix can hold other
+        logs' keys (root ``""``, log ``x`` and root ``x``, log ``snapshots``
+        share ``x/snapshots/``), and retention deletes only what parses.
+        """
         if not key.startswith(self.snapshots_prefix):
             return None
-        head = key[len(self.snapshots_prefix) :][:SEQ_WIDTH]
-        return int(head) if head.isdigit() and len(head) == SEQ_WIDTH else None
+        match = _SNAPSHOT_NAME.fullmatch(key[len(self.snapshots_prefix) :])
+        return int(match.group(1)) if match else None
 
 
 def idempotency_sk(key: str) -> str:

@@ -62,6 +62,7 @@ class ProgressDisplay:
         self.figures: dict[str, int] = {}
         self._started = time.monotonic()
         self._printed = 0.0
+        self._shown: str | None = None
         self._live: Progress | None = None
         self._task: TaskID | None = None
 
@@ -141,6 +142,10 @@ class ProgressDisplay:
 
     def _print_line(self) -> None:
         self._printed = time.monotonic()
+        counts = f"{self.completed}/{self.total}/{sorted(self.figures.items())}"
+        if counts == self._shown:
+            return  # nothing moved since the last line (the final line repeats none)
+        self._shown = counts
         print(self.line(), file=self.stream, flush=True)
 
 
