@@ -404,6 +404,7 @@ _PACKAGES = (
     "msgspec",
     "anyio",
     "matplotlib",
+    "wordllama",
 )
 
 

@@ -175,7 +175,8 @@ async def _queries(
             near = await reader.query(
                 collection=collection, query_embeddings=await embedder.embed([text]), n_results=5
             )
-            print_results(near, title=f"{collection} like {text!r} ({why})", ids=False)
+            print(f"    {collection} like {text!r}: {why}")
+            print_results(near, ids=False)
         words = await reader.get(
             collection="words",
             where={"image_id": str(source.image_id), "receipt_id": source.receipt_id},

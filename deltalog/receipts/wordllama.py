@@ -29,7 +29,7 @@ import importlib.util
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -149,18 +149,28 @@ def _load(package: Path, dim: int) -> Any:
     )
 
 
-def _embed(model: Any, texts: list[str], dim: int) -> Vectors:
-    """Unit vectors of ``texts`` in their order, by ``model.embed``."""
+def _embed(model: Any, texts: list[str], dim: int, fix: Callable[[str], str]) -> Vectors:
+    """Unit vectors of ``texts`` (normalised by ``fix``) in their order, by ``model.embed``."""
     # Texts of similar length share a batch: each batch is padded to its longest.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    vectors = model.embed([normalise(texts[i]) for i in order], batch_size=_BATCH)
+    vectors = model.embed([fix(texts[i]) for i in order], batch_size=_BATCH)
     out = np.empty((len(texts), dim), dtype=np.float32)
     out[order] = vectors
     return unit_rows(out)
 
 
 class WordLlamaEmbedder:
-    """WordLlama's static embeddings, offline; see the module docstring."""
+    """WordLlama's static embeddings, offline; see the module docstring.
+
+    A subclass may change ``normalisation`` and ``normalise`` together: the
+    name, and so every idempotency key, follows.
+    """
+
+    normalisation = NORMALISATION
+
+    def normalise(self, text: str) -> str:
+        """What the model is given for ``text``."""
+        return normalise(text)
 
     def __init__(self, dim: int = DEFAULT_WORDLLAMA_DIM) -> None:
         if dim not in WORDLLAMA_DIMS:
@@ -169,7 +179,7 @@ class WordLlamaEmbedder:
                 f"ships the {SHIPPED_DIM}-dim model and its truncations), got {dim}"
             )
         self.dim = dim
-        self.name = f"wordllama:{CONFIG}:{dim}:{NORMALISATION}"
+        self.name = f"wordllama:{CONFIG}:{dim}:{self.normalisation}"
         self.package = _installed()
         self._model: Any = None
         self._loading: anyio.Lock | None = None
@@ -183,7 +193,7 @@ class WordLlamaEmbedder:
         if not batch:
             return zeros(self.dim)
         model = await self._loaded()
-        vectors = await anyio.to_thread.run_sync(_embed, model, batch, self.dim)
+        vectors = await anyio.to_thread.run_sync(_embed, model, batch, self.dim, self.normalise)
         self._texts += len(batch)
         self._calls += 1
         return vectors
@@ -194,7 +204,7 @@ class WordLlamaEmbedder:
         if not batch:
             return zeros(self.dim)
         model = self._model if self._model is not None else self._load_sync()
-        vectors = _embed(model, batch, self.dim)
+        vectors = _embed(model, batch, self.dim, self.normalise)
         self._texts += len(batch)
         self._calls += 1
         return vectors
