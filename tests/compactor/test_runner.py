@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import anyio
 import numpy as np
 import pytest
 
+import compactor.runner
 from compactor import Compactor, Limits, RebuildResult
 from deltalog import (
     Closed,
@@ -33,6 +35,7 @@ from deltalog.reader import Reader
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
+from deltalog.storage.transfer import Transferred
 from tests.builders import delete, delta, patch, upsert, vectors
 from tests.compaction import (
     Crash,
@@ -261,6 +264,50 @@ async def test_poison_entry_stops_compaction_until_quarantined(
             assert set(state["words"]) == {"a#0", "a#1", "c#0", "c#1"}
             assert (await compactor.verify()).ok
         assert (await log.status()).quarantined == {2: "garbage bytes"}
+
+
+class SkewedTime:
+    """The ``time`` module as seen by a machine whose clock is ``skew`` seconds off."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+async def test_a_compactor_clock_off_by_an_hour_seals_no_young_hole(
+    skew: float,
+    backend: Backend,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hole ages are measured on the store's clock: a fast or slow compactor changes nothing."""
+    clock = SkewedTime(skew)
+    monkeypatch.setattr(compactor.runner, "time", clock)
+    inner, trailing = backend.config, replace(backend.config, log=f"{backend.config.log}-2")
+    async with backend.open_log(inner) as log, backend.open_log(trailing) as log2:
+        for name in ("a", "hole", "b"):  # a hole with an entry written after it
+            await (
+                log.table.reserve(log.keys.log_id)
+                if name == "hole"
+                else log.append(delta(rng, name))
+            )
+        await log2.append(delta(rng, "a"))
+        await log2.table.reserve(log2.keys.log_id)  # a hole with nothing after it
+        for config in (inner, trailing):
+            async with backend.compactor(config, cache_dir=tmp_path / config.log) as skewed:
+                result = await skewed.run_once()
+            assert (result.hwm_after, result.stopped, result.seals_written) == (1, "hole", 0)
+        clock.skew = 0.0  # a compactor with the right time, after the skewed one noted the hole
+        async with backend.compactor(trailing, cache_dir=tmp_path / "right") as right:
+            result = await right.run_once()
+        assert (result.hwm_after, result.stopped, result.seals_written) == (1, "hole", 0)
 
 
 def _malformed(rng: np.random.Generator, kind: str) -> Delta:
@@ -541,7 +588,7 @@ class CountingStore(MemoryStore):
         super().__init__()
         self.downloads: list[str] = []
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         self.downloads.append(key)
         return await super().download_file(key, path)
 
