@@ -13,11 +13,10 @@ of typed queries for lines, line inputs and words).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from benchmarks.harness import progress
+from benchmarks.harness import best_of, progress
 from benchmarks.search_quality import Quality, search_quality, texts
 from benchmarks.settings import Sizes
 from benchmarks.workload import ReceiptData
@@ -46,15 +45,6 @@ class EmbedFigures:
     wordllama_vs_hashing: float
 
 
-def _best(repeats: int, call: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def run_embed(sizes: Sizes, receipts: Sequence[ReceiptData], *, seed: int) -> EmbedFigures:
     batches = [r.inputs for r in receipts]
     count = sum(len(b) for b in batches)
@@ -65,11 +55,13 @@ def run_embed(sizes: Sizes, receipts: Sequence[ReceiptData], *, seed: int) -> Em
         for batch in batches:
             embedder.embed_sync(batch)
 
-    hashing_s = _best(sizes.embed_repeats, hashing)
+    hashing_s, _ = best_of(sizes.embed_repeats, hashing)
     probe = HashingEmbedder()
     model = WordLlamaEmbedder()
     model.embed_sync(["load"])
-    wordllama_s = _best(sizes.embed_repeats, lambda: [model.embed_sync(batch) for batch in batches])
+    wordllama_s, _ = best_of(
+        sizes.embed_repeats, lambda: [model.embed_sync(batch) for batch in batches]
+    )
     rows = [
         EmbedRow(
             embedder.name,
