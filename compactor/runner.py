@@ -24,10 +24,11 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import anyio
 
@@ -58,6 +59,7 @@ __all__ = ["CompactionResult", "Compactor", "RebuildResult"]
 log = logging.getLogger("compactor")
 
 Status = Literal["applied", "nothing", "busy"]
+_T = TypeVar("_T")
 SinkFactory = Callable[[Path], Awaitable[Sink]]
 """Opens the sink for a working directory (default: ``ChromaSink.open``)."""
 
@@ -118,6 +120,8 @@ class RebuildResult:
     published: bool
 
 
+DEFAULT_LEASE_WAIT = 60.0
+"""How long ``rebuild(publish=True)`` waits for a busy lease (``rebuild --wait``)."""
 _CLEANUP_SECONDS = 60.0
 _RECENT_SNAPSHOTS = 16
 """How many committed snapshot keys the state item remembers (at least ``retain``)."""
@@ -137,8 +141,16 @@ class _LeaseSealer:
         self.lease = lease
 
     async def should_seal(self, end: ReadEnd) -> bool:
-        c, now = self.compactor, time.time()
+        """Whether the hole is older than the grace, on the store's clock alone.
+
+        Its age is the longer of: since the first entry after it was written
+        (its ``last_modified``), and since a compactor first saw it (noted in
+        the state item, on the same clock). No compactor's own clock enters,
+        so one running fast or slow neither seals early nor makes another do so.
+        """
+        c = self.compactor
         self.lease.check()
+        now = await c.store.clock(c.keys.entries_prefix)
         first_seen = await c.table.note_hole(
             self.lease.log_id, self.lease.owner, self.lease.token, seq=end.seq, now=now
         )
@@ -247,6 +259,9 @@ class Compactor:
             return await self._sink_factory(path)
         return await ChromaSink.open(path, limiter=self._limiter)
 
+    def _keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
+
     def _replayer(self) -> Replayer:
         return Replayer(self.log, prefetch=self.prefetch, progress=self.progress)
 
@@ -259,7 +274,7 @@ class Compactor:
         a ``CorruptEntry`` for a poison entry after committing everything
         before it.
         """
-        keeper = LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
+        keeper = self._keeper()
         try:
             lease = await keeper.acquire()
         except LeaseBusy as exc:
@@ -267,24 +282,50 @@ class Compactor:
             return CompactionResult(
                 "busy", self.config.log, state.hwm, state.hwm, stopped=exc.message
             )
-        result: CompactionResult | None = None
+        result, failure = await self._leased(keeper, lease, self._compact, self._run_record)
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _leased(
+        self,
+        keeper: LeaseKeeper,
+        lease: Lease,
+        work: Callable[[Lease], Awaitable[_T]],
+        last_run: Callable[[_T | None, Exception | None], str] | None = None,
+    ) -> _T:
+        """``work(lease)`` while the heartbeat renews the lease; release it after.
+
+        A lost lease cancels the work and raises ``LeaseLost`` (nothing was
+        committed after it); ``last_run`` makes the summary the release records.
+        """
+        result: _T | None = None
         failure: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(keeper.heartbeat, lease, tg.cancel_scope)
                 try:
-                    result, failure = await self._compact(lease)
+                    result = await work(lease)
                 except Exception as exc:
                     failure = exc
                 tg.cancel_scope.cancel()
         finally:
             if lease.lost is None:
-                await keeper.release(lease, last_run=self._last_run(result, failure))
+                record = last_run(result, failure) if last_run is not None else ""
+                await keeper.release(lease, last_run=record)
         lease.check()
         if failure is not None:
             raise failure
         assert result is not None
         return result
+
+    def _run_record(
+        self, outcome: tuple[CompactionResult, Exception | None] | None, failure: Exception | None
+    ) -> str:
+        """The last run's summary from what ``_compact`` returned or raised."""
+        if outcome is None:
+            return self._last_run(None, failure)
+        return self._last_run(outcome[0], failure or outcome[1])
 
     def _last_run(self, result: CompactionResult | None, failure: Exception | None) -> str:
         record: dict[str, object] = {"at": time.time()}
@@ -378,33 +419,48 @@ class Compactor:
     async def _commit(
         self, lease: Lease, state: LogState, published: Published, result: CompactionResult
     ) -> None:
-        """The commit point. The upload is deleted only when the commit is refused for sure."""
+        commit = Commit(
+            hwm=result.hwm_after,
+            snapshot_key=published.key,
+            snapshot_sha256=published.sha256,
+            snapshot_size=published.size,
+            last_run=self._last_run(result, None),
+            recent_snapshots=self._recent(published.key, state),
+        )
+        await self._commit_point(lease, state.hwm, commit)
+
+    async def _commit_point(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
+        """The commit point. The upload is deleted only when the commit is refused for sure.
+
+        The update may have landed although we were told otherwise: its answer
+        lost, then botocore's retry refused by the condition the first attempt
+        had just changed (hwm), or by a successor that took the lease over
+        since and committed after us. Only the state knows: our key (a fresh
+        nonce) is committed or in ``recent_snapshots`` exactly when our
+        update landed.
+        """
         lease.check()
         try:
             await self.table.commit(
                 self.keys.log_id,
                 lease.owner,
                 lease.token,
-                prev_hwm=state.hwm,
-                commit=Commit(
-                    hwm=result.hwm_after,
-                    snapshot_key=published.key,
-                    snapshot_sha256=published.sha256,
-                    snapshot_size=published.size,
-                    last_run=self._last_run(result, None),
-                    recent_snapshots=self._recent(published.key, state),
-                ),
+                prev_hwm=prev_hwm,
+                commit=commit,
                 now=time.time(),
             )
         except (Fenced, Conflict, Unavailable) as exc:
-            # The update may have landed although we were told otherwise: its
-            # answer lost, then botocore's retry refused by the condition that
-            # the first attempt had just changed (hwm). Only the state knows.
             now = await self.table.read_state(self.keys.log_id)
-            if now.snapshot_key == published.key:
+            if commit.snapshot_key in (now.snapshot_key, *now.recent_snapshots):
+                log.warning(
+                    "%s: the commit of %s landed although its answer said %s",
+                    self.keys.log,
+                    commit.snapshot_key,
+                    type(exc).__name__,
+                )
                 return
             if not isinstance(exc, Unavailable):  # refused for sure
-                await self._forget(published.key)
+                await self._forget(commit.snapshot_key)
             raise
 
     def _recent(self, key: str, state: LogState) -> tuple[str, ...]:
@@ -449,13 +505,23 @@ class Compactor:
     # -- rebuild and verify ---------------------------------------------------
 
     async def rebuild(
-        self, to_seq: int | None = None, *, publish: bool = False, force: bool = False
+        self,
+        to_seq: int | None = None,
+        *,
+        publish: bool = False,
+        force: bool = False,
+        wait: float = DEFAULT_LEASE_WAIT,
     ) -> RebuildResult:
         """Replay entries 1..to_seq into an empty snapshot and upload it.
 
         With ``publish`` the rebuild replaces the committed state, under the
-        lease, and never to a lower hwm unless ``force``.
+        lease, and never to a lower hwm unless ``force``. It takes the lease
+        before replaying (so no run commits meanwhile), waiting up to
+        ``wait`` seconds for a busy one (``LeaseBusy`` after that), and its
+        heartbeat renews it until the commit, however long the replay takes.
         """
+        if wait < 0:
+            raise InvalidInput("wait (--wait) must be at least 0 seconds")
         state = await self.table.read_state(self.keys.log_id)
         if publish and not force and to_seq is not None and to_seq < state.hwm:
             raise InvalidInput(
@@ -463,13 +529,13 @@ class Compactor:
                 f"{state.hwm}; pass force=True (--force) to roll back on purpose",
                 log=self.config.log,
             )
-        keeper = LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
-        lease = await keeper.acquire() if publish else None
-        try:
-            return await self._rebuild(state, to_seq, lease, force)
-        finally:
-            if lease is not None and lease.lost is None:
-                await keeper.release(lease)
+        if not publish:
+            return await self._rebuild(state, to_seq, None, force)
+        keeper = self._keeper()
+        lease = await keeper.acquire(wait=wait)
+        return await self._leased(
+            keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
+        )
 
     async def _rebuild(
         self, state: LogState, to_seq: int | None, lease: Lease | None, force: bool
@@ -526,23 +592,16 @@ class Compactor:
                 f"{committed}; not published (use --force to roll back on purpose)",
                 log=self.config.log,
             )
-        lease.check()
         record = {"status": "rebuilt", "hwm_before": committed, "hwm_after": replay.last_seq}
-        await self.table.commit(
-            self.keys.log_id,
-            lease.owner,
-            lease.token,
-            prev_hwm=committed,
-            commit=Commit(
-                replay.last_seq,
-                published.key,
-                published.sha256,
-                published.size,
-                last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
-                recent_snapshots=self._recent(published.key, lease.state),
-            ),
-            now=time.time(),
+        commit = Commit(
+            replay.last_seq,
+            published.key,
+            published.sha256,
+            published.size,
+            last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
+            recent_snapshots=self._recent(published.key, lease.state),
         )
+        await self._commit_point(lease, committed, commit)
         await self._prune(published.key)
 
     async def verify(self) -> VerifyResult:
@@ -554,22 +613,18 @@ class Compactor:
         state = await self.table.read_state(self.keys.log_id)
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         base = await self._committed_copy(state)
-        rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
-        committed = await anyio.to_thread.run_sync(self.cache.working_copy, base)
-        try:
+        async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
+            rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
+            cleanup.push_async_callback(self._discard, rebuilt)
+            committed = await anyio.to_thread.run_sync(self.cache.working_copy, base)
+            cleanup.push_async_callback(self._discard, committed)
             expected = await self._open_sink(rebuilt)
+            cleanup.push_async_callback(_close, expected)
             actual = await self._open_sink(committed)
-            try:
-                replay = await self._replayer().run(
-                    expected, after=0, to_seq=state.hwm, quarantined=quarantined
-                )
-                if replay.error is not None:
-                    raise replay.error
-                return await compare_sinks(
-                    expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq
-                )
-            finally:
-                await _close(expected)
-                await _close(actual)
-        finally:
-            await self._discard(rebuilt, committed)
+            cleanup.push_async_callback(_close, actual)
+            replay = await self._replayer().run(
+                expected, after=0, to_seq=state.hwm, quarantined=quarantined
+            )
+            if replay.error is not None:
+                raise replay.error
+            return await compare_sinks(expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq)

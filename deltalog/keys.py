@@ -12,6 +12,8 @@ DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
     (log, "schema")         the embedding dimension of each collection
     (log, "idem#{key}")     an idempotency key's claim: the seq it went to
     (log, "quarantine#{seq:020d}")  an operator's mark: treat that entry as sealed
+    (log, "lease#{name}")   a named lease of a reader that owns a target
+                            (``deltalog mirror``: ``mirror:{target}``)
 
 and, outside every log (log names cannot start with ``_``)::
 
@@ -34,8 +36,11 @@ STATE_SK = "state"
 SCHEMA_SK = "schema"
 IDEMPOTENCY_PREFIX = "idem#"
 QUARANTINE_PREFIX = "quarantine#"
+LEASE_PREFIX = "lease#"
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-\d{{12,}}-[A-Za-z0-9]+\.tar(?:\.zst)?")
+"""What ``LogKeys.snapshot`` puts after the snapshots prefix, and nothing else."""
 _ROOT = re.compile(r"^[A-Za-z0-9._/-]*$")
 
 
@@ -96,10 +101,16 @@ class LogKeys:
         return f"{self.snapshots_prefix}{hwm:0{SEQ_WIDTH}d}-{token:012d}-{nonce}{suffix}"
 
     def snapshot_hwm(self, key: str) -> int | None:
+        """The hwm of a snapshot key this log's layout produced; None for any other key.
+
+        Strict on purpose: under another root the same prefix can hold other
+        logs' keys (root ``""``, log ``x`` and root ``x``, log ``snapshots``
+        share ``x/snapshots/``), and retention deletes only what parses.
+        """
         if not key.startswith(self.snapshots_prefix):
             return None
-        head = key[len(self.snapshots_prefix) :][:SEQ_WIDTH]
-        return int(head) if head.isdigit() and len(head) == SEQ_WIDTH else None
+        match = _SNAPSHOT_NAME.fullmatch(key[len(self.snapshots_prefix) :])
+        return int(match.group(1)) if match else None
 
 
 def entry_log(root: str, key: str) -> str | None:
@@ -123,3 +134,8 @@ def idempotency_sk(key: str) -> str:
 
 def quarantine_sk(seq: int) -> str:
     return f"{QUARANTINE_PREFIX}{seq:0{SEQ_WIDTH}d}"
+
+
+def lease_sk(name: str) -> str:
+    """The item of a named lease (not the compaction lease, which is in the state item)."""
+    return f"{LEASE_PREFIX}{name}"

@@ -10,6 +10,16 @@
   and ``where`` filters apply to both sides (``deltalog.where``). Only what
   arrived since the last call is read.
 
+One ``Reader`` may serve concurrent calls (tasks of one event loop). Each
+call **pins** what it reads: under the reader's lock it refreshes, then
+takes the loaded snapshot and the tail folded on top of it, and answers
+from those alone, so its answer is the fold at one seq (hwm, or the last
+tail entry it saw). A **view** (the overlay of one collection, prepared for
+searching) is cached on the tail only if no entry was folded in while it
+was built. A snapshot replaced by a newer commit stays open until the last
+call that pinned it returns, then its Chroma client is closed and its
+working copy removed.
+
 Results have Chroma's shapes: ``query`` returns lists per query vector
 (``ids``, ``distances``, ``documents``, ``metadatas``), ``get`` flat lists.
 Distances are Chroma's: squared L2 by default, ``1 - dot`` for ``ip``,
@@ -30,19 +40,23 @@ import numpy.typing as npt
 
 from deltalog.config import LogConfig
 from deltalog.entry import Metadata, Seal
-from deltalog.errors import Closed, CorruptEntry, InvalidInput
+from deltalog.errors import Closed, CorruptEntry, DataError, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
-from deltalog.storage.table import Table
+from deltalog.storage.table import LogState, Table
 from deltalog.where import Where, matches, normalize_where
 
 __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistics"]
 
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
+
+_LOAD_ATTEMPTS = 5
+"""How many committed snapshots a refresh tries when retention deletes the one it
+read from the state item before it could download it."""
 
 
 class QueryResult(TypedDict):
@@ -68,14 +82,6 @@ class ReaderStatistics:
     tail_entries: int
     snapshot_loads: int
     calls: int
-
-
-@dataclass(slots=True)
-class _Snapshot:
-    key: str | None
-    hwm: int
-    sink: ChromaSink | None = None
-    work: Path | None = None
 
 
 @dataclass(slots=True)
@@ -111,10 +117,34 @@ class _Tail:
     folder: Folder = field(default_factory=Folder)
     entries: int = 0
     views: dict[str, _View] = field(default_factory=dict)
+    """Views of the fold at ``last_seq``; cleared whenever an entry is folded in."""
+
+
+@dataclass(slots=True, eq=False)
+class _Snapshot:
+    """A loaded committed snapshot and the tail folded on top of it.
+
+    ``users`` counts the calls that pinned it; once it is no longer
+    ``current`` the last of them closes it.
+    """
+
+    key: str | None
+    hwm: int
+    sink: ChromaSink | None = None
+    work: Path | None = None
+    tail: _Tail = field(init=False)
+    users: int = 0
+    current: bool = True
+
+    def __post_init__(self) -> None:
+        self.tail = _Tail(self.hwm, self.hwm)
 
 
 class Reader:
-    """Query a log's committed snapshot (and its tail). Open with ``Reader.open``."""
+    """Query a log's committed snapshot (and its tail). Open with ``Reader.open``.
+
+    Concurrent calls may share one reader; see the module docstring.
+    """
 
     def __init__(
         self,
@@ -131,7 +161,6 @@ class Reader:
         self._cache = cache
         self._prefetch = prefetch
         self._snapshot = _Snapshot(None, 0)
-        self._tail = _Tail(0, 0)
         self._dims: dict[str, int] = {}
         self._lock = anyio.Lock()
         self._loads = self._calls = 0
@@ -160,63 +189,107 @@ class Reader:
                 await reader.aclose()
 
     async def aclose(self) -> None:
+        """Close the reader; a call still running finishes on the snapshot it pinned."""
         self._closed = True
-        await self._close_snapshot(self._snapshot)
+        await self._retire(self._snapshot)
 
     # -- keeping up -------------------------------------------------------------
 
     async def refresh(self) -> None:
         """Pick up a newer commit and, for fresh reads, the new tail entries."""
+        async with self._lock:
+            await self._refresh()
+
+    @asynccontextmanager
+    async def _pinned(self) -> AsyncIterator[_Snapshot]:
+        """Refresh, then hold the current snapshot and its tail for one call."""
+        snapshot: _Snapshot | None = None
+        try:
+            async with self._lock:
+                await self._refresh()
+                snapshot = self._snapshot
+                snapshot.users += 1
+            yield snapshot
+        finally:
+            if snapshot is not None:
+                snapshot.users -= 1
+                if not snapshot.current:
+                    await self._retire(snapshot)
+
+    async def _refresh(self) -> None:
+        """``refresh`` under the lock."""
         if self._closed:
             raise Closed("the reader is closed", log=self.log.config.log)
-        async with self._lock:
-            state = await self.log.table.read_state(self.log.keys.log_id)
-            if state.snapshot_key != self._snapshot.key or state.hwm != self._snapshot.hwm:
-                await self._load(state.snapshot_key, state.snapshot_sha256, state.hwm)
-            if self.consistency == "fresh":
-                await self._read_tail()
+        state = await self.log.table.read_state(self.log.keys.log_id)
+        for attempt in range(1, _LOAD_ATTEMPTS + 1):
+            if (state.snapshot_key, state.hwm) == (self._snapshot.key, self._snapshot.hwm):
+                break
+            try:
+                await self._load(state)
+                break
+            except DataError as exc:
+                newer = await self.log.table.read_state(self.log.keys.log_id)
+                if attempt == _LOAD_ATTEMPTS or not _pruned(exc, state, newer):
+                    raise
+                state = newer
+        if self.consistency == "fresh":
+            await self._read_tail(self._snapshot.tail)
 
-    async def _load(self, key: str | None, sha256: str | None, hwm: int) -> None:
-        fresh = _Snapshot(key, hwm)
-        if key is not None and sha256 is not None:
-            committed = await self._cache.committed(
-                self.log.store, key, sha256, log=self.log.config.log
-            )
-            fresh.work = await anyio.to_thread.run_sync(self._cache.working_copy, committed)
-            fresh.sink = await ChromaSink.open(fresh.work, log=self.log.config.log)
-        old, self._snapshot = self._snapshot, fresh
-        self._tail = _Tail(hwm, hwm)
+    async def _load(self, state: LogState) -> None:
+        loaded = await self._open_snapshot(state.snapshot_key, state.snapshot_sha256, state.hwm)
+        if self._closed:  # aclose() ran while it loaded
+            await self._retire(loaded)
+            raise Closed("the reader is closed", log=self.log.config.log)
+        old, self._snapshot = self._snapshot, loaded
         self._loads += 1
-        await self._close_snapshot(old)
+        await self._retire(old)
 
-    async def _close_snapshot(self, snapshot: _Snapshot) -> None:
-        if snapshot.sink is not None:
-            await snapshot.sink.aclose()
-        if snapshot.work is not None:
-            await anyio.to_thread.run_sync(self._cache.discard, snapshot.work)
-        snapshot.sink, snapshot.work = None, None
+    async def _open_snapshot(self, key: str | None, sha256: str | None, hwm: int) -> _Snapshot:
+        snapshot = _Snapshot(key, hwm)
+        if key is None or sha256 is None:
+            return snapshot
+        committed = await self._cache.committed(
+            self.log.store, key, sha256, log=self.log.config.log
+        )
+        # Shielded: a cancellation would lose the directory or the client the thread made.
+        with anyio.CancelScope(shield=True):
+            snapshot.work = await anyio.to_thread.run_sync(self._cache.working_copy, committed)
+            try:
+                snapshot.sink = await ChromaSink.open(snapshot.work, log=self.log.config.log)
+            except BaseException:
+                await self._retire(snapshot)
+                raise
+        return snapshot
 
-    async def _read_tail(self) -> None:
-        tail = self._tail
+    async def _retire(self, snapshot: _Snapshot) -> None:
+        """``snapshot`` is no longer current: close it once no call uses it."""
+        snapshot.current = False
+        if snapshot.users:
+            return
+        with anyio.CancelScope(shield=True):
+            sink, work = snapshot.sink, snapshot.work
+            snapshot.sink, snapshot.work = None, None
+            try:
+                if sink is not None:
+                    await sink.aclose()
+            finally:
+                if work is not None:
+                    await anyio.to_thread.run_sync(self._cache.discard, work)
+
+    async def _read_tail(self, tail: _Tail) -> None:
         quarantined: dict[int, str] | None = None
         while True:
             reader = self.log.read(after=tail.last_seq, prefetch=self._prefetch, classify_end=False)
             try:
                 async for seq, entry in reader:
-                    self._fold(seq, entry)
+                    _fold(tail, seq, entry)
                 return
             except CorruptEntry as exc:
                 if quarantined is None:
                     quarantined = await self.log.table.read_quarantined(self.log.keys.log_id)
                 if exc.seq is None or exc.seq not in quarantined:
                     raise
-                self._fold(exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
-
-    def _fold(self, seq: int, entry: Any) -> None:
-        self._tail.folder.add(seq, entry)
-        self._tail.last_seq = seq
-        self._tail.entries += 1
-        self._tail.views.clear()
+                _fold(tail, exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
 
     # -- queries ----------------------------------------------------------------
 
@@ -232,19 +305,18 @@ class Reader:
         if n_results < 1:
             raise InvalidInput("n_results must be at least 1")
         queries = _as_queries(query_embeddings)
-        await self.refresh()
-        await self._check_dim(collection, queries.shape[1])
         where_n = normalize_where(where)
-        self._calls += 1
-        view = await self._view(collection)
-        sink = self._snapshot.sink
-        wanted = n_results + view.shadowed
-        found = (
-            await sink.query(collection, queries, wanted, where_n)
-            if sink is not None
-            else [[] for _ in range(len(queries))]
-        )
-        space = await sink.space(collection) if sink is not None else "l2"
+        async with self._pinned() as snapshot:
+            await self._check_dim(collection, queries.shape[1])
+            self._calls += 1
+            view = await self._view(snapshot, collection)
+            sink = snapshot.sink
+            found = (
+                await sink.query(collection, queries, n_results + view.shadowed, where_n)
+                if sink is not None
+                else [[] for _ in range(len(queries))]
+            )
+            space = await sink.space(collection) if sink is not None else "l2"
         tail = _search(view, queries, where_n, n_results, space)
         return _merge(found, tail, view.removed, n_results)
 
@@ -257,13 +329,13 @@ class Reader:
         limit: int | None = None,
     ) -> GetResult:
         """Records by ids and/or metadata filter, snapshot and overlay merged."""
-        await self.refresh()
         where_n = normalize_where(where)
-        self._calls += 1
         wanted = list(ids) if ids is not None else None
-        view = await self._view(collection)
-        sink = self._snapshot.sink
-        rows = await sink.select(collection, wanted, where_n) if sink is not None else []
+        async with self._pinned() as snapshot:
+            self._calls += 1
+            view = await self._view(snapshot, collection)
+            sink = snapshot.sink
+            rows = await sink.select(collection, wanted, where_n) if sink is not None else []
         kept = [(r.id, r.document, r.metadata) for r in rows if r.id not in view.removed]
         chosen = set(wanted) if wanted is not None else None
         kept += [
@@ -294,51 +366,71 @@ class Reader:
                 log=self.log.config.log,
             )
 
-    async def _view(self, collection: str) -> _View:
-        view = self._tail.views.get(collection)
+    async def _view(self, snapshot: _Snapshot, collection: str) -> _View:
+        """The overlay of ``collection`` on ``snapshot``, cached while its tail stays put."""
+        tail = snapshot.tail
+        view = tail.views.get(collection)
         if view is None:
-            plan = self._tail.folder.plan().collections.get(collection, CollectionPlan())
-            view = await self._build_view(collection, plan)
-            self._tail.views[collection] = view
+            seq = tail.last_seq
+            plan = tail.folder.plan().collections.get(collection, CollectionPlan())
+            view = await _build_view(snapshot.sink, collection, plan)
+            if tail.last_seq == seq:  # nothing was folded in while it was built
+                tail.views[collection] = view
         return view
 
-    async def _build_view(self, collection: str, plan: CollectionPlan) -> _View:
-        records = list(plan.puts.values())
-        sink = self._snapshot.sink
-        if plan.patches and sink is not None:
-            base = await sink.fetch(collection, sorted(plan.patches))
-            records += [
-                Record(
-                    r.id, r.embedding, r.document, merge_metadata(r.metadata, plan.patches[r.id])
-                )
-                for r in base
-            ]
-        removed = plan.deletes | plan.puts.keys() | plan.patches.keys()
-        matrix = np.stack([r.embedding for r in records]) if records else None
-        return _View(removed, records, matrix, await self._shadowed(collection, removed))
-
-    async def _shadowed(self, collection: str, removed: set[str]) -> int:
-        """How many of ``removed`` the snapshot holds (tail upserts are mostly new ids)."""
-        sink = self._snapshot.sink
-        if sink is None or not removed:
-            return 0
-        ids = sorted(removed)
-        step = sink.batch_size
-        found = 0
-        for start in range(0, len(ids), step):
-            found += len(await sink.select(collection, ids[start : start + step], None))
-        return found
-
     def statistics(self) -> ReaderStatistics:
+        snapshot = self._snapshot
         return ReaderStatistics(
             self.consistency,
-            self._snapshot.hwm,
-            self._snapshot.key,
-            self._tail.last_seq,
-            self._tail.entries,
+            snapshot.hwm,
+            snapshot.key,
+            snapshot.tail.last_seq,
+            snapshot.tail.entries,
             self._loads,
             self._calls,
         )
+
+
+def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
+    """Whether loading ``tried`` failed because retention deleted its snapshot.
+
+    A committed snapshot is only deleted once a newer commit replaced it, so
+    the state item has moved on; a snapshot unreadable while still committed
+    is a real ``DataError``.
+    """
+    return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
+
+
+def _fold(tail: _Tail, seq: int, entry: Any) -> None:
+    tail.folder.add(seq, entry)
+    tail.last_seq = seq
+    tail.entries += 1
+    tail.views.clear()
+
+
+async def _build_view(sink: ChromaSink | None, collection: str, plan: CollectionPlan) -> _View:
+    records = list(plan.puts.values())
+    if plan.patches and sink is not None:
+        base = await sink.fetch(collection, sorted(plan.patches))
+        records += [
+            Record(r.id, r.embedding, r.document, merge_metadata(r.metadata, plan.patches[r.id]))
+            for r in base
+        ]
+    removed = plan.deletes | plan.puts.keys() | plan.patches.keys()
+    matrix = np.stack([r.embedding for r in records]) if records else None
+    return _View(removed, records, matrix, await _shadowed(sink, collection, removed))
+
+
+async def _shadowed(sink: ChromaSink | None, collection: str, removed: set[str]) -> int:
+    """How many of ``removed`` the snapshot holds (tail upserts are mostly new ids)."""
+    if sink is None or not removed:
+        return 0
+    ids = sorted(removed)
+    step = sink.batch_size
+    found = 0
+    for start in range(0, len(ids), step):
+        found += len(await sink.select(collection, ids[start : start + step], None))
+    return found
 
 
 def _as_queries(query_embeddings: npt.ArrayLike) -> npt.NDArray[np.float32]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
 
-from compactor import Compactor
+from compactor import CompactionResult, Compactor
 from deltalog import DeltaLog
 from deltalog.entry import Entry
+from deltalog.errors import LeaseBusy
 from deltalog.fold import FoldPlan, Record, reference_state
 from deltalog.snapshot.sink import ChromaSink, Sink
-from deltalog.storage.table import Commit, LogState, MemoryTable
+from deltalog.storage.table import Commit, LogState, MemoryTable, Table
 
 State = dict[str, dict[str, Record]]
 
@@ -31,6 +33,22 @@ async def committed_state(compactor: Compactor) -> State:
         compactor.store, state.snapshot_key, state.snapshot_sha256, log=compactor.config.log
     )
     return await sink_state(path, compactor.cache.working_copy)
+
+
+async def until_not_busy(compactor: Compactor) -> CompactionResult:
+    """Run until the lease is free (another holder released it or it expired)."""
+    with anyio.fail_after(60):
+        while (result := await compactor.run_once()).status == "busy":  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    return result
+
+
+async def until_state(log: DeltaLog, holds: Callable[[LogState], bool]) -> LogState:
+    """Poll the log's state item until ``holds`` (another task or process moves it)."""
+    with anyio.fail_after(60):
+        while not holds(state := await log.table.read_state(log.keys.log_id)):  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    return state
 
 
 async def snapshot_state(compactor: Compactor, key: str, sha256: str) -> State:
@@ -75,12 +93,31 @@ def assert_states_equal(got: State, want: State) -> None:
             assert (other.metadata or None) == (record.metadata or None), (collection, id_)
 
 
-class FaultyTable(MemoryTable):
-    """A memory table that crashes on a chosen method, once."""
+class FaultyTable:
+    """A table (``inner``, a memory one by default) that fails on a chosen method, once.
 
-    def __init__(self) -> None:
-        super().__init__()
+    - ``crash_on``: ``before-commit``, ``after-commit`` or ``release`` raises ``Crash``
+      there (after the commit landed, for ``after-commit``);
+    - ``lost_commit_answers``: the next N commits land, then their answer is lost:
+      ``after_commit`` runs (a successor taking over, say) and the commit is sent
+      again, as botocore retries, and that retry's answer is what the caller sees.
+
+    Every other call passes straight through.
+    """
+
+    def __init__(self, inner: Table | None = None) -> None:
+        self.inner: Table = inner if inner is not None else MemoryTable()
         self.crash_on: str | None = None
+        self.lost_commit_answers = 0
+        self.after_commit: Callable[[], Awaitable[None]] | None = None
+        self.refused = anyio.Event()
+        """Set once an ``acquire`` found the lease busy."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_state(self, log_id: str) -> LogState:
+        return await self.inner.read_state(log_id)
 
     def _maybe_crash(self, method: str) -> None:
         if self.crash_on == method:
@@ -91,15 +128,29 @@ class FaultyTable(MemoryTable):
         self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
     ) -> LogState:
         self._maybe_crash("before-commit")
-        state = await super().commit(
+        state = await self.inner.commit(
             log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
         )
         self._maybe_crash("after-commit")
+        if self.lost_commit_answers:
+            self.lost_commit_answers -= 1
+            if self.after_commit is not None:
+                await self.after_commit()
+            return await self.inner.commit(
+                log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
+            )
         return state
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        try:
+            return await self.inner.acquire(log_id, owner, ttl=ttl, now=now)
+        except LeaseBusy:
+            self.refused.set()
+            raise
 
     async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
         self._maybe_crash("release")
-        return await super().release(log_id, owner, token, last_run=last_run)
+        return await self.inner.release(log_id, owner, token, last_run=last_run)
 
 
 class FaultySink:
@@ -165,16 +216,14 @@ def faulty_sinks(
     return made, factory
 
 
-class StalledRenewTable(MemoryTable):
-    """The same items as ``shared``, but renewals hang: a paused process's heartbeat."""
+class StalledRenewTable:
+    """The table ``inner``, but renewals hang: a paused process's heartbeat."""
 
-    def __init__(self, shared: MemoryTable) -> None:
-        super().__init__()
-        self._heads = shared._heads
-        self._dims = shared._dims
-        self._claims = shared._claims
-        self._states = shared._states
-        self._quarantined = shared._quarantined
+    def __init__(self, inner: Table) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
         await anyio.sleep_forever()

@@ -8,6 +8,8 @@
   JSON ``400 UnrecognizedClientException`` (recognised by ``X-Amz-Target``).
 - ``not_implementing(header)``: an S3-compatible store that answers ``501
   NotImplemented`` to requests carrying ``header`` (e.g. ``If-None-Match``).
+- ``closed_port()``: a loopback port nothing listens on (connections are
+  refused): an endpoint that is down or was never there.
 
 Each runs in a daemon thread of the test process (``StubServer``), so the
 code under test talks real HTTP to it, in process or from a subprocess.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +30,14 @@ Answer = tuple[int, dict[str, str], bytes]
 Handler = Callable[[BaseHTTPRequestHandler, bytes], Answer]
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+def closed_port() -> int:
+    """A loopback port that was free a moment ago: connecting to it is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 class StubServer:

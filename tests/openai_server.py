@@ -10,10 +10,16 @@ the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``.
 It checks the bearer key (401 ``invalid_api_key`` when wrong), refuses what
 the API refuses (empty inputs, more than 2,048 inputs, inputs over the token
 limit, counted here as UTF-8 bytes), and can be scripted: ``faults`` are
-answered in order before normal service resumes, ``delay`` holds each
-request, ``shuffle`` returns the data in reverse order, ``floats_only``
-ignores ``encoding_format``. Every request is recorded with its timing, and
+answered in order before normal service resumes, ``outage`` answers 503
+to everything while it is set, ``delay`` holds each request, ``shuffle``
+returns the data in reverse order, ``floats_only`` ignores
+``encoding_format``. Every request is recorded with its timing, and
 ``max_in_flight`` is the most requests it served at once.
+
+``hold()`` makes every request wait until the test lets one go with
+``release()``; with ``wait_for_requests(n)`` a test steps through requests by
+events instead of timing them: which ones are held at once is then exactly
+what the client sent concurrently.
 """
 
 from __future__ import annotations
@@ -82,13 +88,17 @@ class OpenAIServer:
         self.max_input_tokens = max_input_tokens
         self.max_request_tokens = max_request_tokens
         self.faults: deque[Fault] = deque()
+        self.outage = False
         self.delay = 0.0
         self.shuffle = False
         self.floats_only = False
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
         self._in_flight = 0
+        self._holding = False
+        self._permits = 0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -128,9 +138,37 @@ class OpenAIServer:
             time.sleep(quiet / 4)
         raise TimeoutError("the fake OpenAI server did not settle")
 
-    def reset(self) -> None:
+    def hold(self) -> None:
+        """Hold each request from now on until ``release`` lets it go."""
         with self._lock:
+            self._holding = True
+
+    def release(self, count: int = 1) -> None:
+        """Let ``count`` held (or future) requests be answered."""
+        with self._changed:
+            self._permits += count
+            self._changed.notify_all()
+
+    def wait_for_requests(self, count: int, timeout: float = 30.0) -> None:
+        """Block until ``count`` requests have arrived in all (a bound, not a timing)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.requests) >= count, timeout):
+                raise TimeoutError(f"{len(self.requests)} requests arrived, waited for {count}")
+
+    def _wait_for_permit(self) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._permits > 0 or not self._holding, 60):
+                raise TimeoutError("a held request was never released")
+            if self._holding:
+                self._permits -= 1
+
+    def reset(self) -> None:
+        with self._changed:
+            self._holding = False
+            self._permits = 0
+            self._changed.notify_all()
             self.faults.clear()
+            self.outage = False
             self.delay = 0.0
             self.shuffle = False
             self.floats_only = False
@@ -184,12 +222,14 @@ class OpenAIServer:
             authorization=headers.get("Authorization", headers.get("authorization", "")),
             received=time.monotonic(),
         )
-        with self._lock:
+        with self._changed:
             self.requests.append(record)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             fault = self.faults.popleft() if self.faults else None
+            self._changed.notify_all()
         try:
+            self._wait_for_permit()
             if self.delay:
                 time.sleep(self.delay)
             status, extra, payload = self._answer(path, record, fault)
@@ -210,6 +250,9 @@ class OpenAIServer:
             return 401, {}, _error(message, "invalid_api_key", "invalid_request_error")
         if fault is not None:
             return fault.status, fault.headers, _error(fault.message, fault.code, fault.type)
+        if self.outage:
+            message = "The server is overloaded or not ready yet."
+            return 503, {}, _error(message, None, "server_error")
         refused = self._refusal(record.inputs)
         if refused is not None:
             return 400, {}, _error(refused, None, "invalid_request_error")

@@ -24,10 +24,7 @@ Markdown table.
 from __future__ import annotations
 
 import io
-import os
-import socket
 import struct
-import sys
 import tarfile
 import time
 import uuid
@@ -38,7 +35,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -58,6 +54,7 @@ from deltalog import (
     Upsert,
     ValidationError,
 )
+from deltalog.cli import build_parser
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.errors import CorruptSnapshot, UntrustedEntry
 from deltalog.signing import Signer
@@ -68,9 +65,10 @@ from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
-from tests.conftest import BUCKET, TABLE
+from tests.commands import deltalog
 from tests.faulty import FaultyStore
-from tests.http_stubs import StubServer, denying, forwarding, not_implementing
+from tests.footprint import Footprint, take_footprint
+from tests.http_stubs import StubServer, closed_port, denying, forwarding, not_implementing
 
 MEMORY = LogConfig(bucket="memory", table="memory", log="mem", max_delta_bytes=64 * 1024)
 KEY = bytes(range(32))
@@ -89,6 +87,8 @@ class Case:
     """Phrases the message must contain (case-insensitive)."""
     make: Any
     """Builds the bad input (or says how): its type depends on the group."""
+    checked: str = ""
+    """What the test finds unchanged afterwards, when it is particular to the row."""
 
 
 def assert_message(exc: BaseException, case: Case) -> None:
@@ -296,7 +296,7 @@ def body_of(data: bytes) -> bytes:
 
 
 def lengths_mismatch(_raw: dict[int, bytes]) -> bytes:
-    """Valid bytes holding an op whose lengths disagree: only the fold can refuse it."""
+    """Valid bytes holding an op whose lengths disagree: it decodes, the reader refuses it."""
     bad = Upsert(collection="words", ids=["x", "y"], embeddings=vectors(1))
     body = batch_body("bad", [encode_delta(Delta(ops=[bad]))], created_at=0.0)
     return Frame(body).at(2)
@@ -312,8 +312,6 @@ class Stored:
     damage: Damage
     writer_key: bytes | None = None
     trusted: frozenset[bytes] = frozenset()
-    readable: bool = False
-    """True when decoding succeeds and only the fold can refuse the entry."""
 
 
 STORED_CASES = [
@@ -341,7 +339,7 @@ STORED_CASES = [
          ("undecodable entry body",),
          Stored(lambda raw: Frame(msgspec.msgpack.encode({"type": "nope"})).at(2))),
     Case("lengths-in-log", "valid bytes holding 2 ids and 1 vector", CorruptEntry,
-         ("2 ids but 1 embeddings",), Stored(lengths_mismatch, readable=True)),
+         ("malformed entry", "1 vectors for 2 ids"), Stored(lengths_mismatch)),
     Case("unsigned", "an unsigned entry, signatures required", UntrustedEntry,
          ("not signed", "trusts only entries signed with keys"),
          Stored(lambda raw: Frame(body_of(raw[2])).at(2), writer_key=KEY,
@@ -387,15 +385,11 @@ async def test_bad_stored_bytes(case: Case, tmp_path: Path) -> None:
     reader = replace(MEMORY, verify_keys=how.trusted)
     async with DeltaLog.open(reader, store=store, table=table) as log:
         seen: list[int] = []
-        if how.readable:
-            seen = [seq async for seq, _entry in log.read()]
-            assert seen == [1, 2, 3]
-        else:
-            with pytest.raises(DeltalogError) as raised:
-                await collect(log, seen)
-            assert_message(raised.value, case)
-            assert (seen, raised.value.seq, raised.value.log) == ([1], 2, "mem")
-            assert raised.value.key == keys.entry(2)
+        with pytest.raises(DeltalogError) as raised:
+            await collect(log, seen)
+        assert_message(raised.value, case)
+        assert (seen, raised.value.seq, raised.value.log) == ([1], 2, "mem")
+        assert raised.value.key == keys.entry(2)
     async with Compactor(
         reader, cache_dir=tmp_path, store=store, table=table, sink_factory=memory_sink
     ) as compactor:
@@ -582,13 +576,6 @@ async def test_an_endpoint_that_answered_once_is_unavailable_not_misconfigured(
         assert "never answered" not in str(raised.value)
 
 
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @asynccontextmanager
 async def aws_log(config: LogConfig) -> AsyncIterator[tuple[DeltaLog, S3Store, DynamoTable]]:
     async with AsyncExitStack() as stack:
@@ -600,36 +587,77 @@ async def aws_log(config: LogConfig) -> AsyncIterator[tuple[DeltaLog, S3Store, D
         yield log, store, table
 
 
-async def entry_keys(endpoint: str, bucket: str = BUCKET) -> list[str]:
-    config = LogConfig(bucket=bucket, table=TABLE, endpoint_url=endpoint)
-    store = await S3Store.connect(config)
-    try:
-        return [info.key async for info in store.list_after("")]
-    finally:
-        await store.aclose()
+def unchanged(before: Footprint) -> Footprint:
+    return before
 
 
-Env = dict[str, str]
+@dataclass(frozen=True)
+class Act:
+    """What a configuration row does, and where on the real endpoint it could write.
+
+    The test takes the endpoint's footprint (every bucket and table name, the
+    keys of ``buckets``, the items of ``partitions``: (table, log id)) before
+    and after ``run`` and expects ``writes(before)``: the footprint unchanged
+    for every row but two.
+    """
+
+    run: Callable[[], Awaitable[None]]
+    buckets: tuple[str, ...] = ()
+    partitions: tuple[tuple[str, str], ...] = ()
+    writes: Callable[[Footprint], Footprint] = unchanged
 
 
-async def missing_bucket(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
+Make = Callable[[str, LogConfig], Awaitable[Act]]
+
+
+def partition(config: LogConfig) -> tuple[str, str]:
+    """The log's items in its table."""
+    return (config.table, config.keys.log_id)
+
+
+def a_hole_and_the_schema(config: LogConfig) -> Callable[[Footprint], Footprint]:
+    """What an append to a missing bucket writes before the entry put fails.
+
+    The seq it reserved stays a hole (the compactor seals it), and the schema
+    item holds the delta's dimension: both in the table, none in S3.
+    """
+    part = partition(config)
+    pk = {"S": config.keys.log_id}
+
+    def writes(before: Footprint) -> Footprint:
+        assert before.items[part] == {}, "a fresh log"
+        items = {
+            "head": {"pk": pk, "sk": {"S": "head"}, "next_seq": {"N": "1"}},
+            "schema": {"pk": pk, "sk": {"S": "schema"}, "dim#words": {"N": str(DIM)}},
+        }
+        return replace(before, items={**before.items, part: items})
+
+    return writes
+
+
+async def missing_bucket(endpoint: str, config: LogConfig) -> Act:
     gone = replace(config, bucket=f"missing-{uuid.uuid4().hex[:12]}")
 
-    async def act() -> None:
+    async def run() -> None:
         async with aws_log(gone) as (log, _store, _table):
             await log.append(upsert())
 
-    return act
+    return Act(
+        run,
+        buckets=(config.bucket, gone.bucket),
+        partitions=(partition(config),),
+        writes=a_hole_and_the_schema(config),
+    )
 
 
-async def missing_table(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
+async def missing_table(endpoint: str, config: LogConfig) -> Act:
     gone = replace(config, table=f"missing-{uuid.uuid4().hex[:12]}")
 
-    async def act() -> None:
+    async def run() -> None:
         async with aws_log(gone) as (log, _store, _table):
             await log.append(upsert())
 
-    return act
+    return Act(run, buckets=(config.bucket,), partitions=(partition(config), partition(gone)))
 
 
 def _through(stub: StubServer, config: LogConfig, service: str) -> LogConfig:
@@ -651,187 +679,222 @@ async def read_all(log: DeltaLog) -> None:
         pass
 
 
-async def wrong_s3_credentials(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
-    async def act() -> None:
+async def wrong_s3_credentials(endpoint: str, config: LogConfig) -> Act:
+    async def run() -> None:
         await _with_stub(config, "s3", read_all)
 
-    return act
+    return Act(run, buckets=(config.bucket,), partitions=(partition(config),))
 
 
-async def wrong_dynamodb_credentials(
-    endpoint: str, config: LogConfig
-) -> Callable[[], Awaitable[None]]:
-    async def act() -> None:
+async def wrong_dynamodb_credentials(endpoint: str, config: LogConfig) -> Act:
+    async def run() -> None:
         await _with_stub(config, "dynamodb", lambda log: log.append(upsert()))
 
-    return act
+    return Act(run, buckets=(config.bucket,), partitions=(partition(config),))
 
 
-async def unreachable(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
+class Attempts:
+    """Counts the HTTP attempts of botocore clients (its ``before-send`` event)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, **_event: object) -> None:
+        self.count += 1
+
+    def watch(self, *adapters: S3Store | DynamoTable) -> None:
+        for adapter in adapters:
+            # The adapters' botocore clients; ``meta.events`` is botocore's public hook.
+            adapter._client.meta.events.register("before-send", self)
+
+
+async def unreachable(endpoint: str, config: LogConfig) -> Act:
     nowhere = replace(config, endpoint_url=f"http://127.0.0.1:{closed_port()}")
 
-    async def act() -> None:
-        started = time.monotonic()
+    async def run() -> None:
+        attempts = Attempts()
         try:
-            async with aws_log(nowhere) as (log, _store, _table):
+            async with aws_log(nowhere) as (log, store, table):
+                attempts.watch(store, table)
                 await log.append(Delta(ops=[Delete(collection="words", ids=["a"])]))
         finally:
-            assert time.monotonic() - started < 15, "an unreachable endpoint fails fast"
+            # Fails fast: the first request's own attempts (botocore's 4: 3 retries),
+            # no retry loop of deltalog's on top (append would try 8 times over).
+            assert 1 <= attempts.count <= 4, attempts.count
 
-    return act
+    return Act(run)
 
 
-async def ignores_conditional_writes(
-    endpoint: str, config: LogConfig
-) -> Callable[[], Awaitable[None]]:
+async def ignores_conditional_writes(endpoint: str, config: LogConfig) -> Act:
+    """``deltalog init`` through a proxy that drops If-None-Match.
+
+    The command runs twice: as ``deltalog`` in a subprocess (its exit status
+    and its one line on stderr) and in this process, where the error it
+    raises is the one the row checks.
+    """
     bucket, table = f"probe-{uuid.uuid4().hex[:12]}", f"probe-{uuid.uuid4().hex[:12]}"
+    init = ["init", "--bucket", bucket, "--table", table]
 
-    async def act() -> None:
+    async def run() -> None:
         with StubServer(forwarding(endpoint, drop={"If-None-Match"})) as proxy:
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith(("DELTALOG_", "AWS_"))},
-                **FAKE_CREDENTIALS,
-                "AWS_ENDPOINT_URL_S3": proxy.url,
-                "AWS_ENDPOINT_URL_DYNAMODB": endpoint,
-            }
-            done = await anyio.run_process(
-                [sys.executable, "-m", "deltalog", "init", "--bucket", bucket, "--table", table],
-                env=env,
-                check=False,
-            )
-        out, err = done.stdout.decode(), done.stderr.decode()
-        assert done.returncode == 1 and "Traceback" not in err, err
-        assert out.splitlines() == [f"bucket {bucket}: created"], out
-        assert await entry_keys(endpoint, bucket) == [], "the probe object is deleted"
-        probe = await DynamoTable.connect(replace(config, table=table))
-        try:
-            with pytest.raises(ConfigurationError, match="does not exist"):
-                await probe.read_head("x")  # the table was not created
-        finally:
-            await probe.aclose()
-        prefix = "deltalog: ConfigurationError: "
-        assert err.startswith(prefix), err
-        raise ConfigurationError(err.strip().removeprefix(prefix))
+            env = {"AWS_ENDPOINT_URL_S3": proxy.url, "AWS_ENDPOINT_URL_DYNAMODB": endpoint}
+            done = await deltalog(*init, **env)
+            assert done.code == 1, (done.code, done.err)
+            assert done.err.startswith("deltalog: ConfigurationError: "), done.err
+            assert "does not honour If-None-Match" in done.err, done.err
+            assert done.err.count("\n") == 1, done.err
+            assert done.out.splitlines() == [f"bucket {bucket}: created"], done.out
+            args = build_parser().parse_args(init)
+            with pytest.MonkeyPatch.context() as patch:
+                for name, value in env.items():
+                    patch.setenv(name, value)
+                await args.run(args)
 
-    return act
+    writes: Callable[[Footprint], Footprint] = lambda before: replace(  # noqa: E731
+        before, buckets=before.buckets | {bucket}, objects={**before.objects, bucket: frozenset()}
+    )
+    return Act(run, buckets=(config.bucket, bucket), writes=writes)
 
 
-async def rejects_if_none_match(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
-    async def act() -> None:
+async def rejects_if_none_match(endpoint: str, config: LogConfig) -> Act:
+    async def run() -> None:
         with StubServer(not_implementing("If-None-Match")) as stub:
             store = await S3Store.connect(replace(config, s3_endpoint_url=stub.url))
             try:
                 await store.check_conditional_writes(config.keys.probe("p"))
             finally:
                 await store.aclose()
+        assert [(method, "If-None-Match" in headers) for method, _, headers in stub.requests] == [
+            ("PUT", True)
+        ], "refused at the first conditional put"
 
-    return act
+    return Act(run)
 
 
-def settings(**values: Any) -> Callable[[str, LogConfig], Awaitable[Callable[[], Awaitable[None]]]]:
-    async def make(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
-        async def act() -> None:
+def settings(**values: Any) -> Make:
+    async def make(endpoint: str, config: LogConfig) -> Act:
+        async def run() -> None:
             LogConfig(**{"bucket": "b", "table": "t", **values})
 
-        return act
+        return Act(run)
 
     return make
 
 
-def env_settings(env: Env) -> Callable[[str, LogConfig], Awaitable[Callable[[], Awaitable[None]]]]:
-    async def make(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
-        async def act() -> None:
+def env_settings(env: Env) -> Make:
+    async def make(endpoint: str, config: LogConfig) -> Act:
+        async def run() -> None:
             LogConfig.from_env(env, bucket="b", table="t")
 
-        return act
+        return Act(run)
 
     return make
 
 
-async def invalid_bucket_name(endpoint: str, config: LogConfig) -> Callable[[], Awaitable[None]]:
-    async def act() -> None:
+async def invalid_bucket_name(endpoint: str, config: LogConfig) -> Act:
+    async def run() -> None:
         store = await S3Store.connect(replace(config, bucket="ab"))
         try:
             await store.ensure_bucket()
         finally:
             await store.aclose()
 
-    return act
+    return Act(run)
 
 
+Env = dict[str, str]
 SECRET_HEX = "f" * 31  # odd length: not hex; must never be echoed
+LOG = "the bucket's objects and the log's table items"
+SETTING = "cannot write: `LogConfig` refuses it before any client exists"
 
 CONFIG_CASES = [
     Case("missing-bucket", "a bucket that does not exist", ConfigurationError,
-         ("does not exist", "run `deltalog init --bucket"), missing_bucket),
+         ("does not exist", "run `deltalog init --bucket"), missing_bucket,
+         "bucket and table names, the bucket's objects; the log's items gain only the counter "
+         "(a hole) and the schema"),
     Case("missing-table", "a table that does not exist", ConfigurationError,
-         ("does not exist", "run `deltalog init --bucket"), missing_table),
+         ("does not exist", "run `deltalog init --bucket"), missing_table,
+         "bucket and table names, " + LOG),
     Case("wrong-s3-credentials", "S3 refuses the credentials (403 InvalidAccessKeyId)",
          ConfigurationError, ("access denied (invalidaccesskeyid)", "check the credentials"),
-         wrong_s3_credentials),
+         wrong_s3_credentials, LOG + " (S3 answered by a stub)"),
     Case("wrong-dynamodb-credentials", "DynamoDB refuses the credentials",
          ConfigurationError,
          ("access denied (unrecognizedclientexception)", "check the credentials"),
-         wrong_dynamodb_credentials),
+         wrong_dynamodb_credentials, LOG + " (DynamoDB answered by a stub)"),
     Case("unreachable-endpoint", "an endpoint on a closed port", ConfigurationError,
-         ("cannot reach the endpoint", "never answered", "check the endpoint url"), unreachable),
+         ("cannot reach the endpoint", "never answered", "check the endpoint url"), unreachable,
+         "cannot write: nothing listens; at most 4 attempts (botocore's), no retry loop"),
     Case("ignores-if-none-match", "`deltalog init` on a store that ignores If-None-Match",
          ConfigurationError, ("does not honour if-none-match", "exactly-once"),
-         ignores_conditional_writes),
+         ignores_conditional_writes,
+         "bucket and table names, the new bucket's objects: the bucket only, empty; exit 1"),
     Case("rejects-if-none-match", "`init` on a store that answers 501 to If-None-Match",
          ConfigurationError, ("does not implement", "conditional writes (if-none-match)"),
-         rejects_if_none_match),
+         rejects_if_none_match, "cannot write: a stub answers; one conditional PUT"),
     Case("invalid-bucket-name", "`init` with a two-letter bucket name", ConfigurationError,
-         ("bucket name is invalid", "3-63 lowercase"), invalid_bucket_name),
+         ("bucket name is invalid", "3-63 lowercase"), invalid_bucket_name,
+         "bucket names"),
     Case("no-bucket", "no bucket configured", ConfigurationError,
-         ("no bucket configured", "--bucket", "deltalog_bucket"), settings(bucket="")),
+         ("no bucket configured", "--bucket", "deltalog_bucket"), settings(bucket=""), SETTING),
     Case("no-table", "no table configured", ConfigurationError,
-         ("no table configured", "--table", "deltalog_table"), settings(table="")),
+         ("no table configured", "--table", "deltalog_table"), settings(table=""), SETTING),
     Case("bad-log-name", "a log name with '/'", ConfigurationError,
-         ("invalid log name", "letters, digits"), settings(log="a/b")),
+         ("invalid log name", "letters, digits"), settings(log="a/b"), SETTING),
     Case("limits", "max_delta_bytes above max_entry_bytes", ConfigurationError,
-         ("must not exceed max_entry_bytes",), settings(max_delta_bytes=2, max_entry_bytes=1)),
+         ("must not exceed max_entry_bytes",), settings(max_delta_bytes=2, max_entry_bytes=1),
+         SETTING),
     Case("bad-sse", "an unknown server-side encryption mode", ConfigurationError,
-         ("not a server-side encryption mode", "aws:kms"), settings(sse="aws:kmz")),
+         ("not a server-side encryption mode", "aws:kms"), settings(sse="aws:kmz"), SETTING),
     Case("kms-key-without-sse", "a KMS key id without sse='aws:kms'", ConfigurationError,
-         ("needs sse='aws:kms'",), settings(sse_kms_key_id="alias/x")),
+         ("needs sse='aws:kms'",), settings(sse_kms_key_id="alias/x"), SETTING),
     Case("short-signing-key", "an 8-byte signing key", ConfigurationError,
-         ("signing_key is 8 bytes", "at least 16"), settings(signing_key=b"12345678")),
+         ("signing_key is 8 bytes", "at least 16"), settings(signing_key=b"12345678"), SETTING),
     Case("signing-key-not-hex", "DELTALOG_SIGNING_KEY that is not hex", ConfigurationError,
          ("deltalog_signing_key is not hex",),
-         env_settings({"DELTALOG_SIGNING_KEY": SECRET_HEX})),
+         env_settings({"DELTALOG_SIGNING_KEY": SECRET_HEX}), SETTING),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.id for c in CONFIG_CASES])
 async def test_bad_configuration(case: Case, endpoint: str, config: LogConfig) -> None:
-    act = await case.make(endpoint, config)
-    before = await entry_keys(endpoint)
+    act: Act = await case.make(endpoint, config)
+    before = await take_footprint(endpoint, buckets=act.buckets, partitions=act.partitions)
     with pytest.raises(DeltalogError) as raised:
-        await act()
+        await act.run()
     assert_message(raised.value, case)
     assert SECRET_HEX not in str(raised.value)
-    assert await entry_keys(endpoint) == before, "nothing was written"
+    after = await take_footprint(endpoint, buckets=act.buckets, partitions=act.partitions)
+    assert after == act.writes(before), "nothing else was written"
 
 
 CATALOGUE = [
-    ("delta", DELTA_CASES),
-    ("stored bytes", STORED_CASES),
-    ("snapshot", SNAPSHOT_CASES),
-    ("configuration", CONFIG_CASES),
+    ("delta", DELTA_CASES, "the counter, objects, schema and state"),
+    ("stored bytes", STORED_CASES, "no commit at or after the bad seq"),
+    ("snapshot", SNAPSHOT_CASES, "the state, the lease and the cache"),
+    ("configuration", CONFIG_CASES, ""),
 ]
 
 
 def markdown() -> str:
     """The catalogue as the README's table."""
-    lines = ["| # | kind | input | error | the message says |", "|---|---|---|---|---|"]
+    lines = [
+        "| # | kind | input | error | the message says | unchanged afterwards |",
+        "|---|---|---|---|---|---|",
+    ]
     n = 0
-    for kind, cases in CATALOGUE:
+    for kind, cases, checked in CATALOGUE:
         for case in cases:
             n += 1
             words = "; ".join(f"`` {w} ``" if "`" in w else f"`{w}`" for w in case.words)
-            lines.append(f"| {n} | {kind} | {case.what} | `{case.error.__name__}` | {words} |")
+            row = f"| {n} | {kind} | {case.what} | `{case.error.__name__}` | {words} |"
+            lines.append(f"{row} {case.checked or checked} |")
     return "\n".join(lines)
+
+
+def test_the_readme_shows_this_catalogue() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown() in readme, "run `python -m tests.test_bad_input` and paste its table"
 
 
 if __name__ == "__main__":

@@ -59,6 +59,18 @@ def test_snapshot_keys_sort_by_hwm_and_name_it() -> None:
     assert keys.snapshot_hwm(keys.entry(9)) is None
 
 
+def test_snapshot_keys_parse_strictly_so_a_nested_log_is_never_ours() -> None:
+    """Root "" + log x and root x + log snapshots share the prefix ``x/snapshots/``."""
+    ours, nested = LogKeys("", "x"), LogKeys("x", "snapshots")
+    assert nested.prefix.startswith(ours.snapshots_prefix)
+    for key in (nested.snapshot(1, 1, "abc"), nested.entry(1), ours.snapshot(1, 1, "a") + "\n"):
+        assert ours.snapshot_hwm(key) is None, key
+    assert nested.snapshot_hwm(nested.snapshot(1, 1, "abc")) == 1
+    prefix = ours.snapshots_prefix
+    for tail in ("1-000000000001-a.tar", f"{1:020d}-1-a.tar", f"{1:020d}-000000000001-a.tgz"):
+        assert ours.snapshot_hwm(prefix + tail) is None, tail
+
+
 def test_names() -> None:
     assert valid_log_name("receipts") and valid_log_name("a.b_c-1") and valid_log_name("x" * 128)
     for bad in ("", "-x", "a/b", "a b", "x" * 129, "ü"):

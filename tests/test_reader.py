@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
 from compactor import Compactor
-from deltalog import Delta, DeltaLog, InvalidInput, LogConfig, Reader, UpdateMetadata, Upsert
+from deltalog import (
+    DataError,
+    Delta,
+    DeltaLog,
+    InvalidInput,
+    LogConfig,
+    Reader,
+    UpdateMetadata,
+    Upsert,
+)
+from deltalog.snapshot.sink import ChromaSink
+from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
+from deltalog.storage.transfer import Transferred
 from tests.builders import delete
 
 DIM = 8
@@ -36,8 +51,8 @@ def _basis(i: int, scale: float = 1.0) -> np.ndarray:
     return v
 
 
-async def _compacted(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
-    async with Compactor(config, cache_dir=tmp_path / "compactor") as compactor:
+async def _compacted(log: DeltaLog, config: LogConfig, tmp_path: Path, **options: Any) -> None:
+    async with Compactor(config, cache_dir=tmp_path / "compactor", **options) as compactor:
         assert (await compactor.run_once()).status == "applied"
 
 
@@ -145,3 +160,232 @@ async def test_a_fresh_read_with_nothing_new_costs_two_requests(tmp_path: Path) 
             before = (store.requests, table.requests)
             assert (await reader.get(collection="words"))["ids"] == ["a"]
             assert (store.requests - before[0], table.requests - before[1]) == (1, 1)
+
+
+# -- one Reader shared by concurrent calls ----------------------------------------
+
+
+class Gate:
+    """Holds one call of a ``ChromaSink`` read until the test opens the gate.
+
+    ``after=True`` holds it once Chroma has answered, before the caller
+    resumes: the moment a call is "waiting on Chroma" in a worker thread.
+    """
+
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        method: str,
+        when: Callable[..., bool],
+        *,
+        after: bool,
+    ) -> None:
+        self.reached, self.opened = anyio.Event(), anyio.Event()
+        self._armed = True
+        original = getattr(ChromaSink, method)
+        gate = self
+
+        async def held(sink: ChromaSink, *args: Any, **kwargs: Any) -> Any:
+            hold = gate._armed and when(*args)
+            gate._armed = gate._armed and not hold
+            if hold and not after:
+                await gate.hold()
+            result = await original(sink, *args, **kwargs)
+            if hold and after:
+                await gate.hold()
+            return result
+
+        monkeypatch.setattr(ChromaSink, method, held)
+
+    async def hold(self) -> None:
+        self.reached.set()
+        await self.opened.wait()
+
+
+async def _ids(reader: Reader) -> list[str]:
+    return sorted((await reader.get(collection="words"))["ids"])
+
+
+def _work_copies(config: LogConfig, cache: Path) -> list[Path]:
+    """The reader's working copies: one per snapshot it holds open."""
+    return list((cache / config.keys.log_id.replace("/", "_") / "work").iterdir())
+
+
+async def _w_x_then_delete_x(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
+    """S1 at hwm 1 holds W and X; seq 2 deletes X (the tail)."""
+    await log.append(_upsert(["W", "X"], np.vstack([_basis(0), _basis(1)]), "Costco"))
+    await _compacted(log, config, tmp_path)
+    await log.append(delete("X"))
+
+
+def _held_on_shadowed_x(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    """Holds the view build of a call whose tail deletes X, once Chroma answered."""
+    return Gate(monkeypatch, "select", lambda _c, ids, *_: ids == ["X"], after=True)
+
+
+async def _while_a_waits(
+    reader: Reader, gate: Gate, meanwhile: Callable[[], Awaitable[None]]
+) -> dict[str, list[str]]:
+    """Call A runs until the gate holds it; ``meanwhile`` runs, then call B; then A
+    goes on; call C comes after both."""
+    answers: dict[str, list[str]] = {}
+
+    async def call_a() -> None:
+        answers["A"] = await _ids(reader)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_a)
+            await gate.reached.wait()
+            await meanwhile()
+            answers["B"] = await _ids(reader)
+            gate.opened.set()
+    answers["C"] = await _ids(reader)
+    return answers
+
+
+async def test_a_call_that_built_its_view_before_a_commit_stores_no_stale_view(
+    log: DeltaLog, config: LogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, bug 1: call A builds its view of the tail (seq 2 deletes X) on S1;
+    a commit of S2 at hwm 3 (X re-added, Y added) lands and call B switches to it;
+    A must neither answer ['W', 'Y'] nor leave its S1-era view for later calls."""
+    await _w_x_then_delete_x(log, config, tmp_path)
+    gate = _held_on_shadowed_x(monkeypatch)
+
+    async def commit_s2() -> None:
+        await log.append(_upsert(["X", "Y"], np.vstack([_basis(1), _basis(2)]), "Aldi"))
+        await _compacted(log, config, tmp_path)
+
+    async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
+        answers = await _while_a_waits(reader, gate, commit_s2)
+        assert reader.statistics().hwm == 3
+    assert answers == {"A": ["W"], "B": ["W", "X", "Y"], "C": ["W", "X", "Y"]}
+
+
+async def test_a_call_that_built_its_view_before_a_new_entry_hides_no_later_write(
+    log: DeltaLog, config: LogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, bug 1 without a commit: A's view of seq 2 must not replace the
+    view B built after folding seq 3, or a producer does not see its own write."""
+    await _w_x_then_delete_x(log, config, tmp_path)
+    gate = _held_on_shadowed_x(monkeypatch)
+
+    async def append_z() -> None:
+        await log.append(_upsert(["Z"], _basis(3), "Costco"))  # our own write
+
+    async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
+        answers = await _while_a_waits(reader, gate, append_z)
+        assert reader.statistics().tail_seq == 3
+    assert answers == {"A": ["W"], "B": ["W", "Z"], "C": ["W", "Z"]}
+
+
+async def test_a_snapshot_stays_open_until_the_calls_using_it_return(
+    log: DeltaLog, config: LogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call still querying S1 while another call switches to S2 finishes on S1;
+    S1's Chroma client and working copy go once it returns."""
+    await log.append(_upsert(["W", "X"], np.vstack([_basis(0), _basis(1)]), "Costco"))
+    await _compacted(log, config, tmp_path)
+    cache = tmp_path / "reader"
+    gate = Gate(monkeypatch, "query", lambda *_: True, after=False)
+    answers: dict[str, list[str]] = {}
+    async with Reader.open(config, cache_dir=cache) as reader:
+
+        async def call_a() -> None:
+            got = await reader.query(collection="words", query_embeddings=_basis(1), n_results=5)
+            answers["A"] = sorted(got["ids"][0])
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call_a)
+                await gate.reached.wait()
+                await log.append(delete("X"))
+                await _compacted(log, config, tmp_path)
+                answers["B"] = await _ids(reader)
+                assert len(_work_copies(config, cache)) == 2, "S1 is still in use"
+                gate.opened.set()
+        assert len(_work_copies(config, cache)) == 1, "S1 was closed by the last call out"
+        assert reader.statistics().snapshot_loads == 2
+    assert answers == {"A": ["W", "X"], "B": ["W"]}
+    assert _work_copies(config, cache) == []
+
+
+async def test_a_snapshot_that_chroma_cannot_open_leaves_no_working_copy(
+    log: DeltaLog, config: LogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await log.append(_upsert(["W"], _basis(0), "Costco"))
+    await _compacted(log, config, tmp_path)
+
+    async def refuse(path: Path, **_: Any) -> ChromaSink:
+        raise DataError(f"chroma could not open {path}: injected")
+
+    monkeypatch.setattr(ChromaSink, "open", refuse)
+    with pytest.raises(DataError, match="injected"):
+        async with Reader.open(config, cache_dir=tmp_path / "r"):
+            pass
+    assert _work_copies(config, tmp_path / "r") == []
+
+
+# -- readers and retention ---------------------------------------------------------
+
+
+class _PrunedBeforeDownload:
+    """An S3 store on which something happens just before a chosen download."""
+
+    def __init__(self, inner: S3Store, key: str, before: Callable[[], Awaitable[None]]) -> None:
+        self.inner, self._key, self._before = inner, key, before
+        self.downloads: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
+        self.downloads.append(key)
+        if key == self._key:
+            await self._before()
+        return await self.inner.download_file(key, path)
+
+
+async def test_a_snapshot_pruned_before_its_download_sends_the_reader_to_the_newer_one(
+    log: DeltaLog, config: LogConfig, tmp_path: Path
+) -> None:
+    """Retention deletes S1 between the reader's state read and its download: not
+    corruption, the state has moved on to S2, which the reader loads instead."""
+    await log.append(_upsert(["W"], _basis(0), "Costco"))
+    await _compacted(log, config, tmp_path)
+    first = await log.table.read_state(log.keys.log_id)
+    assert first.snapshot_key is not None
+
+    async def commit_s2_and_prune_s1() -> None:
+        await log.append(_upsert(["X"], _basis(1), "Costco"))
+        await _compacted(log, config, tmp_path, retain=1)
+        assert await log.store.get(first.snapshot_key or "") is None, "retention deleted S1"
+
+    store = _PrunedBeforeDownload(
+        await S3Store.connect(config), first.snapshot_key, commit_s2_and_prune_s1
+    )
+    try:
+        async with Reader.open(config, cache_dir=tmp_path / "r", store=store) as reader:
+            assert await _ids(reader) == ["W", "X"]
+            stats = reader.statistics()
+            assert (stats.hwm, stats.snapshot_loads) == (2, 1)
+            assert stats.snapshot_key != first.snapshot_key
+    finally:
+        await store.inner.aclose()
+    assert store.downloads == [first.snapshot_key, stats.snapshot_key]
+
+
+async def test_a_committed_snapshot_that_is_missing_is_a_data_error(
+    log: DeltaLog, config: LogConfig, tmp_path: Path
+) -> None:
+    """Still referenced by the state item: that is data loss, and no retry loop."""
+    await log.append(_upsert(["W"], _basis(0), "Costco"))
+    await _compacted(log, config, tmp_path)
+    state = await log.table.read_state(log.keys.log_id)
+    assert state.snapshot_key is not None
+    await log.store.delete(state.snapshot_key)
+    with pytest.raises(DataError, match="missing") as caught:
+        async with Reader.open(config, cache_dir=tmp_path / "r"):
+            pass
+    assert caught.value.key == state.snapshot_key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
 import weakref
 import zlib
 from contextlib import AsyncExitStack
@@ -36,7 +37,9 @@ from deltalog.storage.policy import ROLES, render
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
 from tests.builders import delete, delta
+from tests.commands import deltalog
 from tests.compaction import committed_state
+from tests.http_stubs import StubServer, forwarding
 from tests.openai_server import OpenAIServer
 
 MEMORY = LogConfig(bucket="memory", table="memory", log="mem")
@@ -376,6 +379,31 @@ async def test_every_object_is_written_with_server_side_encryption(
             head = await s3.head_object(Bucket=config.bucket, Key=key)
             assert head["ServerSideEncryption"] == sse, key
             assert head.get("SSEKMSKeyId") == kms_key, key
+
+
+@pytest.mark.parametrize(("sse", "kms_key"), [("aws:kms", "alias/deltalog-test"), ("AES256", None)])
+async def test_the_init_probe_is_written_with_server_side_encryption(
+    endpoint: str, sse: str, kms_key: str | None
+) -> None:
+    """``deltalog init``'s probe objects carry the SSE headers, seen on the wire by a proxy."""
+    bucket, table = f"sse-{uuid.uuid4().hex[:12]}", f"sse-{uuid.uuid4().hex[:12]}"
+    env = {"DELTALOG_SSE": sse, "AWS_ENDPOINT_URL_DYNAMODB": endpoint}
+    if kms_key:
+        env["DELTALOG_SSE_KMS_KEY_ID"] = kms_key
+    init = ["init", "--bucket", bucket, "--table", table]
+    with StubServer(forwarding(endpoint, drop=set())) as proxy:
+        run = await deltalog(*init, AWS_ENDPOINT_URL_S3=proxy.url, **env)
+    assert run.code == 0, run.err
+    probes = [
+        (method, {name.lower(): value for name, value in headers.items()})
+        for method, path, headers in proxy.requests
+        if "/_deltalog/probes/" in path
+    ]
+    assert [method for method, _ in probes] == ["PUT", "PUT", "DELETE"], "written twice, deleted"
+    for _, headers in probes[:2]:
+        assert headers["if-none-match"] == "*"
+        assert headers["x-amz-server-side-encryption"] == sse
+        assert headers.get("x-amz-server-side-encryption-aws-kms-key-id") == kms_key
 
 
 # -- no secrets or payloads in logs -------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Exit
 status: 0 done (applied, nothing to do, verified equal), 1 an error, 3 the
-lease is busy, 4 ``verify`` found differences.
+lease is busy (``rebuild --publish``: still busy after ``--wait``), 4
+``verify`` found differences.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from compactor.exporter import PrometheusExporter
 from compactor.follow import follow
 from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.replay import Limits, Progress
-from compactor.runner import CompactionResult, Compactor
+from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
-from deltalog.errors import DeltalogError, InvalidInput
+from deltalog.errors import DeltalogError, InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
 
 __all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "register"]
@@ -183,7 +184,13 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
     head = args.to_seq or await _head(args)
     with _display(args, "rebuild") as display:
         async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
-            result = await compactor.rebuild(args.to_seq, publish=args.publish, force=args.force)
+            try:
+                result = await compactor.rebuild(
+                    args.to_seq, publish=args.publish, force=args.force, wait=args.wait
+                )
+            except LeaseBusy as exc:
+                print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
+                return EXIT_BUSY
     if args.json:
         print(json.dumps(asdict(result), sort_keys=True))
     else:
@@ -287,6 +294,14 @@ def register(commands: Any) -> None:
     rebuild.add_argument("--to-seq", type=int, help="stop at this seq")
     rebuild.add_argument("--publish", action="store_true", help="make it the committed snapshot")
     rebuild.add_argument("--force", action="store_true", help="allow publishing a lower hwm")
+    rebuild.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_LEASE_WAIT,
+        metavar="SECONDS",
+        help="with --publish: wait this long for a busy lease before exiting 3 "
+        f"(default {DEFAULT_LEASE_WAIT:g})",
+    )
     rebuild.set_defaults(run=cmd_rebuild)
 
     verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")

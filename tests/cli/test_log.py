@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 import uuid
-from dataclasses import dataclass
-
-import anyio
 
 from deltalog import DeltaLog, LogConfig
-from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from tests.builders import delete
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any deltalog or AWS location settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DELTALOG_", "AWS_ENDPOINT_URL", "AWS_PROFILE"))
-    }
-    return {**env, **FAKE_CREDENTIALS, **extra}
-
-
-async def deltalog(*args: str, **env: str) -> Run:
-    done = await anyio.run_process(
-        [sys.executable, "-m", "deltalog", *args], env=_env(**env), check=False
-    )
-    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+from tests.commands import deltalog
 
 
 def _names() -> tuple[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 
 import anyio
 import numpy as np
@@ -164,30 +164,52 @@ async def test_long_inputs_are_truncated_at_a_character_boundary(server: OpenAIS
     assert e.statistics().truncated == 2
 
 
+async def serve_held(server: OpenAIServer, total: int, limit: int) -> None:
+    """Answer ``total`` held requests one at a time, each once ``limit`` are waiting.
+
+    Before each release, as many requests as the limit allows have arrived
+    (an event, not a delay), so the server holds exactly ``limit`` at once
+    when the client keeps its limit, and more when it does not.
+    """
+    for released in range(total):
+        await anyio.to_thread.run_sync(
+            server.wait_for_requests, released + min(limit, total - released)
+        )
+        server.release()
+
+
 async def test_concurrency_is_limited(server: OpenAIServer) -> None:
-    server.delay = 0.15
+    server.hold()
     e = openai_embedder(server, batch_size=1, max_concurrency=2)
     texts = [f"t{i}" for i in range(6)]
+    got: list[np.ndarray] = []
     try:
-        vectors = await e.embed(texts)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: _append(got, e.embed(texts)))
+            await serve_held(server, 6, 2)
     finally:
         await e.aclose()
-    assert np.array_equal(vectors, expected(texts))
+    assert np.array_equal(got[0], expected(texts))
     assert len(server.requests) == 6
     assert server.max_in_flight == 2
 
 
 async def test_concurrency_limit_is_shared_by_concurrent_calls(server: OpenAIServer) -> None:
-    server.delay = 0.1
+    server.hold()
     e = openai_embedder(server, max_concurrency=3)
     try:
         async with anyio.create_task_group() as tg:
             for i in range(8):
                 tg.start_soon(e.embed, [f"receipt {i}"])
+            await serve_held(server, 8, 3)
     finally:
         await e.aclose()
     assert len(server.requests) == 8
     assert server.max_in_flight == 3
+
+
+async def _append(into: list[np.ndarray], vectors: Awaitable[np.ndarray]) -> None:
+    into.append(await vectors)
 
 
 # -- OpenAI: retries and errors -------------------------------------------------

@@ -21,10 +21,16 @@ from deltalog import DeltaLog, LogConfig
 from deltalog.cli import main
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.entry import Delete, Delta, UpdateMetadata, Upsert
-from deltalog.errors import ConfigurationError, InvalidInput
+from deltalog.errors import ConfigurationError, InvalidInput, Unavailable
 from deltalog.receipts.embed import HashingEmbedder, OpenAIEmbedder
 from deltalog.receipts.generate import generate_receipts
-from deltalog.receipts.ingest import Added, LabelUpdate, ReceiptProducer, ingest_file, receipt_key
+from deltalog.receipts.ingest import (
+    Added,
+    LabelUpdate,
+    ReceiptProducer,
+    ingest_file,
+    receipt_key,
+)
 from deltalog.receipts.model import (
     InvalidReceipt,
     Receipt,
@@ -35,7 +41,8 @@ from deltalog.receipts.model import (
     write_jsonl,
 )
 from deltalog.storage.table import Claim
-from tests.openai_server import OpenAIServer
+from tests.http_stubs import closed_port
+from tests.openai_server import API_KEY, OpenAIServer
 
 DIM = 16
 
@@ -336,6 +343,71 @@ async def test_invalid_api_key_stops_with_one_clear_error(
     finally:
         await embedder.aclose()
     assert await log.head() == 0
+
+
+async def test_an_outage_stops_the_run_with_one_clear_error(
+    log: DeltaLog, openai_server: OpenAIServer, receipts: list[Receipt], tmp_path: Path
+) -> None:
+    """The embedding service goes down after two receipts: the run stops, even when skipping."""
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, receipts)
+    embedder = OpenAIEmbedder(
+        api_key=API_KEY, base_url=openai_server.url, dimensions=DIM, max_retries=1
+    )
+    skipped: list[InvalidReceipt] = []
+    openai_server.hold()
+    openai_server.release(2)  # two receipts are embedded (one request each, one at a time)
+
+    async def down_from_the_third_request() -> None:
+        await anyio.to_thread.run_sync(openai_server.wait_for_requests, 3)
+        openai_server.outage = True
+        openai_server.release(100)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(down_from_the_third_request)
+            with pytest.raises(Unavailable) as raised:
+                await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
+                                  on_skip=skipped.append)  # fmt: skip
+    finally:
+        openai_server.outage = False
+        await embedder.aclose()
+    assert str(raised.value).startswith("OpenAI embeddings failed after retries (HTTP 503)")
+    assert skipped == [], "an outage is not a bad line"
+    written = await upserted_receipts(log)
+    # Only two receipts were embedded: at most those are written (whether they are
+    # depends on how far they got when the run stopped "at once"), each whole.
+    assert len(written) <= 2 < len(receipts), "nothing embedded after the outage is written"
+    by_key = {key_of(r): r for r in receipts}
+    found = await deltas(log)
+    assert len(found) == len(written), "one delta per receipt"
+    for _, delta in found:  # each receipt whole
+        words = next(op for op in delta.ops if op.collection == "words")
+        assert isinstance(words, Upsert) and words.metadatas is not None
+        first = words.metadatas[0]
+        receipt = by_key[f"{first['image_id']}/{first['receipt_id']}"]
+        assert len(words.ids) == len(receipt.words)
+
+
+def test_an_unreachable_embedder_stops_the_command_with_one_line(
+    config: LogConfig,
+    receipts: list[Receipt],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "receipts.jsonl"
+    write_jsonl(path, receipts[:3])
+    nowhere = f"http://127.0.0.1:{closed_port()}/v1"
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", nowhere)
+    where = ["--bucket", config.bucket, "--table", config.table, "--log", config.log]
+    where += ["--endpoint-url", str(config.endpoint_url)]
+    command = ["ingest", str(path), "--embedder", "openai", "--dim", str(DIM), "-q", *where]
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"deltalog: Unavailable: cannot reach {nowhere}"), err
+    assert err.count("\n") == 1, err
 
 
 def test_ingest_command(
