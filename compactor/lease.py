@@ -10,6 +10,10 @@
 A failed renewal cancels the run that holds the lease: ``LeaseKeeper``
 cancels the run's cancel scope and records ``LeaseLost``, which the run
 raises once its task group has unwound. Nothing is committed after it.
+
+- **named lease**: the same protocol on an item of its own
+  (``LeaseKeeper(..., name=...)``): a reader that owns a target outside the
+  log, such as ``deltalog mirror``'s Chroma server, holds one per target.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from deltalog.errors import LeaseBusy, LeaseLost, Unavailable
-from deltalog.storage.table import LogState, Table
+from deltalog.storage.table import LeaseState, LogState, Table
 
 __all__ = ["Lease", "LeaseKeeper", "new_owner"]
 
@@ -39,7 +43,11 @@ def new_owner() -> str:
 
 @dataclass(slots=True)
 class Lease:
-    """A lease we hold: the state read when it was acquired."""
+    """A lease we hold: the state read when it was acquired.
+
+    For a named lease only ``owner``, ``token`` and ``expires_at`` of
+    ``state`` are filled.
+    """
 
     log_id: str
     owner: str
@@ -59,7 +67,7 @@ class Lease:
 
 
 class LeaseKeeper:
-    """Acquires, renews and releases the lease of one log."""
+    """Acquires, renews and releases the lease of one log (or a named lease of it)."""
 
     def __init__(
         self,
@@ -70,6 +78,7 @@ class LeaseKeeper:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         poll: float = 0.1,
+        name: str | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the lease ttl must be positive")
@@ -81,6 +90,29 @@ class LeaseKeeper:
         self.ttl = ttl
         self.owner = owner or new_owner()
         self.clock = clock
+        self.name = name
+        """None: the compaction lease in the state item; else a named lease."""
+
+    async def _take(self, now: float) -> LogState:
+        if self.name is None:
+            return await self.table.acquire(self.log_id, self.owner, ttl=self.ttl, now=now)
+        named = await self.table.acquire_lease(
+            self.log_id, self.name, self.owner, ttl=self.ttl, now=now
+        )
+        return _as_state(named)
+
+    async def _extend(self, token: int, now: float) -> None:
+        if self.name is None:
+            await self.table.renew(self.log_id, self.owner, token, ttl=self.ttl, now=now)
+        else:
+            await self.table.renew_lease(
+                self.log_id, self.name, self.owner, token, ttl=self.ttl, now=now
+            )
+
+    async def _give_up(self, token: int, last_run: str) -> bool:
+        if self.name is None:
+            return await self.table.release(self.log_id, self.owner, token, last_run=last_run)
+        return await self.table.release_lease(self.log_id, self.name, self.owner, token)
 
     async def acquire(self, *, wait: float = 0.0) -> Lease:
         """Take the lease; ``LeaseBusy`` if another compactor holds it for ``wait`` seconds more.
@@ -106,7 +138,7 @@ class LeaseKeeper:
         """Return once the state says the lease is free or expired, or at ``deadline``."""
         while anyio.current_time() < deadline:
             await anyio.sleep(min(self.poll, max(0.0, deadline - anyio.current_time())))
-            if (await self.table.read_state(self.log_id)).lease_free(self.clock()):
+            if (await self._reread()).lease_free(self.clock()):
                 return
 
     async def _acquire_once(self) -> Lease:
@@ -119,14 +151,27 @@ class LeaseKeeper:
         now = self.clock()
         with anyio.CancelScope(shield=True):
             try:
-                state = await self.table.acquire(self.log_id, self.owner, ttl=self.ttl, now=now)
+                state = await self._take(now)
             except (LeaseBusy, Unavailable):
                 # Our request may have landed with its answer lost, and botocore's
                 # retry of it found the lease busy: held by us. Owners are unique.
-                state = await self.table.read_state(self.log_id)
+                state = await self._reread()
                 if state.owner != self.owner:
                     raise
         return Lease(self.log_id, self.owner, state, expires_at=now + self.ttl)
+
+    async def _reread(self) -> LogState:
+        if self.name is None:
+            return await self.table.read_state(self.log_id)
+        return _as_state(await self.table.read_lease(self.log_id, self.name))
+
+    async def renew(self, lease: Lease) -> None:
+        """Renew now (``LeaseLost`` if it is gone): a check that the lease is still ours."""
+        lease.check()
+        now = self.clock()
+        await self._extend(lease.token, now)
+        lease.expires_at = now + self.ttl
+        lease.renewals += 1
 
     async def heartbeat(self, lease: Lease, run: anyio.CancelScope) -> None:
         """Renew every ttl/3 until cancelled; on loss, record it and cancel ``run``."""
@@ -152,9 +197,7 @@ class LeaseKeeper:
                 # botocore backs off for seconds between its own retries: bound
                 # each attempt to a third of the lease and then try afresh.
                 with anyio.fail_after(self.ttl / 3):
-                    await self.table.renew(
-                        self.log_id, self.owner, lease.token, ttl=self.ttl, now=now
-                    )
+                    await self._extend(lease.token, now)
             except (Unavailable, TimeoutError) as exc:
                 if self.clock() >= lease.expires_at:
                     raise LeaseLost(
@@ -170,9 +213,7 @@ class LeaseKeeper:
         """Give the lease up, shielded from cancellation; False if it was gone."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             try:
-                return await self.table.release(
-                    self.log_id, self.owner, lease.token, last_run=last_run
-                )
+                return await self._give_up(lease.token, last_run)
             except Unavailable as exc:
                 log.warning(
                     "could not release the lease of %s (%s): it expires by itself", self.log_id, exc
@@ -180,3 +221,12 @@ class LeaseKeeper:
                 return False
         log.warning("releasing the lease of %s timed out: it expires by itself", self.log_id)
         return False
+
+
+def _as_state(lease: LeaseState) -> LogState:
+    return LogState(
+        owner=lease.owner,
+        token=lease.token,
+        expires_at=lease.expires_at,
+        updated_at=lease.updated_at,
+    )

@@ -7,14 +7,22 @@ worker thread, for Chroma) while the next entries download. Applying the
 plans of consecutive chunks one after another equals applying the plan of
 the whole run, so chunking changes nothing but memory and latency.
 
+A **chunk** ends at ``chunk_vectors`` vectors, ``chunk_entries`` entries or
+``chunk_bytes`` stored bytes, whichever comes first. The bytes cap is what
+bounds memory: a plan's vectors are ``numpy.frombuffer`` views, each of
+which keeps its whole entry object alive until the chunk is applied.
+
 The reader stops at:
 
 - the end of the log, or ``to_seq``;
 - a **hole**: sealed and passed if the ``HoleSealer`` says it is old
   enough, otherwise the replay stops before it (``young-hole``);
-- a **poison** entry (corrupt or undecodable): passed as a seal if an
+- a **poison** entry (corrupt, undecodable, or malformed: it decodes but
+  breaks a rule its deltas met at append time, such as one vector per id or
+  the collection's dimension; see ``LogReader``): passed as a seal if an
   operator quarantined its seq, otherwise the replay stops before it and
-  reports the error;
+  reports the error. Nothing of a poison entry is ever folded, so what
+  came before it is a whole prefix that may be committed;
 - a configured limit on entries, bytes or seconds.
 """
 
@@ -29,6 +37,7 @@ from typing import Protocol
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from deltalog.config import MiB
 from deltalog.entry import Entry, Seal, Upsert
 from deltalog.errors import CorruptEntry, DeltalogError
 from deltalog.fold import Folder
@@ -98,6 +107,23 @@ class Replay:
         return self.last_seq > self.after
 
 
+_Item = tuple[int, Entry, int]
+"""What the reader task passes on: seq, entry, and the entry's stored size in bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    """What the reader task of one run goes by."""
+
+    to_seq: int | None
+    quarantined: dict[int, str]
+    sealer: HoleSealer | None
+    limits: Limits
+    start: float
+    dims: dict[str, int]
+    """The log's schema: an entry with other dimensions is malformed (poison)."""
+
+
 def _vectors(entry: Entry) -> int:
     return sum(
         op.embeddings.shape[0] for d in entry.deltas for op in d.ops if isinstance(op, Upsert)
@@ -114,12 +140,14 @@ class Replayer:
         prefetch: int = 32,
         chunk_vectors: int = 10_000,
         chunk_entries: int = 2_000,
+        chunk_bytes: int = 128 * MiB,
         progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.log = log
         self.prefetch = prefetch
         self.chunk_vectors = chunk_vectors
         self.chunk_entries = chunk_entries
+        self.chunk_bytes = chunk_bytes
         self.progress = progress
 
     async def run(
@@ -140,19 +168,18 @@ class Replayer:
         """
         replay = Replay(after=after, last_seq=after)
         start = time.monotonic()
-        send, recv = anyio.create_memory_object_stream[tuple[int, Entry]](self.prefetch)
+        reading = _Reading(
+            to_seq,
+            quarantined or {},
+            sealer,
+            limits or Limits(),
+            start,
+            await self.log.table.read_dims(self.log.keys.log_id),
+        )
+        send, recv = anyio.create_memory_object_stream[_Item](self.prefetch)
         failed: Exception | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                self._read,
-                send,
-                replay,
-                to_seq,
-                quarantined or {},
-                sealer,
-                limits or Limits(),
-                start,
-            )
+            tg.start_soon(self._read, send, replay, reading)
             try:
                 await self._apply_all(recv, sink, replay, start)
             except Exception as exc:
@@ -165,55 +192,47 @@ class Replayer:
 
     async def _read(
         self,
-        send: MemoryObjectSendStream[tuple[int, Entry]],
+        send: MemoryObjectSendStream[_Item],
         replay: Replay,
-        to_seq: int | None,
-        quarantined: dict[int, str],
-        sealer: HoleSealer | None,
-        limits: Limits,
-        start: float,
+        reading: _Reading,
     ) -> None:
         async with send:
             next_after: int | None = replay.after
             try:
                 while next_after is not None:
-                    next_after = await self._read_pass(
-                        send, replay, next_after, to_seq, quarantined, sealer, limits, start
-                    )
+                    next_after = await self._read_pass(send, replay, next_after, reading)
             except DeltalogError as exc:
                 replay.stopped, replay.error = "error", exc
 
     async def _read_pass(
         self,
-        send: MemoryObjectSendStream[tuple[int, Entry]],
+        send: MemoryObjectSendStream[_Item],
         replay: Replay,
         after: int,
-        to_seq: int | None,
-        quarantined: dict[int, str],
-        sealer: HoleSealer | None,
-        limits: Limits,
-        start: float,
+        reading: _Reading,
     ) -> int | None:
         """One listing pass; return where the next pass starts, or None to stop."""
-        reader = self.log.read(after=after, to_seq=to_seq, prefetch=self.prefetch)
-        seen = 0
+        reader = self.log.read(
+            after=after, to_seq=reading.to_seq, prefetch=self.prefetch, dims=reading.dims
+        )
+        passed = 0
         try:
             async with aclosing(reader.__aiter__()) as entries:
                 async for seq, entry in entries:
-                    await send.send((seq, entry))
-                    seen += 1
+                    size, passed = reader.bytes_yielded - passed, reader.bytes_yielded
+                    await send.send((seq, entry, size))
                     replay.entries += 1
-                    if self._over(limits, replay, reader.bytes_yielded, start):
+                    if self._over(reading.limits, replay, reader.bytes_yielded, reading.start):
                         replay.stopped, replay.stop_seq = "limit", seq + 1
                         return None
         except CorruptEntry as exc:
             self._count_bytes(replay, reader)
-            return await self._poison(send, replay, exc, quarantined)
+            return await self._poison(send, replay, exc, reading.quarantined)
         self._count_bytes(replay, reader)
         end = reader.end
         assert end is not None
         replay.ends.append(end)
-        return await self._at_end(replay, end, sealer)
+        return await self._at_end(replay, end, reading.sealer)
 
     def _count_bytes(self, replay: Replay, reader: LogReader) -> None:
         replay.bytes_read += reader.bytes_read
@@ -232,7 +251,7 @@ class Replayer:
 
     async def _poison(
         self,
-        send: MemoryObjectSendStream[tuple[int, Entry]],
+        send: MemoryObjectSendStream[_Item],
         replay: Replay,
         exc: CorruptEntry,
         quarantined: dict[int, str],
@@ -240,7 +259,7 @@ class Replayer:
         seq = exc.seq
         if seq is not None and seq in quarantined:
             seal = Seal(sealed_by="quarantine", reason=quarantined[seq], kind="quarantine")
-            await send.send((seq, seal))
+            await send.send((seq, seal, 0))
             replay.entries += 1
             replay.quarantined_passed += 1
             return seq
@@ -261,26 +280,29 @@ class Replayer:
 
     async def _apply_all(
         self,
-        recv: MemoryObjectReceiveStream[tuple[int, Entry]],
+        recv: MemoryObjectReceiveStream[_Item],
         sink: Sink,
         replay: Replay,
         start: float,
     ) -> None:
         folder = Folder(log=self.log.config.log)
-        vectors = entries = 0
+        vectors = entries = size = 0
         async with recv:
-            async for seq, entry in recv:
+            async for seq, entry, stored in recv:
                 folder.add(seq, entry)
-                vectors += _vectors(entry)
-                entries += 1
-                if vectors >= self.chunk_vectors or entries >= self.chunk_entries:
+                vectors, entries, size = vectors + _vectors(entry), entries + 1, size + stored
+                if (
+                    vectors >= self.chunk_vectors
+                    or entries >= self.chunk_entries
+                    or size >= self.chunk_bytes
+                ):
                     await self._apply(sink, folder, replay, start)
-                    vectors = entries = 0
+                    vectors = entries = size = 0
         await self._apply(sink, folder, replay, start)
 
     async def _apply(self, sink: Sink, folder: Folder, replay: Replay, start: float) -> None:
         plan = folder.plan()
-        if plan.last_seq is None:
+        if plan.first_seq is None or plan.last_seq is None:  # nothing since the last chunk
             return
         await sink.apply(plan)
         replay.last_seq = plan.last_seq

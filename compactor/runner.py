@@ -141,8 +141,16 @@ class _LeaseSealer:
         self.lease = lease
 
     async def should_seal(self, end: ReadEnd) -> bool:
-        c, now = self.compactor, time.time()
+        """Whether the hole is older than the grace, on the store's clock alone.
+
+        Its age is the longer of: since the first entry after it was written
+        (its ``last_modified``), and since a compactor first saw it (noted in
+        the state item, on the same clock). No compactor's own clock enters,
+        so one running fast or slow neither seals early nor makes another do so.
+        """
+        c = self.compactor
         self.lease.check()
+        now = await c.store.clock(c.keys.entries_prefix)
         first_seen = await c.table.note_hole(
             self.lease.log_id, self.lease.owner, self.lease.token, seq=end.seq, now=now
         )

@@ -13,6 +13,11 @@ A delta whose idempotency key is already claimed by a written entry is a
 duplicate: it is not written again and resolves to the original seq.
 Every wait between attempts backs off exponentially with jitter, and the
 number of attempts is bounded by ``LogConfig.append_attempts``.
+
+A write cancelled midway is **settled** (``Appender.settle``): a delta is
+durable at a seq, certainly not written (no put of its entry was sent, or
+the seq holds something else), or of unknown outcome (a put was sent and
+nothing can be read there yet: it may still land).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
@@ -30,11 +35,11 @@ import anyio
 from deltalog.codec import Frame, batch_body, decode_entry
 from deltalog.config import LogConfig
 from deltalog.entry import Batch, Seal, new_id
-from deltalog.errors import Conflict, CorruptEntry, DeltalogError, Unavailable
+from deltalog.errors import Closed, Conflict, CorruptEntry, DeltalogError, Unavailable
 from deltalog.storage.store import ObjectStore, StoredObject
 from deltalog.storage.table import Claim, Table
 
-__all__ = ["Appender", "EncodedDelta"]
+__all__ = ["Appender", "Attempt", "EncodedDelta"]
 
 log = logging.getLogger("deltalog.append")
 T = TypeVar("T")
@@ -54,15 +59,19 @@ Outcome = int | DeltalogError
 
 
 @dataclass(slots=True)
-class _Attempt:
-    """One entry on its way into the log."""
+class Attempt:
+    """One entry on its way into the log; pass one to ``write`` to settle it if cancelled."""
 
-    entry_id: str
-    deltas: list[EncodedDelta]
-    outcomes: dict[str, Outcome]
-    claimed: list[Claim]
-    follows: dict[str, str]
+    entry_id: str = field(default_factory=new_id)
+    submitted: list[EncodedDelta] = field(default_factory=list)
+    deltas: list[EncodedDelta] = field(default_factory=list)
+    """The deltas the entry holds (submitted ones minus duplicates and lost keys)."""
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    claimed: list[Claim] = field(default_factory=list)
+    follows: dict[str, str] = field(default_factory=dict)
     """delta_id -> the delta_id of an earlier delta in this entry with the same key"""
+    sent: tuple[int, str] | None = None
+    """(seq, key) of the entry's last put that was started: it may have landed."""
 
 
 class Appender:
@@ -85,14 +94,22 @@ class Appender:
     ) -> DeltalogError:
         return error(message, log=self.config.log, seq=seq)
 
-    async def write(self, deltas: Sequence[EncodedDelta]) -> dict[str, Outcome]:
-        """Append ``deltas`` as one entry; return each delta's outcome by ``delta_id``."""
+    async def write(
+        self, deltas: Sequence[EncodedDelta], attempt: Attempt | None = None
+    ) -> dict[str, Outcome]:
+        """Append ``deltas`` as one entry; return each delta's outcome by ``delta_id``.
+
+        ``attempt`` (a fresh one) records the progress, for ``settle`` if the
+        write is cancelled.
+        """
+        attempt = attempt or Attempt()
+        attempt.submitted = list(deltas)
         keys = {d.idempotency_key for d in deltas if d.idempotency_key}
         await self._wait_for_keys(keys)
         done = anyio.Event()
         self._keys_in_flight.update(dict.fromkeys(keys, done))
         try:
-            return await self._write(deltas)
+            return await self._write(attempt)
         finally:
             for key in keys:
                 del self._keys_in_flight[key]
@@ -108,10 +125,9 @@ class Appender:
         while busy := [self._keys_in_flight[k] for k in keys if k in self._keys_in_flight]:
             await busy[0].wait()
 
-    async def _write(self, deltas: Sequence[EncodedDelta]) -> dict[str, Outcome]:
-        attempt = _Attempt(new_id(), [], {}, [], {})
+    async def _write(self, attempt: Attempt) -> dict[str, Outcome]:
         attempt.deltas = await self._retrying(
-            lambda: self._drop_known_duplicates(attempt, list(deltas))
+            lambda: self._drop_known_duplicates(attempt, list(attempt.submitted))
         )
         if not attempt.deltas:
             return self._finish(attempt, 0, wrote=False)
@@ -133,7 +149,7 @@ class Appender:
             log=self.config.log,
         ) from last
 
-    def _finish(self, attempt: _Attempt, seq: int, *, wrote: bool = True) -> dict[str, Outcome]:
+    def _finish(self, attempt: Attempt, seq: int, *, wrote: bool = True) -> dict[str, Outcome]:
         self.entries_written += wrote
         for delta in attempt.deltas:
             attempt.outcomes[delta.delta_id] = seq
@@ -141,7 +157,7 @@ class Appender:
             attempt.outcomes[follower] = attempt.outcomes[leader]
         return attempt.outcomes
 
-    async def _put(self, attempt: _Attempt, seq: int) -> bool:
+    async def _put(self, attempt: Attempt, seq: int) -> bool:
         """Write at ``seq``; True when durable, False when a new seq is needed."""
         body = batch_body(
             attempt.entry_id,
@@ -154,6 +170,7 @@ class Appender:
         key = self.keys.entry(seq)
         last: Unavailable | None = None
         maybe_written = False
+        attempt.sent = (seq, key)
         for n in range(self.config.append_attempts):
             try:
                 if await self.store.put_if_absent(key, data):
@@ -178,7 +195,7 @@ class Appender:
             key=key,
         ) from last
 
-    async def _read_back_or_say_so(self, attempt: _Attempt, seq: int, key: str) -> bool | None:
+    async def _read_back_or_say_so(self, attempt: Attempt, seq: int, key: str) -> bool | None:
         """``_read_back``; if that fails, the entry may be written: the error says so."""
         try:
             return await self._read_back(attempt, seq, key)
@@ -191,7 +208,7 @@ class Appender:
                 key=key,
             ) from exc
 
-    async def _read_back(self, attempt: _Attempt, seq: int, key: str) -> bool | None:
+    async def _read_back(self, attempt: Attempt, seq: int, key: str) -> bool | None:
         """What is at ``key``: True ours, False taken (re-reserve), None absent."""
         stored = await self._get_with_retry(key)
         if stored is None:
@@ -216,6 +233,58 @@ class Appender:
             )
         return False
 
+    async def settle(self, attempt: Attempt, *, within: float) -> dict[str, Outcome]:
+        """Each submitted delta's outcome after ``write(..., attempt)`` was cancelled.
+
+        Outcomes known before the cancellation stand. If no put of the entry
+        was started, the rest were certainly not written (``Closed``).
+        Otherwise the entry is read back, shielded, for at most ``within``
+        seconds: our entry means durable at its seq; a seal or another entry
+        means not written (``Closed``); nothing there, or no answer, means
+        the outcome is unknown (``Unavailable(ambiguous=True)``).
+        """
+        landed: bool | None = False
+        if attempt.sent is not None:
+            landed = None
+            with anyio.move_on_after(within, shield=True):
+                landed = await self._landed(attempt, *attempt.sent)
+        in_entry = {d.delta_id for d in attempt.deltas}
+        outcomes: dict[str, Outcome] = {}
+        for delta in attempt.submitted:
+            leader = attempt.follows.get(delta.delta_id, delta.delta_id)
+            if leader in attempt.outcomes:
+                outcomes[delta.delta_id] = attempt.outcomes[leader]
+            elif landed is None and leader in in_entry:
+                outcomes[delta.delta_id] = self._unknown(attempt)
+            elif landed and leader in in_entry and attempt.sent is not None:
+                outcomes[delta.delta_id] = attempt.sent[0]
+            else:
+                outcomes[delta.delta_id] = self._error(
+                    Closed,
+                    "the append was stopped before the delta was written; it is not in "
+                    "the log, so retrying it writes it once",
+                )
+        return outcomes
+
+    async def _landed(self, attempt: Attempt, seq: int, key: str) -> bool | None:
+        """``_read_back`` of a cancelled write; None when it cannot tell."""
+        try:
+            return await self._read_back(attempt, seq, key)
+        except DeltalogError:
+            return None
+
+    def _unknown(self, attempt: Attempt) -> DeltalogError:
+        seq, key = attempt.sent or (None, None)
+        return Unavailable(
+            "the append was stopped while its entry was being written: the delta may or "
+            "may not be in the log. Retry it only with an idempotency key (a retry "
+            "without one may write it twice), or read the log to find it",
+            ambiguous=True,
+            log=self.config.log,
+            seq=seq,
+            key=key,
+        )
+
     async def _get_with_retry(self, key: str) -> StoredObject | None:
         return await self._retrying(lambda: self.store.get(key))
 
@@ -235,7 +304,7 @@ class Appender:
     # -- idempotency keys -------------------------------------------------
 
     async def _drop_known_duplicates(
-        self, attempt: _Attempt, deltas: list[EncodedDelta]
+        self, attempt: Attempt, deltas: list[EncodedDelta]
     ) -> list[EncodedDelta]:
         """Resolve deltas whose key is already claimed, before reserving a seq."""
         deltas = self._dedupe_within(attempt, deltas)
@@ -249,7 +318,7 @@ class Appender:
             if not await self._settled(attempt, d, claims.get(d.idempotency_key or ""))
         ]
 
-    def _dedupe_within(self, attempt: _Attempt, deltas: list[EncodedDelta]) -> list[EncodedDelta]:
+    def _dedupe_within(self, attempt: Attempt, deltas: list[EncodedDelta]) -> list[EncodedDelta]:
         first: dict[str, EncodedDelta] = {}
         kept = []
         for delta in deltas:
@@ -262,7 +331,7 @@ class Appender:
             kept.append(delta)
         return kept
 
-    async def _settled(self, attempt: _Attempt, delta: EncodedDelta, claim: Claim | None) -> bool:
+    async def _settled(self, attempt: Attempt, delta: EncodedDelta, claim: Claim | None) -> bool:
         """True if ``delta`` needs no write: a duplicate, or refused while in flight."""
         if claim is None or claim.entry_id == attempt.entry_id:
             return False
@@ -296,7 +365,7 @@ class Appender:
             return "written"
         return "stale" if isinstance(entry, Seal | Batch) else "in-flight"
 
-    async def _claim(self, attempt: _Attempt, seq: int) -> None:
+    async def _claim(self, attempt: Attempt, seq: int) -> None:
         """Claim (or move) every key of the attempt at ``seq``."""
         wanted = [
             Claim(d.idempotency_key, seq, attempt.entry_id)
@@ -325,7 +394,7 @@ class Appender:
         attempt.claimed = [c for c in wanted if c.key not in lost]
         attempt.deltas = [d for d in attempt.deltas if d.idempotency_key not in lost]
 
-    async def _take_over(self, attempt: _Attempt, other: Claim, mine: Claim) -> bool:
+    async def _take_over(self, attempt: Attempt, other: Claim, mine: Claim) -> bool:
         """Resolve a key another entry claimed first; True if ours now."""
         delta = next(d for d in attempt.deltas if d.idempotency_key == mine.key)
         if await self._settled(attempt, delta, other):

@@ -210,10 +210,12 @@ class Folder:
                 log=self._log,
                 seq=seq,
             )
-        for delta in entry.deltas:
-            for op in delta.ops:
-                self._add_op(seq, op)
-            self._counts.deltas += 1
+        ops = [op for delta in entry.deltas for op in delta.ops]
+        for op in ops:  # the whole entry first: a bad op must not leave the ones before it folded
+            _check_lengths(op, seq=seq, log=self._log)
+        for op in ops:
+            self._add_op(op)
+        self._counts.deltas += len(entry.deltas)
         self._count_entry(seq, entry)
 
     def _count_entry(self, seq: int, entry: Entry) -> None:
@@ -224,8 +226,7 @@ class Folder:
         if self._first_seq is None:
             self._first_seq = seq
 
-    def _add_op(self, seq: int, op: Op) -> None:
-        _check_lengths(op, seq=seq, log=self._log)
+    def _add_op(self, op: Op) -> None:
         plan = self._collections.setdefault(op.collection, CollectionPlan())
         self._counts.ops += 1
         if isinstance(op, Upsert):

@@ -12,6 +12,8 @@ DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
     (log, "schema")         the embedding dimension of each collection
     (log, "idem#{key}")     an idempotency key's claim: the seq it went to
     (log, "quarantine#{seq:020d}")  an operator's mark: treat that entry as sealed
+    (log, "lease#{name}")   a named lease of a reader that owns a target
+                            (``deltalog mirror``: ``mirror:{target}``)
 
 and, outside every log (log names cannot start with ``_``)::
 
@@ -34,6 +36,7 @@ STATE_SK = "state"
 SCHEMA_SK = "schema"
 IDEMPOTENCY_PREFIX = "idem#"
 QUARANTINE_PREFIX = "quarantine#"
+LEASE_PREFIX = "lease#"
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-\d{{12,}}-[A-Za-z0-9]+\.tar(?:\.zst)?")
@@ -116,3 +119,8 @@ def idempotency_sk(key: str) -> str:
 
 def quarantine_sk(seq: int) -> str:
     return f"{QUARANTINE_PREFIX}{seq:0{SEQ_WIDTH}d}"
+
+
+def lease_sk(name: str) -> str:
+    """The item of a named lease (not the compaction lease, which is in the state item)."""
+    return f"{LEASE_PREFIX}{name}"

@@ -7,7 +7,7 @@ reads them back in seq order, and reports the log's status.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -207,6 +207,7 @@ class DeltaLog:
         to_seq: int | None = None,
         prefetch: int = 32,
         classify_end: bool = True,
+        dims: Mapping[str, int] | None = None,
     ) -> LogReader:
         """``(seq, entry)`` after ``after`` in seq order; see ``LogReader``."""
         self._check_open()
@@ -220,6 +221,7 @@ class DeltaLog:
             prefetch=prefetch,
             verifier=self.config.verifier,
             classify_end=classify_end,
+            dims=dims,
         )
 
     async def head(self) -> int:

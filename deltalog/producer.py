@@ -11,6 +11,16 @@ Each delta is validated and encoded in its submitter's task, so bad input
 fails that caller alone and nothing is queued. A failed entry fails every
 submitter in it with the cause. Closing the producer flushes what was
 submitted.
+
+When the ``async with`` block is left with an exception or a cancellation,
+the producer **stops**: nothing new is written, and every submitter still
+waiting gets an answer at once. Deltas still queued or being gathered were
+certainly not written: ``Closed``. Entries being written are cancelled and
+settled (``Appender.settle``, a shielded read-back of at most
+``SETTLE_SECONDS``): their submitters get the seq if the entry is durable,
+``Closed`` if it certainly is not, and otherwise
+``Unavailable(ambiguous=True)``, which says that a retry needs an
+idempotency key.
 """
 
 from __future__ import annotations
@@ -21,19 +31,21 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from deltalog.append import EncodedDelta, Outcome
+from deltalog.append import Attempt, EncodedDelta, Outcome
 from deltalog.entry import Delta
-from deltalog.errors import Closed
+from deltalog.errors import Closed, Unavailable
 
 if TYPE_CHECKING:
     from deltalog.log import DeltaLog
 
-__all__ = ["Producer", "ProducerStatistics"]
+__all__ = ["SETTLE_SECONDS", "Producer", "ProducerStatistics"]
 
 MiB = 1024 * 1024
+SETTLE_SECONDS = 10.0
+"""How long a stopping producer may spend reading back an entry it was writing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,9 @@ class Producer:
         # Submitters not yet queued (validating, or waiting for room in the
         # queue): the last one out after aclose() closes the queue.
         self._sending = 0
+        # Taken off the queue, not yet handed to a writer.
+        self._batch: list[_Submission] = []
+        self._carry: _Submission | None = None
 
     async def __aenter__(self) -> Producer:
         if self._tg is not None or self._closed:
@@ -109,7 +124,13 @@ class Producer:
     ) -> bool | None:
         await self.aclose()
         assert self._tg is not None
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        if not isinstance(exc, Exception):  # a clean exit (flush) or a cancellation
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        # The block failed: stop, and let its own error propagate as itself
+        # rather than wrapped in the task group's ExceptionGroup.
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         """Stop taking deltas; what was submitted is still written.
@@ -143,7 +164,12 @@ class Producer:
             return outcome
         if isinstance(outcome, BaseException):
             raise outcome
-        raise Closed("the producer stopped before the delta was written")
+        raise Unavailable(  # every path sets an outcome; never claim what is not known
+            "the producer stopped without an answer for this delta: it may or may not be "
+            "in the log; retry it only with an idempotency key",
+            ambiguous=True,
+            log=self._log.config.log,
+        )
 
     def statistics(self) -> ProducerStatistics:
         return ProducerStatistics(
@@ -158,36 +184,33 @@ class Producer:
 
     async def _collect(self) -> None:
         slots = anyio.Semaphore(self.max_in_flight)
-        carry: _Submission | None = None
         try:
-            async with anyio.create_task_group() as writers, self._recv:
-                while True:
-                    batch, carry = await self._gather(carry)
-                    if not batch:
-                        break
+            async with anyio.create_task_group() as writers:
+                while await self._gather():
                     await slots.acquire()
-                    writers.start_soon(self._write, batch, slots)
+                    await writers.start(self._write, self._batch, slots)
+                    self._batch = []
         finally:
-            self._fail_leftovers(carry)
+            self._fail_unwritten()
 
-    async def _gather(
-        self, carry: _Submission | None
-    ) -> tuple[list[_Submission], _Submission | None]:
-        """One entry's worth of submissions, and one that did not fit."""
-        first = carry or await self._receive(math.inf)
+    async def _gather(self) -> bool:
+        """Fill ``_batch`` with one entry's worth; False at the end of the queue."""
+        first, self._carry = self._carry or await self._receive(math.inf), None
         if first is None:
-            return [], None
-        batch, size = [first], len(first.delta.data)
+            return False
+        self._batch = [first]
+        size = len(first.delta.data)
         deadline = anyio.current_time() + self.linger
-        while len(batch) < self.max_deltas:
+        while len(self._batch) < self.max_deltas:
             item = await self._receive(deadline - anyio.current_time())
             if item is None:
                 break
             if size + len(item.delta.data) > self.max_bytes:
-                return batch, item
-            batch.append(item)
+                self._carry = item
+                break
+            self._batch.append(item)
             size += len(item.delta.data)
-        return batch, None
+        return True
 
     async def _receive(self, wait: float) -> _Submission | None:
         """The next submission, or None at the deadline or at the end."""
@@ -203,34 +226,63 @@ class Producer:
                 return None
         return None
 
-    async def _write(self, batch: list[_Submission], slots: anyio.Semaphore) -> None:
+    async def _write(
+        self,
+        batch: list[_Submission],
+        slots: anyio.Semaphore,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Write one entry; once started, every submitter in ``batch`` gets an answer."""
         self._in_flight += 1
+        attempt = Attempt()
+        answered = False
         try:
-            outcomes = await self._log.appender.write([s.delta for s in batch])
+            task_status.started()
+            outcomes = await self._log.appender.write([s.delta for s in batch], attempt)
             self._entries += 1
             self._bytes += sum(len(s.delta.data) for s in batch)
             for s in batch:
                 s.outcome = outcomes.get(s.delta.delta_id)
+            answered = True
         except Exception as exc:  # delivered to every submitter as the cause
             for s in batch:
                 s.outcome = exc
+            answered = True
         finally:
             self._in_flight -= 1
             slots.release()
-            for s in batch:
-                if isinstance(s.outcome, int):
-                    self._acknowledged += 1
-                else:
-                    self._failed += 1
-                s.done.set()
+            if not answered:  # cancelled: the producer is stopping
+                settled = await self._log.appender.settle(attempt, within=SETTLE_SECONDS)
+                for s in batch:
+                    s.outcome = settled.get(s.delta.delta_id)
+            self._resolve(batch)
 
-    def _fail_leftovers(self, carry: _Submission | None) -> None:
-        leftovers = [carry] if carry is not None else []
+    def _resolve(self, batch: list[_Submission]) -> None:
+        for s in batch:
+            if s.done.is_set():
+                continue
+            if isinstance(s.outcome, int):
+                self._acknowledged += 1
+            else:
+                self._failed += 1
+            s.done.set()
+
+    def _fail_unwritten(self) -> None:
+        """Answer every submission no writer took: none of them was written."""
+        unwritten = [*self._batch, *([self._carry] if self._carry else [])]
+        self._batch, self._carry = [], None
         while True:
             try:
-                leftovers.append(self._recv.receive_nowait())
+                unwritten.append(self._recv.receive_nowait())
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
-        for s in leftovers:
-            s.outcome = Closed("the producer stopped before the delta was written")
-            s.done.set()
+        self._recv.close()
+        unwritten = [s for s in unwritten if not s.done.is_set()]  # a writer answered
+        for s in unwritten:
+            s.outcome = Closed(
+                "the producer stopped before the delta was written; it is not in the log, "
+                "so retrying it writes it once",
+                log=self._log.config.log,
+            )
+        self._resolve(unwritten)

@@ -10,24 +10,29 @@ of the counter; a caller that does not need it (a fresh reader, which reads
 whatever is there) passes ``classify_end=False`` and ``end`` stays None.
 
 A corrupt entry raises ``CorruptEntry`` when its turn comes, after every
-entry before it has been yielded; with a ``verifier`` (trusted signing
-keys), so does an unsigned or badly signed one (``UntrustedEntry``).
+entry before it has been yielded; so does a **malformed** one (it decodes,
+but breaks a rule its deltas met at append time: ``validate_entry``), so
+nothing of it is ever folded; given ``dims`` (the log's schema), so does an
+entry whose vectors have another dimension than their collection's; with a
+``verifier`` (trusted signing keys), so does an unsigned or badly signed one
+(``UntrustedEntry``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import anyio
 
 from deltalog.codec import decode_entry
 from deltalog.entry import Entry
-from deltalog.errors import DataError, DeltalogError
+from deltalog.errors import CorruptEntry, DataError, DeltalogError, ValidationError
 from deltalog.keys import LogKeys
 from deltalog.signing import Verifier
 from deltalog.storage.store import ObjectInfo, ObjectStore
 from deltalog.storage.table import Table
+from deltalog.validate import validate_entry
 
 __all__ = ["LogReader", "ReadEnd", "list_entries"]
 
@@ -76,6 +81,7 @@ class LogReader:
         prefetch: int = 32,
         verifier: Verifier | None = None,
         classify_end: bool = True,
+        dims: Mapping[str, int] | None = None,
     ) -> None:
         if after < 0 or (to_seq is not None and to_seq < after) or prefetch < 1:
             raise ValueError("need 0 <= after <= to_seq and prefetch >= 1")
@@ -94,6 +100,8 @@ class LogReader:
         self.bytes_yielded = 0
         """Stored bytes of the entries yielded so far (what a byte limit counts)."""
         self._error: DeltalogError | None = None
+        self._dims = dict(dims) if dims is not None else None
+        """Each collection's dimension (the log's schema); None: not checked across entries."""
 
     def __aiter__(self) -> AsyncGenerator[tuple[int, Entry], None]:
         return self._iterate()
@@ -143,7 +151,7 @@ class LogReader:
         raised by the caller after every entry before it was yielded, as
         itself rather than wrapped in the task group's ``ExceptionGroup``.
         """
-        results: list[Entry | DeltalogError | None] = [None] * len(window)
+        results: list[tuple[Entry, dict[str, int]] | DeltalogError | None] = [None] * len(window)
 
         async def fetch(i: int, info: ObjectInfo) -> None:
             try:
@@ -156,18 +164,38 @@ class LogReader:
                 tg.start_soon(fetch, i, info)
         out: list[tuple[int, Entry]] = []
         for info, result in zip(window, results, strict=True):
-            if isinstance(result, DeltalogError) or result is None:
-                self._error = result
+            checked = result if not isinstance(result, tuple) else self._check_dims(info, *result)
+            if isinstance(checked, DeltalogError) or checked is None:
+                self._error = checked
                 break
-            out.append((self._seq(info), result))
+            out.append((self._seq(info), checked))
         return out
+
+    def _check_dims(
+        self, info: ObjectInfo, entry: Entry, dims: dict[str, int]
+    ) -> Entry | CorruptEntry:
+        """In seq order: the entry's vectors have each collection's dimension."""
+        if self._dims is None:
+            return entry
+        for collection, dim in dims.items():
+            known = self._dims.setdefault(collection, dim)
+            if known != dim:
+                return CorruptEntry(
+                    f"malformed entry: {dim}-dimensional vectors for collection "
+                    f"{collection!r}, which holds {known}-dimensional ones",
+                    log=self._log,
+                    seq=self._seq(info),
+                    key=info.key,
+                )
+        return entry
 
     def _seq(self, info: ObjectInfo) -> int:
         seq = self._keys.seq_of(info.key)
         assert seq is not None
         return seq
 
-    async def _fetch_one(self, info: ObjectInfo) -> Entry:
+    async def _fetch_one(self, info: ObjectInfo) -> tuple[Entry, dict[str, int]]:
+        """The verified, decoded and validated entry, and its collections' dimensions."""
         seq = self._seq(info)
         stored = await self._store.get(info.key)
         if stored is None:
@@ -178,6 +206,12 @@ class LogReader:
                 key=info.key,
             )
         self.bytes_read += len(stored.data)
-        return decode_entry(
+        entry = decode_entry(
             stored.data, seq=seq, key=info.key, log=self._log, verifier=self.verifier
         )
+        try:
+            return entry, validate_entry(entry)
+        except ValidationError as exc:
+            raise CorruptEntry(
+                f"malformed entry: {exc.message}", log=self._log, seq=seq, key=info.key
+            ) from exc

@@ -9,6 +9,9 @@ unique within an op; one vector per id, 2-D float32, finite, one dimension
 per collection; documents and metadatas one per id; metadata flat, with
 string keys and str, int, float or bool values (``None`` only in
 ``UpdateMetadata``, where it removes a key).
+
+``validate_entry`` holds an entry read back from the log to the same rules
+(the reader refuses a stored entry that breaks one as ``CorruptEntry``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from deltalog.entry import Delete, Delta, Op, UpdateMetadata, Upsert
+from deltalog.entry import Delete, Delta, Entry, Op, UpdateMetadata, Upsert
 from deltalog.errors import ValidationError
 
-__all__ = ["MAX_IDEMPOTENCY_KEY", "validate_collection_name", "validate_delta"]
+__all__ = ["MAX_IDEMPOTENCY_KEY", "validate_collection_name", "validate_delta", "validate_entry"]
 
 MAX_IDEMPOTENCY_KEY = 512
 _INT64 = (-(2**63), 2**63 - 1)
@@ -52,6 +55,30 @@ def validate_delta(delta: Delta) -> dict[str, int]:
                     f"{where}.embeddings",
                     f"dimension {op.dim} differs from {known} used for collection "
                     f"{op.collection!r} earlier in this delta",
+                )
+    return dims
+
+
+def validate_entry(entry: Entry) -> dict[str, int]:
+    """Check every delta of a stored entry by the same rules; return each collection's dim.
+
+    An entry read back from the log must meet the rules its deltas met at
+    append time: one that does not was written by something else (or went
+    bad) and must be refused whole, before any of it is applied. The deltas
+    of one entry must also agree on each collection's dimension.
+    """
+    dims: dict[str, int] = {}
+    for i, delta in enumerate(entry.deltas):
+        try:
+            found = validate_delta(delta)
+        except ValidationError as exc:
+            raise ValidationError(f"deltas[{i}].{exc.field}", exc.reason) from None
+        for collection, dim in found.items():
+            if dims.setdefault(collection, dim) != dim:
+                raise ValidationError(
+                    f"deltas[{i}]",
+                    f"dimension {dim} for collection {collection!r} differs from "
+                    f"{dims[collection]} earlier in this entry",
                 )
     return dims
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
+
+import anyio
 
 from deltalog import DeltaLog, LogConfig
 from deltalog.errors import Unavailable
@@ -37,6 +39,11 @@ class FaultyStore:
         """Keys whose ``get`` raises a non-ambiguous ``Unavailable``."""
         self.vanished: set[str] = set()
         """Keys whose ``get`` answers None although they are listed."""
+        self.hang_puts: Literal["before", "after"] | None = None
+        """Every put hangs until ``release`` is set: before it is sent, or after it landed."""
+        self.hung = anyio.Event()
+        """Set when a put hangs."""
+        self.release = anyio.Event()
         self.refuse_deletes = False
         """Every delete deletes nothing and raises a non-ambiguous ``Unavailable``."""
         self.puts: list[str] = []
@@ -52,6 +59,12 @@ class FaultyStore:
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         self.puts.append(key)
+        if self.hang_puts == "before":
+            await self._hang()
+        if self.hang_puts == "after":
+            written = await self.inner.put_if_absent(key, data)
+            await self._hang()
+            return written
         if self.refuse_puts:
             raise self._fault("put refused", key, ambiguous=False)
         if self.lost_requests:
@@ -62,6 +75,10 @@ class FaultyStore:
             self.lost_answers -= 1
             raise self._fault(f"answer lost (written: {written})", key, ambiguous=True)
         return written
+
+    async def _hang(self) -> None:
+        self.hung.set()
+        await self.release.wait()
 
     async def delete(self, key: str) -> None:
         if self.refuse_deletes:

@@ -173,6 +173,19 @@ def test_an_op_with_mismatched_lengths_is_corrupt() -> None:
         fold([(7, Batch("e", [Delta([bad])]))], log="receipts")
 
 
+def test_a_bad_op_leaves_nothing_of_its_entry_folded() -> None:
+    folder = Folder(log="receipts")
+    folder.add(1, entries(upsert(["a"]))[0][1])
+    before, counted = folder.plan(), folder.statistics()
+    bad = Upsert(collection="words", ids=["x", "y"], embeddings=np.zeros((1, 2), np.float32))
+    entry = Batch("e", [Delta([upsert(["b"]), delete(["a"])]), Delta([bad])])
+    with pytest.raises(CorruptEntry, match=r"2 ids but 1 embeddings.*seq=2"):
+        folder.add(2, entry)
+    assert folder.plan() == before and folder.statistics() == counted
+    folder.add(2, Seal(sealed_by="quarantine", reason="bad", kind="quarantine"))  # passed over
+    assert set(folder.plan().collections["words"].puts) == {"a"}
+
+
 def test_plan_is_a_copy_and_reset_starts_a_new_chunk() -> None:
     folder = Folder()
     folder.add(1, entries(upsert(["a"]))[0][1])

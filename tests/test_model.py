@@ -33,7 +33,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +58,7 @@ from deltalog.fold import State, reference_state
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import LogState
+from deltalog.storage.transfer import Transferred, Upload
 from tests.compaction import Crash, FaultyTable, assert_states_equal, faulty_sinks, sink_state
 from tests.strategies import CHROMA_EXACT_FLOATS, COLLECTIONS, KEYS, deletes, updates, upserts
 
@@ -79,17 +81,31 @@ op_lists = st.lists(ops, min_size=1, max_size=3)
 
 
 class CrashingStore(MemoryStore):
-    """A memory store whose next snapshot upload can die before it writes."""
+    """A memory store whose next snapshot upload can die after streaming, before it writes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.crash_upload = False
 
-    async def upload_file(self, key: str, path: Path) -> bool:
-        if self.crash_upload:
-            self.crash_upload = False
-            raise Crash("crash while uploading the snapshot")
-        return await super().upload_file(key, path)
+    @asynccontextmanager
+    async def upload(self, key: str) -> AsyncIterator[Upload]:
+        async with super().upload(key) as upload:
+            if self.crash_upload:
+                self.crash_upload = False
+                yield _CrashOnComplete(upload)
+            else:
+                yield upload
+
+
+class _CrashOnComplete:
+    def __init__(self, upload: Upload) -> None:
+        self._upload = upload
+
+    async def write(self, data: bytes) -> None:
+        await self._upload.write(data)
+
+    async def complete(self) -> Transferred:
+        raise Crash("crash while uploading the snapshot")
 
 
 class DeltaLogModel(RuleBasedStateMachine):

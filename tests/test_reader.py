@@ -25,6 +25,7 @@ from deltalog.snapshot.sink import ChromaSink
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
+from deltalog.storage.transfer import Transferred
 from tests.builders import delete
 
 DIM = 8
@@ -339,7 +340,7 @@ class _PrunedBeforeDownload:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         self.downloads.append(key)
         if key == self._key:
             await self._before()

@@ -18,9 +18,15 @@ from deltalog import (
     Upsert,
     ValidationError,
 )
+from deltalog.entry import Batch, Seal
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
-from deltalog.validate import MAX_IDEMPOTENCY_KEY, validate_collection_name, validate_delta
+from deltalog.validate import (
+    MAX_IDEMPOTENCY_KEY,
+    validate_collection_name,
+    validate_delta,
+    validate_entry,
+)
 from tests.builders import DIM, read_all
 
 
@@ -202,6 +208,23 @@ def test_valid_deltas_pass_and_report_their_dims() -> None:
         idempotency_key="k" * MAX_IDEMPOTENCY_KEY,
     )
     assert validate_delta(delta) == {"words": 8, "lines": 3}
+
+
+@pytest.mark.parametrize(("make", "field"), [(m, f) for _, m, f in BAD], ids=[n for n, _, _ in BAD])
+def test_a_stored_entry_is_held_to_every_rule(make: Callable[[], Any], field: str) -> None:
+    """What the reader refuses as a malformed entry: each rule, in any delta of it."""
+    good = one(up(["a"]))
+    with pytest.raises(ValidationError) as caught:
+        validate_entry(Batch("e", [good, make()]))
+    assert caught.value.field == f"deltas[1].{field}", caught.value
+    assert validate_entry(Batch("e", [good, good])) == {"words": DIM}
+    assert validate_entry(Seal(sealed_by="me", reason="hole")) == {}
+
+
+def test_the_deltas_of_a_stored_entry_agree_on_dimensions() -> None:
+    entry = Batch("e", [one(up(["a"], vec(1, 8))), one(up(["b"], vec(1, 4)))])
+    with pytest.raises(ValidationError, match="dimension 4 for collection 'words' differs from 8"):
+        validate_entry(entry)
 
 
 def test_validation_error_is_invalid_input() -> None:

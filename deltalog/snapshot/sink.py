@@ -30,7 +30,7 @@ Every blocking call runs in a worker thread, in batches of
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,10 +119,15 @@ class ChromaSink:
         limiter: anyio.CapacityLimiter | None = None,
         log: str | None = None,
         batch_size: int,
+        where: str | None = None,
     ) -> None:
-        """Use ``ChromaSink.open``; ``batch_size`` must not exceed Chroma's maximum."""
+        """Use ``ChromaSink.open``; ``batch_size`` must not exceed Chroma's maximum.
+
+        ``where`` names the sink in errors (default: the path).
+        """
         self._client: Client | None = client
         self.path = path
+        self._where = where or str(path)
         self._limiter = limiter
         self._log = log
         self._batch = batch_size
@@ -200,6 +205,27 @@ class ChromaSink:
             if len(page) < self._batch:
                 return sorted(out, key=lambda r: r.id)
 
+    async def pages(self, collection: str, size: int | None = None) -> AsyncIterator[list[Record]]:
+        """A collection's records a page at a time, in Chroma's storage order."""
+        if collection not in await self.collections():
+            return
+        handle = await self._collection(collection)
+        size = size or self._batch
+        offset = 0
+        while True:
+            page = await self._run(f"read {collection!r}", _page, handle, offset, size)
+            if page:
+                yield page
+            if len(page) < size:
+                return
+            offset += len(page)
+
+    async def hnsw(self, collection: str) -> dict[str, Any]:
+        """The collection's HNSW settings (space, ef_construction, ...); {} if unknown."""
+        handle = await self._existing(collection)
+        config = (getattr(handle, "configuration_json", None) or {}) if handle else {}
+        return dict(config.get("hnsw") or {})
+
     async def collections(self) -> list[str]:
         client = self._open_client()
         listed = await self._run("list collections", client.list_collections)
@@ -211,7 +237,7 @@ class ChromaSink:
             client, self._client = self._client, None
             self._handles.clear()
             if client is not None:
-                with _chroma_errors(f"close {self.path}", self._log):
+                with _chroma_errors(f"close {self._where}", self._log):
                     await anyio.to_thread.run_sync(client.close, limiter=self._limiter)
 
     # -- reads ----------------------------------------------------------------
@@ -270,19 +296,23 @@ class ChromaSink:
     async def _collection(self, name: str) -> Collection:
         handle = self._handles.get(name)
         if handle is None:
-            create = self._open_client().get_or_create_collection
-            handle = await self._run(f"create {name!r}", _create, create, name)
+            handle = await self._open_collection(name)
             self._handles[name] = handle
         return handle
 
+    async def _open_collection(self, name: str) -> Collection:
+        """Get or create a collection (subclasses add settings and checks)."""
+        create = self._open_client().get_or_create_collection
+        return await self._run(f"create {name!r}", _create, create, name)
+
     def _open_client(self) -> Client:
         if self._client is None:
-            raise Closed(f"the chroma sink at {self.path} is closed", log=self._log)
+            raise Closed(f"the chroma sink at {self._where} is closed", log=self._log)
         return self._client
 
     async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
         self._open_client()
-        with _chroma_errors(f"{what} in {self.path}", self._log):
+        with _chroma_errors(f"{what} in {self._where}", self._log):
             return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
 
 

@@ -35,10 +35,11 @@ from deltalog.keys import (
     SCHEMA_SK,
     STATE_SK,
     idempotency_sk,
+    lease_sk,
     quarantine_sk,
 )
 from deltalog.storage.aws import Reachability, client, error_code, translate
-from deltalog.storage.table import Claim, Commit, LogState
+from deltalog.storage.table import Claim, Commit, LeaseState, LogState
 
 __all__ = ["DynamoTable"]
 
@@ -276,13 +277,13 @@ class DynamoTable:
         return _state_of(item)
 
     async def _update_state(
-        self, log_id: str, what: str, *, condition: str, **kwargs: Any
+        self, log_id: str, what: str, *, condition: str, sk: str = STATE_SK, **kwargs: Any
     ) -> dict[str, Any] | None:
-        """A conditional update of the state item; None if the condition failed."""
+        """A conditional update of the state item (or another); None if the condition failed."""
         try:
             answer = await self._db.update_item(
                 TableName=self.name,
-                Key=_item_key(log_id, STATE_SK),
+                Key=_item_key(log_id, sk),
                 ConditionExpression=condition,
                 ReturnValues="ALL_NEW",
                 **kwargs,
@@ -304,10 +305,14 @@ class DynamoTable:
             log=log_id,
         )
 
-    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
-        item = await self._update_state(
+    async def _take(
+        self, log_id: str, sk: str, what: str, owner: str, *, ttl: float, now: float
+    ) -> dict[str, Any] | None:
+        """Take a lease item if free or expired, adding one to its token; None if held."""
+        return await self._update_state(
             log_id,
-            "acquire the lease",
+            what,
+            sk=sk,
             condition="attribute_not_exists(#owner) OR #exp <= :now",
             UpdateExpression="SET #owner = :owner, #exp = :exp, updated_at = :now ADD #token :one",
             ExpressionAttributeNames={"#owner": "owner", "#exp": "expires_at", "#token": "token"},
@@ -318,6 +323,27 @@ class DynamoTable:
                 ":one": _n(1),
             },
         )
+
+    async def _extend(
+        self, log_id: str, sk: str, what: str, owner: str, token: int, *, ttl: float, now: float
+    ) -> dict[str, Any] | None:
+        """Extend a lease item held by (owner, token); None if it is not."""
+        return await self._update_state(
+            log_id,
+            what,
+            sk=sk,
+            condition=self._HELD,
+            UpdateExpression="SET expires_at = :exp, updated_at = :now",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={
+                **self._held_values(owner, token),
+                ":exp": _n(now + ttl),
+                ":now": _n(now),
+            },
+        )
+
+    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+        item = await self._take(log_id, STATE_SK, "acquire the lease", owner, ttl=ttl, now=now)
         if item is None:
             state = await self.read_state(log_id)
             raise LeaseBusy(
@@ -334,17 +360,8 @@ class DynamoTable:
         return {":owner": _s(owner), ":token": _n(token)}
 
     async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
-        item = await self._update_state(
-            log_id,
-            "renew the lease",
-            condition=self._HELD,
-            UpdateExpression="SET expires_at = :exp, updated_at = :now",
-            ExpressionAttributeNames=self._HELD_NAMES,
-            ExpressionAttributeValues={
-                **self._held_values(owner, token),
-                ":exp": _n(now + ttl),
-                ":now": _n(now),
-            },
+        item = await self._extend(
+            log_id, STATE_SK, "renew the lease", owner, token, ttl=ttl, now=now
         )
         if item is None:
             raise await self._lost(log_id, token, "renew")
@@ -452,6 +469,51 @@ class DynamoTable:
                 return found
             kwargs["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
 
+    async def read_lease(self, log_id: str, name: str) -> LeaseState:
+        return _lease_of(await self._get(log_id, lease_sk(name), f"read the lease {name!r}"))
+
+    async def acquire_lease(
+        self, log_id: str, name: str, owner: str, *, ttl: float, now: float
+    ) -> LeaseState:
+        what = f"acquire the lease {name!r}"
+        item = await self._take(log_id, lease_sk(name), what, owner, ttl=ttl, now=now)
+        if item is None:
+            lease = await self.read_lease(log_id, name)
+            raise LeaseBusy(
+                f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f} "
+                f"(in {max(0.0, lease.expires_at - now):.1f}s)",
+                log=log_id,
+            )
+        return _lease_of(item)
+
+    async def _lease_lost(self, log_id: str, name: str, token: int, what: str) -> LeaseLost:
+        lease = await self.read_lease(log_id, name)
+        return LeaseLost(
+            f"{what}: lease {name!r} lost (now held by {lease.owner} with token "
+            f"{lease.token}, ours was {token}); stop: a newer owner exists",
+            log=log_id,
+        )
+
+    async def renew_lease(
+        self, log_id: str, name: str, owner: str, token: int, *, ttl: float, now: float
+    ) -> None:
+        what = f"renew the lease {name!r}"
+        item = await self._extend(log_id, lease_sk(name), what, owner, token, ttl=ttl, now=now)
+        if item is None:
+            raise await self._lease_lost(log_id, name, token, "renew")
+
+    async def release_lease(self, log_id: str, name: str, owner: str, token: int) -> bool:
+        item = await self._update_state(
+            log_id,
+            f"release the lease {name!r}",
+            sk=lease_sk(name),
+            condition=self._HELD,
+            UpdateExpression="REMOVE #owner SET expires_at = :zero",
+            ExpressionAttributeNames=self._HELD_NAMES,
+            ExpressionAttributeValues={**self._held_values(owner, token), ":zero": _n(0)},
+        )
+        return item is not None
+
     async def ensure_table(self) -> bool:
         """Create the table if it is missing; True if it was created."""
         try:
@@ -479,6 +541,16 @@ class DynamoTable:
         waiter = self._db.get_waiter("table_exists")
         await waiter.wait(TableName=self.name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
         return True
+
+
+def _lease_of(item: dict[str, Any]) -> LeaseState:
+    owner = item.get("owner", {}).get("S")
+    return LeaseState(
+        owner=owner,
+        token=int(item["token"]["N"]) if "token" in item else 0,
+        expires_at=float(item["expires_at"]["N"]) if "expires_at" in item else 0.0,
+        updated_at=float(item["updated_at"]["N"]) if "updated_at" in item else 0.0,
+    )
 
 
 def _state_of(item: dict[str, Any]) -> LogState:

@@ -14,6 +14,12 @@ The lease: ``acquire`` takes it when free or expired and adds one to the
 token; ``renew``, ``commit``, ``note_hole`` and ``release`` are conditioned
 on owner and token, so a compactor that paused past its lease is fenced
 off whatever the clocks say.
+
+**Named leases** (``acquire_lease`` and friends) are the same protocol on
+an item of their own, ``(log, "lease#{name}")``: the right of one process to
+own something outside the log for that log (``deltalog mirror`` holds one
+per target server). Their tokens count up independently of the compaction
+lease's.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Protocol
 
 from deltalog.errors import Conflict, LeaseBusy, LeaseLost
 
-__all__ = ["Claim", "Commit", "LogState", "MemoryTable", "Table"]
+__all__ = ["Claim", "Commit", "LeaseState", "LogState", "MemoryTable", "Table"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,19 @@ class LogState:
     """The keys of the most recently committed snapshots, newest (the committed
     one) first: what retention keeps. Empty for a state committed by a version
     before it."""
+
+    def lease_free(self, now: float) -> bool:
+        return self.owner is None or self.expires_at <= now
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """A named lease: who holds it, with which fencing token, until when."""
+
+    owner: str | None = None
+    token: int = 0
+    expires_at: float = 0.0
+    updated_at: float = 0.0
 
     def lease_free(self, now: float) -> bool:
         return self.owner is None or self.expires_at <= now
@@ -149,6 +168,24 @@ class Table(Protocol):
 
     async def read_quarantined(self, log_id: str) -> dict[int, str]: ...
 
+    async def read_lease(self, log_id: str, name: str) -> LeaseState: ...
+
+    async def acquire_lease(
+        self, log_id: str, name: str, owner: str, *, ttl: float, now: float
+    ) -> LeaseState:
+        """Take the named lease if free or expired, adding one to its token (else ``LeaseBusy``)."""
+        ...
+
+    async def renew_lease(
+        self, log_id: str, name: str, owner: str, token: int, *, ttl: float, now: float
+    ) -> None:
+        """Extend the named lease; ``LeaseLost`` if ``owner``/``token`` no longer hold it."""
+        ...
+
+    async def release_lease(self, log_id: str, name: str, owner: str, token: int) -> bool:
+        """Give the named lease up (keeping the token); False if it was no longer ours."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -161,6 +198,7 @@ class MemoryTable:
         self._claims: dict[tuple[str, str], Claim] = {}
         self._states: dict[str, LogState] = {}
         self._quarantined: dict[str, dict[int, str]] = {}
+        self._leases: dict[tuple[str, str], LeaseState] = {}
         self.requests = 0
 
     async def reserve(self, log_id: str) -> int:
@@ -278,6 +316,49 @@ class MemoryTable:
     async def read_quarantined(self, log_id: str) -> dict[int, str]:
         self.requests += 1
         return dict(self._quarantined.get(log_id, {}))
+
+    async def read_lease(self, log_id: str, name: str) -> LeaseState:
+        self.requests += 1
+        return self._leases.get((log_id, name), LeaseState())
+
+    async def acquire_lease(
+        self, log_id: str, name: str, owner: str, *, ttl: float, now: float
+    ) -> LeaseState:
+        lease = await self.read_lease(log_id, name)
+        if not lease.lease_free(now):
+            raise LeaseBusy(
+                f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f}",
+                log=log_id,
+            )
+        lease = LeaseState(owner, lease.token + 1, now + ttl, now)
+        self._leases[(log_id, name)] = lease
+        return lease
+
+    def _held_lease(self, log_id: str, name: str, owner: str, token: int) -> LeaseState:
+        lease = self._leases.get((log_id, name), LeaseState())
+        if lease.owner != owner or lease.token != token:
+            raise LeaseLost(
+                f"lease {name!r} lost: held by {lease.owner} with token {lease.token}, "
+                f"not token {token}",
+                log=log_id,
+            )
+        return lease
+
+    async def renew_lease(
+        self, log_id: str, name: str, owner: str, token: int, *, ttl: float, now: float
+    ) -> None:
+        self.requests += 1
+        lease = self._held_lease(log_id, name, owner, token)
+        self._leases[(log_id, name)] = replace(lease, expires_at=now + ttl, updated_at=now)
+
+    async def release_lease(self, log_id: str, name: str, owner: str, token: int) -> bool:
+        self.requests += 1
+        try:
+            lease = self._held_lease(log_id, name, owner, token)
+        except LeaseLost:
+            return False
+        self._leases[(log_id, name)] = replace(lease, owner=None, expires_at=0.0)
+        return True
 
     async def aclose(self) -> None:
         return None

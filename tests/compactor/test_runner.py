@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import anyio
 import numpy as np
 import pytest
 
+import compactor.runner
 from compactor import Compactor, Limits, RebuildResult
 from deltalog import (
     Closed,
@@ -24,11 +27,16 @@ from deltalog import (
     LogConfig,
     Unavailable,
     UpdateMetadata,
+    Upsert,
 )
+from deltalog.codec import Frame, batch_body, encode_delta
+from deltalog.entry import new_id
+from deltalog.reader import Reader
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
-from tests.builders import delete, delta, patch
+from deltalog.storage.transfer import Transferred
+from tests.builders import delete, delta, patch, upsert, vectors
 from tests.compaction import (
     Crash,
     FaultyTable,
@@ -258,6 +266,129 @@ async def test_poison_entry_stops_compaction_until_quarantined(
         assert (await log.status()).quarantined == {2: "garbage bytes"}
 
 
+class SkewedTime:
+    """The ``time`` module as seen by a machine whose clock is ``skew`` seconds off."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+async def test_a_compactor_clock_off_by_an_hour_seals_no_young_hole(
+    skew: float,
+    backend: Backend,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hole ages are measured on the store's clock: a fast or slow compactor changes nothing."""
+    clock = SkewedTime(skew)
+    monkeypatch.setattr(compactor.runner, "time", clock)
+    inner, trailing = backend.config, replace(backend.config, log=f"{backend.config.log}-2")
+    async with backend.open_log(inner) as log, backend.open_log(trailing) as log2:
+        for name in ("a", "hole", "b"):  # a hole with an entry written after it
+            await (
+                log.table.reserve(log.keys.log_id)
+                if name == "hole"
+                else log.append(delta(rng, name))
+            )
+        await log2.append(delta(rng, "a"))
+        await log2.table.reserve(log2.keys.log_id)  # a hole with nothing after it
+        for config in (inner, trailing):
+            async with backend.compactor(config, cache_dir=tmp_path / config.log) as skewed:
+                result = await skewed.run_once()
+            assert (result.hwm_after, result.stopped, result.seals_written) == (1, "hole", 0)
+        clock.skew = 0.0  # a compactor with the right time, after the skewed one noted the hole
+        async with backend.compactor(trailing, cache_dir=tmp_path / "right") as right:
+            result = await right.run_once()
+        assert (result.hwm_after, result.stopped, result.seals_written) == (1, "hole", 0)
+
+
+def _malformed(rng: np.random.Generator, kind: str) -> Delta:
+    """A delta append would refuse: it decodes, and only its rules make it bad."""
+    good = upsert(rng, ["half#0", "half#1"])  # folded alone, it would show half the entry
+    if kind == "lengths":
+        return Delta(ops=[good, Upsert("words", ["x", "y"], vectors(rng, 1))])
+    return Delta(ops=[upsert(rng, ["half#0", "half#1"], dim=4)])  # words holds 8-dim vectors
+
+
+async def _append_unchecked(log: DeltaLog, bad: Delta) -> int:
+    """Write ``bad`` at the next seq as a producer would, without its checks."""
+    seq = await log.table.reserve(log.keys.log_id)
+    body = batch_body(new_id(), [encode_delta(bad)], created_at=time.time())
+    assert await log.store.put_if_absent(log.keys.entry(seq), Frame(body).at(seq))
+    return seq
+
+
+@pytest.mark.parametrize("kind", ["lengths", "dimension"])
+async def test_a_malformed_entry_is_poison_whole_until_quarantined(
+    kind: str, backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """It decodes, so only validation can refuse it: before any of it is folded."""
+    async with backend.open_log() as log:
+        for name in ("a", "b"):
+            await log.append(delta(rng, name))
+        bad = await _append_unchecked(log, _malformed(rng, kind))
+        await log.append(delta(rng, "c"))
+        async with backend.compactor(cache_dir=tmp_path) as compactor:
+            for _ in range(2):  # stuck at it, every run, with what came before committed
+                with pytest.raises(CorruptEntry, match="malformed entry") as raised:
+                    await compactor.run_once()
+                assert (raised.value.seq, raised.value.log) == (bad, log.config.log)
+                assert (await log.table.read_state(log.keys.log_id)).hwm == bad - 1
+                assert set((await committed_state(compactor))["words"]) == {
+                    "a#0",
+                    "a#1",
+                    "b#0",
+                    "b#1",
+                }
+            with pytest.raises(CorruptEntry, match="malformed entry"):
+                await compactor.rebuild()
+            assert (await compactor.verify()).ok  # to the committed hwm, before it
+            await log.table.quarantine(log.keys.log_id, bad, f"{kind} mismatch", now=time.time())
+            result = await compactor.run_once()
+            assert (result.status, result.hwm_after) == ("applied", bad + 1)
+            want = {"a#0", "a#1", "b#0", "b#1", "c#0", "c#1"}
+            assert set((await committed_state(compactor))["words"]) == want
+            rebuilt = await compactor.rebuild()
+            assert rebuilt.hwm == bad + 1 and rebuilt.counts == {"words": 6}
+            assert (await compactor.verify()).ok
+
+
+async def test_a_fresh_read_never_shows_part_of_a_malformed_entry(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    async with backend.open_log() as log:
+        await log.append(delta(rng, "a"))
+        async with backend.compactor(cache_dir=tmp_path / "c") as compactor:
+            await compactor.run_once()
+        bad = await _append_unchecked(log, _malformed(rng, "lengths"))
+        await log.append(delta(rng, "c"))
+
+        def fresh() -> AbstractAsyncContextManager[Reader]:
+            return Reader.open(
+                log.config,
+                consistency="fresh",
+                cache_dir=tmp_path,
+                store=backend.store,
+                table=backend.table,
+            )
+
+        with pytest.raises(CorruptEntry, match="malformed entry"):
+            async with fresh():
+                pass
+        await log.table.quarantine(log.keys.log_id, bad, "lengths", now=time.time())
+        async with fresh() as reader:
+            got = await reader.get(collection="words")
+        assert sorted(got["ids"]) == ["a#0", "a#1", "c#0", "c#1"]
+
+
 async def test_corrupt_or_missing_snapshot_is_refused_and_nothing_committed(
     rng: np.random.Generator, tmp_path: Path
 ) -> None:
@@ -457,7 +588,7 @@ class CountingStore(MemoryStore):
         super().__init__()
         self.downloads: list[str] = []
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         self.downloads.append(key)
         return await super().download_file(key, path)
 

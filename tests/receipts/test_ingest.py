@@ -366,9 +366,9 @@ async def test_an_outage_stops_the_run_with_one_clear_error(
     assert str(raised.value).startswith("OpenAI embeddings failed after retries (HTTP 503)")
     assert skipped == [], "an outage is not a bad line"
     written = await upserted_receipts(log)
-    # Only the two receipts embedded before the outage can be in the log (the run
-    # stops at once: their submits may be cancelled too), each whole.
-    assert len(written) <= 2, written
+    # Only two receipts were embedded: at most those are written (whether they are
+    # depends on how far they got when the run stopped "at once"), each whole.
+    assert len(written) <= 2 < len(receipts), "nothing embedded after the outage is written"
     by_key = {key_of(r): r for r in receipts}
     found = await deltas(log)
     assert len(found) == len(written), "one delta per receipt"

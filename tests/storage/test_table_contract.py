@@ -11,7 +11,7 @@ import pytest
 
 from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
 from deltalog.storage.dynamo import DynamoTable
-from deltalog.storage.table import Claim, Commit, LogState, MemoryTable, Table
+from deltalog.storage.table import Claim, Commit, LeaseState, LogState, MemoryTable, Table
 
 
 class TableContract:
@@ -155,6 +155,30 @@ class TableContract:
             await table.renew(log_id, "b", 1, ttl=10, now=116.0)
         state = await table.read_state(log_id)
         assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
+
+    async def test_named_leases_are_fenced_and_apart_from_the_compaction_lease(
+        self, table: Table, log_id: str
+    ) -> None:
+        assert await table.read_lease(log_id, "mirror:x") == LeaseState()
+        held = await table.acquire_lease(log_id, "mirror:x", "a", ttl=10, now=100.0)
+        assert (held.owner, held.token, held.expires_at) == ("a", 1, 110.0)
+        with pytest.raises(LeaseBusy, match="held by a"):
+            await table.acquire_lease(log_id, "mirror:x", "b", ttl=10, now=105.0)
+        # another name, and the compaction lease, are separate items
+        other = await table.acquire_lease(log_id, "mirror:y", "b", ttl=10, now=105.0)
+        assert (other.owner, other.token) == ("b", 1)
+        assert (await table.acquire(log_id, "c", ttl=10, now=105.0)).token == 1
+        await table.renew_lease(log_id, "mirror:x", "a", 1, ttl=10, now=108.0)
+        assert (await table.read_lease(log_id, "mirror:x")).expires_at == 118.0
+        taken = await table.acquire_lease(log_id, "mirror:x", "b", ttl=10, now=118.0)
+        assert (taken.owner, taken.token) == ("b", 2)
+        with pytest.raises(LeaseLost):
+            await table.renew_lease(log_id, "mirror:x", "a", 1, ttl=10, now=119.0)
+        assert await table.release_lease(log_id, "mirror:x", "a", 1) is False
+        assert await table.release_lease(log_id, "mirror:x", "b", 2) is True
+        freed = await table.read_lease(log_id, "mirror:x")
+        assert (freed.owner, freed.token) == (None, 2)
+        assert (await table.read_state(log_id)).owner == "c"
 
     async def test_commit_is_conditioned_on_the_previous_hwm(
         self, table: Table, log_id: str

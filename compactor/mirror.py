@@ -1,0 +1,593 @@
+"""``deltalog mirror``: keep a Chroma server equal to the fold of the log.
+
+- The **target** is one database of a Chroma server (``ChromaTarget``). The
+  mirror is a reader that owns it: nothing else should write there.
+- The **position** is the seq through which the target holds the log: every
+  entry at or below it is applied, none above. It lives on the server, in
+  the metadata of the control collection ``deltalog.mirror`` (which holds
+  no records), with the log it belongs to, the phase (``bootstrapping`` or
+  ``following``) and the lease token of the mirror that wrote it. Records
+  carry exactly the metadata the log gives them.
+- **Bootstrap**: a target without a position must hold no records. It is
+  filled in bulk from the log's published snapshot (collections created
+  with the snapshot's HNSW settings), and the position becomes the seq that
+  snapshot holds (its sidecar's hwm, which may be below the committed hwm).
+  An interrupted bootstrap is started again from scratch.
+- **Follow**: entries after the position are read, folded and applied in
+  seq order in batches (``compactor.replay``), each batch followed by the
+  new position. Up to the first hole: the mirror never seals (the compactor
+  does); it waits and goes on once the hole is written or sealed.
+- **The lease**: one named lease per (log, target) in the table
+  (``mirror:{target id}``), renewed by a heartbeat; a second mirror of the
+  same target gets ``LeaseBusy``. Before each batch the mirror renews it
+  (``LeaseLost`` stops it) and re-reads the position: a position other than
+  the one it wrote last means someone else wrote the target, and the mirror
+  stops with ``Fenced``.
+
+What this cannot fence: the server takes no conditional writes. A mirror
+that stalls (a long GC pause, a frozen VM) after its checks and before its
+writes can still land one batch after a newer mirror took over. That batch
+holds entries the newer mirror also applies, in the same order, so the two
+converge once the newer mirror writes its next batch; but a reader between
+the two may see the older batch's records. Run one mirror per target.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self, TypeVar, cast
+
+import anyio
+import msgspec
+
+from compactor.lease import Lease, LeaseKeeper
+from compactor.replay import Progress, Replay, Replayer
+from deltalog.config import LogConfig
+from deltalog.errors import ConfigurationError, DataError, Fenced, LeaseBusy, Unavailable
+from deltalog.fold import FoldPlan, Record
+from deltalog.log import DeltaLog
+from deltalog.snapshot.archive import read_sidecar
+from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
+from deltalog.snapshot.sink import ApplyStats, ChromaSink
+from deltalog.storage.table import LogState
+
+__all__ = ["CONTROL_COLLECTION", "Mirror", "MirrorPosition", "MirrorResult", "MirrorStatistics"]
+
+log = logging.getLogger("compactor.mirror")
+
+CONTROL_COLLECTION = "deltalog.mirror"
+_CLEANUP_SECONDS = 60.0
+
+T = TypeVar("T")
+Phase = Literal["bootstrapping", "following"]
+Status = Literal["applied", "nothing", "busy"]
+
+
+class MirrorPosition(msgspec.Struct, frozen=True):
+    """The control collection's metadata. Persisted: new fields only with defaults."""
+
+    log: str
+    """The log's id (root prefix and name)."""
+    seq: int
+    phase: Phase = "following"
+    snapshot_key: str = ""
+    """The snapshot the target was bootstrapped from."""
+    token: int = 0
+    """The lease token of the mirror that wrote this position."""
+    owner: str = ""
+    updated_at: float = 0.0
+    format: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStatistics:
+    """Where a mirror is and what it has done since it was created."""
+
+    position: int
+    head: int
+    batches: int
+    entries: int
+    vectors_upserted: int
+    ids_deleted: int
+    ids_patched: int
+    bootstrapped: int
+    """Records copied from the snapshot by a bootstrap."""
+    seconds: float
+    """Time spent bootstrapping and applying."""
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.position)
+
+    @property
+    def vectors_per_second(self) -> float:
+        return (self.vectors_upserted + self.bootstrapped) / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorResult:
+    """What one catch-up did."""
+
+    status: Status
+    log: str
+    target: str
+    position_before: int
+    position_after: int
+    head: int
+    entries: int = 0
+    vectors_upserted: int = 0
+    ids_deleted: int = 0
+    ids_patched: int = 0
+    bootstrapped: int = 0
+    stopped: str = ""
+    """Why reading stopped: ``end``, ``hole``, ``poison``, ``error``; the holder when busy."""
+    seconds: float = 0.0
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.position_after)
+
+    def summary(self) -> str:
+        if self.status == "busy":
+            return f"{self.log} -> {self.target}: lease busy ({self.stopped})"
+        boot = f"bootstrapped {self.bootstrapped} records; " if self.bootstrapped else ""
+        rate = (self.vectors_upserted + self.bootstrapped) / self.seconds if self.seconds else 0.0
+        why = f", stopped at a hole at {self.position_after + 1}" if self.stopped == "hole" else ""
+        return (
+            f"{self.log} -> {self.target}: {boot}position {self.position_before} -> "
+            f"{self.position_after} (head {self.head}, lag {self.lag}){why}: {self.entries} "
+            f"entries, {self.vectors_upserted} vectors upserted, {self.ids_deleted} deleted, "
+            f"{self.ids_patched} patched in {self.seconds:.1f}s ({rate:,.0f} vectors/s)"
+        )
+
+
+@dataclass(slots=True)
+class _Counts:
+    batches: int = 0
+    entries: int = 0
+    vectors: int = 0
+    deletes: int = 0
+    patches: int = 0
+    bootstrapped: int = 0
+    seconds: float = 0.0
+    """Wall time of finished catch-ups."""
+    running_since: float | None = None
+    head: int = 0
+    position: int = 0
+
+
+@dataclass(slots=True)
+class _Session:
+    """One holding of the lease: the server connection and the position last written."""
+
+    keeper: LeaseKeeper
+    lease: Lease
+    sink: ChromaServerSink
+    position: MirrorPosition | None = None
+    applied: list[ApplyStats] = field(default_factory=list)
+
+
+class Mirror:
+    """Mirrors one log into one Chroma server database; see the module docstring."""
+
+    def __init__(
+        self,
+        config: LogConfig,
+        target: ChromaTarget,
+        *,
+        cache_dir: Path | str = Path(".deltalog/cache"),
+        lease_ttl: float = 30.0,
+        prefetch: int = 32,
+        chunk_vectors: int = 10_000,
+        chunk_entries: int = 2_000,
+        max_batch_size: int | None = None,
+        progress: Callable[[MirrorStatistics], None] | None = None,
+        log_handle: DeltaLog | None = None,
+    ) -> None:
+        self.config = config
+        self.target = target
+        self.keys = config.keys
+        self.lease_ttl = lease_ttl
+        self.prefetch = prefetch
+        self.chunk_vectors = chunk_vectors
+        self.chunk_entries = chunk_entries
+        self.max_batch_size = max_batch_size
+        self.progress = progress
+        self.cache = SnapshotCache(Path(cache_dir) / self.keys.log_id.replace("/", "_"))
+        self._log = log_handle
+        self._owns_log = log_handle is None
+        self._counts = _Counts()
+
+    @property
+    def lease_name(self) -> str:
+        return f"mirror:{self.target.id}"
+
+    @property
+    def log(self) -> DeltaLog:
+        if self._log is None:
+            raise RuntimeError("use the mirror as `async with Mirror(...) as mirror`")
+        return self._log
+
+    async def __aenter__(self) -> Self:
+        if self._log is None:
+            self._log = await DeltaLog.connect(self.config)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_log and self._log is not None:
+            log_, self._log = self._log, None
+            await log_.aclose()
+
+    def statistics(self) -> MirrorStatistics:
+        c = self._counts
+        running = time.monotonic() - c.running_since if c.running_since is not None else 0.0
+        return MirrorStatistics(
+            c.position,
+            c.head,
+            c.batches,
+            c.entries,
+            c.vectors,
+            c.deletes,
+            c.patches,
+            c.bootstrapped,
+            c.seconds + running,
+        )
+
+    # -- the two modes ----------------------------------------------------------
+
+    async def run_once(self) -> MirrorResult:
+        """Catch the target up to the log's head (up to the first hole), then release."""
+        try:
+            session = await self._open_session()
+        except LeaseBusy as exc:
+            return self._busy(exc)
+        return await self._holding(session, self._catch_up)
+
+    async def _holding(self, session: _Session, work: Callable[[_Session], Awaitable[T]]) -> T:
+        """Run ``work`` under the session's lease and heartbeat; close the session after.
+
+        A failure is raised as itself, not as a task group's exception group.
+        """
+        failure: Exception | None = None
+        result: T | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(session.keeper.heartbeat, session.lease, tg.cancel_scope)
+                try:
+                    result = await work(session)
+                except Exception as exc:
+                    failure = exc
+                tg.cancel_scope.cancel()
+        finally:
+            await self._close_session(session)
+        session.lease.check()
+        if failure is not None:
+            raise failure
+        return cast("T", result)
+
+    async def follow(
+        self,
+        *,
+        poll_min: float = 0.5,
+        poll_max: float = 10.0,
+        on_result: Callable[[MirrorResult], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """Catch up, then keep following the log until cancelled (``LeaseBusy`` if held)."""
+        session = await self._open_session()
+
+        async def work(session: _Session) -> None:
+            await self._follow(session, poll_min, poll_max, on_result, on_error)
+
+        await self._holding(session, work)
+
+    async def _follow(
+        self,
+        session: _Session,
+        poll_min: float,
+        poll_max: float,
+        on_result: Callable[[MirrorResult], None] | None,
+        on_error: Callable[[Exception], None] | None,
+    ) -> None:
+        delay = poll_min
+        while True:
+            try:
+                result = await self._catch_up(session)
+            except (Unavailable, DataError) as exc:
+                # A server or store outage, or a poison entry waiting for a
+                # quarantine: report it and keep trying at the slowest pace.
+                if on_error is not None:
+                    on_error(exc)
+                log.error("%s: %s", self.config.log, exc)
+                await anyio.sleep(poll_max)
+                continue
+            if on_result is not None and result.status != "nothing":
+                on_result(result)
+            if result.status == "applied" and result.stopped != "hole":
+                delay = poll_min
+                continue
+            await anyio.sleep(delay)
+            delay = min(poll_max, delay * 2)
+
+    # -- the session: lease and connection --------------------------------------
+
+    async def _open_session(self) -> _Session:
+        keeper = LeaseKeeper(
+            self.log.table, self.keys.log_id, ttl=self.lease_ttl, name=self.lease_name
+        )
+        lease = await keeper.acquire()
+        try:
+            sink = await ChromaServerSink.connect(
+                self.target,
+                control=CONTROL_COLLECTION,
+                log=self.config.log,
+                max_batch_size=self.max_batch_size,
+            )
+        except BaseException:
+            await keeper.release(lease)
+            raise
+        return _Session(keeper, lease, sink)
+
+    async def _close_session(self, session: _Session) -> None:
+        with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
+            try:
+                await session.sink.aclose()
+            finally:
+                if session.lease.lost is None:
+                    await session.keeper.release(session.lease)
+
+    def _busy(self, exc: LeaseBusy) -> MirrorResult:
+        return MirrorResult("busy", self.config.log, self.target.id, 0, 0, 0, stopped=exc.message)
+
+    # -- catching up --------------------------------------------------------------
+
+    async def _catch_up(self, session: _Session) -> MirrorResult:
+        started = self._counts.running_since = time.monotonic()
+        try:
+            return await self._catch_up_timed(session, started)
+        finally:
+            self._counts.seconds += time.monotonic() - started
+            self._counts.running_since = None
+
+    async def _catch_up_timed(self, session: _Session, started: float) -> MirrorResult:
+        head = await self.log.head()
+        self._counts.head = head
+        session.sink.dims = await self.log.table.read_dims(self.keys.log_id)
+        boot_before = self._counts.bootstrapped
+        position = await self._start(session)
+        before = position.seq
+        replay = Replay(after=position.seq, last_seq=position.seq, stopped="end")
+        if head > position.seq:
+            replay = await self._replay(session, position.seq)
+            if replay.error is not None and not replay.advanced:
+                raise replay.error
+        seconds = time.monotonic() - started
+        bootstrapped = self._counts.bootstrapped - boot_before
+        moved = replay.advanced or bootstrapped > 0
+        return MirrorResult(
+            "applied" if moved else "nothing",
+            self.config.log,
+            self.target.id,
+            before,
+            replay.last_seq,
+            max(head, replay.last_seq),
+            entries=replay.entries,
+            vectors_upserted=replay.vectors_upserted,
+            ids_deleted=replay.ids_deleted,
+            ids_patched=replay.ids_patched,
+            bootstrapped=bootstrapped,
+            stopped=replay.stopped,
+            seconds=seconds,
+        )
+
+    async def _start(self, session: _Session) -> MirrorPosition:
+        """The position to follow from, bootstrapping the target if it has none."""
+        position = await self._read_position(session)
+        session.position = position
+        if position is not None and position.seq > self._counts.head:
+            raise Fenced(
+                f"{self.target.url} holds the log up to seq {position.seq}, ahead of the log "
+                f"(head {self._counts.head}): it was written from another log or by hand. "
+                "Stopping: mirror into an empty database",
+                log=self.config.log,
+            )
+        if position is None or position.phase == "bootstrapping":
+            position = await self._bootstrap(session, restart=position is not None)
+        return position
+
+    async def _read_position(self, session: _Session) -> MirrorPosition | None:
+        raw = await session.sink.read_control()
+        if raw is None:
+            return None
+        try:
+            position = msgspec.convert(raw, MirrorPosition)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(
+                f"the collection {CONTROL_COLLECTION!r} on {self.target.url} is not a "
+                f"deltalog mirror's ({exc}): mirror into another database",
+                log=self.config.log,
+            ) from exc
+        if position.log != self.keys.log_id:
+            raise ConfigurationError(
+                f"{self.target.url} ({self.target.tenant}/{self.target.database}) mirrors the "
+                f"log {position.log!r}, not {self.keys.log_id!r}: use another database",
+                log=self.config.log,
+            )
+        return position
+
+    async def _write_position(
+        self, session: _Session, seq: int, phase: Phase = "following", snapshot_key: str = ""
+    ) -> None:
+        old = session.position
+        position = MirrorPosition(
+            log=self.keys.log_id,
+            seq=seq,
+            phase=phase,
+            snapshot_key=snapshot_key or (old.snapshot_key if old else ""),
+            token=session.lease.token,
+            owner=session.lease.owner,
+            updated_at=time.time(),
+        )
+        await session.sink.write_control(msgspec.to_builtins(position))
+        session.position = position
+        self._counts.position = seq
+
+    async def _check_position(self, session: _Session) -> None:
+        """Before a batch: the lease is still ours and the target is where we left it."""
+        await session.keeper.renew(session.lease)
+        now = await self._read_position(session)
+        mine = session.position
+        if now is None or mine is None or (now.seq, now.token) != (mine.seq, mine.token):
+            found = "no position" if now is None else f"position {now.seq} (token {now.token})"
+            expected = mine.seq if mine else 0
+            ahead = now is not None and now.seq > expected
+            raise Fenced(
+                f"{self.target.url} holds {found}, not this mirror's position {expected}"
+                + (": the server is ahead of this mirror" if ahead else "")
+                + "; another writer changed it. Stopping: run one mirror per target",
+                log=self.config.log,
+            )
+
+    # -- bootstrap ----------------------------------------------------------------
+
+    async def _bootstrap(self, session: _Session, *, restart: bool) -> MirrorPosition:
+        sink = session.sink
+        if restart:
+            for name in await sink.collections():
+                await sink.drop(name)
+        else:
+            await self._check_empty(sink)
+        state = await self.log.table.read_state(self.keys.log_id)
+        await self._write_position(
+            session, 0, phase="bootstrapping", snapshot_key=state.snapshot_key or ""
+        )
+        seq = await self._load_snapshot(session, state)
+        await self._write_position(session, seq, snapshot_key=state.snapshot_key or "")
+        assert session.position is not None
+        return session.position
+
+    async def _check_empty(self, sink: ChromaServerSink) -> None:
+        names = await sink.collections()
+        await sink.check(names)
+        counts = await sink.counts()
+        held = {name: n for name, n in counts.items() if n}
+        if held:
+            listed = ", ".join(f"{name} ({n})" for name, n in sorted(held.items()))
+            raise ConfigurationError(
+                f"{self.target.url} ({self.target.tenant}/{self.target.database}) holds records "
+                f"no mirror wrote: {listed}. A mirror bootstraps an empty database: delete "
+                "them or use another database",
+                log=self.config.log,
+            )
+
+    async def _load_snapshot(self, session: _Session, state: LogState) -> int:
+        """Copy the published snapshot into the target; return the seq it holds."""
+        if state.snapshot_key is None or state.snapshot_sha256 is None:
+            return 0
+        path = await self.cache.committed(
+            self.log.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
+        )
+        sidecar = await anyio.to_thread.run_sync(
+            lambda: read_sidecar(path, key=state.snapshot_key or "", log=self.config.log)
+        )
+        work = await anyio.to_thread.run_sync(self.cache.working_copy, path)
+        try:
+            snapshot = await ChromaSink.open(work, log=self.config.log)
+            try:
+                await self._copy(session, snapshot)
+            finally:
+                with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
+                    await snapshot.aclose()
+        finally:
+            with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
+                await anyio.to_thread.run_sync(self.cache.discard, work)
+        return sidecar.hwm
+
+    async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
+        sink = session.sink
+        names = await snapshot.collections()
+        await sink.check(names)
+        for name in names:
+            sink.settings[name] = await snapshot.hnsw(name)
+            await sink.add(name, [])  # creates it, empty ones included
+            async for page in snapshot.pages(name):
+                session.lease.check()
+                await sink.add(name, page)
+                self._counts.bootstrapped += len(page)
+                self._report()
+
+    # -- following ----------------------------------------------------------------
+
+    async def _replay(self, session: _Session, after: int) -> Replay:
+        quarantined = await self.log.table.read_quarantined(self.keys.log_id)
+        replayer = Replayer(
+            self.log,
+            prefetch=self.prefetch,
+            chunk_vectors=self.chunk_vectors,
+            chunk_entries=self.chunk_entries,
+            progress=self._on_replay,
+        )
+        return await replayer.run(_Batches(self, session), after=after, quarantined=quarantined)
+
+    def _on_replay(self, progress: Progress) -> None:
+        self._report()
+
+    async def apply_batch(self, session: _Session, plan: FoldPlan) -> ApplyStats:
+        """One batch: check the lease and the position, apply, write the new position."""
+        assert plan.last_seq is not None
+        await self._check_position(session)
+        unknown = [name for name in plan.collections if name not in session.sink.dims]
+        if unknown:
+            session.sink.dims = await self.log.table.read_dims(self.keys.log_id)
+        await session.sink.check(list(plan.collections))
+        stats = await session.sink.apply(plan)
+        await self._write_position(session, plan.last_seq)
+        self._count(plan, stats)
+        return stats
+
+    def _count(self, plan: FoldPlan, stats: ApplyStats) -> None:
+        c = self._counts
+        c.batches += 1
+        c.entries += plan.entries
+        c.vectors += plan.vectors_upserted
+        c.deletes += plan.ids_deleted
+        c.patches += plan.ids_patched
+        c.head = max(c.head, c.position)
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.statistics())
+
+
+class _Batches:
+    """The sink the replay applies to: each plan is one mirror batch."""
+
+    def __init__(self, mirror: Mirror, session: _Session) -> None:
+        self.mirror = mirror
+        self.session = session
+
+    async def apply(self, plan: FoldPlan) -> ApplyStats:
+        return await self.mirror.apply_batch(self.session, plan)
+
+    async def counts(self) -> dict[str, int]:
+        return await self.session.sink.counts()
+
+    async def records(self, collection: str) -> list[Record]:
+        return await self.session.sink.records(collection)
+
+    async def collections(self) -> list[str]:
+        return await self.session.sink.collections()
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,429 @@
+"""The mirror against a real ``chroma run`` server, the log on moto's server.
+
+The server's state is read back with a plain ``chromadb.HttpClient`` and
+compared with ``reference_state``: the log applied op by op in Python,
+independently of the fold and of the mirror.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+
+from compactor import Compactor
+from compactor.mirror import CONTROL_COLLECTION, Mirror
+from deltalog import Delete, Delta, DeltaLog, LogConfig, UpdateMetadata, Upsert
+from deltalog.cli import main
+from deltalog.cli.soak import ChildProcess, ChildProcesses
+from deltalog.errors import ConfigurationError, Fenced
+from deltalog.fold import FoldPlan, Record, State
+from deltalog.snapshot.server import ChromaTarget
+from deltalog.snapshot.sink import ApplyStats
+from deltalog.storage.endpoint import FAKE_CREDENTIALS
+from tests.chroma_server import ChromaServer, free_port
+from tests.compaction import assert_states_equal, reference
+
+DIMS = {"words": 8, "lines": 4}
+
+
+@pytest.fixture(scope="module")
+def chroma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChromaServer]:
+    with ChromaServer(tmp_path_factory.mktemp("chroma") / "db") as server:
+        yield server
+
+
+@pytest.fixture
+def target(chroma: ChromaServer) -> ChromaTarget:
+    return ChromaTarget(chroma.url, database=chroma.new_database())
+
+
+def random_delta(rng: np.random.Generator, pool: int = 40) -> Delta:
+    """Upserts (with and without documents and metadata), deletes and patches."""
+    ops: list[Upsert | Delete | UpdateMetadata] = []
+    for _ in range(int(rng.integers(1, 4))):
+        collection = str(rng.choice(list(DIMS)))
+        ids = sorted({f"{collection[0]}{int(i)}" for i in rng.integers(0, pool, 6)})
+        kind = rng.random()
+        if kind < 0.55:
+            n = len(ids)
+            ops.append(
+                Upsert(
+                    collection,
+                    ids,
+                    rng.standard_normal((n, DIMS[collection]), dtype=np.float32),
+                    documents=[f"doc {i} {rng.integers(100)}" for i in ids]
+                    if rng.random() < 0.7
+                    else None,
+                    metadatas=[{"k": int(rng.integers(5)), "s": "x", "f": 0.25} for _ in ids]
+                    if rng.random() < 0.7
+                    else None,
+                )
+            )
+        elif kind < 0.75:
+            ops.append(Delete(collection, ids))
+        else:
+            patches: list[dict[str, Any]] = [
+                {"k": None, "p": int(rng.integers(9))} if rng.random() < 0.5 else {"s": None}
+                for _ in ids
+            ]
+            ops.append(UpdateMetadata(collection, ids, patches))
+    return Delta(ops=ops)
+
+
+def server_state(chroma: ChromaServer, target: ChromaTarget) -> State:
+    """Every record on the server, read with a plain chromadb client (control excluded)."""
+    state: State = {}
+    with chroma.client(target.database) as client:
+        for collection in client.list_collections():
+            if collection.name == CONTROL_COLLECTION:
+                continue
+            got = collection.get(include=["embeddings", "documents", "metadatas"])
+            vectors = np.asarray(got["embeddings"], dtype=np.float64).astype(np.float32)
+            state[collection.name] = {
+                id_: Record(id_, vectors[i], got["documents"][i], got["metadatas"][i] or None)
+                for i, id_ in enumerate(got["ids"])
+            }
+    return state
+
+
+def position(chroma: ChromaServer, target: ChromaTarget) -> dict[str, Any] | None:
+    with chroma.client(target.database) as client:
+        names = [c.name for c in client.list_collections()]
+        if CONTROL_COLLECTION not in names:
+            return None
+        return dict(client.get_collection(CONTROL_COLLECTION).metadata or {})
+
+
+async def seq_on(chroma: ChromaServer, target: ChromaTarget) -> int:
+    """The position on the server (0 without one), read in a worker thread."""
+    control = await anyio.to_thread.run_sync(position, chroma, target)
+    return int((control or {}).get("seq", 0))
+
+
+async def until_seq(
+    chroma: ChromaServer, target: ChromaTarget, seq: int, child: ChildProcess | None = None
+) -> None:
+    """Until the server's position is at least ``seq`` (bounded)."""
+    with anyio.fail_after(60):
+        while await seq_on(chroma, target) < seq:
+            assert child is None or child.returncode is None, child and child.stderr()
+            await anyio.sleep(0.01)
+
+
+async def append_random(log: DeltaLog, rng: np.random.Generator, n: int) -> None:
+    for _ in range(n):
+        await log.append(random_delta(rng))
+
+
+async def test_the_server_equals_the_reference_fold_from_a_bootstrap_and_on(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 25)
+    async with Compactor(config, cache_dir=tmp_path / "c") as compactor:
+        assert (await compactor.run_once()).status == "applied"
+    await append_random(log, rng, 15)  # a tail the snapshot does not hold
+    async with Mirror(config, target, cache_dir=tmp_path / "m", chunk_entries=4) as mirror:
+        first = await mirror.run_once()
+        assert first.status == "applied"
+        assert first.bootstrapped > 0, "an empty server is filled from the snapshot"
+        assert (first.position_before, first.position_after) == (25, 40)
+        assert_states_equal(server_state(chroma, target), await reference(log))
+        await append_random(log, rng, 20)
+        second = await mirror.run_once()
+        assert (second.position_before, second.position_after, second.bootstrapped) == (40, 60, 0)
+        assert_states_equal(server_state(chroma, target), await reference(log))
+        assert (await mirror.run_once()).status == "nothing"
+        stats = mirror.statistics()
+        assert (stats.position, stats.lag) == (60, 0)
+        assert stats.batches >= 8 and stats.vectors_per_second > 0
+    control = position(chroma, target)
+    assert control is not None
+    assert (control["seq"], control["phase"], control["log"]) == (60, "following", config.log)
+    lease = await log.table.read_lease(log.keys.log_id, f"mirror:{target.id}")
+    assert lease.owner is None, "the lease is released"
+
+
+async def test_an_empty_log_bootstraps_nothing_and_later_entries_arrive(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        assert (await mirror.run_once()).status == "nothing"
+        assert position(chroma, target) is not None
+        await append_random(log, rng, 10)
+        assert (await mirror.run_once()).position_after == 10
+    assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+async def test_kill_9_mid_batch_then_a_restart_converges(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 120)
+    argv = [
+        *_cli(config, target, tmp_path / "child"),
+        "--once",
+        "--lease-ttl",
+        "4",
+        "--batch-entries",
+        "2",
+        "-q",
+    ]
+    with ChildProcesses(tmp_path / "logs", env=FAKE_CREDENTIALS) as children:
+        child = children.start("mirror", [sys.executable, "-m", "deltalog", *argv])
+        await until_seq(chroma, target, 20, child)  # until a few batches have landed
+        child.kill()  # kill -9, in the middle of its batches
+        with anyio.fail_after(10):
+            await child.exited()
+    killed_at = (position(chroma, target) or {})["seq"]
+    assert 20 <= killed_at < 120, "the kill must land before the mirror finished"
+    async with Mirror(config, target, cache_dir=tmp_path / "again", lease_ttl=4) as mirror:
+        with anyio.fail_after(60):  # the dead mirror's lease expires by itself
+            while (result := await mirror.run_once()).status == "busy":
+                assert result.stopped, "busy names the holder"
+                await anyio.sleep(0.2)
+    assert result.position_before == killed_at and result.position_after == 120
+    assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+def _cli(config: LogConfig, target: ChromaTarget, cache: Path) -> list[str]:
+    return [
+        "mirror",
+        "--bucket",
+        config.bucket,
+        "--table",
+        config.table,
+        "--log",
+        config.log,
+        "--endpoint-url",
+        config.endpoint_url or "",
+        "--chroma-url",
+        target.url,
+        "--database",
+        target.database,
+        "--cache-dir",
+        str(cache),
+    ]
+
+
+async def test_a_second_mirror_of_the_same_target_exits_busy(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await append_random(log, rng, 5)
+    async with (
+        Mirror(config, target, cache_dir=tmp_path / "a") as first,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: first.follow(poll_min=0.05, poll_max=0.2))
+        await until_seq(chroma, target, 5)
+        args = [*_cli(config, target, tmp_path / "b"), "--once"]
+        code = await anyio.to_thread.run_sync(main, args)
+        assert code == 3
+        assert "lease busy" in capsys.readouterr().out
+        await append_random(log, rng, 3)  # the first one keeps following
+        await until_seq(chroma, target, 8)
+        tg.cancel_scope.cancel()
+    assert_states_equal(server_state(chroma, target), await reference(log))
+    lease = await log.table.read_lease(log.keys.log_id, f"mirror:{target.id}")
+    assert lease.owner is None, "a cancelled follow releases its lease"
+
+
+async def test_an_unreachable_server_is_a_typed_error_and_changes_nothing(
+    log: DeltaLog, config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    await append_random(log, rng, 3)
+    target = ChromaTarget(f"http://127.0.0.1:{free_port()}")
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        with pytest.raises(ConfigurationError, match="cannot use the Chroma server"):
+            await mirror.run_once()
+    lease = await log.table.read_lease(log.keys.log_id, f"mirror:{target.id}")
+    assert (lease.owner, lease.token) == (None, 1), "taken, then given back"
+
+
+async def test_a_collection_of_another_dimension_is_refused_and_nothing_changes(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 5)
+    with chroma.client(target.database) as client:
+        words = client.create_collection("words", embedding_function=None)
+        words.add(ids=["mine"], embeddings=np.ones((1, 3), np.float32), documents=["kept"])
+    before = server_state(chroma, target)
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        with pytest.raises(ConfigurationError, match=r"3-dimensional.*log's are 8"):
+            await mirror.run_once()
+    assert position(chroma, target) is None
+    assert_states_equal(server_state(chroma, target), before)
+    with chroma.client(target.database) as client:
+        assert [c.name for c in client.list_collections()] == ["words"]
+
+
+async def test_a_server_that_holds_foreign_records_is_refused(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 2)
+    with chroma.client(target.database) as client:
+        other = client.create_collection("other", embedding_function=None)
+        other.add(ids=["x"], embeddings=np.ones((1, 3), np.float32))
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        with pytest.raises(ConfigurationError, match=r"holds records no mirror wrote: other \(1\)"):
+            await mirror.run_once()
+    assert position(chroma, target) is None
+
+
+async def test_a_server_ahead_of_the_mirror_stops_it(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 4)
+    async with Mirror(config, target, cache_dir=tmp_path, chunk_entries=1) as mirror:
+        await mirror.run_once()
+        set_seq(chroma, target, 9)  # another writer, or another log's mirror
+        await append_random(log, rng, 2)
+        with pytest.raises(Fenced, match="ahead of the log"):
+            await mirror.run_once()
+    assert (position(chroma, target) or {})["seq"] == 9, "the mirror wrote nothing more"
+
+
+def set_seq(chroma: ChromaServer, target: ChromaTarget, seq: int) -> None:
+    with chroma.client(target.database) as client:
+        control = client.get_collection(CONTROL_COLLECTION)
+        control.modify(metadata={**(control.metadata or {}), "seq": seq})
+
+
+class Tampered(Mirror):
+    """A mirror whose target is moved by someone else just before its second batch."""
+
+    batches = 0
+    chroma: ChromaServer
+
+    async def apply_batch(self, session: Any, plan: FoldPlan) -> ApplyStats:
+        self.batches += 1
+        if self.batches == 2:
+            assert plan.last_seq is not None
+            await anyio.to_thread.run_sync(set_seq, self.chroma, self.target, plan.last_seq)
+        return await super().apply_batch(session, plan)
+
+
+async def test_a_position_moved_under_the_mirror_stops_it_before_the_next_batch(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 4)
+    async with Tampered(config, target, cache_dir=tmp_path, chunk_entries=1) as mirror:
+        mirror.chroma = chroma
+        with pytest.raises(Fenced, match="server is ahead of this mirror"):
+            await mirror.run_once()
+    assert mirror.statistics().batches == 1
+    assert (position(chroma, target) or {})["seq"] == 2, "the mirror wrote nothing more"
+
+
+async def test_an_interrupted_bootstrap_starts_again_from_scratch(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 6)
+    async with Compactor(config, cache_dir=tmp_path / "c") as compactor:
+        await compactor.run_once()
+    with chroma.client(target.database) as client:
+        stray = client.create_collection("lines", embedding_function=None)
+        stray.add(ids=["half-copied"], embeddings=np.ones((1, 4), np.float32))
+        client.create_collection(
+            CONTROL_COLLECTION, metadata={"log": config.log, "seq": 0, "phase": "bootstrapping"}
+        )
+    async with Mirror(config, target, cache_dir=tmp_path / "m") as mirror:
+        assert (await mirror.run_once()).position_after == 6
+    assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+async def test_the_cloud_client_path_takes_the_key_from_the_environment(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``CHROMA_API_KEY`` set: chromadb's ``CloudClient`` (here against ``chroma run``).
+
+    The client asks the server which databases the key may use: a local server
+    answers with its default database, the one test here that writes there.
+    """
+    monkeypatch.setenv("CHROMA_API_KEY", "ck-test")
+    target = ChromaTarget(chroma.url)
+    await append_random(log, rng, 3)
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        await mirror.run_once()
+    assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+async def test_follow_stops_cleanly_on_sigterm(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await append_random(log, rng, 4)
+    argv = [sys.executable, "-m", "deltalog", *_cli(config, target, tmp_path), "--poll-max", "0.5"]
+    with ChildProcesses(tmp_path / "logs", env=FAKE_CREDENTIALS) as children:
+        child = children.start("mirror", argv)
+        await until_seq(chroma, target, 4, child)
+        await append_random(log, rng, 3)
+        await until_seq(chroma, target, 7, child)
+        child.popen.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            assert await child.exited() == 0, child.stderr()
+    assert "stopped at position 7 (lag 0); lease released" in child.stderr()
+    lease = await log.table.read_lease(log.keys.log_id, f"mirror:{target.id}")
+    assert lease.owner is None
+    assert_states_equal(server_state(chroma, target), await reference(log))
