@@ -1,15 +1,17 @@
-"""The receipts commands (``ingest`` is tested with the ingest module): ``query``.
+"""``deltalog ingest`` and ``deltalog query`` end to end.
 
-Runs ``deltalog.cli.main`` in this process against moto's server and real
-Chroma, with the offline hashing embedder: the query command embeds its
-text with the embedder the receipts were ingested with, so a word's own
-input text finds that word at distance 0.
+On moto's S3 + DynamoDB server (a child process on loopback) and real
+Chroma, through ``deltalog.cli.main`` in this process: with the WordLlama
+embedder (every connection off loopback refused: the model loads from the
+installed wheel and nothing is downloaded), and with the offline hashing
+embedder, where a word's own input text finds that word at distance 0.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +22,78 @@ from deltalog.cli import main
 from deltalog.receipts.embed import HashingEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.model import Receipt, word_inputs, word_records, write_jsonl
+from deltalog.receipts.wordllama import NORMALISATION
+from tests.network import NetworkGuard, no_network
 
 DIM = 16
+WORDLLAMA = f"wordllama:l2_supercat:256:{NORMALISATION}"
+
+
+@pytest.fixture
+def loopback_only() -> Iterator[NetworkGuard]:
+    with no_network(loopback=True) as guard:
+        yield guard
+    assert guard.attempts == []
 
 
 def where(config: LogConfig) -> list[str]:
     return [
-        "--bucket", config.bucket, "--table", config.table, "--log", config.log,
-        "--endpoint-url", str(config.endpoint_url),
-    ]  # fmt: skip
+        *("--bucket", config.bucket, "--table", config.table, "--log", config.log),
+        *("--endpoint-url", str(config.endpoint_url)),
+    ]
+
+
+def query(config: LogConfig, text: str, *flags: str) -> list[str]:
+    search = ["--collection", "words", "--text", text, "--consistency", "fresh"]
+    return ["query", *search, *flags, *where(config)]
+
+
+def test_ingest_and_query_with_wordllama(
+    config: LogConfig,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    loopback_only: NetworkGuard,
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # auto: WordLlama
+    path = tmp_path / "receipts.jsonl"
+    write_jsonl(path, generate_receipts(6, seed=14))
+    assert main(["ingest", str(path), "-q", *where(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"embedder {WORDLLAMA} (256 dims): WordLlama" in out
+    assert "deltas written" in out
+
+    assert main(query(config, "grand total", "-k", "6", "--json")) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert "TOTAL" in found["documents"][0]  # the words of '**** TOTAL 12.34' lines
+    assert main(query(config, "grand total", "--embedder", "wordllama")) == 0
+    assert f"words like 'grand total', embedded with {WORDLLAMA}" in capsys.readouterr().out
+
+    assert main(["ingest", str(path), "-q", "--embedder", "wordllama", *where(config)]) == 0
+    assert re.search(r"^duplicates skipped\s+6$", capsys.readouterr().out, re.M)
+
+
+def test_switching_embedders_on_a_log_is_refused(
+    config: LogConfig,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    loopback_only: NetworkGuard,
+) -> None:
+    path = tmp_path / "receipts.jsonl"
+    write_jsonl(path, generate_receipts(2, seed=15))
+    assert main(["ingest", str(path), "-q", "--embedder", "wordllama", *where(config)]) == 0
+    capsys.readouterr()
+
+    assert main(["ingest", str(path), "-q", "--embedder", "hash", *where(config)]) == 1
+    err = capsys.readouterr().err
+    assert "DimensionMismatch: collection 'words': holds 256-dimensional vectors" in err
+    assert "the embedder hashing-v1 has 384" in err
+    assert "start a new log (another --log name)" in err and "rebuild" in err
+
+    assert main(query(config, "grand total", "--embedder", "hash")) == 1
+    err = capsys.readouterr().err
+    assert "holds 256-dimensional vectors" in err
+    assert "the query, embedded with hashing-v1, has 384" in err
 
 
 def a_unique_word(receipts: list[Receipt]) -> tuple[Receipt, str, str]:
@@ -60,13 +125,13 @@ def test_query_command_fresh_json_then_snapshot_table(
     )
     receipt, text, word_id = a_unique_word(receipts)
     merchant = receipt.merchant_name
-    query = ["query", "--collection", "words", "--text", text, "-k", "4",
+    search = ["query", "--collection", "words", "--text", text, "-k", "4",
              "--embedder", "hash", "--dim", str(DIM), "--cache-dir", str(tmp_path / "cache"),
              "--where", f"merchant_name={merchant}", "--where", f"receipt_id={receipt.receipt_id}",
              *where(config)]  # fmt: skip
     capsys.readouterr()
 
-    assert main([*query, "--consistency", "fresh", "--json"]) == 0
+    assert main([*search, "--consistency", "fresh", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"ids", "distances", "documents", "metadatas"}
     ids, distances = result["ids"][0], result["distances"][0]
@@ -77,13 +142,13 @@ def test_query_command_fresh_json_then_snapshot_table(
     words = {w.text for w in receipt.words}
     assert set(result["documents"][0]) <= words, "the stored document is the word itself"
 
-    assert main([*query, "--consistency", "snapshot"]) == 0
+    assert main([*search, "--consistency", "snapshot"]) == 0
     assert capsys.readouterr().out == "no results\n", "nothing is compacted yet"
 
     compact = ["compact", "--cache-dir", str(tmp_path / "compactor"), "-q", *where(config)]
     assert main(compact) == 0
     capsys.readouterr()
-    assert main(query) == 0  # snapshot consistency is the default
+    assert main(search) == 0  # snapshot consistency is the default
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if re.match(r"^\s*#\s*\|\s*distance\b", line))
     assert re.split(r"\s*\|\s*", lines[header].strip()) == [
