@@ -10,7 +10,7 @@ adds:
   (default ``DELTALOG_LOG``); the first is the default log;
 - ``DELTALOG_CACHE_DIR``: the snapshot cache of the compactor and of
   queries (default ``/tmp/deltalog``: Lambda's only writable directory);
-- ``DELTALOG_EMBEDDER`` (``auto``, ``openai``, ``hash``) and
+- ``DELTALOG_EMBEDDER`` (``auto``, ``openai``, ``wordllama``, ``hash``) and
   ``DELTALOG_EMBEDDER_DIM`` (0: the model's own);
 - ``DELTALOG_OPENAI_KEY_SECRET`` (a Secrets Manager secret) or
   ``DELTALOG_OPENAI_KEY_PARAMETER`` (an SSM SecureString parameter): where

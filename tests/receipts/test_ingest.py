@@ -7,6 +7,7 @@ OpenAI client against the local OpenAI-compatible server.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from deltalog import DeltaLog, LogConfig
 from deltalog.cli import main
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.entry import Delete, Delta, UpdateMetadata, Upsert
-from deltalog.errors import ConfigurationError, InvalidInput, Unavailable
+from deltalog.errors import ConfigurationError, DimensionMismatch, InvalidInput, Unavailable
 from deltalog.receipts.embed import HashingEmbedder, OpenAIEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import (
@@ -306,15 +307,31 @@ async def test_skip_reports_bad_lines_and_ingests_the_rest(
 
 
 async def test_a_receipt_the_log_refuses_stops_at_its_line(
+    config: LogConfig, receipts: list[Receipt], tmp_path: Path
+) -> None:
+    small = dataclasses.replace(config, max_delta_bytes=4096)  # no receipt's delta fits
+    path = jsonl(tmp_path / "b.jsonl", encode_receipt(receipts[1]))
+    async with DeltaLog.open(small) as log:
+        with pytest.raises(InvalidReceipt, match=r"b\.jsonl:1: .*over max_delta_bytes"):
+            await ingest_file(path, log, HashingEmbedder(DIM))
+        skipped = await ingest_file(path, log, HashingEmbedder(DIM), on_error="skip")
+        assert (skipped.receipts, skipped.errors) == (0, 1)
+        assert await log.head() == 0
+
+
+async def test_an_embedder_of_another_dimension_is_refused_before_any_embedding(
     log: DeltaLog, receipts: list[Receipt], tmp_path: Path
 ) -> None:
     first = jsonl(tmp_path / "a.jsonl", encode_receipt(receipts[0]))
     await ingest_file(first, log, HashingEmbedder(DIM))
-    other_dim = jsonl(tmp_path / "b.jsonl", encode_receipt(receipts[1]))
-    with pytest.raises(InvalidReceipt, match=r"b\.jsonl:1: .*16-dimensional"):
-        await ingest_file(other_dim, log, HashingEmbedder(DIM * 2))
-    skipped = await ingest_file(other_dim, log, HashingEmbedder(DIM * 2), on_error="skip")
-    assert (skipped.receipts, skipped.errors) == (0, 1)
+    other = jsonl(tmp_path / "b.jsonl", *(encode_receipt(r) for r in receipts[1:4]))
+    for on_error in ("stop", "skip"):  # not a bad line: the run stops whatever on_error says
+        embedder = HashingEmbedder(DIM * 2)
+        with pytest.raises(DimensionMismatch) as refused:
+            await ingest_file(other, log, embedder, on_error=on_error)
+        assert (refused.value.known, refused.value.got) == (DIM, DIM * 2)
+        assert "the embedder hashing-v1 has 32" in str(refused.value)
+        assert embedder.statistics().texts == 0
     assert await upserted_receipts(log) == {key_of(receipts[0])}
 
 
@@ -348,29 +365,20 @@ async def test_invalid_api_key_stops_with_one_clear_error(
 async def test_an_outage_stops_the_run_with_one_clear_error(
     log: DeltaLog, openai_server: OpenAIServer, receipts: list[Receipt], tmp_path: Path
 ) -> None:
-    """The embedding service goes down after two receipts: the run stops, even when skipping."""
+    """The embedding service goes down after two requests: the run stops, even when skipping."""
     path = tmp_path / "r.jsonl"
     write_jsonl(path, receipts)
     embedder = OpenAIEmbedder(
         api_key=API_KEY, base_url=openai_server.url, dimensions=DIM, max_retries=1
     )
     skipped: list[InvalidReceipt] = []
-    openai_server.hold()
-    openai_server.release(2)  # two receipts are embedded (one request each, one at a time)
-
-    async def down_from_the_third_request() -> None:
-        await anyio.to_thread.run_sync(openai_server.wait_for_requests, 3)
-        openai_server.outage = True
-        openai_server.release(100)
-
+    openai_server.outage_after = 2
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(down_from_the_third_request)
-            with pytest.raises(Unavailable) as raised:
-                await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
-                                  on_skip=skipped.append)  # fmt: skip
+        with pytest.raises(Unavailable) as raised:
+            await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
+                              on_skip=skipped.append)  # fmt: skip
     finally:
-        openai_server.outage = False
+        openai_server.outage_after = None
         await embedder.aclose()
     assert str(raised.value).startswith("OpenAI embeddings failed after retries (HTTP 503)")
     assert skipped == [], "an outage is not a bad line"
