@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -35,10 +34,10 @@ from deltalog.entry import Seal
 from deltalog.errors import UntrustedEntry
 from deltalog.fold import fold
 from deltalog.snapshot.sink import ChromaSink
-from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import Commit, LogState
 from tests.builders import delete, delta, patch
+from tests.commands import Run, cli_env
 from tests.compaction import (
     assert_states_equal,
     committed_state,
@@ -50,23 +49,6 @@ from tests.compaction import (
     until_reached,
     until_stopped,
 )
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def _env() -> dict[str, str]:
-    """The test process's environment without deltalog or AWS location settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DELTALOG_", "AWS_ENDPOINT_URL", "AWS_PROFILE"))
-    }
-    return {**env, **FAKE_CREDENTIALS}
 
 
 def _where(config: LogConfig, log: str | None = None) -> list[str]:
@@ -103,7 +85,7 @@ class Cli:
     ) -> Run:
         """Run ``command``; ``env`` adds to the environment, ``config`` says where (a proxy)."""
         argv = replace(self, config=config or self.config).argv(command, *args)
-        done = await anyio.run_process(argv, env={**_env(), **(env or {})}, check=False)
+        done = await anyio.run_process(argv, env=cli_env(**(env or {})), check=False)
         return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
 
     async def status(self) -> dict[str, Any]:
@@ -346,7 +328,7 @@ async def test_rebuild_publish_waits_for_a_followers_lease_and_both_go_on(
         FaultProxy(config.endpoint_url or "") as watcher,
     ):
         # Inside the proxies: the follower is killed before they close.
-        with ChildProcesses(tmp_path / "children", env=_env()) as children:
+        with ChildProcesses(tmp_path / "children", env=cli_env()) as children:
             watcher.script(Fault.DELAY, when=refused_then_read)
             argv = compactor_argv(
                 replace(config, endpoint_url=follower_url),
@@ -450,7 +432,7 @@ async def _drain(stream: anyio.abc.ByteReceiveStream | None, into: list[str]) ->
 @asynccontextmanager
 async def _daemon(argv: list[str]) -> AsyncIterator[Daemon]:
     """Run ``argv``, collecting its output; killed on the way out if still running."""
-    process = await anyio.open_process(argv, env=_env())
+    process = await anyio.open_process(argv, env=cli_env())
     daemon = Daemon(process)
     try:
         async with anyio.create_task_group() as tg:
@@ -619,6 +601,6 @@ async def test_follow_serves_the_compactor_figures_for_prometheus(
 
 async def test_metrics_port_needs_follow(config: LogConfig, tmp_path: Path) -> None:
     argv = Cli(config, tmp_path / "cache").argv("compact", "--metrics-port", "0")
-    process = await anyio.run_process(argv, env=_env(), check=False)
+    process = await anyio.run_process(argv, env=cli_env(), check=False)
     assert process.returncode == 2
     assert b"--metrics-port needs --follow" in process.stderr
