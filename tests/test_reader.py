@@ -15,6 +15,7 @@ from deltalog import (
     DataError,
     Delta,
     DeltaLog,
+    DimensionMismatch,
     InvalidInput,
     LogConfig,
     Reader,
@@ -134,8 +135,11 @@ async def test_a_reader_picks_up_new_commits(
 async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
     await log.append(_upsert(["a"], _basis(0), "Costco"))
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path) as reader:
-        with pytest.raises(InvalidInput, match="dimension"):
+        with pytest.raises(DimensionMismatch) as mismatch:
             await reader.query(collection="words", query_embeddings=np.ones((1, 3), np.float32))
+        assert (mismatch.value.known, mismatch.value.got) == (DIM, 3)
+        for words in (f"holds {DIM}-dimensional", "the query has 3", "new log", "rebuild"):
+            assert words in str(mismatch.value)
         with pytest.raises(InvalidInput, match="no vectors"):
             await reader.query(collection="nothing", query_embeddings=_basis(0))
         with pytest.raises(InvalidInput, match="NaN"):
