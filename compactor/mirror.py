@@ -11,7 +11,8 @@
 - **Bootstrap**: a target without a position must hold no records. It is
   filled in bulk from the log's published snapshot (collections created
   with the snapshot's HNSW settings), and the position becomes the seq that
-  snapshot holds (its sidecar's hwm, which may be below the committed hwm).
+  snapshot holds (named in its key, and in its sidecar; it may be below the
+  committed hwm).
   An interrupted bootstrap is started again from scratch.
 - **Follow**: entries after the position are read, folded and applied in
   seq order in batches (``compactor.replay``), each batch followed by the
@@ -45,13 +46,13 @@ from typing import Literal, Self, TypeVar, cast
 import anyio
 import msgspec
 
+from compactor.committed import snapshot_seq
 from compactor.lease import Lease, LeaseKeeper
 from compactor.replay import Progress, Replay, Replayer
 from deltalog.config import LogConfig
 from deltalog.errors import ConfigurationError, DataError, Fenced, LeaseBusy, Unavailable
 from deltalog.fold import FoldPlan, Record
 from deltalog.log import DeltaLog
-from deltalog.snapshot.archive import read_sidecar
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats, ChromaSink
@@ -498,9 +499,7 @@ class Mirror:
         path = await self.cache.committed(
             self.log.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
         )
-        sidecar = await anyio.to_thread.run_sync(
-            lambda: read_sidecar(path, key=state.snapshot_key or "", log=self.config.log)
-        )
+        seq = await snapshot_seq(self.log, state.snapshot_key, path)
         work = await anyio.to_thread.run_sync(self.cache.working_copy, path)
         try:
             snapshot = await ChromaSink.open(work, log=self.config.log)
@@ -512,7 +511,7 @@ class Mirror:
         finally:
             with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
                 await anyio.to_thread.run_sync(self.cache.discard, work)
-        return sidecar.hwm
+        return seq
 
     async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
         sink = session.sink

@@ -2,7 +2,10 @@
 
 The Chroma client must be closed before ``publish`` is called: archiving a
 directory while Chroma writes to it produced snapshots that could not be
-opened. Uploads never overwrite (a fresh key with a nonce, put-if-absent),
+opened. The archive streams: a worker thread writes the tar (compressed or
+not) into the object store's multipart upload as it goes, so neither memory
+nor the scratch disk holds the whole archive, and its sha256 is computed on
+the way. Uploads never overwrite (a fresh key with a nonce, put-if-absent),
 and old snapshots are deleted only after a commit made them unreferenced.
 """
 
@@ -23,8 +26,9 @@ import anyio
 from deltalog import __version__
 from deltalog.errors import Conflict
 from deltalog.keys import LogKeys
-from deltalog.snapshot.archive import Sidecar, archive, sha256_file
+from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL, Sidecar, write_archive
 from deltalog.storage.store import ObjectInfo, ObjectStore
+from deltalog.storage.transfer import Transferred, UploadWriter
 
 __all__ = ["Published", "list_snapshots", "prune_snapshots", "publish_snapshot"]
 
@@ -56,13 +60,14 @@ async def publish_snapshot(
     token: int,
     counts: dict[str, int],
     compression: Compression = "none",
+    level: int = DEFAULT_ZSTD_LEVEL,
     scratch: Path | None = None,
 ) -> Published:
-    """Archive ``directory`` (a closed Chroma directory) and upload it under a new key.
+    """Archive ``directory`` (a closed Chroma directory) into a new key as it is written.
 
-    The archive is written under ``scratch`` (the snapshot cache's, so on the
-    same disk and swept after a crash), else in the system's temporary
-    directory.
+    ``scratch`` (the snapshot cache's, so on the same disk and swept after a
+    crash; else the system's temporary directory) is used only to read the
+    key back when its creation was refused (see ``_holds``).
     """
     sidecar = Sidecar(
         format=1,
@@ -77,28 +82,29 @@ async def publish_snapshot(
     )
     suffix = ".tar.zst" if compression == "zstd" else ".tar"
     key = keys.snapshot(hwm, token, uuid.uuid4().hex[:12], suffix)
-    with tempfile.TemporaryDirectory(prefix=f"publish-{os.getpid()}-", dir=scratch) as tmp:
-        out = Path(tmp) / f"snapshot{suffix}"
-        info = await anyio.to_thread.run_sync(
-            lambda: archive(directory, sidecar, out, compression=compression)
-        )
-        if not await store.upload_file(key, out) and not await _holds(store, key, out, info.sha256):
-            raise Conflict(f"snapshot key {key} already exists", key=key)
-    return Published(key, info.sha256, info.size, counts)
+    async with store.upload(key) as upload:
+
+        def write(writer: UploadWriter) -> None:
+            write_archive(directory, sidecar, writer, compression=compression, level=level)
+            writer.flush()
+
+        await anyio.to_thread.run_sync(write, UploadWriter(upload))
+        done = await upload.complete()
+    if not done.created and not await _holds(store, done, scratch):
+        raise Conflict(f"snapshot key {key} already exists", key=key)
+    return Published(key, done.sha256, done.size, counts)
 
 
-async def _holds(store: ObjectStore, key: str, archive_path: Path, sha256: str) -> bool:
-    """Whether ``key`` holds our archive already.
+async def _holds(store: ObjectStore, ours: Transferred, scratch: Path | None) -> bool:
+    """Whether the key our creation was refused at holds our archive already.
 
     It does when an upload's answer was lost and botocore's retry met the
     first attempt's object (412): the key's nonce is fresh, so nobody else
     wrote it.
     """
-    existing = archive_path.with_name("existing")
-    if not await store.download_file(key, existing):
-        return False
-    digest, _size = await anyio.to_thread.run_sync(sha256_file, existing)
-    return digest == sha256
+    with tempfile.TemporaryDirectory(prefix=f"publish-{os.getpid()}-", dir=scratch) as tmp:
+        existing = await store.download_file(ours.key, Path(tmp) / "existing")
+    return existing is not None and existing.sha256 == ours.sha256
 
 
 async def list_snapshots(store: ObjectStore, keys: LogKeys) -> AsyncIterator[ObjectInfo]:

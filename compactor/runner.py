@@ -11,7 +11,8 @@ One run, under one lease, inside one task group (DESIGN.md "Compaction"):
 5. publish: close Chroma, archive, upload under a new key;
 6. commit hwm + snapshot key + sha256 in one conditional update on owner,
    token and the previous hwm: the only commit point;
-7. release the lease; delete snapshots beyond the retention count.
+7. release the lease; then delete snapshots beyond the retention count
+   (``_prune``, which needs no lease).
 
 A crash anywhere before 6 leaves the committed state as it was and the
 next run redoes the work; the fold is deterministic, so the result is the
@@ -283,6 +284,8 @@ class Compactor:
                 "busy", self.config.log, state.hwm, state.hwm, stopped=exc.message
             )
         result, failure = await self._leased(keeper, lease, self._compact, self._run_record)
+        if result.snapshot_key is not None:
+            await self._prune(result.snapshot_key)
         if failure is not None:
             raise failure
         return result
@@ -361,7 +364,6 @@ class Compactor:
             await anyio.to_thread.run_sync(self.cache.adopt, work, published.key, published.sha256)
         finally:
             await self._discard(work)
-        await self._prune(published.key)
         return result, replay.error
 
     async def _discard(self, *works: Path) -> None:
@@ -371,10 +373,13 @@ class Compactor:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
     async def _prune(self, committed: str) -> None:
-        """Retention, after a commit. Housekeeping: a failure must not fail the committed run.
+        """Retention, after a commit and the release (DESIGN.md's step 8). Housekeeping:
+        a failure must not fail the committed run.
 
-        The lease may be gone by now (a pause after the commit): what is
-        committed is read again, and nothing at or above its hwm is deleted.
+        It holds no lease, and this process may have paused since its commit
+        while newer owners committed: what is committed is read again, and
+        nothing at or above its hwm is deleted (a newer owner's upload may be
+        about to be committed, whatever this caller read).
         """
         try:
             state = await self.table.read_state(self.keys.log_id)
@@ -533,9 +538,11 @@ class Compactor:
             return await self._rebuild(state, to_seq, None, force)
         keeper = self._keeper()
         lease = await keeper.acquire(wait=wait)
-        return await self._leased(
+        result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
+        await self._prune(result.snapshot_key)
+        return result
 
     async def _rebuild(
         self, state: LogState, to_seq: int | None, lease: Lease | None, force: bool
@@ -602,7 +609,6 @@ class Compactor:
             recent_snapshots=self._recent(published.key, lease.state),
         )
         await self._commit_point(lease, committed, commit)
-        await self._prune(published.key)
 
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.

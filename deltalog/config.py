@@ -58,6 +58,10 @@ class LogConfig:
     verify_keys: Iterable[bytes] = field(default=frozenset(), repr=False)
     sse: str | None = None
     sse_kms_key_id: str | None = None
+    part_size: int = 8 * MiB
+    """Snapshot archives stream in parts of this size (S3's minimum is 5 MiB but the last)."""
+    transfer_concurrency: int = 4
+    """Parts uploaded, or ranges downloaded, at once per snapshot transfer."""
 
     def __post_init__(self) -> None:
         self._check_location()
@@ -81,6 +85,12 @@ class LogConfig:
             raise ConfigurationError("max_delta_bytes must not exceed max_entry_bytes")
         if self.append_attempts < 1:
             raise ConfigurationError("append_attempts must be at least 1")
+        if not 1 <= self.part_size <= 5 * 1024 * MiB:
+            raise ConfigurationError(
+                f"part_size must be 1 byte to 5 GiB (S3 needs at least 5 MiB), not {self.part_size}"
+            )
+        if self.transfer_concurrency < 1:
+            raise ConfigurationError("transfer_concurrency must be at least 1")
 
     def _check_security(self) -> None:
         if self.signing_key is not None:

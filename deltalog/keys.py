@@ -113,6 +113,21 @@ class LogKeys:
         return int(match.group(1)) if match else None
 
 
+def entry_log(root: str, key: str) -> str | None:
+    """The log whose entry ``key`` is (under ``root``), or None for any other key.
+
+    The inverse of ``LogKeys.entry`` for someone who sees only keys, such as
+    a compactor woken by S3 notifications.
+    """
+    root_prefix = f"{root.strip('/')}/" if root.strip("/") else ""
+    if not key.startswith(root_prefix):
+        return None
+    log = key[len(root_prefix) :].partition("/")[0]
+    if not valid_log_name(log) or LogKeys(root, log).seq_of(key) is None:
+        return None
+    return log
+
+
 def idempotency_sk(key: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{key}"
 

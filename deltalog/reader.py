@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from deltalog.config import LogConfig
 from deltalog.entry import Metadata, Seal
-from deltalog.errors import Closed, CorruptEntry, DataError, InvalidInput
+from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
 from deltalog.snapshot.cache import SnapshotCache
@@ -360,10 +360,8 @@ class Reader:
                 log=self.log.config.log,
             )
         if known != dim:
-            raise InvalidInput(
-                f"query vectors have {dim} dimensions; collection {collection!r} holds "
-                f"{known}-dimensional vectors: embed the query with the collection's model",
-                log=self.log.config.log,
+            raise DimensionMismatch(
+                collection, known=known, got=dim, source="the query", log=self.log.config.log
             )
 
     async def _view(self, snapshot: _Snapshot, collection: str) -> _View:

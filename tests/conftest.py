@@ -18,15 +18,20 @@ from deltalog.storage.table import MemoryTable
 
 BUCKET = "deltalog-tests"
 TABLE = "deltalog-tests"
+MIN_PART_SIZE = 1024
 
 
 @pytest.fixture(scope="session")
 def endpoint() -> Iterator[str]:
-    """moto's S3 + DynamoDB server, once per test session, with fake credentials."""
+    """moto's S3 + DynamoDB server, once per test session, with fake credentials.
+
+    Multipart parts may be as small as ``MIN_PART_SIZE`` (S3: 5 MiB), so
+    tests stream archives of many parts.
+    """
     for name, value in FAKE_CREDENTIALS.items():
         os.environ[name] = value
     os.environ.pop("AWS_PROFILE", None)
-    with EmbeddedEndpoint() as server:
+    with EmbeddedEndpoint(min_part_size=MIN_PART_SIZE) as server:
         yield server.url
 
 

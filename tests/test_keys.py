@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltalog.keys import MAX_SEQ, LogKeys, idempotency_sk, valid_log_name, valid_root
+from deltalog.keys import MAX_SEQ, LogKeys, entry_log, idempotency_sk, valid_log_name, valid_root
 
 
 def test_entry_keys_sort_like_their_seqs() -> None:
@@ -79,3 +79,22 @@ def test_names() -> None:
     for bad in ("a/../b", "..", "a b", "a\\b"):
         assert not valid_root(bad), bad
     assert idempotency_sk("k") == "idem#k"
+
+
+@pytest.mark.parametrize(
+    ("root", "key", "log"),
+    [
+        ("", "receipts/entries/00000000000000000007", "receipts"),
+        ("prod", "prod/labels.v2/entries/00000000000000000001", "labels.v2"),
+        ("/a/b/", "a/b/r-1/entries/00000000000000000042", "r-1"),
+        ("", "receipts/snapshots/00000000000000000007-000000000001-ab.tar", None),
+        ("", "receipts/entries/7", None),
+        ("", "_deltalog/probes/00000000000000000007", None),
+        ("prod", "receipts/entries/00000000000000000007", None),
+        ("", "a/b/entries/00000000000000000007", None),
+    ],
+)
+def test_an_entry_key_names_its_log(root: str, key: str, log: str | None) -> None:
+    assert entry_log(root, key) == log
+    if log is not None:
+        assert LogKeys(root, log).entry(LogKeys(root, log).seq_of(key) or 0) == key

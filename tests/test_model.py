@@ -41,7 +41,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,7 @@ from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore, ObjectStore
 from deltalog.storage.table import LogState, MemoryTable
+from deltalog.storage.transfer import Transferred, Upload
 from tests.compaction import Crash, FaultyTable, assert_states_equal, faulty_sinks, sink_state
 from tests.conftest import BUCKET, TABLE
 from tests.oracle import oracle_state
@@ -107,7 +109,8 @@ query_lists = st.lists(hnp.arrays(np.float32, DIM, elements=vector_floats), min_
 
 
 class CrashingStore:
-    """A store (memory or S3) whose next snapshot upload can die before it writes."""
+    """A store (memory or S3) whose next snapshot upload can die after streaming,
+    before it writes."""
 
     def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
@@ -116,11 +119,25 @@ class CrashingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def upload_file(self, key: str, path: Path) -> bool:
-        if self.crash_upload:
-            self.crash_upload = False
-            raise Crash("crash while uploading the snapshot")
-        return await self.inner.upload_file(key, path)
+    @asynccontextmanager
+    async def upload(self, key: str) -> AsyncIterator[Upload]:
+        async with self.inner.upload(key) as upload:
+            if self.crash_upload:
+                self.crash_upload = False
+                yield _CrashOnComplete(upload)
+            else:
+                yield upload
+
+
+class _CrashOnComplete:
+    def __init__(self, upload: Upload) -> None:
+        self._upload = upload
+
+    async def write(self, data: bytes) -> None:
+        await self._upload.write(data)
+
+    async def complete(self) -> Transferred:
+        raise Crash("crash while uploading the snapshot")
 
 
 class DeltaLogModel(RuleBasedStateMachine):

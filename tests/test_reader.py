@@ -17,6 +17,7 @@ from deltalog import (
     DataError,
     Delta,
     DeltaLog,
+    DimensionMismatch,
     InvalidInput,
     LogConfig,
     Reader,
@@ -25,6 +26,7 @@ from deltalog import (
 from deltalog.snapshot.sink import ChromaSink
 from deltalog.storage.faults import FaultProxy
 from deltalog.storage.s3 import S3Store
+from deltalog.storage.transfer import Transferred
 from tests.builders import delete
 from tests.oracle import oracle_state
 from tests.reading import (
@@ -120,8 +122,11 @@ async def test_a_reader_picks_up_new_commits(
 async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
     await log.append(upsert_words(["a"], basis(0), "Costco"))
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path) as reader:
-        with pytest.raises(InvalidInput, match="dimension"):
+        with pytest.raises(DimensionMismatch) as mismatch:
             await reader.query(collection="words", query_embeddings=np.ones((1, 3), np.float32))
+        assert (mismatch.value.known, mismatch.value.got) == (DIM, 3)
+        for words in (f"holds {DIM}-dimensional", "the query has 3", "new log", "rebuild"):
+            assert words in str(mismatch.value)
         with pytest.raises(InvalidInput, match="no vectors"):
             await reader.query(collection="nothing", query_embeddings=basis(0))
         with pytest.raises(InvalidInput, match="NaN"):
@@ -383,7 +388,7 @@ class _PrunedBeforeDownload:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         self.downloads.append(key)
         if key == self._key:
             await self._before()

@@ -8,6 +8,7 @@
 | ``demo`` | ``demo`` |
 | ``soak`` | ``soak`` |
 | ``mirror`` | ``mirror`` |
+| ``migrate`` | ``import chroma``, ``import pinecone`` |
 
 The command line is the only part of ``deltalog`` that imports the
 ``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
@@ -23,14 +24,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from deltalog.cli import compact, demo, log, mirror, receipts, soak
+from deltalog.cli import compact, demo, log, migrate, mirror, receipts, soak
 from deltalog.errors import DeltalogError
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
-_GROUPS = (log, demo, receipts, compact, mirror, soak)
+_GROUPS = (log, demo, receipts, compact, mirror, migrate, soak)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,9 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from compactor.exporter import PrometheusExporter
 from compactor.follow import follow
+from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
@@ -34,6 +36,7 @@ __all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "register"]
 
 EXIT_BUSY = 3
 EXIT_DIFFERENT = 4
+EXIT_USAGE = 2
 
 
 def _compactor(
@@ -73,6 +76,9 @@ def _print_result(result: CompactionResult, as_json: bool) -> None:
 
 
 async def cmd_compact(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None and not args.follow:
+        print("deltalog compact: --metrics-port needs --follow", file=sys.stderr)
+        return EXIT_USAGE
     if args.follow:
         try:
             return await _follow(args)
@@ -100,19 +106,56 @@ async def _follow(args: argparse.Namespace) -> int:
         await tg.start(_stop_on_signal, tg.cancel_scope)
         for compactor in compactors:
             await stack.enter_async_context(compactor)
+        exporter = _exporter(args, [c.config.log for c in compactors], stack)
         logs = ", ".join(c.config.log for c in compactors)
         print(f"following {logs}; SIGINT or SIGTERM stops", file=sys.stderr, flush=True)
         await follow(
             compactors,
             poll_min=args.poll_min,
             poll_max=args.poll_max,
-            on_result=lambda r: _print_result(r, args.json),
-            on_error=lambda name, exc: print(
-                f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr
+            on_result=lambda r: _on_result(r, args.json, exporter),
+            on_error=lambda name, exc: _on_error(name, exc, exporter),
+            on_lag=(
+                (lambda name, head, hwm: exporter.record(name, lag_figures(head, hwm)))
+                if exporter is not None
+                else None
             ),
         )
     print("stopped; leases released", file=sys.stderr)
     return 0
+
+
+def _exporter(
+    args: argparse.Namespace, logs: list[str], stack: AsyncExitStack
+) -> PrometheusExporter | None:
+    """With ``--metrics-port``: serve the compactor's figures for Prometheus."""
+    if args.metrics_port is None:
+        return None
+    exporter = stack.enter_context(PrometheusExporter())
+    for log in logs:
+        exporter.track(log)
+    try:
+        port = exporter.serve(args.metrics_port, args.metrics_addr)
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}"
+        ) from exc
+    print(f"metrics on http://{args.metrics_addr}:{port}/metrics", file=sys.stderr, flush=True)
+    return exporter
+
+
+def _on_result(
+    result: CompactionResult, as_json: bool, exporter: PrometheusExporter | None
+) -> None:
+    _print_result(result, as_json)
+    if exporter is not None:
+        exporter.record(result.log, run_figures(result))
+
+
+def _on_error(name: str, exc: Exception, exporter: PrometheusExporter | None) -> None:
+    print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if exporter is not None:
+        exporter.record(name, failure_figures(exc))
 
 
 def _deltalog_error(group: BaseExceptionGroup[Exception]) -> DeltalogError | None:
@@ -236,6 +279,14 @@ def register(commands: Any) -> None:
     )
     compact.add_argument("--poll-min", type=float, default=0.5, help="fastest poll (s)")
     compact.add_argument("--poll-max", type=float, default=10.0, help="slowest poll (s)")
+    compact.add_argument(
+        "--metrics-port",
+        type=int,
+        help="with --follow: serve Prometheus metrics on this port (0 picks a free one)",
+    )
+    compact.add_argument(
+        "--metrics-addr", default="0.0.0.0", help="the address the metrics server binds"
+    )
     compact.set_defaults(run=cmd_compact)
 
     rebuild = commands.add_parser("rebuild", help="replay the log from seq 1 into a new snapshot")

@@ -47,6 +47,7 @@ from deltalog.errors import (
     CorruptEntry,
     DataError,
     DeltalogError,
+    DimensionMismatch,
     InvalidInput,
 )
 from deltalog.log import DeltaLog
@@ -262,9 +263,28 @@ class ReceiptProducer:
     async def __aenter__(self) -> ReceiptProducer:
         if self._producer is not None or self._closed:
             raise Closed("a receipt producer can be entered once")
+        await self._check_dims()
         producer = self.log.producer(linger_ms=self.linger_ms, max_pending=self.max_pending)
         self._producer = await self._stack.enter_async_context(producer)
         return self
+
+    async def _check_dims(self) -> None:
+        """Refuse at once an embedder whose dimension the log's collections do not hold.
+
+        The log checks every delta anyway; this names the embedder, and no
+        receipt is embedded for nothing.
+        """
+        known = await self.log.table.read_dims(self.log.keys.log_id)
+        for collection in (WORDS, LINES):
+            dim = known.get(collection, self.embedder.dim)
+            if dim != self.embedder.dim:
+                raise DimensionMismatch(
+                    collection,
+                    known=dim,
+                    got=self.embedder.dim,
+                    source=f"the embedder {self.embedder.name}",
+                    log=self.log.config.log,
+                )
 
     async def __aexit__(
         self,
@@ -637,6 +657,9 @@ async def _work(
                 continue  # drain: nothing at or after a stop is written
             try:
                 added = await producer.add(receipt)
+            except DimensionMismatch as exc:  # the embedder's fault, not the line's
+                run.fail(exc)
+                return
             except InvalidInput as exc:
                 reason = exc.reason if isinstance(exc, InvalidReceipt) else str(exc)
                 error = InvalidReceipt(reason, path=str(run.path), line=line)

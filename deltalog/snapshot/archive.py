@@ -12,8 +12,11 @@
   and directories under the destination, then checks every file against the
   sidecar.
 
-``archive`` and ``extract`` block: call them in a worker thread. The local
-cache of extracted snapshots is ``deltalog.snapshot.cache``.
+``archive``, ``write_archive`` and ``extract`` block: call them in a worker
+thread. ``write_archive`` writes to any binary stream (the compactor gives
+it an ``UploadWriter``, so the archive goes up as it is written and never
+sits whole in memory or on disk); ``archive`` writes a file. The local cache
+of extracted snapshots is ``deltalog.snapshot.cache``.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ __all__ = [
     "extract",
     "read_sidecar",
     "sha256_file",
+    "write_archive",
 ]
 
 SIDECAR_NAME = "deltalog-snapshot.json"
 SNAPSHOT_FORMAT = 1
 Compression = Literal["none", "zstd"]
+DEFAULT_ZSTD_LEVEL = 3
 
 _CHUNK = 1 << 20
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -95,17 +100,22 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 
 def archive(
-    directory: Path, sidecar: Sidecar, out: Path, *, compression: Compression = "none"
+    directory: Path,
+    sidecar: Sidecar,
+    out: Path,
+    *,
+    compression: Compression = "none",
+    level: int = DEFAULT_ZSTD_LEVEL,
 ) -> ArchiveInfo:
     """Archive a closed Chroma directory with ``sidecar`` (its ``files`` computed here).
 
     Members are sorted and carry the sidecar's creation time, so the same
     directory and sidecar give the same bytes. ``out`` appears only when whole.
     """
-    dirs, files = _walk(directory)
     partial = out.with_name(out.name + ".partial")
     try:
-        final = _write_tar(partial, directory, dirs, files, sidecar, compression)
+        with partial.open("wb") as raw:
+            final = write_archive(directory, sidecar, raw, compression=compression, level=level)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -114,19 +124,23 @@ def archive(
     return ArchiveInfo(out, sha256, size, final)
 
 
-def _write_tar(
-    path: Path,
+def write_archive(
     directory: Path,
-    dirs: list[str],
-    files: list[str],
     sidecar: Sidecar,
-    compression: Compression,
+    raw: IO[bytes] | Any,
+    *,
+    compression: Compression = "none",
+    level: int = DEFAULT_ZSTD_LEVEL,
 ) -> Sidecar:
-    """Directories, then files, then the sidecar with their digests; returns that sidecar."""
+    """Write the archive of ``directory`` to the binary stream ``raw``; return the sidecar.
+
+    Directories, then files, then the sidecar with their digests. ``raw``
+    needs only ``write``; it is not closed.
+    """
+    dirs, files = _walk(directory)
     mtime = int(sidecar.created_at)
     with (
-        path.open("wb") as raw,
-        _compressor(raw, compression) as stream,
+        _compressor(raw, compression, level) as stream,
         tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
     ):
         for rel in dirs:
@@ -155,12 +169,14 @@ def _walk(directory: Path) -> tuple[list[str], list[str]]:
     return dirs, files
 
 
-def _compressor(raw: IO[bytes], compression: Compression) -> AbstractContextManager[Any]:
+def _compressor(raw: Any, compression: Compression, level: int) -> AbstractContextManager[Any]:
     if compression == "none":
         return nullcontext(raw)
     if compression == "zstd":
+        if not 1 <= level <= 22:
+            raise InvalidInput(f"zstd level {level} is out of range: use 1 to 22")
         writer: AbstractContextManager[Any] = (
-            _zstd().ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+            _zstd().ZstdCompressor(level=level).stream_writer(raw, closefd=False)
         )
         return writer
     raise InvalidInput(f"unknown compression {compression!r}: use 'none' or 'zstd'")
@@ -227,17 +243,20 @@ def extract(
     expected_sha256: str,
     key: str | None = None,
     log: str | None = None,
+    actual_sha256: str | None = None,
 ) -> Sidecar:
     """Verify and extract a snapshot, sidecar included, into ``dest``, which must not exist yet.
 
-    Raises ``CorruptSnapshot`` (naming ``key``, or the file when no key is
-    given) for a checksum mismatch, an unreadable archive, an unsafe member,
-    a missing or undecodable sidecar, or a file that does not match it.
-    On any error ``dest`` is removed.
+    ``actual_sha256`` is the archive's digest when the caller computed it
+    already (a download hashes what it streams); otherwise the file is read
+    once to compute it. Raises ``CorruptSnapshot`` (naming ``key``, or the
+    file when no key is given) for a checksum mismatch, an unreadable
+    archive, an unsafe member, a missing or undecodable sidecar, or a file
+    that does not match it. On any error ``dest`` is removed.
     """
     where = _Subject(key or str(archive_path), log)
-    actual, _size = sha256_file(archive_path)
-    if actual != expected_sha256.lower():
+    actual = actual_sha256 or sha256_file(archive_path)[0]
+    if actual.lower() != expected_sha256.lower():
         raise where.corrupt(f"archive sha256 is {actual}, the commit recorded {expected_sha256}")
     dest.mkdir(parents=True, exist_ok=False)
     try:

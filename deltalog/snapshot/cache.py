@@ -109,18 +109,24 @@ class SnapshotCache:
             return slot / "chroma"
         tmp = Path(await anyio.to_thread.run_sync(self._mkdtemp, "download-"))
         try:
-            if not await store.download_file(key, tmp / "archive"):
+            got = await store.download_file(key, tmp / "archive")
+            if got is None:
                 raise DataError("the committed snapshot object is missing", log=log, key=key)
-            await anyio.to_thread.run_sync(self._install, tmp, key, sha256, log)
+            await anyio.to_thread.run_sync(self._install, tmp, key, sha256, log, got.sha256)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(shutil.rmtree, tmp)
         return slot / "chroma"
 
-    def _install(self, tmp: Path, key: str, sha256: str, log: str) -> None:
+    def _install(self, tmp: Path, key: str, sha256: str, log: str, actual: str) -> None:
         staged = tmp / "slot"
         sidecar = extract(
-            tmp / "archive", staged / "chroma", expected_sha256=sha256, key=key, log=log
+            tmp / "archive",
+            staged / "chroma",
+            expected_sha256=sha256,
+            key=key,
+            log=log,
+            actual_sha256=actual,
         )
         if sidecar.log != log:
             raise CorruptSnapshot(f"the sidecar is of log {sidecar.log!r}", log=log, key=key)

@@ -10,6 +10,9 @@ in a thread: two concurrent ``ADD next_seq 1`` could return the same value,
 and two concurrent ``PutObject If-None-Match: *`` of one key could both
 succeed. The child therefore serves one request at a time (connections stay
 kept alive), which makes counters and conditional writes atomic, as in AWS.
+
+``min_part_size`` lowers S3's 5 MiB minimum for a multipart upload's parts
+(all but the last), so tests can stream archives of many small parts.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def _free_port() -> int:
 class EmbeddedEndpoint:
     """moto's server as a child process; ``url`` once started."""
 
-    def __init__(self, *, startup_timeout: float = 30.0) -> None:
+    def __init__(self, *, startup_timeout: float = 30.0, min_part_size: int | None = None) -> None:
         self.startup_timeout = startup_timeout
+        self.min_part_size = min_part_size
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -80,7 +84,7 @@ class EmbeddedEndpoint:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                env={**os.environ, **FAKE_CREDENTIALS, "PYTHONUNBUFFERED": "1"},
+                env=self._environment(),
             )
             if self._wait_ready():
                 return self.url
@@ -89,6 +93,13 @@ class EmbeddedEndpoint:
             "could not start the embedded S3/DynamoDB endpoint (moto server); "
             "is the 'moto[server]' package installed?"
         )
+
+    def _environment(self) -> dict[str, str]:
+        env = {**os.environ, **FAKE_CREDENTIALS, "PYTHONUNBUFFERED": "1"}
+        if self.min_part_size is not None:
+            env["S3_UPLOAD_PART_MIN_SIZE"] = str(self.min_part_size)
+            env.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(5 * 1024 * 1024 - 1024))
+        return env
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.startup_timeout

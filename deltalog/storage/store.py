@@ -14,19 +14,38 @@ Contract:
 - ``list_after`` yields keys under a prefix in lexicographic order,
   strictly after ``start_after``.
 - ``delete`` of a missing key is not an error.
+- ``upload`` streams an object of any size in parts (``deltalog.storage.transfer``):
+  nothing is created until ``complete``, which is put-if-absent; leaving the
+  context without completing aborts it. ``download_file`` fetches ranges in
+  parallel and returns the sha256 of what it wrote (None for a missing key).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import anyio
 
+from deltalog.errors import InvalidInput
+from deltalog.storage.transfer import (
+    Hasher,
+    Transferred,
+    Upload,
+    check_part_size,
+    download_ranges,
+    part_size_for,
+    upload_path,
+)
+
 __all__ = ["MemoryStore", "ObjectInfo", "ObjectStore", "StoredObject"]
+
+DEFAULT_PART_SIZE = 8 * 1024 * 1024
+DEFAULT_CONCURRENCY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +82,16 @@ class ObjectStore(Protocol):
         the caller may list), so no local clock is trusted."""
         ...
 
-    async def upload_file(self, key: str, path: Path) -> bool:
-        """``put_if_absent`` with the contents of a local file."""
+    def upload(self, key: str) -> AbstractAsyncContextManager[Upload]:
+        """A streaming, put-if-absent upload to ``key``; see the module docstring."""
         ...
 
-    async def download_file(self, key: str, path: Path) -> bool:
-        """Write an object to a local file; False if the key is missing."""
+    async def upload_file(self, key: str, path: Path) -> bool:
+        """``put_if_absent`` with the contents of a local file, streamed."""
+        ...
+
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
+        """Write an object to a local file, with its sha256; None if the key is missing."""
         ...
 
     async def aclose(self) -> None: ...
@@ -77,8 +100,10 @@ class ObjectStore(Protocol):
 class MemoryStore:
     """An object store in a dict: for tests, examples and single-process use."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, part_size: int = DEFAULT_PART_SIZE) -> None:
+        check_part_size(part_size, 1)
         self._objects: dict[str, StoredObject] = {}
+        self.part_size = part_size
         self.requests = 0
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
@@ -109,15 +134,27 @@ class MemoryStore:
         self.requests += 1
         return time.time()  # the clock ``put_if_absent`` stamps objects with
 
-    async def upload_file(self, key: str, path: Path) -> bool:
-        return await self.put_if_absent(key, await anyio.Path(path).read_bytes())
+    @asynccontextmanager
+    async def upload(self, key: str) -> AsyncIterator[Upload]:
+        yield _MemoryUpload(self, key)
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def upload_file(self, key: str, path: Path) -> bool:
+        async with self.upload(key) as upload:
+            return (await upload_path(upload, path, self.part_size)).created
+
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         obj = await self.get(key)
         if obj is None:
-            return False
-        await anyio.Path(path).write_bytes(obj.data)
-        return True
+            return None
+        data, size = obj.data, self.part_size
+
+        async def fetch(start: int, end: int) -> bytes:
+            return data[start:end]
+
+        async with await anyio.open_file(path, "wb") as out:
+            return await download_ranges(
+                key, data[:size], len(data), fetch, out.write, part_size=size, concurrency=2
+            )
 
     async def aclose(self) -> None:
         return None
@@ -125,3 +162,36 @@ class MemoryStore:
     def overwrite(self, key: str, data: bytes) -> None:
         """Replace an object's bytes behind the protocol's back (fault tests)."""
         self._objects[key] = StoredObject(key, data, time.time())
+
+
+class _MemoryUpload:
+    """An upload into a ``MemoryStore``: parts kept until ``complete`` joins them."""
+
+    def __init__(self, store: MemoryStore, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._parts: list[bytes] = []
+        self._buffer = bytearray()
+        self._hasher = Hasher()
+        self._done = False
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise InvalidInput(f"the upload to {self._key} is already complete", key=self._key)
+        await self._hasher.update(data)
+        self._buffer += data
+        while len(self._buffer) >= (
+            size := part_size_for(len(self._parts) + 1, self._store.part_size)
+        ):
+            self._parts.append(bytes(self._buffer[:size]))
+            del self._buffer[:size]
+
+    async def complete(self) -> Transferred:
+        if self._done:
+            raise InvalidInput(f"the upload to {self._key} is already complete", key=self._key)
+        self._done = True
+        if self._buffer or not self._parts:
+            self._parts.append(bytes(self._buffer))
+        created = await self._store.put_if_absent(self._key, b"".join(self._parts))
+        size, digest = self._hasher.size, self._hasher.hexdigest()
+        return Transferred(self._key, size, digest, len(self._parts), created)

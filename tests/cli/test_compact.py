@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -421,3 +422,62 @@ async def _true(value: bool) -> bool:
 
 async def _any(*checks: Callable[[], Awaitable[bool]]) -> bool:
     return any([await check() for check in checks])
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """``name{labels} value`` lines of a Prometheus text exposition."""
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+async def test_follow_serves_the_compactor_figures_for_prometheus(
+    config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    argv = [
+        *Cli(config, tmp_path / "cache").argv("compact"),
+        *("--follow", "--poll-min", "0.05", "--poll-max", "0.2"),
+        *("--metrics-port", "0", "--metrics-addr", "127.0.0.1"),
+    ]
+    label = f'{{log="{config.log}"}}'
+    async with DeltaLog.open(config) as log, _daemon(argv) as daemon:
+        found = re.compile(r"metrics on (http://127\.0\.0\.1:\d+/metrics)")
+        assert await _eventually(lambda: _true(bool(found.search(daemon.stderr))), 30)
+        match = found.search(daemon.stderr)
+        assert match is not None
+        url = match.group(1)
+        before = await anyio.to_thread.run_sync(_scrape, url)
+        assert before[f"deltalog_entries_applied_total{label}"] == 0  # there from the start
+        for i in range(3):
+            await log.append(delta(rng, f"p{i}"))
+        head = await log.head()
+
+        async def caught_up() -> bool:
+            now = await anyio.to_thread.run_sync(_scrape, url)
+            return (
+                now.get(f"deltalog_entries_applied_total{label}") == head
+                and now.get(f"deltalog_lag_entries{label}") == 0
+            )
+
+        assert await _eventually(caught_up, 30), daemon.stderr
+        samples = await anyio.to_thread.run_sync(_scrape, url)
+        daemon.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            assert await daemon.process.wait() == 0
+    assert samples[f"deltalog_vectors_applied_total{label}"] == 2 * head
+    assert samples[f"deltalog_bytes_published_total{label}"] > 0
+    assert samples[f"deltalog_run_seconds_count{label}"] >= 1
+    for name in ("busy_runs", "lost_leases", "poison_entries"):
+        assert samples[f"deltalog_{name}_total{label}"] == 0
+
+
+async def test_metrics_port_needs_follow(config: LogConfig, tmp_path: Path) -> None:
+    argv = Cli(config, tmp_path / "cache").argv("compact", "--metrics-port", "0")
+    process = await anyio.run_process(argv, env=_env(), check=False)
+    assert process.returncode == 2
+    assert b"--metrics-port needs --follow" in process.stderr

@@ -35,6 +35,7 @@ from deltalog.reader import Reader
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import Commit, LogState, MemoryTable
+from deltalog.storage.transfer import Transferred
 from tests.builders import delete, delta, patch, upsert, vectors
 from tests.compaction import (
     Crash,
@@ -587,7 +588,7 @@ class CountingStore(MemoryStore):
         super().__init__()
         self.downloads: list[str] = []
 
-    async def download_file(self, key: str, path: Path) -> bool:
+    async def download_file(self, key: str, path: Path) -> Transferred | None:
         self.downloads.append(key)
         return await super().download_file(key, path)
 

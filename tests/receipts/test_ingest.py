@@ -7,6 +7,7 @@ OpenAI client against the local OpenAI-compatible server.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from deltalog import DeltaLog, LogConfig
 from deltalog.cli import main
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.entry import Delete, Delta, UpdateMetadata, Upsert
-from deltalog.errors import ConfigurationError, InvalidInput, Unavailable
+from deltalog.errors import ConfigurationError, DimensionMismatch, InvalidInput, Unavailable
 from deltalog.receipts.embed import HashingEmbedder, OpenAIEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import (
@@ -306,15 +307,31 @@ async def test_skip_reports_bad_lines_and_ingests_the_rest(
 
 
 async def test_a_receipt_the_log_refuses_stops_at_its_line(
+    config: LogConfig, receipts: list[Receipt], tmp_path: Path
+) -> None:
+    small = dataclasses.replace(config, max_delta_bytes=4096)  # no receipt's delta fits
+    path = jsonl(tmp_path / "b.jsonl", encode_receipt(receipts[1]))
+    async with DeltaLog.open(small) as log:
+        with pytest.raises(InvalidReceipt, match=r"b\.jsonl:1: .*over max_delta_bytes"):
+            await ingest_file(path, log, HashingEmbedder(DIM))
+        skipped = await ingest_file(path, log, HashingEmbedder(DIM), on_error="skip")
+        assert (skipped.receipts, skipped.errors) == (0, 1)
+        assert await log.head() == 0
+
+
+async def test_an_embedder_of_another_dimension_is_refused_before_any_embedding(
     log: DeltaLog, receipts: list[Receipt], tmp_path: Path
 ) -> None:
     first = jsonl(tmp_path / "a.jsonl", encode_receipt(receipts[0]))
     await ingest_file(first, log, HashingEmbedder(DIM))
-    other_dim = jsonl(tmp_path / "b.jsonl", encode_receipt(receipts[1]))
-    with pytest.raises(InvalidReceipt, match=r"b\.jsonl:1: .*16-dimensional"):
-        await ingest_file(other_dim, log, HashingEmbedder(DIM * 2))
-    skipped = await ingest_file(other_dim, log, HashingEmbedder(DIM * 2), on_error="skip")
-    assert (skipped.receipts, skipped.errors) == (0, 1)
+    other = jsonl(tmp_path / "b.jsonl", *(encode_receipt(r) for r in receipts[1:4]))
+    for on_error in ("stop", "skip"):  # not a bad line: the run stops whatever on_error says
+        embedder = HashingEmbedder(DIM * 2)
+        with pytest.raises(DimensionMismatch) as refused:
+            await ingest_file(other, log, embedder, on_error=on_error)
+        assert (refused.value.known, refused.value.got) == (DIM, DIM * 2)
+        assert "the embedder hashing-v1 has 32" in str(refused.value)
+        assert embedder.statistics().texts == 0
     assert await upserted_receipts(log) == {key_of(receipts[0])}
 
 

@@ -6,6 +6,7 @@ build the store (eventsourcing's ``tests/persistence.py`` pattern).
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,14 @@ import pytest
 from deltalog import Closed, ConfigurationError, LogConfig
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore, ObjectStore
+from deltalog.storage.transfer import UploadWriter
+
+PART = 4096
+"""The part size of the stores under test: archives of several parts stay small."""
+
+
+class Boom(Exception):
+    """Raised inside an upload to see it aborted."""
 
 
 class StoreContract:
@@ -137,22 +146,101 @@ class StoreContract:
         self, store: ObjectStore, prefix: str, tmp_path: Path
     ) -> None:
         source, target = tmp_path / "source", tmp_path / "target"
-        data = bytes(range(256)) * 5000  # over one download chunk
+        data = bytes(range(256)) * 50  # over three parts
         source.write_bytes(data)
         key = f"{prefix}file"
         assert await store.upload_file(key, source) is True
         assert await store.upload_file(key, tmp_path / "source") is False
-        assert await store.download_file(key, target) is True
+        got = await store.download_file(key, target)
+        assert got is not None and got.sha256 == hashlib.sha256(data).hexdigest()
         assert target.read_bytes() == data
         missing = tmp_path / "missing"
-        assert await store.download_file(f"{prefix}nothing", missing) is False
+        assert await store.download_file(f"{prefix}nothing", missing) is None
         assert not missing.exists()
+
+    async def test_a_streamed_upload_of_many_parts_comes_back_exactly(
+        self, store: ObjectStore, prefix: str, tmp_path: Path
+    ) -> None:
+        data = bytes(range(256)) * 97 + b"tail"  # 24,836 bytes: six parts and a short one
+        key = f"{prefix}streamed"
+        async with store.upload(key) as upload:
+            for start in range(0, len(data), 1000):  # writes do not line up with parts
+                await upload.write(data[start : start + 1000])
+            assert await store.get(key) is None  # nothing exists before completion
+            done = await upload.complete()
+        digest = hashlib.sha256(data).hexdigest()
+        assert (done.key, done.size, done.sha256, done.parts) == (key, len(data), digest, 7)
+        assert done.created
+        got = await store.download_file(key, tmp_path / "back")
+        assert got is not None
+        assert (got.size, got.sha256, got.parts) == (len(data), digest, 7)
+        assert (tmp_path / "back").read_bytes() == data
+
+    async def test_a_streamed_upload_is_put_if_absent(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        key = f"{prefix}taken"
+        assert await store.put_if_absent(key, b"first")
+        for size in (10, 3 * PART + 1):  # one request, and a multipart upload
+            async with store.upload(key) as upload:
+                await upload.write(b"x" * size)
+                refused = await upload.complete()
+            assert not refused.created
+            assert refused.sha256 == hashlib.sha256(b"x" * size).hexdigest()
+        stored = await store.get(key)
+        assert stored is not None and stored.data == b"first"
+
+    async def test_an_upload_left_without_completing_creates_nothing(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        key = f"{prefix}aborted"
+
+        async def fail() -> None:
+            async with store.upload(key) as upload:
+                await upload.write(b"y" * (3 * PART))
+                raise Boom
+
+        with pytest.raises(Boom):
+            await fail()
+        async with store.upload(key) as upload:
+            await upload.write(b"z" * (2 * PART))
+        assert await store.get(key) is None
+        assert await self._list(store, prefix) == []
+
+    async def test_an_empty_upload_and_download(
+        self, store: ObjectStore, prefix: str, tmp_path: Path
+    ) -> None:
+        key = f"{prefix}empty"
+        async with store.upload(key) as upload:
+            done = await upload.complete()
+        assert done.created and (done.size, done.sha256) == (0, hashlib.sha256().hexdigest())
+        got = await store.download_file(key, tmp_path / "empty")
+        assert got is not None and got.size == 0
+        assert (tmp_path / "empty").read_bytes() == b""
+
+    async def test_a_worker_thread_writes_through_upload_writer(
+        self, store: ObjectStore, prefix: str
+    ) -> None:
+        data = bytes(range(256)) * 100
+        key = f"{prefix}threaded"
+
+        def produce(writer: UploadWriter) -> None:
+            for start in range(0, len(data), 777):
+                writer.write(data[start : start + 777])
+            writer.flush()
+
+        async with store.upload(key) as upload:
+            await anyio.to_thread.run_sync(produce, UploadWriter(upload, chunk=PART))
+            done = await upload.complete()
+        assert done.created and done.size == len(data)
+        stored = await store.get(key)
+        assert stored is not None and stored.data == data
 
 
 class TestMemoryStore(StoreContract):
     @pytest.fixture
     def store(self) -> MemoryStore:
-        return MemoryStore()
+        return MemoryStore(part_size=PART)
 
     async def test_overwrite_replaces_bytes(self, store: MemoryStore) -> None:
         assert await store.put_if_absent("k", b"a")
@@ -164,9 +252,39 @@ class TestMemoryStore(StoreContract):
 class TestS3Store(StoreContract):
     @pytest.fixture
     async def store(self, config: LogConfig) -> AsyncIterator[S3Store]:
-        store = await S3Store.connect(config)
+        store = await S3Store.connect(replace(config, part_size=PART, transfer_concurrency=3))
         yield store
         await store.aclose()
+
+    async def test_multipart_uploads_leave_no_parts_behind(
+        self, store: S3Store, prefix: str
+    ) -> None:
+        for key, complete in ((f"{prefix}done", True), (f"{prefix}dropped", False)):
+            async with store.upload(key) as upload:
+                await upload.write(b"p" * (3 * PART))
+                if complete:
+                    assert (await upload.complete()).created
+        async with store.upload(f"{prefix}done") as upload:  # refused: aborted too
+            await upload.write(b"q" * (3 * PART))
+            assert not (await upload.complete()).created
+        pending = await store._s3.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
+        assert pending.get("Uploads", []) == []
+
+    async def test_parts_below_the_stores_minimum_say_to_raise_part_size(
+        self, config: LogConfig
+    ) -> None:
+        store = await S3Store.connect(replace(config, part_size=100))  # moto's minimum: 1 KiB
+
+        async def upload() -> None:
+            async with store.upload("small-parts") as upload:
+                await upload.write(b"s" * 500)
+                await upload.complete()
+
+        try:
+            with pytest.raises(ConfigurationError, match="raise part_size"):
+                await upload()
+        finally:
+            await store.aclose()
 
     async def test_a_missing_bucket_says_to_run_init(self, config: LogConfig) -> None:
         config = replace(config, bucket=f"missing-{uuid.uuid4().hex[:12]}")
