@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -31,27 +30,10 @@ from compactor.publish import publish_snapshot
 from deltalog import Batch, DeltaLog, LogConfig
 from deltalog.fold import fold
 from deltalog.snapshot.sink import ChromaSink
-from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from deltalog.storage.table import Commit, LogState
 from tests.builders import delete, delta, patch
+from tests.commands import Run, cli_env
 from tests.compaction import assert_states_equal, committed_state, reference
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def _env() -> dict[str, str]:
-    """The test process's environment without deltalog or AWS location settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DELTALOG_", "AWS_ENDPOINT_URL", "AWS_PROFILE"))
-    }
-    return {**env, **FAKE_CREDENTIALS}
 
 
 def _where(config: LogConfig, log: str | None = None) -> list[str]:
@@ -80,7 +62,7 @@ class Cli:
         return [sys.executable, "-m", "deltalog", command, *_where(self.config), *cache, *args]
 
     async def __call__(self, command: str, *args: str) -> Run:
-        done = await anyio.run_process(self.argv(command, *args), env=_env(), check=False)
+        done = await anyio.run_process(self.argv(command, *args), env=cli_env(), check=False)
         return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
 
     async def status(self) -> dict[str, Any]:
@@ -326,7 +308,7 @@ async def _drain(stream: anyio.abc.ByteReceiveStream | None, into: list[str]) ->
 @asynccontextmanager
 async def _daemon(argv: list[str]) -> AsyncIterator[Daemon]:
     """Run ``argv``, collecting its output; killed on the way out if still running."""
-    process = await anyio.open_process(argv, env=_env())
+    process = await anyio.open_process(argv, env=cli_env())
     daemon = Daemon(process)
     try:
         async with anyio.create_task_group() as tg:
@@ -478,6 +460,6 @@ async def test_follow_serves_the_compactor_figures_for_prometheus(
 
 async def test_metrics_port_needs_follow(config: LogConfig, tmp_path: Path) -> None:
     argv = Cli(config, tmp_path / "cache").argv("compact", "--metrics-port", "0")
-    process = await anyio.run_process(argv, env=_env(), check=False)
+    process = await anyio.run_process(argv, env=cli_env(), check=False)
     assert process.returncode == 2
     assert b"--metrics-port needs --follow" in process.stderr
