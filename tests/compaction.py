@@ -18,10 +18,11 @@ from deltalog import DeltaLog, LogConfig
 from deltalog.cli.soak import ChildProcess
 from deltalog.entry import Entry
 from deltalog.errors import LeaseBusy
-from deltalog.fold import FoldPlan, Record, reference_state
+from deltalog.fold import FoldPlan, Record
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import Commit, LogState, MemoryTable, Table
+from tests.oracle import oracle_state
 
 State = dict[str, dict[str, Record]]
 
@@ -76,10 +77,10 @@ async def log_entries(log: DeltaLog, to_seq: int | None = None) -> list[tuple[in
 
 
 async def reference(log: DeltaLog, to_seq: int | None = None) -> State:
-    """The plain-Python fold of the log, op by op."""
+    """The log applied op by op by the test oracle (``tests.oracle``), empty collections dropped."""
     return {
         c: dict(records)
-        for c, records in reference_state(await log_entries(log, to_seq)).items()
+        for c, records in oracle_state(await log_entries(log, to_seq)).items()
         if records
     }
 

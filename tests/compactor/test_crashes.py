@@ -38,7 +38,6 @@ from deltalog.cli.soak import (
     random_delta,
 )
 from deltalog.entry import Seal
-from deltalog.fold import reference_state
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from deltalog.storage.table import Table
 from tests import procs
@@ -54,6 +53,7 @@ from tests.compaction import (
     until_reached,
     until_stopped,
 )
+from tests.oracle import oracle_state
 
 LEASE_TTL = 1.0
 WHEN = ["any time"] * 2 + ["holding the lease"] * 4 + ["after a commit"] * 2
@@ -174,7 +174,7 @@ async def test_a_compactor_killed_at_random_moments_converges(
             await compact_to_head(last, log)
             entries = [item async for item in log.read()]
             assert ledger.audit(entries) == ([], []), "lost or duplicated deltas"
-            want = {c: dict(r) for c, r in reference_state(entries).items() if r}
+            want = {c: dict(r) for c, r in oracle_state(entries).items() if r}
             assert_states_equal(await committed_state(last), want)
             verified = await last.verify()
             assert verified.ok, verified.differences
@@ -343,7 +343,7 @@ async def test_producers_killed_between_reserve_and_write_leave_holes_that_are_s
             acked = procs.acknowledged(first.stdout()) | procs.acknowledged(second.stdout())
             ledger = Ledger(acked=acked)
             assert ledger.audit(entries) == ([], [])
-            want = {c: dict(r) for c, r in reference_state(entries).items() if r}
+            want = {c: dict(r) for c, r in oracle_state(entries).items() if r}
             assert_states_equal(await committed_state(compactor), want)
 
             async with log.producer() as producer:  # compaction goes on
