@@ -36,22 +36,11 @@ from compactor.mirror import Mirror
 from deltalog import Delta, DeltaLog, LogConfig, Upsert
 from deltalog.migrate.chroma import ChromaImporter, ChromaSource
 from deltalog.snapshot.server import ChromaTarget
-from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.create import ensure_storage
 from deltalog.storage.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
-from deltalog.storage.s3 import S3Store
 from tests.chroma_server import ChromaServer
 
 ENTRY = 500
-
-
-async def _storage(url: str) -> None:
-    config = LogConfig(bucket="bench-mirror", table="bench-mirror", endpoint_url=url)
-    store = await S3Store.connect(config)
-    await store.ensure_bucket()
-    await store.aclose()
-    table = await DynamoTable.connect(config)
-    await table.ensure_table()
-    await table.aclose()
 
 
 async def _fill(log: DeltaLog, vectors: np.ndarray[Any, Any]) -> None:
@@ -100,7 +89,7 @@ async def _mirror_rate(config: LogConfig, server: ChromaServer, cache: Path) -> 
 
 
 async def run(vectors_n: int, dim: int, url: str, work: Path) -> dict[str, Any]:
-    await _storage(url)
+    await ensure_storage(LogConfig(bucket="bench-mirror", table="bench-mirror", endpoint_url=url))
     vectors = np.random.default_rng(1).standard_normal((vectors_n, dim), dtype=np.float32)
     base = LogConfig(bucket="bench-mirror", table="bench-mirror", endpoint_url=url)
     compacted = replace(base, log=f"b-{uuid.uuid4().hex[:8]}")
