@@ -1,7 +1,7 @@
 """The mirror against a real ``chroma run`` server, the log on moto's server.
 
 The server's state is read back with a plain ``chromadb.HttpClient`` and
-compared with ``reference_state``: the log applied op by op in Python,
+compared with the test oracle (``tests.oracle``): the log applied op by op in Python,
 independently of the fold and of the mirror.
 """
 

@@ -365,29 +365,20 @@ async def test_invalid_api_key_stops_with_one_clear_error(
 async def test_an_outage_stops_the_run_with_one_clear_error(
     log: DeltaLog, openai_server: OpenAIServer, receipts: list[Receipt], tmp_path: Path
 ) -> None:
-    """The embedding service goes down after two receipts: the run stops, even when skipping."""
+    """The embedding service goes down after two requests: the run stops, even when skipping."""
     path = tmp_path / "r.jsonl"
     write_jsonl(path, receipts)
     embedder = OpenAIEmbedder(
         api_key=API_KEY, base_url=openai_server.url, dimensions=DIM, max_retries=1
     )
     skipped: list[InvalidReceipt] = []
-    openai_server.hold()
-    openai_server.release(2)  # two receipts are embedded (one request each, one at a time)
-
-    async def down_from_the_third_request() -> None:
-        await anyio.to_thread.run_sync(openai_server.wait_for_requests, 3)
-        openai_server.outage = True
-        openai_server.release(100)
-
+    openai_server.outage_after = 2
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(down_from_the_third_request)
-            with pytest.raises(Unavailable) as raised:
-                await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
-                                  on_skip=skipped.append)  # fmt: skip
+        with pytest.raises(Unavailable) as raised:
+            await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
+                              on_skip=skipped.append)  # fmt: skip
     finally:
-        openai_server.outage = False
+        openai_server.outage_after = None
         await embedder.aclose()
     assert str(raised.value).startswith("OpenAI embeddings failed after retries (HTTP 503)")
     assert skipped == [], "an outage is not a bad line"
