@@ -271,9 +271,10 @@ class Compactor:
     async def run_once(self) -> CompactionResult:
         """One incremental compaction run; see the module docstring.
 
-        Raises ``LeaseLost`` if the lease was lost (nothing committed), and
-        a ``CorruptEntry`` for a poison entry after committing everything
-        before it.
+        Raises ``LeaseLost`` if the lease was lost mid-run (nothing was
+        committed after the loss was seen; the state item says whether the
+        run's own commit landed before it), and a ``CorruptEntry`` for a
+        poison entry after committing everything before it.
         """
         keeper = self._keeper()
         try:

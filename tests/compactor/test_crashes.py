@@ -16,14 +16,12 @@ child still running when a test ends, failed or not.
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import parse_qs
 
 import anyio
 import numpy as np
@@ -41,10 +39,20 @@ from deltalog.cli.soak import (
 )
 from deltalog.entry import Seal
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
-from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import Table
 from tests import procs
-from tests.compaction import assert_states_equal, committed_state, until_not_busy
+from tests.compaction import (
+    Match,
+    assert_states_equal,
+    committed_state,
+    entry_read,
+    held_once,
+    snapshot_listing,
+    state_read,
+    until_not_busy,
+    until_reached,
+    until_stopped,
+)
 from tests.oracle import oracle_state
 
 LEASE_TTL = 1.0
@@ -96,19 +104,6 @@ async def until_it_holds_the_lease(table: Table, log_id: str, child: ChildProces
             await anyio.sleep(0.02)
 
 
-def is_stopped(child: ChildProcess) -> bool:
-    """Whether the kernel has stopped ``child`` (its state in ``/proc/PID/stat`` is T)."""
-    stat = Path(f"/proc/{child.pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0] == "T"
-
-
-async def until_stopped(child: ChildProcess) -> None:
-    """Until ``child`` is stopped for good (SIGSTOP is delivered asynchronously)."""
-    with anyio.fail_after(10):
-        while not is_stopped(child):  # noqa: ASYNC110 (another process's state)
-            await anyio.sleep(0.005)
-
-
 async def until_stopped_holding_the_lease(
     table: Table, log_id: str, child: ChildProcess, rng: np.random.Generator
 ) -> None:
@@ -118,7 +113,7 @@ async def until_stopped_holding_the_lease(
             await until_it_holds_the_lease(table, log_id, child)
             await anyio.sleep(float(rng.uniform(0, 0.3)))  # somewhere in the run, perhaps
             child.pause()
-            await until_stopped(child)
+            await until_stopped(child.pid)
             if await holds_lease(table, log_id, child):
                 return
             child.resume()  # it released meanwhile: catch the next run
@@ -191,56 +186,6 @@ async def test_a_compactor_killed_at_random_moments_converges(
         assert not ledger.failed
 
 
-Match = Callable[[Request], bool]
-
-
-def entry_read(request: Request) -> bool:
-    return request.operation == "GetObject" and "/entries/" in request.path
-
-
-def state_read(request: Request) -> bool:
-    if request.operation != "GetItem":
-        return False
-    return bool(json.loads(request.body)["Key"]["sk"]["S"] == "state")
-
-
-def snapshot_listing(request: Request) -> bool:
-    prefix = parse_qs(request.query).get("prefix", [""])[0]
-    return request.operation == "ListObjectsV2" and prefix.endswith("/snapshots/")
-
-
-@asynccontextmanager
-async def held_once(
-    config: LogConfig, match: Match
-) -> AsyncIterator[tuple[str, anyio.Event, anyio.Event]]:
-    """A proxy to ``config``'s endpoint that holds the first request ``match`` accepts.
-
-    Yields the proxy's url, an event set when that request arrives, and one
-    to set to let it through: a child process pointed at the proxy stops
-    exactly there, every time, so a pause (SIGSTOP) lands where a test needs it.
-    """
-    reached, go = anyio.Event(), anyio.Event()
-
-    def arrived(request: Request) -> bool:
-        if not match(request):
-            return False
-        reached.set()
-        return True
-
-    assert config.endpoint_url is not None
-    async with FaultProxy(config.endpoint_url) as proxy:
-        proxy.script(Fault.DELAY, when=arrived, until=go.wait)
-        yield proxy.url, reached, go
-        go.set()
-
-
-async def until_reached(reached: anyio.Event, child: ChildProcess) -> None:
-    with anyio.fail_after(60):
-        while not reached.is_set():
-            assert child.returncode is None, child.stderr()
-            await anyio.sleep(0.02)
-
-
 async def test_a_compactor_paused_past_its_lease_is_fenced(
     log: DeltaLog, config: LogConfig, children: ChildProcesses, tmp_path: Path
 ) -> None:
@@ -264,7 +209,7 @@ async def test_a_compactor_paused_past_its_lease_is_fenced(
             zombie = children.start("compactor", argv)
             await until_reached(reached, zombie)  # mid-run: holding the lease, uncommitted
             zombie.pause()
-            await until_stopped(zombie)
+            await until_stopped(zombie.pid)
             go.set()  # the read is answered; the zombie sees it when it wakes
             paused = await log.table.read_state(log.keys.log_id)
             assert (paused.hwm, paused.token) == (0, 1)
@@ -317,7 +262,7 @@ async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
             zombie = children.start("compactor", argv)
             await until_reached(reached, zombie)
             zombie.pause()
-            await until_stopped(zombie)
+            await until_stopped(zombie.pid)
             s1 = (await log.table.read_state(keys.log_id)).snapshot_key  # committed, released
             await log.append(random_delta(rng))
             taken = await other.run_once()
