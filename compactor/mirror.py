@@ -45,6 +45,7 @@ from typing import Literal, Self, TypeVar, cast
 
 import anyio
 import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
 
 from compactor.committed import snapshot_seq
 from compactor.lease import Lease, LeaseKeeper
@@ -520,11 +521,16 @@ class Mirror:
         for name in names:
             sink.settings[name] = await snapshot.hnsw(name)
             await sink.add(name, [])  # creates it, empty ones included
-            async for page in snapshot.pages(name):
-                session.lease.check()
-                await sink.add(name, page)
-                self._counts.bootstrapped += len(page)
-                self._report()
+            # Read the next page from the snapshot while this one goes to the server.
+            send, recv = anyio.create_memory_object_stream[list[Record]](1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_pages_into, snapshot, name, send)
+                async with recv:
+                    async for page in recv:
+                        session.lease.check()
+                        await sink.add(name, page)
+                        self._counts.bootstrapped += len(page)
+                        self._report()
 
     # -- following ----------------------------------------------------------------
 
@@ -567,6 +573,14 @@ class Mirror:
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(self.statistics())
+
+
+async def _pages_into(
+    snapshot: ChromaSink, name: str, send: MemoryObjectSendStream[list[Record]]
+) -> None:
+    async with send:
+        async for page in snapshot.pages(name):
+            await send.send(page)
 
 
 class _Batches:
