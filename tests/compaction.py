@@ -224,16 +224,23 @@ def faulty_sinks(
 
 
 class StalledRenewTable:
-    """The table ``inner``, but renewals hang: a paused process's heartbeat."""
+    """The table ``inner``, but renewals hang once ``stalled`` is set: a paused process's heartbeat.
 
-    def __init__(self, inner: Table) -> None:
+    Until then renewals go through, so the run reaches the point where the test
+    pauses it however slowly it gets there.
+    """
+
+    def __init__(self, inner: Table, stalled: anyio.Event) -> None:
         self.inner = inner
+        self.stalled = stalled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
-        await anyio.sleep_forever()
+        if self.stalled.is_set():
+            await anyio.sleep_forever()
+        await self.inner.renew(log_id, owner, token, ttl=ttl, now=now)
 
 
 # -- holding a child process at a chosen request -------------------------------------

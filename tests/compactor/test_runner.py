@@ -166,7 +166,7 @@ async def test_zombie_commit_is_fenced(
         _, factory = faulty_sinks(gate=gate, entered=entered)
         zombie = backend.compactor(
             cache_dir=tmp_path / "a",
-            table=StalledRenewTable(backend.table),
+            table=StalledRenewTable(backend.table, stalled=entered),
             sink_factory=factory,
             lease_ttl=backend.lease_ttl,
         )
@@ -180,7 +180,8 @@ async def test_zombie_commit_is_fenced(
 
         async with zombie, anyio.create_task_group() as tg:
             tg.start_soon(run_zombie)
-            await entered.wait()
+            with anyio.fail_after(60):
+                await entered.wait()
             async with backend.compactor(cache_dir=tmp_path / "b") as b:
                 taken = await until_not_busy(b)  # once the stalled zombie's lease expired
             assert taken.status == "applied", taken
