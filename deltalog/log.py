@@ -135,7 +135,11 @@ class DeltaLog:
             dims = validate_delta(delta)
         except ValidationError as exc:
             raise ValidationError(exc.field, exc.reason, log=self.config.log) from None
-        data = encode_delta(delta)
+        try:
+            data = encode_delta(delta)
+        except (TypeError, NotImplementedError) as exc:  # a value validation did not foresee
+            reason = f"cannot be encoded: {exc}"
+            raise ValidationError("delta", reason, log=self.config.log) from exc
         if len(data) > self.config.max_delta_bytes:
             raise ValidationError(
                 "delta",

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from deltalog.append import Repeat
 from deltalog.codec import decode_entry
 from deltalog.entry import Batch, Delete, Delta, MetadataPatch, Op, UpdateMetadata, Upsert
 from deltalog.errors import (
@@ -345,16 +346,18 @@ class ReceiptProducer:
         attempt = 0
         while True:
             try:
-                return await self._submitter().submit(Delta(ops=ops, idempotency_key=key)), False
+                seq = await self._submitter().submit(Delta(ops=ops, idempotency_key=key))
             except Conflict:
                 # Another producer holds the key with an entry not written yet.
                 attempt += 1
                 if attempt >= _CONFLICT_ATTEMPTS:
                     raise
+            else:  # a Repeat if another producer's entry holding the key landed meanwhile
+                return seq, isinstance(seq, Repeat)
             await anyio.sleep(min(2.0, 0.05 * 2**attempt))
-            seq = await self._durable.seq_of(key)
-            if seq is not None:
-                return seq, True
+            durable = await self._durable.seq_of(key)
+            if durable is not None:
+                return durable, True
 
     def _duplicate(self, seq: int) -> Added:
         self._duplicates += 1

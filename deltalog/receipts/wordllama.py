@@ -70,7 +70,8 @@ INSTALL_HINT = (
     "install it with pip install 'deltalog[wordllama]' (the demo's and the test command's "
     f"extras include it), or {OTHER_EMBEDDER}"
 )
-_BATCH = 256
+_BATCH = 64
+"""Texts per tokenizer call: sorted by length, each batch is padded to its longest."""
 _SPACE = re.compile(r"\s+")
 
 

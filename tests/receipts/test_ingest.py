@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import anyio
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from deltalog import DeltaLog, LogConfig
@@ -41,7 +42,8 @@ from deltalog.receipts.model import (
     word_records,
     write_jsonl,
 )
-from deltalog.storage.table import Claim
+from deltalog.storage.store import MemoryStore, StoredObject
+from deltalog.storage.table import Claim, MemoryTable
 from tests.http_stubs import closed_port
 from tests.openai_server import API_KEY, OpenAIServer
 
@@ -159,25 +161,97 @@ async def test_two_producers_adding_the_same_receipts_write_each_once(
     assert await upserted_receipts(log) == {key_of(r) for r in receipts[:4]}
 
 
+class _OtherProcess:
+    """Another process that claimed a receipt's key at ``seq`` and writes its entry on cue."""
+
+    def __init__(self, log: DeltaLog, key: str, seq: int) -> None:
+        self.log, self.key, self.seq = log, key, seq
+        self.written = False
+
+    async def claim(self) -> None:
+        await self.log.table.claim_keys(self.log.keys.log_id, [Claim(self.key, self.seq, "other")])
+
+    async def finish(self) -> None:
+        delta = Delta(ops=[Delete("words", ["x"])], idempotency_key=self.key)
+        body = batch_body("other", [encode_delta(delta)], created_at=0.0)
+        assert await self.log.store.put_if_absent(
+            self.log.keys.entry(self.seq), Frame(body).at(self.seq)
+        )
+        self.written = True
+
+
+class _StoreThatFinishesOnAMiss(MemoryStore):
+    """The other process writes its entry right after our producer finds it missing twice.
+
+    The first miss is the add's look for a duplicate (before embedding), the second the
+    append's check of the key's claim, which answers ``Conflict``: the add must retry.
+    """
+
+    other: _OtherProcess | None = None
+    misses = 0
+
+    async def get(self, key: str) -> StoredObject | None:
+        found = await super().get(key)
+        other = self.other
+        if found is None and other and not other.written and key == other.log.keys.entry(other.seq):
+            self.misses += 1
+            if self.misses == 2:
+                await other.finish()
+        return found
+
+
+@pytest.fixture
+async def hooked_log() -> AsyncIterator[DeltaLog]:
+    config = LogConfig(bucket="memory", table="memory", log="mem")
+    store = _StoreThatFinishesOnAMiss()
+    async with DeltaLog.open(config, store=store, table=MemoryTable()) as opened:
+        yield opened
+
+
 async def test_a_receipt_another_process_is_writing_is_waited_for(
-    memory_log: DeltaLog, embedder: HashingEmbedder, receipts: list[Receipt]
+    hooked_log: DeltaLog, embedder: HashingEmbedder, receipts: list[Receipt]
 ) -> None:
-    """The key is claimed by an entry not written yet: the add retries, then sees it."""
-    receipt, log = receipts[0], memory_log
-    key = receipt_key(receipt, embedder)
+    """The key is claimed by an entry not written yet: the add gets a conflict, retries, sees it."""
+    receipt, log = receipts[0], hooked_log
     seq = await log.table.reserve(log.keys.log_id)
-    await log.table.claim_keys(log.keys.log_id, [Claim(key, seq, "other-entry")])
-
-    async def other_process_finishes() -> None:
-        await anyio.sleep(0.2)
-        delta = Delta(ops=[Delete("words", ["x"])], idempotency_key=key)
-        body = batch_body("other-entry", [encode_delta(delta)], created_at=0.0)
-        assert await log.store.put_if_absent(log.keys.entry(seq), Frame(body).at(seq))
-
-    async with ReceiptProducer(log, embedder) as producer, anyio.create_task_group() as tg:
-        tg.start_soon(other_process_finishes)
+    other = _OtherProcess(log, receipt_key(receipt, embedder), seq)
+    await other.claim()
+    assert isinstance(log.store, _StoreThatFinishesOnAMiss)
+    log.store.other = other
+    async with ReceiptProducer(log, embedder) as producer:
         added = await producer.add(receipt)
-    assert (added.seq, added.duplicate) == (seq, True)
+    assert other.written and log.store.misses == 2
+    assert (added.seq, added.duplicate, added.vectors) == (seq, True, 0)
+    assert producer.statistics().receipts_added == 0
+    assert await log.head() == seq
+
+
+class _EmbedderWhileAnotherFinishes(HashingEmbedder):
+    """The other process's entry lands while our receipt is being embedded."""
+
+    other: _OtherProcess | None = None
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self.other is not None and not self.other.written:
+            await self.other.finish()
+        return await super().embed(texts)
+
+
+async def test_a_receipt_another_process_wrote_meanwhile_counts_as_a_duplicate(
+    memory_log: DeltaLog, receipts: list[Receipt]
+) -> None:
+    """Not in the log when the add looked, durable by the time it submits: a duplicate."""
+    receipt, log = receipts[0], memory_log
+    embedder = _EmbedderWhileAnotherFinishes(DIM)
+    seq = await log.table.reserve(log.keys.log_id)
+    embedder.other = other = _OtherProcess(log, receipt_key(receipt, embedder), seq)
+    await other.claim()
+    async with ReceiptProducer(log, embedder) as producer:
+        added = await producer.add(receipt)
+    assert other.written
+    assert (added.seq, added.duplicate, added.vectors) == (seq, True, 0)
+    stats = producer.statistics()
+    assert (stats.receipts_added, stats.duplicates_skipped) == (0, 1)
     assert await log.head() == seq
 
 
