@@ -280,3 +280,36 @@ async def test_ingest_metrics_are_emf_lines_with_the_metric_names(
         assert isinstance(emf["_aws"]["Timestamp"], int)
         assert emf["log"] == lambda_env.log
     assert (first["DeltasIngested"], second["DeltasIngested"]) == ([4], [0])
+
+
+async def test_a_receipt_not_written_before_the_deadline_fails_only_its_message(
+    lambda_env: LogConfig,
+    receipts: list[Receipt],
+    openai_server: OpenAIServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DELTALOG_EMBEDDER", "openai")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", openai_server.url)
+    handler = IngestHandler()
+    try:
+        async with AsyncExitStack() as stack:
+            queue = await Queue.create(stack, lambda_env, f"late-{lambda_env.log}")
+            await queue.send([body(receipts[0])])
+            first = queue.event(await queue.receive_all())
+            assert await invoke(handler, first, Context()) == {"batchItemFailures": []}
+            ids = await queue.send([body(r) for r in receipts[:3]])
+            event = queue.event(await queue.receive_all())
+            openai_server.delay = 10.0  # embedding now outlasts the invocation
+            try:
+                # 8 s left, 5 s kept to answer: 3 s to write. The receipt already in
+                # the log needs no embedding; the two others miss the deadline.
+                late = await invoke(handler, event, Context(remaining_ms=8_000))
+            finally:
+                openai_server.delay = 0.0
+            again = await invoke(handler, event, Context())  # SQS delivers them again
+    finally:
+        handler.close()
+    assert sorted(f["itemIdentifier"] for f in late["batchItemFailures"]) == sorted(ids[1:])
+    assert again == {"batchItemFailures": []}
+    assert await receipts_in_log(lambda_env) == Counter({key_of(r): 1 for r in receipts[:3]})
