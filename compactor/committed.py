@@ -39,7 +39,7 @@ async def snapshot_seq(log: DeltaLog, key: str, path: Path) -> int:
 @asynccontextmanager
 async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[ChromaSink]:
     """A sink holding exactly the committed state (removed on exit)."""
-    cache = SnapshotCache(cache_dir / log.keys.log_id.replace("/", "_"))
+    cache = SnapshotCache(cache_dir / log.keys.cache_name)
     state = await log.table.read_state(log.keys.log_id)
     base: Path | None = None
     holds = 0

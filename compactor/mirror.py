@@ -201,7 +201,7 @@ class Mirror:
         self.chunk_entries = chunk_entries
         self.max_batch_size = max_batch_size
         self.progress = progress
-        self.cache = SnapshotCache(Path(cache_dir) / self.keys.log_id.replace("/", "_"))
+        self.cache = SnapshotCache(Path(cache_dir) / self.keys.cache_name)
         self._log = log_handle
         self._owns_log = log_handle is None
         self._counts = _Counts()

@@ -67,6 +67,16 @@ class LogKeys:
         return f"{root}/{self.log}" if root else self.log
 
     @property
+    def cache_name(self) -> str:
+        """The log's directory in a local snapshot cache: its id, ``/`` written as ``+``.
+
+        One name per log id: neither a root prefix nor a log name may hold a
+        ``+`` (a plain ``_`` would let root ``x`` + log ``snapshots`` share a
+        directory with log ``x_snapshots``).
+        """
+        return self.log_id.replace("/", "+")
+
+    @property
     def prefix(self) -> str:
         return f"{self.log_id}/"
 

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from deltalog.config import LogConfig
-from deltalog.entry import Metadata, Seal
+from deltalog.entry import Batch, Entry, Metadata, Seal, Upsert
 from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
@@ -162,6 +162,8 @@ class Reader:
         self._prefetch = prefetch
         self._snapshot = _Snapshot(None, 0)
         self._dims: dict[str, int] = {}
+        """The log's schema (each collection's dimension), read when a collection is new."""
+        self._schema_read = False
         self._lock = anyio.Lock()
         self._loads = self._calls = 0
         self._closed = False
@@ -179,7 +181,7 @@ class Reader:
     ) -> AsyncIterator[Reader]:
         """Connect to the log and load the committed snapshot."""
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
-        cache = SnapshotCache(root / config.keys.log_id.replace("/", "_"))
+        cache = SnapshotCache(root / config.keys.cache_name)
         async with DeltaLog.open(config, store=store, table=table) as log:
             reader = cls(log, cache, consistency=consistency)
             try:
@@ -277,11 +279,23 @@ class Reader:
                     await anyio.to_thread.run_sync(self._cache.discard, work)
 
     async def _read_tail(self, tail: _Tail) -> None:
+        """Fold the entries after the tail's last seq, checked against the log's schema.
+
+        An entry whose vectors disagree with the schema is a ``CorruptEntry``, as
+        it is for the compactor (only a writer that bypassed ``append`` makes one).
+        """
         quarantined: dict[int, str] | None = None
+        if not self._schema_read:  # once: the entries are checked against what it says
+            self._dims = await self.log.table.read_dims(self.log.keys.log_id)
+            self._schema_read = True
         while True:
-            reader = self.log.read(after=tail.last_seq, prefetch=self._prefetch, classify_end=False)
+            reader = self.log.read(
+                after=tail.last_seq, prefetch=self._prefetch, classify_end=False, dims=self._dims
+            )
             try:
                 async for seq, entry in reader:
+                    if not _collections(entry) <= self._dims.keys():  # new to us: read the schema
+                        self._dims = await self.log.table.read_dims(self.log.keys.log_id)
                     _fold(tail, seq, entry)
                 return
             except CorruptEntry as exc:
@@ -397,6 +411,13 @@ def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
     is a real ``DataError``.
     """
     return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
+
+
+def _collections(entry: Entry) -> set[str]:
+    """The collections an entry writes vectors to."""
+    if not isinstance(entry, Batch):
+        return set()
+    return {op.collection for d in entry.deltas for op in d.ops if isinstance(op, Upsert)}
 
 
 def _fold(tail: _Tail, seq: int, entry: Any) -> None:

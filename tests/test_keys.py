@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from deltalog.keys import MAX_SEQ, LogKeys, entry_log, idempotency_sk, valid_log_name, valid_root
@@ -98,3 +100,20 @@ def test_an_entry_key_names_its_log(root: str, key: str, log: str | None) -> Non
     assert entry_log(root, key) == log
     if log is not None:
         assert LogKeys(root, log).entry(LogKeys(root, log).seq_of(key) or 0) == key
+
+
+def test_cache_names_are_one_per_log() -> None:
+    """Root x + log snapshots and log x_snapshots used to share a cache directory."""
+    assert LogKeys("x", "snapshots").cache_name != LogKeys("", "x_snapshots").cache_name
+    assert LogKeys("a/b", "c").cache_name == "a+b+c"
+    assert LogKeys("", "c").cache_name == "c" and LogKeys("/a/", "c").cache_name == "a+c"
+
+
+def test_distinct_log_ids_get_distinct_cache_names() -> None:
+    """Every root and log name over a small alphabet that holds '/', '_' and '.'."""
+    roots = ["".join(p) for n in range(4) for p in itertools.product("a_./", repeat=n)]
+    logs = ["a" + "".join(p) for n in range(3) for p in itertools.product("a_.", repeat=n)]
+    keys = [LogKeys(r, log) for r in roots for log in logs if valid_root(r) and valid_log_name(log)]
+    names: dict[str, str] = {}
+    for k in keys:
+        assert names.setdefault(k.cache_name, k.log_id) == k.log_id, (k.cache_name, k.log_id)

@@ -256,7 +256,7 @@ async def _ids(reader: Reader) -> list[str]:
 
 def _work_copies(config: LogConfig, cache: Path) -> list[Path]:
     """The reader's working copies: one per snapshot it holds open."""
-    return list((cache / config.keys.log_id.replace("/", "_") / "work").iterdir())
+    return list((cache / config.keys.cache_name / "work").iterdir())
 
 
 async def _w_x_then_delete_x(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
