@@ -10,9 +10,11 @@
 | ``mirror`` | ``mirror`` |
 | ``migrate`` | ``import chroma``, ``import pinecone`` |
 
-The command line is the only part of ``deltalog`` that imports the
-``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
-message says what to do), 2 a usage error, 3 lease busy, 4 ``verify`` found
+Shared by them: ``options`` (the location and output flags), ``output``
+(tables), ``progress`` (progress displays), ``process`` (exit codes, stopping
+on a signal). The command line is the only part of ``deltalog`` that imports
+the ``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
+message says what to do), 2 a usage error, 3 lease busy, 4 a check found
 differences.
 """
 

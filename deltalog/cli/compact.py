@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,14 +27,12 @@ from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
-from deltalog.errors import DeltalogError, InvalidInput, LeaseBusy
+from deltalog.errors import InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
 
-__all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "register"]
-
-EXIT_BUSY = 3
-EXIT_DIFFERENT = 4
+__all__ = ["register"]
 EXIT_USAGE = 2
 
 
@@ -85,7 +82,7 @@ async def cmd_compact(args: argparse.Namespace) -> int:
         except ExceptionGroup as group:
             # A log's task stopped the daemon (a setup error): report it as
             # any command does, not as a task group's traceback.
-            error = _deltalog_error(group)
+            error = first_deltalog_error(group)
             if error is None:
                 raise
             raise error from group
@@ -103,7 +100,7 @@ async def _follow(args: argparse.Namespace) -> int:
     ]
     compactors = [_compactor(args, name) for name in names]
     async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
-        await tg.start(_stop_on_signal, tg.cancel_scope)
+        await tg.start(stop_on_signal, tg.cancel_scope)
         for compactor in compactors:
             await stack.enter_async_context(compactor)
         exporter = _exporter(args, [c.config.log for c in compactors], stack)
@@ -156,28 +153,6 @@ def _on_error(name: str, exc: Exception, exporter: PrometheusExporter | None) ->
     print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
     if exporter is not None:
         exporter.record(name, failure_figures(exc))
-
-
-def _deltalog_error(group: BaseExceptionGroup[Exception]) -> DeltalogError | None:
-    """The first ``DeltalogError`` in a (nested) exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, DeltalogError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup) and (found := _deltalog_error(exc)):
-            return found
-    return None
-
-
-async def _stop_on_signal(
-    scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    """Cancel ``scope`` on SIGINT or SIGTERM; started (handlers installed) before anything runs."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            print(f"received {signal.Signals(signum).name}: stopping", file=sys.stderr)
-            scope.cancel()
-            return
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:

@@ -20,9 +20,9 @@ import anyio
 
 from compactor.committed import committed_copy
 from compactor.runner import Compactor
-from deltalog.cli.compact import EXIT_DIFFERENT
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
 from deltalog.cli.output import print_table
+from deltalog.cli.process import EXIT_DIFFERENT
 from deltalog.cli.progress import ProgressDisplay
 from deltalog.errors import Conflict
 from deltalog.log import DeltaLog
