@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from compactor import CompactionResult, Compactor
 from deltalog.cli.options import add_embedder_flags, add_output_flags
@@ -228,10 +231,14 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             )
             write_jsonl(work / "first.jsonl", setup.first)
             write_jsonl(work / "second.jsonl", setup.second)
-            print(f"    embedder {describe_embedder(embedder)}; receipts in {work}")
+            kept = "kept: --keep" if args.keep else "removed at the end; --keep keeps it"
+            print(f"    embedder {describe_embedder(embedder)}")
+            print(f"    receipts and caches in {work} ({kept})")
             await _story(tally, setup)
     finally:
         await embedder.aclose()
+        if not args.keep:
+            await anyio.to_thread.run_sync(shutil.rmtree, work, True)
     return 0
 
 
@@ -319,5 +326,8 @@ def register(commands: Any) -> None:
     demo.add_argument("--concurrency", type=int, default=8, help="receipts embedded at once")
     add_embedder_flags(demo)
     demo.add_argument("--seed", type=int, default=7, help="receipt generator seed")
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the demo's receipts and caches (a temp dir)"
+    )
     add_output_flags(demo, json=False)
     demo.set_defaults(run=cmd_demo)

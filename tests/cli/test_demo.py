@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import anyio
+
 from tests.commands import deltalog
 
 RECEIPTS, MORE = 6, 3
@@ -29,6 +31,8 @@ async def test_a_small_demo_tells_the_whole_story(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.code == 0, run.err
     assert "Traceback" not in run.err
+    left = await anyio.to_thread.run_sync(lambda: list(tmp_path.glob("deltalog-demo-*")))
+    assert not left, "the demo removes its temp dir"
     out = run.out
     steps = [int(n) for n in re.findall(r"^\[(\d+)\] ", out, re.M)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 9, out
