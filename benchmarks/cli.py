@@ -17,6 +17,7 @@ from benchmarks.append import run_append
 from benchmarks.baseline import run_baseline
 from benchmarks.codec import run_codec
 from benchmarks.compaction import run_compaction
+from benchmarks.embed import run_embed
 from benchmarks.fresh import run_fresh
 from benchmarks.harness import Endpoint, load_average, machine_info, progress
 from benchmarks.incremental import run_incremental
@@ -29,6 +30,7 @@ __all__ = ["BENCHMARKS", "main"]
 
 BENCHMARKS = (
     "codec",
+    "embed",
     "append",
     "compaction",
     "incremental",
@@ -84,6 +86,11 @@ async def _run(sizes: Sizes, wanted: set[str], seed: int, results: Results) -> N
         started = time.perf_counter()
         results.codec = run_codec(sizes, pool[: sizes.codec_receipts])
         results.timings["codec"] = time.perf_counter() - started
+    if "embed" in wanted:
+        started = time.perf_counter()
+        texts = receipts(sizes.embed_receipts, seed=seed + 30, dim=sizes.dim)
+        results.embed = run_embed(sizes, texts, seed=seed + 30)
+        results.timings["embed"] = time.perf_counter() - started
     async with Endpoint(low_ms=sizes.proxy_low_ms, high_ms=sizes.proxy_high_ms) as env:
         results.append = (
             await runner.step("append", lambda: run_append(env, sizes, pool, proxied=False)) or []

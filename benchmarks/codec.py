@@ -16,15 +16,14 @@ the same work. Each figure is the best of ``codec_repeats`` (CPU only).
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from benchmarks.harness import MB, progress
+from benchmarks.harness import MB, best_of, progress
 from benchmarks.settings import Sizes
 from benchmarks.workload import ReceiptData
 from deltalog.codec import Frame, batch_body, decode_entry, encode_delta
@@ -54,15 +53,6 @@ class CodecFigures:
 
     def of(self, name: str) -> FormatFigures:
         return next(f for f in self.formats if f.format == name)
-
-
-def _best(repeats: int, call: Callable[[], Any]) -> tuple[float, Any]:
-    best, result = float("inf"), None
-    for _ in range(max(1, repeats)):
-        started = time.perf_counter()
-        result = call()
-        best = min(best, time.perf_counter() - started)
-    return best, result
 
 
 def _entry_encode(deltas: Sequence[Delta]) -> bytes:
@@ -116,17 +106,17 @@ def run_codec(sizes: Sizes, receipts: Sequence[ReceiptData]) -> CodecFigures:
     repeats = sizes.codec_repeats
     formats = []
 
-    encode_s, data = _best(repeats, lambda: _entry_encode(deltas))
-    decode_s, _ = _best(repeats, lambda: decode_entry(data, seq=1))
+    encode_s, data = best_of(repeats, lambda: _entry_encode(deltas))
+    decode_s, _ = best_of(repeats, lambda: decode_entry(data, seq=1))
     formats.append(_figures("entry", len(data), payload, encode_s, decode_s))
 
-    encode_s, text = _best(repeats, lambda: json.dumps([_as_json(d) for d in deltas]).encode())
-    decode_s, _ = _best(repeats, lambda: _from_json(json.loads(text)))
+    encode_s, text = best_of(repeats, lambda: json.dumps([_as_json(d) for d in deltas]).encode())
+    decode_s, _ = best_of(repeats, lambda: _from_json(json.loads(text)))
     formats.append(_figures("json (stdlib)", len(text), payload, encode_s, decode_s))
 
     encoder = msgspec.json.Encoder()
-    encode_s, text = _best(repeats, lambda: encoder.encode([_as_json(d) for d in deltas]))
-    decode_s, _ = _best(repeats, lambda: _from_json(msgspec.json.decode(text)))
+    encode_s, text = best_of(repeats, lambda: encoder.encode([_as_json(d) for d in deltas]))
+    decode_s, _ = best_of(repeats, lambda: _from_json(msgspec.json.decode(text)))
     formats.append(_figures("json (msgspec)", len(text), payload, encode_s, decode_s))
 
     for f in formats:

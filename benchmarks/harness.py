@@ -50,6 +50,7 @@ __all__ = [
     "SinkTimer",
     "Summary",
     "TimedSink",
+    "best_of",
     "drive",
     "load_average",
     "machine_info",
@@ -63,6 +64,16 @@ __all__ = [
 BUCKET = "deltalog-bench"
 TABLE = "deltalog-bench"
 MB = 1_000_000
+
+
+def best_of(repeats: int, call: Callable[[], Any]) -> tuple[float, Any]:
+    """The shortest of ``repeats`` timed calls (at least one), and the last call's result."""
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        started = time.perf_counter()
+        result = call()
+        best = min(best, time.perf_counter() - started)
+    return best, result
 
 
 def progress(message: str) -> None:
@@ -404,6 +415,7 @@ _PACKAGES = (
     "msgspec",
     "anyio",
     "matplotlib",
+    "wordllama",
 )
 
 

@@ -29,6 +29,7 @@ from benchmarks.append import AppendCell
 from benchmarks.baseline import E2EFigures
 from benchmarks.codec import CodecFigures
 from benchmarks.compaction import CompactionFigures
+from benchmarks.embed import EmbedFigures
 from benchmarks.fresh import FreshPoint
 from benchmarks.incremental import IncrementalPoint
 
@@ -64,6 +65,7 @@ class Results:
     compaction_proxy: CompactionFigures | None = None
     incremental: list[IncrementalPoint] = field(default_factory=list)
     codec: CodecFigures | None = None
+    embed: EmbedFigures | None = None
     fresh: list[FreshPoint] = field(default_factory=list)
     e2e: E2EFigures | None = None
     seconds: float = 0.0
@@ -138,6 +140,7 @@ def write_json(results: Results, path: Path) -> dict[str, Any]:
             "compaction_proxy": results.compaction_proxy,
             "incremental": results.incremental,
             "codec": results.codec,
+            "embed": results.embed,
             "fresh": results.fresh,
             "end_to_end": results.e2e,
         },
@@ -328,6 +331,30 @@ def _codec_section(results: Results) -> list[str]:
     return _table(title, headers, rows)
 
 
+def _embed_section(results: Results) -> list[str]:
+    e = results.embed
+    if e is None:
+        return []
+    rows = [
+        [
+            r.embedder,
+            str(r.dim),
+            _n(r.texts_per_s),
+            f"{r.seconds:.3f}",
+            f"{r.load_seconds:.2f}",
+            f"{r.quality.lines:.2f}",
+            f"{r.quality.words:.2f}",
+        ]
+        for r in e.rows
+    ]
+    title = (
+        f"Offline embedders: {e.texts:,} texts of {e.receipts} receipts, one call per receipt, "
+        f"one thread (wordllama / hashing {e.wordllama_vs_hashing:.2f})"
+    )
+    headers = ["embedder", "dim", "texts/s", "seconds", "load s", "P@20 lines", "P@20 words"]
+    return _table(title, headers, rows)
+
+
 def _fresh_section(results: Results) -> list[str]:
     if not results.fresh:
         return []
@@ -405,6 +432,7 @@ def render_table(results: Results) -> str:
         _compaction_section,
         _incremental_section,
         _codec_section,
+        _embed_section,
         _fresh_section,
         _e2e_section,
     ):

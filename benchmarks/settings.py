@@ -45,6 +45,9 @@ class Sizes:
     fresh_queries: int
     baseline_receipts: int
     e2e_concurrency: int
+    embed_receipts: int
+    """Receipts whose word and line inputs the offline embedders embed."""
+    embed_repeats: int
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
     dim: int = DIM
@@ -71,6 +74,8 @@ _FULL = Sizes(
     fresh_queries=200,
     baseline_receipts=100,
     e2e_concurrency=8,
+    embed_receipts=200,
+    embed_repeats=3,
 )
 
 _QUICK = Sizes(
@@ -94,6 +99,8 @@ _QUICK = Sizes(
     fresh_queries=20,
     baseline_receipts=16,
     e2e_concurrency=8,
+    embed_receipts=50,
+    embed_repeats=2,
 )
 
 _SMOKE = Sizes(
@@ -117,6 +124,8 @@ _SMOKE = Sizes(
     fresh_queries=4,
     baseline_receipts=3,
     e2e_concurrency=2,
+    embed_receipts=5,
+    embed_repeats=1,
     dim=64,
 )
 

@@ -6,6 +6,9 @@ when the head is past the committed hwm, backing off while nothing
 arrives. Notifications are not needed: every run reads from hwm, so a
 missed wake-up delays work but loses nothing.
 
+``on_lag(log, head, hwm)`` hears each log's counter and committed hwm at every
+poll and after every run (``compact --follow --metrics-port`` serves it).
+
 Stopping (SIGINT or SIGTERM in the CLI) cancels the runs in progress;
 their leases are released on the way out and nothing half-done is
 committed.
@@ -34,13 +37,14 @@ async def follow_one(
     poll_max: float = 10.0,
     on_result: Callable[[CompactionResult], None] | None = None,
     on_error: Callable[[str, Exception], None] | None = None,
+    on_lag: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """Compact one log until cancelled."""
     delay = poll_min
     name = compactor.config.log
     while True:
         try:
-            result = await _step(compactor)
+            result = await _step(compactor, on_lag)
         except (Unavailable, Conflict, Fenced, DataError) as exc:
             # Retryable (every run re-reads the state) or an operator's matter
             # (a poison entry waits for a quarantine): report it and keep
@@ -58,12 +62,21 @@ async def follow_one(
         delay = min(poll_max, delay * 2)
 
 
-async def _step(compactor: Compactor) -> CompactionResult | None:
+async def _step(
+    compactor: Compactor, on_lag: Callable[[str, int, int], None] | None
+) -> CompactionResult | None:
     """Run once if the head is past the committed hwm; None when idle."""
+    name = compactor.config.log
     state = await compactor.table.read_state(compactor.keys.log_id)
-    if await compactor.log.head() <= state.hwm:
+    head = await compactor.log.head()
+    if on_lag is not None:
+        on_lag(name, head, state.hwm)
+    if head <= state.hwm:
         return None
-    return await compactor.run_once()
+    result = await compactor.run_once()
+    if on_lag is not None:
+        on_lag(name, await compactor.log.head(), result.hwm_after)
+    return result
 
 
 async def follow(
@@ -73,6 +86,7 @@ async def follow(
     poll_max: float = 10.0,
     on_result: Callable[[CompactionResult], None] | None = None,
     on_error: Callable[[str, Exception], None] | None = None,
+    on_lag: Callable[[str, int, int], None] | None = None,
 ) -> None:
     """Follow several logs in parallel, each under its own lease, until cancelled."""
     async with anyio.create_task_group() as tg:
@@ -84,5 +98,6 @@ async def follow(
                 poll_max=poll_max,
                 on_result=on_result,
                 on_error=on_error,
+                on_lag=on_lag,
             )
             tg.start_soon(run)

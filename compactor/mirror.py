@@ -11,7 +11,8 @@
 - **Bootstrap**: a target without a position must hold no records. It is
   filled in bulk from the log's published snapshot (collections created
   with the snapshot's HNSW settings), and the position becomes the seq that
-  snapshot holds (its sidecar's hwm, which may be below the committed hwm).
+  snapshot holds (named in its key, and in its sidecar; it may be below the
+  committed hwm).
   An interrupted bootstrap is started again from scratch.
 - **Follow**: entries after the position are read, folded and applied in
   seq order in batches (``compactor.replay``), each batch followed by the
@@ -44,14 +45,15 @@ from typing import Literal, Self, TypeVar, cast
 
 import anyio
 import msgspec
+from anyio.streams.memory import MemoryObjectSendStream
 
+from compactor.committed import snapshot_seq
 from compactor.lease import Lease, LeaseKeeper
 from compactor.replay import Progress, Replay, Replayer
 from deltalog.config import LogConfig
 from deltalog.errors import ConfigurationError, DataError, Fenced, LeaseBusy, Unavailable
 from deltalog.fold import FoldPlan, Record
 from deltalog.log import DeltaLog
-from deltalog.snapshot.archive import read_sidecar
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats, ChromaSink
@@ -199,7 +201,7 @@ class Mirror:
         self.chunk_entries = chunk_entries
         self.max_batch_size = max_batch_size
         self.progress = progress
-        self.cache = SnapshotCache(Path(cache_dir) / self.keys.log_id.replace("/", "_"))
+        self.cache = SnapshotCache(Path(cache_dir) / self.keys.cache_name)
         self._log = log_handle
         self._owns_log = log_handle is None
         self._counts = _Counts()
@@ -498,9 +500,7 @@ class Mirror:
         path = await self.cache.committed(
             self.log.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
         )
-        sidecar = await anyio.to_thread.run_sync(
-            lambda: read_sidecar(path, key=state.snapshot_key or "", log=self.config.log)
-        )
+        seq = await snapshot_seq(self.log, state.snapshot_key, path)
         work = await anyio.to_thread.run_sync(self.cache.working_copy, path)
         try:
             snapshot = await ChromaSink.open(work, log=self.config.log)
@@ -512,7 +512,7 @@ class Mirror:
         finally:
             with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
                 await anyio.to_thread.run_sync(self.cache.discard, work)
-        return sidecar.hwm
+        return seq
 
     async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
         sink = session.sink
@@ -521,11 +521,16 @@ class Mirror:
         for name in names:
             sink.settings[name] = await snapshot.hnsw(name)
             await sink.add(name, [])  # creates it, empty ones included
-            async for page in snapshot.pages(name):
-                session.lease.check()
-                await sink.add(name, page)
-                self._counts.bootstrapped += len(page)
-                self._report()
+            # Read the next page from the snapshot while this one goes to the server.
+            send, recv = anyio.create_memory_object_stream[list[Record]](1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_pages_into, snapshot, name, send)
+                async with recv:
+                    async for page in recv:
+                        session.lease.check()
+                        await sink.add(name, page)
+                        self._counts.bootstrapped += len(page)
+                        self._report()
 
     # -- following ----------------------------------------------------------------
 
@@ -568,6 +573,14 @@ class Mirror:
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(self.statistics())
+
+
+async def _pages_into(
+    snapshot: ChromaSink, name: str, send: MemoryObjectSendStream[list[Record]]
+) -> None:
+    async with send:
+        async for page in snapshot.pages(name):
+            await send.send(page)
 
 
 class _Batches:

@@ -16,8 +16,9 @@ and "Checkpoints"):
 6. commit hwm (and the new checkpoint, if one was published) in one
    conditional update on owner, token and the previous hwm: the only
    commit point; the working copy becomes the live copy;
-7. release the lease; after a new checkpoint, delete snapshots beyond the
-   retention count (never the one the state points to).
+7. release the lease; then, after a new checkpoint, delete snapshots
+   beyond the retention count (``_prune``, which needs no lease; never the
+   one the state points to).
 
 A crash anywhere before 6 leaves the committed state as it was (an upload
 is an orphan retention deletes later) and the next run redoes the work; the
@@ -294,7 +295,7 @@ class Compactor:
         self._limiter = anyio.CapacityLimiter(1)
 
     async def __aenter__(self) -> Compactor:
-        self._cache = SnapshotCache(self.cache_dir / self.keys.log_id.replace("/", "_"))
+        self._cache = SnapshotCache(self.cache_dir / self.keys.cache_name)
         self._log = await DeltaLog.connect(self.config, store=self._store, table=self._table)
         return self
 
@@ -344,9 +345,10 @@ class Compactor:
 
         ``checkpoint`` publishes a checkpoint whatever the policy says (also
         when nothing is new but the committed tail is not empty). Raises
-        ``LeaseLost`` if the lease was lost (nothing committed), and a
-        ``CorruptEntry`` for a poison entry after committing everything
-        before it.
+        ``LeaseLost`` if the lease was lost mid-run (nothing was committed
+        after the loss was seen; the state item says whether the run's own
+        commit landed before it), and a ``CorruptEntry`` for a poison entry
+        after committing everything before it.
         """
         keeper = self._keeper()
         try:
@@ -359,6 +361,8 @@ class Compactor:
         result, failure = await self._leased(
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
         )
+        if result.checkpoint and result.snapshot_key is not None:
+            await self._prune(result.snapshot_key)
         if failure is not None:
             raise failure
         return result
@@ -433,7 +437,6 @@ class Compactor:
             await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, replay.last_seq)
         finally:
             await self._discard(copy.path)
-        await self._prune(result.snapshot_key)
         return result, replay.error
 
     def _tail(self, state: LogState, replay: Replay) -> Tail:
@@ -464,11 +467,14 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str | None) -> None:
-        """Retention, after a commit. Housekeeping: a failure must not fail the committed run.
+    async def _prune(self, committed: str) -> None:
+        """Retention, after a commit that published a checkpoint and the release
+        (DESIGN.md's step 8). Housekeeping: a failure must not fail the committed run.
 
-        The lease may be gone by now (a pause after the commit): what is
-        committed is read again, and nothing at or above its hwm is deleted.
+        It holds no lease, and this process may have paused since its commit
+        while newer owners committed: what is committed is read again, and
+        nothing at or above its hwm is deleted (a newer owner's upload may be
+        about to be committed, whatever this caller read).
         """
         try:
             state = await self.table.read_state(self.keys.log_id)
@@ -657,9 +663,11 @@ class Compactor:
             return await self._rebuild(state, to_seq, None, force)
         keeper = self._keeper()
         lease = await keeper.acquire(wait=wait)
-        return await self._leased(
+        result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
+        await self._prune(result.snapshot_key)
+        return result
 
     async def _rebuild(
         self, state: LogState, to_seq: int | None, lease: Lease | None, force: bool
@@ -727,7 +735,6 @@ class Compactor:
             recent_snapshots=self._recent(published.key, lease.state),
         )
         await self._commit_point(lease, committed, commit)
-        await self._prune(published.key)
 
     async def export(self, out: Path | str) -> ExportResult:
         """Write a plain Chroma persistent directory at the committed hwm to ``out``.

@@ -8,6 +8,7 @@ snapshots under a fenced DynamoDB lease.
 
 __version__ = "0.1.0"
 
+from deltalog.append import Repeat
 from deltalog.config import LogConfig
 from deltalog.entry import Batch, Delete, Delta, Entry, Seal, UpdateMetadata, Upsert
 from deltalog.errors import (
@@ -18,6 +19,7 @@ from deltalog.errors import (
     CorruptSnapshot,
     DataError,
     DeltalogError,
+    DimensionMismatch,
     Fenced,
     InvalidInput,
     LeaseBusy,
@@ -43,6 +45,7 @@ __all__ = [
     "Delta",
     "DeltaLog",
     "DeltalogError",
+    "DimensionMismatch",
     "Entry",
     "Fenced",
     "InvalidInput",
@@ -57,6 +60,7 @@ __all__ = [
     "ReadEnd",
     "Reader",
     "ReaderStatistics",
+    "Repeat",
     "Seal",
     "Unavailable",
     "UntrustedEntry",

@@ -39,7 +39,7 @@ from deltalog.errors import Closed, Conflict, CorruptEntry, DeltalogError, Unava
 from deltalog.storage.store import ObjectStore, StoredObject
 from deltalog.storage.table import Claim, Table
 
-__all__ = ["Appender", "Attempt", "EncodedDelta"]
+__all__ = ["Appender", "Attempt", "EncodedDelta", "Repeat"]
 
 log = logging.getLogger("deltalog.append")
 T = TypeVar("T")
@@ -54,8 +54,27 @@ class EncodedDelta:
     data: bytes
 
 
+class Repeat(int):
+    """The seq an earlier append with the same idempotency key went to: nothing was written.
+
+    It is an ``int`` (the seq), so a caller that wants only the seq need not
+    care; one that counts writes tells a repeat by ``isinstance(seq, Repeat)``.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Repeat({int(self)})"
+
+
 Outcome = int | DeltalogError
-"""Per delta: the seq it is durable at, or why it was not written."""
+"""Per delta: the seq it is durable at (a ``Repeat`` if an earlier append holds it), or why
+it was not written."""
+
+
+def _repeated(outcome: Outcome) -> Outcome:
+    """A follower's outcome: its twin's seq is a repeat for it."""
+    return Repeat(outcome) if isinstance(outcome, int) else outcome
 
 
 @dataclass(slots=True)
@@ -154,7 +173,7 @@ class Appender:
         for delta in attempt.deltas:
             attempt.outcomes[delta.delta_id] = seq
         for follower, leader in attempt.follows.items():
-            attempt.outcomes[follower] = attempt.outcomes[leader]
+            attempt.outcomes[follower] = _repeated(attempt.outcomes[leader])
         return attempt.outcomes
 
     async def _put(self, attempt: Attempt, seq: int) -> bool:
@@ -253,7 +272,10 @@ class Appender:
         for delta in attempt.submitted:
             leader = attempt.follows.get(delta.delta_id, delta.delta_id)
             if leader in attempt.outcomes:
-                outcomes[delta.delta_id] = attempt.outcomes[leader]
+                outcome = attempt.outcomes[leader]
+                outcomes[delta.delta_id] = (
+                    outcome if leader == delta.delta_id else _repeated(outcome)
+                )
             elif landed is None and leader in in_entry:
                 outcomes[delta.delta_id] = self._unknown(attempt)
             elif landed and leader in in_entry and attempt.sent is not None:
@@ -338,7 +360,7 @@ class Appender:
         state = await self._claim_state(claim)
         if state == "written":
             self.duplicates += 1
-            attempt.outcomes[delta.delta_id] = claim.seq
+            attempt.outcomes[delta.delta_id] = Repeat(claim.seq)
             return True
         if state == "in-flight":
             attempt.outcomes[delta.delta_id] = self._error(

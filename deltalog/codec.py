@@ -75,6 +75,11 @@ def _enc_hook(obj: Any) -> Any:
         rows, dim = obj.shape
         data = np.ascontiguousarray(obj, dtype=_LE_F32).tobytes()
         return msgspec.msgpack.Ext(_VECTORS_EXT, _VECTORS_HEAD.pack(rows, dim) + data)
+    # numpy.str_ and numpy.float64 are str and float (validation lets them in): store them as such.
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, float):
+        return float(obj)
     # msgspec's hook protocol: NotImplementedError means "not a type this hook handles".
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 

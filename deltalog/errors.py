@@ -5,6 +5,8 @@
     DeltalogError                   the root: catch this to catch everything
     ├── InvalidInput                fix the call; nothing was written
     │   └── ValidationError         a delta breaks a rule (names the field)
+    │       └── DimensionMismatch   vectors of another dimension than the
+    │                               collection's: another embedding model
     ├── ConfigurationError          fix the setup: missing bucket or table,
     │                               bad credentials, an unusable endpoint
     ├── Unavailable                 retry later: network, throttling, 5xx
@@ -32,6 +34,7 @@ __all__ = [
     "CorruptSnapshot",
     "DataError",
     "DeltalogError",
+    "DimensionMismatch",
     "Fenced",
     "InvalidInput",
     "LeaseBusy",
@@ -79,6 +82,37 @@ class ValidationError(InvalidInput):
         self.field = field
         self.reason = reason
         super().__init__(f"{field}: {reason}", log=log)
+
+
+class DimensionMismatch(ValidationError):
+    """Vectors whose dimension differs from the one their collection holds.
+
+    A collection's dimension is fixed by the first delta that wrote vectors
+    to it, so vectors from another embedding model (``got``) cannot join
+    those already there (``known``). ``source`` says whose vectors they are.
+    """
+
+    def __init__(
+        self,
+        collection: str,
+        *,
+        known: int,
+        got: int,
+        source: str = "this delta",
+        log: str | None = None,
+    ) -> None:
+        self.collection = collection
+        self.known = known
+        self.got = got
+        self.source = source
+        super().__init__(
+            f"collection {collection!r}",
+            f"holds {known}-dimensional vectors, a dimension fixed by the log's first delta; "
+            f"{source} has {got}: another embedding model. Keep the embedder the log was "
+            "written with, or start a new log (another --log name) and rebuild it there by "
+            "ingesting the source data again with the new embedder",
+            log=log,
+        )
 
 
 class ConfigurationError(DeltalogError):

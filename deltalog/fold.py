@@ -20,8 +20,10 @@ delete and an add.
 
 ``Folder`` folds a stream of entries chunk by chunk; ``fold`` folds an
 iterable at once. ``apply_to_state`` is the reference meaning of a plan and
-``reference_state`` applies entries op by op, independently of the fold, so
-property tests can hold one against the other.
+``reference_state`` applies entries op by op without planning (it builds
+records as the fold does); the soak checks its results with it. The test
+suite holds both against its own oracle, which shares no code with this
+module.
 """
 
 from __future__ import annotations

@@ -67,6 +67,16 @@ class LogKeys:
         return f"{root}/{self.log}" if root else self.log
 
     @property
+    def cache_name(self) -> str:
+        """The log's directory in a local snapshot cache: its id, ``/`` written as ``+``.
+
+        One name per log id: neither a root prefix nor a log name may hold a
+        ``+`` (a plain ``_`` would let root ``x`` + log ``snapshots`` share a
+        directory with log ``x_snapshots``).
+        """
+        return self.log_id.replace("/", "+")
+
+    @property
     def prefix(self) -> str:
         return f"{self.log_id}/"
 
@@ -111,6 +121,21 @@ class LogKeys:
             return None
         match = _SNAPSHOT_NAME.fullmatch(key[len(self.snapshots_prefix) :])
         return int(match.group(1)) if match else None
+
+
+def entry_log(root: str, key: str) -> str | None:
+    """The log whose entry ``key`` is (under ``root``), or None for any other key.
+
+    The inverse of ``LogKeys.entry`` for someone who sees only keys, such as
+    a compactor woken by S3 notifications.
+    """
+    root_prefix = f"{root.strip('/')}/" if root.strip("/") else ""
+    if not key.startswith(root_prefix):
+        return None
+    log = key[len(root_prefix) :].partition("/")[0]
+    if not valid_log_name(log) or LogKeys(root, log).seq_of(key) is None:
+        return None
+    return log
 
 
 def idempotency_sk(key: str) -> str:

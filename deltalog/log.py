@@ -15,7 +15,7 @@ from deltalog.append import Appender, EncodedDelta
 from deltalog.codec import encode_delta
 from deltalog.config import LogConfig
 from deltalog.entry import Delta
-from deltalog.errors import Closed, ValidationError
+from deltalog.errors import Closed, DimensionMismatch, ValidationError
 from deltalog.producer import MiB, Producer
 from deltalog.read import LogReader, list_entries
 from deltalog.storage.store import ObjectStore
@@ -143,7 +143,11 @@ class DeltaLog:
             dims = validate_delta(delta)
         except ValidationError as exc:
             raise ValidationError(exc.field, exc.reason, log=self.config.log) from None
-        data = encode_delta(delta)
+        try:
+            data = encode_delta(delta)
+        except (TypeError, NotImplementedError) as exc:  # a value validation did not foresee
+            reason = f"cannot be encoded: {exc}"
+            raise ValidationError("delta", reason, log=self.config.log) from exc
         if len(data) > self.config.max_delta_bytes:
             raise ValidationError(
                 "delta",
@@ -172,12 +176,7 @@ class DeltaLog:
 
     def _check_dim(self, collection: str, dim: int, known: int) -> None:
         if known != dim:
-            raise ValidationError(
-                f"collection {collection!r}",
-                f"holds {known}-dimensional vectors; this delta has {dim}: "
-                "use another collection or the same embedding model",
-                log=self.config.log,
-            )
+            raise DimensionMismatch(collection, known=known, got=dim, log=self.config.log)
 
     async def append(self, delta: Delta) -> int:
         """Append one delta as its own entry; return its seq once durable."""

@@ -44,8 +44,8 @@ import numpy as np
 import numpy.typing as npt
 
 from deltalog.config import LogConfig
-from deltalog.entry import Metadata, Seal
-from deltalog.errors import Closed, CorruptEntry, DataError, InvalidInput
+from deltalog.entry import Batch, Entry, Metadata, Seal, Upsert
+from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
 from deltalog.snapshot.cache import SnapshotCache
@@ -171,6 +171,8 @@ class Reader:
         self._snapshot = _Snapshot(None, 0)
         self._hwm = 0
         self._dims: dict[str, int] = {}
+        """The log's schema (each collection's dimension), read when a collection is new."""
+        self._schema_read = False
         self._lock = anyio.Lock()
         self._loads = self._calls = 0
         self._closed = False
@@ -188,7 +190,7 @@ class Reader:
     ) -> AsyncIterator[Reader]:
         """Connect to the log and load the committed snapshot."""
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
-        cache = SnapshotCache(root / config.keys.log_id.replace("/", "_"))
+        cache = SnapshotCache(root / config.keys.cache_name)
         async with DeltaLog.open(config, store=store, table=table) as log:
             reader = cls(log, cache, consistency=consistency)
             try:
@@ -298,13 +300,28 @@ class Reader:
                     await anyio.to_thread.run_sync(self._cache.discard, work)
 
     async def _read_tail(self, tail: _Tail, to_seq: int | None) -> None:
+        """Fold the entries after the tail's last seq (up to ``to_seq``), checked
+        against the log's schema.
+
+        An entry whose vectors disagree with the schema is a ``CorruptEntry``, as
+        it is for the compactor (only a writer that bypassed ``append`` makes one).
+        """
         quarantined: dict[int, str] | None = None
+        if not self._schema_read:  # once: the entries are checked against what it says
+            self._dims = await self.log.table.read_dims(self.log.keys.log_id)
+            self._schema_read = True
         while True:
             reader = self.log.read(
-                after=tail.last_seq, to_seq=to_seq, prefetch=self._prefetch, classify_end=False
+                after=tail.last_seq,
+                to_seq=to_seq,
+                prefetch=self._prefetch,
+                classify_end=False,
+                dims=self._dims,
             )
             try:
                 async for seq, entry in reader:
+                    if not _collections(entry) <= self._dims.keys():  # new to us: read the schema
+                        self._dims = await self.log.table.read_dims(self.log.keys.log_id)
                     _fold(tail, seq, entry)
                 return
             except CorruptEntry as exc:
@@ -383,10 +400,8 @@ class Reader:
                 log=self.log.config.log,
             )
         if known != dim:
-            raise InvalidInput(
-                f"query vectors have {dim} dimensions; collection {collection!r} holds "
-                f"{known}-dimensional vectors: embed the query with the collection's model",
-                log=self.log.config.log,
+            raise DimensionMismatch(
+                collection, known=known, got=dim, source="the query", log=self.log.config.log
             )
 
     async def _view(self, snapshot: _Snapshot, collection: str) -> _View:
@@ -434,6 +449,13 @@ def _check_committed_tail(tail: _Tail, state: LogState, log: str) -> None:
             log=log,
             seq=tail.last_seq + 1,
         )
+
+
+def _collections(entry: Entry) -> set[str]:
+    """The collections an entry writes vectors to."""
+    if not isinstance(entry, Batch):
+        return set()
+    return {op.collection for d in entry.deltas for op in d.ops if isinstance(op, Upsert)}
 
 
 def _fold(tail: _Tail, seq: int, entry: Any) -> None:

@@ -10,12 +10,20 @@ ChromaDB 1.5, checked against it:
   ``$nin``.
 - Equality is typed: ``True`` never equals ``1``, while ``1 == 1.0``.
 - Order comparisons apply to numbers (not bools); anything else fails.
+- An **integer** value compared with a **float** operand sees the operand
+  truncated toward zero (saturating at the 64-bit range), as Chroma's
+  engine casts it: ``{"k": {"$eq": 1.5}}`` matches ``k = 1``, and
+  ``{"k": {"$gt": -1.5}}`` does not match ``k = -1``. A float value compares
+  with any number as a float.
+- Operands are finite, and the values of one ``$in`` / ``$nin`` list share
+  one type: Chroma refuses anything else, so ``normalize_where`` does too.
 - A record without the key fails every operator except ``$ne`` and
   ``$nin``, which it passes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +41,7 @@ _COMPARE = {
 }
 _OPERATORS = {"$eq", "$ne", "$in", "$nin", *_COMPARE}
 _SCALARS = (str, int, float, bool)
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def normalize_where(where: Where | None) -> dict[str, Any] | None:
@@ -67,8 +76,13 @@ def _normalize_condition(key: str, value: Any) -> dict[str, Any]:
             raise InvalidInput(f"{op} in where[{key!r}] takes a non-empty list")
         if not all(isinstance(v, _SCALARS) for v in operand):
             raise InvalidInput(f"{op} in where[{key!r}] takes str, int, float or bool values")
+        if len({type(v) for v in operand}) > 1:
+            raise InvalidInput(f"the values of {op} in where[{key!r}] must all be of one type")
     elif not isinstance(operand, _SCALARS):
         raise InvalidInput(f"{op} in where[{key!r}] takes a str, int, float or bool")
+    values = operand if op in ("$in", "$nin") else [operand]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise InvalidInput(f"{op} in where[{key!r}] takes finite numbers")
     return {op: operand}
 
 
@@ -88,6 +102,10 @@ def matches(where: Where | None, metadata: Mapping[str, Any] | None) -> bool:
 
 
 def _test(op: str, actual: Any, operand: Any) -> bool:
+    if op in ("$in", "$nin"):
+        operand = [_cast(actual, v) for v in operand]
+    else:
+        operand = _cast(actual, operand)
     if op == "$eq":
         return _equal(actual, operand)
     if op == "$ne":
@@ -99,6 +117,13 @@ def _test(op: str, actual: Any, operand: Any) -> bool:
     if _number(actual) and _number(operand):
         return bool(_COMPARE[op](actual, operand))
     return False
+
+
+def _cast(actual: Any, operand: Any) -> Any:
+    """The operand as Chroma compares it with ``actual``: a float against an int is truncated."""
+    if isinstance(actual, int) and not isinstance(actual, bool) and isinstance(operand, float):
+        return min(max(math.trunc(operand), _INT64[0]), _INT64[1])
+    return operand
 
 
 def _number(value: Any) -> bool:

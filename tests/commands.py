@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import anyio
 
+from deltalog.config import LogConfig
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
 
-__all__ = ["Run", "cli_env", "deltalog"]
+__all__ = ["Run", "cli_env", "deltalog", "where"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,9 @@ async def deltalog(*args: str, **env: str) -> Run:
         [sys.executable, "-m", "deltalog", *args], env=cli_env(**env), check=False
     )
     return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def where(config: LogConfig) -> list[str]:
+    """The location flags of ``config``'s log."""
+    location = ["--bucket", config.bucket, "--table", config.table, "--log", config.log]
+    return [*location, "--endpoint-url", config.endpoint_url or ""]

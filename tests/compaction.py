@@ -1,23 +1,30 @@
-"""Helpers for compactor tests: reading committed state, comparing states, fault seams."""
+"""Helpers for compactor tests: reading committed state, comparing states, fault seams,
+and holding a child process at a chosen request (so a pause lands there every time)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import numpy as np
 
 from compactor import CompactionResult, Compactor
-from deltalog import DeltaLog
+from deltalog import DeltaLog, LogConfig
+from deltalog.cli.soak import ChildProcess
 from deltalog.entry import Entry
 from deltalog.errors import LeaseBusy
-from deltalog.fold import FoldPlan, Record, reference_state
+from deltalog.fold import FoldPlan, Record
 from deltalog.snapshot.sink import ChromaSink, Sink
+from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import Commit, LogState, MemoryTable, Table
+from tests.oracle import oracle_state
 
 State = dict[str, dict[str, Record]]
 
@@ -72,10 +79,10 @@ async def log_entries(log: DeltaLog, to_seq: int | None = None) -> list[tuple[in
 
 
 async def reference(log: DeltaLog, to_seq: int | None = None) -> State:
-    """The plain-Python fold of the log, op by op."""
+    """The log applied op by op by the test oracle (``tests.oracle``), empty collections dropped."""
     return {
         c: dict(records)
-        for c, records in reference_state(await log_entries(log, to_seq)).items()
+        for c, records in oracle_state(await log_entries(log, to_seq)).items()
         if records
     }
 
@@ -219,10 +226,13 @@ def faulty_sinks(
 
 
 class StalledRenewTable:
-    """The table ``inner``, but renewals hang once ``stalled`` is set (at once without one):
-    a process paused from that moment, its heartbeat too."""
+    """The table ``inner``, but renewals hang once ``stalled`` is set: a paused process's heartbeat.
 
-    def __init__(self, inner: Table, stalled: anyio.Event | None = None) -> None:
+    Until then renewals go through, so the run reaches the point where the test
+    pauses it however slowly it gets there.
+    """
+
+    def __init__(self, inner: Table, stalled: anyio.Event) -> None:
         self.inner = inner
         self.stalled = stalled
 
@@ -230,7 +240,79 @@ class StalledRenewTable:
         return getattr(self.inner, name)
 
     async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
-        if self.stalled is not None and not self.stalled.is_set():
-            await self.inner.renew(log_id, owner, token, ttl=ttl, now=now)
-            return
-        await anyio.sleep_forever()
+        if self.stalled.is_set():
+            await anyio.sleep_forever()
+        await self.inner.renew(log_id, owner, token, ttl=ttl, now=now)
+
+
+# -- holding a child process at a chosen request -------------------------------------
+
+Match = Callable[[Request], bool]
+"""Picks a request out of what a proxy sees."""
+
+
+def entry_read(request: Request) -> bool:
+    return request.operation == "GetObject" and "/entries/" in request.path
+
+
+def state_read(request: Request) -> bool:
+    if request.operation != "GetItem":
+        return False
+    return bool(json.loads(request.body)["Key"]["sk"]["S"] == "state")
+
+
+def snapshot_listing(request: Request) -> bool:
+    prefix = parse_qs(request.query).get("prefix", [""])[0]
+    return request.operation == "ListObjectsV2" and prefix.endswith("/snapshots/")
+
+
+def lease_acquire(request: Request) -> bool:
+    if request.operation != "UpdateItem":
+        return False
+    return "ADD #token" in json.loads(request.body).get("UpdateExpression", "")
+
+
+@asynccontextmanager
+async def held_once(
+    config: LogConfig, match: Match
+) -> AsyncIterator[tuple[str, anyio.Event, anyio.Event]]:
+    """A proxy to ``config``'s endpoint that holds the first request ``match`` accepts.
+
+    Yields the proxy's url, an event set when that request arrives, and one
+    to set to let it through: a child process pointed at the proxy stops
+    exactly there, every time, so a pause (SIGSTOP) lands where a test needs it.
+    """
+    reached, go = anyio.Event(), anyio.Event()
+
+    def arrived(request: Request) -> bool:
+        if not match(request):
+            return False
+        reached.set()
+        return True
+
+    assert config.endpoint_url is not None
+    async with FaultProxy(config.endpoint_url) as proxy:
+        proxy.script(Fault.DELAY, when=arrived, until=go.wait)
+        yield proxy.url, reached, go
+        go.set()
+
+
+async def until_reached(reached: anyio.Event, child: ChildProcess) -> None:
+    """Until ``reached`` is set; ``child`` (which sets it, through a proxy) must not die."""
+    with anyio.fail_after(60):
+        while not reached.is_set():
+            assert child.returncode is None, child.stderr()
+            await anyio.sleep(0.02)
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the kernel has stopped process ``pid`` (its state in ``/proc/PID/stat`` is T)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def until_stopped(pid: int) -> None:
+    """Until process ``pid`` is stopped for good (SIGSTOP is delivered asynchronously)."""
+    with anyio.fail_after(10):
+        while not is_stopped(pid):  # noqa: ASYNC110 (another process's state)
+            await anyio.sleep(0.005)

@@ -10,8 +10,8 @@ the OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``.
 It checks the bearer key (401 ``invalid_api_key`` when wrong), refuses what
 the API refuses (empty inputs, more than 2,048 inputs, inputs over the token
 limit, counted here as UTF-8 bytes), and can be scripted: ``faults`` are
-answered in order before normal service resumes, ``outage`` answers 503
-to everything while it is set, ``delay`` holds each request, ``shuffle``
+answered in order before normal service resumes, ``outage_after = n``
+serves n more requests and then answers 503 to every one, ``delay`` holds each request, ``shuffle``
 returns the data in reverse order, ``floats_only`` ignores
 ``encoding_format``. Every request is recorded with its timing, and
 ``max_in_flight`` is the most requests it served at once.
@@ -88,7 +88,7 @@ class OpenAIServer:
         self.max_input_tokens = max_input_tokens
         self.max_request_tokens = max_request_tokens
         self.faults: deque[Fault] = deque()
-        self.outage = False
+        self.outage_after: int | None = None
         self.delay = 0.0
         self.shuffle = False
         self.floats_only = False
@@ -168,7 +168,7 @@ class OpenAIServer:
             self._permits = 0
             self._changed.notify_all()
             self.faults.clear()
-            self.outage = False
+            self.outage_after = None
             self.delay = 0.0
             self.shuffle = False
             self.floats_only = False
@@ -226,7 +226,7 @@ class OpenAIServer:
             self.requests.append(record)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
-            fault = self.faults.popleft() if self.faults else None
+            fault = self.faults.popleft() if self.faults else self._outage()
             self._changed.notify_all()
         try:
             self._wait_for_permit()
@@ -240,6 +240,15 @@ class OpenAIServer:
         record.responded = time.monotonic()
         return status, extra, payload
 
+    def _outage(self) -> Fault | None:
+        """The outage's answer once ``outage_after`` requests were served (under the lock)."""
+        if self.outage_after is None:
+            return None
+        if self.outage_after > 0:
+            self.outage_after -= 1
+            return None
+        return Fault(503, "The server is overloaded or not ready yet.", None, "server_error")
+
     def _answer(
         self, path: str, record: RecordedRequest, fault: Fault | None
     ) -> tuple[int, dict[str, str], dict[str, Any]]:
@@ -250,9 +259,6 @@ class OpenAIServer:
             return 401, {}, _error(message, "invalid_api_key", "invalid_request_error")
         if fault is not None:
             return fault.status, fault.headers, _error(fault.message, fault.code, fault.type)
-        if self.outage:
-            message = "The server is overloaded or not ready yet."
-            return 503, {}, _error(message, None, "server_error")
         refused = self._refusal(record.inputs)
         if refused is not None:
             return 400, {}, _error(refused, None, "invalid_request_error")

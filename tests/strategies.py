@@ -65,13 +65,17 @@ def entries(floats: st.SearchStrategy[float] = CHROMA_EXACT_FLOATS) -> st.Search
 
 
 @st.composite
-def upserts(draw: st.DrawFn, metadatas: st.SearchStrategy[Metadata]) -> Upsert:
+def upserts(
+    draw: st.DrawFn,
+    metadatas: st.SearchStrategy[Metadata],
+    elements: st.SearchStrategy[float] = floats32,
+) -> Upsert:
     ids = draw(id_lists)
     n = len(ids)
     return Upsert(
         collection=draw(collections),
         ids=ids,
-        embeddings=draw(hnp.arrays(np.float32, (n, DIM), elements=floats32)),
+        embeddings=draw(hnp.arrays(np.float32, (n, DIM), elements=elements)),
         documents=draw(st.none() | st.lists(st.text(max_size=3), min_size=n, max_size=n)),
         metadatas=draw(st.none() | st.lists(metadatas, min_size=n, max_size=n)),
     )

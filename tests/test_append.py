@@ -17,6 +17,7 @@ from deltalog import (
     Delta,
     DeltaLog,
     LogConfig,
+    Repeat,
     Seal,
     Unavailable,
 )
@@ -248,10 +249,12 @@ async def test_a_repeated_key_returns_the_original_seq_and_writes_nothing(
     log: DeltaLog, rng: np.random.Generator
 ) -> None:
     first = delta(rng, "a", idempotency_key="receipt-1")
-    assert await log.append(first) == 1
+    written = await log.append(first)
+    assert written == 1 and not isinstance(written, Repeat)
     assert await log.append(delete("b")) == 2
     again = delta(rng, "a", idempotency_key="receipt-1")
-    assert await log.append(again) == 1
+    repeated = await log.append(again)
+    assert repeated == 1 and isinstance(repeated, Repeat), repeated
     assert await log.head() == 2
     seen = await delta_seqs(log)
     assert again.delta_id not in seen and seen[first.delta_id] == [1] and len(seen) == 2
@@ -263,9 +266,9 @@ async def test_a_key_survives_a_new_handle(config: LogConfig) -> None:
     async with DeltaLog.open(config) as first:
         assert await first.append(delete("a", key="k")) == 1
     async with DeltaLog.open(config) as second:
-        assert await second.append(delete("a", key="k")) == 1
+        assert await second.append(delete("a", key="k")) == Repeat(1)
         async with second.producer() as producer:
-            assert await producer.submit(delete("a", key="k")) == 1
+            assert isinstance(await producer.submit(delete("a", key="k")), Repeat)
         assert await second.head() == 1
 
 
@@ -283,6 +286,7 @@ async def test_one_key_twice_in_one_batch_is_written_once(log: DeltaLog) -> None
         tg.start_soon(submit, first)
         tg.start_soon(submit, second)
     assert got == [1, 1]
+    assert sorted(isinstance(seq, Repeat) for seq in got) == [False, True]  # one wrote it
     assert await log.head() == 1
     assert list(await delta_seqs(log)) == [first.delta_id]
     assert producer.statistics().entries_written == 1
@@ -299,6 +303,7 @@ async def test_one_key_submitted_concurrently_into_separate_entries(log: DeltaLo
         for d in deltas:
             tg.start_soon(submit, d)
     assert got == [1] * len(deltas)
+    assert sum(not isinstance(seq, Repeat) for seq in got) == 1
     assert await log.head() == 1
     assert len(await delta_seqs(log)) == 1
 
@@ -313,6 +318,7 @@ async def test_keys_of_plain_appends_racing(log: DeltaLog) -> None:
         for n in range(5):
             tg.start_soon(append, n)
     assert got == [1] * 5
+    assert sum(not isinstance(seq, Repeat) for seq in got) == 1
     assert await log.head() == 1
     assert len(await delta_seqs(log)) == 1
 

@@ -1,8 +1,8 @@
 """The benchmark suite runs end to end in its smallest mode and reports every figure.
 
 No thresholds on speed: CI machines vary. What is checked is the contract
-of ``python -m benchmarks``: the results JSON (machine, parameters, date and
-the six ratios as floats) and the plots.
+of ``python -m benchmarks``: the results JSON (machine, parameters, date,
+the six ratios as floats, the offline embedders' texts/s) and the plots.
 """
 
 from __future__ import annotations
@@ -53,6 +53,19 @@ def test_smoke_run_reports_every_ratio_and_plot(tmp_path: Path) -> None:
     assert results["machine"]["python"]
     assert "chromadb" in results["machine"]["packages"]
     assert results["parameters"]["concurrency"]
+
+    embed = results["results"]["embed"]
+    rows = {row["embedder"].split(":")[0]: row for row in embed["rows"]}
+    assert set(rows) == {"hashing-v1", "wordllama"}
+    for row in rows.values():
+        assert row["texts"] == embed["texts"] > 0
+        assert isinstance(row["texts_per_s"], float) and row["texts_per_s"] > 0, row
+    assert rows["wordllama"]["load_seconds"] > 0
+    for row in rows.values():
+        assert set(row["quality"]) == {"lines", "line_inputs", "words"}
+        assert all(0.0 <= q <= 1.0 for q in row["quality"].values()), row
+    assert embed["wordllama_vs_hashing"] > 0
+    assert "wordllama" in results["machine"]["packages"]
 
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name

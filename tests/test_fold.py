@@ -1,4 +1,5 @@
-"""The fold against op-by-op application: examples of each rule, then properties."""
+"""The fold against the test oracle (``tests.oracle``, op by op from the README's
+rules): examples of each rule, then properties."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from deltalog.fold import (
     state_differences,
 )
 from tests import strategies
+from tests.oracle import oracle_state
 
 PROPERTY = settings(max_examples=100, deadline=None)
 ANY = strategies.ANY_FLOATS
@@ -65,11 +67,11 @@ def entries(*ops: Op) -> list[tuple[int, Entry]]:
 
 
 def folded(*ops: Op, initial: State | None = None) -> State:
-    """Apply the fold of ``ops`` to a copy of ``initial``, checking it against the reference."""
+    """Apply the fold of ``ops`` to a copy of ``initial``, checking it against the oracle."""
     log = entries(*ops)
     state = {name: dict(records) for name, records in (initial or {}).items()}
     apply_to_state(state, fold(log))
-    assert state_differences(reference_state(log, initial), state) == []
+    assert state_differences(oracle_state(log, initial), state) == []
     return state
 
 
@@ -244,13 +246,23 @@ def test_fold_of_decoded_entries_equals_fold_of_originals(rng: np.random.Generat
 def test_fold_applied_equals_op_by_op(
     before: list[tuple[int, Entry]], log: list[tuple[int, Entry]]
 ) -> None:
-    initial = reference_state(before)
+    initial = oracle_state(before)
     state = {name: dict(records) for name, records in initial.items()}
     plan = fold(log)
     assert_disjoint(plan)
     apply_to_state(state, plan)
-    assert state_differences(reference_state(log, initial), state) == []
-    assert state == reference_state(log, initial)
+    assert state_differences(oracle_state(log, initial), state) == []
+    assert state == oracle_state(log, initial)
+
+
+@PROPERTY
+@given(before=strategies.logs(floats=ANY), log=strategies.logs(floats=ANY))
+def test_reference_state_equals_the_oracle(
+    before: list[tuple[int, Entry]], log: list[tuple[int, Entry]]
+) -> None:
+    """``reference_state`` stays in the library for the soak's check; it must agree."""
+    initial = oracle_state(before)
+    assert state_differences(oracle_state(log, initial), reference_state(log, initial)) == []
 
 
 def assert_disjoint(plan: FoldPlan) -> None:

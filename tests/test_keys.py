@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from deltalog.keys import MAX_SEQ, LogKeys, idempotency_sk, valid_log_name, valid_root
+from deltalog.keys import MAX_SEQ, LogKeys, entry_log, idempotency_sk, valid_log_name, valid_root
 
 
 def test_entry_keys_sort_like_their_seqs() -> None:
@@ -79,3 +81,39 @@ def test_names() -> None:
     for bad in ("a/../b", "..", "a b", "a\\b"):
         assert not valid_root(bad), bad
     assert idempotency_sk("k") == "idem#k"
+
+
+@pytest.mark.parametrize(
+    ("root", "key", "log"),
+    [
+        ("", "receipts/entries/00000000000000000007", "receipts"),
+        ("prod", "prod/labels.v2/entries/00000000000000000001", "labels.v2"),
+        ("/a/b/", "a/b/r-1/entries/00000000000000000042", "r-1"),
+        ("", "receipts/snapshots/00000000000000000007-000000000001-ab.tar", None),
+        ("", "receipts/entries/7", None),
+        ("", "_deltalog/probes/00000000000000000007", None),
+        ("prod", "receipts/entries/00000000000000000007", None),
+        ("", "a/b/entries/00000000000000000007", None),
+    ],
+)
+def test_an_entry_key_names_its_log(root: str, key: str, log: str | None) -> None:
+    assert entry_log(root, key) == log
+    if log is not None:
+        assert LogKeys(root, log).entry(LogKeys(root, log).seq_of(key) or 0) == key
+
+
+def test_cache_names_are_one_per_log() -> None:
+    """Root x + log snapshots and log x_snapshots used to share a cache directory."""
+    assert LogKeys("x", "snapshots").cache_name != LogKeys("", "x_snapshots").cache_name
+    assert LogKeys("a/b", "c").cache_name == "a+b+c"
+    assert LogKeys("", "c").cache_name == "c" and LogKeys("/a/", "c").cache_name == "a+c"
+
+
+def test_distinct_log_ids_get_distinct_cache_names() -> None:
+    """Every root and log name over a small alphabet that holds '/', '_' and '.'."""
+    roots = ["".join(p) for n in range(4) for p in itertools.product("a_./", repeat=n)]
+    logs = ["a" + "".join(p) for n in range(3) for p in itertools.product("a_.", repeat=n)]
+    keys = [LogKeys(r, log) for r in roots for log in logs if valid_root(r) and valid_log_name(log)]
+    names: dict[str, str] = {}
+    for k in keys:
+        assert names.setdefault(k.cache_name, k.log_id) == k.log_id, (k.cache_name, k.log_id)

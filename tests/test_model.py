@@ -15,27 +15,35 @@ Hypothesis drives a ``RuleBasedStateMachine`` through random sequences of:
 - **rebuild**: ``Compactor.rebuild`` to a random seq, or to the end and
   published as the committed snapshot;
 - **fresh read**: ``Reader.open(consistency="fresh")`` sees every
-  acknowledged delta, compacted or not.
+  acknowledged delta, compacted or not: ``get`` of every collection
+  (ids, documents, metadata) and ``query`` with drawn vectors (the ids,
+  documents and metadata of the nearest records, and their distances,
+  which is how a reader shows vectors).
 
 The **model** is the list of acknowledged deltas and their seqs; its state
-at a seq is ``deltalog.fold.reference_state`` of those deltas, op by op.
+at a seq is the test oracle (``tests.oracle``, written from the README's
+rules, sharing no code with the fold) of those deltas, op by op.
 Invariants after every step: the committed state (the checkpoint plus the
 committed tail, as ``export`` writes it) equals the model at hwm (vectors
 bit for bit, documents, metadata), and the checkpoint alone the model at
 the seq it holds; hwm never decreases; every acknowledged delta is in the
 log exactly once, at its seq, and nothing else is.
 
-The adapters are the in-memory ones (first-class, same contract as S3 and
-DynamoDB) and the sink is real ChromaDB. Float metadata has few significant
-digits (``CHROMA_EXACT_FLOATS``): Chroma changes the last bit of floats
-with 16-17 significant digits.
+It runs twice: on the in-memory adapters (first-class, same contract as S3
+and DynamoDB; more examples) and on ``S3Store`` + ``DynamoTable`` against
+moto's server over HTTP (fewer examples: each step costs requests). The
+sink is real ChromaDB in both. Float metadata has few significant digits
+(``CHROMA_EXACT_FLOATS``): Chroma changes the last bit of floats with 16-17
+significant digits. Vectors are bounded so that query distances stay finite.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,8 +51,11 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.from_thread
+import numpy as np
+import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
@@ -52,15 +63,18 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from compactor import Compactor
-from deltalog import Batch, Delta, DeltaLog, LogConfig, Reader
+from deltalog import Batch, Delta, DeltaLog, LogConfig, Reader, Upsert
 from deltalog.entry import MetadataValue
-from deltalog.fold import State, reference_state
+from deltalog.fold import State
 from deltalog.snapshot.cache import SnapshotCache
-from deltalog.storage.store import MemoryStore
-from deltalog.storage.table import LogState
+from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore, ObjectStore
+from deltalog.storage.table import LogState, MemoryTable
 from deltalog.storage.transfer import Transferred, Upload
 from tests.compaction import (
     Crash,
@@ -70,11 +84,23 @@ from tests.compaction import (
     faulty_sinks,
     sink_state,
 )
-from tests.strategies import CHROMA_EXACT_FLOATS, COLLECTIONS, KEYS, deletes, updates, upserts
+from tests.conftest import BUCKET, TABLE
+from tests.oracle import oracle_state
+from tests.reading import assert_get_matches, assert_query_matches
+from tests.strategies import (
+    CHROMA_EXACT_FLOATS,
+    COLLECTIONS,
+    DIM,
+    KEYS,
+    deletes,
+    updates,
+    upserts,
+)
 
-CONFIG = LogConfig(bucket="memory", table="memory", log="model")
-LOG_ID = CONFIG.keys.log_id
-CRASH_TTL = 2.0
+MEMORY = LogConfig(bucket="memory", table="memory", log="model")
+CRASH_TTL = {"memory": 0.5, "moto": 2.0}
+"""The lease of a compaction that crashes: the model waits for it to expire. Long
+enough for the heartbeat to renew it on a loaded machine over each backend."""
 STEPS = ("apply-before", "apply-after", "upload", "before-commit", "after-commit", "release")
 RATIOS = (0.0, 0.1, 1e9)
 """Checkpoint ratios: publish every run, the default, (almost) never."""
@@ -84,24 +110,30 @@ values: st.SearchStrategy[MetadataValue] = st.one_of(
     st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), CHROMA_EXACT_FLOATS, st.booleans()
 )
 keys = st.sampled_from(KEYS)
+vector_floats = st.floats(-100, 100, width=32)
 ops = st.one_of(
-    upserts(st.dictionaries(keys, values, min_size=1, max_size=3)),
+    upserts(st.dictionaries(keys, values, min_size=1, max_size=3), elements=vector_floats),
     deletes(),
     updates(st.dictionaries(keys, st.none() | values, min_size=1, max_size=3)),
 )
 op_lists = st.lists(ops, min_size=1, max_size=3)
+query_lists = st.lists(hnp.arrays(np.float32, DIM, elements=vector_floats), min_size=1, max_size=2)
 
 
-class CrashingStore(MemoryStore):
-    """A memory store whose next snapshot upload can die after streaming, before it writes."""
+class CrashingStore:
+    """A store (memory or S3) whose next snapshot upload can die after streaming,
+    before it writes."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
         self.crash_upload = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     @asynccontextmanager
     async def upload(self, key: str) -> AsyncIterator[Upload]:
-        async with super().upload(key) as upload:
+        async with self.inner.upload(key) as upload:
             if self.crash_upload:
                 self.crash_upload = False
                 yield _CrashOnComplete(upload)
@@ -121,18 +153,26 @@ class _CrashOnComplete:
 
 
 class DeltaLogModel(RuleBasedStateMachine):
-    """See the module docstring."""
+    """See the module docstring. ``endpoint``: moto's server, or None for memory."""
 
     keyed = Bundle("keyed")
 
-    def __init__(self) -> None:
+    def __init__(self, endpoint: str | None = None) -> None:
         super().__init__()
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         self.tmp = Path(tempfile.mkdtemp(prefix="deltalog-model-"))
-        self.store = CrashingStore()
-        self.table = FaultyTable()
-        self.log = self.run(DeltaLog.connect, CONFIG, store=self.store, table=self.table)
+        self.config = MEMORY
+        self.crash_ttl = CRASH_TTL["memory" if endpoint is None else "moto"]
+        self.store = CrashingStore(MemoryStore())
+        self.table = FaultyTable(MemoryTable())
+        if endpoint is not None:
+            log = f"model-{uuid.uuid4().hex[:12]}"
+            self.config = LogConfig(bucket=BUCKET, table=TABLE, log=log, endpoint_url=endpoint)
+            self.store = CrashingStore(self.run(S3Store.connect, self.config))
+            self.table = FaultyTable(self.run(DynamoTable.connect, self.config))
+        self.log_id = self.config.keys.log_id
+        self.log = self.run(DeltaLog.connect, self.config, store=self.store, table=self.table)
         self.acked: dict[str, tuple[int, Delta]] = {}
         """delta_id -> (seq, delta): every acknowledged delta."""
         self.hwm = 0
@@ -148,6 +188,8 @@ class DeltaLogModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.run(self.log.aclose)
+            self.run(self.store.inner.aclose)
+            self.run(self.table.inner.aclose)
         finally:
             self._portal_cm.__exit__(None, None, None)
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -158,7 +200,7 @@ class DeltaLogModel(RuleBasedStateMachine):
         return max((seq for seq, _ in self.acked.values()), default=0)
 
     def model_at(self, seq: int) -> State:
-        """The reference fold of every acknowledged delta up to ``seq``, op by op.
+        """The oracle's state of every acknowledged delta up to ``seq``, op by op.
 
         Within one entry (group commit) the deltas apply in the entry's
         order, which the log decides: the model takes that order from the
@@ -170,14 +212,14 @@ class DeltaLogModel(RuleBasedStateMachine):
             for s in sorted(order)
             if s <= seq
         ]
-        return reference_state(entries)
+        return oracle_state(entries)
 
     async def delta_order(self) -> dict[int, list[str]]:
         return {seq: [d.delta_id for d in entry.deltas] async for seq, entry in self.log.read()}
 
     def compactor(self, **options: Any) -> Compactor:
         return Compactor(
-            CONFIG,
+            self.config,
             cache_dir=self.tmp / "cache",
             store=self.store,
             table=self.table,
@@ -186,12 +228,12 @@ class DeltaLogModel(RuleBasedStateMachine):
         )
 
     def state(self) -> LogState:
-        return self.run(self.table.read_state, LOG_ID)
+        return self.run(self.table.read_state, self.log_id)
 
     def snapshot(self, key: str, sha256: str) -> State:
         async def read() -> State:
             cache = SnapshotCache(self.tmp / "check")
-            path = await cache.committed(self.store, key, sha256, log=CONFIG.log)
+            path = await cache.committed(self.store, key, sha256, log=self.config.log)
             return await sink_state(path, cache.working_copy)
 
         return self.run(read)
@@ -280,7 +322,7 @@ class DeltaLogModel(RuleBasedStateMachine):
 
         async def go() -> None:
             async with self.compactor(
-                sink_factory=factory, lease_ttl=CRASH_TTL, checkpoint_ratio=ratio
+                sink_factory=factory, lease_ttl=self.crash_ttl, checkpoint_ratio=ratio
             ) as compactor:
                 await compactor.run_once(checkpoint=step == "upload")
 
@@ -327,33 +369,44 @@ class DeltaLogModel(RuleBasedStateMachine):
         assert (result.hwm, result.published) == (self.head(), True)
         assert self.state().snapshot_key == result.snapshot_key
 
-    @rule()
-    def fresh_read(self) -> None:
+    @rule(queries=query_lists, n_results=st.integers(1, 5))
+    def fresh_read(self, queries: list[np.ndarray], n_results: int) -> None:
         event("fresh read")
+        vectors = np.stack(queries)
+        queried = [c for c in COLLECTIONS if self.has_vectors(c)]
 
-        async def go() -> dict[str, Any]:
+        async def go() -> tuple[dict[str, Any], dict[str, Any]]:
             async with Reader.open(
-                CONFIG,
+                self.config,
                 consistency="fresh",
                 cache_dir=self.tmp / "reader",
                 store=self.store,
                 table=self.table,
             ) as reader:
-                return {c: await reader.get(collection=c) for c in COLLECTIONS}
+                got = {c: await reader.get(collection=c) for c in COLLECTIONS}
+                found = {
+                    c: await reader.query(
+                        collection=c, query_embeddings=vectors, n_results=n_results
+                    )
+                    for c in queried
+                }
+                return got, found
 
-        got = self.run(go)
+        got, found = self.run(go)
         want = self.model_at(self.head())
         for collection in COLLECTIONS:
+            assert_get_matches(got[collection], want.get(collection, {}), collection)
+        for collection in queried:
             records = want.get(collection, {})
-            seen = got[collection]
-            assert sorted(seen["ids"]) == sorted(records), collection
-            for id_, document, metadata in zip(
-                seen["ids"], seen["documents"], seen["metadatas"], strict=True
-            ):
-                assert (document, metadata or None) == (
-                    records[id_].document,
-                    records[id_].metadata,
-                ), (collection, id_)
+            assert_query_matches(found[collection], records, vectors, n_results, collection)
+
+    def has_vectors(self, collection: str) -> bool:
+        """Whether an acknowledged delta upserted into ``collection`` (it has a dimension)."""
+        return any(
+            isinstance(op, Upsert) and op.collection == collection
+            for _, delta in self.acked.values()
+            for op in delta.ops
+        )
 
     # -- invariants -----------------------------------------------------------------
 
@@ -393,5 +446,15 @@ class DeltaLogModel(RuleBasedStateMachine):
             return await committed_state(compactor)
 
 
-TestDeltaLogModel = DeltaLogModel.TestCase
-TestDeltaLogModel.settings = settings(max_examples=20, stateful_step_count=15, deadline=None)
+SETTINGS = {
+    "memory": settings(max_examples=40, stateful_step_count=15, deadline=None),
+    "moto": settings(max_examples=4, stateful_step_count=12, deadline=None),
+}
+
+
+@pytest.mark.parametrize("backend", ["memory", "moto"])
+def test_the_protocol_against_the_model(backend: str, request: pytest.FixtureRequest) -> None:
+    endpoint = request.getfixturevalue("initialized") if backend == "moto" else None
+    # hypothesis takes any factory of machines; its hint says a class
+    factory = functools.partial(DeltaLogModel, endpoint)
+    run_state_machine_as_test(factory, settings=SETTINGS[backend])  # type: ignore[arg-type]

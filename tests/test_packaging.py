@@ -6,7 +6,8 @@ virtual environment, and runs ``deltalog --help`` and an import of the
 public API there, from a directory that is not the checkout. Catches what an
 editable install hides: a module or data file left out of the wheel, an
 entry point that does not resolve, a dependency the metadata does not
-declare.
+declare. Without extras, so also what ``auto`` says when wordllama is not
+installed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ PUBLIC_API = (
     "assert 'site-packages' in deltalog.__file__, deltalog.__file__\n"
     "assert render('producer', bucket='b', table='t', log='l')['Statement']\n"
     "print('public api ok')\n"
+)
+WITHOUT_WORDLLAMA = (
+    "import os\n"
+    "os.environ.pop('OPENAI_API_KEY', None)\n"
+    "from deltalog.errors import ConfigurationError\n"
+    "from deltalog.receipts.embed import make_embedder\n"
+    "assert make_embedder('hash').embed_sync(['TOTAL']).shape == (1, 384)\n"
+    "try:\n"
+    "    make_embedder('auto')\n"
+    "except ConfigurationError as exc:\n"
+    "    print(exc)\n"
 )
 
 
@@ -59,3 +71,6 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> Non
     for command in ("init", "status", "compact", "ingest", "query", "demo"):
         assert command in help_text, help_text
     assert "public api ok" in _run([str(python), "-c", PUBLIC_API], cwd=tmp_path, timeout=60)
+    # wordllama is an extra: without it, hash works and auto (no key) says how to install it
+    said = _run([str(python), "-c", WITHOUT_WORDLLAMA], cwd=tmp_path, timeout=60)
+    assert "OPENAI_API_KEY is not set" in said and "pip install 'deltalog[wordllama]'" in said

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +17,26 @@ from deltalog import (
     DataError,
     Delta,
     DeltaLog,
+    DimensionMismatch,
     InvalidInput,
     LogConfig,
     Reader,
     UpdateMetadata,
-    Upsert,
 )
 from deltalog.snapshot.sink import ChromaSink
+from deltalog.storage.faults import FaultProxy
 from deltalog.storage.s3 import S3Store
-from deltalog.storage.store import MemoryStore
-from deltalog.storage.table import MemoryTable
 from deltalog.storage.transfer import Transferred
 from tests.builders import delete
-
-DIM = 8
-
-
-def _upsert(ids: list[str], vectors: np.ndarray, merchant: str) -> Delta:
-    return Delta(
-        ops=[
-            Upsert(
-                collection="words",
-                ids=ids,
-                embeddings=vectors,
-                documents=[f"doc {i}" for i in ids],
-                metadatas=[{"merchant_name": merchant, "n": n} for n in range(len(ids))],
-            )
-        ]
-    )
-
-
-def _basis(i: int, scale: float = 1.0) -> np.ndarray:
-    v = np.zeros((1, DIM), np.float32)
-    v[0, i] = scale
-    return v
+from tests.oracle import oracle_state
+from tests.reading import (
+    DIM,
+    assert_get_matches,
+    assert_query_matches,
+    basis,
+    random_word_deltas,
+    upsert_words,
+)
 
 
 async def _compacted(log: DeltaLog, config: LogConfig, tmp_path: Path, **options: Any) -> None:
@@ -63,9 +51,9 @@ EVERY_RUN: dict[str, Any] = {"checkpoint_ratio": 0}
 async def test_fresh_reads_see_the_tail_and_equal_snapshot_reads_after_compaction(
     log: DeltaLog, config: LogConfig, tmp_path: Path
 ) -> None:
-    await log.append(_upsert(["a", "b"], np.vstack([_basis(0), _basis(1)]), "Costco"))
+    await log.append(upsert_words(["a", "b"], np.vstack([basis(0), basis(1)]), "Costco"))
     await _compacted(log, config, tmp_path)
-    await log.append(_upsert(["c"], _basis(2), "Costco"))  # appended, not compacted
+    await log.append(upsert_words(["c"], basis(2), "Costco"))  # appended, not compacted
     await log.append(delete("b"))
     await log.append(
         Delta(
@@ -78,7 +66,7 @@ async def test_fresh_reads_see_the_tail_and_equal_snapshot_reads_after_compactio
     )
     cache = tmp_path / "reader"
     async with Reader.open(config, consistency="fresh", cache_dir=cache) as fresh:
-        near_c = await fresh.query(collection="words", query_embeddings=_basis(2), n_results=3)
+        near_c = await fresh.query(collection="words", query_embeddings=basis(2), n_results=3)
         assert near_c["ids"][0][0] == "c"
         assert near_c["distances"][0][0] == pytest.approx(0.0)
         assert "b" not in near_c["ids"][0], "deleted in the tail"
@@ -86,7 +74,7 @@ async def test_fresh_reads_see_the_tail_and_equal_snapshot_reads_after_compactio
         assert sorted(costco["ids"]) == ["c"], "a moved to Target in the tail, b was deleted"
         target = await fresh.query(
             collection="words",
-            query_embeddings=_basis(0),
+            query_embeddings=basis(0),
             n_results=5,
             where={"merchant_name": "Target"},
         )
@@ -102,7 +90,7 @@ async def test_fresh_reads_see_the_tail_and_equal_snapshot_reads_after_compactio
         Reader.open(config, consistency="snapshot", cache_dir=cache) as snapshot,
         Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r2") as fresh,
     ):
-        for q in (_basis(0), _basis(2), _basis(1)):
+        for q in (basis(0), basis(2), basis(1)):
             s = await snapshot.query(collection="words", query_embeddings=q, n_results=2)
             f = await fresh.query(collection="words", query_embeddings=q, n_results=2)
             assert s == f
@@ -114,9 +102,9 @@ async def test_fresh_reads_see_the_tail_and_equal_snapshot_reads_after_compactio
 async def test_fresh_reads_without_any_snapshot(
     log: DeltaLog, config: LogConfig, tmp_path: Path
 ) -> None:
-    await log.append(_upsert(["x", "y"], np.vstack([_basis(3), _basis(4)]), "Aldi"))
+    await log.append(upsert_words(["x", "y"], np.vstack([basis(3), basis(4)]), "Aldi"))
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path) as reader:
-        got = await reader.query(collection="words", query_embeddings=_basis(4, 2.0), n_results=1)
+        got = await reader.query(collection="words", query_embeddings=basis(4, 2.0), n_results=1)
         assert got["ids"] == [["y"]]
         assert got["distances"][0][0] == pytest.approx(1.0)
         assert (await reader.get(collection="words", ids=["x"]))["documents"] == ["doc x"]
@@ -125,11 +113,11 @@ async def test_fresh_reads_without_any_snapshot(
 async def test_a_reader_picks_up_new_commits(
     log: DeltaLog, config: LogConfig, tmp_path: Path
 ) -> None:
-    await log.append(_upsert(["a"], _basis(0), "Costco"))
+    await log.append(upsert_words(["a"], basis(0), "Costco"))
     await _compacted(log, config, tmp_path)
     async with Reader.open(config, cache_dir=tmp_path / "r") as reader:
         assert (await reader.get(collection="words"))["ids"] == ["a"]
-        await log.append(_upsert(["b"], _basis(1), "Costco"))
+        await log.append(upsert_words(["b"], basis(1), "Costco"))
         await _compacted(log, config, tmp_path)  # hwm moves, the checkpoint stays
         assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b"]
         stats = reader.statistics()
@@ -139,7 +127,7 @@ async def test_a_reader_picks_up_new_commits(
             1,
             1,
         )
-        await log.append(_upsert(["c"], _basis(2), "Costco"))
+        await log.append(upsert_words(["c"], basis(2), "Costco"))
         await _compacted(log, config, tmp_path, **EVERY_RUN)  # a new checkpoint
         assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b", "c"]
         stats = reader.statistics()
@@ -152,14 +140,17 @@ async def test_a_reader_picks_up_new_commits(
 
 
 async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
-    await log.append(_upsert(["a"], _basis(0), "Costco"))
+    await log.append(upsert_words(["a"], basis(0), "Costco"))
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path) as reader:
-        with pytest.raises(InvalidInput, match="dimension"):
+        with pytest.raises(DimensionMismatch) as mismatch:
             await reader.query(collection="words", query_embeddings=np.ones((1, 3), np.float32))
+        assert (mismatch.value.known, mismatch.value.got) == (DIM, 3)
+        for words in (f"holds {DIM}-dimensional", "the query has 3", "new log", "rebuild"):
+            assert words in str(mismatch.value)
         with pytest.raises(InvalidInput, match="no vectors"):
-            await reader.query(collection="nothing", query_embeddings=_basis(0))
+            await reader.query(collection="nothing", query_embeddings=basis(0))
         with pytest.raises(InvalidInput, match="NaN"):
-            await reader.query(collection="words", query_embeddings=_basis(0) * np.nan)
+            await reader.query(collection="words", query_embeddings=basis(0) * np.nan)
         with pytest.raises(InvalidInput, match="operator"):
             await reader.get(collection="words", where={"n": {"$regex": "x"}})
     with pytest.raises(InvalidInput, match="consistency"):
@@ -167,19 +158,76 @@ async def test_bad_queries_are_refused(log: DeltaLog, config: LogConfig, tmp_pat
             pass
 
 
-async def test_a_fresh_read_with_nothing_new_costs_two_requests(tmp_path: Path) -> None:
-    """One state read and one listing: the counter is not read."""
-    config = LogConfig(bucket="memory", table="memory", log="mem")
-    store, table = MemoryStore(), MemoryTable()
-    async with DeltaLog.open(config, store=store, table=table) as log:
-        await log.append(_upsert(["a"], _basis(0), "Costco"))
-        async with Reader.open(
-            config, consistency="fresh", cache_dir=tmp_path, store=store, table=table
-        ) as reader:
-            assert (await reader.get(collection="words"))["ids"] == ["a"]
-            before = (store.requests, table.requests)
-            assert (await reader.get(collection="words"))["ids"] == ["a"]
-            assert (store.requests - before[0], table.requests - before[1]) == (1, 1)
+async def test_a_fresh_read_with_nothing_new_costs_two_requests_over_http(
+    log: DeltaLog, config: LogConfig, tmp_path: Path
+) -> None:
+    """One state read and one listing, counted on the wire to moto's server: the
+    counter is not read, the snapshot is not downloaded again."""
+    await log.append(upsert_words(["a"], basis(0), "Costco"))
+    await _compacted(log, config, tmp_path)
+    await log.append(upsert_words(["b"], basis(1), "Costco"))  # a tail
+    assert config.endpoint_url is not None
+    async with FaultProxy(config.endpoint_url) as proxy:
+        via_proxy = replace(config, endpoint_url=proxy.url)
+        async with Reader.open(via_proxy, consistency="fresh", cache_dir=tmp_path / "r") as reader:
+            assert await _ids(reader) == ["a", "b"]
+            before = Counter(proxy.statistics().operations)
+            assert await _ids(reader) == ["a", "b"]
+            spent = Counter(proxy.statistics().operations) - before
+    assert spent == {"GetItem": 1, "ListObjectsV2": 1}
+
+
+async def test_fresh_and_snapshot_reads_while_a_tail_exists(
+    log: DeltaLog, config: LogConfig, tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """With a committed snapshot and a tail after it, a snapshot read is the fold
+    at hwm and a fresh read the fold at the head, for get and query alike."""
+    for delta in random_word_deltas(rng, 12):
+        await log.append(delta)
+    await _compacted(log, config, tmp_path)
+    for delta in random_word_deltas(rng, 12):
+        await log.append(delta)
+    entries = [item async for item in log.read()]
+    at_hwm, at_head = oracle_state(entries[:12]), oracle_state(entries)
+    queries = rng.uniform(-1, 1, (3, DIM)).astype(np.float32)
+    async with (
+        Reader.open(config, cache_dir=tmp_path / "s") as snapshot,
+        Reader.open(config, consistency="fresh", cache_dir=tmp_path / "f") as fresh,
+    ):
+        for reader, want in ((snapshot, at_hwm), (fresh, at_head)):
+            records = want.get("words", {})
+            assert_get_matches(await reader.get(collection="words"), records, reader.consistency)
+            for n in (1, 3, 12):
+                got = await reader.query(collection="words", query_embeddings=queries, n_results=n)
+                assert_query_matches(got, records, queries, n, f"{reader.consistency} n={n}")
+        assert (snapshot.statistics().hwm, fresh.statistics().tail_seq) == (12, 24)
+
+
+async def test_a_query_drops_snapshot_hits_the_tail_deleted_or_replaced(
+    log: DeltaLog, config: LogConfig, tmp_path: Path
+) -> None:
+    """The snapshot holds a, b, c; the tail deletes b and moves a far away. Near
+    where a and b were, the query must skip both snapshot hits, still return
+    n_results records, and show a once, at its new place."""
+    await log.append(upsert_words(["a", "b", "c"], np.vstack([basis(0), basis(1), basis(2)]), "X"))
+    await _compacted(log, config, tmp_path)
+    await log.append(delete("b"))
+    await log.append(upsert_words(["a"], basis(5, 10.0), "Y"))
+    near_a_and_b = (basis(0) + basis(1)) / 2
+    async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
+        two = await reader.query(collection="words", query_embeddings=near_a_and_b, n_results=2)
+        assert two["ids"] == [["c", "a"]]
+        assert two["distances"][0] == pytest.approx([1.5, 100.5])
+        assert two["metadatas"][0][1] == {"merchant_name": "Y", "n": 0}
+        one = await reader.query(collection="words", query_embeddings=basis(1), n_results=1)
+        assert one["ids"] == [["c"]], "b is deleted in the tail"
+        old_place = await reader.query(
+            collection="words",
+            query_embeddings=basis(0),
+            n_results=3,
+            where={"merchant_name": "X"},
+        )
+        assert old_place["ids"] == [["c"]], "a moved to Y in the tail"
 
 
 # -- one Reader shared by concurrent calls ----------------------------------------
@@ -228,12 +276,12 @@ async def _ids(reader: Reader) -> list[str]:
 
 def _work_copies(config: LogConfig, cache: Path) -> list[Path]:
     """The reader's working copies: one per snapshot it holds open."""
-    return list((cache / config.keys.log_id.replace("/", "_") / "work").iterdir())
+    return list((cache / config.keys.cache_name / "work").iterdir())
 
 
 async def _w_x_then_delete_x(log: DeltaLog, config: LogConfig, tmp_path: Path) -> None:
     """S1 at hwm 1 holds W and X; seq 2 deletes X (the tail)."""
-    await log.append(_upsert(["W", "X"], np.vstack([_basis(0), _basis(1)]), "Costco"))
+    await log.append(upsert_words(["W", "X"], np.vstack([basis(0), basis(1)]), "Costco"))
     await _compacted(log, config, tmp_path)
     await log.append(delete("X"))
 
@@ -274,7 +322,7 @@ async def test_a_call_that_built_its_view_before_a_commit_stores_no_stale_view(
     gate = _held_on_shadowed_x(monkeypatch)
 
     async def commit_s2() -> None:
-        await log.append(_upsert(["X", "Y"], np.vstack([_basis(1), _basis(2)]), "Aldi"))
+        await log.append(upsert_words(["X", "Y"], np.vstack([basis(1), basis(2)]), "Aldi"))
         await _compacted(log, config, tmp_path, **EVERY_RUN)
 
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
@@ -292,7 +340,7 @@ async def test_a_call_that_built_its_view_before_a_new_entry_hides_no_later_writ
     gate = _held_on_shadowed_x(monkeypatch)
 
     async def append_z() -> None:
-        await log.append(_upsert(["Z"], _basis(3), "Costco"))  # our own write
+        await log.append(upsert_words(["Z"], basis(3), "Costco"))  # our own write
 
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
         answers = await _while_a_waits(reader, gate, append_z)
@@ -305,7 +353,7 @@ async def test_a_snapshot_stays_open_until_the_calls_using_it_return(
 ) -> None:
     """A call still querying S1 while another call switches to S2 finishes on S1;
     S1's Chroma client and working copy go once it returns."""
-    await log.append(_upsert(["W", "X"], np.vstack([_basis(0), _basis(1)]), "Costco"))
+    await log.append(upsert_words(["W", "X"], np.vstack([basis(0), basis(1)]), "Costco"))
     await _compacted(log, config, tmp_path)
     cache = tmp_path / "reader"
     gate = Gate(monkeypatch, "query", lambda *_: True, after=False)
@@ -313,7 +361,7 @@ async def test_a_snapshot_stays_open_until_the_calls_using_it_return(
     async with Reader.open(config, cache_dir=cache) as reader:
 
         async def call_a() -> None:
-            got = await reader.query(collection="words", query_embeddings=_basis(1), n_results=5)
+            got = await reader.query(collection="words", query_embeddings=basis(1), n_results=5)
             answers["A"] = sorted(got["ids"][0])
 
         with anyio.fail_after(60):
@@ -334,7 +382,7 @@ async def test_a_snapshot_stays_open_until_the_calls_using_it_return(
 async def test_a_snapshot_that_chroma_cannot_open_leaves_no_working_copy(
     log: DeltaLog, config: LogConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await log.append(_upsert(["W"], _basis(0), "Costco"))
+    await log.append(upsert_words(["W"], basis(0), "Costco"))
     await _compacted(log, config, tmp_path)
 
     async def refuse(path: Path, **_: Any) -> ChromaSink:
@@ -372,13 +420,13 @@ async def test_a_snapshot_pruned_before_its_download_sends_the_reader_to_the_new
 ) -> None:
     """Retention deletes S1 between the reader's state read and its download: not
     corruption, the state has moved on to S2, which the reader loads instead."""
-    await log.append(_upsert(["W"], _basis(0), "Costco"))
+    await log.append(upsert_words(["W"], basis(0), "Costco"))
     await _compacted(log, config, tmp_path)
     first = await log.table.read_state(log.keys.log_id)
     assert first.snapshot_key is not None
 
     async def commit_s2_and_prune_s1() -> None:
-        await log.append(_upsert(["X"], _basis(1), "Costco"))
+        await log.append(upsert_words(["X"], basis(1), "Costco"))
         await _compacted(log, config, tmp_path, retain=1, **EVERY_RUN)
         assert await log.store.get(first.snapshot_key or "") is None, "retention deleted S1"
 
@@ -400,7 +448,7 @@ async def test_a_committed_snapshot_that_is_missing_is_a_data_error(
     log: DeltaLog, config: LogConfig, tmp_path: Path
 ) -> None:
     """Still referenced by the state item: that is data loss, and no retry loop."""
-    await log.append(_upsert(["W"], _basis(0), "Costco"))
+    await log.append(upsert_words(["W"], basis(0), "Costco"))
     await _compacted(log, config, tmp_path)
     state = await log.table.read_state(log.keys.log_id)
     assert state.snapshot_key is not None

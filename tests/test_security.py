@@ -126,11 +126,16 @@ def test_producer_policy_creates_entries_only_if_absent_and_never_touches_the_st
     assert not {"dynamodb:PutItem", "dynamodb:DeleteItem", "s3:DeleteObject"} & actions(doc)
 
 
-def test_compactor_policy_seals_and_publishes_only_if_absent_and_writes_only_the_state() -> None:
+def test_compactor_policy_seals_only_if_absent_and_writes_only_the_state() -> None:
     doc = policy("compactor")
-    (put,) = allowing(doc, "s3:PutObject")
-    assert sorted(put["Resource"]) == [ENTRIES, SNAPSHOTS]
-    assert put["Condition"] == {"Null": {"s3:if-none-match": "false"}}
+    seal, publish = allowing(doc, "s3:PutObject")
+    assert seal["Resource"] == ENTRIES
+    assert seal["Condition"] == {"Null": {"s3:if-none-match": "false"}}
+    # Snapshots stream as multipart uploads: S3 authorises CreateMultipartUpload and
+    # UploadPart as s3:PutObject with no If-None-Match to condition on (only the
+    # completion carries it), and snapshot keys are unique: not conditioned.
+    assert publish["Resource"] == SNAPSHOTS
+    assert publish["Action"] == ["s3:PutObject", "s3:AbortMultipartUpload"]
     (prune,) = allowing(doc, "s3:DeleteObject")
     assert prune["Resource"] == SNAPSHOTS, "entries are never deleted"
     (update,) = allowing(doc, "dynamodb:UpdateItem")

@@ -18,7 +18,7 @@ from deltalog.where import matches, normalize_where
 KEYS = ["k", "s", "b"]
 VALUES = st.one_of(
     st.integers(-3, 3),
-    st.sampled_from([-1.5, 0.0, 1.0, 2.5]),
+    st.sampled_from([-1.5, -0.5, 0.0, 0.5, 1.0, 2.5]),
     st.booleans(),
     st.sampled_from(["x", "y"]),
 )
@@ -88,6 +88,30 @@ def test_matches_agrees_with_chroma(
         chroma.delete_collection("where-check")
 
 
+NUMBERS = [-2, -1, 0, 1, 2, -2.5, -1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.5, 1e30, -1e30]
+
+
+@pytest.mark.parametrize("op", ["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin"])
+def test_ints_against_float_operands_agree_with_chroma(chroma: Any, op: str) -> None:
+    """Chroma truncates a float operand toward zero when the value is an int (1.5 matches 1)."""
+    collection = chroma.get_or_create_collection(f"grid{op[1:]}", embedding_function=None)
+    values = NUMBERS[:13]
+    ids = [f"{type(v).__name__}:{v}" for v in values]
+    collection.add(
+        ids=ids,
+        embeddings=np.ones((len(ids), 2), np.float32),
+        metadatas=[{"k": v} for v in values],
+    )
+    try:
+        for number in NUMBERS:
+            where = normalize_where({"k": {op: [number] if op in ("$in", "$nin") else number}})
+            want = sorted(collection.get(where=where)["ids"])
+            got = sorted(i for i, v in zip(ids, values, strict=True) if matches(where, {"k": v}))
+            assert got == want, (where, set(got) ^ set(want))
+    finally:
+        chroma.delete_collection(f"grid{op[1:]}")
+
+
 def test_several_keys_mean_and() -> None:
     assert normalize_where({"a": 1, "b": "x"}) == {"$and": [{"a": {"$eq": 1}}, {"b": {"$eq": "x"}}]}
     assert matches(normalize_where({"a": 1, "b": "x"}), {"a": 1, "b": "x"})
@@ -104,6 +128,11 @@ def test_several_keys_mean_and() -> None:
         {"a": {"$in": []}},
         {"a": [1]},
         {"a": {"$gt": [1]}},
+        {"a": {"$in": [1, 2.5]}},
+        {"a": {"$nin": ["x", 1]}},
+        {"a": {"$gt": float("inf")}},
+        {"a": {"$eq": float("nan")}},
+        {"a": {"$in": [1.0, float("-inf")]}},
     ],
 )
 def test_malformed_filters_are_refused(where: dict[str, Any]) -> None:

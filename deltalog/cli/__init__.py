@@ -8,10 +8,13 @@
 | ``demo`` | ``demo`` |
 | ``soak`` | ``soak`` |
 | ``mirror`` | ``mirror`` |
+| ``migrate`` | ``import chroma``, ``import pinecone`` |
 
-The command line is the only part of ``deltalog`` that imports the
-``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
-message says what to do), 2 a usage error, 3 lease busy, 4 ``verify`` found
+Shared by them: ``options`` (the location and output flags), ``output``
+(tables), ``progress`` (progress displays), ``process`` (exit codes, stopping
+on a signal). The command line is the only part of ``deltalog`` that imports
+the ``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
+message says what to do), 2 a usage error, 3 lease busy, 4 a check found
 differences.
 """
 
@@ -23,14 +26,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from deltalog.cli import compact, demo, log, mirror, receipts, soak
+from deltalog.cli import compact, demo, log, migrate, mirror, receipts, soak
 from deltalog.errors import DeltalogError
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
-_GROUPS = (log, demo, receipts, compact, mirror, soak)
+_GROUPS = (log, demo, receipts, compact, mirror, migrate, soak)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,21 +26,22 @@ from compactor.checkpoint import (
     DEFAULT_MAX_TAIL_ENTRIES,
     DEFAULT_RATIO,
 )
+from compactor.exporter import PrometheusExporter
 from compactor.follow import follow
+from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
 from deltalog.config import parse_size
-from deltalog.errors import DeltalogError, InvalidInput, LeaseBusy
+from deltalog.errors import InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
 
-__all__ = ["EXIT_BUSY", "EXIT_DIFFERENT", "register"]
-
-EXIT_BUSY = 3
-EXIT_DIFFERENT = 4
+__all__ = ["register"]
+EXIT_USAGE = 2
 
 
 def _compactor(
@@ -97,13 +97,16 @@ async def cmd_compact(args: argparse.Namespace) -> int:
             "--checkpoint publishes in one run; with --follow use --checkpoint-ratio 0 to "
             "publish in every run"
         )
+    if args.metrics_port is not None and not args.follow:
+        print("deltalog compact: --metrics-port needs --follow", file=sys.stderr)
+        return EXIT_USAGE
     if args.follow:
         try:
             return await _follow(args)
         except ExceptionGroup as group:
             # A log's task stopped the daemon (a setup error): report it as
             # any command does, not as a task group's traceback.
-            error = _deltalog_error(group)
+            error = first_deltalog_error(group)
             if error is None:
                 raise
             raise error from group
@@ -121,44 +124,59 @@ async def _follow(args: argparse.Namespace) -> int:
     ]
     compactors = [_compactor(args, name) for name in names]
     async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
-        await tg.start(_stop_on_signal, tg.cancel_scope)
+        await tg.start(stop_on_signal, tg.cancel_scope)
         for compactor in compactors:
             await stack.enter_async_context(compactor)
+        exporter = _exporter(args, [c.config.log for c in compactors], stack)
         logs = ", ".join(c.config.log for c in compactors)
         print(f"following {logs}; SIGINT or SIGTERM stops", file=sys.stderr, flush=True)
         await follow(
             compactors,
             poll_min=args.poll_min,
             poll_max=args.poll_max,
-            on_result=lambda r: _print_result(r, args.json),
-            on_error=lambda name, exc: print(
-                f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr
+            on_result=lambda r: _on_result(r, args.json, exporter),
+            on_error=lambda name, exc: _on_error(name, exc, exporter),
+            on_lag=(
+                (lambda name, head, hwm: exporter.record(name, lag_figures(head, hwm)))
+                if exporter is not None
+                else None
             ),
         )
     print("stopped; leases released", file=sys.stderr)
     return 0
 
 
-def _deltalog_error(group: BaseExceptionGroup[Exception]) -> DeltalogError | None:
-    """The first ``DeltalogError`` in a (nested) exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, DeltalogError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup) and (found := _deltalog_error(exc)):
-            return found
-    return None
+def _exporter(
+    args: argparse.Namespace, logs: list[str], stack: AsyncExitStack
+) -> PrometheusExporter | None:
+    """With ``--metrics-port``: serve the compactor's figures for Prometheus."""
+    if args.metrics_port is None:
+        return None
+    exporter = stack.enter_context(PrometheusExporter())
+    for log in logs:
+        exporter.track(log)
+    try:
+        port = exporter.serve(args.metrics_port, args.metrics_addr)
+    except OSError as exc:
+        raise InvalidInput(
+            f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}"
+        ) from exc
+    print(f"metrics on http://{args.metrics_addr}:{port}/metrics", file=sys.stderr, flush=True)
+    return exporter
 
 
-async def _stop_on_signal(
-    scope: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+def _on_result(
+    result: CompactionResult, as_json: bool, exporter: PrometheusExporter | None
 ) -> None:
-    """Cancel ``scope`` on SIGINT or SIGTERM; started (handlers installed) before anything runs."""
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            print(f"received {signal.Signals(signum).name}: stopping", file=sys.stderr)
-            scope.cancel()
-            return
+    _print_result(result, as_json)
+    if exporter is not None:
+        exporter.record(result.log, run_figures(result))
+
+
+def _on_error(name: str, exc: Exception, exporter: PrometheusExporter | None) -> None:
+    print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if exporter is not None:
+        exporter.record(name, failure_figures(exc))
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:
@@ -316,6 +334,14 @@ def register(commands: Any) -> None:
     )
     compact.add_argument("--poll-min", type=float, default=0.5, help="fastest poll (s)")
     compact.add_argument("--poll-max", type=float, default=10.0, help="slowest poll (s)")
+    compact.add_argument(
+        "--metrics-port",
+        type=int,
+        help="with --follow: serve Prometheus metrics on this port (0 picks a free one)",
+    )
+    compact.add_argument(
+        "--metrics-addr", default="0.0.0.0", help="the address the metrics server binds"
+    )
     compact.set_defaults(run=cmd_compact)
 
     rebuild = commands.add_parser("rebuild", help="replay the log from seq 1 into a new snapshot")

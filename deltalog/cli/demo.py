@@ -11,14 +11,17 @@
    not compacted yet: fresh reads see them, snapshot reads do not;
 6. the queries people run, then a last compaction and a summary table.
 
-The embedder is OpenAI's when ``OPENAI_API_KEY`` is set, else the offline
-hashing embedder.
+The embedder is ``--embedder`` (README "Embedders"): by default OpenAI's when
+``OPENAI_API_KEY`` is set, else the offline WordLlama model. The query step
+searches by meaning with a few typed texts whose neighbours are other
+spellings and other words for the same field (``_SEARCHES``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from compactor import CompactionResult, Compactor
-from deltalog.cli.options import add_output_flags
+from deltalog.cli.options import add_embedder_flags, add_output_flags
 from deltalog.cli.output import print_fields
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
-from deltalog.cli.receipts import ingest_display, print_results
+from deltalog.cli.receipts import describe_embedder, ingest_display, print_results
 from deltalog.config import LogConfig
 from deltalog.errors import DataError
 from deltalog.log import DeltaLog
@@ -39,7 +44,7 @@ from deltalog.reader import Reader
 from deltalog.receipts.embed import Embedder, make_embedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import IngestSummary, LabelUpdate, ReceiptProducer, ingest_file
-from deltalog.receipts.model import Receipt, word_inputs, write_jsonl
+from deltalog.receipts.model import Receipt, write_jsonl
 from deltalog.storage.create import ensure_storage
 from deltalog.storage.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
 
@@ -154,24 +159,27 @@ async def _fresh_vs_snapshot(
         )
 
 
+_SEARCHES = (
+    ("words", "walmart", "a spelling as a person types it; receipts print WAL*MART"),
+    ("lines", "fruit", "other words for the same field: no item line says 'fruit'"),
+    ("lines", "credit card payment", "payment lines name the card, never 'credit card'"),
+)
+"""The demo's searches: the text typed, and what a semantic neighbour shows there."""
+
+
 async def _queries(
     config: LogConfig, cache: Path, embedder: Embedder, receipts: list[Receipt]
 ) -> None:
-    """The queries people run (RECEIPTS.md): similar words at a merchant, a receipt, a label."""
-    source = next(
-        (r for r in receipts[2:] if any(w.text.upper() == "TOTAL" for w in r.words)), receipts[2]
-    )
-    index = next((i for i, w in enumerate(source.words) if w.text.upper() == "TOTAL"), 0)
-    text = word_inputs(source)[index]
+    """Searches by meaning, then the queries people run (RECEIPTS.md) by metadata."""
+    source = receipts[2]
+    print(f"    searches embedded with {describe_embedder(embedder)}")
     async with Reader.open(config, consistency="fresh", cache_dir=cache) as reader:
-        vector = await embedder.embed([text])
-        near = await reader.query(
-            collection="words",
-            query_embeddings=vector,
-            n_results=5,
-            where={"merchant_name": source.merchant_name},
-        )
-        print_results(near, title=f"words like {text!r} at {source.merchant_name}")
+        for collection, text, why in _SEARCHES:
+            near = await reader.query(
+                collection=collection, query_embeddings=await embedder.embed([text]), n_results=5
+            )
+            print(f"    {collection} like {text!r}: {why}")
+            print_results(near, ids=False)
         words = await reader.get(
             collection="words",
             where={"image_id": str(source.image_id), "receipt_id": source.receipt_id},
@@ -223,10 +231,14 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             )
             write_jsonl(work / "first.jsonl", setup.first)
             write_jsonl(work / "second.jsonl", setup.second)
-            print(f"    embedder {embedder.name} ({embedder.dim} dims); receipts in {work}")
+            kept = "kept: --keep" if args.keep else "removed at the end; --keep keeps it"
+            print(f"    embedder {describe_embedder(embedder)}")
+            print(f"    receipts and caches in {work} ({kept})")
             await _story(tally, setup)
     finally:
         await embedder.aclose()
+        if not args.keep:
+            await anyio.to_thread.run_sync(shutil.rmtree, work, True)
     return 0
 
 
@@ -312,8 +324,10 @@ def register(commands: Any) -> None:
     demo.add_argument("--receipts", type=int, default=120, help="receipts in the first batch")
     demo.add_argument("--more", type=int, default=60, help="receipts in the second batch")
     demo.add_argument("--concurrency", type=int, default=8, help="receipts embedded at once")
-    demo.add_argument("--embedder", default="auto", help="auto (OpenAI if OPENAI_API_KEY), hash")
-    demo.add_argument("--dim", type=int, help="embedding dimension")
+    add_embedder_flags(demo)
     demo.add_argument("--seed", type=int, default=7, help="receipt generator seed")
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the demo's receipts and caches (a temp dir)"
+    )
     add_output_flags(demo, json=False)
     demo.set_defaults(run=cmd_demo)

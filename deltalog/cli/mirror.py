@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 
 from compactor.mirror import Mirror, MirrorResult, MirrorStatistics
-from deltalog.cli.compact import EXIT_BUSY, _stop_on_signal
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.process import EXIT_BUSY, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay
 from deltalog.errors import LeaseBusy
 from deltalog.snapshot.server import ChromaTarget
@@ -73,7 +73,7 @@ async def cmd_mirror(args: argparse.Namespace) -> int:
 
 async def _follow(args: argparse.Namespace, mirror: Mirror) -> int:
     async with anyio.create_task_group() as tg:
-        await tg.start(_stop_on_signal, tg.cancel_scope)
+        await tg.start(stop_on_signal, tg.cancel_scope)
         print(
             f"mirroring {mirror.config.log} into {mirror.target.id}; SIGINT or SIGTERM stops",
             file=sys.stderr,

@@ -1,4 +1,4 @@
-"""Flags shared by the commands: where the log lives, and how output looks.
+"""Flags shared by the commands: where the log lives, the embedder, how output looks.
 
 Every command takes the log's location from flags or ``DELTALOG_*``
 variables, and AWS settings (region, credentials, endpoints) from the
@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 
 from deltalog.config import LogConfig
+from deltalog.receipts.embed import EMBEDDER_KINDS
 
-__all__ = ["add_location_flags", "add_output_flags", "config_from"]
+__all__ = ["add_embedder_flags", "add_location_flags", "add_output_flags", "config_from"]
 
 
 def config_from(args: argparse.Namespace, log: str | None = None) -> LogConfig:
@@ -51,3 +52,21 @@ def add_output_flags(
         parser.add_argument(
             "-q", "--quiet", action="store_true", help="no progress display on stderr"
         )
+
+
+def add_embedder_flags(parser: argparse.ArgumentParser) -> None:
+    """``--embedder auto|openai|wordllama|hash`` and ``--dim``."""
+    group = parser.add_argument_group("embedder (README 'Embedders')")
+    group.add_argument(
+        "--embedder",
+        choices=EMBEDDER_KINDS,
+        default="auto",
+        help="auto (default): openai if OPENAI_API_KEY is set, else wordllama (offline model); "
+        "hash: offline feature hashing, for tests and machines without wordllama",
+    )
+    group.add_argument(
+        "--dim",
+        type=int,
+        help="vector dimension: wordllama 64/128/256 (default 256), hash (default 384), "
+        "openai 'dimensions'",
+    )

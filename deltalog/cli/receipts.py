@@ -17,18 +17,23 @@ from typing import Any
 
 import anyio
 
-from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.options import (
+    add_embedder_flags,
+    add_location_flags,
+    add_output_flags,
+    config_from,
+)
 from deltalog.cli.output import print_fields, print_table
 from deltalog.cli.progress import ProgressDisplay
-from deltalog.errors import InvalidInput
+from deltalog.errors import DimensionMismatch, InvalidInput
 from deltalog.log import DeltaLog
 from deltalog.reader import QueryResult, Reader
-from deltalog.receipts.embed import make_embedder
+from deltalog.receipts.embed import Embedder, make_embedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import IngestProgress, IngestSummary, ingest_file
 from deltalog.receipts.model import write_jsonl
 
-__all__ = ["ingest_display", "parse_where", "register"]
+__all__ = ["describe_embedder", "ingest_display", "parse_where", "print_results", "register"]
 
 
 async def cmd_generate(args: argparse.Namespace) -> int:
@@ -61,7 +66,7 @@ async def cmd_ingest(args: argparse.Namespace) -> int:
                 )
     finally:
         await embedder.aclose()
-    print(f"embedder {embedder.name} ({embedder.dim} dims), log {log.config.log}")
+    print(f"embedder {describe_embedder(embedder)}, log {log.config.log}")
     print_summary(summary)
     return 0
 
@@ -124,25 +129,33 @@ def parse_where(pairs: list[str] | None, raw_json: str | None) -> dict[str, Any]
     return where or None
 
 
-def print_results(result: QueryResult, *, title: str | None = None) -> None:
-    """The first query's results as a table: rank, distance, document, merchant, id."""
-    ids, distances = result["ids"][0], result["distances"][0]
+def print_results(result: QueryResult, *, title: str | None = None, ids: bool = True) -> None:
+    """The first query's results as a table: rank, distance, document, merchant (, id)."""
+    found, distances = result["ids"][0], result["distances"][0]
     documents, metadatas = result["documents"][0], result["metadatas"][0]
-    if not ids:
+    if not found:
         print("no results")
         return
-    rows = [
+    rows: list[tuple[object, ...]] = [
         (rank, f"{distance:.4f}", repr(document), (metadata or {}).get("merchant_name", ""), id_)
         for rank, (id_, distance, document, metadata) in enumerate(
-            zip(ids, distances, documents, metadatas, strict=True), start=1
+            zip(found, distances, documents, metadatas, strict=True), start=1
         )
     ]
-    print_table(
-        ["#", "distance", "document", "merchant", "id"],
-        rows,
-        title=title,
-        right=["#", "distance"],
-    )
+    columns = ["#", "distance", "document", "merchant", "id"]
+    if not ids:
+        columns, rows = columns[:-1], [row[:-1] for row in rows]
+    print_table(columns, rows, title=title, right=["#", "distance"])
+
+
+def describe_embedder(embedder: Embedder) -> str:
+    """Which embedder this is, in words: its name, dimension and kind."""
+    kind = {
+        "wordllama": "WordLlama, a static embedding model shipped in its wheel, offline",
+        "openai": "the OpenAI embeddings API",
+        "hashing-v1": "feature hashing: spelling, not meaning",
+    }.get(embedder.name.split(":")[0], "a custom embedder")
+    return f"{embedder.name} ({embedder.dim} dims): {kind}"
 
 
 async def cmd_query(args: argparse.Namespace) -> int:
@@ -156,12 +169,21 @@ async def cmd_query(args: argparse.Namespace) -> int:
             result = await reader.query(
                 collection=args.collection, query_embeddings=vectors, n_results=args.k, where=where
             )
+    except DimensionMismatch as exc:
+        raise DimensionMismatch(
+            exc.collection,
+            known=exc.known,
+            got=exc.got,
+            source=f"the query, embedded with {embedder.name},",
+            log=exc.log,
+        ) from exc
     finally:
         await embedder.aclose()
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print_results(result)
+        title = f"{args.collection} like {args.text!r}, embedded with {describe_embedder(embedder)}"
+        print_results(result, title=title)
     return 0
 
 
@@ -186,13 +208,7 @@ def register(commands: Any) -> None:
     ingest.add_argument(
         "--concurrency", type=int, default=8, help="receipts embedded at once (default 8)"
     )
-    ingest.add_argument(
-        "--embedder",
-        choices=["auto", "openai", "hash"],
-        default="auto",
-        help="auto (default): openai if OPENAI_API_KEY is set, else hash (offline)",
-    )
-    ingest.add_argument("--dim", type=int, help="vector dimension (hash; openai 'dimensions')")
+    add_embedder_flags(ingest)
     add_location_flags(ingest)
     add_output_flags(ingest, json=False)
     ingest.set_defaults(run=cmd_ingest)
@@ -205,8 +221,7 @@ def register(commands: Any) -> None:
     query.add_argument("--where", action="append", help="metadata filter key=value (repeatable)")
     query.add_argument("--where-json", help="a Chroma where filter as JSON")
     query.add_argument("--consistency", choices=["snapshot", "fresh"], default="snapshot")
-    query.add_argument("--embedder", default="auto", help="auto, openai or hash")
-    query.add_argument("--dim", type=int, help="embedding dimension (hash; OpenAI dimensions)")
+    add_embedder_flags(query)
     query.add_argument("--cache-dir", default=".deltalog/cache", help="local snapshot cache")
     add_output_flags(query, quiet=False)
     query.set_defaults(run=cmd_query)

@@ -15,14 +15,19 @@ Adapters:
   a token covers at least one byte, so this never underestimates. Longer
   inputs are **truncated** to ``max_input_tokens`` bytes (at a character
   boundary) and counted in ``statistics().truncated``.
+- ``WordLlamaEmbedder`` (``deltalog.receipts.wordllama``): a real static
+  embedding model shipped inside the ``wordllama`` wheel; offline, 256 dims.
 - ``HashingEmbedder``: offline and deterministic: word unigrams and
   character trigrams hashed into ``dim`` signed buckets, L2-normalised.
-  Texts that share words or spellings get similar vectors. No network.
+  Texts that share words or spellings get similar vectors, whatever they
+  mean. For tests, and for machines where wordllama cannot install.
 
-``default_embedder()`` picks OpenAI when ``OPENAI_API_KEY`` is set, else the
-hashing embedder. Errors are translated here and nowhere else: a bad key is
-a ``ConfigurationError``, a refused input ``InvalidInput``, throttling or
-outages that outlast the retries ``Unavailable``.
+Choosing (``--embedder`` on the command line, ``make_embedder``): ``openai``,
+``wordllama``, ``hash``, or ``auto``: OpenAI when ``OPENAI_API_KEY`` is set,
+else WordLlama (``default_embedder``). Errors are translated here and
+nowhere else: a bad key is a ``ConfigurationError``, a refused input
+``InvalidInput``, throttling or outages that outlast the retries
+``Unavailable``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ from deltalog.errors import (
     InvalidInput,
     Unavailable,
 )
+from deltalog.receipts.vectors import (
+    EmbedderStatistics,
+    Vectors,
+    as_batch,
+    as_texts,
+    unit_rows,
+    zeros,
+)
+from deltalog.receipts.wordllama import DEFAULT_WORDLLAMA_DIM, WordLlamaEmbedder
 
 if TYPE_CHECKING:
     import openai
@@ -56,18 +70,20 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_HASH_DIM",
     "Embedder",
+    "EMBEDDER_KINDS",
     "EmbedderKind",
     "EmbedderStatistics",
     "HashingEmbedder",
     "OpenAIEmbedder",
+    "WordLlamaEmbedder",
     "default_embedder",
     "make_embedder",
 ]
 
 log = logging.getLogger(__name__)
 
-Vectors = npt.NDArray[np.float32]
-EmbedderKind = Literal["auto", "openai", "hash"]
+EmbedderKind = Literal["auto", "openai", "wordllama", "hash"]
+EMBEDDER_KINDS: tuple[EmbedderKind, ...] = ("auto", "openai", "wordllama", "hash")
 DEFAULT_HASH_DIM = 384
 
 MAX_INPUTS_PER_REQUEST = 2048
@@ -93,19 +109,6 @@ class Embedder(Protocol):
     async def aclose(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class EmbedderStatistics:
-    texts: int
-    requests: int
-    tokens: int
-    """As reported by the API (0 for offline embedders)."""
-    truncated: int
-
-
-def _zeros(dim: int) -> Vectors:
-    return np.zeros((0, dim), dtype=np.float32)
-
-
 # -- offline -------------------------------------------------------------------
 
 _TOKEN = re.compile(r"\w+|[^\w\s]+")
@@ -125,11 +128,9 @@ class HashingEmbedder:
         self._closed = False
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
-        if self._closed:
-            raise Closed("the embedder is closed")
-        batch = _as_texts(texts)
+        batch = as_batch(texts, closed=self._closed)
         if not batch:
-            return _zeros(self.dim)
+            return zeros(self.dim)
         self._texts += len(batch)
         return await anyio.to_thread.run_sync(self.embed_sync, batch)
 
@@ -145,9 +146,7 @@ class HashingEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if rows:
             np.add.at(out, (np.concatenate(rows), np.concatenate(cols)), np.concatenate(vals))
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        np.divide(out, norms, out=out, where=norms > 0)
-        return out
+        return unit_rows(out)
 
     def _token(self, token: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         cached = self._tokens.get(token)
@@ -176,16 +175,6 @@ class HashingEmbedder:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _as_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise InvalidInput("embed() takes a sequence of texts, not one string")
-    out = list(texts)
-    for i, text in enumerate(out):
-        if not isinstance(text, str):
-            raise InvalidInput(f"texts[{i}] is {type(text).__name__}, not str")
-    return out
 
 
 # -- OpenAI --------------------------------------------------------------------
@@ -253,9 +242,9 @@ class OpenAIEmbedder:
             raise Closed("the embedder is closed")
         if self._fatal is not None:
             raise ConfigurationError(self._fatal.message) from self._fatal
-        prepared = self._prepare(_as_texts(texts))
+        prepared = self._prepare(as_texts(texts))
         if not prepared:
-            return _zeros(self.dim)
+            return zeros(self.dim)
         batches = self._plan(prepared)
         results: list[Vectors | None] = [None] * len(batches)
         failures: list[DeltalogError] = []
@@ -435,21 +424,28 @@ def _api_code(exc: openai.APIStatusError) -> str | None:
 
 def default_embedder(
     *, dim: int | None = None, env: Mapping[str, str] | None = None
-) -> OpenAIEmbedder | HashingEmbedder:
-    """OpenAI when ``OPENAI_API_KEY`` is set, else ``HashingEmbedder``."""
+) -> OpenAIEmbedder | WordLlamaEmbedder:
+    """OpenAI when ``OPENAI_API_KEY`` is set, else the offline WordLlama model."""
     env = os.environ if env is None else env
     key = env.get("OPENAI_API_KEY")
     if key:
         return OpenAIEmbedder(api_key=key, base_url=env.get("OPENAI_BASE_URL"), dimensions=dim)
-    return HashingEmbedder(dim or DEFAULT_HASH_DIM)
+    try:
+        return WordLlamaEmbedder(dim or DEFAULT_WORDLLAMA_DIM)
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"OPENAI_API_KEY is not set, so the embedder is WordLlama (auto): {exc.message}"
+        ) from exc
 
 
 def make_embedder(kind: str = "auto", *, dim: int | None = None) -> Embedder:
-    """The embedder named on a command line: ``auto``, ``openai`` or ``hash``."""
+    """The embedder named on a command line: ``auto``, ``openai``, ``wordllama`` or ``hash``."""
     if kind == "auto":
         return default_embedder(dim=dim)
     if kind == "openai":
         return OpenAIEmbedder(dimensions=dim)
+    if kind == "wordllama":
+        return WordLlamaEmbedder(dim or DEFAULT_WORDLLAMA_DIM)
     if kind == "hash":
         return HashingEmbedder(dim or DEFAULT_HASH_DIM)
-    raise InvalidInput(f"unknown embedder {kind!r}: use auto, openai or hash")
+    raise InvalidInput(f"unknown embedder {kind!r}: use {', '.join(EMBEDDER_KINDS)}")

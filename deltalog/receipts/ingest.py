@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from deltalog.append import Repeat
 from deltalog.codec import decode_entry
 from deltalog.entry import Batch, Delete, Delta, MetadataPatch, Op, UpdateMetadata, Upsert
 from deltalog.errors import (
@@ -47,6 +48,7 @@ from deltalog.errors import (
     CorruptEntry,
     DataError,
     DeltalogError,
+    DimensionMismatch,
     InvalidInput,
 )
 from deltalog.log import DeltaLog
@@ -262,9 +264,28 @@ class ReceiptProducer:
     async def __aenter__(self) -> ReceiptProducer:
         if self._producer is not None or self._closed:
             raise Closed("a receipt producer can be entered once")
+        await self._check_dims()
         producer = self.log.producer(linger_ms=self.linger_ms, max_pending=self.max_pending)
         self._producer = await self._stack.enter_async_context(producer)
         return self
+
+    async def _check_dims(self) -> None:
+        """Refuse at once an embedder whose dimension the log's collections do not hold.
+
+        The log checks every delta anyway; this names the embedder, and no
+        receipt is embedded for nothing.
+        """
+        known = await self.log.table.read_dims(self.log.keys.log_id)
+        for collection in (WORDS, LINES):
+            dim = known.get(collection, self.embedder.dim)
+            if dim != self.embedder.dim:
+                raise DimensionMismatch(
+                    collection,
+                    known=dim,
+                    got=self.embedder.dim,
+                    source=f"the embedder {self.embedder.name}",
+                    log=self.log.config.log,
+                )
 
     async def __aexit__(
         self,
@@ -325,16 +346,18 @@ class ReceiptProducer:
         attempt = 0
         while True:
             try:
-                return await self._submitter().submit(Delta(ops=ops, idempotency_key=key)), False
+                seq = await self._submitter().submit(Delta(ops=ops, idempotency_key=key))
             except Conflict:
                 # Another producer holds the key with an entry not written yet.
                 attempt += 1
                 if attempt >= _CONFLICT_ATTEMPTS:
                     raise
+            else:  # a Repeat if another producer's entry holding the key landed meanwhile
+                return seq, isinstance(seq, Repeat)
             await anyio.sleep(min(2.0, 0.05 * 2**attempt))
-            seq = await self._durable.seq_of(key)
-            if seq is not None:
-                return seq, True
+            durable = await self._durable.seq_of(key)
+            if durable is not None:
+                return durable, True
 
     def _duplicate(self, seq: int) -> Added:
         self._duplicates += 1
@@ -637,6 +660,9 @@ async def _work(
                 continue  # drain: nothing at or after a stop is written
             try:
                 added = await producer.add(receipt)
+            except DimensionMismatch as exc:  # the embedder's fault, not the line's
+                run.fail(exc)
+                return
             except InvalidInput as exc:
                 reason = exc.reason if isinstance(exc, InvalidReceipt) else str(exc)
                 error = InvalidReceipt(reason, path=str(run.path), line=line)

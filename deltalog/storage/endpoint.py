@@ -10,6 +10,9 @@ in a thread: two concurrent ``ADD next_seq 1`` could return the same value,
 and two concurrent ``PutObject If-None-Match: *`` of one key could both
 succeed. The child therefore serves one request at a time (connections stay
 kept alive), which makes counters and conditional writes atomic, as in AWS.
+A request's body is read in full before its turn: a client that stops
+mid-request (a process paused with ``SIGSTOP``, a dropped connection) holds
+up only itself, as on AWS, not every other client of the endpoint.
 
 ``min_part_size`` lowers S3's 5 MiB minimum for a multipart upload's parts
 (all but the last), so tests can stream archives of many small parts.
@@ -38,14 +41,21 @@ FAKE_CREDENTIALS = {
 
 
 _SERVER = """
-import sys, threading
+import io, sys, threading
 from werkzeug.serving import make_server
 from moto.moto_server.werkzeug_app import (
     DomainDispatcherApplication, MotoRequestHandler, create_backend_app,
 )
 app = DomainDispatcherApplication(create_backend_app)
 lock = threading.Lock()
+def body(environ):
+    stream = environ["wsgi.input"]
+    if environ.get("wsgi.input_terminated"):
+        return stream.read()
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    return stream.read(length) if length > 0 else b""
 def serialized(environ, start_response):
+    environ["wsgi.input"] = io.BytesIO(body(environ))
     with lock:
         return list(app(environ, start_response))
 make_server(

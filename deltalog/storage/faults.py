@@ -11,7 +11,8 @@ forwards faithfully or injects a **fault**:
 - **ambiguous** faults (the request is forwarded and takes effect, the answer
   is lost): ``DROP`` (the connection closes without an answer), ``TRUNCATE``
   (part of the answer, then the connection closes);
-- ``DELAY``: forwarded and answered, late.
+- ``DELAY``: forwarded and answered, late (or, scripted with ``until``, held
+  until the caller lets it go).
 
 Each request is named by its **operation**: DynamoDB's from the
 ``X-Amz-Target`` header (``UpdateItem``, ``GetItem``,
@@ -36,7 +37,7 @@ import random
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
@@ -109,6 +110,7 @@ class _Scripted:
     when: Callable[[Request], bool] | None
     times: int
     delay: float
+    until: Callable[[], Awaitable[object]] | None = None
 
     def matches(self, request: Request) -> bool:
         return (self.operation is None or self.operation == request.operation) and (
@@ -198,9 +200,16 @@ class FaultProxy:
         when: Callable[[Request], bool] | None = None,
         times: int = 1,
         delay: float = 0.0,
+        until: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        """Inject ``fault`` into the next ``times`` requests that match (before the policy)."""
-        self._script.append(_Scripted(fault, operation, when, times, delay))
+        """Inject ``fault`` into the next ``times`` requests that match (before the policy).
+
+        With ``Fault.DELAY``, ``until`` holds each request until it returns
+        (after ``delay``): a request that hangs until the caller lets it go.
+        """
+        if until is not None and fault is not Fault.DELAY:
+            raise ValueError("until holds a request: it needs Fault.DELAY")
+        self._script.append(_Scripted(fault, operation, when, times, delay, until))
 
     def pending(self) -> int:
         """Scripted faults not injected yet."""
@@ -216,7 +225,7 @@ class FaultProxy:
             dict(self._by_service),
         )
 
-    def _choose(self, request: Request) -> tuple[Fault, float] | None:
+    def _choose(self, request: Request) -> _Scripted | None:
         if request.service == "moto":
             return None
         for scripted in self._script:
@@ -224,8 +233,9 @@ class FaultProxy:
                 scripted.times -= 1
                 if not scripted.times:
                     self._script.remove(scripted)
-                return scripted.fault, scripted.delay
-        return self.policy.choose(request, self.rng) if self.policy else None
+                return scripted
+        chosen = self.policy.choose(request, self.rng) if self.policy else None
+        return _Scripted(chosen[0], None, None, 1, chosen[1]) if chosen else None
 
     def _count(self, request: Request, fault: Fault) -> None:
         self._faults[fault.value] += 1
@@ -270,13 +280,15 @@ class FaultProxy:
         self._requests += 1
         self._operations[request.operation] += 1
         choice = self._choose(request)
-        fault, delay = choice if choice else (None, 0.0)
+        fault = choice.fault if choice else None
         if fault is not None:
             self._count(request, fault)
         if fault in REFUSALS:
             return await self._refuse(request, fault, writer)
-        if fault is Fault.DELAY:
-            await asyncio.sleep(delay)
+        if choice is not None and fault is Fault.DELAY:
+            await asyncio.sleep(choice.delay)
+            if choice.until is not None:
+                await choice.until()
         answer, keep = await upstream.exchange(head + body, head_request=request.method == "HEAD")
         self._forwarded += 1
         if fault is Fault.DROP:

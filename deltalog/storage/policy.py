@@ -6,9 +6,11 @@
   log's partition, ``dynamodb:Attributes`` to the attributes those items
   hold). Nothing on snapshots, and it cannot write the state item's commit
   point (hwm, snapshot, lease).
-- **compactor**: read entries and snapshots, create seals and snapshots only
-  if absent, delete old snapshots, and update only the state item's
-  attributes (lease, hwm, snapshot, hole bookkeeping).
+- **compactor**: read entries and snapshots, create seals only if absent,
+  upload snapshots in parts (multipart uploads cannot be conditioned on
+  ``If-None-Match`` before their completion; snapshot keys are unique),
+  delete old snapshots, and update only the state item's attributes (lease,
+  hwm, snapshot, hole bookkeeping).
 - **reader**: read-only: snapshots, entries (for fresh reads), the state.
 - **bucket**: a bucket policy that denies unconditional writes to every
   log's ``entries/`` (``s3:if-none-match`` absent), denies deleting entries,

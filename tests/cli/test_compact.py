@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -28,29 +28,27 @@ import pytest
 from compactor import Compactor
 from compactor.publish import publish_snapshot
 from deltalog import Batch, DeltaLog, LogConfig
+from deltalog.cli.soak import ChildProcesses, compactor_argv
+from deltalog.codec import FLAG_SIGNED, decode_entry
+from deltalog.entry import Seal
+from deltalog.errors import UntrustedEntry
 from deltalog.fold import fold
 from deltalog.snapshot.sink import ChromaSink
-from deltalog.storage.endpoint import FAKE_CREDENTIALS
+from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import Commit, LogState
 from tests.builders import delete, delta, patch
-from tests.compaction import assert_states_equal, committed_state, reference
-
-
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def _env() -> dict[str, str]:
-    """The test process's environment without deltalog or AWS location settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("DELTALOG_", "AWS_ENDPOINT_URL", "AWS_PROFILE"))
-    }
-    return {**env, **FAKE_CREDENTIALS}
+from tests.commands import Run, cli_env
+from tests.compaction import (
+    assert_states_equal,
+    committed_state,
+    entry_read,
+    held_once,
+    lease_acquire,
+    reference,
+    state_read,
+    until_reached,
+    until_stopped,
+)
 
 
 def _where(config: LogConfig, log: str | None = None) -> list[str]:
@@ -78,8 +76,16 @@ class Cli:
         cache = [] if command in ("status", "quarantine") else ["--cache-dir", str(self.cache)]
         return [sys.executable, "-m", "deltalog", command, *_where(self.config), *cache, *args]
 
-    async def __call__(self, command: str, *args: str) -> Run:
-        done = await anyio.run_process(self.argv(command, *args), env=_env(), check=False)
+    async def __call__(
+        self,
+        command: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        config: LogConfig | None = None,
+    ) -> Run:
+        """Run ``command``; ``env`` adds to the environment, ``config`` says where (a proxy)."""
+        argv = replace(self, config=config or self.config).argv(command, *args)
+        done = await anyio.run_process(argv, env=cli_env(**(env or {})), check=False)
         return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
 
     async def status(self) -> dict[str, Any]:
@@ -345,6 +351,107 @@ async def _commit_a_snapshot_missing(config: LogConfig, cache: Path, id_: str) -
         assert await c.table.release(c.keys.log_id, "tamper", lease.token)
 
 
+async def test_rebuild_publish_waits_for_a_followers_lease_and_both_go_on(
+    cli: Cli, log: DeltaLog, config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A ``compact --follow`` is mid-run (held at its first entry read, its heartbeat
+    alive) when ``rebuild --publish`` asks for the lease: the rebuild waits, the run
+    finishes and releases it, the rebuild publishes, and the follower carries on."""
+    for name in ("a", "b", "c"):
+        await log.append(delta(rng, name))
+    tried = anyio.Event()
+    acquired: list[bool] = []
+
+    def refused_then_read(request: Request) -> bool:
+        """The rebuild's first acquire, then the state read that follows its refusal."""
+        if lease_acquire(request):
+            acquired.append(True)
+        elif acquired and state_read(request):
+            tried.set()
+        return False
+
+    async with (
+        held_once(config, entry_read) as (follower_url, reached, go),
+        FaultProxy(config.endpoint_url or "") as watcher,
+    ):
+        # Inside the proxies: the follower is killed before they close.
+        with ChildProcesses(tmp_path / "children", env=cli_env()) as children:
+            watcher.script(Fault.DELAY, when=refused_then_read)
+            argv = compactor_argv(
+                replace(config, endpoint_url=follower_url),
+                cache_dir=tmp_path / "follower",
+                lease_ttl=1.0,
+                grace=60,
+                extra=("--poll-max", "0.2"),
+            )
+            follower = children.start("follower", argv)
+            await until_reached(reached, follower)  # mid-run: it holds the lease and renews it
+            results: list[Run] = []
+
+            async def rebuild() -> None:
+                watched = replace(config, endpoint_url=watcher.url)
+                run = await cli("rebuild", "--publish", "--json", "--wait", "60", config=watched)
+                results.append(run)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(rebuild)
+                with anyio.fail_after(60):
+                    await tried.wait()  # the rebuild found the lease busy
+                go.set()  # the follower's run goes on, commits and releases
+            (run,) = results
+            assert run.code == 0, run.err
+            rebuilt = json.loads(run.out)
+            assert (rebuilt["published"], rebuilt["hwm"]) == (True, 3)
+            state = await _state(log)
+            assert state.snapshot_key == rebuilt["snapshot_key"] and state.hwm == 3
+            await log.append(delta(rng, "after"))
+            assert await _eventually(lambda: _true_state(log, 4), 60), follower.stderr()
+            assert follower.returncode is None, follower.stderr()
+    async with Compactor(config, cache_dir=tmp_path / "check") as c:
+        assert (await c.verify()).ok
+
+
+async def _true_state(log: DeltaLog, hwm: int) -> bool:
+    state = await _state(log)
+    return state.hwm == hwm and state.owner is None
+
+
+async def test_quarantine_writes_a_signed_seal_a_verifying_reader_accepts(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    key, other = bytes.fromhex("c3" * 32), bytes.fromhex("d4" * 32)
+    signed = replace(log.config, signing_key=key, verify_keys={key})
+    async with DeltaLog.open(signed) as writer:
+        await writer.append(delta(rng, "a"))
+        hole = await writer.table.reserve(writer.keys.log_id)  # reserved, never written
+        await writer.append(delta(rng, "b"))
+    reason = "its producer died"
+    run = await cli(
+        "quarantine",
+        "--seq",
+        str(hole),
+        "--reason",
+        reason,
+        env={"DELTALOG_SIGNING_KEY": key.hex()},
+    )
+    assert run.code == 0, run.err
+    assert f"seq {hole} quarantined (was missing: sealed)" in run.out
+    stored = await log.store.get(log.keys.entry(hole))
+    assert stored is not None and stored.data[5] == FLAG_SIGNED
+    seal = decode_entry(stored.data, seq=hole, verifier=signed.verifier)
+    assert isinstance(seal, Seal) and (seal.kind, seal.reason) == ("quarantine", reason)
+    with pytest.raises(UntrustedEntry, match="not trusted"):
+        decode_entry(
+            stored.data, seq=hole, verifier=replace(log.config, verify_keys={other}).verifier
+        )
+    async with DeltaLog.open(signed) as reader:  # checks every signature, no quarantine marks
+        assert [seq async for seq, _ in reader.read()] == [1, hole, 3]
+    async with Compactor(signed, cache_dir=tmp_path / "verifying", grace=3600) as c:
+        result = await c.run_once()
+        assert (result.hwm_after, result.seals_written) == (3, 0)
+        assert set((await committed_state(c))["words"]) == {"a#0", "a#1", "b#0", "b#1"}
+
+
 # -- compact --follow ---------------------------------------------------------------------
 
 
@@ -372,7 +479,7 @@ async def _drain(stream: anyio.abc.ByteReceiveStream | None, into: list[str]) ->
 @asynccontextmanager
 async def _daemon(argv: list[str]) -> AsyncIterator[Daemon]:
     """Run ``argv``, collecting its output; killed on the way out if still running."""
-    process = await anyio.open_process(argv, env=_env())
+    process = await anyio.open_process(argv, env=cli_env())
     daemon = Daemon(process)
     try:
         async with anyio.create_task_group() as tg:
@@ -418,9 +525,6 @@ async def test_follow_compacts_two_logs_and_stops_cleanly_on_a_signal(
         async def caught_up() -> bool:
             return all([(await _state(log)).hwm == await log.head() for log in logs])
 
-        async def any_held() -> bool:
-            return any([(await _state(log)).owner is not None for log in logs])
-
         banner = f"following {', '.join(c.log for c in configs)}; SIGINT or SIGTERM stops"
         ready = await _eventually(lambda: _true(banner in daemon.stderr), 30)
         assert ready, daemon.stderr
@@ -441,9 +545,10 @@ async def test_follow_compacts_two_logs_and_stops_cleanly_on_a_signal(
         for i, log in enumerate(logs):  # arriving while the daemon follows
             for j in range(12):
                 await log.append(delta(rng, f"more{i}-{j}"))
-        # Stop while a run holds a lease, if we catch one (else between runs).
-        assert await _eventually(lambda: _any(any_held, caught_up), 30), daemon.stderr
+        # Stop while a run holds a lease: freeze the daemon seen holding one, signal, wake it.
+        await _stopped_holding_a_lease(daemon, logs, rng)
         daemon.process.send_signal(signum)
+        daemon.process.send_signal(signal.SIGCONT)
         with anyio.fail_after(20):  # stops promptly: it does not finish the run in progress
             code = await daemon.process.wait()
         assert await _eventually(lambda: _true("leases released" in daemon.stderr), 5)
@@ -462,9 +567,87 @@ async def test_follow_compacts_two_logs_and_stops_cleanly_on_a_signal(
                 assert_states_equal(await committed_state(c), await reference(log))
 
 
+async def _stopped_holding_a_lease(
+    daemon: Daemon, logs: tuple[DeltaLog, ...], rng: np.random.Generator
+) -> None:
+    """SIGSTOP ``daemon`` while (seen stopped) it holds the lease of one of ``logs``."""
+    pid = daemon.process.pid
+    held = f":{pid}:"
+
+    async def holds() -> bool:
+        return any([held in ((await _state(log)).owner or "") for log in logs])
+
+    with anyio.fail_after(120):
+        while True:
+            if not await _eventually(holds, 5):  # caught up meanwhile: give it work
+                for log in logs:
+                    await log.append(delta(rng, f"more-{time.monotonic_ns()}"))
+                continue
+            daemon.process.send_signal(signal.SIGSTOP)
+            await until_stopped(pid)
+            if await holds():
+                return
+            daemon.process.send_signal(signal.SIGCONT)  # it released in between: again
+
+
 async def _true(value: bool) -> bool:
     return value
 
 
-async def _any(*checks: Callable[[], Awaitable[bool]]) -> bool:
-    return any([await check() for check in checks])
+def _scrape(url: str) -> dict[str, float]:
+    """``name{labels} value`` lines of a Prometheus text exposition."""
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+async def test_follow_serves_the_compactor_figures_for_prometheus(
+    config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    argv = [
+        *Cli(config, tmp_path / "cache").argv("compact"),
+        *("--follow", "--poll-min", "0.05", "--poll-max", "0.2"),
+        *("--metrics-port", "0", "--metrics-addr", "127.0.0.1"),
+    ]
+    label = f'{{log="{config.log}"}}'
+    async with DeltaLog.open(config) as log, _daemon(argv) as daemon:
+        found = re.compile(r"metrics on (http://127\.0\.0\.1:\d+/metrics)")
+        assert await _eventually(lambda: _true(bool(found.search(daemon.stderr))), 30)
+        match = found.search(daemon.stderr)
+        assert match is not None
+        url = match.group(1)
+        before = await anyio.to_thread.run_sync(_scrape, url)
+        assert before[f"deltalog_entries_applied_total{label}"] == 0  # there from the start
+        for i in range(3):
+            await log.append(delta(rng, f"p{i}"))
+        head = await log.head()
+
+        async def caught_up() -> bool:
+            now = await anyio.to_thread.run_sync(_scrape, url)
+            return (
+                now.get(f"deltalog_entries_applied_total{label}") == head
+                and now.get(f"deltalog_lag_entries{label}") == 0
+            )
+
+        assert await _eventually(caught_up, 30), daemon.stderr
+        samples = await anyio.to_thread.run_sync(_scrape, url)
+        daemon.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            assert await daemon.process.wait() == 0
+    assert samples[f"deltalog_vectors_applied_total{label}"] == 2 * head
+    assert samples[f"deltalog_bytes_published_total{label}"] > 0
+    assert samples[f"deltalog_run_seconds_count{label}"] >= 1
+    for name in ("busy_runs", "lost_leases", "poison_entries"):
+        assert samples[f"deltalog_{name}_total{label}"] == 0
+
+
+async def test_metrics_port_needs_follow(config: LogConfig, tmp_path: Path) -> None:
+    argv = Cli(config, tmp_path / "cache").argv("compact", "--metrics-port", "0")
+    process = await anyio.run_process(argv, env=cli_env(), check=False)
+    assert process.returncode == 2
+    assert b"--metrics-port needs --follow" in process.stderr

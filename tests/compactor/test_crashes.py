@@ -38,12 +38,22 @@ from deltalog.cli.soak import (
     random_delta,
 )
 from deltalog.entry import Seal
-from deltalog.fold import reference_state
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
-from deltalog.storage.store import MemoryStore
-from deltalog.storage.table import Commit, LogState, MemoryTable, Table
+from deltalog.storage.table import Table
 from tests import procs
-from tests.compaction import assert_states_equal, committed_state
+from tests.compaction import (
+    Match,
+    assert_states_equal,
+    committed_state,
+    entry_read,
+    held_once,
+    snapshot_listing,
+    state_read,
+    until_not_busy,
+    until_reached,
+    until_stopped,
+)
+from tests.oracle import oracle_state
 
 LEASE_TTL = 1.0
 WHEN = ["any time"] * 2 + ["holding the lease"] * 4 + ["after a commit"] * 2
@@ -94,6 +104,21 @@ async def until_it_holds_the_lease(table: Table, log_id: str, child: ChildProces
             await anyio.sleep(0.02)
 
 
+async def until_stopped_holding_the_lease(
+    table: Table, log_id: str, child: ChildProcess, rng: np.random.Generator
+) -> None:
+    """Stop ``child`` at a random moment of a run, while it holds the lease (seen stopped)."""
+    with anyio.fail_after(60):
+        while True:
+            await until_it_holds_the_lease(table, log_id, child)
+            await anyio.sleep(float(rng.uniform(0, 0.3)))  # somewhere in the run, perhaps
+            child.pause()
+            await until_stopped(child.pid)
+            if await holds_lease(table, log_id, child):
+                return
+            child.resume()  # it released meanwhile: catch the next run
+
+
 async def until_it_commits(table: Table, log_id: str, child: ChildProcess) -> None:
     """Until the hwm moves past where it was, under ``child``'s lease."""
     start = (await table.read_state(log_id)).hwm
@@ -134,11 +159,12 @@ async def test_a_compactor_killed_at_random_moments_converges(
             for when in rng.permutation(WHEN):
                 child = children.start("compactor", argv)
                 if when == "holding the lease":
-                    await until_it_holds_the_lease(log.table, log.keys.log_id, child)
-                elif when == "after a commit":
-                    await until_it_commits(log.table, log.keys.log_id, child)
-                await anyio.sleep(float(rng.uniform(0, 1.0)))
-                mid_run += await holds_lease(log.table, log.keys.log_id, child)
+                    await until_stopped_holding_the_lease(log.table, log.keys.log_id, child, rng)
+                    mid_run += 1
+                else:
+                    if when == "after a commit":
+                        await until_it_commits(log.table, log.keys.log_id, child)
+                    await anyio.sleep(float(rng.uniform(0, 1.0)))  # anywhere: nothing counts on it
                 child.kill()
                 with anyio.fail_after(10):
                     assert await child.exited() == -9
@@ -148,7 +174,7 @@ async def test_a_compactor_killed_at_random_moments_converges(
             await compact_to_head(last, log)
             entries = [item async for item in log.read()]
             assert ledger.audit(entries) == ([], []), "lost or duplicated deltas"
-            want = {c: dict(r) for c, r in reference_state(entries).items() if r}
+            want = {c: dict(r) for c, r in oracle_state(entries).items() if r}
             assert_states_equal(await committed_state(last), want)
             verified = await last.verify()
             assert verified.ok, verified.differences
@@ -156,47 +182,103 @@ async def test_a_compactor_killed_at_random_moments_converges(
             f"{KILLS} kills ({mid_run} while holding the lease); {len(ledger.acked)} deltas; "
             f"hwm {committed_under_kills} committed under kills, head {await log.head()}"
         )
-        assert mid_run >= 2, "kills must land mid-run"
         assert committed_under_kills > 0, "the killed compactors never committed"
         assert not ledger.failed
 
 
 async def test_a_compactor_paused_past_its_lease_is_fenced(
-    log: DeltaLog,
-    config: LogConfig,
-    children: ChildProcesses,
-    rng: np.random.Generator,
-    tmp_path: Path,
+    log: DeltaLog, config: LogConfig, children: ChildProcesses, tmp_path: Path
 ) -> None:
+    """SIGSTOP mid-run (at its first entry read); another takes over; woken, it is fenced."""
     async with watching(log):
-        for i in range(20):  # a run of seconds: the pause lands mid-run
-            ids = [f"e{i}-{j}" for j in range(300)]
-            vectors = rng.standard_normal((len(ids), 8), dtype=np.float32)
+        for i in range(3):
+            ids = [f"e{i}-{j}" for j in range(50)]
+            vectors = np.ones((len(ids), 8), dtype=np.float32) * i
             await log.append(Delta(ops=[Upsert("words", ids, vectors)]))
-        argv = compactor_argv(
-            config, cache_dir=tmp_path / "a", lease_ttl=LEASE_TTL, grace=1.0, follow=False
-        )
-        zombie = children.start("compactor", argv)
-        await until_it_holds_the_lease(log.table, log.keys.log_id, zombie)
-        zombie.pause()
-        paused = await log.table.read_state(log.keys.log_id)
-        assert (paused.hwm, paused.token) == (0, 1), (
-            "paused after it committed: make the run longer"
-        )
-        await anyio.sleep(LEASE_TTL * 2)
-        async with Compactor(config, cache_dir=tmp_path / "b", lease_ttl=LEASE_TTL) as other:
-            taken = await other.run_once()
-            assert (taken.status, taken.hwm_after, taken.token) == ("applied", 20, 2)
+        async with (
+            held_once(config, entry_read) as (proxy_url, reached, go),
+            Compactor(config, cache_dir=tmp_path / "b", lease_ttl=LEASE_TTL) as other,
+        ):
+            argv = compactor_argv(
+                replace(config, endpoint_url=proxy_url),
+                cache_dir=tmp_path / "a",
+                lease_ttl=LEASE_TTL,
+                grace=1.0,
+                follow=False,
+            )
+            zombie = children.start("compactor", argv)
+            await until_reached(reached, zombie)  # mid-run: holding the lease, uncommitted
+            zombie.pause()
+            await until_stopped(zombie.pid)
+            go.set()  # the read is answered; the zombie sees it when it wakes
+            paused = await log.table.read_state(log.keys.log_id)
+            assert (paused.hwm, paused.token) == (0, 1)
+            assert f":{zombie.pid}:" in (paused.owner or "")
+            taken = await until_not_busy(other)  # once the paused zombie's lease expired
+            assert (taken.status, taken.hwm_after, taken.token) == ("applied", 3, 2)
             zombie.resume()
             with anyio.fail_after(60):
                 code = await zombie.exited()
             assert code == 1, zombie.stderr()
             assert "LeaseLost" in zombie.stderr()
             state = await log.table.read_state(log.keys.log_id)
-            assert (state.hwm, state.snapshot_key, state.token) == (20, taken.snapshot_key, 2)
+            assert (state.hwm, state.snapshot_key, state.token) == (3, taken.snapshot_key, 2)
             snapshots = [i.key async for i in log.store.list_after(log.keys.snapshots_prefix)]
             assert snapshots == [taken.snapshot_key], "the zombie's upload is never kept"
             assert (await other.verify()).ok
+
+
+@pytest.mark.parametrize("held", [state_read, snapshot_listing], ids=lambda m: m.__name__)
+async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
+    held: Match,
+    log: DeltaLog,
+    config: LogConfig,
+    children: ChildProcesses,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """Retention runs after the commit and the release, perhaps long after.
+
+    A compactor (retain 1, orphan grace 0: it deletes all it may) is stopped
+    with SIGSTOP in its retention, before it reads the committed state or
+    after; meanwhile another commits, and an upload appears above the
+    committed hwm (a newer owner's, about to be committed). Woken up, it
+    deletes neither: only snapshots below the committed hwm it read.
+    """
+    keys = log.keys
+    async with Compactor(config, cache_dir=tmp_path / "b", retain=3) as other:  # deletes none
+        await log.append(random_delta(rng))
+        s0 = (await other.run_once()).snapshot_key
+        await log.append(random_delta(rng))
+        async with held_once(config, held) as (proxy_url, reached, go):
+            argv = compactor_argv(
+                replace(config, endpoint_url=proxy_url),
+                cache_dir=tmp_path / "z",
+                lease_ttl=30,
+                grace=60,
+                follow=False,
+                extra=("--retain", "1", "--orphan-grace", "0"),
+            )
+            zombie = children.start("compactor", argv)
+            await until_reached(reached, zombie)
+            zombie.pause()
+            await until_stopped(zombie.pid)
+            s1 = (await log.table.read_state(keys.log_id)).snapshot_key  # committed, released
+            await log.append(random_delta(rng))
+            taken = await other.run_once()
+            s2 = taken.snapshot_key
+            assert (taken.status, taken.hwm_after) == ("applied", 3)
+            orphan = keys.snapshot(4, 99, "orphan")  # a newer owner's upload, about to commit
+            assert await log.store.put_if_absent(orphan, b"not committed yet")
+            go.set()
+            zombie.resume()
+            with anyio.fail_after(60):
+                assert await zombie.exited() == 0, zombie.stderr()
+    left = {i.key async for i in log.store.list_after(keys.snapshots_prefix)}
+    assert s0 not in left, "the compactor's retention ran"
+    # Having read the state after the other's commit it follows it; having read it
+    # before, it keeps what it believes committed, and the next run deletes it.
+    assert left == ({s2, orphan} if held is state_read else {s1, s2, orphan})
 
 
 GRACE = 3.0
@@ -261,7 +343,7 @@ async def test_producers_killed_between_reserve_and_write_leave_holes_that_are_s
             acked = procs.acknowledged(first.stdout()) | procs.acknowledged(second.stdout())
             ledger = Ledger(acked=acked)
             assert ledger.audit(entries) == ([], [])
-            want = {c: dict(r) for c, r in reference_state(entries).items() if r}
+            want = {c: dict(r) for c, r in oracle_state(entries).items() if r}
             assert_states_equal(await committed_state(compactor), want)
 
             async with log.producer() as producer:  # compaction goes on
@@ -272,64 +354,3 @@ async def test_producers_killed_between_reserve_and_write_leave_holes_that_are_s
             assert (await compactor.run_once()).hwm_after == await log.head()
             assert (await compactor.verify()).ok
         print(f"holes {holes} sealed; seals at {seals}; {len(ledger.acked)} acknowledged deltas")
-
-
-class PausedAfterCommitTable(MemoryTable):
-    """The items of ``shared``; the first commit lands, then its caller stops until ``gate``."""
-
-    def __init__(self, shared: MemoryTable, gate: anyio.Event, committed: anyio.Event) -> None:
-        super().__init__()
-        self._heads = shared._heads
-        self._dims = shared._dims
-        self._claims = shared._claims
-        self._states = shared._states
-        self._quarantined = shared._quarantined
-        self.gate = gate
-        self.committed = committed
-
-    async def commit(
-        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
-    ) -> LogState:
-        state = await super().commit(
-            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
-        )
-        self.committed.set()
-        await self.gate.wait()
-        return state
-
-
-async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
-    rng: np.random.Generator, tmp_path: Path
-) -> None:
-    """Retention runs after the commit, perhaps long after: the lease may be gone by then."""
-    config = LogConfig(bucket="memory", table="memory", log="mem")
-    store, table = MemoryStore(), MemoryTable()
-    gate, committed = anyio.Event(), anyio.Event()
-    paused = PausedAfterCommitTable(table, gate, committed)
-    async with DeltaLog.open(config, store=store, table=table) as log:
-        for _ in range(3):
-            await log.append(random_delta(rng))
-        # A long lease: its heartbeat stays asleep, as in a stopped process.
-        zombie = Compactor(
-            config, cache_dir=tmp_path / "a", store=store, table=paused, lease_ttl=60, retain=1
-        )
-        async with zombie, anyio.create_task_group() as tg:
-            tg.start_soon(zombie.run_once)
-            await committed.wait()
-            state = await table.read_state(log.keys.log_id)
-            table._states[log.keys.log_id] = replace(state, expires_at=0.0)  # time passes
-            await log.append(random_delta(rng))
-            async with Compactor(
-                config, cache_dir=tmp_path / "b", store=store, table=table, retain=1
-            ) as other:
-                taken = await other.run_once()
-                assert taken.status == "applied"
-                committed_key = taken.snapshot_key or ""
-                # A compactor killed after its upload, before its commit, left this:
-                orphan = log.keys.snapshot(taken.hwm_after + 1, 9, "orphan")
-                await store.put_if_absent(orphan, b"never committed")
-                gate.set()  # the zombie wakes up and applies the retention
-        assert await store.get(committed_key) is not None, "the committed snapshot is gone"
-        async with Compactor(config, cache_dir=tmp_path / "c", store=store, table=table) as c:
-            await log.append(random_delta(rng))
-            assert (await c.run_once()).status == "applied"

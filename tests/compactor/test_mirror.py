@@ -1,7 +1,7 @@
 """The mirror against a real ``chroma run`` server, the log on moto's server.
 
 The server's state is read back with a plain ``chromadb.HttpClient`` and
-compared with ``reference_state``: the log applied op by op in Python,
+compared with the test oracle (``tests.oracle``): the log applied op by op in Python,
 independently of the fold and of the mirror.
 """
 
@@ -28,6 +28,7 @@ from deltalog.snapshot.server import ChromaTarget
 from deltalog.snapshot.sink import ApplyStats
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from tests.chroma_server import ChromaServer, free_port
+from tests.commands import where
 from tests.compaction import assert_states_equal, reference
 
 DIMS = {"words": 8, "lines": 4}
@@ -134,7 +135,8 @@ async def test_the_server_equals_the_reference_fold_from_a_bootstrap_and_on(
     async with Compactor(config, cache_dir=tmp_path / "c") as compactor:
         assert (await compactor.run_once()).status == "applied"
     await append_random(log, rng, 15)  # a tail the snapshot does not hold
-    async with Mirror(config, target, cache_dir=tmp_path / "m", chunk_entries=4) as mirror:
+    # the compactor's cache: its copy of the snapshot was adopted from its run, no sidecar
+    async with Mirror(config, target, cache_dir=tmp_path / "c", chunk_entries=4) as mirror:
         first = await mirror.run_once()
         assert first.status == "applied"
         assert first.bootstrapped > 0, "an empty server is filled from the snapshot"
@@ -184,7 +186,7 @@ async def test_kill_9_mid_batch_then_a_restart_converges(
         *_cli(config, target, tmp_path / "child"),
         "--once",
         "--lease-ttl",
-        "4",
+        "8",  # long enough for moto under a loaded machine (the heartbeat tries for ttl/3)
         "--batch-entries",
         "2",
         "-q",
@@ -197,7 +199,7 @@ async def test_kill_9_mid_batch_then_a_restart_converges(
             await child.exited()
     killed_at = (position(chroma, target) or {})["seq"]
     assert 20 <= killed_at < 120, "the kill must land before the mirror finished"
-    async with Mirror(config, target, cache_dir=tmp_path / "again", lease_ttl=4) as mirror:
+    async with Mirror(config, target, cache_dir=tmp_path / "again", lease_ttl=8) as mirror:
         with anyio.fail_after(60):  # the dead mirror's lease expires by itself
             while (result := await mirror.run_once()).status == "busy":
                 assert result.stopped, "busy names the holder"
@@ -207,23 +209,8 @@ async def test_kill_9_mid_batch_then_a_restart_converges(
 
 
 def _cli(config: LogConfig, target: ChromaTarget, cache: Path) -> list[str]:
-    return [
-        "mirror",
-        "--bucket",
-        config.bucket,
-        "--table",
-        config.table,
-        "--log",
-        config.log,
-        "--endpoint-url",
-        config.endpoint_url or "",
-        "--chroma-url",
-        target.url,
-        "--database",
-        target.database,
-        "--cache-dir",
-        str(cache),
-    ]
+    server = ["--chroma-url", target.url, "--database", target.database]
+    return ["mirror", *where(config), *server, "--cache-dir", str(cache)]
 
 
 async def test_a_second_mirror_of_the_same_target_exits_busy(

@@ -180,7 +180,8 @@ async def test_zombie_commit_is_fenced(
 
         async with zombie, anyio.create_task_group() as tg:
             tg.start_soon(run_zombie)
-            await entered.wait()
+            with anyio.fail_after(60):
+                await entered.wait()
             async with backend.compactor(cache_dir=tmp_path / "b") as b:
                 taken = await until_not_busy(b)  # once the stalled zombie's lease expired
             assert taken.status == "applied", taken
@@ -361,14 +362,16 @@ async def test_a_malformed_entry_is_poison_whole_until_quarantined(
             assert (await compactor.verify()).ok
 
 
+@pytest.mark.parametrize("kind", ["lengths", "dimension"])
 async def test_a_fresh_read_never_shows_part_of_a_malformed_entry(
-    backend: Backend, rng: np.random.Generator, tmp_path: Path
+    kind: str, backend: Backend, rng: np.random.Generator, tmp_path: Path
 ) -> None:
+    """Nor an entry whose vectors disagree with the log's schema (checked as the compactor does)."""
     async with backend.open_log() as log:
         await log.append(delta(rng, "a"))
         async with backend.compactor(cache_dir=tmp_path / "c") as compactor:
             await compactor.run_once()
-        bad = await _append_unchecked(log, _malformed(rng, "lengths"))
+        bad = await _append_unchecked(log, _malformed(rng, kind))
         await log.append(delta(rng, "c"))
 
         def fresh() -> AbstractAsyncContextManager[Reader]:
@@ -383,7 +386,7 @@ async def test_a_fresh_read_never_shows_part_of_a_malformed_entry(
         with pytest.raises(CorruptEntry, match="malformed entry"):
             async with fresh():
                 pass
-        await log.table.quarantine(log.keys.log_id, bad, "lengths", now=time.time())
+        await log.table.quarantine(log.keys.log_id, bad, kind, now=time.time())
         async with fresh() as reader:
             got = await reader.get(collection="words")
         assert sorted(got["ids"]) == ["a#0", "a#1", "c#0", "c#1"]

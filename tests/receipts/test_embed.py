@@ -13,6 +13,7 @@ from deltalog.receipts.embed import (
     DEFAULT_HASH_DIM,
     HashingEmbedder,
     OpenAIEmbedder,
+    WordLlamaEmbedder,
     default_embedder,
     make_embedder,
 )
@@ -86,11 +87,12 @@ async def test_hashing_edge_cases() -> None:
 
 async def test_choosing_an_embedder(monkeypatch: pytest.MonkeyPatch) -> None:
     offline = default_embedder(env={})
-    assert isinstance(offline, HashingEmbedder) and offline.dim == DEFAULT_HASH_DIM
+    assert isinstance(offline, WordLlamaEmbedder) and offline.dim == 256
     async with default_embedder(env={"OPENAI_API_KEY": "sk-x"}) as online:
         assert isinstance(online, OpenAIEmbedder)
         assert (online.name, online.dim) == ("openai:text-embedding-3-small", 1536)
     assert isinstance(make_embedder("hash", dim=32), HashingEmbedder)
+    assert make_embedder("hash").dim == DEFAULT_HASH_DIM
     with pytest.raises(InvalidInput, match="unknown embedder"):
         make_embedder("minilm")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

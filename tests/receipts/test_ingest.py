@@ -7,21 +7,23 @@ OpenAI client against the local OpenAI-compatible server.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import anyio
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from deltalog import DeltaLog, LogConfig
 from deltalog.cli import main
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.entry import Delete, Delta, UpdateMetadata, Upsert
-from deltalog.errors import ConfigurationError, InvalidInput, Unavailable
+from deltalog.errors import ConfigurationError, DimensionMismatch, InvalidInput, Unavailable
 from deltalog.receipts.embed import HashingEmbedder, OpenAIEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import (
@@ -40,7 +42,8 @@ from deltalog.receipts.model import (
     word_records,
     write_jsonl,
 )
-from deltalog.storage.table import Claim
+from deltalog.storage.store import MemoryStore, StoredObject
+from deltalog.storage.table import Claim, MemoryTable
 from tests.http_stubs import closed_port
 from tests.openai_server import API_KEY, OpenAIServer
 
@@ -158,25 +161,97 @@ async def test_two_producers_adding_the_same_receipts_write_each_once(
     assert await upserted_receipts(log) == {key_of(r) for r in receipts[:4]}
 
 
+class _OtherProcess:
+    """Another process that claimed a receipt's key at ``seq`` and writes its entry on cue."""
+
+    def __init__(self, log: DeltaLog, key: str, seq: int) -> None:
+        self.log, self.key, self.seq = log, key, seq
+        self.written = False
+
+    async def claim(self) -> None:
+        await self.log.table.claim_keys(self.log.keys.log_id, [Claim(self.key, self.seq, "other")])
+
+    async def finish(self) -> None:
+        delta = Delta(ops=[Delete("words", ["x"])], idempotency_key=self.key)
+        body = batch_body("other", [encode_delta(delta)], created_at=0.0)
+        assert await self.log.store.put_if_absent(
+            self.log.keys.entry(self.seq), Frame(body).at(self.seq)
+        )
+        self.written = True
+
+
+class _StoreThatFinishesOnAMiss(MemoryStore):
+    """The other process writes its entry right after our producer finds it missing twice.
+
+    The first miss is the add's look for a duplicate (before embedding), the second the
+    append's check of the key's claim, which answers ``Conflict``: the add must retry.
+    """
+
+    other: _OtherProcess | None = None
+    misses = 0
+
+    async def get(self, key: str) -> StoredObject | None:
+        found = await super().get(key)
+        other = self.other
+        if found is None and other and not other.written and key == other.log.keys.entry(other.seq):
+            self.misses += 1
+            if self.misses == 2:
+                await other.finish()
+        return found
+
+
+@pytest.fixture
+async def hooked_log() -> AsyncIterator[DeltaLog]:
+    config = LogConfig(bucket="memory", table="memory", log="mem")
+    store = _StoreThatFinishesOnAMiss()
+    async with DeltaLog.open(config, store=store, table=MemoryTable()) as opened:
+        yield opened
+
+
 async def test_a_receipt_another_process_is_writing_is_waited_for(
-    memory_log: DeltaLog, embedder: HashingEmbedder, receipts: list[Receipt]
+    hooked_log: DeltaLog, embedder: HashingEmbedder, receipts: list[Receipt]
 ) -> None:
-    """The key is claimed by an entry not written yet: the add retries, then sees it."""
-    receipt, log = receipts[0], memory_log
-    key = receipt_key(receipt, embedder)
+    """The key is claimed by an entry not written yet: the add gets a conflict, retries, sees it."""
+    receipt, log = receipts[0], hooked_log
     seq = await log.table.reserve(log.keys.log_id)
-    await log.table.claim_keys(log.keys.log_id, [Claim(key, seq, "other-entry")])
-
-    async def other_process_finishes() -> None:
-        await anyio.sleep(0.2)
-        delta = Delta(ops=[Delete("words", ["x"])], idempotency_key=key)
-        body = batch_body("other-entry", [encode_delta(delta)], created_at=0.0)
-        assert await log.store.put_if_absent(log.keys.entry(seq), Frame(body).at(seq))
-
-    async with ReceiptProducer(log, embedder) as producer, anyio.create_task_group() as tg:
-        tg.start_soon(other_process_finishes)
+    other = _OtherProcess(log, receipt_key(receipt, embedder), seq)
+    await other.claim()
+    assert isinstance(log.store, _StoreThatFinishesOnAMiss)
+    log.store.other = other
+    async with ReceiptProducer(log, embedder) as producer:
         added = await producer.add(receipt)
-    assert (added.seq, added.duplicate) == (seq, True)
+    assert other.written and log.store.misses == 2
+    assert (added.seq, added.duplicate, added.vectors) == (seq, True, 0)
+    assert producer.statistics().receipts_added == 0
+    assert await log.head() == seq
+
+
+class _EmbedderWhileAnotherFinishes(HashingEmbedder):
+    """The other process's entry lands while our receipt is being embedded."""
+
+    other: _OtherProcess | None = None
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self.other is not None and not self.other.written:
+            await self.other.finish()
+        return await super().embed(texts)
+
+
+async def test_a_receipt_another_process_wrote_meanwhile_counts_as_a_duplicate(
+    memory_log: DeltaLog, receipts: list[Receipt]
+) -> None:
+    """Not in the log when the add looked, durable by the time it submits: a duplicate."""
+    receipt, log = receipts[0], memory_log
+    embedder = _EmbedderWhileAnotherFinishes(DIM)
+    seq = await log.table.reserve(log.keys.log_id)
+    embedder.other = other = _OtherProcess(log, receipt_key(receipt, embedder), seq)
+    await other.claim()
+    async with ReceiptProducer(log, embedder) as producer:
+        added = await producer.add(receipt)
+    assert other.written
+    assert (added.seq, added.duplicate, added.vectors) == (seq, True, 0)
+    stats = producer.statistics()
+    assert (stats.receipts_added, stats.duplicates_skipped) == (0, 1)
     assert await log.head() == seq
 
 
@@ -306,15 +381,31 @@ async def test_skip_reports_bad_lines_and_ingests_the_rest(
 
 
 async def test_a_receipt_the_log_refuses_stops_at_its_line(
+    config: LogConfig, receipts: list[Receipt], tmp_path: Path
+) -> None:
+    small = dataclasses.replace(config, max_delta_bytes=4096)  # no receipt's delta fits
+    path = jsonl(tmp_path / "b.jsonl", encode_receipt(receipts[1]))
+    async with DeltaLog.open(small) as log:
+        with pytest.raises(InvalidReceipt, match=r"b\.jsonl:1: .*over max_delta_bytes"):
+            await ingest_file(path, log, HashingEmbedder(DIM))
+        skipped = await ingest_file(path, log, HashingEmbedder(DIM), on_error="skip")
+        assert (skipped.receipts, skipped.errors) == (0, 1)
+        assert await log.head() == 0
+
+
+async def test_an_embedder_of_another_dimension_is_refused_before_any_embedding(
     log: DeltaLog, receipts: list[Receipt], tmp_path: Path
 ) -> None:
     first = jsonl(tmp_path / "a.jsonl", encode_receipt(receipts[0]))
     await ingest_file(first, log, HashingEmbedder(DIM))
-    other_dim = jsonl(tmp_path / "b.jsonl", encode_receipt(receipts[1]))
-    with pytest.raises(InvalidReceipt, match=r"b\.jsonl:1: .*16-dimensional"):
-        await ingest_file(other_dim, log, HashingEmbedder(DIM * 2))
-    skipped = await ingest_file(other_dim, log, HashingEmbedder(DIM * 2), on_error="skip")
-    assert (skipped.receipts, skipped.errors) == (0, 1)
+    other = jsonl(tmp_path / "b.jsonl", *(encode_receipt(r) for r in receipts[1:4]))
+    for on_error in ("stop", "skip"):  # not a bad line: the run stops whatever on_error says
+        embedder = HashingEmbedder(DIM * 2)
+        with pytest.raises(DimensionMismatch) as refused:
+            await ingest_file(other, log, embedder, on_error=on_error)
+        assert (refused.value.known, refused.value.got) == (DIM, DIM * 2)
+        assert "the embedder hashing-v1 has 32" in str(refused.value)
+        assert embedder.statistics().texts == 0
     assert await upserted_receipts(log) == {key_of(receipts[0])}
 
 
@@ -348,29 +439,20 @@ async def test_invalid_api_key_stops_with_one_clear_error(
 async def test_an_outage_stops_the_run_with_one_clear_error(
     log: DeltaLog, openai_server: OpenAIServer, receipts: list[Receipt], tmp_path: Path
 ) -> None:
-    """The embedding service goes down after two receipts: the run stops, even when skipping."""
+    """The embedding service goes down after two requests: the run stops, even when skipping."""
     path = tmp_path / "r.jsonl"
     write_jsonl(path, receipts)
     embedder = OpenAIEmbedder(
         api_key=API_KEY, base_url=openai_server.url, dimensions=DIM, max_retries=1
     )
     skipped: list[InvalidReceipt] = []
-    openai_server.hold()
-    openai_server.release(2)  # two receipts are embedded (one request each, one at a time)
-
-    async def down_from_the_third_request() -> None:
-        await anyio.to_thread.run_sync(openai_server.wait_for_requests, 3)
-        openai_server.outage = True
-        openai_server.release(100)
-
+    openai_server.outage_after = 2
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(down_from_the_third_request)
-            with pytest.raises(Unavailable) as raised:
-                await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
-                                  on_skip=skipped.append)  # fmt: skip
+        with pytest.raises(Unavailable) as raised:
+            await ingest_file(path, log, embedder, on_error="skip", concurrency=1,
+                              on_skip=skipped.append)  # fmt: skip
     finally:
-        openai_server.outage = False
+        openai_server.outage_after = None
         await embedder.aclose()
     assert str(raised.value).startswith("OpenAI embeddings failed after retries (HTTP 503)")
     assert skipped == [], "an outage is not a bad line"

@@ -20,7 +20,7 @@ from chromadb.api.client import Client
 from compactor.publish import prune_snapshots
 from deltalog.entry import Batch, Delete, Delta, Entry, Op, UpdateMetadata, Upsert
 from deltalog.errors import ConfigurationError, CorruptSnapshot, DataError, InvalidInput
-from deltalog.fold import State, fold, reference_state, state_differences
+from deltalog.fold import State, fold, state_differences
 from deltalog.keys import LogKeys
 from deltalog.snapshot.archive import (
     SIDECAR_NAME,
@@ -34,6 +34,7 @@ from deltalog.snapshot.archive import (
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import ChromaSink
 from deltalog.storage.store import MemoryStore
+from tests.oracle import oracle_state
 
 KEY = "root/receipts/snapshots/00000000000000000003-000000000007-abc.tar"
 LOG = "receipts"
@@ -77,7 +78,7 @@ async def snapshot(tmp_path: Path, rng: np.random.Generator) -> tuple[ArchiveInf
     """An archive of a real Chroma directory, and the state it holds."""
     log = receipt_log(rng)
     directory = await chroma_dir(tmp_path / "db", log)
-    return archive(directory, sidecar(), tmp_path / "snap.tar"), reference_state(log)
+    return archive(directory, sidecar(), tmp_path / "snap.tar"), oracle_state(log)
 
 
 def hand_made_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> str:
@@ -112,7 +113,7 @@ async def test_round_trip_opens_with_a_plain_chroma_client(
     assert "chroma.sqlite3" in info.sidecar.files
     got = extract(info.path, tmp_path / "out", expected_sha256=info.sha256)
     assert got == info.sidecar
-    assert state_differences(reference_state(log), await read_chroma(tmp_path / "out")) == []
+    assert state_differences(oracle_state(log), await read_chroma(tmp_path / "out")) == []
     client = chromadb.PersistentClient(path=str(tmp_path / "out"))
     assert isinstance(client, Client)
     try:
@@ -365,7 +366,7 @@ async def test_an_adopted_working_copy_is_reused_without_download(
     store = MemoryStore()
     assert await cache.committed(store, KEY, info.sha256, log=LOG) == adopted
     assert store.requests == 0
-    assert state_differences(reference_state(log), await read_chroma(adopted)) == []
+    assert state_differences(oracle_state(log), await read_chroma(adopted)) == []
 
 
 async def test_cache_keeps_the_newest_slots(tmp_path: Path) -> None:

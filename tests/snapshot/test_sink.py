@@ -19,9 +19,10 @@ from hypothesis import given, settings
 
 from deltalog.entry import Batch, Delete, Delta, Entry, Metadata, Op, UpdateMetadata, Upsert
 from deltalog.errors import Closed, DataError
-from deltalog.fold import Record, State, apply_to_state, fold, reference_state, state_differences
+from deltalog.fold import Record, State, apply_to_state, fold, state_differences
 from deltalog.snapshot.sink import ChromaSink, MemorySink, Sink
 from tests import strategies
+from tests.oracle import oracle_state
 
 DIM = 8
 
@@ -48,7 +49,7 @@ async def state_of(sink: Sink) -> State:
 async def apply_and_check(sink: Sink, *ops: Op, initial: State | None = None) -> State:
     """Apply the fold of ``ops``; the sink must hold exactly the reference state."""
     log = log_of(*ops)
-    expected = reference_state(log, initial)
+    expected = oracle_state(log, initial)
     await sink.apply(fold(log))
     got = await state_of(sink)
     assert state_differences(expected, got) == []
@@ -225,7 +226,7 @@ async def replay_chunks(
         try:
             for chunk in chunks:
                 await sink.apply(fold(chunk))
-            expected = reference_state([e for chunk in chunks for e in chunk])
+            expected = oracle_state([e for chunk in chunks for e in chunk])
             assert state_differences(expected, await state_of(sink)) == []
         finally:
             await sink.aclose()

@@ -23,7 +23,6 @@ from compactor import Compactor
 from deltalog import Conflict, Delta, DeltaLog, LogConfig, Producer, Unavailable, Upsert
 from deltalog.codec import decode_entry
 from deltalog.entry import Entry, Seal
-from deltalog.fold import reference_state
 from deltalog.read import list_entries
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.faults import AMBIGUOUS, REFUSALS, Fault, FaultPolicy, FaultProxy, Request
@@ -31,6 +30,7 @@ from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import ObjectStore, StoredObject
 from tests.builders import delta
 from tests.compaction import assert_states_equal, committed_state, reference
+from tests.oracle import oracle_state
 
 
 @pytest.fixture
@@ -400,7 +400,7 @@ async def test_producers_under_faults_lose_nothing_and_duplicate_nothing(
         entries = store.entries(log)
         assert [seq for seq, _ in entries] == listed
         ledger.check(entries)
-        want = {c: dict(r) for c, r in reference_state(entries).items() if r}
+        want = {c: dict(r) for c, r in oracle_state(entries).items() if r}
         assert_states_equal(await committed_state(compactor), want)
     seals = sum(isinstance(e, Seal) for _, e in entries)
     print(

@@ -1,0 +1,195 @@
+"""Pages: what an importer reads from a source at one cursor, and how it enters the log.
+
+- A **page** is a run of records of one source collection read at one
+  cursor (the ids it holds, in the source's order). Its **key** is made of
+  the source, the collection and the cursor (its first and last id and its
+  size), so reading the same source again gives the same keys.
+- A page enters the log as one or more ``Upsert`` deltas, each under
+  ``max_bytes`` (vectors, documents and metadata counted), each with an
+  idempotency key ``{page key}/{part}``. A part already in the log is not
+  written again: an interrupted import resumes where it stopped, and a
+  repeated import writes nothing.
+- A **plan** is what an import would write (``--dry-run``): per collection,
+  the records, their dimension and their bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+
+from deltalog.entry import Delta, Upsert
+from deltalog.errors import InvalidInput
+from deltalog.fold import Record
+from deltalog.log import DeltaLog
+from deltalog.producer import Producer
+
+__all__ = [
+    "CollectionPlan",
+    "ImportPlan",
+    "ImportResult",
+    "Page",
+    "PageWriter",
+    "check_dims",
+    "page_key",
+]
+
+MiB = 1 << 20
+
+
+def page_key(kind: str, source: str, collection: str, ids: Sequence[str]) -> str:
+    """The idempotency key of a page: its source, collection and cursor."""
+    cursor = json.dumps([source, collection, ids[0], ids[-1], len(ids)])
+    return f"import:{kind}:{hashlib.sha256(cursor.encode()).hexdigest()[:32]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Records of one collection read at one cursor, bound for ``collection`` in the log."""
+
+    collection: str
+    key: str
+    records: list[Record]
+
+
+@dataclass(slots=True)
+class CollectionPlan:
+    """One collection of an import: its source, where it goes, what it holds."""
+
+    source: str
+    collection: str
+    records: int = 0
+    dim: int | None = None
+    bytes: int = 0
+    pages: int = 0
+
+
+@dataclass(slots=True)
+class ImportPlan:
+    """What an import would write (``--dry-run``), or wrote."""
+
+    collections: list[CollectionPlan] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return sum(c.records for c in self.collections)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.collections)
+
+
+@dataclass(slots=True)
+class ImportResult:
+    """What an import did: deltas written and skipped (already in the log), the last seq."""
+
+    plan: ImportPlan
+    deltas_written: int = 0
+    deltas_skipped: int = 0
+    records_written: int = 0
+    last_seq: int = 0
+    seconds: float = 0.0
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records_written / self.seconds if self.seconds else 0.0
+
+
+def record_bytes(record: Record) -> int:
+    """About what a record costs in an entry: its vector, document and metadata."""
+    meta = len(json.dumps(record.metadata)) if record.metadata else 0
+    return record.embedding.nbytes + len((record.document or "").encode()) + meta + 64
+
+
+def check_dims(log_dims: dict[str, int], source_dims: dict[str, int | None]) -> None:
+    """Refuse, before anything is written, a source collection of another dimension."""
+    clashes = [
+        f"{name}: the source has {dim}-dimensional vectors, the log {log_dims[name]}"
+        for name, dim in source_dims.items()
+        if dim is not None and name in log_dims and log_dims[name] != dim
+    ]
+    if clashes:
+        raise InvalidInput(
+            "dimension clash, nothing written: "
+            + "; ".join(clashes)
+            + ". Import into another collection or another log"
+        )
+
+
+class PageWriter:
+    """Appends pages as byte-sized, idempotent ``Upsert`` deltas through group commit."""
+
+    def __init__(
+        self, log: DeltaLog, result: ImportResult, *, max_bytes: int = 4 * MiB, concurrency: int = 8
+    ) -> None:
+        self.log = log
+        self.result = result
+        self.max_bytes = max_bytes
+        self._limit = anyio.CapacityLimiter(concurrency)
+
+    async def write(self, pages: Sequence[Page]) -> None:
+        """Write pages (skipping parts the log holds); raise the first failure as itself."""
+        parts = [(page, key, chunk) for page in pages for key, chunk in self._parts(page)]
+        held = await self.log.table.get_claims(self.log.keys.log_id, [k for _, k, _ in parts])
+        todo = [(page, key, chunk) for page, key, chunk in parts if key not in held]
+        self.result.deltas_skipped += len(parts) - len(todo)
+        if not todo:
+            return
+        try:
+            async with self.log.producer(linger_ms=2) as producer, anyio.create_task_group() as tg:
+                for page, key, chunk in todo:
+                    tg.start_soon(self._submit, producer, _delta(page.collection, chunk, key))
+        except ExceptionGroup as group:
+            raise _first(group) from None
+
+    async def _submit(self, producer: Producer, delta: Delta) -> None:
+        async with self._limit:
+            seq = await producer.submit(delta)
+        self.result.deltas_written += 1
+        self.result.records_written += sum(len(op.ids) for op in delta.ops)
+        self.result.last_seq = max(self.result.last_seq, seq)
+
+    def _parts(self, page: Page) -> list[tuple[str, list[Record]]]:
+        parts: list[tuple[str, list[Record]]] = []
+        chunk: list[Record] = []
+        size = 0
+        for record in page.records:
+            cost = record_bytes(record)
+            if chunk and size + cost > self.max_bytes:
+                parts.append((f"{page.key}/{len(parts)}", chunk))
+                chunk, size = [], 0
+            chunk.append(record)
+            size += cost
+        if chunk:
+            parts.append((f"{page.key}/{len(parts)}", chunk))
+        return parts
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first failure in a (nested) exception group."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _delta(collection: str, records: list[Record], key: str) -> Delta:
+    """One delta; records with and without documents or metadata go in separate ops
+    (an op has a document and metadata for every id, or none)."""
+    groups: dict[tuple[bool, bool], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.document is not None, bool(r.metadata)), []).append(r)
+    ops = [
+        Upsert(
+            collection=collection,
+            ids=[r.id for r in group],
+            embeddings=np.stack([r.embedding for r in group]),
+            documents=[r.document or "" for r in group] if has_doc else None,
+            metadatas=[dict(r.metadata or {}) for r in group] if has_meta else None,
+        )
+        for (has_doc, has_meta), group in groups.items()
+    ]
+    return Delta(ops=list(ops), idempotency_key=key)

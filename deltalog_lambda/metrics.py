@@ -1,0 +1,38 @@
+"""The handlers' metrics, as CloudWatch Embedded Metric Format.
+
+Each handler prints one EMF line per log it worked on (dimension ``log``,
+namespace ``POWERTOOLS_METRICS_NAMESPACE``), written by Powertools' EMF
+provider: CloudWatch turns the lines into metrics, no API call needed.
+
+- the compactor: the figures of ``compactor.metrics`` (``Lag``,
+  ``EntriesApplied``, ``VectorsApplied``, ``RunSeconds``,
+  ``BytesPublished``, ``BusyRuns``, ``LostLeases``, ``PoisonEntries``), the
+  same figures ``compact --follow --metrics-port`` serves to Prometheus;
+- ingest: ``DeltasIngested`` (receipts appended, one delta each; a
+  redelivered receipt found in the log is not counted again) and
+  ``IngestFailures`` (messages reported back as failed).
+"""
+
+from __future__ import annotations
+
+from aws_lambda_powertools.metrics import EphemeralMetrics
+
+from compactor.metrics import Figure, Figures
+
+__all__ = ["DELTAS_INGESTED", "INGEST_FAILURES", "emit"]
+
+DELTAS_INGESTED = Figure(
+    "DeltasIngested", "Count", "counter", "deltalog_deltas_ingested", "Receipts appended"
+)
+INGEST_FAILURES = Figure(
+    "IngestFailures", "Count", "counter", "deltalog_ingest_failures", "Messages that failed"
+)
+
+
+def emit(namespace: str, log: str, figures: Figures) -> None:
+    """Print one EMF line holding ``figures`` for ``log``."""
+    metrics = EphemeralMetrics(namespace=namespace)
+    metrics.add_dimension("log", log)
+    for figure, value in figures.items():
+        metrics.add_metric(figure.name, figure.unit, value)
+    metrics.flush_metrics()

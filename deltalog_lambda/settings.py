@@ -1,0 +1,149 @@
+"""What the handlers are configured with: the environment.
+
+The location of the logs comes from the same variables as the command line
+(``DELTALOG_BUCKET``, ``DELTALOG_TABLE``, ``DELTALOG_LOG``, ``DELTALOG_ROOT``,
+``DELTALOG_SSE``, ``DELTALOG_SSE_KMS_KEY_ID``, ``DELTALOG_VERIFY_KEYS``; see
+``LogConfig.from_env``) and AWS's own (``AWS_REGION``, ...). A deployment
+adds:
+
+- ``DELTALOG_LOGS``: the logs this deployment serves, comma-separated
+  (default ``DELTALOG_LOG``); the first is the default log;
+- ``DELTALOG_CACHE_DIR``: the snapshot cache of the compactor and of
+  queries (default ``/tmp/deltalog``: Lambda's only writable directory);
+- ``DELTALOG_EMBEDDER`` (``auto``, ``openai``, ``wordllama``, ``hash``) and
+  ``DELTALOG_EMBEDDER_DIM`` (0: the model's own);
+- ``DELTALOG_OPENAI_KEY_SECRET`` (a Secrets Manager secret) or
+  ``DELTALOG_OPENAI_KEY_PARAMETER`` (an SSM SecureString parameter): where
+  the OpenAI API key is;
+- ``DELTALOG_SIGNING_KEY_SECRET``: a Secrets Manager secret holding the
+  entry signing key (hex);
+- ``DELTALOG_TIME_MARGIN``: seconds a compaction keeps, of the invocation's
+  remaining time, to publish and commit (default 20 %, at least 30 s);
+- ``DELTALOG_LEASE_TTL`` (30 s), ``DELTALOG_GRACE`` (60 s),
+  ``DELTALOG_RETAIN`` (3), ``DELTALOG_COMPRESSION`` (``none``): the
+  compactor's options, as the ``compact`` command's flags;
+- ``POWERTOOLS_METRICS_NAMESPACE``: the metrics' CloudWatch namespace
+  (default ``deltalog``).
+
+Secrets are names, never values: the handlers read the values at run time
+(``deltalog_lambda.secrets``), so no key is ever in the template or in an
+environment variable. A bad value is a ``ConfigurationError`` naming the
+variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from compactor.publish import Compression
+from deltalog.config import LogConfig
+from deltalog.errors import ConfigurationError, InvalidInput
+from deltalog.keys import valid_log_name
+
+__all__ = ["Settings"]
+
+_DEFAULT_NAMESPACE = "deltalog"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A handler's configuration, read once per execution environment."""
+
+    env: Mapping[str, str]
+    logs: tuple[str, ...]
+    """The logs this deployment serves; the first is the default."""
+    cache_dir: Path
+    embedder: str
+    embedder_dim: int | None
+    openai_key_secret: str | None
+    openai_key_parameter: str | None
+    signing_key_secret: str | None
+    time_margin: float | None
+    lease_ttl: float
+    grace: float
+    retain: int
+    compression: Compression
+    namespace: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        compression = env.get("DELTALOG_COMPRESSION", "none") or "none"
+        if compression not in ("none", "zstd"):
+            raise ConfigurationError(f"DELTALOG_COMPRESSION is {compression!r}: use none or zstd")
+        return cls(
+            env=env,
+            logs=_logs(env),
+            cache_dir=Path(env.get("DELTALOG_CACHE_DIR") or "/tmp/deltalog"),
+            embedder=env.get("DELTALOG_EMBEDDER") or "auto",
+            embedder_dim=int(_number(env, "DELTALOG_EMBEDDER_DIM", 0) or 0) or None,
+            openai_key_secret=env.get("DELTALOG_OPENAI_KEY_SECRET") or None,
+            openai_key_parameter=env.get("DELTALOG_OPENAI_KEY_PARAMETER") or None,
+            signing_key_secret=env.get("DELTALOG_SIGNING_KEY_SECRET") or None,
+            time_margin=_number(env, "DELTALOG_TIME_MARGIN", None),
+            lease_ttl=_positive(env, "DELTALOG_LEASE_TTL", 30.0),
+            grace=_positive(env, "DELTALOG_GRACE", 60.0),
+            retain=int(_positive(env, "DELTALOG_RETAIN", 3)),
+            compression=cast(Compression, compression),
+            namespace=env.get("POWERTOOLS_METRICS_NAMESPACE") or _DEFAULT_NAMESPACE,
+        )
+
+    @property
+    def default_log(self) -> str:
+        return self.logs[0]
+
+    def config(self, log: str, *, signing_key: bytes | None = None) -> LogConfig:
+        """The ``LogConfig`` of one of the logs served, from the ``DELTALOG_*`` variables."""
+        self.check_log(log)
+        return LogConfig.from_env(self.env, log=log, signing_key=signing_key)
+
+    def check_log(self, log: str) -> None:
+        if log not in self.logs:
+            raise InvalidInput(
+                f"log {log!r} is not one this deployment serves ({', '.join(self.logs)}): "
+                "add it to DELTALOG_LOGS (the template's LogNames)",
+                log=log,
+            )
+
+    def margin(self, remaining: float) -> float:
+        """Seconds a compaction keeps, of ``remaining``, to publish and commit."""
+        if self.time_margin is not None:
+            return self.time_margin
+        return max(30.0, 0.2 * remaining)
+
+
+def _logs(env: Mapping[str, str]) -> tuple[str, ...]:
+    listed = [n.strip() for n in env.get("DELTALOG_LOGS", "").split(",") if n.strip()]
+    logs = tuple(dict.fromkeys(listed or [env.get("DELTALOG_LOG") or "default"]))
+    for log in logs:
+        if not valid_log_name(log):
+            raise ConfigurationError(
+                f"DELTALOG_LOGS names an invalid log {log!r}: use 1-128 letters, digits, "
+                "'.', '_' or '-'"
+            )
+    return logs
+
+
+def _number(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigurationError(f"{name} is {text!r}: give a number") from None
+    if value < 0:
+        raise ConfigurationError(f"{name} is {text!r}: give a number >= 0")
+    return value
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default)
+    assert value is not None
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be above 0")
+    return value

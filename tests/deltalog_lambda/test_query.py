@@ -1,0 +1,117 @@
+"""The query handler behind a function URL: Chroma-shaped answers, 400 for a bad request."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compactor import Compactor
+from deltalog import DeltaLog, LogConfig
+from deltalog.receipts.embed import HashingEmbedder
+from deltalog.receipts.generate import generate_receipts
+from deltalog.receipts.ingest import ReceiptProducer
+from deltalog_lambda.query import QueryHandler
+from tests.deltalog_lambda.conftest import DIM
+from tests.deltalog_lambda.lambda_aws import Context, invoke
+
+
+def url_request(body: Any, *, base64_encoded: bool = False) -> dict[str, Any]:
+    """A function URL invocation (payload format 2.0), as Lambda sends it."""
+    text = json.dumps(body)
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": "/",
+        "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "abc.lambda-url.us-east-1.on.aws"},
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "abc",
+            "domainName": "abc.lambda-url.us-east-1.on.aws",
+            "http": {
+                "method": "POST",
+                "path": "/",
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+            },
+            "requestId": "id",
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": "30/Nov/2026:12:00:00 +0000",
+            "timeEpoch": 1796040000000,
+        },
+        "body": base64.b64encode(text.encode()).decode() if base64_encoded else text,
+        "isBase64Encoded": base64_encoded,
+    }
+
+
+@pytest.fixture
+def query(lambda_env: LogConfig) -> Iterator[QueryHandler]:
+    handler = QueryHandler()
+    yield handler
+    handler.close()
+
+
+async def test_a_query_gets_a_chroma_shaped_answer(
+    query: QueryHandler, lambda_env: LogConfig, tmp_path: object
+) -> None:
+    receipts = list(generate_receipts(3, seed=4))
+    async with DeltaLog.open(lambda_env) as log:
+        async with ReceiptProducer(log, HashingEmbedder(DIM)) as producer:
+            await producer.add_many(receipts)
+        async with Compactor(lambda_env, cache_dir=f"{tmp_path}/c") as compactor:
+            await compactor.run_once()
+    word = receipts[0].words[0]
+    answer = await invoke(
+        query,
+        url_request({"collection": "words", "query_texts": [word.text], "n_results": 3}),
+        Context(),
+    )
+    assert answer["statusCode"] == 200
+    assert answer["headers"]["content-type"] == "application/json"
+    found = json.loads(answer["body"])
+    assert set(found) == {"ids", "distances", "documents", "metadatas"}
+    assert len(found["ids"]) == 1 and len(found["ids"][0]) == 3
+    assert all(isinstance(d, float) for d in found["distances"][0])
+    image = str(receipts[1].image_id)
+    got = await invoke(
+        query,
+        url_request({"collection": "lines", "where": {"image_id": image}}, base64_encoded=True),
+        Context(),
+    )
+    lines = json.loads(got["body"])
+    assert set(lines) == {"ids", "documents", "metadatas"}
+    assert len(lines["ids"]) == len(receipts[1].lines)
+    assert {m["image_id"] for m in lines["metadatas"]} == {image}
+    vector = np.zeros(DIM).tolist()
+    by_vector = await invoke(
+        query,
+        url_request({"collection": "words", "query_embeddings": [vector], "consistency": "fresh"}),
+        Context(),
+    )
+    assert by_vector["statusCode"] == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"collection": "words", "query_textz": ["x"]}, "bad query request"),
+        ({"collection": "words", "query_texts": ["x"], "log": "elsewhere"}, "not one this"),
+        ({"query_texts": ["x"]}, "collection"),
+        ("not json at all", "not json"),
+    ],
+)
+async def test_a_bad_request_is_a_400_that_says_what_to_fix(
+    query: QueryHandler, lambda_env: LogConfig, body: Any, says: str
+) -> None:
+    event = url_request(body)
+    if body == "not json at all":
+        event["body"] = body
+    answer = await invoke(query, event, Context())
+    assert answer["statusCode"] == 400
+    assert says in json.loads(answer["body"])["error"].lower()
