@@ -15,16 +15,22 @@ import anyio
 
 from benchmarks.append import run_append
 from benchmarks.baseline import run_baseline
+from benchmarks.checkpoints import CheckpointFigures, run_checkpoints
 from benchmarks.codec import run_codec
 from benchmarks.compaction import run_compaction
+from benchmarks.compression import run_compression
 from benchmarks.embed import run_embed
 from benchmarks.fresh import run_fresh
 from benchmarks.harness import Endpoint, load_average, machine_info, progress
 from benchmarks.incremental import run_incremental
+from benchmarks.pipeline import run_pipeline
 from benchmarks.plots import write_plots
 from benchmarks.report import Results, render_table, write_json
 from benchmarks.settings import Mode, Sizes, sizes_for
+from benchmarks.stages import run_stages
 from benchmarks.workload import ReceiptData, receipts
+from deltalog.keys import LogKeys
+from deltalog.storage.store import ObjectStore
 
 __all__ = ["BENCHMARKS", "main"]
 
@@ -36,9 +42,14 @@ BENCHMARKS = (
     "incremental",
     "fresh",
     "baseline",
+    "checkpoints",
+    "compression",
+    "stages",
+    "pipeline",
     "proxy",
 )
-"""In the order they run; ``proxy`` is append and compaction through the latency proxy."""
+"""In the order they run; ``proxy`` is append and compaction through the latency proxy;
+``compression`` measures the largest checkpoint ``checkpoints`` builds, so it needs it."""
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 T = TypeVar("T")
 
@@ -104,7 +115,31 @@ async def _run(sizes: Sizes, wanted: set[str], seed: int, results: Results) -> N
         results.fresh = await runner.step("fresh", lambda: run_fresh(env, sizes, seed)) or []
         e2e = receipts(sizes.baseline_receipts, seed=seed + 20, dim=sizes.dim)
         results.e2e = await runner.step("baseline", lambda: run_baseline(env, sizes, e2e))
+        results.checkpoints = await runner.step(
+            "checkpoints", lambda: _checkpoints(env, sizes, wanted, results)
+        )
+        results.stages = await runner.step(
+            "stages", lambda: run_stages(env, sizes, e2e[: sizes.stage_receipts])
+        )
+        flow = receipts(sizes.pipeline_receipts, seed=seed + 40, dim=sizes.dim)
+        results.pipeline = await runner.step("pipeline", lambda: run_pipeline(env, sizes, flow))
         await runner.step("proxy", lambda: _through_proxy(env, sizes, pool, compaction, results))
+
+
+async def _checkpoints(
+    env: Endpoint, sizes: Sizes, wanted: set[str], results: Results
+) -> CheckpointFigures:
+    """The checkpoint benchmark; the compression table on its largest checkpoint if wanted."""
+
+    async def compression(store: ObjectStore, keys: LogKeys, directory: Path) -> None:
+        started = time.perf_counter()
+        results.compression = await run_compression(
+            store, keys, directory, sizes.compression_levels
+        )
+        results.timings["compression"] = time.perf_counter() - started
+
+    on_largest = compression if "compression" in wanted else None
+    return await run_checkpoints(env, sizes, on_largest=on_largest)
 
 
 async def _through_proxy(
@@ -129,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = wanted - set(BENCHMARKS)
     if unknown:
         _parser().error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
+    if "compression" in wanted and "checkpoints" not in wanted:
+        _parser().error(
+            "compression measures the checkpoints benchmark's snapshot: add checkpoints"
+        )
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     results = Results(

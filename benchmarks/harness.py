@@ -30,6 +30,7 @@ import anyio
 import numpy as np
 
 from benchmarks.latency_proxy import LatencyProxy
+from benchmarks.procstat import process_cpu
 from benchmarks.workload import LINES, WORDS, ReceiptData
 from deltalog.config import LogConfig
 from deltalog.entry import Upsert
@@ -55,6 +56,7 @@ __all__ = [
     "load_average",
     "machine_info",
     "percentile",
+    "process_cpu",
     "progress",
     "raw_chroma_upsert",
     "raw_chroma_upsert_into",
@@ -203,17 +205,6 @@ async def drive(tasks: int, seconds: float, op: Callable[[int], Awaitable[None]]
     return Run(len(latencies), time.perf_counter() - started, latencies)
 
 
-def _process_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) of a process, 0 when unknown."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass(slots=True)
 class CpuMeter:
     """CPU used by this process and by the endpoint's server while it was running.
@@ -230,13 +221,13 @@ class CpuMeter:
     @contextmanager
     def measure(self) -> Iterator[CpuMeter]:
         wall, client = time.perf_counter(), time.process_time()
-        server = _process_cpu(self.server_pid)
+        server = process_cpu(self.server_pid)
         try:
             yield self
         finally:
             self.wall = time.perf_counter() - wall
             self.client = time.process_time() - client
-            self.server = _process_cpu(self.server_pid) - server
+            self.server = process_cpu(self.server_pid) - server
 
     @property
     def client_share(self) -> float:

@@ -25,7 +25,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import anyio
 import numpy as np
 
 from benchmarks.harness import (
@@ -37,14 +36,12 @@ from benchmarks.harness import (
     scratch_dir,
 )
 from benchmarks.settings import Sizes
-from benchmarks.workload import word_delta
+from benchmarks.workload import append_each, word_delta
 from compactor.runner import Compactor
 from deltalog.entry import Delta, Upsert
 from deltalog.log import DeltaLog
 
 __all__ = ["IncrementalPoint", "run_incremental"]
-
-_APPEND_TASKS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +72,6 @@ def _deltas(count: int, sizes: Sizes, seed: int) -> list[Delta]:
     ]
 
 
-async def _append(log: DeltaLog, deltas: list[Delta]) -> None:
-    """One entry per delta, from concurrent tasks."""
-    queue = iter(deltas)
-
-    async def worker() -> None:
-        for delta in queue:
-            await log.append(delta)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(min(_APPEND_TASKS, len(deltas))):
-            tg.start_soon(worker)
-
-
 @dataclass(slots=True)
 class _Samples:
     replay: list[float] = field(default_factory=list)
@@ -106,7 +90,7 @@ async def _measure_once(
     base = await compactor.cache.committed(
         compactor.store, state.snapshot_key, state.snapshot_sha256, log=log.config.log
     )
-    await _append(log, deltas)
+    await append_each(log, deltas)
     started = time.perf_counter()
     result = await compactor.run_once()
     out.run.append(time.perf_counter() - started)
@@ -149,7 +133,7 @@ async def run_incremental(env: Endpoint, sizes: Sizes) -> list[IncrementalPoint]
             for n in sorted(sizes.incremental_n):
                 if n > held:
                     progress(f"incremental: growing the log to {n} entries")
-                    await _append(log, _deltas(n - held, sizes, seed=n))
+                    await append_each(log, _deltas(n - held, sizes, seed=n))
                     await compactor.run_once()
                     held = n
                 samples = _Samples()

@@ -6,7 +6,10 @@
   end-to-end receipts/s of deltalog and the baseline;
 - ``incremental.png``: seconds to compact 100 new entries against N;
 - ``codec.png``: encode and decode MB/s of vectors per format;
-- ``fresh.png``: query p50/p99 against the tail's size, snapshot and fresh.
+- ``fresh.png``: query p50/p99 against the tail's size, snapshot and fresh;
+- ``checkpoints.png``: the cost of a small run against the checkpoint's size
+  (mean with the default policy, warm, publishing every run, cold, and
+  ``compact --checkpoint``), and the peak RSS of the latter.
 """
 
 from __future__ import annotations
@@ -204,6 +207,40 @@ def _fresh(results: Results, out: Path) -> Path | None:
     return _save(fig, out / "fresh.png")
 
 
+_RUN_SERIES = (
+    ("run_mean_seconds", "mean run, default policy", "tab:blue"),
+    ("warm_seconds", "warm run (no publish)", "tab:green"),
+    ("every_run_seconds", "publish every run (ratio 0)", "tab:red"),
+    ("cold_seconds", "cold start (empty cache)", "tab:orange"),
+    ("checkpoint_run_seconds", "compact --checkpoint (child, empty cache)", "tab:purple"),
+)
+
+
+def _checkpoints(results: Results, out: Path) -> Path | None:
+    c = results.checkpoints
+    if c is None or not c.points:
+        return None
+    points = sorted(c.points, key=lambda p: p.snapshot_mb)
+    size = [p.snapshot_mb for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, label, color in _RUN_SERIES:
+        left.plot(size, [getattr(p, name) for p in points], "-o", color=color, label=label)
+    left.set_xlabel("checkpoint MB")
+    left.set_ylabel("seconds per run")
+    left.set_title(
+        f"A run of {c.new_entries} entries x {c.new_vectors} vectors ({c.dim}-d)", fontsize=10
+    )
+    right.plot(size, [p.checkpoint_run_rss_mb for p in points], "-o", color="tab:purple")
+    right.set_xlabel("checkpoint MB")
+    right.set_ylabel("peak RSS MB")
+    right.set_ylim(bottom=0)
+    right.set_title("Peak RSS of compact --checkpoint (empty cache)", fontsize=10)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    return _save(fig, out / "checkpoints.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -213,5 +250,6 @@ def _save(fig: Any, path: Path) -> Path:
 
 def write_plots(results: Results, out: Path) -> list[Path]:
     """Every plot the run has data for; returns their paths."""
-    made = [plot(results, out) for plot in (_append, _compaction, _incremental, _codec, _fresh)]
+    plots = (_append, _compaction, _incremental, _codec, _fresh, _checkpoints)
+    made = [plot(results, out) for plot in plots]
     return [p for p in made if p is not None]

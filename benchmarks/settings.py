@@ -48,6 +48,21 @@ class Sizes:
     embed_receipts: int
     """Receipts whose word and line inputs the offline embedders embed."""
     embed_repeats: int
+    checkpoint_bases: tuple[int, ...] = (1_000, 10_000)
+    """Vectors in each base log of the checkpoint benchmark; the last is 10x the first."""
+    checkpoint_base_entry: int = 250
+    """Vectors per entry when a base is built."""
+    checkpoint_new_vectors: int = 4
+    """Vectors per small entry of a run (``incremental_new`` entries per run)."""
+    checkpoint_runs: tuple[int, int] = (3, 12)
+    """Runs on each base: at least the first, at most the second, until the policy publishes."""
+    checkpoint_dim: int = 384
+    compression_levels: tuple[int, ...] = (1, 3, 9, 19)
+    """zstd levels measured against ``none`` on the largest base's checkpoint."""
+    stage_receipts: int = 16
+    """Receipts the per-stage CPU profile pushes through each stage in turn."""
+    pipeline_receipts: int = 32
+    """Receipts the overlapped pipeline (producers + ``compact --follow``) ingests."""
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
     dim: int = DIM
@@ -76,6 +91,11 @@ _FULL = Sizes(
     e2e_concurrency=8,
     embed_receipts=200,
     embed_repeats=3,
+    checkpoint_bases=(10_000, 30_000, 100_000),
+    checkpoint_base_entry=500,
+    checkpoint_runs=(3, 30),
+    stage_receipts=64,
+    pipeline_receipts=128,
 )
 
 _QUICK = Sizes(
@@ -126,6 +146,14 @@ _SMOKE = Sizes(
     e2e_concurrency=2,
     embed_receipts=5,
     embed_repeats=1,
+    checkpoint_bases=(100, 1_000),
+    checkpoint_base_entry=100,
+    checkpoint_new_vectors=50,
+    checkpoint_runs=(2, 6),
+    checkpoint_dim=64,
+    compression_levels=(1, 3),
+    stage_receipts=3,
+    pipeline_receipts=4,
     dim=64,
 )
 

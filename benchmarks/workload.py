@@ -16,10 +16,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import anyio
 import numpy as np
 import numpy.typing as npt
 
 from deltalog.entry import Delta, Op, UpdateMetadata, Upsert
+from deltalog.log import DeltaLog
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.model import Receipt, Records, line_records, word_records
 
@@ -28,6 +30,7 @@ __all__ = [
     "WORDS",
     "PrecomputedEmbedder",
     "ReceiptData",
+    "append_each",
     "label_delta",
     "receipts",
     "unit_vectors",
@@ -137,3 +140,16 @@ class PrecomputedEmbedder:
 
     async def aclose(self) -> None:
         return None
+
+
+async def append_each(log: DeltaLog, deltas: Sequence[Delta], *, tasks: int = 32) -> None:
+    """One entry per delta, from ``tasks`` concurrent tasks."""
+    queue = iter(deltas)
+
+    async def worker() -> None:
+        for delta in queue:
+            await log.append(delta)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(tasks, len(deltas))):
+            tg.start_soon(worker)

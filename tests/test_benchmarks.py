@@ -2,16 +2,19 @@
 
 No thresholds on speed: CI machines vary. What is checked is the contract
 of ``python -m benchmarks``: the results JSON (machine, parameters, date,
-the six ratios as floats, the offline embedders' texts/s) and the plots.
+every ratio as a positive float, the offline embedders' texts/s, CPU-seconds
+per vector of every stage, the compression table) and the plots.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,8 +26,21 @@ RATIO_KEYS = {
     "rebuild_vs_raw_chroma",
     "incremental_growth",
     "speedup_vs_baseline",
+    "publish_bytes_per_entry_byte",
+    "run_growth_with_publish",
+    "rss_growth",
+    "cold_start_vs_warm",
+    "end_to_end_vs_raw_chroma",
 }
-PLOTS = ("append.png", "compaction.png", "incremental.png", "codec.png", "fresh.png")
+PLOTS = (
+    "append.png",
+    "compaction.png",
+    "incremental.png",
+    "codec.png",
+    "fresh.png",
+    "checkpoints.png",
+)
+STAGES = {"encode", "append", "s3_standin", "read", "fold", "apply", "publish"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -67,6 +83,38 @@ def test_smoke_run_reports_every_ratio_and_plot(tmp_path: Path) -> None:
     assert embed["wordllama_vs_hashing"] > 0
     assert "wordllama" in results["machine"]["packages"]
 
+    per_stage = results["results"]["cpu_seconds_per_vector"]
+    assert set(per_stage) == STAGES
+    assert all(isinstance(v, float) and v > 0 for v in per_stage.values()), per_stage
+    compression = [row["compression"] for row in results["results"]["compression"]]
+    assert compression[0] == "none" and len(compression) >= 2, compression
+    assert all(row["archive_mb"] > 0 for row in results["results"]["compression"])
+    checkpoints = results["results"]["checkpoints"]["points"]
+    assert checkpoints[-1]["vectors"] == 10 * checkpoints[0]["vectors"]
+    assert all(run["written"] > 0 for run in checkpoints[-1]["runs"] if run["checkpoint"])
+
+    _check_ratios_follow_figures(ratios, results["results"])
+
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
     assert "Ratios" in done.stdout
+
+
+def _check_ratios_follow_figures(ratios: dict[str, float], figures: dict[str, Any]) -> None:
+    """The new ratios are what their figures say: a wrong reduction fails here."""
+    points = sorted(figures["checkpoints"]["points"], key=lambda p: p["vectors"])
+    small, large = points[0], points[-1]
+    written = sum(run["written"] for run in large["runs"])
+    applied = sum(run["entry_bytes"] for run in large["runs"])
+    assert ratios["publish_bytes_per_entry_byte"] == pytest.approx(written / applied, rel=0.01)
+    mean_large = statistics.mean(run["seconds"] for run in large["runs"])
+    mean_small = statistics.mean(run["seconds"] for run in small["runs"])
+    assert ratios["run_growth_with_publish"] == pytest.approx(mean_large / mean_small, rel=0.01)
+    rss = large["checkpoint_run_rss_mb"] / small["checkpoint_run_rss_mb"]
+    assert ratios["rss_growth"] == pytest.approx(rss, rel=0.01)
+    cold = large["cold_seconds"] / large["warm_seconds"]
+    assert ratios["cold_start_vs_warm"] == pytest.approx(cold, rel=0.01)
+    assert [large["runs"][-1]["working_copy"], large["cold_seconds"] > 0] == ["warm", True]
+    pipeline = figures["pipeline"]
+    e2e = pipeline["raw_chroma_seconds"] / pipeline["seconds"]
+    assert ratios["end_to_end_vs_raw_chroma"] == pytest.approx(e2e, rel=0.01)
