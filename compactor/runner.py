@@ -16,9 +16,9 @@ and "Checkpoints"):
 6. commit hwm (and the new checkpoint, if one was published) in one
    conditional update on owner, token and the previous hwm: the only
    commit point; the working copy becomes the live copy;
-7. release the lease; then, after a new checkpoint, delete snapshots
-   beyond the retention count (``_prune``, which needs no lease; never the
-   one the state points to).
+7. release the lease; then delete snapshots beyond the retention count
+   and orphans (``_prune``, which needs no lease; never the checkpoint the
+   state points to).
 
 A crash anywhere before 6 leaves the committed state as it was (an upload
 is an orphan retention deletes later) and the next run redoes the work; the
@@ -361,7 +361,7 @@ class Compactor:
         result, failure = await self._leased(
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
         )
-        if result.checkpoint and result.snapshot_key is not None:
+        if result.snapshot_key is not None:
             await self._prune(result.snapshot_key)
         if failure is not None:
             raise failure
@@ -468,8 +468,9 @@ class Compactor:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
     async def _prune(self, committed: str) -> None:
-        """Retention, after a commit that published a checkpoint and the release
-        (DESIGN.md's step 8). Housekeeping: a failure must not fail the committed run.
+        """Retention, after a run and the release (DESIGN.md's step 8).
+
+        Housekeeping: a failure must not fail the committed run.
 
         It holds no lease, and this process may have paused since its commit
         while newer owners committed: what is committed is read again, and

@@ -246,7 +246,10 @@ async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
     deletes neither: only snapshots below the committed hwm it read.
     """
     keys = log.keys
-    async with Compactor(config, cache_dir=tmp_path / "b", retain=3) as other:  # deletes none
+    # Every run publishes (checkpoint ratio 0): retention has snapshots to choose from.
+    async with Compactor(
+        config, cache_dir=tmp_path / "b", retain=3, checkpoint_ratio=0
+    ) as other:  # deletes none
         await log.append(random_delta(rng))
         s0 = (await other.run_once()).snapshot_key
         await log.append(random_delta(rng))
@@ -257,7 +260,7 @@ async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
                 lease_ttl=30,
                 grace=60,
                 follow=False,
-                extra=("--retain", "1", "--orphan-grace", "0"),
+                extra=("--retain", "1", "--orphan-grace", "0", "--checkpoint-ratio", "0"),
             )
             zombie = children.start("compactor", argv)
             await until_reached(reached, zombie)
