@@ -16,6 +16,8 @@ run compacts and publishes as the checkpoint. Then, on that base:
 - **warm** and **cold**: one run on this host's live copy, then one by a
   compactor with an empty cache (it downloads the checkpoint and replays
   the committed tail);
+- **raw chromadb**: one run's records upserted from memory into a copy of
+  the checkpoint, Chroma's own cost of that apply at this size;
 - **checkpoint run**: ``deltalog compact --checkpoint`` in a child process
   with an empty cache (download, replay, apply, archive and upload the
   whole snapshot): its wall time and its own peak RSS.
@@ -38,12 +40,20 @@ import numpy as np
 
 from benchmarks.child import run_child
 from benchmarks.counting import CountingStore
-from benchmarks.harness import MB, Endpoint, progress, scratch_dir
+from benchmarks.harness import (
+    MB,
+    Endpoint,
+    SinkTimer,
+    progress,
+    raw_chroma_upsert_into,
+    scratch_dir,
+)
 from benchmarks.settings import Sizes
 from benchmarks.workload import append_each, word_delta
 from compactor.checkpoint import DEFAULT_RATIO
 from compactor.runner import CompactionResult, Compactor
 from deltalog.config import LogConfig
+from deltalog.entry import Delta, Upsert
 from deltalog.keys import LogKeys
 from deltalog.log import DeltaLog
 from deltalog.storage.s3 import S3Store
@@ -68,6 +78,12 @@ class RunSample:
     """Why it published a checkpoint, or ""."""
     working_copy: str
     replayed_tail: int
+    chroma_open_seconds: float = 0.0
+    """Of ``seconds``: opening the working copy with Chroma (timed through ``sink_factory``)."""
+    apply_seconds: float = 0.0
+    """Chroma's upserts."""
+    chroma_close_seconds: float = 0.0
+    """Closing it (Chroma persists its index), before the archive, if any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +111,9 @@ class BasePoint:
     checkpoint_run_rss_mb: float
     """Its peak RSS."""
     checkpoint_run_cpu_seconds: float
+    raw_chroma_seconds: float
+    """Raw chromadb upserting one run's records into a copy of the checkpoint: Chroma's own
+    cost of a run's apply at this size (HNSW inserts get dearer as the index grows)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +134,7 @@ class _Base:
         self.env, self.sizes, self.vectors, self.cache = env, sizes, vectors, cache
         self.config: LogConfig = env.config(f"ckpt{vectors}")
         self.rng = np.random.default_rng(vectors)
+        self.timer = SinkTimer()
         self.stack = AsyncExitStack()
 
     async def __aenter__(self) -> _Base:
@@ -138,6 +158,7 @@ class _Base:
             store=self.written,
             grace=3600,
             checkpoint_ratio=ratio,
+            sink_factory=self.timer,
         )
 
     async def build(self) -> CompactionResult:
@@ -149,21 +170,34 @@ class _Base:
         await append_each(self.log, deltas, tasks=8)
         return await self.compactor.run_once()
 
-    async def small_run(self, compactor: Compactor) -> RunSample:
+    def small_deltas(self) -> list[Delta]:
         s = self.sizes
-        deltas = [
+        return [
             word_delta(self.rng, s.checkpoint_new_vectors, s.checkpoint_dim, _MERCHANT)
             for _ in range(s.incremental_new)
         ]
+
+    async def committed(self) -> Path:
+        """The committed checkpoint, extracted (in the warm compactor's cache)."""
+        state = await self.compactor.table.read_state(self.config.keys.log_id)
+        assert state.snapshot_key is not None and state.snapshot_sha256 is not None
+        return await self.compactor.cache.committed(
+            self.written, state.snapshot_key, state.snapshot_sha256, log=self.config.log
+        )
+
+    async def small_run(self, compactor: Compactor) -> RunSample:
+        deltas = self.small_deltas()
         before = self.entries.statistics().bytes_written
         await append_each(self.log, deltas)
         entry_bytes = self.entries.statistics().bytes_written - before
         written = self.written.statistics().bytes_written
+        sinks = len(self.timer.sinks)
         started = time.perf_counter()
         result = await compactor.run_once()
         seconds = time.perf_counter() - started
         if result.status != "applied":
             raise RuntimeError(f"a benchmark run applied nothing: {result.summary()}")
+        opened, applied, closed = self.timer.since(sinks)
         return RunSample(
             round(seconds, 4),
             entry_bytes,
@@ -171,6 +205,9 @@ class _Base:
             result.checkpoint,
             result.working_copy,
             result.replayed_tail,
+            round(opened, 4),
+            round(applied, 4),
+            round(closed, 4),
         )
 
     def location(self) -> list[str]:
@@ -201,6 +238,8 @@ async def _measure(base: _Base, on_largest: OnLargest | None) -> BasePoint:
     first = await base.build()
     progress(f"checkpoints: base of {base.vectors:,} vectors, {first.snapshot_size / MB:.1f} MB")
     runs, complete = await _cycle(base)
+    ops = [op for d in base.small_deltas() for op in d.ops if isinstance(op, Upsert)]
+    raw = await raw_chroma_upsert_into(await base.committed(), ops)
     warm = await base.small_run(base.compactor)
     async with base.new_compactor("cold") as cold_compactor:
         cold = await base.small_run(cold_compactor)
@@ -211,12 +250,7 @@ async def _measure(base: _Base, on_largest: OnLargest | None) -> BasePoint:
         ["compact", "--checkpoint", "-q", *base.location(), "--cache-dir", str(base.cache / "rss")]
     )
     if on_largest is not None:
-        state = await base.compactor.table.read_state(base.config.keys.log_id)
-        assert state.snapshot_key is not None and state.snapshot_sha256 is not None
-        directory = await base.compactor.cache.committed(
-            base.written, state.snapshot_key, state.snapshot_sha256, log=base.config.log
-        )
-        await on_largest(base.written.inner, base.config.keys, directory)
+        await on_largest(base.written.inner, base.config.keys, await base.committed())
     seconds = [r.seconds for r in runs]
     return BasePoint(
         vectors=base.vectors,
@@ -234,6 +268,7 @@ async def _measure(base: _Base, on_largest: OnLargest | None) -> BasePoint:
         checkpoint_run_seconds=usage.seconds,
         checkpoint_run_rss_mb=usage.peak_rss_mb,
         checkpoint_run_cpu_seconds=usage.cpu_seconds,
+        raw_chroma_seconds=round(raw, 4),
     )
 
 

@@ -3,8 +3,8 @@
 ``python -m benchmarks.child ARGS...`` imports the CLI and chromadb, prints
 ``ready`` (so a parent can start its clock after the imports), runs
 ``deltalog ARGS...`` in-process and prints, as its last line, a JSON object:
-exit code, peak RSS (``ru_maxrss`` of the process itself, so no other
-process's memory enters) and user + system CPU seconds.
+exit code, peak RSS (``VmHWM`` of the process itself, so no other process's
+memory enters) and user + system CPU seconds.
 
 ``DeltalogChild`` starts one from an async parent, waits for ``ready``, and,
 once the child has exited (by itself, or after ``stop`` sent SIGTERM, which
@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -150,6 +151,19 @@ async def run_child(args: list[str]) -> Usage:
     return usage
 
 
+def _peak_rss_kib() -> int:
+    """This process's own peak RSS: ``VmHWM``, the high-water mark of its address space.
+
+    Not ``ru_maxrss``: Linux carries that across ``exec`` from the forked
+    parent, so a child of a large benchmark process would report the
+    parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def _main(argv: list[str]) -> int:
     import chromadb  # noqa: F401  (imported before "ready", as the CLI would on its first run)
 
@@ -163,7 +177,7 @@ def _main(argv: list[str]) -> int:
     own = resource.getrusage(resource.RUSAGE_SELF)
     report = {
         "rc": code,
-        "peak_rss_mb": round(own.ru_maxrss / 1024, 1),  # KiB on Linux
+        "peak_rss_mb": round(_peak_rss_kib() / 1024, 1),
         "cpu_seconds": round(own.ru_utime + own.ru_stime, 3),
     }
     print(json.dumps(report), flush=True)

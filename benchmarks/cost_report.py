@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 from benchmarks.checkpoints import CheckpointFigures
@@ -32,7 +33,9 @@ def checkpoint_section(c: CheckpointFigures | None) -> list[str]:
             num(p.snapshot_mb, 1),
             f"{len(p.runs)}{'' if p.cycle_complete else '*'}",
             f"{p.run_mean_seconds:.2f}",
+            f"{statistics.mean(r.apply_seconds for r in p.runs):.2f}",
             f"{p.warm_seconds:.2f}",
+            f"{p.raw_chroma_seconds:.2f}",
             f"{p.every_run_seconds:.2f}",
             f"{p.cold_seconds:.2f}",
             f"{p.checkpoint_run_seconds:.2f}",
@@ -51,7 +54,9 @@ def checkpoint_section(c: CheckpointFigures | None) -> list[str]:
         "checkpoint MB",
         "runs",
         "mean run s",
+        "its apply s",
         "warm s",
+        "raw chroma s",
         "every-run s",
         "cold s",
         "--checkpoint s",
@@ -107,8 +112,8 @@ def pipeline_section(p: OverlapFigures | None) -> list[str]:
     ]
     title = (
         f"Overlapped pipeline: {p.receipts} receipts ({p.vectors:,} vectors), {p.concurrency} at "
-        f"a time; producers done at {p.produce_seconds:.2f} s; {p.runs} runs, {p.checkpoints} "
-        "checkpoints"
+        f"a time; producers done at {p.produce_seconds:.2f} s; {p.runs} runs (replay "
+        f"{p.replay_seconds:.2f} s), {p.checkpoints} checkpoints"
     )
     lines = table(title, ["", "seconds", "raw / this"], rows)
     lines.append(

@@ -258,12 +258,17 @@ class TimedSink:
     def __init__(self, inner: ChromaSink) -> None:
         self.inner = inner
         self.apply_seconds = 0.0
+        self.open_seconds = 0.0
+        self.close_seconds = 0.0
 
     @classmethod
     async def open(cls, path: Path) -> TimedSink:
         from deltalog.snapshot.sink import ChromaSink
 
-        return cls(await ChromaSink.open(path, limiter=anyio.CapacityLimiter(1)))
+        started = time.perf_counter()
+        sink = cls(await ChromaSink.open(path, limiter=anyio.CapacityLimiter(1)))
+        sink.open_seconds = time.perf_counter() - started
+        return sink
 
     async def apply(self, plan: FoldPlan) -> ApplyStats:
         started = time.perf_counter()
@@ -282,7 +287,11 @@ class TimedSink:
         return await self.inner.collections()
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        started = time.perf_counter()
+        try:
+            await self.inner.aclose()
+        finally:
+            self.close_seconds += time.perf_counter() - started
 
 
 class SinkTimer:
@@ -298,6 +307,15 @@ class SinkTimer:
 
     def last_apply_seconds(self) -> float:
         return self.sinks[-1].apply_seconds if self.sinks else 0.0
+
+    def since(self, count: int) -> tuple[float, float, float]:
+        """Open, apply and close seconds of the sinks opened after the first ``count``."""
+        mine = self.sinks[count:]
+        return (
+            sum(s.open_seconds for s in mine),
+            sum(s.apply_seconds for s in mine),
+            sum(s.close_seconds for s in mine),
+        )
 
 
 def _chroma_client(path: Path) -> Any:

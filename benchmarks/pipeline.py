@@ -57,6 +57,11 @@ class OverlapFigures:
     """Runs of the follower that applied something."""
     checkpoints: int
     """Of which published a checkpoint."""
+    replay_seconds: float
+    """The runs' replay (read, fold, apply) seconds, added up; the rest of a run is its
+    lease, working copy, publish and commit."""
+    first_run_hwm: int
+    """The seq the first run reached (every later run started from there)."""
 
 
 async def run_pipeline(
@@ -89,7 +94,7 @@ async def run_pipeline(
             usage = await child.stop()
     await env.reset()
     _raw_vectors, raw = await raw_chroma_upsert(receipts)
-    runs = usage.results()
+    runs = [r for r in usage.results() if r.get("status") == "applied"]
     seconds = done - started
     figures = OverlapFigures(
         receipts=len(receipts),
@@ -104,8 +109,10 @@ async def run_pipeline(
         compactor_cpu_seconds=round(follower, 3),
         server_cpu_seconds=round(meter.server, 3),
         compactor_peak_rss_mb=usage.peak_rss_mb,
-        runs=sum(1 for r in runs if r.get("status") == "applied"),
+        runs=len(runs),
         checkpoints=sum(1 for r in runs if r.get("checkpoint")),
+        replay_seconds=round(sum(float(r.get("seconds", 0.0)) for r in runs), 3),
+        first_run_hwm=int(runs[0].get("hwm_after", 0)) if runs else 0,
     )
     progress(
         f"pipeline: {vectors:,} vectors in {seconds:.2f} s (produce {figures.produce_seconds:.2f}"

@@ -213,6 +213,7 @@ _RUN_SERIES = (
     ("every_run_seconds", "publish every run (ratio 0)", "tab:red"),
     ("cold_seconds", "cold start (empty cache)", "tab:orange"),
     ("checkpoint_run_seconds", "compact --checkpoint (child, empty cache)", "tab:purple"),
+    ("raw_chroma_seconds", "raw chromadb, same records into the checkpoint", "tab:gray"),
 )
 
 

@@ -121,6 +121,8 @@ _QUICK = Sizes(
     e2e_concurrency=8,
     embed_receipts=50,
     embed_repeats=2,
+    checkpoint_runs=(2, 12),
+    compression_levels=(1, 3, 9),
 )
 
 _SMOKE = Sizes(
