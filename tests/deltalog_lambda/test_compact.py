@@ -285,7 +285,8 @@ async def test_warm_invocations_reuse_the_snapshot_cache(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    """A warm environment downloads no snapshot; a cold one (empty /tmp) does."""
+    """A warm environment downloads no snapshot (its live copy is in /tmp); a cold one
+    (empty /tmp) downloads the checkpoint."""
     assert lambda_env.endpoint_url is not None
     async with FaultProxy(lambda_env.endpoint_url) as proxy:  # counts requests, injects nothing
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
@@ -305,8 +306,8 @@ async def test_warm_invocations_reuse_the_snapshot_cache(
             assert warm.compactor(lambda_env.log) is compactor, "kept open across invocations"
         finally:
             warm.close()
-        cached = [p async for p in anyio.Path(warm.settings.cache_dir).rglob("committed/*")]
-        assert cached, "cached under DELTALOG_CACHE_DIR (/tmp)"
+        live = [p async for p in anyio.Path(warm.settings.cache_dir).rglob("live/live.json")]
+        assert live, "the live copy is kept under DELTALOG_CACHE_DIR (/tmp)"
         monkeypatch.setenv("DELTALOG_CACHE_DIR", str(tmp_path / "cold"))
         cold = CompactHandler()
         try:
