@@ -1,9 +1,9 @@
 """The committed state as a Chroma directory: what ``import --verify`` compares with.
 
-``committed_copy`` gives a private working copy of the published snapshot
-with the committed tail replayed into it: the entries after the seq the
-snapshot holds (its sidecar's hwm) up to the committed hwm. With a snapshot
-published at every commit the tail is empty.
+``committed_copy`` gives a private working copy of the checkpoint (the
+published snapshot) with the committed tail replayed into it: the entries
+after the seq the checkpoint holds up to the committed hwm.
+``snapshot_seq`` says which seq a published snapshot holds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 
 from compactor.replay import Replayer
+from compactor.working import catch_up, take
 from deltalog.log import DeltaLog
 from deltalog.snapshot.archive import read_sidecar
 from deltalog.snapshot.cache import SnapshotCache
@@ -38,28 +39,25 @@ async def snapshot_seq(log: DeltaLog, key: str, path: Path) -> int:
 
 @asynccontextmanager
 async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[ChromaSink]:
-    """A sink holding exactly the committed state (removed on exit)."""
+    """A sink holding exactly the committed state (removed on exit).
+
+    The checkpoint (downloaded and verified unless cached) with the committed
+    tail replayed into it (``compactor.working``): what ``export`` writes and
+    a snapshot reader answers from. A tail that cannot be replayed to hwm
+    raises (``DataError``, ``CorruptEntry``).
+    """
     cache = SnapshotCache(cache_dir / log.keys.cache_name)
     state = await log.table.read_state(log.keys.log_id)
-    base: Path | None = None
-    holds = 0
-    if state.snapshot_key is not None and state.snapshot_sha256 is not None:
-        key = state.snapshot_key
-        base = await cache.committed(log.store, key, state.snapshot_sha256, log=log.config.log)
-        holds = await snapshot_seq(log, key, base)
-    work = await anyio.to_thread.run_sync(cache.working_copy, base)
+    copy = await take(cache, log.store, state, log=log.config.log, warm=False)
     try:
-        sink = await ChromaSink.open(work, log=log.config.log)
+        sink = await ChromaSink.open(copy.path, log=log.config.log)
         try:
-            if holds < state.hwm:
-                quarantined = await log.table.read_quarantined(log.keys.log_id)
-                await Replayer(log).run(
-                    sink, after=holds, to_seq=state.hwm, quarantined=quarantined
-                )
+            quarantined = await log.table.read_quarantined(log.keys.log_id)
+            await catch_up(Replayer(log), sink, copy, state, quarantined)
             yield sink
         finally:
             with anyio.CancelScope(shield=True):
                 await sink.aclose()
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(cache.discard, work)
+            await anyio.to_thread.run_sync(cache.discard, copy.path)

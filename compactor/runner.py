@@ -29,9 +29,11 @@ without a live copy, rebuilds its copy from them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -818,8 +820,23 @@ def _occupied(path: Path) -> bool:
 
 
 def _move_into(work: Path, target: Path) -> None:
-    """Move a closed working copy to ``target`` (a rename on one filesystem, else a copy)."""
+    """Move a closed working copy to ``target``, which appears only when whole.
+
+    One rename on one file system; across file systems a copy into a
+    sibling scratch directory first, then that rename.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         target.rmdir()  # empty: checked before the export started
-    shutil.move(work, target)
+    try:
+        work.rename(target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        shutil.copytree(work, staged / "chroma")
+        (staged / "chroma").rename(target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)

@@ -20,7 +20,9 @@ adds:
 - ``DELTALOG_TIME_MARGIN``: seconds a compaction keeps, of the invocation's
   remaining time, to publish and commit (default 20 %, at least 30 s);
 - ``DELTALOG_LEASE_TTL`` (30 s), ``DELTALOG_GRACE`` (60 s),
-  ``DELTALOG_RETAIN`` (3), ``DELTALOG_COMPRESSION`` (``none``): the
+  ``DELTALOG_RETAIN`` (3), ``DELTALOG_COMPRESSION`` (``none``),
+  ``DELTALOG_CHECKPOINT_RATIO`` (0.1), ``DELTALOG_MAX_TAIL_ENTRIES`` (2000)
+  and ``DELTALOG_MAX_TAIL_BYTES`` (256MiB; 0 turns either cap off): the
   compactor's options, as the ``compact`` command's flags;
 - ``POWERTOOLS_METRICS_NAMESPACE``: the metrics' CloudWatch namespace
   (default ``deltalog``).
@@ -39,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from compactor.checkpoint import DEFAULT_MAX_TAIL_BYTES, DEFAULT_MAX_TAIL_ENTRIES, DEFAULT_RATIO
 from compactor.publish import Compression
-from deltalog.config import LogConfig
+from deltalog.config import LogConfig, parse_size
 from deltalog.errors import ConfigurationError, InvalidInput
 from deltalog.keys import valid_log_name
 
@@ -67,6 +70,9 @@ class Settings:
     grace: float
     retain: int
     compression: Compression
+    checkpoint_ratio: float
+    max_tail_entries: int | None
+    max_tail_bytes: int | None
     namespace: str
 
     @classmethod
@@ -89,6 +95,9 @@ class Settings:
             grace=_positive(env, "DELTALOG_GRACE", 60.0),
             retain=int(_positive(env, "DELTALOG_RETAIN", 3)),
             compression=cast(Compression, compression),
+            checkpoint_ratio=_number(env, "DELTALOG_CHECKPOINT_RATIO", DEFAULT_RATIO) or 0.0,
+            max_tail_entries=_cap(env, "DELTALOG_MAX_TAIL_ENTRIES", DEFAULT_MAX_TAIL_ENTRIES),
+            max_tail_bytes=_cap(env, "DELTALOG_MAX_TAIL_BYTES", DEFAULT_MAX_TAIL_BYTES),
             namespace=env.get("POWERTOOLS_METRICS_NAMESPACE") or _DEFAULT_NAMESPACE,
         )
 
@@ -147,3 +156,16 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigurationError(f"{name} must be above 0")
     return value
+
+
+def _cap(env: Mapping[str, str], name: str, default: int) -> int | None:
+    """A size or count (``16MiB``, ``2000``); 0 turns the cap off (None)."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return parse_size(text) or None
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"{name} is {text!r}: give a whole number (a size such as 64MiB), 0 for no cap"
+        ) from None

@@ -119,6 +119,7 @@ async def test_a_reader_picks_up_new_commits(
         assert (await reader.get(collection="words"))["ids"] == ["a"]
         await log.append(upsert_words(["b"], basis(1), "Costco"))
         await _compacted(log, config, tmp_path)  # hwm moves, the checkpoint stays
+        await log.append(upsert_words(["late"], basis(3), "Costco"))  # past hwm: not seen
         assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b"]
         stats = reader.statistics()
         assert (stats.hwm, stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (
@@ -129,11 +130,11 @@ async def test_a_reader_picks_up_new_commits(
         )
         await log.append(upsert_words(["c"], basis(2), "Costco"))
         await _compacted(log, config, tmp_path, **EVERY_RUN)  # a new checkpoint
-        assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b", "c"]
+        assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b", "c", "late"]
         stats = reader.statistics()
         assert (stats.hwm, stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (
-            3,
-            3,
+            4,
+            4,
             0,
             2,
         )

@@ -301,10 +301,10 @@ def _summary(tally: _Tally, head: int, lag_before: int, lag_after: int, snapshot
             "ingest throughput",
             f"{receipts / ingest_s:,.1f} receipts/s, {vectors / ingest_s:,.0f} vectors/s",
         ),
-        ("compaction runs", " + ".join(f"{c.entries_applied} entries" for c in applied)),
+        ("compaction runs", " + ".join(map(_run_cost, applied))),
         ("compaction throughput", f"{upserted / max(compact_s, 1e-9):,.0f} vectors/s"),
         ("lag before / after the last run", f"{lag_before} / {lag_after} entries"),
-        ("snapshot size", f"{snapshot_size / 2**20:,.1f} MiB"),
+        ("checkpoint size", f"{snapshot_size / 2**20:,.1f} MiB"),
         (
             "rerun of the first file",
             f"{tally.ingests[2].duplicates_skipped} duplicates skipped, "
@@ -314,6 +314,15 @@ def _summary(tally: _Tally, head: int, lag_before: int, lag_after: int, snapshot
     ]
     print()
     print_fields(rows, title="summary")
+
+
+def _run_cost(run: CompactionResult) -> str:
+    """What a run applied and what it uploaded: a checkpoint, or nothing (a committed tail)."""
+    if run.checkpoint:
+        uploaded = f"checkpoint: {run.snapshot_size / 2**20:,.1f} MiB uploaded"
+    else:
+        uploaded = f"tail of {run.tail_entries}: nothing uploaded"
+    return f"{run.entries_applied} entries ({uploaded})"
 
 
 def register(commands: Any) -> None:

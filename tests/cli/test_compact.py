@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -182,6 +184,97 @@ async def test_a_run_commits_the_tail_and_status_shows_it_until_a_checkpoint(
     status = await cli.status()
     assert (status["snapshot_hwm"], status["tail_entries"], status["tail_bytes"]) == (3, 0, 0)
     assert status["state"]["snapshot_key"] == result["snapshot_key"] != checkpoint.snapshot_key
+
+
+async def test_export_writes_a_plain_chroma_directory_at_the_committed_hwm(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The checkpoint plus the committed tail, nothing past hwm; read with chromadb alone."""
+    await log.append(delta(rng, "a", rows=3))
+    assert (await cli("compact")).code == 0  # the first checkpoint, at seq 1
+    await log.append(delta(rng, "b", rows=2))
+    await log.append(delete("a#1"))
+    await log.append(patch(["a#0"], [{"label": "TOTAL"}]))
+    assert (await cli("compact")).code == 0  # a committed tail of 3, no checkpoint
+    await log.append(delta(rng, "c"))  # past hwm: not exported
+    state = await _state(log)
+    assert (state.hwm, state.checkpoint_hwm) == (4, 1)
+
+    out = tmp_path / "exported"
+    run = await cli("export", "--out", str(out), "--json")
+    assert run.code == 0, run.err
+    record = json.loads(run.out)
+    assert (record["hwm"], record["snapshot_hwm"], record["tail_entries"]) == (4, 1, 3)
+    assert record["snapshot_key"] == state.snapshot_key
+    want = await reference(log, to_seq=4)
+    assert _plain_chroma(out) == {
+        c: {i: (r.metadata or {}).get("label") for i, r in records.items()}
+        for c, records in want.items()
+    }
+    assert record["counts"] == {c: len(r) for c, r in want.items()}
+    human = await cli("export", "--out", str(tmp_path / "again"))
+    assert human.code == 0, human.err
+    assert human.out.startswith(f"{log.config.log}: exported hwm 4 to ")
+
+
+async def test_export_refuses_a_directory_that_is_not_empty(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    await log.append(delta(rng, "a"))
+    assert (await cli("compact")).code == 0
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    run = await cli("export", "--out", str(out))
+    assert run.code == 1
+    assert "exists and is not empty" in run.err
+    assert _listing(out) == ["mine.txt"], "nothing was written"
+
+
+SHM = Path("/dev/shm")
+
+
+@pytest.mark.skipif(
+    not SHM.is_dir() or SHM.stat().st_dev == Path(__file__).stat().st_dev,
+    reason="needs a second file system (/dev/shm)",
+)
+async def test_export_to_another_file_system_appears_whole(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator
+) -> None:
+    """The cache is on one file system, the target on another: a copy, then one rename."""
+    await log.append(delta(rng, "a", rows=2))
+    assert (await cli("compact")).code == 0
+    parent = Path(tempfile.mkdtemp(dir=SHM))
+    try:
+        run = await cli("export", "--out", str(parent / "out"))
+        assert run.code == 0, run.err
+        assert _listing(parent) == ["out"], "no scratch left"
+        assert _plain_chroma(parent / "out") == {"words": {"a#0": "l0", "a#1": "l1"}}
+    finally:
+        shutil.rmtree(parent)
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def _plain_chroma(path: Path) -> dict[str, dict[str, object]]:
+    """Ids and labels per collection, read from ``path`` with chromadb alone."""
+    import chromadb
+
+    client = chromadb.PersistentClient(path=str(path))
+    try:
+        found: dict[str, dict[str, object]] = {}
+        for collection in client.list_collections():
+            got = client.get_collection(collection.name, embedding_function=None).get()
+            metadatas: list[Any] = list(got["metadatas"] or [])
+            metadatas += [None] * (len(got["ids"]) - len(metadatas))
+            found[collection.name] = {
+                i: (m or {}).get("label") for i, m in zip(got["ids"], metadatas, strict=True)
+            }
+        return {c: r for c, r in found.items() if r}
+    finally:
+        client.close()  # type: ignore[attr-defined]
 
 
 def _seconds(summary: str) -> str:

@@ -68,6 +68,12 @@ async def test_a_small_demo_tells_the_whole_story(tmp_path: Path) -> None:
         RECEIPTS,
         0,
     )
-    for name in ("ingest throughput", "compaction runs", "compaction throughput",
-                 "snapshot size", "total time"):  # fmt: skip
+    for name in ("ingest throughput", "compaction throughput", "checkpoint size",
+                 "total time"):  # fmt: skip
         assert re.search(rf"^{name}\s+\S", summary, re.M), name
+    costs = re.findall(
+        r"(\d+) entries \((checkpoint: [\d.,]+ MiB uploaded|tail of \d+: nothing uploaded)\)",
+        summary,
+    )
+    assert [int(n) for n, _ in costs] == [a - b for b, a in hwms], costs
+    assert costs[0][1].startswith("checkpoint"), "the first run publishes the first checkpoint"

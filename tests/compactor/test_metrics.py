@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from dataclasses import replace
 
 from compactor.exporter import PrometheusExporter
 from compactor.metrics import (
@@ -21,7 +22,15 @@ from compactor.runner import CompactionResult
 from deltalog.errors import CorruptEntry, LeaseLost, Unavailable, UntrustedEntry
 
 APPLIED = CompactionResult(
-    "applied", "r", 3, 7, entries_applied=4, vectors_upserted=9, snapshot_key="k", snapshot_size=512
+    "applied",
+    "r",
+    3,
+    7,
+    entries_applied=4,
+    vectors_upserted=9,
+    snapshot_key="k",
+    snapshot_size=512,
+    checkpoint="ratio",
 )
 
 
@@ -29,6 +38,10 @@ def test_every_run_reports_every_run_figure() -> None:
     applied = run_figures(APPLIED)
     assert applied[ENTRIES_APPLIED] == 4 and applied[BYTES_PUBLISHED] == 512
     assert applied[BUSY_RUNS] == 0
+    tail_only = run_figures(replace(APPLIED, checkpoint=""))  # committed hwm, uploaded nothing
+    assert tail_only[ENTRIES_APPLIED] == 4 and tail_only[BYTES_PUBLISHED] == 0
+    requested = run_figures(replace(APPLIED, status="checkpointed", entries_applied=0))
+    assert requested[BYTES_PUBLISHED] == 512
     busy = run_figures(CompactionResult("busy", "r", 3, 3, stopped="held"))
     assert busy[BUSY_RUNS] == 1 and busy[BYTES_PUBLISHED] == 0
     assert set(busy) == set(applied) == set(FIGURES) - {LAG}

@@ -27,6 +27,7 @@ from deltalog.fold import FoldPlan, Record, State
 from deltalog.snapshot.server import ChromaTarget
 from deltalog.snapshot.sink import ApplyStats
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
+from tests.builders import delta
 from tests.chroma_server import ChromaServer, free_port
 from tests.commands import where
 from tests.compaction import assert_states_equal, reference
@@ -261,6 +262,7 @@ async def test_a_collection_of_another_dimension_is_refused_and_nothing_changes(
     rng: np.random.Generator,
     tmp_path: Path,
 ) -> None:
+    await log.append(delta(rng, "w", dim=8))  # fixes words' dimension, whatever follows
     await append_random(log, rng, 5)
     with chroma.client(target.database) as client:
         words = client.create_collection("words", embedding_function=None)

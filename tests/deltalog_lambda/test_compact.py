@@ -117,6 +117,38 @@ async def test_with_little_time_left_the_run_ends_early_and_commits_what_it_appl
     assert (rest["hwm_before"], rest["hwm_after"]) == (short["hwm_after"], head)
 
 
+async def test_the_checkpoint_policy_comes_from_the_environment(
+    lambda_env: LogConfig, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a small run commits a tail; ``DELTALOG_CHECKPOINT_RATIO=0`` publishes every
+    run; a bad value is a ``ConfigurationError`` naming the variable."""
+    await append(lambda_env, rng, 2)
+    handler = CompactHandler()
+    try:
+        first = await invoke(handler, {"log": lambda_env.log}, Context())
+        await append(lambda_env, rng, 1)
+        tail = await invoke(handler, {"log": lambda_env.log}, Context())
+    finally:
+        handler.close()
+    assert (first["checkpoint"], tail["checkpoint"], tail["tail_entries"]) == ("first", "", 1)
+    assert tail["working_copy"] == "warm", "the live copy stayed in /tmp between invocations"
+    monkeypatch.setenv("DELTALOG_CHECKPOINT_RATIO", "0")
+    monkeypatch.setenv("DELTALOG_MAX_TAIL_BYTES", "64MiB")
+    await append(lambda_env, rng, 1)
+    every = CompactHandler()
+    try:
+        assert every.settings.max_tail_bytes == 64 * 2**20
+        published = await invoke(every, {"log": lambda_env.log}, Context())
+    finally:
+        every.close()
+    assert (published["checkpoint"], published["tail_entries"]) == ("ratio", 0)
+    for name, value in (("DELTALOG_CHECKPOINT_RATIO", "-1"), ("DELTALOG_MAX_TAIL_ENTRIES", "x")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigurationError, match=name):
+            CompactHandler()
+        monkeypatch.delenv(name)
+
+
 async def test_no_time_left_at_all_is_a_configuration_error(
     compact: CompactHandler, lambda_env: LogConfig, rng: np.random.Generator
 ) -> None:
@@ -285,7 +317,8 @@ async def test_warm_invocations_reuse_the_snapshot_cache(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    """A warm environment downloads no snapshot; a cold one (empty /tmp) does."""
+    """A warm environment downloads no snapshot (its live copy is in /tmp); a cold one
+    (empty /tmp) downloads the checkpoint."""
     assert lambda_env.endpoint_url is not None
     async with FaultProxy(lambda_env.endpoint_url) as proxy:  # counts requests, injects nothing
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
@@ -305,8 +338,8 @@ async def test_warm_invocations_reuse_the_snapshot_cache(
             assert warm.compactor(lambda_env.log) is compactor, "kept open across invocations"
         finally:
             warm.close()
-        cached = [p async for p in anyio.Path(warm.settings.cache_dir).rglob("committed/*")]
-        assert cached, "cached under DELTALOG_CACHE_DIR (/tmp)"
+        live = [p async for p in anyio.Path(warm.settings.cache_dir).rglob("live/live.json")]
+        assert live, "the live copy is kept under DELTALOG_CACHE_DIR (/tmp)"
         monkeypatch.setenv("DELTALOG_CACHE_DIR", str(tmp_path / "cold"))
         cold = CompactHandler()
         try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from compactor.checkpoint import DEFAULT_RATIO
 from compactor.metrics import LAG
 from deltalog.storage.policy import render
 from deltalog_lambda.settings import Settings
@@ -48,6 +49,7 @@ EVERYTHING: dict[str, Any] = {
     "CompactOnEntryNotifications": "true",
     "AlarmTopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:alarms",
     "TableDeletionProtection": "false",
+    "CheckpointRatio": "0.5",
 }
 SSM_KEY: dict[str, Any] = {
     "OpenAIKeyParameterName": "/deltalog/openai",
@@ -406,6 +408,7 @@ def test_the_functions_get_the_environment_the_handlers_read_and_no_secret(
     assert (config.bucket, config.table) == (stack.names["Bucket"], TABLE)
     assert settings.namespace == f"deltalog/{STACK}"
     assert str(settings.cache_dir).startswith("/tmp/")
+    assert settings.checkpoint_ratio == float(parameters.get("CheckpointRatio", DEFAULT_RATIO))
     assert (config.sse, config.sse_kms_key_id) == (
         ("aws:kms", KMS) if parameters.get("KmsKeyArn") else ("AES256", None)
     )
