@@ -209,7 +209,7 @@ def _fresh(results: Results, out: Path) -> Path | None:
 
 _RUN_SERIES = (
     ("run_mean_seconds", "mean run, default policy", "tab:blue"),
-    ("warm_seconds", "warm run (no publish)", "tab:green"),
+    ("warm_seconds", "warm run (live copy)", "tab:green"),
     ("every_run_seconds", "publish every run (ratio 0)", "tab:red"),
     ("cold_seconds", "cold start (empty cache)", "tab:orange"),
     ("checkpoint_run_seconds", "compact --checkpoint (child, empty cache)", "tab:purple"),

@@ -93,7 +93,7 @@ _FULL = Sizes(
     embed_repeats=3,
     checkpoint_bases=(10_000, 30_000, 100_000),
     checkpoint_base_entry=500,
-    checkpoint_runs=(3, 30),
+    checkpoint_runs=(3, 60),
     stage_receipts=64,
     pipeline_receipts=128,
 )
