@@ -3,7 +3,6 @@
 ``committed_copy`` gives a private working copy of the checkpoint (the
 published snapshot) with the committed tail replayed into it: the entries
 after the seq the checkpoint holds up to the committed hwm.
-``snapshot_seq`` says which seq a published snapshot holds.
 """
 
 from __future__ import annotations
@@ -18,23 +17,10 @@ import anyio.to_thread
 from compactor.replay import Replayer
 from compactor.working import catch_up, take
 from deltalog.log import DeltaLog
-from deltalog.snapshot.archive import read_sidecar
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import ChromaSink
 
-__all__ = ["committed_copy", "snapshot_seq"]
-
-
-async def snapshot_seq(log: DeltaLog, key: str, path: Path) -> int:
-    """The seq a snapshot holds: its key says it (``{seq}-{token}-{nonce}``), else its sidecar.
-
-    A cached copy adopted from a compaction run has no sidecar; the key is
-    what the compactor named the archive after.
-    """
-    seq = log.keys.snapshot_hwm(key)
-    if seq is not None:
-        return seq
-    return (await anyio.to_thread.run_sync(lambda: read_sidecar(path, key=key))).hwm
+__all__ = ["committed_copy"]
 
 
 @asynccontextmanager

@@ -47,7 +47,6 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
-from compactor.committed import snapshot_seq
 from compactor.lease import Lease, LeaseKeeper
 from compactor.replay import Progress, Replay, Replayer
 from deltalog.config import LogConfig
@@ -497,11 +496,9 @@ class Mirror:
         """Copy the published snapshot into the target; return the seq it holds."""
         if state.snapshot_key is None or state.snapshot_sha256 is None:
             return 0
-        path = await self.cache.committed(
+        work = await self.cache.copy_of(
             self.log.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
         )
-        seq = await snapshot_seq(self.log, state.snapshot_key, path)
-        work = await anyio.to_thread.run_sync(self.cache.working_copy, path)
         try:
             snapshot = await ChromaSink.open(work, log=self.config.log)
             try:
@@ -512,7 +509,7 @@ class Mirror:
         finally:
             with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
                 await anyio.to_thread.run_sync(self.cache.discard, work)
-        return seq
+        return state.checkpoint_hwm
 
     async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
         sink = session.sink

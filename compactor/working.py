@@ -64,8 +64,7 @@ async def take(
     if state.snapshot_key is None or state.snapshot_sha256 is None:
         path = await anyio.to_thread.run_sync(cache.working_copy, None)
         return WorkingCopy(path, 0, "empty")
-    base = await cache.committed(store, state.snapshot_key, state.snapshot_sha256, log=log)
-    path = await anyio.to_thread.run_sync(cache.working_copy, base)
+    path = await cache.copy_of(store, state.snapshot_key, state.snapshot_sha256, log=log)
     return WorkingCopy(path, state.checkpoint_hwm, "checkpoint")
 
 

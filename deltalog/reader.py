@@ -271,12 +271,11 @@ class Reader:
         snapshot = _Snapshot(key, hwm)
         if key is None or sha256 is None:
             return snapshot
-        committed = await self._cache.committed(
+        snapshot.work = await self._cache.copy_of(
             self.log.store, key, sha256, log=self.log.config.log
         )
-        # Shielded: a cancellation would lose the directory or the client the thread made.
+        # Shielded: a cancellation would lose the client the thread made.
         with anyio.CancelScope(shield=True):
-            snapshot.work = await anyio.to_thread.run_sync(self._cache.working_copy, committed)
             try:
                 snapshot.sink = await ChromaSink.open(snapshot.work, log=self.log.config.log)
             except BaseException:

@@ -19,13 +19,18 @@ Layout under its root::
     tmp/                            downloads and extractions in progress
 
 Slots and the live copy appear by an atomic rename of a complete directory,
-so one that exists is whole. A run's copy is in ``work/`` while Chroma
-writes to it: a run that dies there leaves no live copy, only scratch that
-the next opening of the cache sweeps.
+so one that exists is whole. A slot being copied into a working copy
+(``copy_of``) is **pinned**: a shared ``flock`` on its ``source.json``.
+Pruning takes an exclusive one without waiting and leaves a pinned slot
+for a later prune, so several processes may share a cache on one host.
+A run's copy is in ``work/`` while Chroma writes to it: a run that dies
+there leaves no live copy, only scratch that the next opening of the cache
+sweeps.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -46,6 +51,7 @@ from deltalog.storage.store import ObjectStore
 __all__ = ["SnapshotCache"]
 
 _SOURCE_NAME = "source.json"
+_COPY_ATTEMPTS = 5
 _LIVE_NAME = "live.json"
 
 
@@ -148,6 +154,43 @@ class SnapshotCache:
         if sidecar.log != log:
             raise CorruptSnapshot(f"the sidecar is of log {sidecar.log!r}", log=log, key=key)
         self._place(staged, _Source(key, sha256, log, time.time(), "downloaded"))
+
+    async def copy_of(self, store: ObjectStore, key: str, sha256: str, *, log: str) -> Path:
+        """A working copy of the committed snapshot ``(key, sha256)``, its slot pinned
+        while it is copied (downloaded and verified first unless cached).
+
+        A slot that another process pruned between the download and the copy
+        is fetched again. Errors are those of ``committed``.
+        """
+        for _ in range(_COPY_ATTEMPTS):
+            source = await self.committed(store, key, sha256, log=log)
+            with anyio.CancelScope(shield=True):  # a cancelled copy would leave its directory
+                work = await anyio.to_thread.run_sync(self._copy_pinned, source.parent)
+            if work is not None:
+                return work
+        raise DataError(
+            f"the cached snapshot was pruned {_COPY_ATTEMPTS} times while it was being "
+            f"copied: is something emptying {self._committed} in a loop?",
+            log=log,
+            key=key,
+        )
+
+    def _copy_pinned(self, slot: Path) -> Path | None:
+        """A working copy of ``slot``, pinned while copied; None if it was pruned first."""
+        try:
+            fd = os.open(slot / _SOURCE_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:  # still in place, not renamed away by a prune that locked it first
+                if os.stat(slot / _SOURCE_NAME).st_ino != os.fstat(fd).st_ino:
+                    return None
+            except FileNotFoundError:
+                return None
+            return self.working_copy(slot / "chroma")
+        finally:
+            os.close(fd)  # releases the pin
 
     def working_copy(self, source: Path | None) -> Path:
         """A fresh private directory for one run: a copy of ``source``, or empty."""
@@ -268,11 +311,25 @@ class SnapshotCache:
             self._remove(old)
 
     def _remove(self, slot: Path) -> None:
-        """Take a slot out of ``committed/`` in one rename, then delete it."""
-        doomed = Path(self._mkdtemp("prune")) / "slot"
-        with suppress(FileNotFoundError):  # another process removed it first
-            slot.rename(doomed)
-        shutil.rmtree(doomed.parent)
+        """Take a slot out of ``committed/`` in one rename, then delete it; a slot
+        pinned by a copy in progress stays (a later prune removes it)."""
+        try:
+            fd: int | None = os.open(slot / _SOURCE_NAME, os.O_RDONLY)
+        except FileNotFoundError:  # a partial slot (no one pins it) or gone
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return
+            doomed = Path(self._mkdtemp("prune")) / "slot"
+            with suppress(FileNotFoundError):  # another process removed it first
+                slot.rename(doomed)
+            shutil.rmtree(doomed.parent)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _sweep(self) -> list[str]:
         """Remove scratch directories whose creating process no longer runs."""

@@ -367,6 +367,9 @@ async def test_rebuild_publishes_only_when_asked_and_never_lower_without_force(
         plain.err,
     )
     assert (await _state(log)).snapshot_key == committed.snapshot_key
+    quiet = await cli("rebuild", "-q")
+    assert (quiet.code, quiet.err) == (0, ""), "-q: no progress"
+    assert quiet.out.startswith(f"{log.config.log}: rebuilt to seq 3"), quiet.out
 
     published = await cli("rebuild", "--publish", "--json")
     assert published.code == 0, published.err

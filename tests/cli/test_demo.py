@@ -1,9 +1,11 @@
 """``deltalog demo``: the README's main command, run small in a subprocess.
 
 The demo starts its own embedded endpoint (moto's server in a child
-process), as it does for a user. The test checks the story's structure (each
-step in order, what each says it did) and the summary, not the exact query
-neighbours, which depend on the embedder.
+process), as it does for a user. The first test checks the story's
+structure (each step in order, what each says it did) and the summary with
+the hashing embedder; the second runs it with WordLlama, what a fresh
+clone without an OpenAI key gets, and checks the neighbours the README
+promises (the generator's seed is fixed, so the receipts are too).
 """
 
 from __future__ import annotations
@@ -77,3 +79,26 @@ async def test_a_small_demo_tells_the_whole_story(tmp_path: Path) -> None:
     )
     assert [int(n) for n, _ in costs] == [a - b for b, a in hwms], costs
     assert costs[0][1].startswith("checkpoint"), "the first run publishes the first checkpoint"
+
+
+def results(title: str, out: str) -> list[str]:
+    """The documents of the result table printed under ``title``."""
+    block = out[out.index(title) :].split("\n")[3:8]
+    return [row.split("|")[2].strip().strip("'") for row in block]
+
+
+async def test_the_demo_searches_by_meaning_with_wordllama(tmp_path: Path) -> None:
+    run = await deltalog(
+        "demo", "--receipts", "30", "--more", "3", "--embedder", "wordllama", "-q",
+        TMPDIR=str(tmp_path),
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    out = run.out
+    assert re.search(r"^    embedder wordllama:l2_supercat:256:\S+ \(256 dims\)", out, re.M), out
+    walmart = results("words like 'walmart'", out)
+    assert walmart[0] == "WAL*MART", walmart
+    fruit = results("lines like 'fruit'", out)
+    produce = re.compile(r"TOMATO|AVOCADO|STRAWBERR|BANANA|ORANGE|APPLE|GRAPE|LEMON")
+    assert produce.search(fruit[0]) and not any("FRUIT" in line for line in fruit), fruit
+    paid = results("lines like 'credit card payment'", out)
+    assert re.search(r"MASTERCARD|VISA|AMEX|DISCOVER", paid[0]), paid

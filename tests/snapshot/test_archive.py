@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -10,6 +11,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import chromadb
 import msgspec
@@ -378,6 +380,54 @@ async def test_cache_keeps_the_newest_slots(tmp_path: Path) -> None:
         paths.append(cache.adopt(work, f"{KEY}{n}", f"{n:064d}"))
     assert [p.exists() for p in paths] == [False, True, True]
     assert leftovers(cache) == []  # the pruned slot went through tmp/ and is gone
+
+
+async def test_a_slot_being_copied_is_left_to_a_later_prune(
+    tmp_path: Path, snapshot: tuple[ArchiveInfo, State]
+) -> None:
+    """Two processes share a cache: one copies a slot (``copy_of`` pins it) while the
+    other installs newer snapshots and prunes."""
+    info, _state = snapshot
+    _store, cache, first = await cache_with(tmp_path, info)
+    other = SnapshotCache(cache.root, keep=1)
+    pin = os.open(first.parent / "source.json", os.O_RDONLY)  # the pin of a copy in progress
+    try:
+        fcntl.flock(pin, fcntl.LOCK_SH)
+        newer = other.adopt(other.working_copy(None), f"{KEY}.2", "2" * 64)
+        assert first.exists(), "pinned: left for a later prune"
+    finally:
+        os.close(pin)
+    other.adopt(other.working_copy(None), f"{KEY}.3", "3" * 64)
+    assert not first.exists() and not newer.exists()
+    assert leftovers(cache) == []
+
+
+async def test_a_slot_pruned_before_its_copy_is_fetched_again(
+    tmp_path: Path, snapshot: tuple[ArchiveInfo, State]
+) -> None:
+    info, state = snapshot
+    store = MemoryStore()
+    await uploaded(store, info)
+    pruner = SnapshotCache(tmp_path / "cache", keep=1)
+
+    class Racing(SnapshotCache):
+        """Another process prunes the slot just after the first download."""
+
+        raced = False
+
+        async def committed(self, *args: Any, **kwargs: Any) -> Path:
+            path = await super().committed(*args, **kwargs)
+            if not self.raced:
+                self.raced = True
+                pruner.adopt(pruner.working_copy(None), f"{KEY}.other", "1" * 64)
+                assert not path.exists()
+            return path
+
+    cache = Racing(tmp_path / "cache")
+    work = await cache.copy_of(store, KEY, info.sha256, log=LOG)
+    assert cache.raced
+    assert state_differences(state, await read_chroma(work)) == []
+    cache.discard(work)
 
 
 def _dead_pid() -> int:
