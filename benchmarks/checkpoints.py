@@ -20,7 +20,9 @@ run compacts and publishes as the checkpoint. Then, on that base:
   the checkpoint, Chroma's own cost of that apply at this size;
 - **checkpoint run**: ``deltalog compact --checkpoint`` in a child process
   with an empty cache (download, replay, apply, archive and upload the
-  whole snapshot): its wall time and its own peak RSS.
+  whole snapshot): its wall time and its own peak RSS, beside the peak RSS
+  of a child in which raw chromadb upserts as many vectors into a copy of
+  the checkpoint (``benchmarks.chroma_child``).
 
 ``on_largest(store, keys, directory)`` is called with the largest base's
 checkpoint, extracted, before its log is dropped (the compression table
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.child import run_child
+from benchmarks.chroma_child import raw_chroma_rss
 from benchmarks.counting import CountingStore
 from benchmarks.harness import (
     MB,
@@ -111,6 +114,9 @@ class BasePoint:
     checkpoint_run_rss_mb: float
     """Its peak RSS."""
     checkpoint_run_cpu_seconds: float
+    raw_chroma_rss_mb: float
+    """Peak RSS of a child in which raw chromadb upserts one run's worth of vectors into a copy
+    of the checkpoint: Chroma's own floor under the checkpoint run's RSS."""
     raw_chroma_seconds: float
     """Raw chromadb upserting one run's records into a copy of the checkpoint: Chroma's own
     cost of a run's apply at this size (HNSW inserts get dearer as the index grows)."""
@@ -240,6 +246,9 @@ async def _measure(base: _Base, on_largest: OnLargest | None) -> BasePoint:
     runs, complete = await _cycle(base)
     ops = [op for d in base.small_deltas() for op in d.ops if isinstance(op, Upsert)]
     raw = await raw_chroma_upsert_into(await base.committed(), ops)
+    raw_rss = await raw_chroma_rss(
+        await base.committed(), sum(len(op.ids) for op in ops), base.sizes.checkpoint_dim
+    )
     warm = await base.small_run(base.compactor)
     async with base.new_compactor("cold") as cold_compactor:
         cold = await base.small_run(cold_compactor)
@@ -268,6 +277,7 @@ async def _measure(base: _Base, on_largest: OnLargest | None) -> BasePoint:
         checkpoint_run_seconds=usage.seconds,
         checkpoint_run_rss_mb=usage.peak_rss_mb,
         checkpoint_run_cpu_seconds=usage.cpu_seconds,
+        raw_chroma_rss_mb=raw_rss,
         raw_chroma_seconds=round(raw, 4),
     )
 

@@ -20,7 +20,6 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -28,7 +27,7 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
-from benchmarks.procstat import process_cpu
+from benchmarks.procstat import peak_rss_mb, process_cpu
 
 __all__ = ["DeltalogChild", "Usage", "run_child"]
 
@@ -151,19 +150,6 @@ async def run_child(args: list[str]) -> Usage:
     return usage
 
 
-def _peak_rss_kib() -> int:
-    """This process's own peak RSS: ``VmHWM``, the high-water mark of its address space.
-
-    Not ``ru_maxrss``: Linux carries that across ``exec`` from the forked
-    parent, so a child of a large benchmark process would report the
-    parent's size.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
 def _main(argv: list[str]) -> int:
     import chromadb  # noqa: F401  (imported before "ready", as the CLI would on its first run)
 
@@ -177,7 +163,7 @@ def _main(argv: list[str]) -> int:
     own = resource.getrusage(resource.RUSAGE_SELF)
     report = {
         "rc": code,
-        "peak_rss_mb": round(_peak_rss_kib() / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "cpu_seconds": round(own.ru_utime + own.ru_stime, 3),
     }
     print(json.dumps(report), flush=True)

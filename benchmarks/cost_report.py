@@ -32,6 +32,7 @@ def checkpoint_section(c: CheckpointFigures | None) -> list[str]:
             num(p.vectors),
             num(p.snapshot_mb, 1),
             f"{len(p.runs)}{'' if p.cycle_complete else '*'}",
+            p.runs[-1].checkpoint or "-",
             f"{p.run_mean_seconds:.2f}",
             f"{statistics.mean(r.apply_seconds for r in p.runs):.2f}",
             f"{p.warm_seconds:.2f}",
@@ -40,6 +41,7 @@ def checkpoint_section(c: CheckpointFigures | None) -> list[str]:
             f"{p.cold_seconds:.2f}",
             f"{p.checkpoint_run_seconds:.2f}",
             num(p.checkpoint_run_rss_mb),
+            num(p.raw_chroma_rss_mb),
             f"{p.bytes_per_entry_byte:.1f}",
             f"{p.every_run_bytes_per_entry_byte:.1f}",
         ]
@@ -53,6 +55,7 @@ def checkpoint_section(c: CheckpointFigures | None) -> list[str]:
         "N",
         "checkpoint MB",
         "runs",
+        "ended by",
         "mean run s",
         "its apply s",
         "warm s",
@@ -61,6 +64,7 @@ def checkpoint_section(c: CheckpointFigures | None) -> list[str]:
         "cold s",
         "--checkpoint s",
         "its RSS MB",
+        "raw chroma RSS MB",
         "B/entry B",
         "every-run B/B",
     ]

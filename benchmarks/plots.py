@@ -231,7 +231,21 @@ def _checkpoints(results: Results, out: Path) -> Path | None:
     left.set_title(
         f"A run of {c.new_entries} entries x {c.new_vectors} vectors ({c.dim}-d)", fontsize=10
     )
-    right.plot(size, [p.checkpoint_run_rss_mb for p in points], "-o", color="tab:purple")
+    right.plot(
+        size,
+        [p.checkpoint_run_rss_mb for p in points],
+        "-o",
+        color="tab:purple",
+        label="compact --checkpoint",
+    )
+    right.plot(
+        size,
+        [p.raw_chroma_rss_mb for p in points],
+        "-o",
+        color="tab:gray",
+        label="raw chromadb: one run's upsert into the checkpoint",
+    )
+    right.legend(fontsize=8)
     right.set_xlabel("checkpoint MB")
     right.set_ylabel("peak RSS MB")
     right.set_ylim(bottom=0)
