@@ -15,14 +15,23 @@ checkpoint's bytes), ``entries`` and ``bytes`` (the tail reaches a cap).
 The defaults were chosen from the benchmarks (README "Performance",
 "Checkpoints"): with ``ratio`` = 0.1 a stream of small runs uploads about
 ten bytes of checkpoint per byte of entries applied, where publishing
-every run uploaded hundreds; and the tail a cold compactor or a reader
-must replay stays under a tenth of the checkpoint, so replaying it takes
-no longer than downloading the checkpoint. The caps bound the tail where
-the ratio does not: 2,000 entries (each costs a request to read: small
-entries, such as label updates, reach it long before the ratio) and
-256 MiB (what a snapshot reader holds in memory, whatever the size of the
-checkpoint). With any ``ratio`` <= 1 the committed tail stays smaller than
-the checkpoint.
+every run uploaded 63-455 (growing with the checkpoint); and the tail a
+cold compactor or a reader must replay stays under a tenth of the
+checkpoint. The caps bound the tail where the ratio does not:
+
+- entries: each costs a request to read, so a cold start's tail should
+  take no longer to read than the checkpoint takes to download. ``auto``
+  (the default) allows one entry per 64 KiB of checkpoint, at least 2,000:
+  at about 20 ms a GET with 32 in flight (1,600 a second) against about
+  100 MB/s for the checkpoint's parts, both take about as long. A fixed
+  2,000 made small runs on a 319 MB checkpoint publish 22.6 bytes per
+  entry byte; small entries (label updates) reach any entry cap long
+  before the ratio.
+- 256 MiB of entries: what a snapshot reader holds in memory, whatever the
+  size of the checkpoint.
+
+With any ``ratio`` <= 1 the committed tail stays smaller than the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -33,19 +42,40 @@ from typing import Literal
 from deltalog.errors import InvalidInput
 
 __all__ = [
+    "AUTO",
+    "CHECKPOINT_BYTES_PER_TAIL_ENTRY",
     "DEFAULT_MAX_TAIL_BYTES",
     "DEFAULT_MAX_TAIL_ENTRIES",
     "DEFAULT_RATIO",
+    "MIN_AUTO_TAIL_ENTRIES",
     "CheckpointPolicy",
+    "EntryCap",
     "Reason",
+    "parse_entry_cap",
     "Tail",
 ]
 
 Reason = Literal["requested", "first", "ratio", "entries", "bytes"]
 
+EntryCap = int | None | Literal["auto"]
+"""A cap on the tail's seqs: a number, None (no cap) or ``AUTO`` (scaled with the checkpoint)."""
+
+AUTO: Literal["auto"] = "auto"
+MIN_AUTO_TAIL_ENTRIES = 2_000
+CHECKPOINT_BYTES_PER_TAIL_ENTRY = 64 * 1024
 DEFAULT_RATIO = 0.1
-DEFAULT_MAX_TAIL_ENTRIES = 2_000
+DEFAULT_MAX_TAIL_ENTRIES: EntryCap = AUTO
 DEFAULT_MAX_TAIL_BYTES = 256 * 1024 * 1024
+
+
+def parse_entry_cap(text: str) -> EntryCap:
+    """``auto``, a number of seqs, or 0 (no cap): as the command line and the environment say."""
+    value = text.strip().lower()
+    if value == AUTO:
+        return AUTO
+    if not value.isdigit():
+        raise InvalidInput(f"{text!r} is not an entry cap: give 'auto', a number, or 0 for no cap")
+    return int(value) or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +97,26 @@ class CheckpointPolicy:
     0 publishes every run that applies anything (what deltalog did before checkpoints)."""
 
     ratio: float = DEFAULT_RATIO
-    max_tail_entries: int | None = DEFAULT_MAX_TAIL_ENTRIES
+    max_tail_entries: EntryCap = DEFAULT_MAX_TAIL_ENTRIES
     max_tail_bytes: int | None = DEFAULT_MAX_TAIL_BYTES
 
     def __post_init__(self) -> None:
         if not self.ratio >= 0:
             raise InvalidInput(f"checkpoint_ratio must be at least 0, not {self.ratio}")
+        if isinstance(self.max_tail_entries, str) and self.max_tail_entries != AUTO:
+            raise InvalidInput(
+                f"max_tail_entries must be a number, None or 'auto', not {self.max_tail_entries!r}"
+            )
         for name in ("max_tail_entries", "max_tail_bytes"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if isinstance(value, int) and value < 1:
                 raise InvalidInput(f"{name} must be at least 1 (or None for no cap), not {value}")
+
+    def entry_cap(self, checkpoint_bytes: int) -> int | None:
+        """The cap on the tail's seqs behind a checkpoint of ``checkpoint_bytes``."""
+        if self.max_tail_entries == AUTO:
+            return max(MIN_AUTO_TAIL_ENTRIES, checkpoint_bytes // CHECKPOINT_BYTES_PER_TAIL_ENTRY)
+        return self.max_tail_entries
 
     def reason(self, tail: Tail, *, requested: bool = False) -> Reason | None:
         """Why the run should publish a checkpoint, or None to commit hwm alone."""
@@ -88,7 +128,8 @@ class CheckpointPolicy:
             return None
         if tail.bytes >= self.ratio * tail.checkpoint_bytes:
             return "ratio"
-        if self.max_tail_entries is not None and tail.entries >= self.max_tail_entries:
+        cap = self.entry_cap(tail.checkpoint_bytes)
+        if cap is not None and tail.entries >= cap:
             return "entries"
         if self.max_tail_bytes is not None and tail.bytes >= self.max_tail_bytes:
             return "bytes"

@@ -42,7 +42,9 @@ __all__ = [
 log = logging.getLogger("compactor.publish")
 
 Compression = Literal["none", "zstd"]
-DEFAULT_COMPRESSION: Compression = "none"
+DEFAULT_COMPRESSION: Compression = "zstd"
+"""zstd (at ``DEFAULT_ZSTD_LEVEL``): 55 % of the bytes, faster end to end than none even on
+loopback (README "Performance", the compression table)."""
 
 
 @dataclass(frozen=True, slots=True)

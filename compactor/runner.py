@@ -49,6 +49,7 @@ from compactor.checkpoint import (
     DEFAULT_MAX_TAIL_ENTRIES,
     DEFAULT_RATIO,
     CheckpointPolicy,
+    EntryCap,
     Reason,
     Tail,
 )
@@ -264,7 +265,7 @@ class Compactor:
         compression: Compression = DEFAULT_COMPRESSION,
         compression_level: int = DEFAULT_ZSTD_LEVEL,
         checkpoint_ratio: float = DEFAULT_RATIO,
-        max_tail_entries: int | None = DEFAULT_MAX_TAIL_ENTRIES,
+        max_tail_entries: EntryCap = DEFAULT_MAX_TAIL_ENTRIES,
         max_tail_bytes: int | None = DEFAULT_MAX_TAIL_BYTES,
         prefetch: int = 32,
         progress: Callable[[Progress], None] | None = None,

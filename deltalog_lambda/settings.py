@@ -20,8 +20,8 @@ adds:
 - ``DELTALOG_TIME_MARGIN``: seconds a compaction keeps, of the invocation's
   remaining time, to publish and commit (default 20 %, at least 30 s);
 - ``DELTALOG_LEASE_TTL`` (30 s), ``DELTALOG_GRACE`` (60 s),
-  ``DELTALOG_RETAIN`` (3), ``DELTALOG_COMPRESSION`` (``none``),
-  ``DELTALOG_CHECKPOINT_RATIO`` (0.1), ``DELTALOG_MAX_TAIL_ENTRIES`` (2000)
+  ``DELTALOG_RETAIN`` (3), ``DELTALOG_COMPRESSION`` (``zstd``),
+  ``DELTALOG_CHECKPOINT_RATIO`` (0.1), ``DELTALOG_MAX_TAIL_ENTRIES`` (``auto``)
   and ``DELTALOG_MAX_TAIL_BYTES`` (256MiB; 0 turns either cap off): the
   compactor's options, as the ``compact`` command's flags;
 - ``POWERTOOLS_METRICS_NAMESPACE``: the metrics' CloudWatch namespace
@@ -41,8 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from compactor.checkpoint import DEFAULT_MAX_TAIL_BYTES, DEFAULT_MAX_TAIL_ENTRIES, DEFAULT_RATIO
-from compactor.publish import Compression
+from compactor.checkpoint import (
+    DEFAULT_MAX_TAIL_BYTES,
+    DEFAULT_MAX_TAIL_ENTRIES,
+    DEFAULT_RATIO,
+    EntryCap,
+    parse_entry_cap,
+)
+from compactor.publish import DEFAULT_COMPRESSION, Compression
 from deltalog.config import LogConfig, parse_size
 from deltalog.errors import ConfigurationError, InvalidInput
 from deltalog.keys import valid_log_name
@@ -71,14 +77,14 @@ class Settings:
     retain: int
     compression: Compression
     checkpoint_ratio: float
-    max_tail_entries: int | None
+    max_tail_entries: EntryCap
     max_tail_bytes: int | None
     namespace: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
-        compression = env.get("DELTALOG_COMPRESSION", "none") or "none"
+        compression = env.get("DELTALOG_COMPRESSION", "") or DEFAULT_COMPRESSION
         if compression not in ("none", "zstd"):
             raise ConfigurationError(f"DELTALOG_COMPRESSION is {compression!r}: use none or zstd")
         return cls(
@@ -96,7 +102,7 @@ class Settings:
             retain=int(_positive(env, "DELTALOG_RETAIN", 3)),
             compression=cast(Compression, compression),
             checkpoint_ratio=_number(env, "DELTALOG_CHECKPOINT_RATIO", DEFAULT_RATIO) or 0.0,
-            max_tail_entries=_cap(env, "DELTALOG_MAX_TAIL_ENTRIES", DEFAULT_MAX_TAIL_ENTRIES),
+            max_tail_entries=_entry_cap(env, "DELTALOG_MAX_TAIL_ENTRIES"),
             max_tail_bytes=_cap(env, "DELTALOG_MAX_TAIL_BYTES", DEFAULT_MAX_TAIL_BYTES),
             namespace=env.get("POWERTOOLS_METRICS_NAMESPACE") or _DEFAULT_NAMESPACE,
         )
@@ -158,8 +164,19 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _entry_cap(env: Mapping[str, str], name: str) -> EntryCap:
+    """``auto`` (the default), a count, or 0 for no cap."""
+    text = env.get(name, "").strip()
+    if not text:
+        return DEFAULT_MAX_TAIL_ENTRIES
+    try:
+        return parse_entry_cap(text)
+    except InvalidInput as exc:
+        raise ConfigurationError(f"{name}: {exc.message}") from None
+
+
 def _cap(env: Mapping[str, str], name: str, default: int) -> int | None:
-    """A size or count (``16MiB``, ``2000``); 0 turns the cap off (None)."""
+    """A size (``16MiB``, ``2000``); 0 turns the cap off (None)."""
     text = env.get(name, "").strip()
     if not text:
         return default

@@ -25,6 +25,8 @@ from compactor.checkpoint import (
     DEFAULT_MAX_TAIL_BYTES,
     DEFAULT_MAX_TAIL_ENTRIES,
     DEFAULT_RATIO,
+    MIN_AUTO_TAIL_ENTRIES,
+    parse_entry_cap,
 )
 from compactor.exporter import PrometheusExporter
 from compactor.follow import follow
@@ -32,7 +34,7 @@ from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
-from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
 from deltalog.config import parse_size
@@ -64,15 +66,10 @@ def _compactor(
         compression=args.compression,
         compression_level=args.compression_level,
         checkpoint_ratio=args.checkpoint_ratio,
-        max_tail_entries=_cap(args.max_tail_entries),
-        max_tail_bytes=_cap(args.max_tail_bytes),
+        max_tail_entries=args.max_tail_entries,
+        max_tail_bytes=args.max_tail_bytes or None,
         progress=progress,
     )
-
-
-def _cap(value: int) -> int | None:
-    """0 on the command line turns a cap off."""
-    return value or None
 
 
 async def _head(args: argparse.Namespace) -> int | None:
@@ -292,7 +289,7 @@ def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--part-size",
-        type=parse_size,
+        type=argument(parse_size),
         help="archive transfers in parts of this size, e.g. 16MiB (default 8MiB)",
     )
     checkpoints = parser.add_argument_group("checkpoints (when a run publishes a snapshot)")
@@ -305,14 +302,14 @@ def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
     )
     checkpoints.add_argument(
         "--max-tail-entries",
-        type=int,
+        type=argument(parse_entry_cap),
         default=DEFAULT_MAX_TAIL_ENTRIES,
-        help=f"publish once the tail holds this many seqs (default {DEFAULT_MAX_TAIL_ENTRIES}; "
-        "0: no cap)",
+        help="publish once the tail holds this many seqs (default auto: one per 64 KiB of "
+        f"checkpoint, at least {MIN_AUTO_TAIL_ENTRIES:,}; 0: no cap)",
     )
     checkpoints.add_argument(
         "--max-tail-bytes",
-        type=parse_size,
+        type=argument(parse_size),
         default=DEFAULT_MAX_TAIL_BYTES,
         help="publish once the tail's entries reach this size (default 256MiB; 0: no cap)",
     )

@@ -8,11 +8,36 @@ standard AWS variables and profiles, read by botocore itself.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
 
 from deltalog.config import LogConfig
+from deltalog.errors import DeltalogError
 from deltalog.receipts.embed import EMBEDDER_KINDS
 
-__all__ = ["add_embedder_flags", "add_location_flags", "add_output_flags", "config_from"]
+__all__ = [
+    "add_embedder_flags",
+    "add_location_flags",
+    "add_output_flags",
+    "argument",
+    "config_from",
+]
+
+T = TypeVar("T")
+
+
+def argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse ``type`` from a parser that raises deltalog's errors: a bad value is a
+    usage error (exit 2) that says what to give, not a traceback."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except DeltalogError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    convert.__name__ = parse.__name__  # argparse names the type in its messages
+    return convert
 
 
 def config_from(args: argparse.Namespace, log: str | None = None) -> LogConfig:

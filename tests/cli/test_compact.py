@@ -195,7 +195,8 @@ async def test_export_writes_a_plain_chroma_directory_at_the_committed_hwm(
     await log.append(delta(rng, "b", rows=2))
     await log.append(delete("a#1"))
     await log.append(patch(["a#0"], [{"label": "TOTAL"}]))
-    assert (await cli("compact")).code == 0  # a committed tail of 3, no checkpoint
+    tail = await cli("compact", "--checkpoint-ratio", "1000")  # a committed tail of 3
+    assert tail.code == 0, tail.err
     await log.append(delta(rng, "c"))  # past hwm: not exported
     state = await _state(log)
     assert (state.hwm, state.checkpoint_hwm) == (4, 1)
@@ -747,3 +748,38 @@ async def test_metrics_port_needs_follow(config: LogConfig, tmp_path: Path) -> N
     process = await anyio.run_process(argv, env=cli_env(), check=False)
     assert process.returncode == 2
     assert b"--metrics-port needs --follow" in process.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--part-size", "12XB"), "argument --part-size: '12XB' is not a size"),
+        (("--max-tail-bytes", "lots"), "argument --max-tail-bytes: 'lots' is not a size"),
+        (("--max-tail-entries", "2k"), "argument --max-tail-entries: '2k' is not an entry cap"),
+    ],
+)
+def test_a_bad_size_or_cap_is_a_usage_error(
+    flags: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deltalog.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["compact", "--bucket", "b", "--table", "t", *flags])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_the_checkpoint_flags_reach_the_policy(tmp_path: Path) -> None:
+    from deltalog.cli import build_parser
+    from deltalog.cli.compact import _compactor
+
+    def policy(*flags: str) -> tuple[object, ...]:
+        args = build_parser().parse_args(["compact", "--bucket", "b", "--table", "t", *flags])
+        p = _compactor(args).policy
+        return (p.ratio, p.max_tail_entries, p.max_tail_bytes)
+
+    assert policy() == (0.1, "auto", 256 * 2**20)
+    assert policy("--checkpoint-ratio", "0", "--max-tail-entries", "0") == (0.0, None, 256 << 20)
+    assert policy("--max-tail-entries", "500", "--max-tail-bytes", "0") == (0.1, 500, None)
+    assert policy("--max-tail-bytes", "16MiB")[2] == 16 * 2**20

@@ -6,11 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from compactor.checkpoint import CheckpointPolicy, Tail
+from compactor.checkpoint import (
+    AUTO,
+    CHECKPOINT_BYTES_PER_TAIL_ENTRY,
+    MIN_AUTO_TAIL_ENTRIES,
+    CheckpointPolicy,
+    Tail,
+    parse_entry_cap,
+)
 from deltalog import InvalidInput
 
 sizes = st.integers(0, 10**12)
-caps = st.none() | st.integers(1, 10**6)
+caps = st.none() | st.integers(1, 10**6) | st.just(AUTO)
 policies = st.builds(
     CheckpointPolicy,
     ratio=st.floats(0, 1),
@@ -29,8 +36,9 @@ def test_a_tail_that_is_not_published_stays_under_every_bound(
         return
     assert tail.entries == 0 or tail.bytes < policy.ratio * tail.checkpoint_bytes
     assert tail.entries == 0 or tail.bytes < tail.checkpoint_bytes
-    if policy.max_tail_entries is not None:
-        assert tail.entries < policy.max_tail_entries
+    cap = policy.entry_cap(tail.checkpoint_bytes)
+    if cap is not None:
+        assert tail.entries < cap
     if policy.max_tail_bytes is not None:
         assert tail.entries == 0 or tail.bytes < policy.max_tail_bytes
 
@@ -70,6 +78,42 @@ def test_a_request_or_no_checkpoint_always_publishes(policy: CheckpointPolicy, t
     assert policy.reason(first) == "first"
 
 
+@given(checkpoint=sizes)
+def test_the_auto_entry_cap_scales_with_the_checkpoint(checkpoint: int) -> None:
+    """One seq per 64 KiB of checkpoint, never under 2,000: a cold start's tail reads take
+    about as long as the checkpoint's download."""
+    cap = CheckpointPolicy().entry_cap(checkpoint)
+    assert cap == max(MIN_AUTO_TAIL_ENTRIES, checkpoint // CHECKPOINT_BYTES_PER_TAIL_ENTRY)
+    assert CheckpointPolicy(max_tail_entries=7).entry_cap(checkpoint) == 7
+    assert CheckpointPolicy(max_tail_entries=None).entry_cap(checkpoint) is None
+
+
+def test_the_auto_cap_lets_the_ratio_decide_on_a_large_checkpoint() -> None:
+    """Runs of 100 entries of 7.4 KB on a 319 MB checkpoint (the benchmark's): a fixed
+    2,000-entry cap published after 15 MB of entries, ``auto`` waits for the ratio's 32 MB."""
+    checkpoint, entry = 319 * 10**6, 7_400
+    tail = Tail(2_000, 2_000 * entry, checkpoint)
+    assert CheckpointPolicy(max_tail_entries=2_000).reason(tail) == "entries"
+    assert CheckpointPolicy().reason(tail) is None
+    entries = -(-checkpoint // 10 // entry)
+    assert CheckpointPolicy().reason(Tail(entries, entries * entry, checkpoint)) == "ratio"
+    small = Tail(2_000, 2_000 * 300, 40 * 10**6)  # label updates on a 40 MB checkpoint
+    assert CheckpointPolicy().reason(small) == "entries"
+
+
+@pytest.mark.parametrize(
+    ("text", "cap"), [("auto", AUTO), (" AUTO ", AUTO), ("5000", 5000), ("0", None)]
+)
+def test_entry_caps_parse(text: str, cap: object) -> None:
+    assert parse_entry_cap(text) == cap
+
+
+@pytest.mark.parametrize("text", ["", "-1", "2k", "1.5", "none"])
+def test_bad_entry_caps_are_refused(text: str) -> None:
+    with pytest.raises(InvalidInput, match="not an entry cap"):
+        parse_entry_cap(text)
+
+
 def test_each_reason() -> None:
     policy = CheckpointPolicy(ratio=0.1, max_tail_entries=10, max_tail_bytes=500)
     assert policy.reason(Tail(0, 0, 1000)) is None
@@ -88,6 +132,7 @@ def test_each_reason() -> None:
         ({"ratio": -0.5}, "checkpoint_ratio"),
         ({"ratio": float("nan")}, "checkpoint_ratio"),
         ({"max_tail_entries": 0}, "max_tail_entries"),
+        ({"max_tail_entries": "many"}, "max_tail_entries"),
         ({"max_tail_bytes": -1}, "max_tail_bytes"),
     ],
 )

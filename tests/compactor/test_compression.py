@@ -1,4 +1,4 @@
-"""zstd snapshots end to end: ``Compactor(compression="zstd")``, then readers and ``verify``.
+"""zstd snapshots (the default) end to end: compactors, then readers and ``verify``.
 
 On moto's server with real Chroma: the compactor publishes ``.tar.zst``
 archives (zstd frames on S3), a second compactor with an empty cache takes
@@ -32,7 +32,7 @@ async def test_zstd_snapshots_through_compactors_and_readers(
 ) -> None:
     for name in ("a", "b", "c"):
         await log.append(delta(rng, name, rows=3))
-    async with Compactor(config, cache_dir=tmp_path / "first", compression="zstd") as first:
+    async with Compactor(config, cache_dir=tmp_path / "first") as first:  # zstd by default
         one = await first.run_once()
     assert (one.status, one.hwm_after) == ("applied", 3)
     assert (await published(log, one.snapshot_key)).startswith(ZSTD_MAGIC)
@@ -41,8 +41,9 @@ async def test_zstd_snapshots_through_compactors_and_readers(
     await log.append(patch(["c#2"], [{"label": "new", "n": None}]))
     await log.append(delta(rng, "d", rows=2))
     async with Compactor(config, cache_dir=tmp_path / "second", compression="zstd") as second:
-        two = await second.run_once()  # takes the zstd snapshot up from S3 (an empty cache)
+        two = await second.run_once(checkpoint=True)  # takes the zstd checkpoint up (cold)
         assert (two.status, two.hwm_before, two.hwm_after) == ("applied", 3, 6)
+        assert two.snapshot_key != one.snapshot_key
         assert (await published(log, two.snapshot_key)).startswith(ZSTD_MAGIC)
         want = await reference(log)
         assert_states_equal(await committed_state(second), want)

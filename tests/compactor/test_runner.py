@@ -96,13 +96,13 @@ async def test_incremental_equals_rebuild_and_reference(
 async def test_snapshot_opens_with_plain_chromadb(
     log: DeltaLog, config: LogConfig, rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    """The published archive is a plain tar of a Chroma directory."""
+    """With ``compression="none"`` the published archive is a plain tar of a Chroma directory."""
     import tarfile
 
     import chromadb
 
     await log.append(delta(rng, "a", rows=4))
-    async with Compactor(config, cache_dir=tmp_path / "cache") as compactor:
+    async with Compactor(config, cache_dir=tmp_path / "cache", compression="none") as compactor:
         result = await compactor.run_once()
     assert result.snapshot_key is not None and result.snapshot_key.endswith(".tar")
     archive = tmp_path / "snap.tar"
@@ -606,7 +606,8 @@ async def test_a_warm_compactor_downloads_nothing_and_a_cold_one_replays_the_tai
     store, table = CountingStore(), MemoryTable()
     async with DeltaLog.open(MEMORY, store=store, table=table) as log:
         await log.append(delta(rng, "a"))
-        async with Compactor(MEMORY, cache_dir=tmp_path / "a", store=store, table=table) as a:
+        tails: dict[str, Any] = {"store": store, "table": table, "checkpoint_ratio": 1e6}
+        async with Compactor(MEMORY, cache_dir=tmp_path / "a", **tails) as a:
             first = await a.run_once()
             assert (first.checkpoint, first.working_copy) == ("first", "empty")
             for name in ("b", "c"):
@@ -620,7 +621,7 @@ async def test_a_warm_compactor_downloads_nothing_and_a_cold_one_replays_the_tai
             )
             assert store.downloads == [], "a warm run downloads nothing"
             await log.append(delta(rng, "d"))
-            async with Compactor(MEMORY, cache_dir=tmp_path / "b", store=store, table=table) as b:
+            async with Compactor(MEMORY, cache_dir=tmp_path / "b", **tails) as b:
                 cold = await b.run_once()
             assert (cold.working_copy, cold.replayed_tail, cold.hwm_after) == ("checkpoint", 2, 4)
             assert store.downloads == [first.snapshot_key]  # the checkpoint, once
