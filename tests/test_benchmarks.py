@@ -85,7 +85,10 @@ def test_smoke_run_reports_every_ratio_and_plot(tmp_path: Path) -> None:
 
     per_stage = results["results"]["cpu_seconds_per_vector"]
     assert set(per_stage) == STAGES
-    assert all(isinstance(v, float) and v > 0 for v in per_stage.values()), per_stage
+    assert all(isinstance(v, float) and v >= 0 for v in per_stage.values()), per_stage
+    # append is its stage's CPU minus encode's, measured apart: at smoke sizes (3 receipts)
+    # the difference is within the meters' noise and may round to 0. The others are direct.
+    assert all(v > 0 for stage, v in per_stage.items() if stage != "append"), per_stage
     compression = [row["compression"] for row in results["results"]["compression"]]
     assert compression[0] == "none" and len(compression) >= 2, compression
     assert all(row["archive_mb"] > 0 for row in results["results"]["compression"])
