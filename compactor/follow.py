@@ -12,20 +12,27 @@ poll and after every run (``compact --follow --metrics-port`` serves it).
 Stopping (SIGINT or SIGTERM in the CLI) cancels the runs in progress;
 their leases are released on the way out and nothing half-done is
 committed.
+
+A sharded log (``follow_log``) gets one follower per shard, each with its
+own lease, so shards never wait on each other. The layout is read again
+every ``poll_max`` seconds and whenever a shard answers ``Resharded``: when
+it changed (a reshard was proposed, or switched), the followers restart
+with the new shards.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 
 from compactor.runner import CompactionResult, Compactor
-from deltalog.errors import Conflict, DataError, Fenced, Unavailable
+from compactor.shards import ShardedCompactor
+from deltalog.errors import Conflict, DataError, Fenced, Resharded, Unavailable
 
-__all__ = ["follow", "follow_one"]
+__all__ = ["follow", "follow_log", "follow_one"]
 
 log = logging.getLogger("compactor.follow")
 
@@ -39,12 +46,18 @@ async def follow_one(
     on_error: Callable[[str, Exception], None] | None = None,
     on_lag: Callable[[str, int, int], None] | None = None,
 ) -> None:
-    """Compact one log until cancelled."""
+    """Compact one log (or one shard) until cancelled, or until it is resharded.
+
+    ``Resharded`` (a reshard retired its state) is raised: the caller reads
+    the layout again (``follow_log`` does).
+    """
     delay = poll_min
-    name = compactor.config.log
+    name = _name(compactor)
     while True:
         try:
             result = await _step(compactor, on_lag)
+        except Resharded:
+            raise
         except (Unavailable, Conflict, Fenced, DataError) as exc:
             # Retryable (every run re-reads the state) or an operator's matter
             # (a poison entry waits for a quarantine): report it and keep
@@ -66,8 +79,8 @@ async def _step(
     compactor: Compactor, on_lag: Callable[[str, int, int], None] | None
 ) -> CompactionResult | None:
     """Run once if the head is past the committed hwm; None when idle."""
-    name = compactor.config.log
-    state = await compactor.table.read_state(compactor.keys.log_id)
+    name = _name(compactor)
+    state = await compactor.read_state()
     head = await compactor.log.head()
     if on_lag is not None:
         on_lag(name, head, state.hwm)
@@ -101,3 +114,66 @@ async def follow(
                 on_lag=on_lag,
             )
             tg.start_soon(run)
+
+
+def _name(compactor: Compactor) -> str:
+    """How the callbacks name a follower: the log, and its shard if it has one."""
+    shard = compactor.shard
+    return compactor.config.log if shard is None else f"{compactor.config.log} shard {shard.index}"
+
+
+async def follow_log(
+    sharded: ShardedCompactor,
+    *,
+    poll_min: float = 0.5,
+    poll_max: float = 10.0,
+    on_result: Callable[[CompactionResult], None] | None = None,
+    on_error: Callable[[str, Exception], None] | None = None,
+    on_lag: Callable[[str, int, int], None] | None = None,
+) -> None:
+    """Follow every shard of a log (entered ``ShardedCompactor``) until cancelled.
+
+    One follower per shard, restarted with the new shards whenever the
+    layout changes.
+    """
+    while True:
+        async with anyio.create_task_group() as tg:
+            run = functools.partial(
+                follow,
+                sharded.compactors,
+                poll_min=poll_min,
+                poll_max=poll_max,
+                on_result=on_result,
+                on_error=on_error,
+                on_lag=on_lag,
+            )
+            tg.start_soon(_until_resharded, run, tg.cancel_scope)
+            tg.start_soon(_watch_layout, sharded, poll_max, tg.cancel_scope)
+        if not await sharded.refresh():
+            await anyio.sleep(poll_max)  # retired, but the switch is not visible yet
+
+
+async def _until_resharded(run: Callable[[], Awaitable[None]], scope: anyio.CancelScope) -> None:
+    try:
+        await run()
+    except* Resharded as group:
+        log.info("resharded: %s", group.exceptions[0])
+    scope.cancel()
+
+
+async def _watch_layout(
+    sharded: ShardedCompactor, interval: float, scope: anyio.CancelScope
+) -> None:
+    """Cancel ``scope`` once the layout's generation or pending generation changed."""
+    table, log_id = sharded.log.table, sharded.log.keys.log_id
+    seen = (sharded.layout.generation, sharded.layout.pending_generation)
+    while True:
+        await anyio.sleep(interval)
+        try:
+            layout = await table.read_layout(log_id)
+        except Unavailable as exc:
+            log.warning("%s: could not read the layout: %s", log_id, exc)
+            continue
+        if (layout.generation, layout.pending_generation) != seen:
+            scope.cancel()
+            return

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from deltalog.errors import LeaseBusy, LeaseLost, Unavailable
+from deltalog.keys import STATE_SK
 from deltalog.storage.table import LeaseState, LogState, Table
 
 __all__ = ["Lease", "LeaseKeeper", "new_owner"]
@@ -79,6 +80,7 @@ class LeaseKeeper:
         clock: Callable[[], float] = time.time,
         poll: float = 0.1,
         name: str | None = None,
+        sk: str = STATE_SK,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the lease ttl must be positive")
@@ -92,10 +94,14 @@ class LeaseKeeper:
         self.clock = clock
         self.name = name
         """None: the compaction lease in the state item; else a named lease."""
+        self.sk = sk
+        """The state item holding the compaction lease: the log's, or a shard's."""
 
     async def _take(self, now: float) -> LogState:
         if self.name is None:
-            return await self.table.acquire(self.log_id, self.owner, ttl=self.ttl, now=now)
+            return await self.table.acquire(
+                self.log_id, self.owner, ttl=self.ttl, now=now, sk=self.sk
+            )
         named = await self.table.acquire_lease(
             self.log_id, self.name, self.owner, ttl=self.ttl, now=now
         )
@@ -103,7 +109,9 @@ class LeaseKeeper:
 
     async def _extend(self, token: int, now: float) -> None:
         if self.name is None:
-            await self.table.renew(self.log_id, self.owner, token, ttl=self.ttl, now=now)
+            await self.table.renew(
+                self.log_id, self.owner, token, ttl=self.ttl, now=now, sk=self.sk
+            )
         else:
             await self.table.renew_lease(
                 self.log_id, self.name, self.owner, token, ttl=self.ttl, now=now
@@ -111,7 +119,9 @@ class LeaseKeeper:
 
     async def _give_up(self, token: int, last_run: str) -> bool:
         if self.name is None:
-            return await self.table.release(self.log_id, self.owner, token, last_run=last_run)
+            return await self.table.release(
+                self.log_id, self.owner, token, last_run=last_run, sk=self.sk
+            )
         return await self.table.release_lease(self.log_id, self.name, self.owner, token)
 
     async def acquire(self, *, wait: float = 0.0) -> Lease:
@@ -162,7 +172,7 @@ class LeaseKeeper:
 
     async def _reread(self) -> LogState:
         if self.name is None:
-            return await self.table.read_state(self.log_id)
+            return await self.table.read_state(self.log_id, sk=self.sk)
         return _as_state(await self.table.read_lease(self.log_id, self.name))
 
     async def renew(self, lease: Lease) -> None:

@@ -89,6 +89,7 @@ async def publish_snapshot(
         files={},
         deltalog_version=__version__,
         chroma_version=_chroma_version(),
+        shard=keys.shard.name if keys.shard is not None else "",
     )
     suffix = ".tar.zst" if compression == "zstd" else ".tar"
     key = keys.snapshot(hwm, token, uuid.uuid4().hex[:12], suffix)

@@ -38,9 +38,10 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from deltalog.config import MiB
-from deltalog.entry import Entry, Seal, Upsert
+from deltalog.entry import Entry, Seal
 from deltalog.errors import CorruptEntry, DeltalogError
 from deltalog.fold import Folder
+from deltalog.keys import Shard
 from deltalog.log import DeltaLog
 from deltalog.read import LogReader, ReadEnd
 from deltalog.snapshot.sink import Sink
@@ -67,6 +68,9 @@ class Progress:
     elapsed: float
     after: int = 0
     """The seq the run started after (its committed hwm): ``seq - after`` seqs are done."""
+    shard: str | None = None
+    """The shard replayed (its name, ``g{generation}-s{index}``), or None for a log
+    without shards."""
 
 
 class HoleSealer(Protocol):
@@ -124,12 +128,6 @@ class _Reading:
     """The log's schema: an entry with other dimensions is malformed (poison)."""
 
 
-def _vectors(entry: Entry) -> int:
-    return sum(
-        op.embeddings.shape[0] for d in entry.deltas for op in d.ops if isinstance(op, Upsert)
-    )
-
-
 class Replayer:
     """Replays a log into a sink; see the module docstring."""
 
@@ -142,8 +140,11 @@ class Replayer:
         chunk_entries: int = 2_000,
         chunk_bytes: int = 128 * MiB,
         progress: Callable[[Progress], None] | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.log = log
+        self.shard = shard
+        """Apply only the records of this shard of a sharded log (None: every record)."""
         self.prefetch = prefetch
         self.chunk_vectors = chunk_vectors
         self.chunk_entries = chunk_entries
@@ -285,12 +286,15 @@ class Replayer:
         replay: Replay,
         start: float,
     ) -> None:
-        folder = Folder(log=self.log.config.log)
+        folder = Folder(log=self.log.config.log, shard=self.shard)
         vectors = entries = size = 0
         async with recv:
             async for seq, entry, stored in recv:
+                before = folder.vectors
                 folder.add(seq, entry)
-                vectors, entries, size = vectors + _vectors(entry), entries + 1, size + stored
+                # the vectors this replay applies (its shard's), not every vector read
+                vectors += folder.vectors - before
+                entries, size = entries + 1, size + stored
                 if (
                     vectors >= self.chunk_vectors
                     or entries >= self.chunk_entries
@@ -318,5 +322,6 @@ class Replayer:
                     replay.vectors_upserted,
                     time.monotonic() - start,
                     replay.after,
+                    None if self.shard is None else self.shard.name,
                 )
             )

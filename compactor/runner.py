@@ -20,6 +20,11 @@ and "Checkpoints"):
    and orphans (``_prune``, which needs no lease; never the checkpoint the
    state points to).
 
+A compactor of one **shard** of a sharded log (``shard=``; DESIGN.md
+"Shards") does all of this with the shard's own state item, lease,
+checkpoint keys, retention and live copy, and applies only the records the
+shard owns; it reads (and seals) the log's entries like any other.
+
 A crash anywhere before 6 leaves the committed state as it was (an upload
 is an orphan retention deletes later) and the next run redoes the work; the
 fold is deterministic, so the result is the same. A crash after 6 leaves a
@@ -76,6 +81,7 @@ from deltalog.errors import (
     LeaseBusy,
     Unavailable,
 )
+from deltalog.keys import Shard
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
@@ -127,22 +133,31 @@ class CompactionResult:
     """``warm`` (the live copy), ``checkpoint`` (downloaded or cached) or ``empty``."""
     replayed_tail: int = 0
     """Committed seqs replayed to bring the working copy up to ``hwm_before``."""
+    shard: int | None = None
+    """The shard compacted (its index), or None for a log without shards."""
+    generation: int = 0
+    """The shard's layout generation (0 for a log without shards)."""
+
+    @property
+    def name(self) -> str:
+        """The log, and the shard when there is one: ``receipts`` or ``receipts shard 2``."""
+        return self.log if self.shard is None else f"{self.log} shard {self.shard}"
 
     def summary(self) -> str:
         """The one-line summary the CLI prints."""
         if self.status == "busy":
-            return f"{self.log}: lease busy ({self.stopped})"
+            return f"{self.name}: lease busy ({self.stopped})"
         if self.status == "nothing":
             why = (
                 f", stopped at a young hole at {self.hwm_after + 1}"
                 if self.stopped == "hole"
                 else ""
             )
-            return f"{self.log}: nothing to do at hwm {self.hwm_after}{why}"
+            return f"{self.name}: nothing to do at hwm {self.hwm_after}{why}"
         if self.status == "checkpointed":
-            return f"{self.log}: at hwm {self.hwm_after}: {self._checkpoint_summary()}"
+            return f"{self.name}: at hwm {self.hwm_after}: {self._checkpoint_summary()}"
         return (
-            f"{self.log}: applied {self.entries_applied} entries (hwm {self.hwm_before} -> "
+            f"{self.name}: applied {self.entries_applied} entries (hwm {self.hwm_before} -> "
             f"{self.hwm_after}): {self.vectors_upserted} vectors upserted, {self.ids_deleted} "
             f"deleted, {self.ids_patched} patched, {self.seals_written} holes sealed in "
             f"{self.seconds:.1f}s; {self._checkpoint_summary()}"
@@ -222,7 +237,12 @@ class _LeaseSealer:
         self.lease.check()
         now = await c.store.clock(c.keys.entries_prefix)
         first_seen = await c.table.note_hole(
-            self.lease.log_id, self.lease.owner, self.lease.token, seq=end.seq, now=now
+            self.lease.log_id,
+            self.lease.owner,
+            self.lease.token,
+            seq=end.seq,
+            now=now,
+            sk=c.keys.state_sk,
         )
         age = now - first_seen
         if end.next_entry is not None:
@@ -273,13 +293,16 @@ class Compactor:
         table: Table | None = None,
         owner: str | None = None,
         sink_factory: SinkFactory | None = None,
+        shard: Shard | None = None,
     ) -> None:
         if retain < 1:
             raise InvalidInput("retain (--retain) must keep at least one snapshot")
         if orphan_grace < 0:
             raise InvalidInput("orphan_grace (--orphan-grace) must be at least 0 seconds")
         self.config = config
-        self.keys = config.keys
+        self.shard = shard
+        """The shard this compactor compacts; None: the log's one index (no layout)."""
+        self.keys = config.keys.for_shard(shard)
         self.cache_dir = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
         self.lease_ttl = lease_ttl
         self.grace = grace
@@ -336,10 +359,20 @@ class Compactor:
         return await ChromaSink.open(path, limiter=self._limiter)
 
     def _keeper(self) -> LeaseKeeper:
-        return LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
+        return LeaseKeeper(
+            self.table,
+            self.keys.log_id,
+            ttl=self.lease_ttl,
+            owner=self._owner,
+            sk=self.keys.state_sk,
+        )
 
     def _replayer(self) -> Replayer:
-        return Replayer(self.log, prefetch=self.prefetch, progress=self.progress)
+        return Replayer(self.log, prefetch=self.prefetch, progress=self.progress, shard=self.shard)
+
+    async def read_state(self) -> LogState:
+        """The committed state of what this compactor compacts (the log's, or its shard's)."""
+        return await self.table.read_state(self.keys.log_id, sk=self.keys.state_sk)
 
     # -- incremental compaction ---------------------------------------------
 
@@ -357,9 +390,9 @@ class Compactor:
         try:
             lease = await keeper.acquire()
         except LeaseBusy as exc:
-            state = await self.table.read_state(self.keys.log_id)
-            return CompactionResult(
-                "busy", self.config.log, state.hwm, state.hwm, stopped=exc.message
+            state = await self.read_state()
+            return self._stamped(
+                CompactionResult("busy", self.config.log, state.hwm, state.hwm, stopped=exc.message)
             )
         result, failure = await self._leased(
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
@@ -481,7 +514,7 @@ class Compactor:
         about to be committed, whatever this caller read).
         """
         try:
-            state = await self.table.read_state(self.keys.log_id)
+            state = await self.read_state()
             await prune_snapshots(
                 self.store,
                 self.keys,
@@ -522,7 +555,7 @@ class Compactor:
 
     def _quiet_replayer(self) -> Replayer:
         """A replayer for committed seqs: no progress reports (they are not the run's work)."""
-        return Replayer(self.log, prefetch=self.prefetch)
+        return Replayer(self.log, prefetch=self.prefetch, shard=self.shard)
 
     async def _commit(
         self,
@@ -574,9 +607,10 @@ class Compactor:
                 prev_hwm=prev_hwm,
                 commit=commit,
                 now=time.time(),
+                sk=self.keys.state_sk,
             )
         except (Fenced, Conflict, Unavailable) as exc:
-            now = await self.table.read_state(self.keys.log_id)
+            now = await self.read_state()
             if _landed(commit, now, lease):
                 log.warning(
                     "%s: the commit of hwm %d landed although its answer said %s",
@@ -602,8 +636,16 @@ class Compactor:
         if key is not None:
             await forget_snapshot(self.store, key)
 
+    def _stamped(self, result: CompactionResult) -> CompactionResult:
+        """``result`` naming this compactor's shard, if it has one."""
+        if self.shard is None:
+            return result
+        return replace(result, shard=self.shard.index, generation=self.shard.generation)
+
     def _nothing(self, state: LogState, stopped: str) -> CompactionResult:
-        return CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
+        return self._stamped(
+            CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
+        )
 
     def _applied(
         self,
@@ -615,7 +657,7 @@ class Compactor:
         published: Published | None,
     ) -> CompactionResult:
         advanced = replay.last_seq > state.hwm
-        return CompactionResult(
+        result = CompactionResult(
             "applied" if advanced else "checkpointed",
             self.config.log,
             state.hwm,
@@ -635,6 +677,7 @@ class Compactor:
             tail_entries=0 if published else tail.entries,
             tail_bytes=0 if published else tail.bytes,
         )
+        return self._stamped(result)
 
     # -- rebuild and verify ---------------------------------------------------
 
@@ -656,7 +699,7 @@ class Compactor:
         """
         if wait < 0:
             raise InvalidInput("wait (--wait) must be at least 0 seconds")
-        state = await self.table.read_state(self.keys.log_id)
+        state = await self.read_state()
         if publish and not force and to_seq is not None and to_seq < state.hwm:
             raise InvalidInput(
                 f"refusing to publish a rebuild to seq {to_seq} below the committed hwm "
@@ -751,7 +794,7 @@ class Compactor:
         target = Path(out)
         if await anyio.to_thread.run_sync(_occupied, target):
             raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
-        state = await self.table.read_state(self.keys.log_id)
+        state = await self.read_state()
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
         try:
@@ -783,7 +826,7 @@ class Compactor:
         are Chroma directories built by the same fold, so the comparison is
         exact: ids, vectors bit for bit, documents, metadata.
         """
-        state = await self.table.read_state(self.keys.log_id)
+        state = await self.read_state()
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)

@@ -14,6 +14,8 @@
     │   └── LeaseBusy               another compactor holds the lease
     ├── Fenced                      stop, never retry: a newer owner exists
     │   └── LeaseLost               our lease expired or was taken over
+    │       └── Resharded           a reshard retired the shard's state: read
+    │                               the log's layout again
     ├── DataError                   stored bytes are wrong (names key and seq)
     │   ├── CorruptEntry            an entry that cannot be decoded or verified
     │   │   └── UntrustedEntry      not signed by a trusted key (signing is on)
@@ -39,6 +41,7 @@ __all__ = [
     "InvalidInput",
     "LeaseBusy",
     "LeaseLost",
+    "Resharded",
     "Unavailable",
     "UntrustedEntry",
     "ValidationError",
@@ -153,6 +156,27 @@ class Fenced(DeltalogError):
 
 class LeaseLost(Fenced):
     """The lease expired or was taken over while we held it."""
+
+
+class Resharded(LeaseLost):
+    """A reshard retired the state item this compactor (or reader) used.
+
+    ``generation`` is the layout generation that replaced it. Nothing is
+    committed to a retired state again: read the log's layout and go on
+    with its current shards.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        generation: int,
+        log: str | None = None,
+        seq: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.generation = generation
+        super().__init__(message, log=log, seq=seq, key=key)
 
 
 class DataError(DeltalogError):

@@ -19,7 +19,13 @@ its ``upsert`` merges metadata instead, which is why sinks apply a put as a
 delete and an add.
 
 ``Folder`` folds a stream of entries chunk by chunk; ``fold`` folds an
-iterable at once. ``apply_to_state`` is the reference meaning of a plan and
+iterable at once. A folder for one **shard** of a sharded log
+(``Folder(shard=...)``) folds only the records of that shard: each op is
+split by ``deltalog.keys.shard_of`` before any record is built, while the
+whole entry is still checked and every collection an op names is still
+created, so all shards hold the same collections.
+
+``apply_to_state`` is the reference meaning of a plan and
 ``reference_state`` applies entries op by op without planning (it builds
 records as the fold does); the soak checks its results with it. The test
 suite holds both against its own oracle, which shares no code with this
@@ -45,6 +51,7 @@ from deltalog.entry import (
     Upsert,
 )
 from deltalog.errors import CorruptEntry, InvalidInput
+from deltalog.keys import Shard
 
 __all__ = [
     "CollectionPlan",
@@ -195,10 +202,14 @@ class _Counts:
 
 
 class Folder:
-    """Folds entries, in strictly increasing seq, into a plan; ``reset`` starts a new chunk."""
+    """Folds entries, in strictly increasing seq, into a plan; ``reset`` starts a new chunk.
 
-    def __init__(self, *, log: str | None = None) -> None:
+    With ``shard``, only the records that shard owns (see the module docstring).
+    """
+
+    def __init__(self, *, log: str | None = None, shard: Shard | None = None) -> None:
         self._log = log
+        self._shard = shard
         self._collections: dict[str, CollectionPlan] = {}
         self._first_seq: int | None = None
         self._chunk_entries = 0
@@ -230,19 +241,31 @@ class Folder:
 
     def _add_op(self, op: Op) -> None:
         plan = self._collections.setdefault(op.collection, CollectionPlan())
+        rows = self._rows(op)
+        if rows is not None and not rows:
+            return
         self._counts.ops += 1
         if isinstance(op, Upsert):
-            for record in _records(op):
+            for record in _records(op, rows):
                 plan.put(record)
-            self._counts.vectors += len(op.ids)
+            self._counts.vectors += len(rows) if rows is not None else len(op.ids)
         elif isinstance(op, Delete):
-            for id_ in op.ids:
+            ids = op.ids if rows is None else [op.ids[i] for i in rows]
+            for id_ in ids:
                 plan.delete(id_)
-            self._counts.deletes += len(op.ids)
+            self._counts.deletes += len(ids)
         else:
-            for id_, patch in zip(op.ids, op.metadatas, strict=True):
-                plan.patch(id_, patch)
-            self._counts.patches += len(op.ids)
+            chosen = range(len(op.ids)) if rows is None else rows
+            for i in chosen:
+                plan.patch(op.ids[i], op.metadatas[i])
+            self._counts.patches += len(chosen)
+
+    def _rows(self, op: Op) -> list[int] | None:
+        """The rows of ``op`` this folder's shard owns; None: every row (no shard)."""
+        shard = self._shard
+        if shard is None:
+            return None
+        return [i for i, id_ in enumerate(op.ids) if shard.owns(op.collection, id_)]
 
     def plan(self) -> FoldPlan:
         """The net effect of the entries added since the last ``reset`` (a copy)."""
@@ -278,9 +301,11 @@ class Folder:
         return self._counts.patches
 
 
-def fold(entries: Iterable[tuple[int, Entry]], *, log: str | None = None) -> FoldPlan:
+def fold(
+    entries: Iterable[tuple[int, Entry]], *, log: str | None = None, shard: Shard | None = None
+) -> FoldPlan:
     """The net effect of ``(seq, entry)`` pairs given in strictly increasing seq."""
-    folder = Folder(log=log)
+    folder = Folder(log=log, shard=shard)
     for seq, entry in entries:
         folder.add(seq, entry)
     return folder.plan()
@@ -323,13 +348,15 @@ def _reference_op(records: dict[str, Record], op: Op) -> None:
                 records[id_] = Record(id_, old.embedding, old.document, {**kept, **added} or None)
 
 
-def _records(op: Upsert) -> list[Record]:
+def _records(op: Upsert, rows: Sequence[int] | None = None) -> list[Record]:
+    """The records of an upsert (of ``rows`` only, when given), in row order."""
     none: list[None] = [None] * len(op.ids)
     documents: Sequence[str | None] = op.documents if op.documents is not None else none
     metadatas: Sequence[Metadata | None] = op.metadatas if op.metadatas is not None else none
+    chosen = range(len(op.ids)) if rows is None else rows
     return [
-        Record(id_, op.embeddings[i], documents[i], dict(metadatas[i] or {}) or None)
-        for i, id_ in enumerate(op.ids)
+        Record(op.ids[i], op.embeddings[i], documents[i], dict(metadatas[i] or {}) or None)
+        for i in chosen
     ]
 
 

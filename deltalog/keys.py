@@ -9,11 +9,22 @@ DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
 
     (log, "head")           next_seq, the append counter
     (log, "state")          hwm, snapshot, lease: the commit point
+    (log, "layout")         the shard count and generation (no item: one index, generation 0)
+    (log, "state#g{generation}-s{index}")  a shard's commit point
     (log, "schema")         the embedding dimension of each collection
     (log, "idem#{key}")     an idempotency key's claim: the seq it went to
     (log, "quarantine#{seq:020d}")  an operator's mark: treat that entry as sealed
     (log, "lease#{name}")   a named lease of a reader that owns a target
                             (``deltalog mirror``: ``mirror:{target}``)
+
+A **shard** (``Shard``) of a sharded log has its own state item (above),
+its own snapshots under ``{root}/{log}/snapshots/g{generation}-s{index}/``
+and its own directory in a local cache; its entries are the log's. A
+record's shard is ``shard_of(collection, id, shards)``: the first 8 bytes of
+BLAKE2b (``digest_size=8``, no key, salt or person) of the UTF-8 bytes of
+the collection name, one zero byte, and the UTF-8 bytes of the id, read as
+a little-endian unsigned 64-bit integer, modulo the shard count.
+Collection names never hold a zero byte, so the input is unambiguous.
 
 and, outside every log (log names cannot start with ``_``)::
 
@@ -25,8 +36,9 @@ Zero padding keeps S3's lexicographic listing order equal to seq order, so
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SEQ_WIDTH = 20
 MAX_SEQ = 10**SEQ_WIDTH - 1
@@ -37,6 +49,10 @@ SCHEMA_SK = "schema"
 IDEMPOTENCY_PREFIX = "idem#"
 QUARANTINE_PREFIX = "quarantine#"
 LEASE_PREFIX = "lease#"
+LAYOUT_SK = "layout"
+SHARD_STATE_PREFIX = "state#"
+MAX_SHARDS = 256
+"""The most shards a log may have (each is a lease, a state item and a Chroma index)."""
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-\d{{12,}}-[A-Za-z0-9]+\.tar(?:\.zst)?")
@@ -53,12 +69,53 @@ def valid_root(root: str) -> bool:
     return bool(_ROOT.match(root)) and ".." not in root.split("/")
 
 
+def shard_of(collection: str, id_: str, shards: int) -> int:
+    """The shard of the record ``id_`` of ``collection`` among ``shards`` (see the module doc).
+
+    Stable across processes, machines and Python versions (not Python's
+    ``hash``); ``tests/test_keys.py`` pins its values.
+    """
+    if shards == 1:
+        return 0
+    digest = hashlib.blake2b(collection.encode() + b"\x00" + id_.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % shards
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One index of a sharded log: shard ``index`` of ``count`` in layout ``generation``.
+
+    Generation 0 is the log without a layout item: one index under the
+    log's own keys (``LogKeys.shard`` is None there, not a ``Shard``).
+    """
+
+    generation: int
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.generation < 1 or not 1 <= self.count <= MAX_SHARDS:
+            raise ValueError(f"invalid shard layout: generation {self.generation}, {self.count}")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index} is not one of {self.count}")
+
+    @property
+    def name(self) -> str:
+        """How keys name it: ``g{generation}-s{index}``."""
+        return f"g{self.generation}-s{self.index}"
+
+    def owns(self, collection: str, id_: str) -> bool:
+        """Whether the record ``id_`` of ``collection`` lives in this shard."""
+        return shard_of(collection, id_, self.count) == self.index
+
+
 @dataclass(frozen=True, slots=True)
 class LogKeys:
-    """The keys of one log under one root prefix."""
+    """The keys of one log under one root prefix (of one of its shards, with ``shard``)."""
 
     root: str
     log: str
+    shard: Shard | None = None
 
     @property
     def log_id(self) -> str:
@@ -72,9 +129,20 @@ class LogKeys:
 
         One name per log id: neither a root prefix nor a log name may hold a
         ``+`` (a plain ``_`` would let root ``x`` + log ``snapshots`` share a
-        directory with log ``x_snapshots``).
+        directory with log ``x_snapshots``). A shard's adds ``#`` and its
+        name (neither a root nor a log name may hold a ``#``).
         """
-        return self.log_id.replace("/", "+")
+        name = self.log_id.replace("/", "+")
+        return f"{name}#{self.shard.name}" if self.shard is not None else name
+
+    def for_shard(self, shard: Shard | None) -> LogKeys:
+        """The same log's keys for ``shard`` (None: the log's own, generation 0)."""
+        return replace(self, shard=shard)
+
+    @property
+    def state_sk(self) -> str:
+        """The sort key of the commit point: ``state``, or the shard's ``state#{name}``."""
+        return STATE_SK if self.shard is None else f"{SHARD_STATE_PREFIX}{self.shard.name}"
 
     @property
     def prefix(self) -> str:
@@ -86,7 +154,8 @@ class LogKeys:
 
     @property
     def snapshots_prefix(self) -> str:
-        return f"{self.prefix}snapshots/"
+        shard = f"{self.shard.name}/" if self.shard is not None else ""
+        return f"{self.prefix}snapshots/{shard}"
 
     def entry(self, seq: int) -> str:
         if not 0 <= seq <= MAX_SEQ:

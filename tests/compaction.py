@@ -21,6 +21,7 @@ from deltalog.cli.soak import ChildProcess
 from deltalog.entry import Entry
 from deltalog.errors import LeaseBusy
 from deltalog.fold import FoldPlan, Record
+from deltalog.keys import STATE_SK
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import Commit, LogState, MemoryTable, Table
@@ -125,8 +126,8 @@ class FaultyTable:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def read_state(self, log_id: str) -> LogState:
-        return await self.inner.read_state(log_id)
+    async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState:
+        return await self.inner.read_state(log_id, sk=sk)
 
     def _maybe_crash(self, method: str) -> None:
         if self.crash_on == method:
@@ -134,11 +135,19 @@ class FaultyTable:
             raise Crash(f"crash in {method}")
 
     async def commit(
-        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+        self,
+        log_id: str,
+        owner: str,
+        token: int,
+        *,
+        prev_hwm: int,
+        commit: Commit,
+        now: float,
+        sk: str = STATE_SK,
     ) -> LogState:
         self._maybe_crash("before-commit")
         state = await self.inner.commit(
-            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
+            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now, sk=sk
         )
         self._maybe_crash("after-commit")
         if self.lost_commit_answers:
@@ -146,20 +155,24 @@ class FaultyTable:
             if self.after_commit is not None:
                 await self.after_commit()
             return await self.inner.commit(
-                log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
+                log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now, sk=sk
             )
         return state
 
-    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+    async def acquire(
+        self, log_id: str, owner: str, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> LogState:
         try:
-            return await self.inner.acquire(log_id, owner, ttl=ttl, now=now)
+            return await self.inner.acquire(log_id, owner, ttl=ttl, now=now, sk=sk)
         except LeaseBusy:
             self.refused.set()
             raise
 
-    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+    async def release(
+        self, log_id: str, owner: str, token: int, *, last_run: str = "", sk: str = STATE_SK
+    ) -> bool:
         self._maybe_crash("release")
-        return await self.inner.release(log_id, owner, token, last_run=last_run)
+        return await self.inner.release(log_id, owner, token, last_run=last_run, sk=sk)
 
 
 class FaultySink:
@@ -239,10 +252,12 @@ class StalledRenewTable:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+    async def renew(
+        self, log_id: str, owner: str, token: int, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> None:
         if self.stalled.is_set():
             await anyio.sleep_forever()
-        await self.inner.renew(log_id, owner, token, ttl=ttl, now=now)
+        await self.inner.renew(log_id, owner, token, ttl=ttl, now=now, sk=sk)
 
 
 # -- holding a child process at a chosen request -------------------------------------

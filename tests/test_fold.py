@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltalog.codec import Frame, batch_body, decode_entry, encode_delta
 from deltalog.entry import (
@@ -31,6 +32,7 @@ from deltalog.fold import (
     reference_state,
     state_differences,
 )
+from deltalog.keys import Shard
 from tests import strategies
 from tests.oracle import oracle_state
 
@@ -288,3 +290,47 @@ def test_folding_in_chunks_equals_folding_at_once(chunks: list[list[tuple[int, E
         apply_to_state(piecewise, folder.plan())
         folder.reset()
     assert state_differences(whole, piecewise) == []
+
+
+@PROPERTY
+@given(
+    before=strategies.logs(floats=ANY),
+    log=strategies.logs(floats=ANY),
+    count=st.integers(1, 4),
+)
+def test_the_shards_folds_partition_the_fold(
+    before: list[tuple[int, Entry]], log: list[tuple[int, Entry]], count: int
+) -> None:
+    """Each shard folds exactly its own records; together they are the whole fold."""
+    initial = oracle_state(before)
+    union: State = {}
+    for index in range(count):
+        shard = Shard(1, index, count)
+        state = {
+            name: {i: r for i, r in records.items() if shard.owns(name, i)}
+            for name, records in initial.items()
+        }
+        apply_to_state(state, fold(log, shard=shard))
+        for name, records in state.items():
+            assert all(shard.owns(name, i) for i in records), (name, index)
+            union.setdefault(name, {}).update(records)
+    assert state_differences(oracle_state(log, initial), union) == []
+
+
+def test_a_shard_folds_only_its_ids_and_counts_only_them() -> None:
+    ids = [f"w{i}" for i in range(12)]
+    shard = Shard(1, 1, 3)
+    mine = [i for i in ids if shard.owns("words", i)]
+    assert 0 < len(mine) < len(ids)
+    folder = Folder(shard=shard)
+    folder.add(1, entries(upsert(ids))[0][1])
+    folder.add(2, entries(patch(ids, {"k": 1}))[0][1])
+    folder.add(3, entries(delete(ids))[0][1])
+    plan = folder.plan()
+    assert plan.collections["words"].deletes == set(mine)
+    stats = folder.statistics()
+    assert (stats.vectors, stats.patches, stats.deletes) == (len(mine), len(mine), len(mine))
+    other = Folder(shard=Shard(1, 0, 3))
+    other.add(1, Batch("e", [Delta([delete([mine[0]])])]))
+    assert "words" in other.plan().collections, "every shard creates the collections ops name"
+    assert other.plan().collections["words"].is_empty

@@ -6,7 +6,17 @@ import itertools
 
 import pytest
 
-from deltalog.keys import MAX_SEQ, LogKeys, entry_log, idempotency_sk, valid_log_name, valid_root
+from deltalog.keys import (
+    MAX_SEQ,
+    MAX_SHARDS,
+    LogKeys,
+    Shard,
+    entry_log,
+    idempotency_sk,
+    shard_of,
+    valid_log_name,
+    valid_root,
+)
 
 
 def test_entry_keys_sort_like_their_seqs() -> None:
@@ -117,3 +127,59 @@ def test_distinct_log_ids_get_distinct_cache_names() -> None:
     names: dict[str, str] = {}
     for k in keys:
         assert names.setdefault(k.cache_name, k.log_id) == k.log_id, (k.cache_name, k.log_id)
+
+
+RECEIPT = "IMAGE#2f0c5a0e-0000-4000-8000-000000000001#RECEIPT#00001#LINE#00001"
+
+
+@pytest.mark.parametrize(
+    ("collection", "id_", "shards", "digest", "shard"),
+    [
+        ("words", "w1", 3, "0d8eb6bbc91f8290", 1),
+        ("words", "w2", 3, "eb76176446756c4d", 2),
+        ("lines", "w1", 3, "fd3ed5933b120e41", 0),
+        ("words", f"{RECEIPT}#WORD#00001", 8, "e778d0dd0514f2be", 7),
+        ("lines", RECEIPT, 8, "f431d7c1ba6bf6fd", 4),
+        ("words", "\u00fc", 5, "97764b235a7bb998", 4),
+        ("words", "", 7, "053de3e5e7ecbfbb", 5),
+    ],
+)
+def test_a_records_shard_is_pinned(
+    collection: str, id_: str, shards: int, digest: str, shard: int
+) -> None:
+    """The routing hash, byte for byte: BLAKE2b-64 of collection, 0x00, id; little-endian.
+
+    A change of any of these values moves records between shards of every
+    existing sharded log: it must never happen.
+    """
+    assert int.from_bytes(bytes.fromhex(digest), "little") % shards == shard
+    assert shard_of(collection, id_, shards) == shard
+    assert shard_of(collection, id_, 1) == 0
+
+
+def test_shards_split_ids_about_evenly() -> None:
+    counts = [0] * 8
+    for i in range(8000):
+        counts[shard_of("words", f"{RECEIPT}#WORD#{i:05d}", 8)] += 1
+    assert min(counts) > 800 and max(counts) < 1200, counts
+
+
+def test_a_shard_has_its_own_state_snapshots_and_cache_and_the_logs_entries() -> None:
+    own = LogKeys("prod", "receipts")
+    shard = own.for_shard(Shard(2, 1, 3))
+    assert (own.state_sk, shard.state_sk) == ("state", "state#g2-s1")
+    assert shard.snapshots_prefix == "prod/receipts/snapshots/g2-s1/"
+    assert shard.entries_prefix == own.entries_prefix and shard.log_id == own.log_id
+    assert (own.cache_name, shard.cache_name) == ("prod+receipts", "prod+receipts#g2-s1")
+    key = shard.snapshot(5, 1, "abc")
+    assert shard.snapshot_hwm(key) == 5
+    assert own.snapshot_hwm(key) is None, "the log's own retention never parses a shard's key"
+    assert shard.for_shard(None) == own
+
+
+@pytest.mark.parametrize(
+    ("generation", "index", "count"), [(0, 0, 1), (1, 3, 3), (1, -1, 3), (1, 0, MAX_SHARDS + 1)]
+)
+def test_impossible_shards_are_refused(generation: int, index: int, count: int) -> None:
+    with pytest.raises(ValueError, match="shard"):
+        Shard(generation, index, count)

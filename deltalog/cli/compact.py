@@ -9,6 +9,7 @@ lease is busy (``rebuild --publish``: still busy after ``--wait``), 4
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -29,15 +30,16 @@ from compactor.checkpoint import (
     parse_entry_cap,
 )
 from compactor.exporter import PrometheusExporter
-from compactor.follow import follow
+from compactor.follow import follow_log
 from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
+from compactor.shards import DEFAULT_RETIRE_GRACE, ShardedCompactor
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
-from deltalog.cli.progress import ProgressDisplay, compaction_progress
-from deltalog.config import parse_size
+from deltalog.cli.progress import ProgressDisplay, compaction_progress, shards_progress
+from deltalog.config import LogConfig, parse_size
 from deltalog.errors import InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
@@ -46,29 +48,56 @@ __all__ = ["register"]
 EXIT_USAGE = 2
 
 
+def _options(
+    args: argparse.Namespace, progress: Callable[[Progress], None] | None
+) -> dict[str, Any]:
+    """The ``Compactor`` options the flags give."""
+    return {
+        "cache_dir": args.cache_dir,
+        "lease_ttl": args.lease_ttl,
+        "grace": args.grace,
+        "limits": Limits(args.max_entries, args.max_bytes, args.max_seconds),
+        "retain": args.retain,
+        "orphan_grace": args.orphan_grace,
+        "compression": args.compression,
+        "compression_level": args.compression_level,
+        "checkpoint_ratio": args.checkpoint_ratio,
+        "max_tail_entries": args.max_tail_entries,
+        "max_tail_bytes": args.max_tail_bytes or None,
+        "progress": progress,
+    }
+
+
+def _config(args: argparse.Namespace, log: str | None = None) -> LogConfig:
+    config = config_from(args, log)
+    if args.part_size is not None:
+        config = replace(config, part_size=args.part_size)
+    return config
+
+
 def _compactor(
     args: argparse.Namespace,
     log: str | None = None,
     *,
     progress: Callable[[Progress], None] | None = None,
 ) -> Compactor:
-    config = config_from(args, log)
-    if args.part_size is not None:
-        config = replace(config, part_size=args.part_size)
-    return Compactor(
-        config,
-        cache_dir=args.cache_dir,
-        lease_ttl=args.lease_ttl,
-        grace=args.grace,
-        limits=Limits(args.max_entries, args.max_bytes, args.max_seconds),
-        retain=args.retain,
-        orphan_grace=args.orphan_grace,
-        compression=args.compression,
-        compression_level=args.compression_level,
-        checkpoint_ratio=args.checkpoint_ratio,
-        max_tail_entries=args.max_tail_entries,
-        max_tail_bytes=args.max_tail_bytes or None,
-        progress=progress,
+    return Compactor(_config(args, log), **_options(args, progress))
+
+
+def _sharded(
+    args: argparse.Namespace,
+    log: str | None = None,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+) -> ShardedCompactor:
+    """Every shard of the log (one ``Compactor`` for a log without shards), or ``--shard``."""
+    shard = getattr(args, "shard", None)
+    return ShardedCompactor(
+        _config(args, log),
+        shards=None if shard is None else [shard],
+        concurrency=getattr(args, "concurrency", None),
+        retire_grace=getattr(args, "retire_grace", DEFAULT_RETIRE_GRACE),
+        **_options(args, progress),
     )
 
 
@@ -109,38 +138,63 @@ async def cmd_compact(args: argparse.Namespace) -> int:
             raise error from group
     head = await _head(args)
     with _display(args, config_from(args).log) as display:
-        async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
-            result = await compactor.run_once(checkpoint=args.checkpoint)
-    _print_result(result, args.json)
-    return EXIT_BUSY if result.status == "busy" else 0
+        async with _sharded(args, progress=shards_progress(display, head)) as sharded:
+            outcomes = await sharded.run_each(checkpoint=args.checkpoint)
+    for outcome in outcomes:
+        if outcome.result is not None:
+            _print_result(outcome.result, args.json)
+    failed = [o.error for o in outcomes if o.error is not None]
+    for failure in failed[1:]:
+        print(f"deltalog: {type(failure).__name__}: {failure}", file=sys.stderr)
+    if failed:
+        raise failed[0]
+    busy = any(o.result is not None and o.result.status == "busy" for o in outcomes)
+    return EXIT_BUSY if busy else 0
 
 
 async def _follow(args: argparse.Namespace) -> int:
     names = [n for item in (args.logs or [args.log]) for n in (item or "").split(",") if n] or [
         None
     ]
-    compactors = [_compactor(args, name) for name in names]
+    logs = [_sharded(args, name) for name in names]
     async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
         await tg.start(stop_on_signal, tg.cancel_scope)
-        for compactor in compactors:
-            await stack.enter_async_context(compactor)
-        exporter = _exporter(args, [c.config.log for c in compactors], stack)
-        logs = ", ".join(c.config.log for c in compactors)
-        print(f"following {logs}; SIGINT or SIGTERM stops", file=sys.stderr, flush=True)
-        await follow(
-            compactors,
-            poll_min=args.poll_min,
-            poll_max=args.poll_max,
-            on_result=lambda r: _on_result(r, args.json, exporter),
-            on_error=lambda name, exc: _on_error(name, exc, exporter),
-            on_lag=(
-                (lambda name, head, hwm: exporter.record(name, lag_figures(head, hwm)))
-                if exporter is not None
-                else None
-            ),
+        for sharded in logs:
+            await stack.enter_async_context(sharded)
+        exporter = _exporter(args, [s.config.log for s in logs], stack)
+        print(
+            f"following {', '.join(_following(s) for s in logs)}; SIGINT or SIGTERM stops",
+            file=sys.stderr,
+            flush=True,
         )
+        for sharded in logs:
+            tg.start_soon(
+                functools.partial(
+                    follow_log,
+                    sharded,
+                    poll_min=args.poll_min,
+                    poll_max=args.poll_max,
+                    on_result=lambda r: _on_result(r, args.json, exporter),
+                    on_error=lambda name, exc: _on_error(name, exc, exporter),
+                    on_lag=(
+                        (lambda name, head, hwm: exporter.record(name, lag_figures(head, hwm)))
+                        if exporter is not None
+                        else None
+                    ),
+                )
+            )
     print("stopped; leases released", file=sys.stderr)
     return 0
+
+
+def _following(sharded: ShardedCompactor) -> str:
+    """How the daemon names a log it follows: ``receipts`` or ``receipts (4 shards)``."""
+    count = len(sharded.compactors)
+    return (
+        sharded.config.log
+        if not sharded.layout.sharded
+        else f"{sharded.config.log} ({count} shards)"
+    )
 
 
 def _exporter(
@@ -328,6 +382,26 @@ def register(commands: Any) -> None:
     )
     compact.add_argument(
         "--logs", action="append", help="with --follow: logs to follow (repeat or comma-separate)"
+    )
+    compact.add_argument(
+        "--shard",
+        type=int,
+        metavar="I",
+        help="compact only shard I of a sharded log (default: every shard, concurrently)",
+    )
+    compact.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="compact at most N shards at once (default: all of them)",
+    )
+    compact.add_argument(
+        "--retire-grace",
+        type=float,
+        default=DEFAULT_RETIRE_GRACE,
+        metavar="SECONDS",
+        help="delete a replaced generation's checkpoints this long after a reshard "
+        f"(default {DEFAULT_RETIRE_GRACE:g})",
     )
     compact.add_argument("--poll-min", type=float, default=0.5, help="fastest poll (s)")
     compact.add_argument("--poll-max", type=float, default=10.0, help="slowest poll (s)")

@@ -9,9 +9,10 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from deltalog.cli.options import add_location_flags, add_output_flags, config_from
+from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.output import print_fields
 from deltalog.log import DeltaLog, LogStatus
+from deltalog.shards import init_layout, parse_shard_count
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.policy import render
 from deltalog.storage.s3 import S3Store
@@ -32,10 +33,20 @@ async def cmd_init(args: argparse.Namespace) -> int:
     table = await DynamoTable.connect(config)
     try:
         table_created = await table.ensure_table()
+        print(f"table {config.table}: {'created' if table_created else 'exists'}", flush=True)
+        if args.shards is not None:
+            outcome = await init_layout(table, config.keys, args.shards, now=time.time())
+            print(_LAYOUT_OUTCOMES[outcome].format(log=config.log, shards=args.shards))
     finally:
         await table.aclose()
-    print(f"table {config.table}: {'created' if table_created else 'exists'}")
     return 0
+
+
+_LAYOUT_OUTCOMES = {
+    "one index": "log {log}: one index (no shards)",
+    "created": "log {log}: {shards} shards (layout generation 1)",
+    "exists": "log {log}: {shards} shards (layout exists)",
+}
 
 
 async def cmd_policy(args: argparse.Namespace) -> int:
@@ -127,6 +138,13 @@ def register(commands: Any) -> None:
     """Add ``init``, ``policy`` and ``status`` to the ``deltalog`` parser."""
     init = commands.add_parser("init", help="create the bucket and the table if missing")
     add_location_flags(init)
+    init.add_argument(
+        "--shards",
+        type=argument(parse_shard_count),
+        metavar="N",
+        help="record the log's shard count: N indexes compacted in parallel (default: one "
+        "index, no layout); change it later with `deltalog reshard`",
+    )
     init.set_defaults(run=cmd_init)
 
     policy = commands.add_parser("policy", help="print a least-privilege IAM policy as JSON")

@@ -33,7 +33,7 @@ from rich.progress import (
 
 from compactor.replay import Progress as ReplayProgress
 
-__all__ = ["ProgressDisplay", "compaction_progress"]
+__all__ = ["ProgressDisplay", "compaction_progress", "shards_progress"]
 
 PLAIN_INTERVAL = 5.0
 """Seconds between two plain lines when stderr is not a terminal."""
@@ -165,6 +165,30 @@ def compaction_progress(
             total=total,
             entries=progress.entries,
             vectors=progress.vectors,
+        )
+
+    return report
+
+
+def shards_progress(
+    display: ProgressDisplay, head: int | None = None
+) -> Callable[[ReplayProgress], None]:
+    """``compaction_progress`` for several shards reporting at once: their sums.
+
+    Each shard counts the seqs it passed since its own start; the total is
+    what the shards that reported so far have to pass to reach ``head``.
+    """
+    latest: dict[str | None, ReplayProgress] = {}
+
+    def report(progress: ReplayProgress) -> None:
+        latest[progress.shard] = progress
+        done = sum(p.seq - p.after for p in latest.values())
+        total = None if head is None else sum(max(head - p.after, 0) for p in latest.values())
+        display.update(
+            done,
+            total=total,
+            entries=sum(p.entries for p in latest.values()),
+            vectors=sum(p.vectors for p in latest.values()),
         )
 
     return report

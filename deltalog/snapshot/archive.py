@@ -75,6 +75,8 @@ class Sidecar(msgspec.Struct, frozen=True):
     """Relative POSIX path -> sha256 of every file but the sidecar; ``archive`` fills it."""
     deltalog_version: str = ""
     chroma_version: str = ""
+    shard: str = ""
+    """The shard of a sharded log it holds (``g{generation}-s{index}``); "" for a log without."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,13 @@ from deltalog.errors import (
     DeltalogError,
     LeaseBusy,
     LeaseLost,
+    Resharded,
     Unavailable,
 )
 from deltalog.keys import (
     HEAD_SK,
     IDEMPOTENCY_PREFIX,
+    LAYOUT_SK,
     QUARANTINE_PREFIX,
     SCHEMA_SK,
     STATE_SK,
@@ -39,7 +41,7 @@ from deltalog.keys import (
     quarantine_sk,
 )
 from deltalog.storage.aws import Reachability, client, error_code, translate
-from deltalog.storage.table import Claim, Commit, LeaseState, LogState
+from deltalog.storage.table import Claim, Commit, Layout, LeaseState, LogState, Retiring
 
 __all__ = ["DynamoTable"]
 
@@ -272,8 +274,8 @@ class DynamoTable:
             raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
         return True
 
-    async def read_state(self, log_id: str) -> LogState:
-        item = await self._get(log_id, STATE_SK, "read the state")
+    async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState:
+        item = await self._get(log_id, sk, "read the state")
         return _state_of(item)
 
     async def _update_state(
@@ -297,8 +299,10 @@ class DynamoTable:
         attributes: dict[str, Any] = answer["Attributes"]
         return attributes
 
-    async def _lost(self, log_id: str, token: int, what: str) -> LeaseLost:
-        state = await self.read_state(log_id)
+    async def _lost(self, log_id: str, token: int, what: str, sk: str = STATE_SK) -> LeaseLost:
+        state = await self.read_state(log_id, sk=sk)
+        if state.retired_by:
+            return _retired(log_id, sk, state)
         return LeaseLost(
             f"{what}: lease lost (now held by {state.owner} with token {state.token}, "
             f"ours was {token}); stop: a newer compactor owns this log",
@@ -306,14 +310,25 @@ class DynamoTable:
         )
 
     async def _take(
-        self, log_id: str, sk: str, what: str, owner: str, *, ttl: float, now: float
+        self,
+        log_id: str,
+        sk: str,
+        what: str,
+        owner: str,
+        *,
+        ttl: float,
+        now: float,
+        current: str = "",
     ) -> dict[str, Any] | None:
-        """Take a lease item if free or expired, adding one to its token; None if held."""
+        """Take a lease item if free or expired, adding one to its token; None if held.
+
+        ``current`` is a further condition (a state item must not be retired).
+        """
         return await self._update_state(
             log_id,
             what,
             sk=sk,
-            condition="attribute_not_exists(#owner) OR #exp <= :now",
+            condition=f"(attribute_not_exists(#owner) OR #exp <= :now){current}",
             UpdateExpression="SET #owner = :owner, #exp = :exp, updated_at = :now ADD #token :one",
             ExpressionAttributeNames={"#owner": "owner", "#exp": "expires_at", "#token": "token"},
             ExpressionAttributeValues={
@@ -325,14 +340,23 @@ class DynamoTable:
         )
 
     async def _extend(
-        self, log_id: str, sk: str, what: str, owner: str, token: int, *, ttl: float, now: float
+        self,
+        log_id: str,
+        sk: str,
+        what: str,
+        owner: str,
+        token: int,
+        *,
+        ttl: float,
+        now: float,
+        current: str = "",
     ) -> dict[str, Any] | None:
         """Extend a lease item held by (owner, token); None if it is not."""
         return await self._update_state(
             log_id,
             what,
             sk=sk,
-            condition=self._HELD,
+            condition=f"{self._HELD}{current}",
             UpdateExpression="SET expires_at = :exp, updated_at = :now",
             ExpressionAttributeNames=self._HELD_NAMES,
             ExpressionAttributeValues={
@@ -342,10 +366,16 @@ class DynamoTable:
             },
         )
 
-    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
-        item = await self._take(log_id, STATE_SK, "acquire the lease", owner, ttl=ttl, now=now)
+    async def acquire(
+        self, log_id: str, owner: str, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> LogState:
+        item = await self._take(
+            log_id, sk, "acquire the lease", owner, ttl=ttl, now=now, current=_CURRENT
+        )
         if item is None:
-            state = await self.read_state(log_id)
+            state = await self.read_state(log_id, sk=sk)
+            if state.retired_by:
+                raise _retired(log_id, sk, state)
             raise LeaseBusy(
                 f"the lease is held by {state.owner} until {state.expires_at:.3f} "
                 f"(in {max(0.0, state.expires_at - now):.1f}s)",
@@ -359,22 +389,33 @@ class DynamoTable:
     def _held_values(self, owner: str, token: int) -> dict[str, Any]:
         return {":owner": _s(owner), ":token": _n(token)}
 
-    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+    async def renew(
+        self, log_id: str, owner: str, token: int, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> None:
         item = await self._extend(
-            log_id, STATE_SK, "renew the lease", owner, token, ttl=ttl, now=now
+            log_id, sk, "renew the lease", owner, token, ttl=ttl, now=now, current=_CURRENT
         )
         if item is None:
-            raise await self._lost(log_id, token, "renew")
+            raise await self._lost(log_id, token, "renew", sk)
 
     async def commit(
-        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+        self,
+        log_id: str,
+        owner: str,
+        token: int,
+        *,
+        prev_hwm: int,
+        commit: Commit,
+        now: float,
+        sk: str = STATE_SK,
     ) -> LogState:
         hwm_matches = "hwm = :prev" if prev_hwm else "(attribute_not_exists(hwm) OR hwm = :prev)"
         sets, values = _commit_sets(commit)
         item = await self._update_state(
             log_id,
             "commit",
-            condition=f"{self._HELD} AND {hwm_matches}",
+            sk=sk,
+            condition=f"{self._HELD} AND {hwm_matches}{_CURRENT}",
             UpdateExpression=f"SET {', '.join(sets)}",
             ExpressionAttributeNames=self._HELD_NAMES,
             ExpressionAttributeValues={
@@ -386,16 +427,21 @@ class DynamoTable:
         )
         if item is not None:
             return _state_of(item)
-        state = await self.read_state(log_id)
+        state = await self.read_state(log_id, sk=sk)
+        if state.retired_by:
+            raise _retired(log_id, sk, state)
         if state.owner == owner and state.token == token:
             raise Conflict(f"commit refused: hwm moved from {prev_hwm} to {state.hwm}", log=log_id)
-        raise await self._lost(log_id, token, "commit")
+        raise await self._lost(log_id, token, "commit", sk)
 
-    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+    async def release(
+        self, log_id: str, owner: str, token: int, *, last_run: str = "", sk: str = STATE_SK
+    ) -> bool:
         run = ", last_run = :run" if last_run else ""
         item = await self._update_state(
             log_id,
             "release the lease",
+            sk=sk,
             condition=self._HELD,
             UpdateExpression=f"REMOVE #owner SET expires_at = :zero{run}",
             ExpressionAttributeNames=self._HELD_NAMES,
@@ -408,16 +454,17 @@ class DynamoTable:
         return item is not None
 
     async def note_hole(
-        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float, sk: str = STATE_SK
     ) -> float:
-        state = await self.read_state(log_id)
+        state = await self.read_state(log_id, sk=sk)
         if state.owner != owner or state.token != token:
-            raise await self._lost(log_id, token, "note a hole")
+            raise await self._lost(log_id, token, "note a hole", sk)
         if state.hole_seq == seq:
             return state.hole_first_seen
         item = await self._update_state(
             log_id,
             "note a hole",
+            sk=sk,
             condition=self._HELD,
             UpdateExpression="SET hole_seq = :seq, hole_first_seen = :now",
             ExpressionAttributeNames=self._HELD_NAMES,
@@ -428,8 +475,63 @@ class DynamoTable:
             },
         )
         if item is None:
-            raise await self._lost(log_id, token, "note a hole")
+            raise await self._lost(log_id, token, "note a hole", sk)
         return now
+
+    async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
+        item = await self._update_state(
+            log_id,
+            "retire a state",
+            sk=sk,
+            condition="attribute_not_exists(retired_by) OR retired_by = :gen",
+            UpdateExpression="SET retired_by = :gen, updated_at = :now",
+            ExpressionAttributeValues={":gen": _n(generation), ":now": _n(now)},
+        )
+        if item is not None:
+            return _state_of(item)
+        state = await self.read_state(log_id, sk=sk)
+        raise Conflict(
+            f"the state {sk!r} was retired by generation {state.retired_by}, not {generation}",
+            log=log_id,
+        )
+
+    async def read_layout(self, log_id: str) -> Layout:
+        return _layout_of(await self._get(log_id, LAYOUT_SK, "read the layout"))
+
+    async def write_layout(
+        self, log_id: str, layout: Layout, *, expected: Layout, now: float
+    ) -> Layout:
+        names = {f"#{name}": name for name in _LAYOUT_NUMBERS}
+        values: dict[str, Any] = {f":{name}": _n(getattr(layout, name)) for name in _LAYOUT_NUMBERS}
+        names["#retiring"] = "retiring"
+        values[":retiring"] = {"L": [_retiring_item(r) for r in layout.retiring]}
+        names["#at"], values[":at"] = "updated_at", _n(now)
+        if expected.stored:
+            condition = "#generation = :was AND #pending_generation = :was_pending"
+            values |= {
+                ":was": _n(expected.generation),
+                ":was_pending": _n(expected.pending_generation),
+            }
+        else:
+            condition = "attribute_not_exists(pk)"
+        item = await self._update_state(
+            log_id,
+            "write the layout",
+            sk=LAYOUT_SK,
+            condition=condition,
+            UpdateExpression="SET " + ", ".join(f"{n} = :{n[1:]}" for n in names),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+        if item is None:
+            stored = await self.read_layout(log_id)
+            raise Conflict(
+                f"the layout changed: generation {stored.generation} (pending "
+                f"{stored.pending_generation}), not {expected.generation} (pending "
+                f"{expected.pending_generation}); read it again",
+                log=log_id,
+            )
+        return _layout_of(item)
 
     async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
         await self._call(
@@ -528,6 +630,43 @@ class DynamoTable:
         return True
 
 
+_CURRENT = " AND attribute_not_exists(retired_by)"
+"""The condition every acquire, renewal and commit of a state item adds: not retired."""
+_LAYOUT_NUMBERS = ("shards", "generation", "pending_shards", "pending_generation", "floor")
+
+
+def _retired(log_id: str, sk: str, state: LogState) -> Resharded:
+    return Resharded(
+        f"the state {sk!r} was retired by layout generation {state.retired_by} (the log was "
+        "resharded): read the layout again and use its shards",
+        generation=state.retired_by,
+        log=log_id,
+    )
+
+
+def _retiring_item(retiring: Retiring) -> dict[str, Any]:
+    return {
+        "M": {
+            "generation": _n(retiring.generation),
+            "shards": _n(retiring.shards),
+            "since": _n(retiring.since),
+        }
+    }
+
+
+def _layout_of(item: dict[str, Any]) -> Layout:
+    if not item:
+        return Layout()
+    numbers = {name: int(item[name]["N"]) for name in _LAYOUT_NUMBERS if name in item}
+    retiring = tuple(
+        Retiring(int(m["generation"]["N"]), int(m["shards"]["N"]), float(m["since"]["N"]))
+        for v in item.get("retiring", {}).get("L", ())
+        if (m := v.get("M"))
+    )
+    updated = float(item["updated_at"]["N"]) if "updated_at" in item else 0.0
+    return Layout(**numbers, retiring=retiring, updated_at=updated, stored=True)
+
+
 def _lease_of(item: dict[str, Any]) -> LeaseState:
     owner = item.get("owner", {}).get("S")
     return LeaseState(
@@ -594,4 +733,5 @@ def _state_of(item: dict[str, Any]) -> LogState:
         recent_snapshots=tuple(
             v["S"] for v in item.get("recent_snapshots", {}).get("L", ()) if "S" in v
         ),
+        retired_by=int(number("retired_by")),
     )

@@ -15,6 +15,16 @@ token; ``renew``, ``commit``, ``note_hole`` and ``release`` are conditioned
 on owner and token, so a compactor that paused past its lease is fenced
 off whatever the clocks say.
 
+**Shards** (DESIGN.md "Shards"): the ``layout`` item says how many indexes
+the log is split into and in which generation (``read_layout``; no item:
+one index, generation 0, today's ``state`` item). Each shard has a state
+item of its own: the state methods take its sort key ``sk`` (default the
+log's own ``state``). A reshard **retires** the state items of the old
+generation (``retire_state``): from then on no acquire, renewal or commit
+succeeds on them (``Resharded``), which fences the old generation's
+compactors; the layout itself changes by compare-and-set
+(``write_layout``).
+
 **Named leases** (``acquire_lease`` and friends) are the same protocol on
 an item of their own, ``(log, "lease#{name}")``: the right of one process to
 own something outside the log for that log (``deltalog mirror`` holds one
@@ -28,9 +38,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from deltalog.errors import Conflict, LeaseBusy, LeaseLost
+from deltalog.errors import Conflict, LeaseBusy, LeaseLost, Resharded
+from deltalog.keys import STATE_SK
 
-__all__ = ["Claim", "Commit", "LeaseState", "LogState", "MemoryTable", "Table"]
+__all__ = [
+    "Claim",
+    "Commit",
+    "Layout",
+    "LeaseState",
+    "LogState",
+    "MemoryTable",
+    "Retiring",
+    "Table",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +95,8 @@ class LogState:
     """The keys of the most recently committed snapshots, newest (the committed
     one) first: what retention keeps. Empty for a state committed by a version
     before it."""
+    retired_by: int = 0
+    """The layout generation that replaced this state (a reshard); 0 while current."""
 
     def lease_free(self, now: float) -> bool:
         return self.owner is None or self.expires_at <= now
@@ -88,6 +110,42 @@ class LogState:
     def tail_entries(self) -> int:
         """Seqs in the committed tail, ``(checkpoint_hwm, hwm]``."""
         return self.hwm - self.checkpoint_hwm
+
+
+@dataclass(frozen=True, slots=True)
+class Retiring:
+    """An earlier generation whose checkpoints are deleted once ``since`` + a grace is past."""
+
+    generation: int
+    shards: int
+    since: float
+    """When the switch to a newer generation made it old."""
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How a log is split into indexes: the ``layout`` item (DESIGN.md "Shards").
+
+    ``shards`` indexes in ``generation``; a log without the item has one
+    index in generation 0 (the log's own keys). A reshard in progress
+    builds ``pending_shards`` in ``pending_generation`` (0: none). ``floor``
+    is the old generation's last committed hwm at the switch: readers' cut
+    is never below it.
+    """
+
+    shards: int = 1
+    generation: int = 0
+    pending_shards: int = 0
+    pending_generation: int = 0
+    floor: int = 0
+    retiring: tuple[Retiring, ...] = ()
+    updated_at: float = 0.0
+    stored: bool = False
+    """Whether the item exists (``write_layout`` compares it)."""
+
+    @property
+    def sharded(self) -> bool:
+        return self.generation > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,37 +222,71 @@ class Table(Protocol):
         """
         ...
 
-    async def read_state(self, log_id: str) -> LogState: ...
+    async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState: ...
 
-    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
+    async def acquire(
+        self, log_id: str, owner: str, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> LogState:
         """Take the lease if free or expired, adding one to the token.
 
-        Raises ``LeaseBusy`` naming the holder otherwise.
+        Raises ``LeaseBusy`` naming the holder otherwise, ``Resharded`` if the
+        state is retired.
         """
         ...
 
-    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
-        """Extend the lease; ``LeaseLost`` if ``owner``/``token`` no longer hold it."""
+    async def renew(
+        self, log_id: str, owner: str, token: int, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> None:
+        """Extend the lease; ``LeaseLost`` if ``owner``/``token`` no longer hold it
+        (``Resharded`` if the state was retired)."""
         ...
 
     async def commit(
-        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+        self,
+        log_id: str,
+        owner: str,
+        token: int,
+        *,
+        prev_hwm: int,
+        commit: Commit,
+        now: float,
+        sk: str = STATE_SK,
     ) -> LogState:
-        """The commit point: set hwm and snapshot only if the lease and hwm are as read.
+        """The commit point: set hwm and snapshot only if the lease and hwm are as read
+        and the state is not retired.
 
-        Raises ``LeaseLost`` when fenced (another owner or token), ``Conflict``
-        when hwm moved.
+        Raises ``LeaseLost`` when fenced (another owner or token; ``Resharded``
+        when retired), ``Conflict`` when hwm moved.
         """
         ...
 
-    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+    async def release(
+        self, log_id: str, owner: str, token: int, *, last_run: str = "", sk: str = STATE_SK
+    ) -> bool:
         """Give the lease up (keeping the token); False if it was no longer ours."""
         ...
 
     async def note_hole(
-        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float, sk: str = STATE_SK
     ) -> float:
         """Record when the hole at ``seq`` was first seen (under the lease); return that time."""
+        ...
+
+    async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
+        """Retire a state item for ``generation`` (idempotent; ``Conflict`` if another
+        generation retired it): no acquire, renewal or commit succeeds on it again."""
+        ...
+
+    async def read_layout(self, log_id: str) -> Layout:
+        """The layout item, or the default ``Layout()`` (one index, generation 0)."""
+        ...
+
+    async def write_layout(
+        self, log_id: str, layout: Layout, *, expected: Layout, now: float
+    ) -> Layout:
+        """Store ``layout`` if the stored item is still ``expected`` (absent when
+        ``expected.stored`` is false; else the same generation and pending
+        generation). ``Conflict`` otherwise."""
         ...
 
     async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
@@ -231,7 +323,8 @@ class MemoryTable:
         self._heads: dict[str, int] = {}
         self._dims: dict[str, dict[str, int]] = {}
         self._claims: dict[tuple[str, str], Claim] = {}
-        self._states: dict[str, LogState] = {}
+        self._states: dict[tuple[str, str], LogState] = {}
+        self._layouts: dict[str, Layout] = {}
         self._quarantined: dict[str, dict[int, str]] = {}
         self._leases: dict[tuple[str, str], LeaseState] = {}
         self.requests = 0
@@ -273,12 +366,15 @@ class MemoryTable:
         self._claims[(log_id, old.key)] = new
         return True
 
-    async def read_state(self, log_id: str) -> LogState:
+    async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState:
         self.requests += 1
-        return self._states.get(log_id, LogState())
+        return self._states.get((log_id, sk), LogState())
 
-    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
-        state = await self.read_state(log_id)
+    async def acquire(
+        self, log_id: str, owner: str, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> LogState:
+        state = await self.read_state(log_id, sk=sk)
+        _check_current(state, log_id, sk)
         if not state.lease_free(now):
             raise LeaseBusy(
                 f"the lease is held by {state.owner} until {state.expires_at:.3f}", log=log_id
@@ -286,11 +382,15 @@ class MemoryTable:
         state = replace(
             state, owner=owner, token=state.token + 1, expires_at=now + ttl, updated_at=now
         )
-        self._states[log_id] = state
+        self._states[(log_id, sk)] = state
         return state
 
-    def _held(self, log_id: str, owner: str, token: int) -> LogState:
-        state = self._states.get(log_id, LogState())
+    def _held(
+        self, log_id: str, sk: str, owner: str, token: int, *, current: bool = True
+    ) -> LogState:
+        state = self._states.get((log_id, sk), LogState())
+        if current:
+            _check_current(state, log_id, sk)
         if state.owner != owner or state.token != token:
             raise LeaseLost(
                 f"lease lost: held by {state.owner} with token {state.token}, not token {token}",
@@ -298,16 +398,26 @@ class MemoryTable:
             )
         return state
 
-    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+    async def renew(
+        self, log_id: str, owner: str, token: int, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> None:
         self.requests += 1
-        state = self._held(log_id, owner, token)
-        self._states[log_id] = replace(state, expires_at=now + ttl, updated_at=now)
+        state = self._held(log_id, sk, owner, token)
+        self._states[(log_id, sk)] = replace(state, expires_at=now + ttl, updated_at=now)
 
     async def commit(
-        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+        self,
+        log_id: str,
+        owner: str,
+        token: int,
+        *,
+        prev_hwm: int,
+        commit: Commit,
+        now: float,
+        sk: str = STATE_SK,
     ) -> LogState:
         self.requests += 1
-        state = self._held(log_id, owner, token)
+        state = self._held(log_id, sk, owner, token)
         if state.hwm != prev_hwm:
             raise Conflict(f"hwm moved from {prev_hwm} to {state.hwm}", log=log_id)
         if commit.snapshot_key is not None:
@@ -328,29 +438,63 @@ class MemoryTable:
             recent_snapshots=commit.recent_snapshots or state.recent_snapshots,
             updated_at=now,
         )
-        self._states[log_id] = state
+        self._states[(log_id, sk)] = state
         return state
 
-    async def release(self, log_id: str, owner: str, token: int, *, last_run: str = "") -> bool:
+    async def release(
+        self, log_id: str, owner: str, token: int, *, last_run: str = "", sk: str = STATE_SK
+    ) -> bool:
         self.requests += 1
         try:
-            state = self._held(log_id, owner, token)
+            state = self._held(log_id, sk, owner, token, current=False)
         except LeaseLost:
             return False
-        self._states[log_id] = replace(
+        self._states[(log_id, sk)] = replace(
             state, owner=None, expires_at=0.0, last_run=last_run or state.last_run
         )
         return True
 
     async def note_hole(
-        self, log_id: str, owner: str, token: int, *, seq: int, now: float
+        self, log_id: str, owner: str, token: int, *, seq: int, now: float, sk: str = STATE_SK
     ) -> float:
         self.requests += 1
-        state = self._held(log_id, owner, token)
+        state = self._held(log_id, sk, owner, token, current=False)
         if state.hole_seq == seq:
             return state.hole_first_seen
-        self._states[log_id] = replace(state, hole_seq=seq, hole_first_seen=now)
+        self._states[(log_id, sk)] = replace(state, hole_seq=seq, hole_first_seen=now)
         return now
+
+    async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
+        self.requests += 1
+        state = self._states.get((log_id, sk), LogState())
+        if state.retired_by not in (0, generation):
+            raise Conflict(
+                f"the state {sk!r} was retired by generation {state.retired_by}, not {generation}",
+                log=log_id,
+            )
+        state = replace(state, retired_by=generation, updated_at=now)
+        self._states[(log_id, sk)] = state
+        return state
+
+    async def read_layout(self, log_id: str) -> Layout:
+        self.requests += 1
+        return self._layouts.get(log_id, Layout())
+
+    async def write_layout(
+        self, log_id: str, layout: Layout, *, expected: Layout, now: float
+    ) -> Layout:
+        self.requests += 1
+        stored = self._layouts.get(log_id, Layout())
+        if not _same_layout(stored, expected):
+            raise Conflict(
+                f"the layout changed: generation {stored.generation} (pending "
+                f"{stored.pending_generation}), not {expected.generation} (pending "
+                f"{expected.pending_generation}); read it again",
+                log=log_id,
+            )
+        written = replace(layout, updated_at=now, stored=True)
+        self._layouts[log_id] = written
+        return written
 
     async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
         self.requests += 1
@@ -405,3 +549,24 @@ class MemoryTable:
 
     async def aclose(self) -> None:
         return None
+
+
+def _check_current(state: LogState, log_id: str, sk: str) -> None:
+    """``Resharded`` if a reshard retired the state: nobody acquires or commits there again."""
+    if state.retired_by:
+        raise Resharded(
+            f"the state {sk!r} was retired by layout generation {state.retired_by} (the log "
+            "was resharded): read the layout again and use its shards",
+            generation=state.retired_by,
+            log=log_id,
+        )
+
+
+def _same_layout(stored: Layout, expected: Layout) -> bool:
+    """Whether ``stored`` is the layout a compare-and-set expected."""
+    if not expected.stored:
+        return not stored.stored
+    return stored.stored and (stored.generation, stored.pending_generation) == (
+        expected.generation,
+        expected.pending_generation,
+    )

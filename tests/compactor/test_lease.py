@@ -10,6 +10,7 @@ import pytest
 
 from compactor.lease import LeaseKeeper
 from deltalog.errors import LeaseLost
+from deltalog.keys import STATE_SK
 from deltalog.storage.table import MemoryTable
 
 LOG = "lease-log"
@@ -22,9 +23,11 @@ class RecordingTable(MemoryTable):
         super().__init__()
         self.renewals: list[tuple[float, str, int]] = []
 
-    async def renew(self, log_id: str, owner: str, token: int, *, ttl: float, now: float) -> None:
+    async def renew(
+        self, log_id: str, owner: str, token: int, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> None:
         self.renewals.append((time.monotonic(), owner, token))
-        await super().renew(log_id, owner, token, ttl=ttl, now=now)
+        await super().renew(log_id, owner, token, ttl=ttl, now=now, sk=sk)
 
 
 async def test_heartbeat_renews_every_third_of_the_ttl_with_owner_and_token() -> None:

@@ -31,6 +31,7 @@ from deltalog import (
 )
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.entry import new_id
+from deltalog.keys import STATE_SK
 from deltalog.reader import Reader
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import MemoryStore
@@ -741,8 +742,10 @@ class SlowAcquireTable(MemoryTable):
         self.landed = anyio.Event()
         self.answer = anyio.Event()
 
-    async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
-        state = await super().acquire(log_id, owner, ttl=ttl, now=now)
+    async def acquire(
+        self, log_id: str, owner: str, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> LogState:
+        state = await super().acquire(log_id, owner, ttl=ttl, now=now, sk=sk)
         self.landed.set()
         await self.answer.wait()
         return state

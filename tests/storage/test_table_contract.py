@@ -10,9 +10,19 @@ import anyio
 import pytest
 
 from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
-from deltalog.keys import STATE_SK
+from deltalog.errors import Resharded
+from deltalog.keys import STATE_SK, LogKeys, Shard
 from deltalog.storage.dynamo import DynamoTable
-from deltalog.storage.table import Claim, Commit, LeaseState, LogState, MemoryTable, Table
+from deltalog.storage.table import (
+    Claim,
+    Commit,
+    Layout,
+    LeaseState,
+    LogState,
+    MemoryTable,
+    Retiring,
+    Table,
+)
 
 
 class TableContract:
@@ -163,6 +173,63 @@ class TableContract:
         state = await table.read_state(log_id)
         assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
 
+    async def test_shard_states_are_items_of_their_own(self, table: Table, log_id: str) -> None:
+        sk = LogKeys("", "x", Shard(1, 2, 3)).state_sk
+        own = await table.acquire(log_id, "a", ttl=10, now=100.0)
+        shard = await table.acquire(log_id, "b", ttl=10, now=100.0, sk=sk)
+        assert (own.owner, own.token, shard.owner, shard.token) == ("a", 1, "b", 1)
+        await table.renew(log_id, "b", 1, ttl=10, now=105.0, sk=sk)
+        commit = Commit(3, "snap-3", "sha-3", 30)
+        await table.commit(log_id, "b", 1, prev_hwm=0, commit=commit, now=106.0, sk=sk)
+        assert await table.release(log_id, "b", 1, sk=sk)
+        state = await table.read_state(log_id, sk=sk)
+        assert (state.hwm, state.snapshot_key, state.owner) == (3, "snap-3", None)
+        assert (await table.read_state(log_id)).hwm == 0
+        with pytest.raises(LeaseLost):  # the shard's token is not the log's
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=commit, now=107.0, sk=sk)
+
+    async def test_a_retired_state_takes_no_acquire_renewal_or_commit(
+        self, table: Table, log_id: str
+    ) -> None:
+        """A reshard fences the old generation: whoever holds its lease, nothing lands."""
+        held = await table.acquire(log_id, "a", ttl=10, now=100.0)
+        retired = await table.retire_state(log_id, sk=STATE_SK, generation=2, now=101.0)
+        assert (retired.retired_by, retired.owner, retired.token) == (2, "a", held.token)
+        again = await table.retire_state(log_id, sk=STATE_SK, generation=2, now=102.0)
+        assert again.retired_by == 2, "retiring is idempotent"
+        with pytest.raises(Conflict, match="retired by generation 2"):
+            await table.retire_state(log_id, sk=STATE_SK, generation=3, now=102.0)
+        with pytest.raises(Resharded, match="generation 2") as fenced:
+            await table.renew(log_id, "a", 1, ttl=10, now=102.0)
+        assert fenced.value.generation == 2
+        with pytest.raises(Resharded):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=Commit(1), now=103.0)
+        with pytest.raises(Resharded):
+            await table.acquire(log_id, "b", ttl=10, now=200.0)
+        assert await table.release(log_id, "a", 1), "the holder may still let go"
+        state = await table.read_state(log_id)
+        assert (state.hwm, state.retired_by, state.owner) == (0, 2, None)
+
+    async def test_the_layout_changes_by_compare_and_set(self, table: Table, log_id: str) -> None:
+        assert await table.read_layout(log_id) == Layout()
+        three = Layout(shards=3, generation=1)
+        written = await table.write_layout(log_id, three, expected=Layout(), now=100.0)
+        assert (written.shards, written.generation, written.stored) == (3, 1, True)
+        with pytest.raises(Conflict, match="layout changed"):  # a second creation loses
+            await table.write_layout(log_id, three, expected=Layout(), now=101.0)
+        stored = await table.read_layout(log_id)
+        pending = replace(stored, pending_shards=5, pending_generation=2)
+        await table.write_layout(log_id, pending, expected=stored, now=102.0)
+        with pytest.raises(Conflict):  # one who read before the proposal loses
+            await table.write_layout(log_id, replace(stored, floor=1), expected=stored, now=103.0)
+        switched = Layout(
+            shards=5, generation=2, floor=42, retiring=(Retiring(1, 3, 104.0),)
+        )
+        await table.write_layout(log_id, switched, expected=pending, now=104.0)
+        final = await table.read_layout(log_id)
+        assert replace(final, updated_at=0.0) == replace(switched, stored=True)
+        assert final.updated_at == 104.0
+
     async def test_named_leases_are_fenced_and_apart_from_the_compaction_lease(
         self, table: Table, log_id: str
     ) -> None:
@@ -307,7 +374,7 @@ class TestMemoryTable(TableContract):
         self, table: Table, log_id: str, *, hwm: int, key: str
     ) -> None:
         assert isinstance(table, MemoryTable)
-        table._states[log_id] = LogState(
+        table._states[(log_id, STATE_SK)] = LogState(
             hwm=hwm, snapshot_key=key, snapshot_sha256="sha", snapshot_size=50, token=3
         )
 
