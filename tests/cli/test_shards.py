@@ -1,0 +1,112 @@
+"""Sharded logs from the command line, as separate processes against moto's server:
+``init --shards``, ``compact`` (every shard, ``--shard``), ``compact --follow`` (a
+follower per shard), ``status`` (a row per shard), ``query`` (the same answer as an
+unsharded log), ``export``, ``verify``, ``rebuild`` and ``reshard``."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from deltalog import DeltaLog, LogConfig
+from deltalog.keys import Shard
+from tests.builders import delete, delta
+from tests.cli.test_compact import Cli, _daemon, _eventually, _true
+from tests.commands import deltalog, where
+
+
+async def _shard_hwms(log: DeltaLog, shards: int, generation: int = 1) -> list[int]:
+    keys = [log.keys.for_shard(Shard(generation, i, shards)) for i in range(shards)]
+    return [(await log.table.read_state(k.log_id, sk=k.state_sk)).hwm for k in keys]
+
+
+async def test_init_records_the_shard_count_once(config: LogConfig) -> None:
+    base = ["init", *where(config)]
+    first = await deltalog(*base, "--shards", "3")
+    assert first.code == 0, first.err
+    assert first.out.splitlines()[-1] == f"log {config.log}: 3 shards (layout generation 1)"
+    again = await deltalog(*base, "--shards", "3")
+    assert (again.code, again.out.splitlines()[-1]) == (
+        0,
+        f"log {config.log}: 3 shards (layout exists)",
+    )
+    other = await deltalog(*base, "--shards", "2")
+    assert other.code == 1
+    assert "has 3 shards" in other.err and "deltalog reshard --shards 2" in other.err
+    bad = await deltalog(*base, "--shards", "0")
+    assert bad.code == 2 and "a log has 1 to 256 shards, not 0" in bad.err
+    async with DeltaLog.open(config) as log:
+        layout = await log.table.read_layout(log.keys.log_id)
+        assert (layout.shards, layout.generation) == (3, 1)
+        retired = await log.table.read_state(log.keys.log_id)
+        assert retired.retired_by == 1, "the log's own index is retired"
+
+
+async def test_init_refuses_to_shard_a_log_that_holds_entries(
+    config: LogConfig, rng: np.random.Generator
+) -> None:
+    async with DeltaLog.open(config) as log:
+        await log.append(delta(rng, "a"))
+    run = await deltalog("init", *where(config), "--shards", "4")
+    assert run.code == 1
+    assert "already holds 1 seqs in one index" in run.err
+    assert "deltalog reshard --shards 4" in run.err
+    async with DeltaLog.open(config) as log:
+        assert not (await log.table.read_layout(log.keys.log_id)).stored, "nothing written"
+
+
+async def test_compact_runs_every_shard_or_one(
+    config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    cli = Cli(config, tmp_path / "cache")
+    assert (await deltalog("init", *where(config), "--shards", "3")).code == 0
+    async with DeltaLog.open(config) as log:
+        for i in range(4):
+            await log.append(delta(rng, f"r{i}", rows=4))
+        one = await cli("compact", "--shard", "1", "--json", "-q")
+        assert one.code == 0, one.err
+        (only,) = [json.loads(line) for line in one.out.splitlines()]
+        assert (only["shard"], only["generation"], only["status"]) == (1, 1, "applied")
+        assert await _shard_hwms(log, 3) == [0, 4, 0]
+        every = await cli("compact", "-q")
+        assert every.code == 0, every.err
+        lines = every.out.splitlines()
+        assert [line.split(":")[0] for line in lines] == [
+            f"{config.log} shard 0",
+            f"{config.log} shard 1",
+            f"{config.log} shard 2",
+        ]
+        assert "nothing to do at hwm 4" in lines[1]
+        assert await _shard_hwms(log, 3) == [4, 4, 4]
+        missing = await cli("compact", "--shard", "3")
+        assert missing.code == 1 and "no shard 3" in missing.err
+
+
+async def test_follow_runs_a_follower_per_shard_and_stops_on_a_signal(
+    config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    assert (await deltalog("init", *where(config), "--shards", "3")).code == 0
+    argv = [
+        *Cli(config, tmp_path / "cache").argv("compact"),
+        *("--follow", "--poll-min", "0.05", "--poll-max", "0.2"),
+    ]
+    async with DeltaLog.open(config) as log, _daemon(argv) as daemon:
+        banner = f"following {config.log} (3 shards); SIGINT or SIGTERM stops"
+        assert await _eventually(lambda: _true(banner in daemon.stderr), 30), daemon.stderr
+        for i in range(5):
+            await log.append(delta(rng, f"r{i}", rows=3))
+        await log.append(delete("r0#0"))
+
+        async def caught_up() -> bool:
+            return await _shard_hwms(log, 3) == [await log.head()] * 3
+
+        assert await _eventually(caught_up, 60), daemon.stderr
+        daemon.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            code = await daemon.process.wait()
+        assert code == 0, daemon.stderr
+        assert "Traceback" not in daemon.stderr
