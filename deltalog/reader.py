@@ -15,6 +15,16 @@
 - **fresh** consistency: the overlay goes on past hwm, up to the first hole.
   Only what arrived since the last call is read.
 
+A **sharded** log (DESIGN.md "Shards") is read as one index. Every shard's
+checkpoint is loaded (``concurrency`` at a time) with a tail of its own
+records; the log is read once and each entry folded into every shard's
+tail. Snapshot reads show every shard at one **cut**: the greatest committed
+shard hwm (``deltalog.shards.cut``), each lagging shard folding its entries
+up to it. Queries fan out to the shards (``concurrency`` at a time) and the
+answer is the nearest ``n_results`` of theirs, by distance (then id); ``get``
+sends ids to their shards and a filter to all. A state retired by a reshard
+makes the reader read the layout again and switch to the new shards.
+
 One ``Reader`` may serve concurrent calls (tasks of one event loop). Each
 call **pins** what it reads: under the reader's lock it refreshes, then
 takes the loaded snapshot and the tail folded on top of it, and answers
@@ -33,11 +43,11 @@ Distances are Chroma's: squared L2 by default, ``1 - dot`` for ``ip``,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeVar, cast
 
 import anyio
 import numpy as np
@@ -47,17 +57,20 @@ from deltalog.config import LogConfig
 from deltalog.entry import Batch, Entry, Metadata, Seal, Upsert
 from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
+from deltalog.keys import LogKeys, Shard, shard_of
 from deltalog.log import DeltaLog
+from deltalog.shards import current_shards, cut
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
-from deltalog.storage.table import LogState, Table
+from deltalog.storage.table import Layout, LogState, Table
 from deltalog.where import Where, matches, normalize_where
 
 __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistics"]
 
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
+T = TypeVar("T")
 
 _LOAD_ATTEMPTS = 5
 """How many committed snapshots a refresh tries when retention deletes the one it
@@ -81,15 +94,19 @@ class GetResult(TypedDict):
 class ReaderStatistics:
     consistency: Consistency
     hwm: int
-    """The committed hwm the reader last read."""
+    """The committed hwm the reader last read (for a sharded log, the cut every shard
+    is shown at: the greatest committed shard hwm)."""
     snapshot_key: str | None
     tail_seq: int
-    """The last seq folded into the overlay (== snapshot_hwm when there is no tail)."""
+    """The last seq folded into the overlay (== snapshot_hwm when there is no tail);
+    the smallest among the shards."""
     tail_entries: int
     snapshot_loads: int
     calls: int
     snapshot_hwm: int = 0
-    """The seq the loaded checkpoint holds."""
+    """The seq the loaded checkpoint holds (the smallest among the shards)."""
+    shards: int = 1
+    """How many indexes the reader answers from (1 for a log without shards)."""
 
 
 @dataclass(slots=True)
@@ -118,7 +135,7 @@ class _View:
 
 @dataclass(slots=True)
 class _Tail:
-    """Entries after the checkpoint, folded: the overlay."""
+    """Entries after the checkpoint, folded (a shard's records only): the overlay."""
 
     after: int
     last_seq: int
@@ -138,37 +155,64 @@ class _Snapshot:
 
     key: str | None
     hwm: int
+    shard: Shard | None = None
     sink: ChromaSink | None = None
     work: Path | None = None
+    cache: SnapshotCache | None = None
+    """The cache ``work`` (the snapshot's working copy) belongs to."""
     tail: _Tail = field(init=False)
     users: int = 0
     current: bool = True
 
     def __post_init__(self) -> None:
-        self.tail = _Tail(self.hwm, self.hwm)
+        self.tail = _Tail(self.hwm, self.hwm, Folder(shard=self.shard))
+
+
+@dataclass(slots=True, eq=False)
+class _Part:
+    """One index the reader answers from: the log's own, or one shard of it."""
+
+    keys: LogKeys
+    cache: SnapshotCache
+    snapshot: _Snapshot
+    hwm: int = 0
+    """The part's committed hwm when the reader last read its state."""
+
+    @property
+    def shard(self) -> Shard | None:
+        return self.keys.shard
 
 
 class Reader:
     """Query a log's committed snapshot (and its tail). Open with ``Reader.open``.
 
-    Concurrent calls may share one reader; see the module docstring.
+    Concurrent calls may share one reader; see the module docstring. A
+    sharded log is read as one index (DESIGN.md "Shards"): every shard's
+    checkpoint is loaded (``concurrency`` at a time), every call shows
+    them all at one cut, queries fan out to them and merge by distance.
     """
 
     def __init__(
         self,
         log: DeltaLog,
-        cache: SnapshotCache,
+        cache_dir: Path,
         *,
         consistency: Consistency = "snapshot",
         prefetch: int = 32,
+        concurrency: int = 8,
     ) -> None:
         if consistency not in ("snapshot", "fresh"):
             raise InvalidInput(f"consistency must be 'snapshot' or 'fresh', not {consistency!r}")
+        if concurrency < 1:
+            raise InvalidInput("concurrency must be at least 1")
         self.log = log
         self.consistency: Consistency = consistency
-        self._cache = cache
+        self._cache_dir = cache_dir
         self._prefetch = prefetch
-        self._snapshot = _Snapshot(None, 0)
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        """Bounds the shards loaded, and the shards a query waits on, at once."""
+        self._layout: Layout | None = None
+        self._parts: list[_Part] = []
         self._hwm = 0
         self._dims: dict[str, int] = {}
         """The log's schema (each collection's dimension), read when a collection is new."""
@@ -187,12 +231,12 @@ class Reader:
         cache_dir: Path | str | None = None,
         store: ObjectStore | None = None,
         table: Table | None = None,
+        concurrency: int = 8,
     ) -> AsyncIterator[Reader]:
-        """Connect to the log and load the committed snapshot."""
+        """Connect to the log and load the committed snapshot (every shard's)."""
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
-        cache = SnapshotCache(root / config.keys.cache_name)
         async with DeltaLog.open(config, store=store, table=table) as log:
-            reader = cls(log, cache, consistency=consistency)
+            reader = cls(log, root, consistency=consistency, concurrency=concurrency)
             try:
                 await reader.refresh()
                 yield reader
@@ -202,7 +246,8 @@ class Reader:
     async def aclose(self) -> None:
         """Close the reader; a call still running finishes on the snapshot it pinned."""
         self._closed = True
-        await self._retire(self._snapshot)
+        for part in self._parts:
+            await self._retire(part.snapshot)
 
     # -- keeping up -------------------------------------------------------------
 
@@ -212,17 +257,18 @@ class Reader:
             await self._refresh()
 
     @asynccontextmanager
-    async def _pinned(self) -> AsyncIterator[_Snapshot]:
-        """Refresh, then hold the current snapshot and its tail for one call."""
-        snapshot: _Snapshot | None = None
+    async def _pinned(self) -> AsyncIterator[list[_Snapshot]]:
+        """Refresh, then hold every part's current snapshot and its tail for one call."""
+        snapshots: list[_Snapshot] = []
         try:
             async with self._lock:
                 await self._refresh()
-                snapshot = self._snapshot
-                snapshot.users += 1
-            yield snapshot
+                snapshots = [part.snapshot for part in self._parts]
+                for snapshot in snapshots:
+                    snapshot.users += 1
+            yield snapshots
         finally:
-            if snapshot is not None:
+            for snapshot in snapshots:
                 snapshot.users -= 1
                 if not snapshot.current:
                     await self._retire(snapshot)
@@ -231,47 +277,130 @@ class Reader:
         """``refresh`` under the lock."""
         if self._closed:
             raise Closed("the reader is closed", log=self.log.config.log)
-        state = await self.log.table.read_state(self.log.keys.log_id)
+        if self._layout is None:
+            await self._use_layout(await self._read_layout())
+        states = await self._read_states()
+        if any(state.retired_by for state in states) and await self._relayout():
+            states = await self._read_states()  # the new generation's
+        states = await self._fan(self._parts, self._load_part, states)
+        layout = self._layout
+        assert layout is not None
+        self._hwm = cut(layout, states)
+        if self.consistency == "fresh":
+            await self._read_tail(None)
+            return
+        if any(part.snapshot.tail.last_seq < self._hwm for part in self._parts):
+            await self._read_tail(self._hwm)
+        for part, state in zip(self._parts, states, strict=True):
+            _check_committed_tail(part.snapshot.tail, state, self._hwm, self.log.config.log)
+
+    async def _read_layout(self) -> Layout:
+        return await self.log.table.read_layout(self.log.keys.log_id)
+
+    async def _use_layout(self, layout: Layout) -> None:
+        """Answer from ``layout``'s shards: the old parts are retired once unused."""
+        old, self._parts = (
+            self._parts,
+            [self._part(shard) for shard in current_shards(layout)],
+        )
+        self._layout = layout
+        for part in old:
+            await self._retire(part.snapshot)
+
+    def _part(self, shard: Shard | None) -> _Part:
+        keys = self.log.keys.for_shard(shard)
+        cache = SnapshotCache(self._cache_dir / keys.cache_name)
+        return _Part(keys, cache, _Snapshot(None, 0, shard))
+
+    async def _relayout(self) -> bool:
+        """A state was retired: use the new layout if the switch happened (True)."""
+        layout = await self._read_layout()
+        assert self._layout is not None
+        if layout.generation == self._layout.generation:
+            return False  # a reshard froze these shards; it has not switched yet
+        await self._use_layout(layout)
+        return True
+
+    async def _read_states(self) -> list[LogState]:
+        table, log_id = self.log.table, self.log.keys.log_id
+
+        async def read(part: _Part) -> LogState:
+            return await table.read_state(log_id, sk=part.keys.state_sk)
+
+        return await self._fan(self._parts, read)
+
+    async def _fan(
+        self, items: Sequence[Any], call: Callable[..., Awaitable[T]], *args: Sequence[Any]
+    ) -> list[T]:
+        """``call(item, *each arg's item)`` for every item (a part or a snapshot),
+        ``concurrency`` at once; the results in order.
+
+        One item needs no task group (a log without shards reads as it always did).
+        """
+        if len(items) == 1:
+            return [await call(items[0], *(arg[0] for arg in args))]
+        results: list[T | None] = [None] * len(items)
+
+        async def one(i: int) -> None:
+            async with self._limiter:
+                results[i] = await call(items[i], *(arg[i] for arg in args))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(len(items)):
+                    tg.start_soon(one, i)
+        except BaseExceptionGroup as group:  # one shard's error, as itself
+            raise group.exceptions[0] from None
+        return cast("list[T]", results)
+
+    async def _load_part(self, part: _Part, state: LogState) -> LogState:
+        """Load the checkpoint ``state`` points to, unless loaded; return the state used.
+
+        Retention may delete it between the state read and the download: then
+        the newer state is read and its checkpoint loaded (a few times).
+        """
         for attempt in range(1, _LOAD_ATTEMPTS + 1):
-            if self._holds(state):
+            if self._holds(part, state):
                 break
             try:
-                await self._load(state)
+                await self._load(part, state)
                 break
             except DataError as exc:
-                newer = await self.log.table.read_state(self.log.keys.log_id)
+                newer = await self.log.table.read_state(self.log.keys.log_id, sk=part.keys.state_sk)
                 if attempt == _LOAD_ATTEMPTS or not _pruned(exc, state, newer):
                     raise
                 state = newer
-        self._hwm = state.hwm
-        tail = self._snapshot.tail
-        if self.consistency == "fresh":
-            await self._read_tail(tail, None)
-        elif tail.last_seq < state.hwm:
-            await self._read_tail(tail, state.hwm)
-            _check_committed_tail(tail, state, self.log.config.log)
+        part.hwm = state.hwm
+        return state
 
-    def _holds(self, state: LogState) -> bool:
-        """Whether the loaded checkpoint is the one ``state`` points to."""
-        loaded = self._snapshot
-        return (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
+    def _holds(self, part: _Part, state: LogState) -> bool:
+        """Whether the loaded checkpoint is the one ``state`` points to.
 
-    async def _load(self, state: LogState) -> None:
+        A snapshot reader whose tail went past the committed hwm (a rollback by
+        ``rebuild --publish --force``) must load it again.
+        """
+        loaded = part.snapshot
+        behind = self.consistency == "fresh" or loaded.tail.last_seq <= state.hwm
+        return behind and (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
+
+    async def _load(self, part: _Part, state: LogState) -> None:
         loaded = await self._open_snapshot(
-            state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
+            part, state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
         )
         if self._closed:  # aclose() ran while it loaded
             await self._retire(loaded)
             raise Closed("the reader is closed", log=self.log.config.log)
-        old, self._snapshot = self._snapshot, loaded
+        old, part.snapshot = part.snapshot, loaded
         self._loads += 1
         await self._retire(old)
 
-    async def _open_snapshot(self, key: str | None, sha256: str | None, hwm: int) -> _Snapshot:
-        snapshot = _Snapshot(key, hwm)
+    async def _open_snapshot(
+        self, part: _Part, key: str | None, sha256: str | None, hwm: int
+    ) -> _Snapshot:
+        snapshot = _Snapshot(key, hwm, part.shard, cache=part.cache)
         if key is None or sha256 is None:
             return snapshot
-        snapshot.work = await self._cache.copy_of(
+        snapshot.work = await part.cache.copy_of(
             self.log.store, key, sha256, log=self.log.config.log
         )
         # Shielded: a cancellation would lose the client the thread made.
@@ -295,23 +424,27 @@ class Reader:
                 if sink is not None:
                     await sink.aclose()
             finally:
-                if work is not None:
-                    await anyio.to_thread.run_sync(self._cache.discard, work)
+                if work is not None and snapshot.cache is not None:
+                    await anyio.to_thread.run_sync(snapshot.cache.discard, work)
 
-    async def _read_tail(self, tail: _Tail, to_seq: int | None) -> None:
-        """Fold the entries after the tail's last seq (up to ``to_seq``), checked
-        against the log's schema.
+    async def _read_tail(self, to_seq: int | None) -> None:
+        """Fold the entries after each part's tail (up to ``to_seq``) into it, reading
+        the log once; checked against the log's schema.
 
         An entry whose vectors disagree with the schema is a ``CorruptEntry``, as
         it is for the compactor (only a writer that bypassed ``append`` makes one).
         """
+        tails = [part.snapshot.tail for part in self._parts]
         quarantined: dict[int, str] | None = None
         if not self._schema_read:  # once: the entries are checked against what it says
             self._dims = await self.log.table.read_dims(self.log.keys.log_id)
             self._schema_read = True
         while True:
+            after = min(tail.last_seq for tail in tails)
+            if to_seq is not None and after >= to_seq:
+                return
             reader = self.log.read(
-                after=tail.last_seq,
+                after=after,
                 to_seq=to_seq,
                 prefetch=self._prefetch,
                 classify_end=False,
@@ -321,14 +454,15 @@ class Reader:
                 async for seq, entry in reader:
                     if not _collections(entry) <= self._dims.keys():  # new to us: read the schema
                         self._dims = await self.log.table.read_dims(self.log.keys.log_id)
-                    _fold(tail, seq, entry)
+                    _fold_into(tails, seq, entry)
                 return
             except CorruptEntry as exc:
                 if quarantined is None:
                     quarantined = await self.log.table.read_quarantined(self.log.keys.log_id)
                 if exc.seq is None or exc.seq not in quarantined:
                     raise
-                _fold(tail, exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+                seal = Seal("quarantine", quarantined[exc.seq], "quarantine")
+                _fold_into(tails, exc.seq, seal)
 
     # -- queries ----------------------------------------------------------------
 
@@ -340,24 +474,38 @@ class Reader:
         n_results: int = 10,
         where: Where | None = None,
     ) -> QueryResult:
-        """The ``n_results`` nearest records per query vector (see the module docstring)."""
+        """The ``n_results`` nearest records per query vector (see the module docstring).
+
+        On a sharded log every shard answers its nearest and the answer is the
+        nearest of them all, by distance.
+        """
         if n_results < 1:
             raise InvalidInput("n_results must be at least 1")
         queries = _as_queries(query_embeddings)
         where_n = normalize_where(where)
-        async with self._pinned() as snapshot:
+        async with self._pinned() as snapshots:
             await self._check_dim(collection, queries.shape[1])
             self._calls += 1
-            view = await self._view(snapshot, collection)
-            sink = snapshot.sink
-            found = (
-                await sink.query(collection, queries, n_results + view.shadowed, where_n)
-                if sink is not None
-                else [[] for _ in range(len(queries))]
+
+            async def ask(snapshot: _Snapshot) -> tuple[_View, list[list[Hit]], str]:
+                view = await self._view(snapshot, collection)
+                sink = snapshot.sink
+                found = (
+                    await sink.query(collection, queries, n_results + view.shadowed, where_n)
+                    if sink is not None
+                    else [[] for _ in range(len(queries))]
+                )
+                space = await sink.space(collection) if sink is not None else "l2"
+                return view, found, space
+
+            answers = await self._fan(snapshots, ask)
+        merged = [
+            _merge(
+                found, _search(view, queries, where_n, n_results, space), view.removed, n_results
             )
-            space = await sink.space(collection) if sink is not None else "l2"
-        tail = _search(view, queries, where_n, n_results, space)
-        return _merge(found, tail, view.removed, n_results)
+            for view, found, space in answers
+        ]
+        return merged[0] if len(merged) == 1 else _merge_shards(merged, n_results)
 
     async def get(
         self,
@@ -367,21 +515,26 @@ class Reader:
         where: Where | None = None,
         limit: int | None = None,
     ) -> GetResult:
-        """Records by ids and/or metadata filter, snapshot and overlay merged."""
+        """Records by ids and/or metadata filter, snapshot and overlay merged.
+
+        On a sharded log ids go to their shards and a filter to every shard.
+        """
         where_n = normalize_where(where)
         wanted = list(ids) if ids is not None else None
-        async with self._pinned() as snapshot:
+        async with self._pinned() as snapshots:
             self._calls += 1
-            view = await self._view(snapshot, collection)
-            sink = snapshot.sink
-            rows = await sink.select(collection, wanted, where_n) if sink is not None else []
-        kept = [(r.id, r.document, r.metadata) for r in rows if r.id not in view.removed]
-        chosen = set(wanted) if wanted is not None else None
-        kept += [
-            (r.id, r.document, r.metadata)
-            for r in view.records
-            if (chosen is None or r.id in chosen) and matches(where_n, r.metadata)
-        ]
+
+            async def one(snapshot: _Snapshot, chosen: list[str] | None) -> list[_Row]:
+                if chosen == []:  # none of the ids is this shard's: Chroma would return all
+                    return []
+                view = await self._view(snapshot, collection)
+                sink = snapshot.sink
+                rows = await sink.select(collection, chosen, where_n) if sink is not None else []
+                return _get_rows(rows, view, chosen, where_n)
+
+            chosen = _route(snapshots, collection, wanted)
+            answers = await self._fan(snapshots, one, chosen)
+        kept = [row for rows in answers for row in rows]
         kept = kept[:limit] if limit is not None else kept
         return {
             "ids": [k[0] for k in kept],
@@ -416,16 +569,17 @@ class Reader:
         return view
 
     def statistics(self) -> ReaderStatistics:
-        snapshot = self._snapshot
+        snapshots = [part.snapshot for part in self._parts] or [_Snapshot(None, 0)]
         return ReaderStatistics(
             self.consistency,
             self._hwm,
-            snapshot.key,
-            snapshot.tail.last_seq,
-            snapshot.tail.entries,
+            snapshots[0].key,
+            min(s.tail.last_seq for s in snapshots),
+            sum(s.tail.entries for s in snapshots),
             self._loads,
             self._calls,
-            snapshot.hwm,
+            min(s.hwm for s in snapshots),
+            len(snapshots),
         )
 
 
@@ -439,11 +593,11 @@ def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
     return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
 
 
-def _check_committed_tail(tail: _Tail, state: LogState, log: str) -> None:
-    """Every seq up to hwm is an entry or a seal: a committed tail that ends early is damage."""
-    if tail.last_seq < state.hwm:
+def _check_committed_tail(tail: _Tail, state: LogState, upto: int, log: str) -> None:
+    """Every seq up to the cut is an entry or a seal: a tail that ends early is damage."""
+    if tail.last_seq < upto:
         raise DataError(
-            f"the committed tail ({state.checkpoint_hwm}, {state.hwm}] is missing seq "
+            f"the committed tail ({state.checkpoint_hwm}, {upto}] is missing seq "
             f"{tail.last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
             log=log,
             seq=tail.last_seq + 1,
@@ -462,6 +616,64 @@ def _fold(tail: _Tail, seq: int, entry: Any) -> None:
     tail.last_seq = seq
     tail.entries += 1
     tail.views.clear()
+
+
+def _fold_into(tails: Sequence[_Tail], seq: int, entry: Any) -> None:
+    """Fold an entry into every tail that has not passed it (each shard's own records)."""
+    for tail in tails:
+        if tail.last_seq < seq:
+            _fold(tail, seq, entry)
+
+
+_Row = tuple[str, str | None, Metadata | None]
+"""A record ``get`` returns: id, document, metadata."""
+
+
+def _route(
+    snapshots: Sequence[_Snapshot], collection: str, ids: list[str] | None
+) -> list[list[str] | None]:
+    """The ids each shard is asked for (all of them without shards; None: no id filter)."""
+    if ids is None or len(snapshots) == 1:
+        return [ids for _ in snapshots]
+    routed: list[list[str] | None] = [[] for _ in snapshots]
+    for id_ in ids:
+        shard = snapshots[0].shard
+        assert shard is not None
+        chosen = routed[shard_of(collection, id_, shard.count)]
+        assert chosen is not None
+        chosen.append(id_)
+    return routed
+
+
+def _get_rows(rows: list[Hit], view: _View, ids: list[str] | None, where: Any) -> list[_Row]:
+    """One index's ``get``: its snapshot's rows the overlay does not replace, then the overlay's."""
+    kept = [(r.id, r.document, r.metadata) for r in rows if r.id not in view.removed]
+    chosen = set(ids) if ids is not None else None
+    kept += [
+        (r.id, r.document, r.metadata)
+        for r in view.records
+        if (chosen is None or r.id in chosen) and matches(where, r.metadata)
+    ]
+    return kept
+
+
+def _merge_shards(answers: Sequence[QueryResult], n_results: int) -> QueryResult:
+    """The nearest ``n_results`` per query among every shard's nearest, by distance then id."""
+    result: QueryResult = {"ids": [], "distances": [], "documents": [], "metadatas": []}
+    for q in range(len(answers[0]["ids"])):
+        rows = sorted(
+            (
+                (a["distances"][q][i], a["ids"][q][i], a["documents"][q][i], a["metadatas"][q][i])
+                for a in answers
+                for i in range(len(a["ids"][q]))
+            ),
+            key=lambda row: (row[0], row[1]),
+        )[:n_results]
+        result["ids"].append([r[1] for r in rows])
+        result["distances"].append([r[0] for r in rows])
+        result["documents"].append([r[2] for r in rows])
+        result["metadatas"].append([r[3] for r in rows])
+    return result
 
 
 async def _build_view(sink: ChromaSink | None, collection: str, plan: CollectionPlan) -> _View:

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
+import pytest
 
 from deltalog import DeltaLog, LogConfig
+from deltalog.cli import main
 from deltalog.keys import Shard
+from deltalog.receipts.generate import generate_receipts
+from deltalog.receipts.model import write_jsonl
 from tests.builders import delete, delta
 from tests.cli.test_compact import Cli, _daemon, _eventually, _true
 from tests.commands import deltalog, where
@@ -110,3 +116,39 @@ async def test_follow_runs_a_follower_per_shard_and_stops_on_a_signal(
             code = await daemon.process.wait()
         assert code == 0, daemon.stderr
         assert "Traceback" not in daemon.stderr
+
+
+def _ranked(answer: dict[str, Any]) -> list[list[tuple[float, str]]]:
+    """Each query's rows by (distance, id), rows tied with the last one dropped: which
+    of several records at one distance make the cut is not part of the answer."""
+    out = []
+    for ids, distances in zip(answer["ids"], answer["distances"], strict=True):
+        rows = sorted((round(d, 4), i) for d, i in zip(distances, ids, strict=True))
+        last = rows[-1][0] if rows else None
+        out.append([row for row in rows if row[0] != last])
+    return out
+
+
+def test_query_json_is_the_same_for_a_sharded_and_an_unsharded_log(
+    config: LogConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sharded, single = config, replace(config, log=f"{config.log}-one")
+    path = tmp_path / "receipts.jsonl"
+    write_jsonl(path, generate_receipts(4, seed=3))
+    assert main(["init", *where(sharded), "--shards", "3"]) == 0
+    for c in (sharded, single):
+        embed = ["--embedder", "hash", "--dim", "32"]
+        assert main(["ingest", str(path), "-q", *embed, *where(c)]) == 0
+        assert main(["compact", "-q", "--cache-dir", str(tmp_path / c.log), *where(c)]) == 0
+    capsys.readouterr()
+    for consistency in ("snapshot", "fresh"):
+        for text in ("TOTAL", "MILK 2.99", "visa"):
+            answers = []
+            for c in (sharded, single):
+                search = ["--collection", "words", "--text", text, "-k", "8", "--json"]
+                flags = ["--consistency", consistency, "--embedder", "hash", "--dim", "32"]
+                assert main(["query", *search, *flags, *where(c)]) == 0
+                answers.append(json.loads(capsys.readouterr().out))
+            a, b = answers
+            assert np.allclose(a["distances"], b["distances"], atol=1e-4), (text, consistency)
+            assert _ranked(a) == _ranked(b), (text, consistency)
