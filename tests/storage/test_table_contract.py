@@ -222,9 +222,7 @@ class TableContract:
         await table.write_layout(log_id, pending, expected=stored, now=102.0)
         with pytest.raises(Conflict):  # one who read before the proposal loses
             await table.write_layout(log_id, replace(stored, floor=1), expected=stored, now=103.0)
-        switched = Layout(
-            shards=5, generation=2, floor=42, retiring=(Retiring(1, 3, 104.0),)
-        )
+        switched = Layout(shards=5, generation=2, floor=42, retiring=(Retiring(1, 3, 104.0),))
         await table.write_layout(log_id, switched, expected=pending, now=104.0)
         final = await table.read_layout(log_id)
         assert replace(final, updated_at=0.0) == replace(switched, stored=True)
