@@ -90,7 +90,7 @@ from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
 
-__all__ = ["CompactionResult", "Compactor", "ExportResult", "RebuildResult"]
+__all__ = ["CommittedCopy", "CompactionResult", "Compactor", "ExportResult", "RebuildResult"]
 
 log = logging.getLogger("compactor")
 
@@ -190,6 +190,18 @@ class ExportResult:
 
 
 @dataclass(frozen=True, slots=True)
+class CommittedCopy:
+    """A closed Chroma directory holding a committed state (``Compactor.committed_copy``)."""
+
+    path: Path
+    state: LogState
+    """The committed state it started from."""
+    replayed: int
+    """Seqs replayed on top of the checkpoint."""
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class RebuildResult:
     """What a rebuild produced."""
 
@@ -203,6 +215,13 @@ class RebuildResult:
     entries: int
     seconds: float
     published: bool
+    shard: int | None = None
+    """The shard rebuilt (its index), or None for a log without shards."""
+
+    @property
+    def name(self) -> str:
+        """The log, and the shard when there is one."""
+        return self.log if self.shard is None else f"{self.log} shard {self.shard}"
 
 
 DEFAULT_LEASE_WAIT = 60.0
@@ -759,6 +778,7 @@ class Compactor:
             replay.entries,
             replay.seconds,
             lease is not None,
+            None if self.shard is None else self.shard.index,
         )
 
     async def _publish_rebuild(
@@ -792,31 +812,55 @@ class Compactor:
         cache, then moved).
         """
         target = Path(out)
-        if await anyio.to_thread.run_sync(_occupied, target):
+        if await anyio.to_thread.run_sync(occupied, target):
             raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
-        state = await self.read_state()
-        quarantined = await self.table.read_quarantined(self.keys.log_id)
-        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
+        copy = await self.committed_copy()
         try:
-            # Always Chroma (not the sink factory): what is exported is a Chroma directory.
-            sink = await ChromaSink.open(copy.path, limiter=self._limiter)
-            try:
-                replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
-                counts = await sink.counts()
-            finally:
-                await _close(sink)
-            await anyio.to_thread.run_sync(_move_into, copy.path, target)
+            await anyio.to_thread.run_sync(move_into, copy.path, target)
         finally:
             await self._discard(copy.path)
+        state = copy.state
         return ExportResult(
             self.config.log,
             target,
             state.hwm,
             state.snapshot_key,
             state.checkpoint_hwm,
-            replayed,
-            counts,
+            copy.replayed,
+            copy.counts,
         )
+
+    async def committed_copy(
+        self, *, upto: int | None = None, state: LogState | None = None
+    ) -> CommittedCopy:
+        """A closed Chroma directory in the cache holding the committed state.
+
+        The checkpoint with the committed tail replayed into it; with ``upto``
+        (at or above the committed hwm, every seq up to it an entry or a seal)
+        also the entries up to it: a lagging shard shown at a sharded log's
+        cut. ``state`` is the committed state to start from (read when None).
+        The caller moves the directory away or gives it to ``discard``.
+        """
+        state = await self.read_state() if state is None else state
+        target = state if upto is None else replace(state, hwm=max(upto, state.hwm))
+        quarantined = await self.table.read_quarantined(self.keys.log_id)
+        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
+        try:
+            # Always Chroma (not the sink factory): what is exported is a Chroma directory.
+            sink = await ChromaSink.open(copy.path, limiter=self._limiter)
+            try:
+                replayed = await catch_up(self._quiet_replayer(), sink, copy, target, quarantined)
+                counts = await sink.counts()
+            finally:
+                await _close(sink)
+        except BaseException:
+            await self._discard(copy.path)
+            raise
+        return CommittedCopy(copy.path, state, replayed, counts)
+
+    async def discard(self, path: Path) -> None:
+        """Remove a directory ``committed_copy`` made."""
+        await self._discard(path)
 
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
@@ -843,7 +887,10 @@ class Compactor:
             )
             if replay.error is not None:
                 raise replay.error
-            return await compare_sinks(expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq)
+            result = await compare_sinks(
+                expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq
+            )
+            return replace(result, shard=None if self.shard is None else self.shard.index)
 
 
 def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:
@@ -859,11 +906,11 @@ def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:
     return (now.owner, now.token, now.hwm) == (lease.owner, lease.token, commit.hwm)
 
 
-def _occupied(path: Path) -> bool:
+def occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def _move_into(work: Path, target: Path) -> None:
+def move_into(work: Path, target: Path) -> None:
     """Move a closed working copy to ``target``, which appears only when whole.
 
     One rename on one file system; across file systems a copy into a

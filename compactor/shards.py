@@ -23,25 +23,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 
 from compactor.publish import list_snapshots
-from compactor.runner import CompactionResult, Compactor
+from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor, RebuildResult
+from compactor.verify import VerifyResult
 from deltalog.config import LogConfig
 from deltalog.errors import DeltalogError, InvalidInput, Resharded
 from deltalog.keys import Shard
 from deltalog.log import DeltaLog
-from deltalog.shards import current_shards, pending_shards
+from deltalog.shards import current_shards, cut, pending_shards
 from deltalog.storage.store import ObjectStore
-from deltalog.storage.table import Layout, Retiring, Table
+from deltalog.storage.table import Layout, LogState, Retiring, Table
 
 __all__ = ["DEFAULT_RETIRE_GRACE", "ShardOutcome", "ShardedCompactor"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("compactor.shards")
 
@@ -122,6 +125,24 @@ class ShardedCompactor:
             raise InvalidInput("use it as `async with ShardedCompactor(config) as c`")
         return self._log
 
+    @property
+    def current(self) -> list[Compactor]:
+        """The compactors of the current generation's shards (not a pending reshard's)."""
+        generation = self.layout.generation
+        return [
+            c
+            for c in self.compactors
+            if (c.shard.generation if c.shard is not None else 0) == generation
+        ]
+
+    async def states(self) -> list[LogState]:
+        """The committed state of each current shard, in shard order."""
+        return [await compactor.read_state() for compactor in self.current]
+
+    async def cut(self) -> int:
+        """The seq a consistent read shows every shard at (``deltalog.shards.cut``)."""
+        return cut(self.layout, await self.states())
+
     async def refresh(self) -> bool:
         """Read the layout again; True when it changed (the compactors were remade)."""
         layout = await self.log.table.read_layout(self.log.keys.log_id)
@@ -175,6 +196,42 @@ class ShardedCompactor:
             outcomes = await self._run_all(checkpoint)
         await self.retire()
         return outcomes
+
+    async def rebuild(
+        self,
+        to_seq: int | None = None,
+        *,
+        publish: bool = False,
+        force: bool = False,
+        wait: float = DEFAULT_LEASE_WAIT,
+    ) -> list[RebuildResult]:
+        """``Compactor.rebuild`` of every current shard (or those asked for), concurrently."""
+        return await self._each(
+            lambda c: c.rebuild(to_seq, publish=publish, force=force, wait=wait)
+        )
+
+    async def verify(self) -> list[VerifyResult]:
+        """``Compactor.verify`` of every current shard (or those asked for): each shard's
+        rebuild to its committed hwm compared with its committed state."""
+        return await self._each(lambda c: c.verify())
+
+    async def _each(self, work: Callable[[Compactor], Awaitable[T]]) -> list[T]:
+        """``work`` on every current shard's compactor, ``concurrency`` at once; in order."""
+        compactors = self.current
+        limiter = anyio.CapacityLimiter(self.concurrency or max(1, len(compactors)))
+        results: list[T | None] = [None] * len(compactors)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                results[i] = await work(compactors[i])
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(len(compactors)):
+                    tg.start_soon(one, i)
+        except BaseExceptionGroup as group:  # one shard's error, as itself
+            raise group.exceptions[0] from None
+        return cast("list[T]", results)
 
     async def run_once(self, *, checkpoint: bool = False) -> list[CompactionResult]:
         """``run_each``, raising the first shard's error once every shard has finished."""

@@ -31,6 +31,8 @@ class VerifyResult:
     records: int
     differences: list[str] = field(default_factory=list)
     difference_count: int = 0
+    shard: int | None = None
+    """The shard verified (its index), or None for a log without shards."""
 
     @property
     def ok(self) -> bool:

@@ -7,29 +7,64 @@ reads them back in seq order, and reports the log's status.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from deltalog.append import Appender, EncodedDelta
 from deltalog.codec import encode_delta
 from deltalog.config import LogConfig
 from deltalog.entry import Delta
 from deltalog.errors import Closed, DimensionMismatch, ValidationError
+from deltalog.keys import Shard
 from deltalog.producer import MiB, Producer
 from deltalog.read import LogReader, list_entries
+from deltalog.shards import current_shards, pending_shards, read_states
 from deltalog.storage.store import ObjectStore
-from deltalog.storage.table import LogState, Table
+from deltalog.storage.table import Layout, LogState, Table
 from deltalog.validate import validate_delta
 
-__all__ = ["DeltaLog", "LogStatistics", "LogStatus"]
+__all__ = ["DeltaLog", "LogStatistics", "LogStatus", "ShardStatus"]
 
 _MAX_HOLES_LISTED = 100
 
 
 @dataclass(frozen=True, slots=True)
+class ShardStatus:
+    """One index of a log at one moment: its committed state and its tail."""
+
+    shard: int
+    """Its index (0 for a log without shards)."""
+    generation: int
+    """Its layout generation (0 for a log without shards)."""
+    state: LogState
+    tail_entries: int = 0
+    """Entry objects in its committed tail ``(snapshot_hwm, hwm]`` (seals included)."""
+    tail_bytes: int = 0
+    """Their stored bytes, as listed."""
+
+    @property
+    def hwm(self) -> int:
+        return self.state.hwm
+
+    @property
+    def snapshot_hwm(self) -> int:
+        return self.state.checkpoint_hwm
+
+    @property
+    def snapshot_bytes(self) -> int:
+        return self.state.snapshot_size
+
+
+@dataclass(frozen=True, slots=True)
 class LogStatus:
-    """A log at one moment: what was reserved, written, and compacted."""
+    """A log at one moment: what was reserved, written, and compacted.
+
+    For a sharded log the figures of the committed state sum up its shards:
+    ``hwm`` (and ``state``) is the lagging shard's (everything at or below it
+    is applied in every shard), ``snapshot_hwm`` the smallest, the bytes and
+    tail entries the sums; ``shards`` has one row per shard.
+    """
 
     log: str
     head: int
@@ -51,6 +86,11 @@ class LogStatus:
     """Entry objects in the committed tail ``(snapshot_hwm, hwm]`` (seals included)."""
     tail_bytes: int = 0
     """Their stored bytes, as listed."""
+    shards: list[ShardStatus] = field(default_factory=list)
+    """One row per shard (one for a log without shards)."""
+    layout: Layout = field(default_factory=Layout)
+    pending: list[ShardStatus] = field(default_factory=list)
+    """The shards a reshard in progress builds, one row each."""
 
     @property
     def lag(self) -> int:
@@ -237,13 +277,15 @@ class DeltaLog:
         return await self.table.read_head(self.keys.log_id)
 
     async def status(self) -> LogStatus:
-        """Head, entries, holes and the committed state; lists the whole log."""
+        """Head, entries, holes and the committed state (each shard's); lists the whole log."""
         self._check_open()
-        state = await self.table.read_state(self.keys.log_id)
+        layout = await self.table.read_layout(self.keys.log_id)
+        shards = await self._shard_rows(current_shards(layout))
+        pending = await self._shard_rows(pending_shards(layout))
         head = await self.head()
         holes: list[int] = []
         entries, hole_count, expected = 0, 0, 1
-        tail_entries = tail_bytes = 0
+        tails = [[0, 0] for _ in [*shards, *pending]]
         async for seq, info in list_entries(self.store, self.keys, 0):
             if seq > expected:
                 missing = range(expected, min(seq, head + 1))
@@ -251,28 +293,47 @@ class DeltaLog:
                 holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
             entries += 1
             expected = seq + 1
-            if state.checkpoint_hwm < seq <= state.hwm:
-                tail_entries += 1
-                tail_bytes += info.size
+            for row, tail in zip([*shards, *pending], tails, strict=True):
+                if row.state.checkpoint_hwm < seq <= row.state.hwm:
+                    tail[0] += 1
+                    tail[1] += info.size
         if expected <= head:
             missing = range(expected, head + 1)
             hole_count += len(missing)
             holes.extend(missing[: max(0, _MAX_HOLES_LISTED - len(holes))])
         quarantined = await self.table.read_quarantined(self.keys.log_id)
+        rows = [
+            replace(row, tail_entries=t[0], tail_bytes=t[1])
+            for row, t in zip([*shards, *pending], tails, strict=True)
+        ]
+        shards, pending = rows[: len(shards)], rows[len(shards) :]
+        lagging = min(shards, key=lambda row: row.hwm)
         return LogStatus(
             self.config.log,
             head,
             entries,
             holes,
             hole_count,
-            state.hwm,
-            state,
+            lagging.hwm,
+            lagging.state,
             quarantined,
-            snapshot_hwm=state.checkpoint_hwm,
-            snapshot_bytes=state.snapshot_size,
-            tail_entries=tail_entries,
-            tail_bytes=tail_bytes,
+            snapshot_hwm=min(row.snapshot_hwm for row in shards),
+            snapshot_bytes=sum(row.snapshot_bytes for row in shards),
+            tail_entries=sum(row.tail_entries for row in shards),
+            tail_bytes=sum(row.tail_bytes for row in shards),
+            shards=shards,
+            layout=layout,
+            pending=pending,
         )
+
+    async def _shard_rows(self, shards: Sequence[Shard | None]) -> list[ShardStatus]:
+        states = await read_states(self.table, self.keys, shards)
+        return [
+            ShardStatus(0, 0, state)
+            if shard is None
+            else ShardStatus(shard.index, shard.generation, state)
+            for shard, state in zip(shards, states, strict=True)
+        ]
 
     def statistics(self) -> LogStatistics:
         return LogStatistics(

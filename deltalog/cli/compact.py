@@ -29,19 +29,21 @@ from compactor.checkpoint import (
     MIN_AUTO_TAIL_ENTRIES,
     parse_entry_cap,
 )
+from compactor.cut import export_cut
 from compactor.exporter import PrometheusExporter
 from compactor.follow import follow_log
 from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
-from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
+from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor, ExportResult
 from compactor.shards import DEFAULT_RETIRE_GRACE, ShardedCompactor
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
-from deltalog.cli.progress import ProgressDisplay, compaction_progress, shards_progress
+from deltalog.cli.progress import ProgressDisplay, shards_progress
 from deltalog.config import LogConfig, parse_size
 from deltalog.errors import InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
+from deltalog.shards import current_shards, read_states
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
 
 __all__ = ["register"]
@@ -233,20 +235,21 @@ def _on_error(name: str, exc: Exception, exporter: PrometheusExporter | None) ->
 async def cmd_rebuild(args: argparse.Namespace) -> int:
     head = args.to_seq or await _head(args)
     with _display(args, "rebuild") as display:
-        async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
+        async with _sharded(args, progress=shards_progress(display, head)) as sharded:
             try:
-                result = await compactor.rebuild(
+                results = await sharded.rebuild(
                     args.to_seq, publish=args.publish, force=args.force, wait=args.wait
                 )
             except LeaseBusy as exc:
                 print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
                 return EXIT_BUSY
-    if args.json:
-        print(json.dumps(asdict(result), sort_keys=True))
-    else:
+    for result in results:
+        if args.json:
+            print(json.dumps(asdict(result), sort_keys=True))
+            continue
         what = "published as the committed snapshot" if result.published else "not published"
         print(
-            f"{result.log}: rebuilt to seq {result.hwm} from {result.entries} entries, "
+            f"{result.name}: rebuilt to seq {result.hwm} from {result.entries} entries, "
             f"{result.vectors_upserted} vectors in {result.seconds:.1f}s; snapshot "
             f"{result.snapshot_key} ({result.snapshot_size} bytes), {what}"
         )
@@ -254,25 +257,48 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    async with _compactor(args) as compactor:
-        result = await compactor.verify()
-    if args.json:
-        print(json.dumps({**asdict(result), "ok": result.ok}, sort_keys=True))
-    else:
+    async with _sharded(args) as sharded:
+        results = await sharded.verify()
+    for result in results:
+        if args.json:
+            print(json.dumps({**asdict(result), "ok": result.ok}, sort_keys=True))
+            continue
         for line in result.differences:
             print(line)
         more = result.difference_count - len(result.differences)
         if more > 0:
             print(f"... and {more} more differences")
         verdict = "equal" if result.ok else f"{result.difference_count} differences"
-        print(f"verify at hwm {result.hwm}: {result.records} records, {verdict}")
-    return 0 if result.ok else EXIT_DIFFERENT
+        which = "" if result.shard is None else f" of shard {result.shard}"
+        print(f"verify{which} at hwm {result.hwm}: {result.records} records, {verdict}")
+    return 0 if all(result.ok for result in results) else EXIT_DIFFERENT
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
-    async with _compactor(args) as compactor:
-        result = await compactor.export(args.out)
+    with ProgressDisplay("export", unit="records", quiet=args.quiet) as display:
+        async with _sharded(args) as sharded:
+            if not sharded.layout.sharded and not args.per_shard:
+                return _print_export(await sharded.current[0].export(args.out), args.json)
+            result = await export_cut(
+                sharded,
+                args.out,
+                per_shard=args.per_shard,
+                progress=lambda done, total: display.update(done, total=total),
+            )
     if args.json:
+        print(json.dumps(asdict(result), sort_keys=True, default=str))
+    else:
+        records = sum(result.counts.values())
+        layout = "one directory per shard" if result.per_shard else "one Chroma directory"
+        print(
+            f"{result.log}: exported {result.shards} shards at seq {result.hwm} (the greatest "
+            f"committed shard hwm) to {result.path}, {layout}: {records} records"
+        )
+    return 0
+
+
+def _print_export(result: ExportResult, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(asdict(result), sort_keys=True, default=str))
     else:
         records = sum(result.counts.values())
@@ -291,10 +317,12 @@ async def cmd_quarantine(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         raise InvalidInput("--reason must say why the entry is quarantined")
     async with DeltaLog.open(config) as log:
-        state = await log.table.read_state(log.keys.log_id)
-        if args.seq <= state.hwm:
+        layout = await log.table.read_layout(log.keys.log_id)
+        shards = await read_states(log.table, log.keys, current_shards(layout))
+        hwm = min(state.hwm for state in shards)
+        if args.seq <= hwm:
             raise InvalidInput(
-                f"seq {args.seq} is at or below the committed hwm {state.hwm}: already applied",
+                f"seq {args.seq} is at or below the committed hwm {hwm}: already applied",
                 log=config.log,
             )
         if args.seq > await log.head():
@@ -370,6 +398,21 @@ def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
     add_output_flags(parser)
 
 
+def _add_shard_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shard",
+        type=int,
+        metavar="I",
+        help="only shard I of a sharded log (default: every shard, concurrently)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="at most N shards at once (default: all of them)",
+    )
+
+
 def register(commands: Any) -> None:
     """Add ``compact``, ``rebuild``, ``verify`` and ``quarantine`` to the ``deltalog`` parser."""
     compact = commands.add_parser("compact", help="apply new entries to the snapshot (one run)")
@@ -383,18 +426,7 @@ def register(commands: Any) -> None:
     compact.add_argument(
         "--logs", action="append", help="with --follow: logs to follow (repeat or comma-separate)"
     )
-    compact.add_argument(
-        "--shard",
-        type=int,
-        metavar="I",
-        help="compact only shard I of a sharded log (default: every shard, concurrently)",
-    )
-    compact.add_argument(
-        "--concurrency",
-        type=int,
-        metavar="N",
-        help="compact at most N shards at once (default: all of them)",
-    )
+    _add_shard_flag(compact)
     compact.add_argument(
         "--retire-grace",
         type=float,
@@ -428,10 +460,12 @@ def register(commands: Any) -> None:
         help="with --publish: wait this long for a busy lease before exiting 3 "
         f"(default {DEFAULT_LEASE_WAIT:g})",
     )
+    _add_shard_flag(rebuild)
     rebuild.set_defaults(run=cmd_rebuild)
 
     verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")
     _add_compactor_flags(verify)
+    _add_shard_flag(verify)
     verify.set_defaults(run=cmd_verify)
 
     export = commands.add_parser(
@@ -439,6 +473,12 @@ def register(commands: Any) -> None:
     )
     _add_compactor_flags(export)
     export.add_argument("--out", type=Path, required=True, help="a new (or empty) directory")
+    export.add_argument(
+        "--per-shard",
+        action="store_true",
+        help="a sharded log: one directory per shard (shard-0, ...), nothing re-inserted",
+    )
+    _add_shard_flag(export)
     export.set_defaults(run=cmd_export)
 
     quarantine = commands.add_parser("quarantine", help="let compaction pass a poison entry")

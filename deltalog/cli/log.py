@@ -10,12 +10,13 @@ from dataclasses import asdict
 from typing import Any
 
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
-from deltalog.cli.output import print_fields
-from deltalog.log import DeltaLog, LogStatus
+from deltalog.cli.output import print_fields, print_table
+from deltalog.log import DeltaLog, LogStatus, ShardStatus
 from deltalog.shards import init_layout, parse_shard_count
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.policy import render
 from deltalog.storage.s3 import S3Store
+from deltalog.storage.table import LogState
 
 __all__ = ["register"]
 
@@ -73,6 +74,12 @@ async def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status_record(status), indent=2, sort_keys=True))
     else:
         print_fields(status_rows(status))
+        if status.layout.sharded or status.pending:
+            print_table(
+                _SHARD_COLUMNS,
+                [_shard_row(row, status.head) for row in [*status.shards, *status.pending]],
+                right=("shard", "hwm", "lag", "tail"),
+            )
     return 0
 
 
@@ -81,7 +88,55 @@ def status_record(status: LogStatus) -> dict[str, Any]:
     record = {**asdict(status), "lag": status.lag}
     record["quarantined"] = {str(k): v for k, v in status.quarantined.items()}
     record["last_run"] = json.loads(status.state.last_run) if status.state.last_run else None
+    record["shards"] = [_shard_record(row, status.head) for row in status.shards]
+    record["pending"] = [_shard_record(row, status.head) for row in status.pending]
+    layout = status.layout
+    record["layout"] = {
+        "shards": layout.shards,
+        "generation": layout.generation,
+        "pending_shards": layout.pending_shards,
+        "pending_generation": layout.pending_generation,
+        "floor": layout.floor,
+        "retiring": [asdict(r) for r in layout.retiring],
+    }
     return record
+
+
+def _shard_record(row: ShardStatus, head: int) -> dict[str, Any]:
+    """One shard in ``status --json``'s ``shards`` (and ``pending``) list."""
+    state = row.state
+    return {
+        "shard": row.shard,
+        "generation": row.generation,
+        "hwm": row.hwm,
+        "lag": max(0, head - row.hwm),
+        "snapshot_hwm": row.snapshot_hwm,
+        "snapshot_bytes": row.snapshot_bytes,
+        "snapshot_key": state.snapshot_key,
+        "tail_entries": row.tail_entries,
+        "tail_bytes": row.tail_bytes,
+        "owner": state.owner,
+        "token": state.token,
+        "expires_at": state.expires_at,
+        "retired_by": state.retired_by,
+        "last_run": json.loads(state.last_run) if state.last_run else None,
+    }
+
+
+_SHARD_COLUMNS = ("shard", "hwm", "lag", "checkpoint", "tail", "lease")
+
+
+def _shard_row(row: ShardStatus, head: int) -> tuple[object, ...]:
+    """One shard in ``status``'s table."""
+    name = f"{row.shard} (g{row.generation})"
+    checkpoint = (
+        f"seq {row.snapshot_hwm}, {row.snapshot_bytes:,} bytes"
+        if row.state.snapshot_key
+        else "none"
+    )
+    tail = f"{row.tail_entries} ({row.tail_bytes:,} bytes)"
+    lag = max(0, head - row.hwm)
+    return name, row.hwm, lag, checkpoint, tail, _lease_of(row.state)
 
 
 def status_rows(status: LogStatus) -> list[tuple[str, object]]:
@@ -100,14 +155,16 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
         else "empty"
     )
     quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
+    sharded = [("layout", _layout(status))] if status.layout.sharded or status.pending else []
     return [
         ("log", status.log),
         ("head", status.head),
         ("entries", status.entries),
         ("holes", f"{status.hole_count} ({holes})"),
+        *sharded,
         ("hwm", status.hwm),
         ("lag", status.lag),
-        ("lease", _lease(status)),
+        ("lease", _lease_of(status.state)),
         ("checkpoint", snapshot),
         ("tail", tail),
         ("quarantine", quarantined or "none"),
@@ -115,8 +172,20 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
     ]
 
 
-def _lease(status: LogStatus) -> str:
-    state = status.state
+def _layout(status: LogStatus) -> str:
+    layout = status.layout
+    text = f"{layout.shards} shards (generation {layout.generation}); hwm is the lagging shard's"
+    if layout.pending_generation:
+        text += (
+            f"; resharding to {layout.pending_shards} shards (generation "
+            f"{layout.pending_generation})"
+        )
+    return text
+
+
+def _lease_of(state: LogState) -> str:
+    if state.retired_by:
+        return f"retired by generation {state.retired_by}"
     if not state.owner:
         return f"free (token {state.token})"
     left = state.expires_at - time.time()

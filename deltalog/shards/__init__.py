@@ -25,6 +25,7 @@ from deltalog.shards.layout import (
     init_layout,
     parse_shard_count,
     pending_shards,
+    read_states,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "init_layout",
     "parse_shard_count",
     "pending_shards",
+    "read_states",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "init_layout",
     "parse_shard_count",
     "pending_shards",
+    "read_states",
 ]
 
 InitOutcome = Literal["one index", "created", "exists"]
@@ -52,6 +53,17 @@ def cut(layout: Layout, states: Sequence[LogState]) -> int:
     previous generation's last hwm), so a reshard never moves reads back.
     """
     return max([layout.floor, *(state.hwm for state in states)])
+
+
+async def read_states(
+    table: Table, keys: LogKeys, shards: Sequence[Shard | None]
+) -> list[LogState]:
+    """The committed state of each of ``shards`` (None: the log's own), in order."""
+    states = []
+    for shard in shards:
+        own = keys.for_shard(shard)
+        states.append(await table.read_state(own.log_id, sk=own.state_sk))
+    return states
 
 
 def check_shard_count(shards: int) -> None:
