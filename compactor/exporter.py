@@ -7,8 +7,9 @@ HTTP server, in a daemon thread), one series per log (label ``log``):
 ``deltalog_vectors_applied_total``, ``deltalog_bytes_published_total``,
 ``deltalog_busy_runs_total``, ``deltalog_lost_leases_total``,
 ``deltalog_poison_entries_total`` (counters) and ``deltalog_run_seconds``
-(a histogram). The Lambda handlers emit the same figures as CloudWatch
-metrics.
+(a histogram). Every series has the labels ``log`` and ``shard`` (the
+shard's index; empty for a log without shards, which Prometheus reads as no
+label). The Lambda handlers emit the same figures as CloudWatch metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _RUN_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, float("inf"))
 
 
 def _metric(figure: Figure, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
-    labels = ("log",)
+    labels = ("log", "shard")
     if figure.kind == "counter":
         return Counter(figure.prometheus, figure.help, labels, registry=registry)
     if figure.kind == "gauge":
@@ -36,8 +37,12 @@ def _metric(figure: Figure, registry: CollectorRegistry) -> Counter | Gauge | Hi
     )
 
 
+def _shard(shard: int | None) -> str:
+    return "" if shard is None else str(shard)
+
+
 class PrometheusExporter:
-    """Records figures per log; ``serve`` exposes them over HTTP until ``close``."""
+    """Records figures per log and shard; ``serve`` exposes them over HTTP until ``close``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -45,14 +50,14 @@ class PrometheusExporter:
         self._server: Any = None
         self.port = 0
 
-    def track(self, log: str) -> None:
-        """Make a log's series exist from the start (at zero), before its first run."""
+    def track(self, log: str, shard: int | None = None) -> None:
+        """Make a log's (shard's) series exist from the start (at zero), before its first run."""
         for metric in self._metrics.values():
-            metric.labels(log=log)
+            metric.labels(log=log, shard=_shard(shard))
 
-    def record(self, log: str, figures: Figures) -> None:
+    def record(self, log: str, figures: Figures, shard: int | None = None) -> None:
         for figure, value in figures.items():
-            metric = self._metrics[figure].labels(log=log)
+            metric = self._metrics[figure].labels(log=log, shard=_shard(shard))
             if isinstance(metric, Counter):
                 metric.inc(value)
             elif isinstance(metric, Gauge):

@@ -6,8 +6,9 @@ when the head is past the committed hwm, backing off while nothing
 arrives. Notifications are not needed: every run reads from hwm, so a
 missed wake-up delays work but loses nothing.
 
-``on_lag(log, head, hwm)`` hears each log's counter and committed hwm at every
-poll and after every run (``compact --follow --metrics-port`` serves it).
+``on_lag(compactor, head, hwm)`` hears each log's (or shard's) counter and
+committed hwm at every poll and after every run (``compact --follow
+--metrics-port`` serves it); ``on_error(compactor, exc)`` each failed run.
 
 Stopping (SIGINT or SIGTERM in the CLI) cancels the runs in progress;
 their leases are released on the way out and nothing half-done is
@@ -43,8 +44,8 @@ async def follow_one(
     poll_min: float = 0.5,
     poll_max: float = 10.0,
     on_result: Callable[[CompactionResult], None] | None = None,
-    on_error: Callable[[str, Exception], None] | None = None,
-    on_lag: Callable[[str, int, int], None] | None = None,
+    on_error: Callable[[Compactor, Exception], None] | None = None,
+    on_lag: Callable[[Compactor, int, int], None] | None = None,
 ) -> None:
     """Compact one log (or one shard) until cancelled, or until it is resharded.
 
@@ -63,7 +64,7 @@ async def follow_one(
             # (a poison entry waits for a quarantine): report it and keep
             # following at the slowest pace.
             if on_error is not None:
-                on_error(name, exc)
+                on_error(compactor, exc)
             log.error("%s: %s", name, exc)
             result, delay = None, poll_max
         if result is not None and on_result is not None and result.status != "nothing":
@@ -76,19 +77,18 @@ async def follow_one(
 
 
 async def _step(
-    compactor: Compactor, on_lag: Callable[[str, int, int], None] | None
+    compactor: Compactor, on_lag: Callable[[Compactor, int, int], None] | None
 ) -> CompactionResult | None:
     """Run once if the head is past the committed hwm; None when idle."""
-    name = _name(compactor)
     state = await compactor.read_state()
     head = await compactor.log.head()
     if on_lag is not None:
-        on_lag(name, head, state.hwm)
+        on_lag(compactor, head, state.hwm)
     if head <= state.hwm:
         return None
     result = await compactor.run_once()
     if on_lag is not None:
-        on_lag(name, await compactor.log.head(), result.hwm_after)
+        on_lag(compactor, await compactor.log.head(), result.hwm_after)
     return result
 
 
@@ -98,8 +98,8 @@ async def follow(
     poll_min: float = 0.5,
     poll_max: float = 10.0,
     on_result: Callable[[CompactionResult], None] | None = None,
-    on_error: Callable[[str, Exception], None] | None = None,
-    on_lag: Callable[[str, int, int], None] | None = None,
+    on_error: Callable[[Compactor, Exception], None] | None = None,
+    on_lag: Callable[[Compactor, int, int], None] | None = None,
 ) -> None:
     """Follow several logs in parallel, each under its own lease, until cancelled."""
     async with anyio.create_task_group() as tg:
@@ -128,8 +128,8 @@ async def follow_log(
     poll_min: float = 0.5,
     poll_max: float = 10.0,
     on_result: Callable[[CompactionResult], None] | None = None,
-    on_error: Callable[[str, Exception], None] | None = None,
-    on_lag: Callable[[str, int, int], None] | None = None,
+    on_error: Callable[[Compactor, Exception], None] | None = None,
+    on_lag: Callable[[Compactor, int, int], None] | None = None,
 ) -> None:
     """Follow every shard of a log (entered ``ShardedCompactor``) until cancelled.
 

@@ -12,8 +12,10 @@
   filled in bulk from the log's published snapshot (collections created
   with the snapshot's HNSW settings), and the position becomes the seq that
   snapshot holds (named in its key, and in its sidecar; it may be below the
-  committed hwm).
-  An interrupted bootstrap is started again from scratch.
+  committed hwm). A sharded log's target is filled from every shard's
+  checkpoint; the shards whose checkpoint is older than the newest are
+  then brought up to it with their own records, and the position is that
+  seq. An interrupted bootstrap is started again from scratch.
 - **Follow**: entries after the position are read, folded and applied in
   seq order in batches (``compactor.replay``), each batch followed by the
   new position. Up to the first hole: the mirror never seals (the compactor
@@ -52,7 +54,9 @@ from compactor.replay import Progress, Replay, Replayer
 from deltalog.config import LogConfig
 from deltalog.errors import ConfigurationError, DataError, Fenced, LeaseBusy, Unavailable
 from deltalog.fold import FoldPlan, Record
+from deltalog.keys import Shard
 from deltalog.log import DeltaLog
+from deltalog.shards import current_shards, read_states
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats, ChromaSink
@@ -200,7 +204,8 @@ class Mirror:
         self.chunk_entries = chunk_entries
         self.max_batch_size = max_batch_size
         self.progress = progress
-        self.cache = SnapshotCache(Path(cache_dir) / self.keys.cache_name)
+        self._cache_dir = Path(cache_dir)
+        self.cache = SnapshotCache(self._cache_dir / self.keys.cache_name)
         self._log = log_handle
         self._owns_log = log_handle is None
         self._counts = _Counts()
@@ -469,14 +474,42 @@ class Mirror:
                 await sink.drop(name)
         else:
             await self._check_empty(sink)
-        state = await self.log.table.read_state(self.keys.log_id)
-        await self._write_position(
-            session, 0, phase="bootstrapping", snapshot_key=state.snapshot_key or ""
-        )
-        seq = await self._load_snapshot(session, state)
-        await self._write_position(session, seq, snapshot_key=state.snapshot_key or "")
+        layout = await self.log.table.read_layout(self.keys.log_id)
+        shards = current_shards(layout)
+        states = await read_states(self.log.table, self.keys, shards)
+        keys = ",".join(state.snapshot_key for state in states if state.snapshot_key)
+        await self._write_position(session, 0, phase="bootstrapping", snapshot_key=keys)
+        held = [
+            await self._load_snapshot(session, state, shard)
+            for shard, state in zip(shards, states, strict=True)
+        ]
+        seq = max(held)
+        for shard, at in zip(shards, held, strict=True):
+            await self._catch_up_shard(session, shard, at, seq)
+        await self._write_position(session, seq, snapshot_key=keys)
         assert session.position is not None
         return session.position
+
+    async def _catch_up_shard(
+        self, session: _Session, shard: Shard | None, at: int, seq: int
+    ) -> None:
+        """Apply ``shard``'s records of ``(at, seq]`` (its checkpoint is older than another's)."""
+        if at >= seq:
+            return
+        quarantined = await self.log.table.read_quarantined(self.keys.log_id)
+        replayer = Replayer(self.log, prefetch=self.prefetch, shard=shard)
+        replay = await replayer.run(
+            _Bootstrap(session), after=at, to_seq=seq, quarantined=quarantined
+        )
+        if replay.error is not None:
+            raise replay.error
+        if replay.last_seq != seq:
+            raise DataError(
+                f"the log stops at seq {replay.stop_seq} ({replay.stopped}) below seq {seq}, "
+                "which a shard's checkpoint holds",
+                log=self.config.log,
+                seq=replay.stop_seq,
+            )
 
     async def _check_empty(self, sink: ChromaServerSink) -> None:
         names = await sink.collections()
@@ -492,11 +525,14 @@ class Mirror:
                 log=self.config.log,
             )
 
-    async def _load_snapshot(self, session: _Session, state: LogState) -> int:
-        """Copy the published snapshot into the target; return the seq it holds."""
+    async def _load_snapshot(
+        self, session: _Session, state: LogState, shard: Shard | None = None
+    ) -> int:
+        """Copy the published snapshot (of ``shard``) into the target; return the seq it holds."""
         if state.snapshot_key is None or state.snapshot_sha256 is None:
             return 0
-        work = await self.cache.copy_of(
+        cache = self.cache if shard is None else self._shard_cache(shard)
+        work = await cache.copy_of(
             self.log.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
         )
         try:
@@ -508,8 +544,11 @@ class Mirror:
                     await snapshot.aclose()
         finally:
             with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
-                await anyio.to_thread.run_sync(self.cache.discard, work)
+                await anyio.to_thread.run_sync(cache.discard, work)
         return state.checkpoint_hwm
+
+    def _shard_cache(self, shard: Shard) -> SnapshotCache:
+        return SnapshotCache(self._cache_dir / self.keys.for_shard(shard).cache_name)
 
     async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
         sink = session.sink
@@ -578,6 +617,30 @@ async def _pages_into(
     async with send:
         async for page in snapshot.pages(name):
             await send.send(page)
+
+
+class _Bootstrap:
+    """The sink a bootstrap's shard catch-up applies to: the target, no position written."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+
+    async def apply(self, plan: FoldPlan) -> ApplyStats:
+        self.session.lease.check()
+        await self.session.sink.check(list(plan.collections))
+        return await self.session.sink.apply(plan)
+
+    async def counts(self) -> dict[str, int]:
+        return await self.session.sink.counts()
+
+    async def records(self, collection: str) -> list[Record]:
+        return await self.session.sink.records(collection)
+
+    async def collections(self) -> list[str]:
+        return await self.session.sink.collections()
+
+    async def aclose(self) -> None:
+        return None
 
 
 class _Batches:

@@ -163,7 +163,7 @@ async def _follow(args: argparse.Namespace) -> int:
         await tg.start(stop_on_signal, tg.cancel_scope)
         for sharded in logs:
             await stack.enter_async_context(sharded)
-        exporter = _exporter(args, [s.config.log for s in logs], stack)
+        exporter = _exporter(args, logs, stack)
         print(
             f"following {', '.join(_following(s) for s in logs)}; SIGINT or SIGTERM stops",
             file=sys.stderr,
@@ -177,9 +177,13 @@ async def _follow(args: argparse.Namespace) -> int:
                     poll_min=args.poll_min,
                     poll_max=args.poll_max,
                     on_result=lambda r: _on_result(r, args.json, exporter),
-                    on_error=lambda name, exc: _on_error(name, exc, exporter),
+                    on_error=lambda c, exc: _on_error(c, exc, exporter),
                     on_lag=(
-                        (lambda name, head, hwm: exporter.record(name, lag_figures(head, hwm)))
+                        (
+                            lambda c, head, hwm: exporter.record(
+                                c.config.log, lag_figures(head, hwm), _index(c)
+                            )
+                        )
                         if exporter is not None
                         else None
                     ),
@@ -199,15 +203,20 @@ def _following(sharded: ShardedCompactor) -> str:
     )
 
 
+def _index(compactor: Compactor) -> int | None:
+    return None if compactor.shard is None else compactor.shard.index
+
+
 def _exporter(
-    args: argparse.Namespace, logs: list[str], stack: AsyncExitStack
+    args: argparse.Namespace, logs: list[ShardedCompactor], stack: AsyncExitStack
 ) -> PrometheusExporter | None:
     """With ``--metrics-port``: serve the compactor's figures for Prometheus."""
     if args.metrics_port is None:
         return None
     exporter = stack.enter_context(PrometheusExporter())
-    for log in logs:
-        exporter.track(log)
+    for sharded in logs:
+        for compactor in sharded.current:
+            exporter.track(sharded.config.log, _index(compactor))
     try:
         port = exporter.serve(args.metrics_port, args.metrics_addr)
     except OSError as exc:
@@ -223,13 +232,15 @@ def _on_result(
 ) -> None:
     _print_result(result, as_json)
     if exporter is not None:
-        exporter.record(result.log, run_figures(result))
+        exporter.record(result.log, run_figures(result), result.shard)
 
 
-def _on_error(name: str, exc: Exception, exporter: PrometheusExporter | None) -> None:
-    print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+def _on_error(compactor: Compactor, exc: Exception, exporter: PrometheusExporter | None) -> None:
+    name = compactor.config.log
+    which = name if compactor.shard is None else f"{name} shard {compactor.shard.index}"
+    print(f"{which}: {type(exc).__name__}: {exc}", file=sys.stderr)
     if exporter is not None:
-        exporter.record(name, failure_figures(exc))
+        exporter.record(name, failure_figures(exc), _index(compactor))
 
 
 async def cmd_rebuild(args: argparse.Namespace) -> int:

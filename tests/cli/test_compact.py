@@ -715,7 +715,7 @@ async def test_follow_serves_the_compactor_figures_for_prometheus(
         *("--follow", "--poll-min", "0.05", "--poll-max", "0.2"),
         *("--metrics-port", "0", "--metrics-addr", "127.0.0.1"),
     ]
-    label = f'{{log="{config.log}"}}'
+    label = f'{{log="{config.log}",shard=""}}'
     async with DeltaLog.open(config) as log, _daemon(argv) as daemon:
         found = re.compile(r"metrics on (http://127\.0\.0\.1:\d+/metrics)")
         assert await _eventually(lambda: _true(bool(found.search(daemon.stderr))), 30)

@@ -6,6 +6,7 @@ unsharded log), ``export``, ``verify``, ``rebuild`` and ``reshard``."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,12 @@ from deltalog.receipts.model import write_jsonl
 from tests.builders import delete, delta
 from tests.cli.test_compact import Cli, _daemon, _eventually, _true
 from tests.commands import deltalog, where
+from tests.compaction import State, assert_states_equal, reference, sink_state
+
+
+async def _directory(path: Path) -> State:
+    """Every record of a plain Chroma directory (vectors included)."""
+    return await sink_state(path, lambda directory: path)
 
 
 async def _shard_hwms(log: DeltaLog, shards: int, generation: int = 1) -> list[int]:
@@ -152,3 +159,64 @@ def test_query_json_is_the_same_for_a_sharded_and_an_unsharded_log(
             a, b = answers
             assert np.allclose(a["distances"], b["distances"], atol=1e-4), (text, consistency)
             assert _ranked(a) == _ranked(b), (text, consistency)
+
+
+async def test_status_export_verify_and_rebuild_of_a_sharded_log(
+    config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """status --json has a row per shard and the lagging shard's hwm; export writes the
+    log at the cut (every shard caught up to the greatest hwm), merged or per shard;
+    verify and rebuild go shard by shard."""
+    cli = Cli(config, tmp_path / "cache")
+    assert (await deltalog("init", *where(config), "--shards", "2")).code == 0
+    async with DeltaLog.open(config) as log:
+        for i in range(6):
+            await log.append(delta(rng, f"r{i}", rows=4))
+        await log.append(delete("r0#0", "r1#1"))
+        assert (await cli("compact", "-q", "--max-entries", "4")).code == 0
+        assert (await cli("compact", "-q", "--shard", "1")).code == 0
+        head = await log.head()
+        status = await cli.status()
+        assert [(s["shard"], s["hwm"], s["lag"]) for s in status["shards"]] == [
+            (0, 4, head - 4),
+            (1, head, 0),
+        ]
+        assert set(status["shards"][0]) >= {
+            "shard",
+            "hwm",
+            "snapshot_hwm",
+            "snapshot_bytes",
+            "tail_entries",
+            "tail_bytes",
+        }
+        assert (status["hwm"], status["lag"]) == (4, head - 4), "the lagging shard's"
+        assert status["layout"]["shards"] == 2 and status["layout"]["generation"] == 1
+        text = await cli("status")
+        assert text.code == 0 and "2 shards (generation 1)" in text.out
+        assert re.search(r"^1 \(g1\) *\| *7 *\| *0 *\|", text.out, re.M), text.out
+        want = await reference(log)
+
+    merged = await cli("export", "--out", str(tmp_path / "merged"), "--json", "-q")
+    assert merged.code == 0, merged.err
+    assert json.loads(merged.out)["hwm"] == head, "shard 0 caught up to the cut"
+    assert_states_equal(await _directory(tmp_path / "merged"), want)
+    each = await cli("export", "--out", str(tmp_path / "each"), "--per-shard", "-q")
+    assert each.code == 0, each.err
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["shard-0", "shard-1"]
+    union: State = {}
+    for shard in ("shard-0", "shard-1"):
+        for name, records in (await _directory(tmp_path / "each" / shard)).items():
+            union.setdefault(name, {}).update(records)
+    assert_states_equal(union, want)
+
+    verify = await cli("verify")
+    assert verify.code == 0, verify.err
+    assert verify.out.splitlines() == [
+        "verify of shard 0 at hwm 4: " + verify.out.splitlines()[0].split(": ", 1)[1],
+        "verify of shard 1 at hwm 7: " + verify.out.splitlines()[1].split(": ", 1)[1],
+    ]
+    assert verify.out.count(", equal") == 2
+    rebuilt = await cli("rebuild", "--shard", "0", "--publish", "--json", "-q")
+    assert rebuilt.code == 0, rebuilt.err
+    (result,) = [json.loads(line) for line in rebuilt.out.splitlines()]
+    assert (result["shard"], result["hwm"], result["published"]) == (0, head, True)

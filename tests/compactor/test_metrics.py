@@ -55,16 +55,21 @@ def test_failures_name_lost_leases_and_poison_entries() -> None:
     assert lag_figures(10, 4) == {LAG: 6} and lag_figures(4, 4) == {LAG: 0}
 
 
-def test_the_exporter_serves_the_figures_per_log() -> None:
+def test_the_exporter_serves_the_figures_per_log_and_shard() -> None:
+    """A log without shards has an empty ``shard`` label (Prometheus: no label)."""
     with PrometheusExporter() as exporter:
         exporter.track("quiet")
         exporter.record("r", run_figures(APPLIED))
         exporter.record("r", run_figures(APPLIED))
         exporter.record("r", lag_figures(9, 7))
+        exporter.track("s", 0)
+        exporter.record("s", lag_figures(9, 4), 1)
         port = exporter.serve(0, "127.0.0.1")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
-    assert 'deltalog_entries_applied_total{log="r"} 8.0' in text
-    assert 'deltalog_lag_entries{log="r"} 2.0' in text
-    assert 'deltalog_entries_applied_total{log="quiet"} 0.0' in text
-    assert 'deltalog_run_seconds_count{log="r"} 2.0' in text
+    assert 'deltalog_entries_applied_total{log="r",shard=""} 8.0' in text
+    assert 'deltalog_lag_entries{log="r",shard=""} 2.0' in text
+    assert 'deltalog_entries_applied_total{log="quiet",shard=""} 0.0' in text
+    assert 'deltalog_run_seconds_count{log="r",shard=""} 2.0' in text
+    assert 'deltalog_lag_entries{log="s",shard="0"} 0.0' in text
+    assert 'deltalog_lag_entries{log="s",shard="1"} 5.0' in text
