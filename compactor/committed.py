@@ -2,11 +2,14 @@
 
 ``committed_copy`` gives a private working copy of the checkpoint (the
 published snapshot) with the committed tail replayed into it: the entries
-after the seq the checkpoint holds up to the committed hwm.
+after the seq the checkpoint holds up to the committed hwm. Of a sharded
+log: every shard at the cut, merged into one directory (``compactor.cut``).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +17,9 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from compactor.cut import export_cut
 from compactor.replay import Replayer
+from compactor.shards import ShardedCompactor
 from compactor.working import catch_up, take
 from deltalog.log import DeltaLog
 from deltalog.snapshot.cache import SnapshotCache
@@ -32,6 +37,10 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
     a snapshot reader answers from. A tail that cannot be replayed to hwm
     raises (``DataError``, ``CorruptEntry``).
     """
+    if (await log.table.read_layout(log.keys.log_id)).sharded:
+        async with _merged_shards(log, cache_dir) as merged:
+            yield merged
+        return
     cache = SnapshotCache(cache_dir / log.keys.cache_name)
     state = await log.table.read_state(log.keys.log_id)
     copy = await take(cache, log.store, state, log=log.config.log, warm=False)
@@ -47,3 +56,24 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(cache.discard, copy.path)
+
+
+@asynccontextmanager
+async def _merged_shards(log: DeltaLog, cache_dir: Path) -> AsyncIterator[ChromaSink]:
+    """Every shard of ``log`` at the cut, as one Chroma directory (removed on exit)."""
+    async with ShardedCompactor(
+        log.config, store=log.store, table=log.table, cache_dir=cache_dir, pending=False
+    ) as sharded:
+        scratch = sharded.current[0].cache.scratch
+        staged = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(dir=scratch)))
+        try:
+            await export_cut(sharded, staged / "chroma")
+            sink = await ChromaSink.open(staged / "chroma", log=log.config.log)
+            try:
+                yield sink
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await sink.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, staged, True)

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from compactor.committed import committed_copy
-from compactor.runner import Compactor
+from compactor.shards import ShardedCompactor
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
 from deltalog.cli.output import print_table
 from deltalog.cli.process import EXIT_DIFFERENT
@@ -76,18 +76,20 @@ def _display(args: argparse.Namespace) -> tuple[ProgressDisplay, Any]:
 
 
 async def _compact_to(args: argparse.Namespace, log: DeltaLog) -> None:
-    """Compact until the committed hwm covers the log's head (waiting for a busy lease)."""
+    """Compact until the committed hwm (every shard's) covers the log's head (waiting for
+    a busy lease)."""
     target = await log.head()
     deadline = time.monotonic() + _COMPACT_WAIT
-    async with Compactor(log.config, cache_dir=args.cache_dir) as compactor:
-        while (await log.table.read_state(log.keys.log_id)).hwm < target:
-            result = await compactor.run_once()
-            if result.hwm_after >= target:
+    async with ShardedCompactor(log.config, cache_dir=args.cache_dir, pending=False) as sharded:
+        while min(state.hwm for state in await sharded.states()) < target:
+            results = await sharded.run_once()
+            if all(result.hwm_after >= target for result in results):
                 return
             if time.monotonic() > deadline:
+                summary = "; ".join(result.summary() for result in results)
                 raise Conflict(
                     f"the log was not compacted to seq {target} within {_COMPACT_WAIT:.0f}s "
-                    f"({result.summary()}): run `deltalog compact`, then verify again",
+                    f"({summary}): run `deltalog compact`, then verify again",
                     log=log.config.log,
                 )
             await anyio.sleep(1.0)
