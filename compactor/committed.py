@@ -62,7 +62,7 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
 async def _merged_shards(log: DeltaLog, cache_dir: Path) -> AsyncIterator[ChromaSink]:
     """Every shard of ``log`` at the cut, as one Chroma directory (removed on exit)."""
     async with ShardedCompactor(
-        log.config, store=log.store, table=log.table, cache_dir=cache_dir, pending=False
+        log.config, store=log.store, table=log.table, cache_dir=cache_dir, generations="current"
     ) as sharded:
         scratch = sharded.current[0].cache.scratch
         staged = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(dir=scratch)))

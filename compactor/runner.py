@@ -94,7 +94,7 @@ __all__ = ["CommittedCopy", "CompactionResult", "Compactor", "ExportResult", "Re
 
 log = logging.getLogger("compactor")
 
-Status = Literal["applied", "checkpointed", "nothing", "busy"]
+Status = Literal["applied", "checkpointed", "nothing", "busy", "retired"]
 _T = TypeVar("_T")
 SinkFactory = Callable[[Path], Awaitable[Sink]]
 """Opens the sink for a working directory (default: ``ChromaSink.open``)."""
@@ -106,7 +106,8 @@ class CompactionResult:
 
     status: Status
     """``applied`` (hwm moved), ``checkpointed`` (nothing new, but a requested
-    checkpoint was published), ``nothing`` (nothing new) or ``busy`` (lease held)."""
+    checkpoint was published), ``nothing`` (nothing new), ``busy`` (lease held) or
+    ``retired`` (a reshard retired the shard's state: see ``ShardedCompactor``)."""
     log: str
     hwm_before: int
     hwm_after: int
@@ -147,6 +148,8 @@ class CompactionResult:
         """The one-line summary the CLI prints."""
         if self.status == "busy":
             return f"{self.name}: lease busy ({self.stopped})"
+        if self.status == "retired":
+            return f"{self.name}: retired by a reshard at hwm {self.hwm_after}"
         if self.status == "nothing":
             why = (
                 f", stopped at a young hole at {self.hwm_after + 1}"

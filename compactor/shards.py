@@ -10,10 +10,12 @@
   behind, busy or failing delays no other and stops none. ``shards``
   restricts it to some shards (``compact --shard I``).
 - While a **reshard** is in progress, the shards of the pending generation
-  are compacted too (``pending``): that is how a reshard's new shards are
-  built and kept up, by ``deltalog reshard`` or any compaction.
-- A shard whose state a reshard retired answers ``Resharded``; ``run_once``
-  then reads the layout again and runs the new generation's shards once.
+  are compacted too (``generations="both"``, the default): that is how a
+  reshard's new shards are built and kept up, by ``deltalog reshard`` or
+  any compaction. ``"current"`` or ``"pending"`` picks one generation.
+- A shard whose state a reshard retired answers ``retired`` (its run did
+  nothing); ``run_once`` then reads the layout again and, if the reshard
+  switched, runs the new generation's shards once.
 - After the runs, **retired generations** whose grace is over lose their
   checkpoints (``retire``): every snapshot under their shards' prefixes
   (and, for generation 0, the log's own), then their entry in the layout.
@@ -27,7 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import anyio
 
@@ -42,7 +44,10 @@ from deltalog.shards import current_shards, cut, pending_shards
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Layout, LogState, Retiring, Table
 
-__all__ = ["DEFAULT_RETIRE_GRACE", "ShardOutcome", "ShardedCompactor"]
+__all__ = ["DEFAULT_RETIRE_GRACE", "Generations", "ShardOutcome", "ShardedCompactor"]
+
+Generations = Literal["both", "current", "pending"]
+"""Which generation's shards to compact: the current one, a pending reshard's, or both."""
 
 T = TypeVar("T")
 
@@ -74,7 +79,7 @@ class ShardedCompactor:
         config: LogConfig,
         *,
         shards: Sequence[int] | None = None,
-        pending: bool = True,
+        generations: Generations = "both",
         concurrency: int | None = None,
         retire_grace: float = DEFAULT_RETIRE_GRACE,
         store: ObjectStore | None = None,
@@ -87,7 +92,7 @@ class ShardedCompactor:
             raise InvalidInput("retire_grace (--retire-grace) must be at least 0 seconds")
         self.config = config
         self.only = None if shards is None else sorted(set(shards))
-        self.pending = pending
+        self.generations: Generations = generations
         self.concurrency = concurrency
         self.retire_grace = retire_grace
         self.options = options
@@ -172,10 +177,11 @@ class ShardedCompactor:
                     f"no shard {unknown[0]}",
                     log=self.config.log,
                 )
-            shards = [shards[i] for i in self.only]
-        elif self.pending:
-            shards += pending_shards(layout)
-        return shards
+            return [shards[i] for i in self.only]
+        pending: list[Shard | None] = list(pending_shards(layout))
+        if self.generations == "pending":
+            return pending
+        return shards + pending if self.generations == "both" else shards
 
     def _compactor(self, shard: Shard | None) -> Compactor:
         log_ = self.log
@@ -192,7 +198,8 @@ class ShardedCompactor:
         again and run the new generation's shards, once.
         """
         outcomes = await self._run_all(checkpoint)
-        if any(isinstance(o.error, Resharded) for o in outcomes) and await self.refresh():
+        retired = any(o.result is not None and o.result.status == "retired" for o in outcomes)
+        if retired and await self.refresh():
             outcomes = await self._run_all(checkpoint)
         await self.retire()
         return outcomes
@@ -249,6 +256,8 @@ class ShardedCompactor:
             async with limiter:
                 try:
                     result = await compactor.run_once(checkpoint=checkpoint)
+                except Resharded as exc:  # a reshard froze it: no error, nothing to do
+                    result = await _retired(compactor, exc)
                 except Exception as exc:  # reported with the others once all finished
                     outcomes[i] = replace(outcomes[i], error=exc)
                 else:
@@ -300,3 +309,18 @@ class ShardedCompactor:
                 await self.log.store.delete(info.key)
                 deleted += 1
         log.info("%s: generation %d retired (%d snapshots deleted)", keys.log, generation, deleted)
+
+
+async def _retired(compactor: Compactor, exc: Resharded) -> CompactionResult:
+    """The result of a run a reshard's retirement of the shard's state refused."""
+    state = await compactor.read_state()
+    shard = compactor.shard
+    return CompactionResult(
+        "retired",
+        compactor.config.log,
+        state.hwm,
+        state.hwm,
+        stopped=exc.message,
+        shard=None if shard is None else shard.index,
+        generation=0 if shard is None else shard.generation,
+    )

@@ -4,7 +4,8 @@
 |---|---|
 | ``log`` | ``init``, ``status``, ``policy`` |
 | ``receipts`` | ``generate``, ``ingest``, ``query`` |
-| ``compact`` | ``compact [--follow]``, ``rebuild``, ``verify``, ``quarantine`` |
+| ``compact`` | ``compact [--follow]``, ``rebuild``, ``verify``, ``export``, ``quarantine`` |
+| ``reshard`` | ``reshard`` |
 | ``demo`` | ``demo`` |
 | ``soak`` | ``soak`` |
 | ``mirror`` | ``mirror`` |
@@ -26,14 +27,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from deltalog.cli import compact, demo, log, migrate, mirror, receipts, soak
+from deltalog.cli import compact, demo, log, migrate, mirror, receipts, reshard, soak
 from deltalog.errors import DeltalogError
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
-_GROUPS = (log, demo, receipts, compact, mirror, migrate, soak)
+_GROUPS = (log, demo, receipts, compact, reshard, mirror, migrate, soak)
 
 
 def build_parser() -> argparse.ArgumentParser:

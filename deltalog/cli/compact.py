@@ -50,7 +50,7 @@ __all__ = ["register"]
 EXIT_USAGE = 2
 
 
-def _options(
+def compactor_options(
     args: argparse.Namespace, progress: Callable[[Progress], None] | None
 ) -> dict[str, Any]:
     """The ``Compactor`` options the flags give."""
@@ -70,7 +70,7 @@ def _options(
     }
 
 
-def _config(args: argparse.Namespace, log: str | None = None) -> LogConfig:
+def compactor_config(args: argparse.Namespace, log: str | None = None) -> LogConfig:
     config = config_from(args, log)
     if args.part_size is not None:
         config = replace(config, part_size=args.part_size)
@@ -83,7 +83,7 @@ def _compactor(
     *,
     progress: Callable[[Progress], None] | None = None,
 ) -> Compactor:
-    return Compactor(_config(args, log), **_options(args, progress))
+    return Compactor(compactor_config(args, log), **compactor_options(args, progress))
 
 
 def _sharded(
@@ -95,11 +95,11 @@ def _sharded(
     """Every shard of the log (one ``Compactor`` for a log without shards), or ``--shard``."""
     shard = getattr(args, "shard", None)
     return ShardedCompactor(
-        _config(args, log),
+        compactor_config(args, log),
         shards=None if shard is None else [shard],
         concurrency=getattr(args, "concurrency", None),
         retire_grace=getattr(args, "retire_grace", DEFAULT_RETIRE_GRACE),
-        **_options(args, progress),
+        **compactor_options(args, progress),
     )
 
 
@@ -350,7 +350,7 @@ async def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_compactor_flags(parser: argparse.ArgumentParser) -> None:
+def add_compactor_flags(parser: argparse.ArgumentParser) -> None:
     add_location_flags(parser)
     group = parser.add_argument_group("compaction")
     group.add_argument(
@@ -427,7 +427,7 @@ def _add_shard_flag(parser: argparse.ArgumentParser) -> None:
 def register(commands: Any) -> None:
     """Add ``compact``, ``rebuild``, ``verify`` and ``quarantine`` to the ``deltalog`` parser."""
     compact = commands.add_parser("compact", help="apply new entries to the snapshot (one run)")
-    _add_compactor_flags(compact)
+    add_compactor_flags(compact)
     compact.add_argument("--follow", action="store_true", help="keep compacting as entries arrive")
     compact.add_argument(
         "--checkpoint",
@@ -459,7 +459,7 @@ def register(commands: Any) -> None:
     compact.set_defaults(run=cmd_compact)
 
     rebuild = commands.add_parser("rebuild", help="replay the log from seq 1 into a new snapshot")
-    _add_compactor_flags(rebuild)
+    add_compactor_flags(rebuild)
     rebuild.add_argument("--to-seq", type=int, help="stop at this seq")
     rebuild.add_argument("--publish", action="store_true", help="make it the committed snapshot")
     rebuild.add_argument("--force", action="store_true", help="allow publishing a lower hwm")
@@ -475,14 +475,14 @@ def register(commands: Any) -> None:
     rebuild.set_defaults(run=cmd_rebuild)
 
     verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")
-    _add_compactor_flags(verify)
+    add_compactor_flags(verify)
     _add_shard_flag(verify)
     verify.set_defaults(run=cmd_verify)
 
     export = commands.add_parser(
         "export", help="write a plain Chroma directory at the committed hwm"
     )
-    _add_compactor_flags(export)
+    add_compactor_flags(export)
     export.add_argument("--out", type=Path, required=True, help="a new (or empty) directory")
     export.add_argument(
         "--per-shard",

@@ -80,7 +80,9 @@ async def _compact_to(args: argparse.Namespace, log: DeltaLog) -> None:
     a busy lease)."""
     target = await log.head()
     deadline = time.monotonic() + _COMPACT_WAIT
-    async with ShardedCompactor(log.config, cache_dir=args.cache_dir, pending=False) as sharded:
+    async with ShardedCompactor(
+        log.config, cache_dir=args.cache_dir, generations="current"
+    ) as sharded:
         while min(state.hwm for state in await sharded.states()) < target:
             results = await sharded.run_once()
             if all(result.hwm_after >= target for result in results):
