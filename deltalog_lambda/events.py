@@ -31,7 +31,7 @@ import base64
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -39,7 +39,7 @@ from aws_lambda_powertools.utilities.data_classes import SQSEvent
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from deltalog.errors import InvalidInput
-from deltalog.keys import entry_log
+from deltalog.keys import entry_log, valid_log_name
 
 __all__ = [
     "Message",
@@ -67,6 +67,8 @@ class Message:
     """The FIFO queue's ``MessageGroupId`` (None on a standard queue)."""
     problem: InvalidInput | None = None
     """Why the message's attributes cannot be used (it fails alone)."""
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    """Its message attributes as the event holds them (forwarded with it to a dead-letter queue)."""
 
 
 def is_sqs_batch(event: Mapping[str, Any]) -> bool:
@@ -85,8 +87,8 @@ def messages(event: Mapping[str, Any]) -> list[Message]:
 
 def _message(record: SQSRecord) -> Message:
     group = (record.raw_event.get("attributes") or {}).get("MessageGroupId")
+    attributes = record.raw_event.get("messageAttributes") or {}
     try:
-        attributes = record.raw_event.get("messageAttributes") or {}
         name = _attribute(attributes, "log", "String")
         version = _attribute(attributes, "version", "Number")
         return Message(
@@ -95,9 +97,12 @@ def _message(record: SQSRecord) -> Message:
             _name(name) if name is not None else None,
             _version(version) if version is not None else None,
             group,
+            attributes=attributes,
         )
     except InvalidInput as exc:
-        return Message(record.message_id, record.body, None, group=group, problem=exc)
+        return Message(
+            record.message_id, record.body, None, group=group, problem=exc, attributes=attributes
+        )
 
 
 def _attribute(attributes: Mapping[str, Any], name: str, kind: str) -> str | None:
@@ -170,8 +175,10 @@ def _created_keys(body: str) -> list[str]:
 
 
 def _name(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(f"a log name must be a non-empty string, not {value!r}")
+    if not isinstance(value, str) or not valid_log_name(value):
+        raise InvalidInput(
+            f"a log name must be 1-128 letters, digits, '.', '_' or '-', not {value!r}"
+        )
     return value
 
 

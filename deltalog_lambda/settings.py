@@ -17,6 +17,9 @@ adds:
   the OpenAI API key is;
 - ``DELTALOG_SIGNING_KEY_SECRET``: a Secrets Manager secret holding the
   entry signing key (hex);
+- ``DELTALOG_DEAD_LETTER_QUEUE_URL``: where ingest forwards a message
+  whose input can never be used, with the error as an attribute (else it
+  is reported failed and SQS moves it after ``maxReceiveCount`` tries);
 - ``DELTALOG_TIME_MARGIN``: seconds a compaction keeps, of the invocation's
   remaining time, to publish and commit (default 20 %, at least 30 s);
 - ``DELTALOG_LEASE_TTL`` (30 s), ``DELTALOG_GRACE`` (60 s),
@@ -71,6 +74,7 @@ class Settings:
     openai_key_secret: str | None
     openai_key_parameter: str | None
     signing_key_secret: str | None
+    dead_letter_queue: str | None
     time_margin: float | None
     lease_ttl: float
     grace: float
@@ -96,6 +100,7 @@ class Settings:
             openai_key_secret=env.get("DELTALOG_OPENAI_KEY_SECRET") or None,
             openai_key_parameter=env.get("DELTALOG_OPENAI_KEY_PARAMETER") or None,
             signing_key_secret=env.get("DELTALOG_SIGNING_KEY_SECRET") or None,
+            dead_letter_queue=env.get("DELTALOG_DEAD_LETTER_QUEUE_URL") or None,
             time_margin=_number(env, "DELTALOG_TIME_MARGIN", None),
             lease_ttl=_positive(env, "DELTALOG_LEASE_TTL", 30.0),
             grace=_positive(env, "DELTALOG_GRACE", 60.0),
