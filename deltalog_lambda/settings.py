@@ -20,6 +20,9 @@ adds:
 - ``DELTALOG_DEAD_LETTER_QUEUE_URL``: where ingest forwards a message
   whose input can never be used, with the error as an attribute (else it
   is reported failed and SQS moves it after ``maxReceiveCount`` tries);
+- ``DELTALOG_QUERY_MAX_RESULTS`` (1,000) and ``DELTALOG_QUERY_MAX_ANSWER_BYTES``
+  (5 MiB; Lambda answers at most 6 MB): the query function's bounds on the
+  records and the bytes one answer holds;
 - ``DELTALOG_TIME_MARGIN``: seconds a compaction keeps, of the invocation's
   remaining time, to publish and commit (default 20 %, at least 30 s);
 - ``DELTALOG_LEASE_TTL`` (30 s), ``DELTALOG_GRACE`` (60 s),
@@ -59,6 +62,8 @@ from deltalog.keys import valid_log_name
 __all__ = ["Settings"]
 
 _DEFAULT_NAMESPACE = "deltalog"
+_LAMBDA_ANSWER_BYTES = 6 * 1024 * 1024
+"""The largest payload a synchronous Lambda invocation (and a function URL) answers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,8 @@ class Settings:
     openai_key_parameter: str | None
     signing_key_secret: str | None
     dead_letter_queue: str | None
+    query_max_results: int
+    query_max_answer_bytes: int
     time_margin: float | None
     lease_ttl: float
     grace: float
@@ -101,6 +108,8 @@ class Settings:
             openai_key_parameter=env.get("DELTALOG_OPENAI_KEY_PARAMETER") or None,
             signing_key_secret=env.get("DELTALOG_SIGNING_KEY_SECRET") or None,
             dead_letter_queue=env.get("DELTALOG_DEAD_LETTER_QUEUE_URL") or None,
+            query_max_results=int(_positive(env, "DELTALOG_QUERY_MAX_RESULTS", 1_000)),
+            query_max_answer_bytes=_bytes(env, "DELTALOG_QUERY_MAX_ANSWER_BYTES", 5 * 2**20),
             time_margin=_number(env, "DELTALOG_TIME_MARGIN", None),
             lease_ttl=_positive(env, "DELTALOG_LEASE_TTL", 30.0),
             grace=_positive(env, "DELTALOG_GRACE", 60.0),
@@ -166,6 +175,20 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     assert value is not None
     if value <= 0:
         raise ConfigurationError(f"{name} must be above 0")
+    return value
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size (``5MiB``, ``4000000``), at least 1 KiB and at most Lambda's 6 MB answer."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    value = parse_size(text)
+    if not 1024 <= value <= _LAMBDA_ANSWER_BYTES:
+        raise ConfigurationError(
+            f"{name} is {text!r}: give a size from 1KiB to {_LAMBDA_ANSWER_BYTES} bytes "
+            "(Lambda's limit on an answer)"
+        )
     return value
 
 
