@@ -9,17 +9,22 @@
   such as the compactor's own snapshots, wake nothing). Logs the
   deployment does not serve are refused (scheduled) or skipped
   (notifications).
-- **How long**: each log's run gets ``Limits(max_seconds)`` = the
-  invocation's remaining time minus a margin (``DELTALOG_TIME_MARGIN``,
-  default 20 % and at least 30 s) kept for publishing and committing;
-  the run stops reading when it is spent and commits what it applied, and
-  the next invocation continues. Logs run in parallel, each under its own
-  lease, whose heartbeat renews it during the call.
+- **How long**: one absolute deadline for the whole invocation, taken
+  from Lambda's context on entry: its end less a margin
+  (``DELTALOG_TIME_MARGIN``, default 20 % and at least 30 s) kept for the
+  commit, the release and the metrics. Each log's run gets it as
+  ``Limits(deadline)``: the checkpoint's download and the committed tail's
+  catch-up count against it, the replay stops early enough to leave the
+  publish its time (sized from the checkpoint), and the run commits what it
+  applied; the next invocation continues. Logs run in parallel, each under
+  its own lease, whose heartbeat renews it during the call.
 - **Outcome**: ``busy`` (another compactor holds the lease) is a success.
   A lost lease, a poison entry or any other failure raises once every log
   has finished, so Lambda's retries, the destination queue and the error
   alarm see it. The answer is the ``CompactionResult`` as JSON, or
-  ``{"results": [...]}`` when the event named several logs.
+  ``{"results": [...]}`` when the event named several logs; each run's
+  result (or error) is also logged at INFO (ERROR) with its fields as
+  structured extras, since a scheduled invocation's answer goes nowhere.
 - **Cache**: snapshots and working copies live under ``DELTALOG_CACHE_DIR``
   (``/tmp``), and the compactors stay open across warm invocations, so a
   warm run downloads nothing it already has.
@@ -72,6 +77,16 @@ class _Run:
             figures.update(lag_figures(self.head, self.hwm))
         return figures
 
+    def report(self) -> None:
+        """Log the run's result (INFO) or error (ERROR), its fields as structured extras."""
+        known = self.head is not None and self.hwm is not None
+        lag = {"lag": max(0, (self.head or 0) - (self.hwm or 0))} if known else {}
+        if self.result is not None:
+            log.info(self.result.summary(), extra={"run": asdict(self.result), **lag})
+        elif self.error is not None:
+            error = {"type": type(self.error).__name__, "message": str(self.error)}
+            log.error("%s: %s: %s", self.log, error["type"], self.error, extra={"error": error})
+
 
 class CompactHandler(Handler):
     """Lambda's entry point for compaction; see the module docstring.
@@ -85,20 +100,19 @@ class CompactHandler(Handler):
         self.compactor_options = compactor_options or {}
 
     def __call__(self, event: dict[str, Any], context: Context | None) -> dict[str, Any]:
-        started = time.monotonic()
+        deadline = self._deadline(context)
         names = self._logs(event)
         if not names:
             return {"results": []}
-        budget = self._budget(context)
         try:
             compactors = [self.compactor(name, **self.compactor_options) for name in names]
-            budget -= time.monotonic() - started  # opening them took some of it
-            runs = self.runtime.call(self._run_all, compactors, budget)
+            runs = self.runtime.call(self._run_all, compactors, deadline)
         except BaseException:
             self.runtime.reset()
             raise
         for run in runs:
             emit(self.settings.namespace, run.log, run.figures())
+            run.report()
         self._raise_failures(runs)
         results = [asdict(run.result) for run in runs if run.result is not None]
         return results[0] if len(names) == 1 else {"results": results}
@@ -115,27 +129,29 @@ class CompactHandler(Handler):
             log.warning("skipped notifications of logs not served here: %s", ", ".join(skipped))
         return [n for n in names if n in self.settings.logs]
 
-    def _budget(self, context: Context | None) -> float:
+    def _deadline(self, context: Context | None) -> float:
+        """When every run of this invocation must be done (``time.monotonic()``'s clock)."""
+        now = time.monotonic()
         remaining = self.remaining(context)
         if remaining is None:
-            return _NO_DEADLINE
+            return now + _NO_DEADLINE
         margin = self.settings.margin(remaining)
         if remaining <= margin:
             raise ConfigurationError(
-                f"{remaining:.0f}s left is within the {margin:.0f}s kept to publish and commit: "
+                f"{remaining:.0f}s left is within the {margin:.0f}s kept to commit and answer: "
                 "raise the function's timeout or lower DELTALOG_TIME_MARGIN"
             )
-        return remaining - margin
+        return now + remaining - margin
 
-    async def _run_all(self, compactors: list[Compactor], budget: float) -> list[_Run]:
+    async def _run_all(self, compactors: list[Compactor], deadline: float) -> list[_Run]:
         runs = [_Run(c.config.log) for c in compactors]
         async with anyio.create_task_group() as tg:
             for compactor, run in zip(compactors, runs, strict=True):
-                tg.start_soon(self._run_one, compactor, run, max(0.0, budget))
+                tg.start_soon(self._run_one, compactor, run, deadline)
         return runs
 
-    async def _run_one(self, compactor: Compactor, run: _Run, budget: float) -> None:
-        compactor.limits = Limits(max_seconds=budget)
+    async def _run_one(self, compactor: Compactor, run: _Run, deadline: float) -> None:
+        compactor.limits = Limits(deadline=deadline)
         try:
             run.result = await compactor.run_once()
         except Exception as exc:  # raised by the handler once every log has finished
@@ -152,8 +168,6 @@ class CompactHandler(Handler):
 
     def _raise_failures(self, runs: list[_Run]) -> None:
         failed = [run for run in runs if run.error is not None]
-        for run in failed:
-            log.error("%s: %s: %s", run.log, type(run.error).__name__, run.error)
         if failed:
             self.runtime.reset()
             error = failed[0].error

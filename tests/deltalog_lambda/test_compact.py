@@ -25,10 +25,16 @@ from compactor.lease import LeaseKeeper
 from compactor.metrics import FIGURES
 from compactor.runner import CompactionResult
 from deltalog import DeltaLog, LogConfig
-from deltalog.errors import ConfigurationError, CorruptEntry, InvalidInput, LeaseLost
+from deltalog.errors import (
+    ConfigurationError,
+    CorruptEntry,
+    InvalidInput,
+    LeaseLost,
+    Unavailable,
+)
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.aws import client
-from deltalog.storage.faults import FaultProxy
+from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import LogState
 from deltalog_lambda.compact import CompactHandler
 from tests.builders import delta
@@ -102,19 +108,74 @@ async def test_a_scheduled_event_compacts_its_log_and_answers_the_result(
 async def test_with_little_time_left_the_run_ends_early_and_commits_what_it_applied(
     lambda_env: LogConfig, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """9 s left, 5 s kept to commit: 4 s for the run, less than a publish keeps (at least
+    5 s): the replay stops after its first entry, the first checkpoint is deferred and hwm
+    is committed alone; the next invocation, with time, does the rest and publishes."""
     head = await append(lambda_env, rng, 30)
     monkeypatch.setenv("DELTALOG_TIME_MARGIN", "5")
     handler = CompactHandler()
     try:
-        # 5.002 s left, 5 s kept to publish and commit: a budget of about a millisecond.
-        short = await invoke(handler, {"log": lambda_env.log}, Context(remaining_ms=5_002))
-        assert (short["status"], short["stopped"]) == ("applied", "limit")
+        short = await invoke(handler, {"log": lambda_env.log}, Context(remaining_ms=9_000))
+        assert (short["status"], short["stopped"], short["checkpoint"]) == ("applied", "limit", "")
         assert 1 <= short["hwm_after"] < head
         assert (await state_of(lambda_env)).hwm == short["hwm_after"], "committed"
         rest = await invoke(handler, {"log": lambda_env.log}, Context())
     finally:
         handler.close()
-    assert (rest["hwm_before"], rest["hwm_after"]) == (short["hwm_after"], head)
+    assert (rest["hwm_before"], rest["hwm_after"], rest["checkpoint"]) == (
+        short["hwm_after"],
+        head,
+        "first",
+    )
+
+
+async def test_the_checkpoint_download_counts_against_the_invocation_deadline(
+    lambda_env: LogConfig,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A cold run whose checkpoint download alone outlasts the old budget (the remaining time
+    less the margin, counted from the replay's start): the run stops at the deadline with an
+    ``Unavailable`` naming the download, inside the invocation, and commits nothing; the
+    next invocation commits everything.
+
+    Measured on the invocation's own clock (the context); about 6 s of it is the held
+    download, the time the test is about.
+    """
+    assert lambda_env.endpoint_url is not None
+    await append(lambda_env, rng, 2)
+    async with Compactor(lambda_env, cache_dir=tmp_path / "first", checkpoint_ratio=0) as first:
+        await first.run_once()
+    head = await append(lambda_env, rng, 30)
+    monkeypatch.setenv("DELTALOG_TIME_MARGIN", "3")
+    context = Context(remaining_ms=8_000)  # deadline 5 s after the start; old budget 5 s
+
+    async def past_the_old_budget() -> None:  # held until 5.5 s of the 8 s have passed
+        await anyio.sleep(context.get_remaining_time_in_millis() / 1000 - 2.5)
+
+    async with FaultProxy(lambda_env.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+
+        def snapshots(r: Request) -> bool:
+            return "/snapshots/" in r.path
+
+        def entries(r: Request) -> bool:
+            return "/entries/" in r.path
+
+        proxy.script(Fault.DELAY, operation="GetObject", when=snapshots, until=past_the_old_budget)
+        proxy.script(Fault.DELAY, operation="GetObject", when=entries, delay=0.25, times=200)
+        handler = CompactHandler(compactor_options={"prefetch": 1})  # a replay of ~7 s
+        try:
+            with pytest.raises(Unavailable, match="deadline passed while getting the working"):
+                await invoke(handler, {"log": lambda_env.log}, context)
+            assert context.get_remaining_time_in_millis() > 0, "stopped inside the invocation"
+            assert (await state_of(lambda_env)).hwm == 2
+            proxy._script.clear()
+            answer = await invoke(handler, {"log": lambda_env.log}, Context())
+        finally:
+            handler.close()
+    assert (answer["status"], answer["hwm_after"]) == ("applied", head)
 
 
 async def test_the_checkpoint_policy_comes_from_the_environment(
