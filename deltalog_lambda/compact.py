@@ -27,7 +27,10 @@
   structured extras, since a scheduled invocation's answer goes nowhere.
 - **Cache**: snapshots and working copies live under ``DELTALOG_CACHE_DIR``
   (``/tmp``), and the compactors stay open across warm invocations, so a
-  warm run downloads nothing it already has.
+  warm run downloads nothing it already has. ``/tmp`` is shared by every
+  log this environment compacts: before the runs, a budget
+  (``deltalog_lambda.budget``) evicts the caches of other logs, least
+  recently used first, when the disk cannot hold what these runs need.
 
 Metrics (EMF, per log): the figures of ``compactor.metrics``.
 """
@@ -37,6 +40,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -45,6 +50,8 @@ from compactor.metrics import Figure, failure_figures, lag_figures, run_figures
 from compactor.replay import Limits
 from compactor.runner import CompactionResult, Compactor
 from deltalog.errors import ConfigurationError, DeltalogError
+from deltalog.storage.table import LogState
+from deltalog_lambda.budget import CacheBudget, Unit, need
 from deltalog_lambda.events import compaction_logs, is_sqs_batch
 from deltalog_lambda.handler import Context, Handler
 from deltalog_lambda.metrics import emit
@@ -106,6 +113,7 @@ class CompactHandler(Handler):
             return {"results": []}
         try:
             compactors = [self.compactor(name, **self.compactor_options) for name in names]
+            self._make_room(compactors)
             runs = self.runtime.call(self._run_all, compactors, deadline)
         except BaseException:
             self.runtime.reset()
@@ -128,6 +136,23 @@ class CompactHandler(Handler):
         if skipped:
             log.warning("skipped notifications of logs not served here: %s", ", ".join(skipped))
         return [n for n in names if n in self.settings.logs]
+
+    def _make_room(self, compactors: list[Compactor]) -> None:
+        """Evict other logs' caches when ``/tmp`` cannot hold what these runs need."""
+        states = self.runtime.call(_states, compactors)
+        runs = [
+            (Unit(c.cache.root), need(state)) for c, state in zip(compactors, states, strict=True)
+        ]
+        budget = CacheBudget(self.settings.cache_dir / "cache", capacity=self.settings.cache_bytes)
+        budget.make_room(runs, self._units())
+
+    def _units(self) -> dict[Path, Unit]:
+        """Each served log's cache directory, and how to close its compactor."""
+        units = {}
+        for name in self.settings.logs:
+            path = self.cache_root / self.settings.config(name).keys.cache_name
+            units[path] = Unit(path, partial(self.runtime.discard, ("compactor", name)))
+        return units
 
     def _deadline(self, context: Context | None) -> float:
         """When every run of this invocation must be done (``time.monotonic()``'s clock)."""
@@ -173,6 +198,10 @@ class CompactHandler(Handler):
             error = failed[0].error
             assert error is not None
             raise error
+
+
+async def _states(compactors: list[Compactor]) -> list[LogState]:
+    return [await c.table.read_state(c.keys.log_id) for c in compactors]
 
 
 _handler: CompactHandler | None = None

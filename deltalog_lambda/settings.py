@@ -10,6 +10,9 @@ adds:
   (default ``DELTALOG_LOG``); the first is the default log;
 - ``DELTALOG_CACHE_DIR``: the snapshot cache of the compactor and of
   queries (default ``/tmp/deltalog``: Lambda's only writable directory);
+- ``DELTALOG_CACHE_BYTES``: how much of that disk the compactor's caches
+  may fill (default: the whole disk, the function's ephemeral storage;
+  ``deltalog_lambda.budget``);
 - ``DELTALOG_EMBEDDER`` (``auto``, ``openai``, ``wordllama``, ``hash``) and
   ``DELTALOG_EMBEDDER_DIM`` (0: the model's own);
 - ``DELTALOG_OPENAI_KEY_SECRET`` (a Secrets Manager secret) or
@@ -74,6 +77,7 @@ class Settings:
     logs: tuple[str, ...]
     """The logs this deployment serves; the first is the default."""
     cache_dir: Path
+    cache_bytes: int | None
     embedder: str
     embedder_dim: int | None
     openai_key_secret: str | None
@@ -102,6 +106,7 @@ class Settings:
             env=env,
             logs=_logs(env),
             cache_dir=Path(env.get("DELTALOG_CACHE_DIR") or "/tmp/deltalog"),
+            cache_bytes=_cap(env, "DELTALOG_CACHE_BYTES", 0) or None,
             embedder=env.get("DELTALOG_EMBEDDER") or "auto",
             embedder_dim=int(_number(env, "DELTALOG_EMBEDDER_DIM", 0) or 0) or None,
             openai_key_secret=env.get("DELTALOG_OPENAI_KEY_SECRET") or None,

@@ -36,6 +36,7 @@ from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.aws import client
 from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import LogState
+from deltalog_lambda.budget import need
 from deltalog_lambda.compact import CompactHandler
 from tests.builders import delta
 from tests.deltalog_lambda.conftest import NAMESPACE
@@ -463,3 +464,53 @@ def _created(bucket: str, key: str) -> dict[str, Any]:
 def test_results_are_json_serialisable() -> None:
     result = CompactionResult("nothing", "x", 0, 0)
     assert json.loads(json.dumps(asdict(result)))["status"] == "nothing"
+
+
+# -- /tmp shared by several logs ----------------------------------------------------------
+
+
+async def test_tmp_is_shared_by_logs_and_a_budget_evicts_the_least_recently_used(
+    lambda_env: LogConfig,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three logs, one function: with room for all, each log's cache stays (warm); with a
+    budget that holds the current run and not the others, the least recently used log's
+    cache is evicted first (its compactor closed, its directory removed) and the runs go on."""
+    a, b, c = (lambda_env.log, f"{lambda_env.log}-b", f"{lambda_env.log}-c")
+    monkeypatch.setenv("DELTALOG_LOGS", f"{a},{b},{c}")
+    for name in (a, b, c):
+        await append(lambda_env.with_log(name), rng, 2)
+
+    async def compact_each(handler: CompactHandler, names: tuple[str, ...]) -> None:
+        for name in names:
+            answer = await invoke(handler, {"log": name}, Context())
+            assert answer["status"] == "applied"
+
+    roomy = CompactHandler()
+    try:
+        await compact_each(roomy, (a, b, c))
+        units = {n: roomy.cache_root / lambda_env.with_log(n).keys.cache_name for n in (a, b, c)}
+        assert all(u.is_dir() for u in units.values()), "room for every log: all stay"
+        sizes = {n: _tree_size(u) for n, u in units.items()}
+    finally:
+        roomy.close()
+    # Room for one more run beside two caches: compacting c again evicts a (used longest ago).
+    room = sizes[b] + sizes[c] + need(await state_of(lambda_env.with_log(c))) - sizes[c]
+    monkeypatch.setenv("DELTALOG_CACHE_BYTES", str(room + 1024))
+    tight = CompactHandler()
+    try:
+        kept = tight.compactor(a)
+        await append(lambda_env.with_log(c), rng, 1)
+        await compact_each(tight, (c,))
+        assert not units[a].exists(), "the least recently used cache went"
+        assert units[b].is_dir() and units[c].is_dir()
+        assert tight.compactor(a) is not kept, "its compactor was closed, a new one opened"
+        await append(lambda_env, rng, 1)
+        await compact_each(tight, (a,))  # and a runs again, from its checkpoint
+    finally:
+        tight.close()
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
