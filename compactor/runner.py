@@ -657,7 +657,18 @@ class Compactor:
             await forget_snapshot(self.store, key)
 
     def _nothing(self, state: LogState, stopped: str) -> CompactionResult:
-        return CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
+        return CompactionResult(
+            "nothing",
+            self.config.log,
+            state.hwm,
+            state.hwm,
+            stopped=stopped,
+            snapshot_key=state.snapshot_key,
+            snapshot_size=state.snapshot_size,
+            snapshot_hwm=state.checkpoint_hwm,
+            tail_entries=state.tail_entries,
+            tail_bytes=state.tail_bytes,
+        )
 
     def _applied(
         self,
