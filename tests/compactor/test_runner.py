@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import compactor.runner
-from compactor.checkpoint import publish_seconds
 from compactor import Compactor, Limits, RebuildResult
+from compactor.checkpoint import publish_seconds
 from deltalog import (
     Closed,
     ConfigurationError,
