@@ -45,6 +45,7 @@ variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,24 @@ def _logs(env: Mapping[str, str]) -> tuple[str, ...]:
                 f"DELTALOG_LOGS names an invalid log {log!r}: use 1-128 letters, digits, "
                 "'.', '_' or '-'"
             )
+    _check_logical_ids(logs)
     return logs
+
+
+def _check_logical_ids(logs: tuple[str, ...]) -> None:
+    """The template names each log's resources by its letters and digits alone
+    (``CompactorSchedule<log>``): two names that differ only in punctuation would share
+    them, and one log would go without its schedule, alarms and IAM statements."""
+    seen: dict[str, str] = {}
+    for log in logs:
+        key = re.sub(r"[^A-Za-z0-9]", "", log)
+        if key in seen:
+            raise ConfigurationError(
+                f"DELTALOG_LOGS (the template's LogNames) names {seen[key]!r} and {log!r}, which "
+                "differ only in punctuation: the stack gives both the same resources. Rename "
+                "one, or serve it from another stack"
+            )
+        seen[key] = log
 
 
 def _number(env: Mapping[str, str], name: str, default: float | None) -> float | None:

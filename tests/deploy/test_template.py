@@ -23,6 +23,7 @@ import pytest
 
 from compactor.checkpoint import DEFAULT_RATIO
 from compactor.metrics import FIGURES, LAG
+from deltalog.errors import ConfigurationError
 from deltalog.storage.policy import render
 from deltalog_lambda.metrics import INGEST_FAILURES, INGEST_FIGURES
 from deltalog_lambda.settings import Settings
@@ -755,3 +756,14 @@ def test_every_parameter_has_a_default_that_deploys(template: dict[str, Any]) ->
     values = defaults(template)
     assert set(values) == set(template["Parameters"])
     assert values["LogNames"] == ["receipts"]
+
+
+def test_log_names_that_differ_only_in_punctuation_are_refused(template: dict[str, Any]) -> None:
+    """The template's logical ids keep a log name's letters and digits only: ``a.b`` and
+    ``ab`` would share ``CompactorScheduleab``. The expanded template shows the collision,
+    and the handlers refuse such a list at once, naming both."""
+    stack = deployed(template, {"LogNames": ["labels.v2", "labelsv2"]})
+    assert len(stack.resources("AWS::Events::Rule")) == 1, "one log lost its schedule"
+    env = stack.resolve(template["Globals"]["Function"]["Environment"]["Variables"])
+    with pytest.raises(ConfigurationError, match="'labels.v2' and 'labelsv2'"):
+        Settings.from_env(env)
