@@ -765,5 +765,5 @@ def test_log_names_that_differ_only_in_punctuation_are_refused(template: dict[st
     stack = deployed(template, {"LogNames": ["labels.v2", "labelsv2"]})
     assert len(stack.resources("AWS::Events::Rule")) == 1, "one log lost its schedule"
     env = stack.resolve(template["Globals"]["Function"]["Environment"]["Variables"])
-    with pytest.raises(ConfigurationError, match="'labels.v2' and 'labelsv2'"):
+    with pytest.raises(ConfigurationError, match=r"'labels\.v2' and 'labelsv2'"):
         Settings.from_env(env)
