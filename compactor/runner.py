@@ -663,7 +663,6 @@ class Compactor:
             state.hwm,
             state.hwm,
             stopped=stopped,
-            snapshot_key=state.snapshot_key,
             snapshot_size=state.snapshot_size,
             snapshot_hwm=state.checkpoint_hwm,
             tail_entries=state.tail_entries,

@@ -21,10 +21,11 @@ holds, at its peak, the archive being downloaded and extracted (``A + E``),
 then the extracted checkpoint (one slot, ``E``) and the working copy
 (``E``, plus what the run applies: at most the tail's bytes times
 ``ENTRY_TO_CHECKPOINT``); a warm run holds its live copy and the slot. So
-``need = A + 2E + 1.5 x tail + 64 MiB`` of headroom: about 4.3 A, or 2.4 E.
-With 10,240 MB of ``/tmp`` that is a checkpoint archive of about 2.3 GB,
-an extracted Chroma directory of about 4.2 GB, per log in one invocation;
-several logs fit together only as far as their sum does, and the budget
+``need = A + 2E + 1.5 x tail + 64 MiB`` of headroom: about 4.6 A, or 2.6 E.
+With 10,240 MB of ``/tmp`` that is a checkpoint archive of about 2.2 GB,
+an extracted Chroma directory of about 4.0 GB, per log in one invocation.
+Between runs a unit holds about 2E (the checkpoint and the live copy), so
+several logs stay warm together only as far as their sum fits; the budget
 then keeps the most recently used units and evicts the others.
 """
 
@@ -52,8 +53,8 @@ HEADROOM = 64 * 1024 * 1024
 def need(state: LogState) -> int:
     """The most bytes of disk a run from ``state`` holds at once (the module docstring)."""
     archive = state.snapshot_size
-    key = state.snapshot_key or ""
-    extracted = archive / ZSTD_KEEPS if key.endswith(".zst") else archive
+    plain = (state.snapshot_key or "").endswith(".tar")  # unknown: zstd, the default
+    extracted = archive if plain else archive / ZSTD_KEEPS
     return int(archive + 2 * extracted + ENTRY_TO_CHECKPOINT * state.tail_bytes + HEADROOM)
 
 

@@ -105,6 +105,8 @@ class CompactHandler(Handler):
     def __init__(self, *args: Any, compactor_options: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.compactor_options = compactor_options or {}
+        self._sizes: dict[str, LogState] = {}
+        """Each log's committed size after its last run here (what ``/tmp``'s budget needs)."""
 
     def __call__(self, event: dict[str, Any], context: Context | None) -> dict[str, Any]:
         deadline = self._deadline(context)
@@ -121,6 +123,8 @@ class CompactHandler(Handler):
         for run in runs:
             emit(self.settings.namespace, run.log, run.figures())
             run.report()
+            if run.result is not None and run.result.status != "busy":
+                self._sizes[run.log] = _size_of(run.result)
         self._raise_failures(runs)
         results = [asdict(run.result) for run in runs if run.result is not None]
         return results[0] if len(names) == 1 else {"results": results}
@@ -198,6 +202,14 @@ class CompactHandler(Handler):
             error = failed[0].error
             assert error is not None
             raise error
+
+
+def _size_of(result: CompactionResult) -> LogState:
+    return LogState(
+        snapshot_key=result.snapshot_key,
+        snapshot_size=result.snapshot_size,
+        tail_bytes=result.tail_bytes,
+    )
 
 
 async def _states(compactors: list[Compactor]) -> list[LogState]:

@@ -8,6 +8,7 @@ S3 sends to a real SQS queue when deltalog writes an entry.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -87,10 +88,19 @@ def held_sink(opened: threading.Event, gate: threading.Event) -> Callable[[Path]
 
 
 async def test_a_scheduled_event_compacts_its_log_and_answers_the_result(
-    compact: CompactHandler, lambda_env: LogConfig, rng: np.random.Generator
+    compact: CompactHandler,
+    lambda_env: LogConfig,
+    rng: np.random.Generator,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The answer is the result; the result is also logged at INFO (a scheduled invocation's
+    answer goes nowhere), its fields as the record's ``run`` extra."""
     head = await append(lambda_env, rng, 3)
-    answer = await invoke(compact, {"log": lambda_env.log}, Context())
+    with caplog.at_level(logging.INFO, logger="deltalog_lambda"):
+        answer = await invoke(compact, {"log": lambda_env.log}, Context())
+    (record,) = [r for r in caplog.records if hasattr(r, "run")]
+    assert (record.levelno, record.run, record.__dict__["lag"]) == (logging.INFO, answer, 0)
+    assert record.getMessage().startswith(f"{lambda_env.log}: applied 3 entries")
     assert set(answer) == {f.name for f in fields(CompactionResult)}
     assert (answer["status"], answer["log"], answer["hwm_after"]) == (
         "applied",
@@ -294,14 +304,17 @@ async def test_a_poison_entry_raises_and_is_counted(
     lambda_env: LogConfig,
     rng: np.random.Generator,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     good = await append(lambda_env, rng, 2)
     async with DeltaLog.open(lambda_env) as log:
         seq = await log.table.reserve(log.keys.log_id)
         assert await log.store.put_if_absent(log.keys.entry(seq), b"not an entry at all")
     capsys.readouterr()
-    with pytest.raises(CorruptEntry):
+    with pytest.raises(CorruptEntry), caplog.at_level(logging.INFO, logger="deltalog_lambda"):
         await invoke(compact, {"log": lambda_env.log}, Context())
+    (record,) = [r for r in caplog.records if hasattr(r, "error")]
+    assert (record.levelno, record.error["type"]) == (logging.ERROR, "CorruptEntry")
     assert (await state_of(lambda_env)).hwm == good, "what came before the poison is committed"
     (emf,) = emf_lines(capsys.readouterr().out)
     assert (emf["PoisonEntries"], emf["LostLeases"], emf["Lag"]) == ([1], [0], [1])
