@@ -27,7 +27,8 @@ adds:
   (5 MiB; Lambda answers at most 6 MB): the query function's bounds on the
   records and the bytes one answer holds;
 - ``DELTALOG_TIME_MARGIN``: seconds a compaction keeps, of the invocation's
-  remaining time, to publish and commit (default 20 %, at least 30 s);
+  remaining time, to commit, release and report (default 20 %, at least
+  30 s); the publish's own time is kept apart, sized from the checkpoint;
 - ``DELTALOG_LEASE_TTL`` (30 s), ``DELTALOG_GRACE`` (60 s),
   ``DELTALOG_RETAIN`` (3), ``DELTALOG_COMPRESSION`` (``zstd``),
   ``DELTALOG_CHECKPOINT_RATIO`` (0.1), ``DELTALOG_MAX_TAIL_ENTRIES`` (``auto``)
@@ -145,7 +146,7 @@ class Settings:
             )
 
     def margin(self, remaining: float) -> float:
-        """Seconds a compaction keeps, of ``remaining``, to publish and commit."""
+        """Seconds a compaction keeps, of ``remaining``, to commit, release and report."""
         if self.time_margin is not None:
             return self.time_margin
         return max(30.0, 0.2 * remaining)
