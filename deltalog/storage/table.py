@@ -8,7 +8,10 @@ Items per log (see ``deltalog.keys``): the append counter ``head``, the
 ``schema`` (one embedding dimension per collection, fixed by first use),
 idempotency ``claims`` (which seq an idempotency key went to), the
 ``state`` item the compactor commits to (hwm, snapshot, and the lease with
-its fencing token), and ``quarantine`` marks set by an operator.
+its fencing token), ``quarantine`` marks set by an operator, and
+**versions**: the highest version of a subject (a receipt) whose append was
+allowed, so that an older version delivered late is refused
+(``advance_version``).
 
 The lease: ``acquire`` takes it when free or expired and adds one to the
 token; ``renew``, ``commit``, ``note_hole`` and ``release`` are conditioned
@@ -222,6 +225,14 @@ class Table(Protocol):
         """
         ...
 
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        """Record ``version`` of ``subject`` unless a higher one is recorded; return the one
+        recorded after the call (``version``, or the higher one that refused it).
+
+        Conditional and atomic: of two callers the higher version wins whatever the order.
+        """
+        ...
+
     async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState: ...
 
     async def acquire(
@@ -323,10 +334,14 @@ class MemoryTable:
         self._heads: dict[str, int] = {}
         self._dims: dict[str, dict[str, int]] = {}
         self._claims: dict[tuple[str, str], Claim] = {}
-        self._states: dict[tuple[str, str], LogState] = {}
+        self._states: dict[str, LogState] = {}
+        """The log's own state items (``state``), by log id."""
+        self._shard_states: dict[tuple[str, str], LogState] = {}
+        """Shards' state items, by (log id, sort key)."""
         self._layouts: dict[str, Layout] = {}
         self._quarantined: dict[str, dict[int, str]] = {}
         self._leases: dict[tuple[str, str], LeaseState] = {}
+        self._versions: dict[tuple[str, str], int] = {}
         self.requests = 0
 
     async def reserve(self, log_id: str) -> int:
@@ -366,9 +381,15 @@ class MemoryTable:
         self._claims[(log_id, old.key)] = new
         return True
 
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        self.requests += 1
+        recorded = max(self._versions.get((log_id, subject), version), version)
+        self._versions[(log_id, subject)] = recorded
+        return recorded
+
     async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState:
         self.requests += 1
-        return self._states.get((log_id, sk), LogState())
+        return self._state(log_id, sk)
 
     async def acquire(
         self, log_id: str, owner: str, *, ttl: float, now: float, sk: str = STATE_SK
@@ -382,13 +403,24 @@ class MemoryTable:
         state = replace(
             state, owner=owner, token=state.token + 1, expires_at=now + ttl, updated_at=now
         )
-        self._states[(log_id, sk)] = state
+        self._put(log_id, sk, state)
         return state
+
+    def _state(self, log_id: str, sk: str) -> LogState:
+        if sk == STATE_SK:
+            return self._states.get(log_id, LogState())
+        return self._shard_states.get((log_id, sk), LogState())
+
+    def _put(self, log_id: str, sk: str, state: LogState) -> None:
+        if sk == STATE_SK:
+            self._states[log_id] = state
+        else:
+            self._shard_states[(log_id, sk)] = state
 
     def _held(
         self, log_id: str, sk: str, owner: str, token: int, *, current: bool = True
     ) -> LogState:
-        state = self._states.get((log_id, sk), LogState())
+        state = self._state(log_id, sk)
         if current:
             _check_current(state, log_id, sk)
         if state.owner != owner or state.token != token:
@@ -403,7 +435,7 @@ class MemoryTable:
     ) -> None:
         self.requests += 1
         state = self._held(log_id, sk, owner, token)
-        self._states[(log_id, sk)] = replace(state, expires_at=now + ttl, updated_at=now)
+        self._put(log_id, sk, replace(state, expires_at=now + ttl, updated_at=now))
 
     async def commit(
         self,
@@ -438,7 +470,7 @@ class MemoryTable:
             recent_snapshots=commit.recent_snapshots or state.recent_snapshots,
             updated_at=now,
         )
-        self._states[(log_id, sk)] = state
+        self._put(log_id, sk, state)
         return state
 
     async def release(
@@ -449,8 +481,10 @@ class MemoryTable:
             state = self._held(log_id, sk, owner, token, current=False)
         except LeaseLost:
             return False
-        self._states[(log_id, sk)] = replace(
-            state, owner=None, expires_at=0.0, last_run=last_run or state.last_run
+        self._put(
+            log_id,
+            sk,
+            replace(state, owner=None, expires_at=0.0, last_run=last_run or state.last_run),
         )
         return True
 
@@ -461,19 +495,19 @@ class MemoryTable:
         state = self._held(log_id, sk, owner, token, current=False)
         if state.hole_seq == seq:
             return state.hole_first_seen
-        self._states[(log_id, sk)] = replace(state, hole_seq=seq, hole_first_seen=now)
+        self._put(log_id, sk, replace(state, hole_seq=seq, hole_first_seen=now))
         return now
 
     async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
         self.requests += 1
-        state = self._states.get((log_id, sk), LogState())
+        state = self._state(log_id, sk)
         if state.retired_by not in (0, generation):
             raise Conflict(
                 f"the state {sk!r} was retired by generation {state.retired_by}, not {generation}",
                 log=log_id,
             )
         state = replace(state, retired_by=generation, updated_at=now)
-        self._states[(log_id, sk)] = state
+        self._put(log_id, sk, state)
         return state
 
     async def read_layout(self, log_id: str) -> Layout:

@@ -347,11 +347,9 @@ async def forget_checkpoint_fields(backend: Backend, log: DeltaLog, *fields: str
     fields = fields or ("snapshot_hwm", "tail_bytes")
     table = backend.table
     if isinstance(table, MemoryTable):
-        state = table._states[(log.keys.log_id, log.keys.state_sk)]
+        state = table._states[log.keys.log_id]
         empty: dict[str, Any] = {"snapshot_hwm": None, "tail_bytes": 0, "recent_snapshots": ()}
-        table._states[(log.keys.log_id, log.keys.state_sk)] = replace(
-            state, **{f: empty[f] for f in fields}
-        )
+        table._states[log.keys.log_id] = replace(state, **{f: empty[f] for f in fields})
         return
     assert isinstance(table, DynamoTable)
     await table._db.update_item(
