@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from deltalog.shards import init_layout
 from tests.builders import delete, delta, patch
 from tests.compaction import (
     Crash,
+    State,
     assert_states_equal,
     committed_state,
     faulty_sinks,
@@ -44,20 +46,20 @@ async def sharded_log(backend: Backend, rng: np.random.Generator, deltas: int = 
         await log.append(delete("r2#0", "r2#3"))
 
 
-def sharded(backend: Backend, tmp_path: Path, **options: object) -> ShardedCompactor:
+def sharded(backend: Backend, tmp_path: Path, **options: Any) -> ShardedCompactor:
     return ShardedCompactor(
         backend.config,
         store=backend.store,
         table=backend.table,
         cache_dir=tmp_path / "cache",
         lease_ttl=backend.lease_ttl,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
-async def union_of_shards(c: ShardedCompactor) -> dict[str, dict[str, object]]:
+async def union_of_shards(c: ShardedCompactor) -> State:
     """Every shard's committed state (as export writes it), checked to hold only its ids."""
-    union: dict[str, dict[str, object]] = {}
+    union: State = {}
     for compactor in c.compactors:
         shard = compactor.shard
         assert shard is not None
@@ -82,7 +84,7 @@ async def test_each_shard_folds_its_own_records_and_together_they_are_the_log(
         ]
         assert sum(r.vectors_upserted for r in results) == 28, "30 put, 2 deleted in the run"
         assert all(0 < r.vectors_upserted < 28 for r in results), "every shard has some"
-        assert_states_equal(await union_of_shards(c), await reference(log))  # type: ignore[arg-type]
+        assert_states_equal(await union_of_shards(c), await reference(log))
         for compactor, result in zip(c.compactors, results, strict=True):
             state = await compactor.read_state()
             assert state.hwm == head and state.snapshot_key == result.snapshot_key
@@ -117,7 +119,7 @@ async def test_a_shard_reads_after_its_own_hwm(
         results = await c.run_once()
         assert [r.hwm_before for r in results] == [0, first.hwm_after, 0]
         assert {r.hwm_after for r in results} == {head}
-        assert_states_equal(await union_of_shards(c), await reference(log))  # type: ignore[arg-type]
+        assert_states_equal(await union_of_shards(c), await reference(log))
 
 
 async def test_shards_never_wait_on_each_other(
@@ -159,7 +161,7 @@ async def test_any_shard_seals_a_hole_and_the_others_pass_its_seal(
         results = await c.run_once()
         assert [r.seals_written for r in results] == [0, 0, 0]
         assert {r.hwm_after for r in results} == {head}
-        assert_states_equal(await union_of_shards(c), await reference(log))  # type: ignore[arg-type]
+        assert_states_equal(await union_of_shards(c), await reference(log))
 
 
 async def test_a_poison_entry_stops_every_shard_at_its_seq(

@@ -26,6 +26,7 @@ from deltalog.errors import LeaseLost
 from deltalog.keys import Shard
 from deltalog.shards import init_layout
 from tests.compaction import (
+    State,
     assert_states_equal,
     committed_state,
     faulty_sinks,
@@ -52,8 +53,8 @@ def _sharded(backend: Backend, tmp_path: Path, **options: Any) -> ShardedCompact
     )
 
 
-async def _union(sharded: ShardedCompactor) -> dict[str, dict[str, Any]]:
-    union: dict[str, dict[str, Any]] = {}
+async def _union(sharded: ShardedCompactor) -> State:
+    union: State = {}
     for compactor in sharded.current:
         for name, records in (await committed_state(compactor)).items():
             union.setdefault(name, {}).update(records)
