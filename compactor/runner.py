@@ -365,7 +365,7 @@ class Compactor:
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
         )
         if result.snapshot_key is not None:
-            await self._prune(result.snapshot_key)
+            await self._prune()
         if failure is not None:
             raise failure
         return result
@@ -470,27 +470,22 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str) -> None:
+    async def _prune(self) -> None:
         """Retention, after a run and the release (DESIGN.md's step 8).
 
-        Housekeeping: a failure must not fail the committed run.
-
-        It holds no lease, and this process may have paused since its commit
-        while newer owners committed: what is committed is read again, and
-        nothing at or above its hwm is deleted (a newer owner's upload may be
-        about to be committed, whatever this caller read).
+        Housekeeping: a failure must not fail the committed run. It holds no
+        lease, and this process may pause anywhere in it while newer owners
+        commit (a forced rebuild's rollback included): ``prune_snapshots``
+        reads the state after listing and keeps every upload at or above its
+        token.
         """
         try:
-            state = await self.table.read_state(self.keys.log_id)
             await prune_snapshots(
                 self.store,
                 self.keys,
+                lambda: self.table.read_state(self.keys.log_id),
                 keep=self.retain,
-                committed=state.snapshot_key or committed,
-                below=state.hwm,
-                recent=state.recent_snapshots,
                 orphan_grace=self.orphan_grace,
-                now=time.time(),
             )
         except DeltalogError as exc:
             log.warning(
@@ -670,7 +665,7 @@ class Compactor:
         result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
-        await self._prune(result.snapshot_key)
+        await self._prune()
         return result
 
     async def _rebuild(
