@@ -48,7 +48,7 @@ from deltalog.entry import Batch, Entry, Metadata, Seal, Upsert
 from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState, Table
@@ -58,11 +58,6 @@ __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistic
 
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
-
-_LOAD_ATTEMPTS = 5
-"""How many committed snapshots a refresh tries when retention deletes the one it
-read from the state item before it could download it."""
-
 
 class QueryResult(TypedDict):
     ids: list[list[str]]
@@ -231,18 +226,9 @@ class Reader:
         """``refresh`` under the lock."""
         if self._closed:
             raise Closed("the reader is closed", log=self.log.config.log)
-        state = await self.log.table.read_state(self.log.keys.log_id)
-        for attempt in range(1, _LOAD_ATTEMPTS + 1):
-            if self._holds(state):
-                break
-            try:
-                await self._load(state)
-                break
-            except DataError as exc:
-                newer = await self.log.table.read_state(self.log.keys.log_id)
-                if attempt == _LOAD_ATTEMPTS or not _pruned(exc, state, newer):
-                    raise
-                state = newer
+        state = await self._read_state()
+        if not self._holds(state):
+            state, _ = await load_committed(self._read_state, self._load, state=state)
         self._hwm = state.hwm
         tail = self._snapshot.tail
         if self.consistency == "fresh":
@@ -251,12 +237,18 @@ class Reader:
             await self._read_tail(tail, state.hwm)
             _check_committed_tail(tail, state, self.log.config.log)
 
+    async def _read_state(self) -> LogState:
+        return await self.log.table.read_state(self.log.keys.log_id)
+
     def _holds(self, state: LogState) -> bool:
         """Whether the loaded checkpoint is the one ``state`` points to."""
         loaded = self._snapshot
         return (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
 
     async def _load(self, state: LogState) -> None:
+        """Load the checkpoint ``state`` points to (``MissingObject`` if it was pruned)."""
+        if self._holds(state):
+            return
         loaded = await self._open_snapshot(
             state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
         )
@@ -427,16 +419,6 @@ class Reader:
             self._calls,
             snapshot.hwm,
         )
-
-
-def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
-    """Whether loading ``tried`` failed because retention deleted its snapshot.
-
-    A committed snapshot is only deleted once a newer commit replaced it, so
-    the state item has moved on; a snapshot unreadable while still committed
-    is a real ``DataError``.
-    """
-    return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
 
 
 def _check_committed_tail(tail: _Tail, state: LogState, log: str) -> None:

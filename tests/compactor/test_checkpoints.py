@@ -24,8 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
+import chromadb
 import numpy as np
 import pytest
+from chromadb.config import Settings
 
 from compactor import Compactor
 from deltalog import DeltaLog, LogConfig, Reader
@@ -357,3 +360,67 @@ async def forget_checkpoint_fields(backend: Backend, log: DeltaLog, *fields: str
         Key={"pk": {"S": log.keys.log_id}, "sk": {"S": STATE_SK}},
         UpdateExpression=f"REMOVE {', '.join(fields)}",
     )
+
+
+# -- derived copies: their lineage and trust settings ---------------------------------
+
+
+def _add_stray_record(chroma_dir: Path) -> None:
+    """Damage a Chroma directory: one record no entry wrote."""
+    client = chromadb.PersistentClient(
+        path=str(chroma_dir), settings=Settings(anonymized_telemetry=False)
+    )
+    try:
+        words = client.get_collection("words", embedding_function=None)
+        dim = len(words.get(limit=1, include=["embeddings"])["embeddings"][0])  # type: ignore[index]
+        words.add(ids=["stray"], embeddings=np.ones((1, dim), np.float32))
+    finally:
+        client.close()  # type: ignore[attr-defined]  # the concrete client has it
+
+
+async def test_a_forced_rebuild_reaches_a_hosts_live_copy(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A repair (``rebuild --publish --force``) reaches every derived copy.
+
+    Compactor A keeps a live copy, which gets damaged (a stray record, standing
+    in for whatever the repair is for). A forced rebuild at the same hwm starts
+    a new lineage; one more entry arrives. A's next run must start from the
+    rebuilt checkpoint, not from its live copy (still at a seq the state
+    holds), so the checkpoint it publishes equals the reference fold.
+    """
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "a", checkpoint_ratio=0) as a,
+        backend.compactor(cache_dir=tmp_path / "b") as b,
+    ):
+        await log.append(delta(rng, "x", rows=3))
+        await a.run_once()
+        await anyio.to_thread.run_sync(_add_stray_record, a.cache.root / "live" / "chroma")
+        rebuilt = await b.rebuild(publish=True, force=True)
+        await log.append(delta(rng, "y", rows=2))
+        result = await a.run_once()
+        assert_states_equal(await committed_state(a), await reference(log))
+        assert (result.working_copy, result.replayed_tail) == ("checkpoint", 0)
+        assert (await log.table.read_state(log.keys.log_id)).lineage == rebuilt.snapshot_key
+        await log.append(delta(rng, "z", rows=1))
+        assert (await a.run_once()).working_copy == "warm", "its new live copy is of the lineage"
+
+
+async def test_a_live_copy_folded_under_other_trust_settings_is_discarded(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Two compactors share a host's cache: one trusts every entry, one requires a
+    signature. Which entries get folded depends on that, so neither reuses the
+    other's live copy; each reuses its own."""
+    signed = replace(backend.config, signing_key=bytes(range(32)))
+    async with (
+        backend.open_log(signed) as log,
+        backend.compactor(cache_dir=tmp_path) as any_entry,
+        backend.compactor(signed, cache_dir=tmp_path) as verifying,
+    ):
+        runs: list[str] = []
+        for c in (any_entry, verifying, verifying, any_entry):
+            await log.append(delta(rng, f"d{len(runs)}"))
+            runs.append((await c.run_once()).working_copy)
+        assert runs == ["empty", "checkpoint", "warm", "checkpoint"]
