@@ -282,6 +282,7 @@ async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
     assert s0 not in left, "the compactor's retention ran"
     # It reads the state after listing, so held at either it follows the other's
     # commit: its own s1 is superseded, s2 committed, the upload's token above.
+    assert s1 not in left, "its own snapshot is superseded"
     assert left == {s2, orphan}
 
 
