@@ -59,6 +59,7 @@ __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistic
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
 
+
 class QueryResult(TypedDict):
     ids: list[list[str]]
     distances: list[list[float]]
