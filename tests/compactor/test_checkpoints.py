@@ -45,6 +45,7 @@ from tests.compaction import (
     assert_states_equal,
     committed_state,
     faulty_sinks,
+    held_download,
     reference,
     until_state,
 )
@@ -424,3 +425,67 @@ async def test_a_live_copy_folded_under_other_trust_settings_is_discarded(
             await log.append(delta(rng, f"d{len(runs)}"))
             runs.append((await c.run_once()).working_copy)
         assert runs == ["empty", "checkpoint", "warm", "checkpoint"]
+
+
+# -- a checkpoint pruned while it downloads -------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["reader", "export", "verify"])
+async def test_a_checkpoint_pruned_mid_download_is_read_again_from_the_state(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path, who: str
+) -> None:
+    """A vanished object is the "pruned: read the state again" case.
+
+    A checkpoint of many 4 KiB parts is committed; a reader (or ``export``, or
+    ``verify``) downloads it, and after its first range a compactor (retain 1)
+    commits a newer checkpoint and deletes that one. The download's next range
+    finds it gone: the state has moved on, so it loads the newer checkpoint.
+    """
+    config = replace(backend.config, part_size=PART, transfer_concurrency=2)
+    store: Any = MemoryStore(part_size=PART) if backend.name == "memory" else None
+    table = MemoryTable() if backend.name == "memory" else backend.table
+    store = store or await S3Store.connect(config)
+    options: Any = {"store": store, "table": table, "checkpoint_ratio": 0}
+    try:
+        async with (
+            DeltaLog.open(config, store=store, table=table) as log,
+            Compactor(config, cache_dir=tmp_path / "c", retain=1, orphan_grace=0, **options) as c,
+        ):
+            for i in range(3):
+                await log.append(delta(rng, f"r{i}", rows=20, dim=64))
+            first = await c.run_once()
+            assert first.snapshot_key is not None and first.snapshot_size > 4 * PART
+            async with (
+                held_download(config, store, first.snapshot_key) as (held, reached, go),
+                anyio.create_task_group() as tg,
+            ):
+                got: list[Any] = []
+                tg.start_soon(_download_as, who, config, held, table, tmp_path / who, got)
+                with anyio.fail_after(60):
+                    await reached.wait()
+                await log.append(delete("r0#3"))
+                second = await c.run_once()
+                assert first.snapshot_key not in await snapshot_keys(log), "pruned"
+                go.set()
+            want = await reference(log)
+            (answer,) = got
+            if who == "reader":
+                assert answer == (second.snapshot_key, sorted(want["words"]))
+            elif who == "export":
+                assert (answer.snapshot_key, answer.hwm) == (second.snapshot_key, 4)
+            else:
+                assert answer.ok and answer.hwm == 4
+    finally:
+        await store.aclose()
+
+
+async def _download_as(
+    who: str, config: LogConfig, store: Any, table: Any, cache: Path, got: list[Any]
+) -> None:
+    if who == "reader":
+        async with Reader.open(config, cache_dir=cache, store=store, table=table) as reader:
+            ids = sorted((await reader.get(collection="words"))["ids"])
+            got.append((reader.statistics().snapshot_key, ids))
+        return
+    async with Compactor(config, cache_dir=cache, store=store, table=table) as c:
+        got.append(await (c.export(cache / "out") if who == "export" else c.verify()))
