@@ -253,6 +253,33 @@ def test_unsafe_members_are_refused(
     assert not dest.exists()
 
 
+def dir_member(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, b""
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [file_member("a", b"x"), dir_member("a")],
+        [dir_member("a"), file_member("a", b"x")],
+        [file_member("a", b"x"), file_member("a/b", b"y")],
+        [file_member("a/b", b"y"), file_member("a", b"x")],
+        [dir_member(SIDECAR_NAME)],
+    ],
+    ids=["file-then-dir", "dir-then-file", "file-then-child", "child-then-file", "sidecar-dir"],
+)
+def test_a_file_and_a_directory_of_one_name_are_a_corrupt_snapshot(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]]
+) -> None:
+    """Never a raw ``OSError``: the archive is wrong, whichever comes first."""
+    sha = hand_made_tar(tmp_path / "t.tar", [*members, sidecar_member({})])
+    with pytest.raises(CorruptSnapshot, match="both a file and a directory"):
+        extract(tmp_path / "t.tar", tmp_path / "out", expected_sha256=sha, key=KEY)
+    assert not (tmp_path / "out").exists()
+
+
 def test_archive_refuses_links_in_the_directory(tmp_path: Path) -> None:
     (tmp_path / "db").mkdir()
     (tmp_path / "db" / "link").symlink_to("/etc/passwd")
