@@ -19,11 +19,14 @@ One ``Reader`` may serve concurrent calls (tasks of one event loop). Each
 call **pins** what it reads: under the reader's lock it refreshes, then
 takes the loaded snapshot and the tail folded on top of it, and answers
 from those alone, so its answer is the fold at one seq (hwm, or the last
-tail entry it saw). A **view** (the overlay of one collection, prepared for
-searching) is cached on the tail only if no entry was folded in while it
-was built. A snapshot replaced by a newer commit stays open until the last
-call that pinned it returns, then its Chroma client is closed and its
-working copy removed.
+tail entry it saw). A snapshot reader reads a newly committed tail whole and
+checks it reaches hwm before folding any of it, in one step: a call that
+pinned the snapshot before sees the fold at the old hwm or the new one,
+never at a seq between two commits (nor a tail that ends early). A
+**view** (the overlay of one collection, prepared for searching) is cached
+on the tail only if no entry was folded in while it was built. A snapshot
+replaced by a newer commit stays open until the last call that pinned it
+returns, then its Chroma client is closed and its working copy removed.
 
 Results have Chroma's shapes: ``query`` returns lists per query vector
 (``ids``, ``distances``, ``documents``, ``metadatas``), ``get`` flat lists.
@@ -33,7 +36,7 @@ Distances are Chroma's: squared L2 by default, ``1 - dot`` for ``ip``,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,11 +235,18 @@ class Reader:
             state, _ = await load_committed(self._read_state, self._load, state=state)
         self._hwm = state.hwm
         tail = self._snapshot.tail
-        if self.consistency == "fresh":
-            await self._read_tail(tail, None)
+        if self.consistency == "fresh":  # every prefix of the tail is a fresh cut
+            await self._read_tail(tail.last_seq, None, lambda seq, entry: _fold(tail, seq, entry))
         elif tail.last_seq < state.hwm:
-            await self._read_tail(tail, state.hwm)
-            _check_committed_tail(tail, state, self.log.config.log)
+            # The committed tail is read whole, checked, then folded in one step (no
+            # await): a call that pinned this snapshot before sees the fold at the old
+            # hwm or at the new one, never at a seq between two commits.
+            read: list[tuple[int, Any]] = []
+            await self._read_tail(tail.last_seq, state.hwm, lambda *item: read.append(item))
+            last = read[-1][0] if read else tail.last_seq
+            _check_committed_tail(last, state, self.log.config.log)
+            for seq, entry in read:
+                _fold(tail, seq, entry)
 
     async def _read_state(self) -> LogState:
         return await self.log.table.read_state(self.log.keys.log_id)
@@ -291,9 +301,11 @@ class Reader:
                 if work is not None:
                     await anyio.to_thread.run_sync(self._cache.discard, work)
 
-    async def _read_tail(self, tail: _Tail, to_seq: int | None) -> None:
-        """Fold the entries after the tail's last seq (up to ``to_seq``), checked
-        against the log's schema.
+    async def _read_tail(
+        self, after: int, to_seq: int | None, take: Callable[[int, Any], None]
+    ) -> None:
+        """Hand ``take`` the entries after ``after`` (up to ``to_seq``), in seq order,
+        checked against the log's schema.
 
         An entry whose vectors disagree with the schema is a ``CorruptEntry``, as
         it is for the compactor (only a writer that bypassed ``append`` makes one).
@@ -304,7 +316,7 @@ class Reader:
             self._schema_read = True
         while True:
             reader = self.log.read(
-                after=tail.last_seq,
+                after=after,
                 to_seq=to_seq,
                 prefetch=self._prefetch,
                 classify_end=False,
@@ -314,14 +326,16 @@ class Reader:
                 async for seq, entry in reader:
                     if not _collections(entry) <= self._dims.keys():  # new to us: read the schema
                         self._dims = await self.log.table.read_dims(self.log.keys.log_id)
-                    _fold(tail, seq, entry)
+                    take(seq, entry)
+                    after = seq
                 return
             except CorruptEntry as exc:
                 if quarantined is None:
                     quarantined = await self.log.table.read_quarantined(self.log.keys.log_id)
                 if exc.seq is None or exc.seq not in quarantined:
                     raise
-                _fold(tail, exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+                take(exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+                after = exc.seq
 
     # -- queries ----------------------------------------------------------------
 
@@ -422,14 +436,14 @@ class Reader:
         )
 
 
-def _check_committed_tail(tail: _Tail, state: LogState, log: str) -> None:
+def _check_committed_tail(last_seq: int, state: LogState, log: str) -> None:
     """Every seq up to hwm is an entry or a seal: a committed tail that ends early is damage."""
-    if tail.last_seq < state.hwm:
+    if last_seq < state.hwm:
         raise DataError(
             f"the committed tail ({state.checkpoint_hwm}, {state.hwm}] is missing seq "
-            f"{tail.last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
+            f"{last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
             log=log,
-            seq=tail.last_seq + 1,
+            seq=last_seq + 1,
         )
 
 

@@ -31,7 +31,7 @@ import pytest
 from chromadb.config import Settings
 
 from compactor import Compactor
-from deltalog import DeltaLog, LogConfig, Reader
+from deltalog import DataError, DeltaLog, LogConfig, Reader
 from deltalog.keys import STATE_SK
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.s3 import S3Store
@@ -50,6 +50,7 @@ from tests.compaction import (
     until_state,
 )
 from tests.compactor.conftest import Backend
+from tests.faulty import FaultyStore
 
 PART = 4096
 TAIL_ONLY = 1e6
@@ -489,3 +490,64 @@ async def _download_as(
         return
     async with Compactor(config, cache_dir=cache, store=store, table=table) as c:
         got.append(await (c.export(cache / "out") if who == "export" else c.verify()))
+
+
+# -- one snapshot reader, concurrent calls: one complete cut --------------------------
+
+
+class DimsGate:
+    """A table whose first ``read_dims`` once armed waits for ``go``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+        self.paused, self.go = anyio.Event(), anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_dims(self, log_id: str) -> dict[str, int]:
+        dims = await self.inner.read_dims(log_id)
+        if self.armed:
+            self.armed = False
+            self.paused.set()
+            with anyio.fail_after(60):
+                await self.go.wait()
+        return dims
+
+
+async def test_a_call_pinned_before_a_refresh_never_sees_part_of_a_committed_tail(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Call A pins the snapshot at hwm 1 and waits (reading the schema of a collection
+    new to it). hwm 3 is committed, a tail of two entries; call B's refresh reads
+    entry 2 and finds entry 3 missing (the committed tail ends early: damage, B
+    raises). A then answers: from the fold at hwm 1 (or 3), never from the fold at 2.
+    """
+    table = DimsGate(backend.table)
+    store = FaultyStore(backend.store)
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "c") as c:
+        await log.append(delta(rng, "w"))
+        assert (await c.run_once()).hwm_after == 1
+        await log.append(delta(rng, "x", rows=1, collection="late"))
+        await log.append(delta(rng, "y", rows=1, collection="late"))
+        async with (
+            Reader.open(backend.config, cache_dir=tmp_path / "r", store=store, table=table) as r,
+            anyio.create_task_group() as tg,
+        ):
+            answers: list[list[str]] = []
+
+            async def call_a() -> None:
+                got = await r.query(collection="late", query_embeddings=np.ones(8), n_results=5)
+                answers.append(got["ids"][0])
+
+            table.armed = True
+            tg.start_soon(call_a)
+            with anyio.fail_after(60):
+                await table.paused.wait()  # A pinned the snapshot at hwm 1
+            assert (await c.run_once()).hwm_after == 3  # a committed tail (2, 3]
+            store.vanished.add(log.keys.entry(3))
+            with pytest.raises(DataError, match="seq=3"):
+                await r.refresh()
+            table.go.set()
+        assert answers == [[]], "the fold at hwm 1: 'late' holds nothing yet"
