@@ -507,7 +507,7 @@ class DimsGate:
         return getattr(self.inner, name)
 
     async def read_dims(self, log_id: str) -> dict[str, int]:
-        dims = await self.inner.read_dims(log_id)
+        dims: dict[str, int] = await self.inner.read_dims(log_id)
         if self.armed:
             self.armed = False
             self.paused.set()

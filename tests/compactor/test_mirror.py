@@ -7,8 +7,10 @@ independently of the fold and of the mirror.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,13 @@ import numpy as np
 import pytest
 
 from compactor import Compactor
-from compactor.mirror import CONTROL_COLLECTION, Mirror
+from compactor.mirror import CONTROL_COLLECTION, Mirror, MirrorResult
 from deltalog import Delete, Delta, DeltaLog, LogConfig, UpdateMetadata, Upsert
 from deltalog.cli import main
 from deltalog.cli.soak import ChildProcess, ChildProcesses
-from deltalog.errors import ConfigurationError, Fenced
-from deltalog.fold import FoldPlan, Record, State
-from deltalog.snapshot.server import ChromaTarget
+from deltalog.errors import ConfigurationError, Fenced, LeaseLost
+from deltalog.fold import CollectionPlan, FoldPlan, Record, State, apply_to_state
+from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from tests.builders import delta
@@ -182,12 +184,16 @@ async def test_kill_9_mid_batch_then_a_restart_converges(
     rng: np.random.Generator,
     tmp_path: Path,
 ) -> None:
+    """About 25 s: the restart waits for the dead mirror's lease to expire (8 s), then
+    for its requests that may still land (its ttl plus its request timeout, 10 s)."""
     await append_random(log, rng, 120)
     argv = [
         *_cli(config, target, tmp_path / "child"),
         "--once",
         "--lease-ttl",
         "8",  # long enough for moto under a loaded machine (the heartbeat tries for ttl/3)
+        "--request-timeout",
+        "2",
         "--batch-entries",
         "2",
         "-q",
@@ -200,7 +206,8 @@ async def test_kill_9_mid_batch_then_a_restart_converges(
             await child.exited()
     killed_at = (position(chroma, target) or {})["seq"]
     assert 20 <= killed_at < 120, "the kill must land before the mirror finished"
-    async with Mirror(config, target, cache_dir=tmp_path / "again", lease_ttl=8) as mirror:
+    again = Mirror(config, target, cache_dir=tmp_path / "again", lease_ttl=8, request_timeout=2)
+    async with again as mirror:
         with anyio.fail_after(60):  # the dead mirror's lease expires by itself
             while (result := await mirror.run_once()).status == "busy":
                 assert result.stopped, "busy names the holder"
@@ -416,3 +423,194 @@ async def test_follow_stops_cleanly_on_sigterm(
     lease = await log.table.read_lease(log.keys.log_id, f"mirror:{target.id}")
     assert lease.owner is None
     assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+# -- a takeover: the superseded holder's writes never land --------------------------
+
+
+class StallingTable:
+    """The log's table for mirror A: once ``stall`` is set, renewals wait for
+    ``heartbeat`` (a paused process's heartbeat), then go through (and find the
+    lease taken)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.stall = False
+        self.heartbeat = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def renew_lease(self, *args: Any, **kwargs: Any) -> None:
+        if self.stall:
+            with anyio.CancelScope(shield=True):  # frozen: not even its timeout fires
+                await self.heartbeat.wait()
+        await self.inner.renew_lease(*args, **kwargs)
+
+
+class PausedAfterCheck(Mirror):
+    """Mirror A: stalls right after its position check for the batch of seq 2, its
+    heartbeat with it; once resumed, its batch goes on before its heartbeat does (a
+    process whose event loop was blocked runs the code it was in first)."""
+
+    table: StallingTable
+    paused: anyio.Event
+    resume: anyio.Event
+
+    async def _check_position(self, session: Any) -> None:
+        await super()._check_position(session)
+        if session.position is not None and session.position.seq == 1:
+            self.table.stall = True
+            self.paused.set()
+            await self.resume.wait()
+
+    async def apply_batch(self, session: Any, plan: FoldPlan) -> ApplyStats:
+        try:
+            return await super().apply_batch(session, plan)
+        finally:
+            if self.table.stall:
+                self.table.heartbeat.set()
+
+
+class Settling(Mirror):
+    """Mirror B: records how long after its acquire it let itself send requests."""
+
+    settled_after: float | None = None
+
+    async def _settle(self, session: Any) -> None:
+        await super()._settle(session)
+        if self.settled_after is None:
+            self.settled_after = time.monotonic() - session.taken_at
+
+
+async def until_taken(mirror: Mirror) -> MirrorResult:
+    """Run until the lease is free or expired (its holder stalled)."""
+    while (result := await mirror.run_once()).status == "busy":  # noqa: ASYNC110
+        await anyio.sleep(0.1)
+    return result
+
+
+def words(rng: np.random.Generator, id_: str, document: str) -> Delta:
+    vector = rng.standard_normal((1, DIMS["words"]), dtype=np.float32)
+    return Delta(ops=[Upsert("words", [id_], vector, documents=[document])])
+
+
+async def test_a_stalled_mirror_resuming_after_a_takeover_writes_nothing(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """Seqs 1 ``other``, 2 ``w0=OLD``, 3 ``w0=NEW``; ttl 1.5 s, one entry per batch.
+
+    Mirror A passes its position check for seq 2, then stalls (its heartbeat too).
+    Mirror B takes the expired lease, applies 2-3 and writes position 3. A resumes,
+    its batch first: none of its writes may land, so ``w0`` holds NEW, the position
+    stays B's, and the server equals the reference fold.
+    """
+    for id_, document in (("other", "other"), ("w0", "OLD"), ("w0", "NEW")):
+        await log.append(words(rng, id_, document))
+    table = StallingTable(log.table)
+    options: Any = {"lease_ttl": 1.5, "chunk_entries": 1, "request_timeout": 1.0}
+    async with (
+        DeltaLog.open(config, store=log.store, table=table) as a_log,
+        PausedAfterCheck(
+            config, target, cache_dir=tmp_path / "a", log_handle=a_log, **options
+        ) as a,
+        Settling(config, target, cache_dir=tmp_path / "b", **options) as b,
+        anyio.create_task_group() as tg,
+    ):
+        a.table, a.paused, a.resume = table, anyio.Event(), anyio.Event()
+        outcome: list[BaseException | MirrorResult] = []
+
+        async def run_a() -> None:
+            try:
+                outcome.append(await a.run_once())
+            except Exception as exc:
+                outcome.append(exc)
+
+        tg.start_soon(run_a)
+        with anyio.fail_after(60):
+            await a.paused.wait()
+            taken = await until_taken(b)
+        assert (taken.position_before, taken.position_after) == (1, 3)
+        # A's last request may land until its lease's end plus its request timeout:
+        # B, which took the lease unreleased, waited that long before writing.
+        assert b.settled_after is not None and b.settled_after >= 1.5 + 1.0
+        a.resume.set()
+    (a_result,) = outcome
+    assert isinstance(a_result, LeaseLost), a_result
+    w0 = server_state(chroma, target)["words"]["w0"]
+    assert w0.document == "NEW", "the stalled mirror's batch landed"
+    control = position(chroma, target) or {}
+    assert (control["seq"], control["token"]) == (3, 2)
+    assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+# -- a put on the server replaces its record in place ------------------------------
+
+
+class Cut(Exception):
+    """A writer stopped between two requests."""
+
+
+def old_and_new(rng: np.random.Generator, n: int) -> tuple[list[Record], list[Record]]:
+    """Records already on the server, and the puts that replace them: fewer metadata
+    keys, no metadata, a new document, and no document over one (the case ``upsert``
+    cannot express)."""
+    vectors = rng.standard_normal((2 * n, 4), dtype=np.float32)
+    old = [Record(f"r{i}", vectors[i], f"old {i}", {"a": i, "b": "x"}) for i in range(n)]
+    metadatas: list[dict[str, Any] | None] = [{"a": 100}, None, {"c": True}, {"a": 1, "b": "y"}]
+    documents = [f"new {i}" if i % 4 != 3 else None for i in range(n)]
+    new = [Record(f"r{i}", vectors[n + i], documents[i], metadatas[i % 4]) for i in range(n)]
+    return old, new
+
+
+def cut_after(allowed: int) -> Any:
+    """A fence that lets ``allowed`` requests through, then cuts the writer off."""
+    sent = 0
+
+    def fence() -> None:
+        nonlocal sent
+        sent += 1
+        if sent > allowed:
+            raise Cut
+
+    return fence
+
+
+async def test_a_put_on_the_server_replaces_records_in_place_and_never_leaves_one_absent(
+    chroma: ChromaServer, target: ChromaTarget, rng: np.random.Generator
+) -> None:
+    """Cut the writer after each of its requests in turn: every record is then whole,
+    the old one or the new one (never absent, never merged), except a put that takes
+    a document away (a delete then an add). Uncut, the server holds the puts exactly,
+    as the fold's own ``apply_to_state`` does (measured against Chroma's semantics)."""
+    old, new = old_and_new(rng, 8)
+    sink = await ChromaServerSink.connect(target, control=CONTROL_COLLECTION)
+    try:
+        await sink.add("lines", old)
+        plan = FoldPlan({"lines": CollectionPlan(puts={r.id: r for r in new})})
+        for allowed in range(6):  # 4 requests: read the old records, upsert, delete, add
+            sink.fence = cut_after(allowed)
+            with contextlib.suppress(Cut):
+                await sink.apply(plan)
+            sink.fence = None
+            held = {r.id: r for r in await sink.records("lines")}
+            for before, after in zip(old, new, strict=True):
+                got = held.get(before.id)
+                if after.document is None:  # the exception: a delete then an add
+                    continue
+                assert got is not None, f"{before.id} absent after {allowed} requests"
+                whole = [(r.document, r.metadata, r.embedding.tobytes()) for r in (before, after)]
+                assert (got.document, got.metadata, got.embedding.tobytes()) in whole, got
+            await sink.add("lines", [r for r in old if r.id not in held])  # as before
+            await sink.apply(FoldPlan({"lines": CollectionPlan(puts={r.id: r for r in old})}))
+        await sink.apply(plan)
+        want: State = {"lines": {r.id: r for r in old}}
+        apply_to_state(want, plan)
+        assert_states_equal({"lines": {r.id: r for r in await sink.records("lines")}}, want)
+    finally:
+        await sink.aclose()
