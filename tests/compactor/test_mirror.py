@@ -11,7 +11,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from deltalog.fold import CollectionPlan, FoldPlan, Record, State, apply_to_stat
 from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats
 from deltalog.storage.endpoint import FAKE_CREDENTIALS
-from tests.builders import delta
+from tests.builders import delete, delta
 from tests.chroma_server import ChromaServer, free_port
 from tests.commands import where
 from tests.compaction import assert_states_equal, reference
@@ -429,9 +429,9 @@ async def test_follow_stops_cleanly_on_sigterm(
 
 
 class StallingTable:
-    """The log's table for mirror A: once ``stall`` is set, renewals wait for
-    ``heartbeat`` (a paused process's heartbeat), then go through (and find the
-    lease taken)."""
+    """The log's table for mirror A: once ``stall`` is set, its heartbeat's renewals
+    wait for ``heartbeat`` (a paused process's heartbeat, frozen: not even its
+    timeout fires), then go through (and find the lease taken)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -442,8 +442,8 @@ class StallingTable:
         return getattr(self.inner, name)
 
     async def renew_lease(self, *args: Any, **kwargs: Any) -> None:
-        if self.stall:
-            with anyio.CancelScope(shield=True):  # frozen: not even its timeout fires
+        if self.stall and (anyio.get_current_task().name or "").endswith(".heartbeat"):
+            with anyio.CancelScope(shield=True):
                 await self.heartbeat.wait()
         await self.inner.renew_lease(*args, **kwargs)
 
@@ -614,3 +614,129 @@ async def test_a_put_on_the_server_replaces_records_in_place_and_never_leaves_on
         assert_states_equal({"lines": {r.id: r for r in await sink.records("lines")}}, want)
     finally:
         await sink.aclose()
+
+
+# -- the bootstrap, fenced page by page ---------------------------------------------
+
+
+def two_collections(rng: np.random.Generator, tag: str) -> Delta:
+    ops: list[Upsert | Delete | UpdateMetadata] = [
+        Upsert(name, [f"{tag}{i}" for i in range(3)], rng.standard_normal((3, dim), np.float32))
+        for name, dim in DIMS.items()
+    ]
+    return Delta(ops=ops)
+
+
+class PagePaused(Mirror):
+    """Mirror A: ``after_first_page`` runs once its first bootstrap page reached the
+    server; its frozen heartbeat (``table``, if stalling) resumes once the copy ends."""
+
+    after_first_page: Callable[[], Awaitable[None]]
+    table: StallingTable | None = None
+
+    async def _open_session(self) -> Any:
+        session = await super()._open_session()
+        add, pages = session.sink.add, []
+
+        async def add_then_pause(name: str, records: list[Record]) -> None:
+            await add(name, records)
+            if records:
+                pages.append(name)
+                if len(pages) == 1:
+                    await self.after_first_page()
+
+        session.sink.add = add_then_pause  # type: ignore[method-assign]
+        return session
+
+    async def _copy(self, session: Any, snapshot: Any) -> None:
+        try:
+            await super()._copy(session, snapshot)
+        finally:
+            if self.table is not None:
+                self.table.heartbeat.set()
+
+
+async def run_into(mirror: Mirror, outcome: list[BaseException | MirrorResult]) -> None:
+    try:
+        outcome.append(await mirror.run_once())
+    except Exception as exc:
+        outcome.append(exc)
+
+
+async def test_a_stalled_bootstrapper_writes_no_older_page_into_the_new_holders_target(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """Mirror A bootstraps from checkpoint K1 and stalls after its first page (its
+    heartbeat with it). An id is deleted and K2 published; mirror B takes the expired
+    lease and bootstraps again, from K2. A resumes with K1's next page: none of it
+    may land (the deleted id would come back)."""
+    await log.append(two_collections(rng, "a"))
+    table = StallingTable(log.table)
+    options: Any = {"lease_ttl": 1.5, "request_timeout": 1.0}
+    paused, resume = anyio.Event(), anyio.Event()
+
+    async def stall() -> None:
+        table.stall = True
+        paused.set()
+        await resume.wait()
+
+    async with (
+        Compactor(config, cache_dir=tmp_path / "c", checkpoint_ratio=0) as compactor,
+        DeltaLog.open(config, store=log.store, table=table) as a_log,
+        PagePaused(config, target, cache_dir=tmp_path / "a", log_handle=a_log, **options) as a,
+        Mirror(config, target, cache_dir=tmp_path / "b", **options) as b,
+    ):
+        await compactor.run_once()
+        a.after_first_page, a.table = stall, table
+        outcome: list[BaseException | MirrorResult] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_into, a, outcome)
+            with anyio.fail_after(60):
+                await paused.wait()
+                await log.append(delete("a1"))
+                await compactor.run_once()  # K2, without words' a1
+                taken = await until_taken(b)
+            assert (taken.bootstrapped, taken.position_after) == (5, 2)
+            resume.set()  # its page first: a process whose event loop was blocked
+    (a_result,) = outcome
+    assert isinstance(a_result, LeaseLost), a_result
+    assert_states_equal(server_state(chroma, target), await reference(log))
+    control = position(chroma, target) or {}
+    assert (control["seq"], control["token"]) == (2, 2)
+
+
+async def test_a_position_moved_under_a_bootstrapping_mirror_stops_it_before_its_next_page(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    await log.append(two_collections(rng, "a"))
+    async with (
+        Compactor(config, cache_dir=tmp_path / "c") as compactor,
+        PagePaused(config, target, cache_dir=tmp_path / "a") as a,
+    ):
+        await compactor.run_once()
+
+        async def another_writer() -> None:
+            await anyio.to_thread.run_sync(set_token, chroma, target, 99)
+
+        a.after_first_page = another_writer
+        with pytest.raises(Fenced, match="another writer changed it"):
+            await a.run_once()
+    with chroma.client(target.database) as client:
+        counts = {c.name: c.count() for c in client.list_collections()}
+    assert counts == {CONTROL_COLLECTION: 0, "lines": 3}, "nothing after the first page"
+
+
+def set_token(chroma: ChromaServer, target: ChromaTarget, token: int) -> None:
+    with chroma.client(target.database) as client:
+        control = client.get_collection(CONTROL_COLLECTION)
+        control.modify(metadata={**(control.metadata or {}), "token": token})
