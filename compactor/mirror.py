@@ -640,7 +640,9 @@ class Mirror:
 
     async def _copy_from(self, session: _Session, work: Path) -> None:
         """Copy a checkpoint's working copy into the target."""
-        snapshot = await ChromaSink.open(work, log=self.config.log)
+        snapshot = await ChromaSink.open(
+            work, log=self.config.log, max_batch_size=self.max_batch_size
+        )
         try:
             await self._copy(session, snapshot)
         finally:
@@ -660,14 +662,21 @@ class Mirror:
             await sink.add(name, [])  # creates it, empty ones included
             # Read the next page from the snapshot while this one goes to the server.
             send, recv = anyio.create_memory_object_stream[list[Record]](1)
+            failure: Exception | None = None  # raised as itself, not as a task group's
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_pages_into, snapshot, name, send)
                 async with recv:
-                    async for page in recv:
-                        await self._check_position(session)
-                        await sink.add(name, page)
-                        self._counts.bootstrapped += len(page)
-                        self._report()
+                    try:
+                        async for page in recv:
+                            await self._check_position(session)
+                            await sink.add(name, page)
+                            self._counts.bootstrapped += len(page)
+                            self._report()
+                    except Exception as exc:
+                        failure = exc
+                        tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
 
     # -- following ----------------------------------------------------------------
 
