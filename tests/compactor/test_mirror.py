@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from deltalog.storage.endpoint import FAKE_CREDENTIALS
 from tests.builders import delete, delta
 from tests.chroma_server import ChromaServer, free_port
 from tests.commands import where
-from tests.compaction import assert_states_equal, reference
+from tests.compaction import assert_states_equal, held_download, reference
 
 DIMS = {"words": 8, "lines": 4}
 
@@ -740,3 +741,76 @@ def set_token(chroma: ChromaServer, target: ChromaTarget, token: int) -> None:
     with chroma.client(target.database) as client:
         control = client.get_collection(CONTROL_COLLECTION)
         control.modify(metadata={**(control.metadata or {}), "token": token})
+
+
+# -- a forced rebuild reaches the mirror; a checkpoint pruned while it downloads ------
+
+
+async def test_a_forced_rebuild_makes_the_mirror_bootstrap_again(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """The target holds something the log never said (a stray record, standing in for
+    whatever a repair is for). ``rebuild --publish --force`` starts a new lineage: the
+    mirror's next run bootstraps again from the rebuilt checkpoint."""
+    await append_random(log, rng, 6)
+    async with (
+        Compactor(config, cache_dir=tmp_path / "c") as compactor,
+        Mirror(config, target, cache_dir=tmp_path / "m") as mirror,
+    ):
+        await compactor.run_once()
+        assert (await mirror.run_once()).position_after == 6
+        with chroma.client(target.database) as client:
+            words = client.get_collection("words", embedding_function=None)
+            words.add(ids=["stray"], embeddings=np.ones((1, DIMS["words"]), np.float32))
+        await compactor.rebuild(publish=True, force=True)
+        await append_random(log, rng, 2)
+        again = await mirror.run_once()
+    assert again.bootstrapped > 0 and again.position_after == 8
+    assert_states_equal(server_state(chroma, target), await reference(log))
+    lineage = (await log.table.read_state(log.keys.log_id)).lineage
+    assert (position(chroma, target) or {})["lineage"] == lineage != ""
+
+
+async def test_a_checkpoint_pruned_while_the_bootstrap_downloads_it_is_read_again(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """4 KiB parts; after the bootstrap's first range a compactor (retain 1) commits a
+    newer checkpoint and deletes that one: the bootstrap reads the state again."""
+    config = replace(config, part_size=4096, transfer_concurrency=2)
+    await log.append(delta(rng, "big", rows=40, dim=DIMS["words"]))
+    async with Compactor(
+        config, cache_dir=tmp_path / "c", retain=1, orphan_grace=0, checkpoint_ratio=0
+    ) as compactor:
+        first = await compactor.run_once()
+        assert first.snapshot_key is not None and first.snapshot_size > 4 * 4096
+        async with (
+            held_download(config, log.store, first.snapshot_key) as (held, reached, go),
+            DeltaLog.open(config, store=held, table=log.table) as m_log,
+            Mirror(config, target, cache_dir=tmp_path / "m", log_handle=m_log) as mirror,
+            anyio.create_task_group() as tg,
+        ):
+            results: list[MirrorResult] = []
+
+            async def bootstrap() -> None:
+                results.append(await mirror.run_once())
+
+            tg.start_soon(bootstrap)
+            with anyio.fail_after(60):
+                await reached.wait()
+            await log.append(delete("big#3"))
+            second = await compactor.run_once()
+            go.set()
+    (result,) = results
+    assert result.position_after == 2
+    assert (position(chroma, target) or {})["snapshot_key"] == second.snapshot_key
+    assert_states_equal(server_state(chroma, target), await reference(log))
