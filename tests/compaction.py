@@ -332,8 +332,8 @@ async def held_download(
     (its ``on_range`` hook); on S3 a store reaching the endpoint through a proxy
     that holds the first ranged ``GetObject`` of ``key`` past byte 0.
     """
-    reached, go = anyio.Event(), anyio.Event()
     if isinstance(store, MemoryStore):
+        reached, go = anyio.Event(), anyio.Event()
 
         async def hold(got: str, start: int) -> None:
             if got == key and start > 0 and not reached.is_set():
@@ -348,17 +348,14 @@ async def held_download(
         return
 
     def later_range(request: Request) -> bool:
-        if request.operation != "GetObject" or not request.path.endswith(key):
-            return False
-        if request.headers.get("range", "bytes=0-").startswith("bytes=0-"):
-            return False
-        reached.set()
-        return True
+        return (
+            request.operation == "GetObject"
+            and request.path.endswith(key)
+            and not request.headers.get("range", "bytes=0-").startswith("bytes=0-")
+        )
 
-    assert config.endpoint_url is not None
-    async with FaultProxy(config.endpoint_url) as proxy:
-        proxy.script(Fault.DELAY, when=later_range, until=go.wait)
-        proxied = await S3Store.connect(replace(config, endpoint_url=proxy.url))
+    async with held_once(config, later_range) as (url, reached, go):
+        proxied = await S3Store.connect(replace(config, endpoint_url=url))
         try:
             yield proxied, reached, go
         finally:
