@@ -254,7 +254,9 @@ async def test_retention_keeps_the_checkpoint_the_state_points_to(
             await forget_checkpoint_fields(backend, log, "recent_snapshots")
         for i in range(4):
             await log.append(delta(rng, f"t{i}"))
-            orphan = log.keys.snapshot(await log.head() - 1, 90 + i, f"orphan{i}")
+            # A run killed before its commit, under the token it held:
+            token = (await log.table.read_state(log.keys.log_id)).token
+            orphan = log.keys.snapshot(await log.head() - 1, token, f"orphan{i}")
             assert await log.store.put_if_absent(orphan, b"never committed")
             rebuilt = await c.rebuild()  # uploaded, not published: an orphan too
             result = await c.run_once()
