@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -53,7 +54,7 @@ from deltalog.errors import (
     InvalidInput,
     MissingObject,
 )
-from deltalog.snapshot.archive import SIDECAR_NAME, extract
+from deltalog.snapshot.archive import SIDECAR_NAME, check_chroma_version, extract
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState
 
@@ -184,6 +185,7 @@ class SnapshotCache:
         )
         if sidecar.log != log:
             raise CorruptSnapshot(f"the sidecar is of log {sidecar.log!r}", log=log, key=key)
+        check_chroma_version(sidecar, _chroma_version(), key=key, log=log)
         self._place(staged, _Source(key, sha256, log, time.time(), "downloaded"))
 
     async def copy_of(self, store: ObjectStore, key: str, sha256: str, *, log: str) -> Path:
@@ -409,6 +411,14 @@ async def load_committed(
                 raise
             tried = now
     raise AssertionError("unreachable")
+
+
+def _chroma_version() -> str:
+    """The installed chromadb's version (without importing it: that is not free)."""
+    try:
+        return importlib.metadata.version("chromadb")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _scratch_pid(name: str) -> int | None:
