@@ -22,7 +22,7 @@ from compactor.replay import Replayer
 from compactor.shards import ShardedCompactor
 from compactor.working import catch_up, take
 from deltalog.log import DeltaLog
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink
 
 __all__ = ["committed_copy"]
@@ -42,8 +42,10 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
             yield merged
         return
     cache = SnapshotCache(cache_dir / log.keys.cache_name)
-    state = await log.table.read_state(log.keys.log_id)
-    copy = await take(cache, log.store, state, log=log.config.log, warm=False)
+    state, copy = await load_committed(  # no lease: retention may delete what it downloads
+        lambda: log.table.read_state(log.keys.log_id),
+        lambda state: take(cache, log.store, state, log=log.config.log, warm=False),
+    )
     try:
         sink = await ChromaSink.open(copy.path, log=log.config.log)
         try:

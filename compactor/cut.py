@@ -30,6 +30,7 @@ from compactor.runner import CommittedCopy, move_into, occupied
 from compactor.shards import ShardedCompactor
 from deltalog.errors import InvalidInput
 from deltalog.fold import CollectionPlan, FoldPlan
+from deltalog.shards import cut
 from deltalog.snapshot.sink import ChromaSink
 
 __all__ = ["CutExport", "export_cut"]
@@ -69,12 +70,15 @@ async def export_cut(
     if not sharded.layout.sharded and not per_shard:
         single = await compactors[0].export(target)
         return CutExport(single.log, target, single.hwm, 1, single.counts)
-    states = await sharded.states()
-    upto = await sharded.cut()
     copies: list[CommittedCopy] = []
     try:
-        for compactor, state in zip(compactors, states, strict=True):
-            copies.append(await compactor.committed_copy(upto=upto, state=state))
+        for compactor in compactors:
+            copies.append(await compactor.committed_copy())
+        # the cut of the states the copies hold (a state read again when retention pruned
+        # its checkpoint may be newer than one read before)
+        upto = cut(sharded.layout, [copy.state for copy in copies])
+        for i, compactor in enumerate(compactors):
+            copies[i] = await compactor.advance_copy(copies[i], upto)
         counts: dict[str, int] = {}
         for copy in copies:
             for name, n in copy.counts.items():

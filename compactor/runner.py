@@ -51,6 +51,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -78,7 +79,7 @@ from compactor.publish import (
 )
 from compactor.replay import Limits, Progress, Replay, Replayer
 from compactor.verify import VerifyResult, compare_sinks
-from compactor.working import WorkingCopy, catch_up, take
+from compactor.working import WorkingCopy, catch_up, take, trust_of
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -94,7 +95,7 @@ from deltalog.keys import Shard
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
@@ -350,6 +351,7 @@ class Compactor:
         self._log: DeltaLog | None = None
         self._cache: SnapshotCache | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
         self._cache = SnapshotCache(self.cache_dir / self.keys.cache_name)
@@ -429,7 +431,7 @@ class Compactor:
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
         )
         if result.snapshot_key is not None:
-            await self._prune(result.snapshot_key)
+            await self._prune()
         if failure is not None:
             raise failure
         return result
@@ -490,11 +492,11 @@ class Compactor:
         if head <= state.hwm and not (requested and state.tail_entries > 0):
             return self._nothing(state, "end"), None
         with self._by_deadline("getting the working copy (the checkpoint's download)", state):
-            copy = await take(self.cache, self.store, state, log=self.config.log)
+            copy = await take(self.cache, self.store, state, log=self.config.log, trust=self._trust)
         try:
             replay, replayed = await self._replay_into(copy, lease)
             if not replay.advanced and not (requested and state.tail_entries > 0):
-                await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, state.hwm)
+                await self._keep_live(copy.path, state.hwm, state)
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
             reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
@@ -502,10 +504,17 @@ class Compactor:
             result = self._applied(state, replay, lease, tail, reason, published)
             result = replace(result, working_copy=copy.how, replayed_tail=replayed)
             await self._commit(lease, state, published, result)
-            await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, replay.last_seq)
+            await self._keep_live(copy.path, replay.last_seq, state)
         finally:
             await self._discard(copy.path)
         return result, replay.error
+
+    async def _keep_live(self, work: Path, hwm: int, state: LogState) -> None:
+        """Keep ``work`` as the live copy at the committed ``hwm``; a run's commit keeps
+        the lineage of the state it read."""
+        await anyio.to_thread.run_sync(
+            partial(self.cache.keep_live, work, hwm, lineage=state.lineage, trust=self._trust)
+        )
 
     @contextmanager
     def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
@@ -578,27 +587,22 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str) -> None:
+    async def _prune(self) -> None:
         """Retention, after a run and the release (DESIGN.md's step 8).
 
-        Housekeeping: a failure must not fail the committed run.
-
-        It holds no lease, and this process may have paused since its commit
-        while newer owners committed: what is committed is read again, and
-        nothing at or above its hwm is deleted (a newer owner's upload may be
-        about to be committed, whatever this caller read).
+        Housekeeping: a failure must not fail the committed run. It holds no
+        lease, and this process may pause anywhere in it while newer owners
+        commit (a forced rebuild's rollback included): ``prune_snapshots``
+        reads the state after listing and keeps every upload at or above its
+        token.
         """
         try:
-            state = await self.read_state()
             await prune_snapshots(
                 self.store,
                 self.keys,
+                self.read_state,
                 keep=self.retain,
-                committed=state.snapshot_key or committed,
-                below=state.hwm,
-                recent=state.recent_snapshots,
                 orphan_grace=self.orphan_grace,
-                now=time.time(),
             )
         except DeltalogError as exc:
             log.warning(
@@ -799,7 +803,7 @@ class Compactor:
         result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
-        await self._prune(result.snapshot_key)
+        await self._prune()
         return result
 
     async def _rebuild(
@@ -867,6 +871,7 @@ class Compactor:
             published.size,
             last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
             recent_snapshots=self._recent(published.key, lease.state),
+            lineage=published.key,  # a new lineage: every copy of the old one is rebuilt
         )
         await self._commit_point(lease, committed, commit)
 
@@ -897,21 +902,30 @@ class Compactor:
             copy.counts,
         )
 
-    async def committed_copy(
-        self, *, upto: int | None = None, state: LogState | None = None
-    ) -> CommittedCopy:
+    async def committed_copy(self) -> CommittedCopy:
         """A closed Chroma directory in the cache holding the committed state.
 
-        The checkpoint with the committed tail replayed into it; with ``upto``
-        (at or above the committed hwm, every seq up to it an entry or a seal)
-        also the entries up to it: a lagging shard shown at a sharded log's
-        cut. ``state`` is the committed state to start from (read when None).
-        The caller moves the directory away or gives it to ``discard``.
+        The checkpoint (downloaded unless cached, read again from a newer
+        state if retention pruned it) with the committed tail replayed into
+        it. The caller moves the directory away or gives it to ``discard``.
         """
-        state = await self.read_state() if state is None else state
-        target = state if upto is None else replace(state, hwm=max(upto, state.hwm))
+        state, copy = await self._take_committed()
+        return await self._replayed(copy, state, state)
+
+    async def advance_copy(self, copy: CommittedCopy, upto: int) -> CommittedCopy:
+        """``copy`` with the entries up to ``upto`` applied too (every seq up to it an
+        entry or a seal): a lagging shard shown at a sharded log's cut."""
+        if upto <= copy.state.hwm:
+            return copy
+        working = WorkingCopy(copy.path, copy.state.hwm, "checkpoint")
+        advanced = await self._replayed(working, copy.state, replace(copy.state, hwm=upto))
+        return replace(advanced, replayed=copy.replayed + advanced.replayed)
+
+    async def _replayed(
+        self, copy: WorkingCopy, state: LogState, target: LogState
+    ) -> CommittedCopy:
+        """``copy`` brought up to ``target.hwm``, closed; discarded if that fails."""
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
         try:
             # Always Chroma (not the sink factory): what is exported is a Chroma directory.
             sink = await ChromaSink.open(copy.path, limiter=self._limiter)
@@ -929,6 +943,17 @@ class Compactor:
         """Remove a directory ``committed_copy`` made."""
         await self._discard(path)
 
+    async def _take_committed(self) -> tuple[LogState, WorkingCopy]:
+        """A cold copy of the committed state's checkpoint, and that state.
+
+        No lease is held: retention may delete the checkpoint once a newer
+        commit replaced it; then the state is read again (``load_committed``).
+        """
+        return await load_committed(
+            self.read_state,
+            lambda state: take(self.cache, self.store, state, log=self.config.log, warm=False),
+        )
+
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
 
@@ -937,13 +962,12 @@ class Compactor:
         are Chroma directories built by the same fold, so the comparison is
         exact: ids, vectors bit for bit, documents, metadata.
         """
-        state = await self.read_state()
-        quarantined = await self.table.read_quarantined(self.keys.log_id)
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
+            state, committed = await self._take_committed()
+            cleanup.push_async_callback(self._discard, committed.path)
+            quarantined = await self.table.read_quarantined(self.keys.log_id)
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
             cleanup.push_async_callback(self._discard, rebuilt)
-            committed = await take(self.cache, self.store, state, log=self.config.log, warm=False)
-            cleanup.push_async_callback(self._discard, committed.path)
             expected = await self._open_sink(rebuilt)
             cleanup.push_async_callback(_close, expected)
             actual = await self._open_sink(committed.path)

@@ -29,11 +29,14 @@ One ``Reader`` may serve concurrent calls (tasks of one event loop). Each
 call **pins** what it reads: under the reader's lock it refreshes, then
 takes the loaded snapshot and the tail folded on top of it, and answers
 from those alone, so its answer is the fold at one seq (hwm, or the last
-tail entry it saw). A **view** (the overlay of one collection, prepared for
-searching) is cached on the tail only if no entry was folded in while it
-was built. A snapshot replaced by a newer commit stays open until the last
-call that pinned it returns, then its Chroma client is closed and its
-working copy removed.
+tail entry it saw). A snapshot reader reads a newly committed tail whole and
+checks it reaches hwm before folding any of it, in one step: a call that
+pinned the snapshot before sees the fold at the old hwm or the new one,
+never at a seq between two commits (nor a tail that ends early). A
+**view** (the overlay of one collection, prepared for searching) is cached
+on the tail only if no entry was folded in while it was built. A snapshot
+replaced by a newer commit stays open until the last call that pinned it
+returns, then its Chroma client is closed and its working copy removed.
 
 Results have Chroma's shapes: ``query`` returns lists per query vector
 (``ids``, ``distances``, ``documents``, ``metadatas``), ``get`` flat lists.
@@ -60,7 +63,7 @@ from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.keys import LogKeys, Shard, shard_of
 from deltalog.log import DeltaLog
 from deltalog.shards import current_shards, cut
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Layout, LogState, Table
@@ -71,10 +74,6 @@ __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistic
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
 T = TypeVar("T")
-
-_LOAD_ATTEMPTS = 5
-"""How many committed snapshots a refresh tries when retention deletes the one it
-read from the state item before it could download it."""
 
 
 class QueryResult(TypedDict):
@@ -286,13 +285,23 @@ class Reader:
         layout = self._layout
         assert layout is not None
         self._hwm = cut(layout, states)
-        if self.consistency == "fresh":
-            await self._read_tail(None)
-            return
-        if any(part.snapshot.tail.last_seq < self._hwm for part in self._parts):
-            await self._read_tail(self._hwm)
-        for part, state in zip(self._parts, states, strict=True):
-            _check_committed_tail(part.snapshot.tail, state, self._hwm, self.log.config.log)
+        tails = [part.snapshot.tail for part in self._parts]
+        after = min(tail.last_seq for tail in tails)
+        if self.consistency == "fresh":  # every prefix of the tail is a fresh cut
+            await self._read_tail(after, None, lambda seq, entry: _fold_into(tails, seq, entry))
+        elif after < self._hwm:
+            # The entries up to the cut are read whole, checked, then folded in one step
+            # (no await): a call that pinned these snapshots before sees the fold at the
+            # old cut or at the new one, never at a seq between two commits.
+            read: list[tuple[int, Any]] = []
+            await self._read_tail(after, self._hwm, lambda *item: read.append(item))
+            last = read[-1][0] if read else after
+            for tail, state in zip(tails, states, strict=True):
+                _check_committed_tail(
+                    max(last, tail.last_seq), state, self._hwm, self.log.config.log
+                )
+            for seq, entry in read:
+                _fold_into(tails, seq, entry)
 
     async def _read_layout(self) -> Layout:
         return await self.log.table.read_layout(self.log.keys.log_id)
@@ -322,12 +331,10 @@ class Reader:
         return True
 
     async def _read_states(self) -> list[LogState]:
-        table, log_id = self.log.table, self.log.keys.log_id
+        return await self._fan(self._parts, self._read_state)
 
-        async def read(part: _Part) -> LogState:
-            return await table.read_state(log_id, sk=part.keys.state_sk)
-
-        return await self._fan(self._parts, read)
+    async def _read_state(self, part: _Part) -> LogState:
+        return await self.log.table.read_state(self.log.keys.log_id, sk=part.keys.state_sk)
 
     async def _fan(
         self, items: Sequence[Any], call: Callable[..., Awaitable[T]], *args: Sequence[Any]
@@ -354,22 +361,12 @@ class Reader:
         return cast("list[T]", results)
 
     async def _load_part(self, part: _Part, state: LogState) -> LogState:
-        """Load the checkpoint ``state`` points to, unless loaded; return the state used.
-
-        Retention may delete it between the state read and the download: then
-        the newer state is read and its checkpoint loaded (a few times).
-        """
-        for attempt in range(1, _LOAD_ATTEMPTS + 1):
-            if self._holds(part, state):
-                break
-            try:
-                await self._load(part, state)
-                break
-            except DataError as exc:
-                newer = await self.log.table.read_state(self.log.keys.log_id, sk=part.keys.state_sk)
-                if attempt == _LOAD_ATTEMPTS or not _pruned(exc, state, newer):
-                    raise
-                state = newer
+        """Load the checkpoint ``state`` points to, unless loaded; return the state used
+        (a newer one when retention pruned that checkpoint: ``load_committed``)."""
+        if not self._holds(part, state):
+            state, _ = await load_committed(
+                lambda: self._read_state(part), lambda s: self._load(part, s), state=state
+            )
         part.hwm = state.hwm
         return state
 
@@ -384,6 +381,9 @@ class Reader:
         return behind and (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
 
     async def _load(self, part: _Part, state: LogState) -> None:
+        """Load the checkpoint ``state`` points to (``MissingObject`` if it was pruned)."""
+        if self._holds(part, state):
+            return
         loaded = await self._open_snapshot(
             part, state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
         )
@@ -427,9 +427,11 @@ class Reader:
                 if work is not None and snapshot.cache is not None:
                     await anyio.to_thread.run_sync(snapshot.cache.discard, work)
 
-    async def _read_tail(self, to_seq: int | None) -> None:
-        """Fold the entries after each part's tail (up to ``to_seq``) into it, reading
-        the log once; checked against the log's schema.
+    async def _read_tail(
+        self, after: int, to_seq: int | None, take: Callable[[int, Any], None]
+    ) -> None:
+        """Hand ``take`` the entries after ``after`` (up to ``to_seq``), in seq order,
+        reading the log once for every shard; checked against the log's schema.
 
         An entry whose vectors disagree with the schema is a ``CorruptEntry``, as
         it is for the compactor (only a writer that bypassed ``append`` makes one).
@@ -454,15 +456,16 @@ class Reader:
                 async for seq, entry in reader:
                     if not _collections(entry) <= self._dims.keys():  # new to us: read the schema
                         self._dims = await self.log.table.read_dims(self.log.keys.log_id)
-                    _fold_into(tails, seq, entry)
+                    take(seq, entry)
+                    after = seq
                 return
             except CorruptEntry as exc:
                 if quarantined is None:
                     quarantined = await self.log.table.read_quarantined(self.log.keys.log_id)
                 if exc.seq is None or exc.seq not in quarantined:
                     raise
-                seal = Seal("quarantine", quarantined[exc.seq], "quarantine")
-                _fold_into(tails, exc.seq, seal)
+                take(exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+                after = exc.seq
 
     # -- queries ----------------------------------------------------------------
 
@@ -583,24 +586,14 @@ class Reader:
         )
 
 
-def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
-    """Whether loading ``tried`` failed because retention deleted its snapshot.
-
-    A committed snapshot is only deleted once a newer commit replaced it, so
-    the state item has moved on; a snapshot unreadable while still committed
-    is a real ``DataError``.
-    """
-    return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
-
-
-def _check_committed_tail(tail: _Tail, state: LogState, upto: int, log: str) -> None:
+def _check_committed_tail(last_seq: int, state: LogState, upto: int, log: str) -> None:
     """Every seq up to the cut is an entry or a seal: a tail that ends early is damage."""
-    if tail.last_seq < upto:
+    if last_seq < upto:
         raise DataError(
             f"the committed tail ({state.checkpoint_hwm}, {upto}] is missing seq "
-            f"{tail.last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
+            f"{last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
             log=log,
-            seq=tail.last_seq + 1,
+            seq=last_seq + 1,
         )
 
 
