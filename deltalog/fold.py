@@ -272,6 +272,12 @@ class Folder:
         collections = {name: plan.copy() for name, plan in self._collections.items()}
         return FoldPlan(collections, self._first_seq, self._last_seq, self._chunk_entries)
 
+    def collection_plan(self, collection: str) -> CollectionPlan:
+        """The net effect on one collection of the entries added since the last ``reset``
+        (a copy; empty for a collection no entry named)."""
+        plan = self._collections.get(collection)
+        return plan.copy() if plan is not None else CollectionPlan()
+
     def reset(self) -> None:
         """Start a new chunk: forget the plan, keep the counters and the last seq."""
         self._collections = {}

@@ -167,6 +167,27 @@ class _Snapshot:
         self.tail = _Tail(self.hwm, self.hwm, Folder(shard=self.shard))
 
 
+@dataclass(frozen=True, slots=True)
+class _Pin:
+    """One index as a call sees it: its snapshot, and its overlay of one collection
+    as it was when the call pinned it: the cached view, or the tail's plan to build
+    one from (later folds change neither), at the tail's ``seq``.
+    """
+
+    snapshot: _Snapshot
+    seq: int
+    view: _View | None
+    plan: CollectionPlan | None
+
+    @classmethod
+    def of(cls, snapshot: _Snapshot, collection: str) -> _Pin:
+        """Taken under the reader's lock, with no await: every shard at one cut."""
+        tail = snapshot.tail
+        view = tail.views.get(collection)
+        plan = None if view is not None else tail.folder.collection_plan(collection)
+        return cls(snapshot, tail.last_seq, view, plan)
+
+
 @dataclass(slots=True, eq=False)
 class _Part:
     """One index the reader answers from: the log's own, or one shard of it."""
@@ -208,8 +229,8 @@ class Reader:
         self.consistency: Consistency = consistency
         self._cache_dir = cache_dir
         self._prefetch = prefetch
-        self._limiter = anyio.CapacityLimiter(concurrency)
-        """Bounds the shards loaded, and the shards a query waits on, at once."""
+        self._concurrency = concurrency
+        """How many shards one call loads, or waits on, at once."""
         self._layout: Layout | None = None
         self._parts: list[_Part] = []
         self._hwm = 0
@@ -256,21 +277,22 @@ class Reader:
             await self._refresh()
 
     @asynccontextmanager
-    async def _pinned(self) -> AsyncIterator[list[_Snapshot]]:
-        """Refresh, then hold every part's current snapshot and its tail for one call."""
-        snapshots: list[_Snapshot] = []
+    async def _pinned(self, collection: str) -> AsyncIterator[list[_Pin]]:
+        """Refresh, then hold every part's current snapshot and its overlay of
+        ``collection`` as it is now (``_Pin``) for one call."""
+        pins: list[_Pin] = []
         try:
             async with self._lock:
                 await self._refresh()
-                snapshots = [part.snapshot for part in self._parts]
-                for snapshot in snapshots:
-                    snapshot.users += 1
-            yield snapshots
+                for part in self._parts:
+                    pins.append(_Pin.of(part.snapshot, collection))
+                    part.snapshot.users += 1
+            yield pins
         finally:
-            for snapshot in snapshots:
-                snapshot.users -= 1
-                if not snapshot.current:
-                    await self._retire(snapshot)
+            for pin in pins:
+                pin.snapshot.users -= 1
+                if not pin.snapshot.current:
+                    await self._retire(pin.snapshot)
 
     async def _refresh(self) -> None:
         """``refresh`` under the lock."""
@@ -347,9 +369,12 @@ class Reader:
         if len(items) == 1:
             return [await call(items[0], *(arg[0] for arg in args))]
         results: list[T | None] = [None] * len(items)
+        limiter = anyio.CapacityLimiter(
+            self._concurrency
+        )  # this call's: calls never wait on one another
 
         async def one(i: int) -> None:
-            async with self._limiter:
+            async with limiter:
                 results[i] = await call(items[i], *(arg[i] for arg in args))
 
         try:
@@ -486,13 +511,13 @@ class Reader:
             raise InvalidInput("n_results must be at least 1")
         queries = _as_queries(query_embeddings)
         where_n = normalize_where(where)
-        async with self._pinned() as snapshots:
+        async with self._pinned(collection) as pins:
             await self._check_dim(collection, queries.shape[1])
             self._calls += 1
 
-            async def ask(snapshot: _Snapshot) -> tuple[_View, list[list[Hit]], str]:
-                view = await self._view(snapshot, collection)
-                sink = snapshot.sink
+            async def ask(pin: _Pin) -> tuple[_View, list[list[Hit]], str]:
+                view = await _view(pin, collection)
+                sink = pin.snapshot.sink
                 found = (
                     await sink.query(collection, queries, n_results + view.shadowed, where_n)
                     if sink is not None
@@ -501,7 +526,7 @@ class Reader:
                 space = await sink.space(collection) if sink is not None else "l2"
                 return view, found, space
 
-            answers = await self._fan(snapshots, ask)
+            answers = await self._fan(pins, ask)
         merged = [
             _merge(
                 found, _search(view, queries, where_n, n_results, space), view.removed, n_results
@@ -524,19 +549,19 @@ class Reader:
         """
         where_n = normalize_where(where)
         wanted = list(ids) if ids is not None else None
-        async with self._pinned() as snapshots:
+        async with self._pinned(collection) as pins:
             self._calls += 1
 
-            async def one(snapshot: _Snapshot, chosen: list[str] | None) -> list[_Row]:
+            async def one(pin: _Pin, chosen: list[str] | None) -> list[_Row]:
                 if chosen == []:  # none of the ids is this shard's: Chroma would return all
                     return []
-                view = await self._view(snapshot, collection)
-                sink = snapshot.sink
+                view = await _view(pin, collection)
+                sink = pin.snapshot.sink
                 rows = await sink.select(collection, chosen, where_n) if sink is not None else []
                 return _get_rows(rows, view, chosen, where_n)
 
-            chosen = _route(snapshots, collection, wanted)
-            answers = await self._fan(snapshots, one, chosen)
+            chosen = _route([pin.snapshot for pin in pins], collection, wanted)
+            answers = await self._fan(pins, one, chosen)
         kept = [row for rows in answers for row in rows]
         kept = kept[:limit] if limit is not None else kept
         return {
@@ -558,18 +583,6 @@ class Reader:
             raise DimensionMismatch(
                 collection, known=known, got=dim, source="the query", log=self.log.config.log
             )
-
-    async def _view(self, snapshot: _Snapshot, collection: str) -> _View:
-        """The overlay of ``collection`` on ``snapshot``, cached while its tail stays put."""
-        tail = snapshot.tail
-        view = tail.views.get(collection)
-        if view is None:
-            seq = tail.last_seq
-            plan = tail.folder.plan().collections.get(collection, CollectionPlan())
-            view = await _build_view(snapshot.sink, collection, plan)
-            if tail.last_seq == seq:  # nothing was folded in while it was built
-                tail.views[collection] = view
-        return view
 
     def statistics(self) -> ReaderStatistics:
         snapshots = [part.snapshot for part in self._parts] or [_Snapshot(None, 0)]
@@ -609,6 +622,19 @@ def _fold(tail: _Tail, seq: int, entry: Any) -> None:
     tail.last_seq = seq
     tail.entries += 1
     tail.views.clear()
+
+
+async def _view(pin: _Pin, collection: str) -> _View:
+    """The overlay of ``collection`` as ``pin`` holds it; cached on its tail while the
+    tail stays where the call pinned it."""
+    if pin.view is not None:
+        return pin.view
+    assert pin.plan is not None
+    view = await _build_view(pin.snapshot.sink, collection, pin.plan)
+    tail = pin.snapshot.tail
+    if tail.last_seq == pin.seq:  # nothing was folded in since the call pinned it
+        tail.views[collection] = view
+    return view
 
 
 def _fold_into(tails: Sequence[_Tail], seq: int, entry: Any) -> None:

@@ -27,10 +27,17 @@ from deltalog.shards import init_layout
 from deltalog.snapshot.sink import ChromaSink
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
+from tests.builders import delete
 from tests.compaction import log_entries
 from tests.compactor.conftest import Backend
 from tests.oracle import oracle_state
-from tests.reading import DIM, assert_get_matches, assert_query_matches, random_word_deltas
+from tests.reading import (
+    DIM,
+    assert_get_matches,
+    assert_query_matches,
+    random_word_deltas,
+    upsert_words,
+)
 
 SHARDS = 3
 
@@ -265,3 +272,47 @@ async def test_get_by_ids_asks_only_their_shards(
         asked.clear()
         await reader.get(collection="words", where={"merchant_name": "X"})
         assert len(asked) == SHARDS
+
+
+async def test_a_call_answers_every_shard_at_the_cut_it_pinned(
+    rng: np.random.Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Call A pins the three shards at seq 2 and is held building shard 0's view (one
+    shard at a time); call B folds seq 3 into every shard and answers; A then builds
+    shards 1 and 2 from what it pinned, not from seq 3: one cut for every shard."""
+    store, table = MemoryStore(), MemoryTable()
+    backend = Backend("memory", _memory_config(), store, table, lease_ttl=0.3)
+    await init_layout(table, backend.config.keys, SHARDS, now=time.time())
+    ids = [f"w{i}" for i in range(12)]
+    async with backend.open_log() as log:
+        await log.append(upsert_words(ids, rng.uniform(-1, 1, (12, DIM)).astype(np.float32), "X"))
+        for index in range(SHARDS):
+            async with await _shard(backend, tmp_path, index) as c:
+                await c.run_once()
+        await log.append(delete(*ids[:6]))  # seq 2, in the tail of every shard
+        assert {shard_of("words", i, SHARDS) for i in ids[:6]} == set(range(SHARDS))
+        held, opened = anyio.Event(), anyio.Event()
+        select = ChromaSink.select
+
+        async def gated(self: ChromaSink, collection: str, chosen: Any, *rest: Any) -> Any:
+            rows = await select(self, collection, chosen, *rest)
+            if chosen and not held.is_set():  # the first view build's lookup
+                held.set()
+                await opened.wait()
+            return rows
+
+        answers: dict[str, list[str]] = {}
+        async with _reader(backend, tmp_path, "fresh", concurrency=1) as reader:
+            monkeypatch.setattr(ChromaSink, "select", gated)
+
+            async def call_a() -> None:
+                answers["A"] = sorted((await reader.get(collection="words"))["ids"])
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call_a)
+                    await held.wait()
+                    await log.append(delete(*ids[6:]))  # seq 3: every shard again
+                    answers["B"] = sorted((await reader.get(collection="words"))["ids"])
+                    opened.set()
+    assert answers == {"A": sorted(ids[6:]), "B": []}
