@@ -27,6 +27,7 @@ from benchmarks.pipeline import run_pipeline
 from benchmarks.plots import write_plots
 from benchmarks.report import Results, render_table, write_json
 from benchmarks.settings import Mode, Sizes, sizes_for
+from benchmarks.shards import run_shards
 from benchmarks.stages import run_stages
 from benchmarks.workload import ReceiptData, receipts
 from deltalog.keys import LogKeys
@@ -46,6 +47,7 @@ BENCHMARKS = (
     "compression",
     "stages",
     "pipeline",
+    "shards",
     "proxy",
 )
 """In the order they run; ``proxy`` is append and compaction through the latency proxy;
@@ -123,6 +125,7 @@ async def _run(sizes: Sizes, wanted: set[str], seed: int, results: Results) -> N
         )
         flow = receipts(sizes.pipeline_receipts, seed=seed + 40, dim=sizes.dim)
         results.pipeline = await runner.step("pipeline", lambda: run_pipeline(env, sizes, flow))
+        results.shards = await runner.step("shards", lambda: run_shards(env, sizes, seed + 50))
         await runner.step("proxy", lambda: _through_proxy(env, sizes, pool, compaction, results))
 
 

@@ -24,7 +24,15 @@ ratio of two measurements of the same run:
 - ``cold_start_vs_warm``: a run with an empty cache / one on the live copy,
   largest base (reported);
 - ``end_to_end_vs_raw_chroma``: raw chromadb seconds / seconds of producers
-  and ``compact --follow`` running together, for the same vectors.
+  and ``compact --follow`` running together, for the same vectors;
+- ``sharded_run_growth``, ``sharded_rss_growth``: the mean whole run and the
+  ``compact --checkpoint`` peak RSS of shard 0 of a log ten times larger on
+  ten shards / of a small log in one index (``benchmarks.shards``);
+- ``shard_apply_cpu``: CPU seconds (compactor and moto) per vector applied,
+  shards / one index, the same vectors;
+- ``fanout_query_vs_single``: p50 top-10 query latency, shards / one index;
+- ``parallel_rebuild_speedup``: one index's rebuild seconds / the shards'
+  rebuild, one process each (reported, with the cores the machine has).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from benchmarks.embed import EmbedFigures
 from benchmarks.fresh import FreshPoint
 from benchmarks.incremental import IncrementalPoint
 from benchmarks.pipeline import OverlapFigures
+from benchmarks.shards import ShardFigures
 from benchmarks.stages import StageFigures
 from benchmarks.tables import num, table
 
@@ -70,6 +79,11 @@ RATIO_KEYS = (
     "rss_growth",
     "cold_start_vs_warm",
     "end_to_end_vs_raw_chroma",
+    "sharded_run_growth",
+    "sharded_rss_growth",
+    "shard_apply_cpu",
+    "fanout_query_vs_single",
+    "parallel_rebuild_speedup",
 )
 TARGETS: dict[str, tuple[str, float] | None] = {
     "append_mb_vs_raw_put": (">=", 0.8),
@@ -83,6 +97,11 @@ TARGETS: dict[str, tuple[str, float] | None] = {
     "rss_growth": ("<=", 1.3),
     "cold_start_vs_warm": None,
     "end_to_end_vs_raw_chroma": (">=", 0.7),
+    "sharded_run_growth": ("<=", 1.15),
+    "sharded_rss_growth": ("<=", 1.15),
+    "shard_apply_cpu": ("<=", 1.0),
+    "fanout_query_vs_single": ("<=", 2.0),
+    "parallel_rebuild_speedup": None,
 }
 """``None``: reported, no target (the baseline's 10x was retired: it takes only about 4x
 raw Chroma's time, the ceiling for any pipeline that inserts every vector into Chroma)."""
@@ -107,6 +126,7 @@ class Results:
     compression: list[CompressionRow] = field(default_factory=list)
     stages: StageFigures | None = None
     pipeline: OverlapFigures | None = None
+    shards: ShardFigures | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     """Wall seconds per benchmark."""
@@ -153,6 +173,22 @@ def ratios(results: Results) -> dict[str, float | None]:
     out.update(_checkpoint_ratios(results.checkpoints))
     if results.pipeline is not None:
         out["end_to_end_vs_raw_chroma"] = results.pipeline.vs_raw_chroma
+    out.update(_shard_ratios(results.shards))
+    return out
+
+
+def _shard_ratios(f: ShardFigures | None) -> dict[str, float | None]:
+    if f is None:
+        return {}
+    out: dict[str, float | None] = {
+        "sharded_run_growth": f.run_growth,
+        "sharded_rss_growth": f.rss_growth,
+    }
+    one, sharded = f.one, f.sharded
+    if one is not None and sharded is not None:
+        out["shard_apply_cpu"] = _ratio(sharded.cpu_us_per_vector, one.cpu_us_per_vector)
+        out["fanout_query_vs_single"] = _ratio(sharded.query.p50_ms, one.query.p50_ms)
+        out["parallel_rebuild_speedup"] = _ratio(one.rebuild_seconds, sharded.rebuild_seconds)
     return out
 
 
@@ -207,6 +243,7 @@ def write_json(results: Results, path: Path) -> dict[str, Any]:
             "stages": results.stages,
             "cpu_seconds_per_vector": results.stages.per_vector() if results.stages else None,
             "pipeline": results.pipeline,
+            "shards": results.shards,
         },
     }
     plain: dict[str, Any] = msgspec.to_builtins(document)
@@ -491,7 +528,63 @@ def render_table(results: Results) -> str:
     lines += compression_section(results.compression)
     lines += stage_section(results.stages)
     lines += pipeline_section(results.pipeline)
+    lines += _shards_section(results.shards)
     return "\n".join(lines) + "\n"
+
+
+def _shards_section(f: ShardFigures | None) -> list[str]:
+    if f is None:
+        return []
+    lines: list[str] = []
+    rows = [
+        [
+            str(p.shards),
+            num(p.vectors),
+            str(len(p.runs)),
+            "yes" if p.published else "no",
+            f"{p.run_mean_seconds:.3f}",
+            num(p.checkpoint_run_rss_mb),
+            f"{p.checkpoint_run_seconds:.1f}",
+        ]
+        for p in f.growth
+    ]
+    lines += table(
+        f"Shards: small runs of shard 0, one index against ten times the data on ten shards "
+        f"({f.dim}-d)",
+        ["shards", "vectors", "runs", "published", "mean run s", "--checkpoint RSS MB", "s"],
+        rows,
+    )
+    rows = [
+        [
+            str(p.shards),
+            num(p.vectors),
+            f"{p.compact_seconds:.1f}",
+            f"{p.child_cpu_seconds:.1f}",
+            f"{p.server_cpu_seconds:.1f}",
+            num(p.cpu_us_per_vector),
+            _lat(p.query.p50_ms, p.query.p99_ms),
+            f"{p.recall_at_10:.3f}",
+            f"{p.rebuild_seconds:.1f}",
+        ]
+        for p in f.layouts
+    ]
+    lines += table(
+        f"Shards: the same vectors in one index and on shards ({f.cores} cores; the shards' "
+        "rebuild is one process per shard)",
+        [
+            "shards",
+            "vectors",
+            "compact s",
+            "CPU s",
+            "moto CPU s",
+            "CPU us/vector",
+            "query p50/p99 ms",
+            "recall@10",
+            "rebuild s",
+        ],
+        rows,
+    )
+    return lines
 
 
 def is_float(value: object) -> bool:

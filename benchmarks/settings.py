@@ -63,6 +63,15 @@ class Sizes:
     """Receipts the per-stage CPU profile pushes through each stage in turn."""
     pipeline_receipts: int = 32
     """Receipts the overlapped pipeline (producers + ``compact --follow``) ingests."""
+    shard_base: int = 500
+    """Vectors of the small log of the shard growth figures (and of each of ten shards)."""
+    shard_run_entries: int = 20
+    """Small entries per run in the shard growth figures."""
+    shard_vectors: int = 4_000
+    """Vectors of the one index and of the shards compared (apply CPU, queries, rebuild)."""
+    shard_count: int = 8
+    shard_queries: int = 40
+    shard_dim: int = 384
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
     dim: int = DIM
@@ -96,6 +105,9 @@ _FULL = Sizes(
     checkpoint_runs=(3, 60),
     stage_receipts=64,
     pipeline_receipts=128,
+    shard_base=10_000,
+    shard_vectors=100_000,
+    shard_queries=200,
 )
 
 _QUICK = Sizes(
@@ -156,6 +168,12 @@ _SMOKE = Sizes(
     compression_levels=(1, 3),
     stage_receipts=3,
     pipeline_receipts=4,
+    shard_base=100,
+    shard_run_entries=4,
+    shard_vectors=400,
+    shard_count=2,
+    shard_queries=5,
+    shard_dim=64,
     dim=64,
 )
 

@@ -231,6 +231,11 @@ def entry_log(root: str, key: str) -> str | None:
     return log
 
 
+def shard_states_prefix(generation: int) -> str:
+    """What the sort keys of every shard state item of ``generation`` start with."""
+    return f"{SHARD_STATE_PREFIX}g{generation}-s"
+
+
 def idempotency_sk(key: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{key}"
 

@@ -62,7 +62,7 @@ from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, 
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.keys import LogKeys, Shard, shard_of
 from deltalog.log import DeltaLog
-from deltalog.shards import current_shards, cut
+from deltalog.shards import current_shards, cut, read_states
 from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
@@ -353,7 +353,11 @@ class Reader:
         return True
 
     async def _read_states(self) -> list[LogState]:
-        return await self._fan(self._parts, self._read_state)
+        """Every part's committed state: one read (the shards': one query of them all)."""
+        if len(self._parts) == 1:
+            return [await self._read_state(self._parts[0])]
+        shards = [part.shard for part in self._parts]
+        return await read_states(self.log.table, self.log.keys, shards)
 
     async def _read_state(self, part: _Part) -> LogState:
         return await self.log.table.read_state(self.log.keys.log_id, sk=part.keys.state_sk)

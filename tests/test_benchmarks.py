@@ -31,6 +31,11 @@ RATIO_KEYS = {
     "rss_growth",
     "cold_start_vs_warm",
     "end_to_end_vs_raw_chroma",
+    "sharded_run_growth",
+    "sharded_rss_growth",
+    "shard_apply_cpu",
+    "fanout_query_vs_single",
+    "parallel_rebuild_speedup",
 }
 PLOTS = (
     "append.png",
@@ -121,3 +126,19 @@ def _check_ratios_follow_figures(ratios: dict[str, float], figures: dict[str, An
     pipeline = figures["pipeline"]
     e2e = pipeline["raw_chroma_seconds"] / pipeline["seconds"]
     assert ratios["end_to_end_vs_raw_chroma"] == pytest.approx(e2e, rel=0.01)
+    shards = figures["shards"]
+    one, ten = sorted(shards["growth"], key=lambda p: p["shards"])
+    assert (one["shards"], ten["shards"], ten["vectors"]) == (1, 10, 10 * one["vectors"])
+    run_growth = ten["run_mean_seconds"] / one["run_mean_seconds"]
+    assert ratios["sharded_run_growth"] == pytest.approx(run_growth, rel=0.01)
+    rss = ten["checkpoint_run_rss_mb"] / one["checkpoint_run_rss_mb"]
+    assert ratios["sharded_rss_growth"] == pytest.approx(rss, rel=0.01)
+    single, sharded = sorted(shards["layouts"], key=lambda p: p["shards"])
+    assert single["vectors"] == sharded["vectors"] and sharded["shards"] > 1
+    cpu = sharded["cpu_us_per_vector"] / single["cpu_us_per_vector"]
+    assert ratios["shard_apply_cpu"] == pytest.approx(cpu, rel=0.01)
+    p50 = sharded["query"]["p50_ms"] / single["query"]["p50_ms"]
+    assert ratios["fanout_query_vs_single"] == pytest.approx(p50, rel=0.01)
+    assert all(0 < p["recall_at_10"] <= 1 for p in shards["layouts"])
+    speedup = single["rebuild_seconds"] / sharded["rebuild_seconds"]
+    assert ratios["parallel_rebuild_speedup"] == pytest.approx(speedup, rel=0.01)

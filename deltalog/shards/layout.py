@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from deltalog.errors import InvalidInput
-from deltalog.keys import MAX_SHARDS, LogKeys, Shard
+from deltalog.keys import MAX_SHARDS, LogKeys, Shard, shard_states_prefix
 from deltalog.storage.table import Layout, LogState, Table
 
 __all__ = [
@@ -58,11 +58,18 @@ def cut(layout: Layout, states: Sequence[LogState]) -> int:
 async def read_states(
     table: Table, keys: LogKeys, shards: Sequence[Shard | None]
 ) -> list[LogState]:
-    """The committed state of each of ``shards`` (None: the log's own), in order."""
+    """The committed state of each of ``shards`` (None: the log's own), in order: one
+    query per generation (a state never written reads as the empty ``LogState()``)."""
+    found: dict[str, LogState] = {}
+    for generation in sorted({shard.generation for shard in shards if shard is not None}):
+        found |= await table.read_states(keys.log_id, shard_states_prefix(generation))
     states = []
     for shard in shards:
         own = keys.for_shard(shard)
-        states.append(await table.read_state(own.log_id, sk=own.state_sk))
+        if shard is None:
+            states.append(await table.read_state(own.log_id, sk=own.state_sk))
+        else:
+            states.append(found.get(own.state_sk, LogState()))
     return states
 
 

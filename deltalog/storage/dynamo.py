@@ -496,6 +496,21 @@ class DynamoTable:
             raise await self._lost(log_id, token, "note a hole", sk)
         return now
 
+    async def read_states(self, log_id: str, prefix: str) -> dict[str, LogState]:
+        found: dict[str, LogState] = {}
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": {":pk": _s(log_id), ":prefix": _s(prefix)},
+            "ConsistentRead": True,
+        }
+        while True:
+            answer = await self._call("query", "read the shards' states", ambiguous=False, **kwargs)
+            for item in answer.get("Items", []):
+                found[item["sk"]["S"]] = _state_of(item)
+            if "LastEvaluatedKey" not in answer:
+                return found
+            kwargs["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
     async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
         item = await self._update_state(
             log_id,

@@ -293,6 +293,11 @@ class Table(Protocol):
         """Record when the hole at ``seq`` was first seen (under the lease); return that time."""
         ...
 
+    async def read_states(self, log_id: str, prefix: str) -> dict[str, LogState]:
+        """Every state item whose sort key starts with ``prefix`` (a generation's shards),
+        by sort key, in one consistent read."""
+        ...
+
     async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
         """Retire a state item for ``generation`` (idempotent; ``Conflict`` if another
         generation retired it): no acquire, renewal or commit succeeds on it again."""
@@ -508,6 +513,13 @@ class MemoryTable:
             return state.hole_first_seen
         self._put(log_id, sk, replace(state, hole_seq=seq, hole_first_seen=now))
         return now
+
+    async def read_states(self, log_id: str, prefix: str) -> dict[str, LogState]:
+        self.requests += 1
+        found = {sk: state for (log, sk), state in self._shard_states.items() if log == log_id}
+        if log_id in self._states:
+            found[STATE_SK] = self._states[log_id]
+        return {sk: state for sk, state in sorted(found.items()) if sk.startswith(prefix)}
 
     async def retire_state(self, log_id: str, *, sk: str, generation: int, now: float) -> LogState:
         self.requests += 1

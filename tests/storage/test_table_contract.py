@@ -11,7 +11,7 @@ import pytest
 
 from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
 from deltalog.errors import Resharded
-from deltalog.keys import STATE_SK, LogKeys, Shard
+from deltalog.keys import STATE_SK, LogKeys, Shard, shard_states_prefix
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.table import (
     Claim,
@@ -187,6 +187,29 @@ class TableContract:
         assert (await table.read_state(log_id)).hwm == 0
         with pytest.raises(LeaseLost):  # the shard's token is not the log's
             await table.commit(log_id, "a", 1, prev_hwm=0, commit=commit, now=107.0, sk=sk)
+
+    async def test_a_generations_shard_states_are_read_in_one_query(
+        self, table: Table, log_id: str
+    ) -> None:
+        keys = LogKeys("", "x")
+        shards = [Shard(2, i, 3) for i in range(3)] + [Shard(1, 0, 1), Shard(12, 0, 1)]
+        for n, shard in enumerate(shards, start=1):
+            sk = keys.for_shard(shard).state_sk
+            state = await table.acquire(log_id, "a", ttl=10, now=100.0, sk=sk)
+            commit = Commit(n)
+            await table.commit(
+                log_id, "a", state.token, prev_hwm=0, commit=commit, now=101.0, sk=sk
+            )
+        await table.acquire(log_id, "own", ttl=10, now=100.0)  # the log's own state item
+        second = await table.read_states(log_id, shard_states_prefix(2))
+        assert {sk: s.hwm for sk, s in second.items()} == {
+            "state#g2-s0": 1,
+            "state#g2-s1": 2,
+            "state#g2-s2": 3,
+        }
+        first = await table.read_states(log_id, shard_states_prefix(1))
+        assert list(first) == ["state#g1-s0"], "generation 12 is not generation 1's"
+        assert await table.read_states(log_id, shard_states_prefix(3)) == {}
 
     async def test_a_retired_state_takes_no_acquire_renewal_or_commit(
         self, table: Table, log_id: str
