@@ -43,11 +43,17 @@ from compactor.shards import ShardedCompactor
 from deltalog.config import LogConfig
 from deltalog.errors import Conflict, InvalidInput, LeaseLost, Unavailable
 from deltalog.log import DeltaLog
-from deltalog.shards import check_shard_count, current_shards, cut, read_states
+from deltalog.shards import (
+    check_shard_count,
+    current_shards,
+    cut,
+    pending_shards,
+    read_states,
+)
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Layout, Retiring, Table
 
-__all__ = ["BuildRound", "ReshardResult", "reshard"]
+__all__ = ["BuildRound", "ReshardResult", "finish", "progress_of", "propose", "reshard"]
 
 log = logging.getLogger("compactor.reshard")
 
@@ -108,7 +114,7 @@ async def reshard(
         raise InvalidInput("lag must be at least 0 and build_seconds positive")
     started = time.monotonic()
     async with DeltaLog.open(config, store=store, table=table) as opened:
-        layout = await _propose(opened, shards)
+        layout = await propose(opened, shards)
         if not layout.pending_generation:  # already resharded to this count
             return ReshardResult(
                 config.log,
@@ -123,8 +129,7 @@ async def reshard(
             )
         options = {**options, "limits": Limits(max_seconds=build_seconds)}
         rounds = await _build(opened, layout, lag, poll, on_round, options)
-        frozen = await _freeze(opened, layout)
-        switched = await _switch(opened, layout, frozen)
+        switched = await finish(opened, layout)
         log.info(
             "%s: resharded from %d to %d shards (generation %d), floor %d",
             config.log,
@@ -146,8 +151,9 @@ async def reshard(
     )
 
 
-async def _propose(opened: DeltaLog, shards: int) -> Layout:
-    """The layout with the pending generation recorded (as it was, if already resharded)."""
+async def propose(opened: DeltaLog, shards: int) -> Layout:
+    """Step 1: the layout with the pending generation recorded (as it was when the log
+    already has ``shards`` shards, or a reshard to them is pending)."""
     table, log_id = opened.table, opened.keys.log_id
     while True:
         layout = await table.read_layout(log_id)
@@ -194,15 +200,27 @@ async def _build(
                     log.warning("%s: a build run failed: %s", opened.config.log, outcome.error)
                 elif outcome.error is not None:
                     raise outcome.error
-            current = await read_states(opened.table, opened.keys, current_shards(layout))
-            hwms = [(await c.read_state()).hwm for c in builder.compactors]
-            upto = cut(layout, current)
+            caught = await progress_of(opened, layout)
             if on_round is not None:
-                on_round(BuildRound(hwms, upto))
-            if min(hwms) >= upto - lag:
+                on_round(caught)
+            if min(caught.hwms) >= caught.cut - lag:
                 return rounds
             if not any(o.result is not None and o.result.status == "applied" for o in outcomes):
                 await anyio.sleep(poll)  # busy (another process builds them) or failed
+
+
+async def progress_of(opened: DeltaLog, layout: Layout) -> BuildRound:
+    """Where the pending shards stand against the current generation's cut."""
+    current = await read_states(opened.table, opened.keys, current_shards(layout))
+    pending = await read_states(opened.table, opened.keys, pending_shards(layout))
+    return BuildRound([state.hwm for state in pending], cut(layout, current))
+
+
+async def finish(opened: DeltaLog, layout: Layout) -> Layout:
+    """Steps 3 and 4: freeze the current generation, then switch to the pending one
+    (``layout`` as read, a reshard pending). Repeating it after a crash is harmless."""
+    frozen = await _freeze(opened, layout)
+    return await _switch(opened, layout, frozen)
 
 
 async def _freeze(opened: DeltaLog, layout: Layout) -> int:

@@ -32,7 +32,17 @@
   (``deltalog_lambda.budget``) evicts the caches of other logs, least
   recently used first, when the disk cannot hold what these runs need.
 
-Metrics (EMF, per log): the figures of ``compactor.metrics``.
+- **Shards**: a log of several shards (or a reshard in progress) is fanned
+  out (``deltalog_lambda.fanout``): with ``DELTALOG_SHARD_QUEUE_URL`` the
+  handler sends one task per shard to the shard queue and answers
+  ``{"dispatched": [...]}``; each task comes back as an SQS batch of one,
+  and that invocation compacts that shard alone. Without a queue it
+  compacts every shard itself, in parallel. ``DELTALOG_SHARDS`` keeps the
+  layout at the stack's shard count (a new log is created with it, another
+  count is resharded).
+
+Metrics (EMF, per log, and per log and shard for a shard): the figures of
+``compactor.metrics``.
 """
 
 from __future__ import annotations
@@ -45,14 +55,17 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from compactor.metrics import Figure, failure_figures, lag_figures, run_figures
 from compactor.replay import Limits
 from compactor.runner import CompactionResult, Compactor
 from deltalog.errors import ConfigurationError, DeltalogError
+from deltalog.keys import Shard
 from deltalog.storage.table import LogState
 from deltalog_lambda.budget import CacheBudget, Unit, need
-from deltalog_lambda.events import compaction_logs, is_sqs_batch
+from deltalog_lambda.events import ShardTask, compaction_logs, is_sqs_batch, shard_tasks
+from deltalog_lambda.fanout import Plan, open_shard_queue, plan_shards, shard_of_task
 from deltalog_lambda.handler import Context, Handler
 from deltalog_lambda.metrics import emit
 
@@ -66,9 +79,10 @@ _NO_DEADLINE = 900.0
 
 @dataclass(slots=True)
 class _Run:
-    """One log's run in this invocation."""
+    """One log's (or shard's) run in this invocation."""
 
     log: str
+    shard: int | None = None
     result: CompactionResult | None = None
     error: Exception | None = None
     head: int | None = None
@@ -110,24 +124,86 @@ class CompactHandler(Handler):
 
     def __call__(self, event: dict[str, Any], context: Context | None) -> dict[str, Any]:
         deadline = self._deadline(context)
+        tasks = shard_tasks(event)
+        if tasks is not None:
+            return self._tasks(tasks, deadline)
         names = self._logs(event)
         if not names:
             return {"results": []}
+        dispatched: list[ShardTask] = []
+        units: list[tuple[str, Shard | None]] = []
+        known: dict[str, LogState] = {}
         try:
-            compactors = [self.compactor(name, **self.compactor_options) for name in names]
-            self._make_room(compactors)
-            runs = self.runtime.call(self._run_all, compactors, deadline)
+            for name in names:
+                plan = self._plan(name)
+                if plan.own is not None:
+                    known[name] = plan.own
+                if self.settings.shard_queue is not None and plan.shards != [None]:
+                    chosen = [shard for shard in plan.shards if shard is not None]
+                    dispatched += self.runtime.call(self._dispatch, name, chosen)
+                else:
+                    units += [(name, shard) for shard in plan.shards]
+            runs = self._run_units(units, deadline, known)
         except BaseException:
             self.runtime.reset()
             raise
+        results = [asdict(run.result) for run in runs if run.result is not None]
+        if not dispatched and len(names) == 1 and len(results) == 1:
+            return results[0]
+        answer: dict[str, Any] = {"results": results}
+        if dispatched:
+            answer["dispatched"] = [msgspec.to_builtins(task) for task in dispatched]
+        return answer
+
+    def _run_units(
+        self,
+        units: list[tuple[str, Shard | None]],
+        deadline: float,
+        known: dict[str, LogState] | None = None,
+    ) -> list[_Run]:
+        """Run the compactors of ``units`` (log, shard) in parallel; report them; raise the
+        first failure once all finished. ``known``: logs' own states already read."""
+        compactors = [self.compactor(n, s, **self.compactor_options) for n, s in units]
+        if not compactors:
+            return []
+        self._make_room(compactors, known or {})
+        runs = self.runtime.call(self._run_all, compactors, deadline)
         for run in runs:
-            emit(self.settings.namespace, run.log, run.figures())
+            emit(self.settings.namespace, run.log, run.figures(), shard=run.shard)
             run.report()
             if run.result is not None and run.result.status != "busy":
-                self._sizes[run.log] = _size_of(run.result)
+                self._sizes[_size_key(run)] = _size_of(run.result)
         self._raise_failures(runs)
-        results = [asdict(run.result) for run in runs if run.result is not None]
-        return results[0] if len(names) == 1 else {"results": results}
+        return runs
+
+    def _plan(self, name: str) -> Plan:
+        """The shards of log ``name`` to compact now (``deltalog_lambda.fanout``)."""
+        s = self.settings
+        return self.runtime.call(plan_shards, self.log(name), s.shards, s.reshard_lag)
+
+    async def _dispatch(self, name: str, shards: list[Shard]) -> list[ShardTask]:
+        assert self.settings.shard_queue is not None
+        async with open_shard_queue(self.settings.shard_queue, self.config(name)) as queue:
+            tasks = await queue.send(name, shards)
+        log.info("%s: %d shard tasks sent", name, len(tasks))
+        return tasks
+
+    def _tasks(self, tasks: list[ShardTask], deadline: float) -> dict[str, Any]:
+        """A batch from the shard queue: compact the shards it names (stale ones dropped)."""
+        units: list[tuple[str, Shard | None]] = []
+        try:
+            for task in tasks:
+                self.settings.check_log(task.log)
+                shard = self.runtime.call(shard_of_task, self.log(task.log), task)
+                if shard is None:
+                    log.info("%s: dropped a task of generation %d", task.log, task.generation)
+                    continue
+                units.append((task.log, shard))
+            runs = self._run_units(units, deadline)
+        except BaseException:
+            self.runtime.reset()
+            raise
+        return {"results": [asdict(run.result) for run in runs if run.result is not None]}
 
     def _logs(self, event: dict[str, Any]) -> list[str]:
         root = self.settings.config(self.settings.default_log).root
@@ -141,9 +217,9 @@ class CompactHandler(Handler):
             log.warning("skipped notifications of logs not served here: %s", ", ".join(skipped))
         return [n for n in names if n in self.settings.logs]
 
-    def _make_room(self, compactors: list[Compactor]) -> None:
+    def _make_room(self, compactors: list[Compactor], known: dict[str, LogState]) -> None:
         """Evict other logs' caches when ``/tmp`` cannot hold what these runs need."""
-        states = self.runtime.call(_states, compactors)
+        states = self.runtime.call(_states, compactors, known)
         runs = [
             (Unit(c.cache.root), need(state)) for c, state in zip(compactors, states, strict=True)
         ]
@@ -151,11 +227,15 @@ class CompactHandler(Handler):
         budget.make_room(runs, self._units())
 
     def _units(self) -> dict[Path, Unit]:
-        """Each served log's cache directory, and how to close its compactor."""
+        """Each served log's (and its shards') cache directory, and how to close its compactor."""
         units = {}
         for name in self.settings.logs:
-            path = self.cache_root / self.settings.config(name).keys.cache_name
+            cache_name = self.settings.config(name).keys.cache_name
+            path = self.cache_root / cache_name
             units[path] = Unit(path, partial(self.runtime.discard, ("compactor", name)))
+            for shard_path in self.cache_root.glob(f"{cache_name}#*"):
+                key = ("compactor", name, shard_path.name.rpartition("#")[2])
+                units[shard_path] = Unit(shard_path, partial(self.runtime.discard, key))
         return units
 
     def _deadline(self, context: Context | None) -> float:
@@ -173,7 +253,7 @@ class CompactHandler(Handler):
         return now + remaining - margin
 
     async def _run_all(self, compactors: list[Compactor], deadline: float) -> list[_Run]:
-        runs = [_Run(c.config.log) for c in compactors]
+        runs = [_Run(c.config.log, None if c.shard is None else c.shard.index) for c in compactors]
         async with anyio.create_task_group() as tg:
             for compactor, run in zip(compactors, runs, strict=True):
                 tg.start_soon(self._run_one, compactor, run, deadline)
@@ -190,7 +270,7 @@ class CompactHandler(Handler):
             run.hwm = (
                 run.result.hwm_after
                 if run.result is not None
-                else (await compactor.table.read_state(compactor.keys.log_id)).hwm
+                else (await compactor.read_state()).hwm
             )
         except DeltalogError as exc:
             log.warning("%s: could not read the lag: %s", run.log, exc)
@@ -212,8 +292,17 @@ def _size_of(result: CompactionResult) -> LogState:
     )
 
 
-async def _states(compactors: list[Compactor]) -> list[LogState]:
-    return [await c.table.read_state(c.keys.log_id) for c in compactors]
+async def _states(compactors: list[Compactor], known: dict[str, LogState]) -> list[LogState]:
+    """Each compactor's committed state (a log's own one read already is not read again)."""
+    out = []
+    for c in compactors:
+        state = known.get(c.config.log) if c.shard is None else None
+        out.append(state if state is not None else await c.read_state())
+    return out
+
+
+def _size_key(run: _Run) -> str:
+    return run.log if run.shard is None else f"{run.log}#{run.shard}"
 
 
 _handler: CompactHandler | None = None

@@ -15,6 +15,9 @@
   "ObjectCreated:Put", "s3": {"bucket": {"name"}, "object": {"key"}}}]}``
   with URL-encoded keys; S3 also sends one ``s3:TestEvent`` when the
   notification is configured.
+- **Shard task** (the body of a shard-queue message, which the compactor
+  sends itself: one per shard of a sharded log): ``{"log": "receipts",
+  "shard": 2, "generation": 1}``.
 - **Scheduled event**: the rule's constant input, ``{"log": "receipts"}``
   (or ``{"logs": [...]}``); an EventBridge "Scheduled Event" without input,
   or ``{}``, means every log served.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
+import msgspec
 from aws_lambda_powertools.utilities.data_classes import SQSEvent
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
@@ -43,11 +47,13 @@ from deltalog.keys import entry_log, valid_log_name
 
 __all__ = [
     "Message",
+    "ShardTask",
     "compaction_logs",
     "entry_logs",
     "is_sqs_batch",
     "messages",
     "request_body",
+    "shard_tasks",
 ]
 
 log = logging.getLogger("deltalog_lambda")
@@ -123,6 +129,31 @@ def _version(text: str) -> int:
     if not text.strip().isdigit():
         raise InvalidInput(f"the version attribute must be a whole number >= 0, not {text!r}")
     return int(text)
+
+
+class ShardTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Compact one shard: the body of a shard-queue message (``deltalog_lambda.fanout``)."""
+
+    log: str
+    shard: int
+    generation: int
+
+
+_task_decoder = msgspec.json.Decoder(ShardTask)
+
+
+def shard_tasks(event: Mapping[str, Any]) -> list[ShardTask] | None:
+    """The shard tasks of an SQS batch from the shard queue; None for any other event."""
+    if not is_sqs_batch(event):
+        return None
+    tasks = []
+    for message in messages(event):
+        try:
+            task = _task_decoder.decode(message.body)
+        except msgspec.DecodeError:
+            return None  # another queue's batch (S3 notifications)
+        tasks.append(ShardTask(_name(task.log), task.shard, task.generation))
+    return tasks
 
 
 def compaction_logs(event: Mapping[str, Any], served: tuple[str, ...], root: str) -> list[str]:

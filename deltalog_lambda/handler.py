@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from compactor.runner import Compactor
 from deltalog.config import LogConfig
+from deltalog.keys import Shard
 from deltalog.log import DeltaLog
 from deltalog.reader import Consistency, Reader
 from deltalog.receipts.embed import Embedder, OpenAIEmbedder, make_embedder
@@ -76,10 +77,12 @@ class Handler:
         """Where each compactor keeps its snapshot cache (one directory per log)."""
         return self.settings.cache_dir / "cache"
 
-    def compactor(self, name: str, **options: Any) -> Compactor:
+    def compactor(self, name: str, shard: Shard | None = None, **options: Any) -> Compactor:
+        """The compactor of log ``name`` (of its ``shard``), kept across invocations."""
         config, s = self.config(name), self.settings
+        key = ("compactor", name) if shard is None else ("compactor", name, shard.name)
         return self.runtime.resource(
-            ("compactor", name),
+            key,
             lambda: Compactor(
                 config,
                 cache_dir=self.cache_root,
@@ -90,6 +93,7 @@ class Handler:
                 checkpoint_ratio=s.checkpoint_ratio,
                 max_tail_entries=s.max_tail_entries,
                 max_tail_bytes=s.max_tail_bytes,
+                shard=shard,
                 **options,
             ),
             version=config,

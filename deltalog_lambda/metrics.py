@@ -44,10 +44,16 @@ STALE_RECEIPTS = Figure(
 INGEST_FIGURES = (DELTAS_INGESTED, INGEST_FAILURES, STALE_RECEIPTS)
 
 
-def emit(namespace: str, log: str, figures: Figures) -> None:
-    """Print one EMF line holding ``figures`` for ``log``."""
-    metrics = EphemeralMetrics(namespace=namespace, service="")  # "": no service dimension
-    metrics.add_dimension("log", log)
-    for figure, value in figures.items():
-        metrics.add_metric(figure.name, figure.unit, value)
-    metrics.flush_metrics()
+def emit(namespace: str, log: str, figures: Figures, *, shard: int | None = None) -> None:
+    """Print one EMF line holding ``figures`` for ``log``; for a shard, a second one with
+    the dimensions ``log`` and ``shard`` (the alarms watch the first: their ``log``
+    dimension takes every shard's values)."""
+    for dimensions in ([("log", log)], [("log", log), ("shard", str(shard))]):
+        if len(dimensions) > 1 and shard is None:
+            return
+        metrics = EphemeralMetrics(namespace=namespace, service="")  # "": no service dimension
+        for name, label in dimensions:
+            metrics.add_dimension(name, label)
+        for figure, value in figures.items():
+            metrics.add_metric(figure.name, figure.unit, value)
+        metrics.flush_metrics()

@@ -34,6 +34,18 @@ adds:
   ``DELTALOG_CHECKPOINT_RATIO`` (0.1), ``DELTALOG_MAX_TAIL_ENTRIES`` (``auto``)
   and ``DELTALOG_MAX_TAIL_BYTES`` (256MiB; 0 turns either cap off): the
   compactor's options, as the ``compact`` command's flags;
+- ``DELTALOG_SHARDS``: the shard count the logs should have (the
+  template's ``Shards``): the compactor records it for a new log and
+  reshards a log whose count differs (``deltalog_lambda.fanout``); unset
+  leaves every layout alone;
+- ``DELTALOG_SHARD_QUEUE_URL``: where the compactor sends one task per
+  shard of a sharded log, each compacted by an invocation of its own (else
+  it compacts every shard itself); ``DELTALOG_RESHARD_LAG`` (100): how
+  close, in seqs, a reshard's new shards get to the old ones' before the
+  switch;
+- ``DELTALOG_QUERY_FANOUT`` (``true``/``false``, default false): the query
+  function asks one invocation of itself per shard of a sharded log
+  (``deltalog_lambda.query``);
 - ``POWERTOOLS_METRICS_NAMESPACE``: the metrics' CloudWatch namespace
   (default ``deltalog``).
 
@@ -63,6 +75,7 @@ from compactor.publish import DEFAULT_COMPRESSION, Compression
 from deltalog.config import LogConfig, parse_size
 from deltalog.errors import ConfigurationError, InvalidInput
 from deltalog.keys import valid_log_name
+from deltalog.shards import parse_shard_count
 
 __all__ = ["Settings"]
 
@@ -97,6 +110,10 @@ class Settings:
     max_tail_entries: EntryCap
     max_tail_bytes: int | None
     namespace: str
+    shards: int | None = None
+    shard_queue: str | None = None
+    reshard_lag: int = 100
+    query_fanout: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -126,6 +143,10 @@ class Settings:
             max_tail_entries=_entry_cap(env, "DELTALOG_MAX_TAIL_ENTRIES"),
             max_tail_bytes=_cap(env, "DELTALOG_MAX_TAIL_BYTES", DEFAULT_MAX_TAIL_BYTES),
             namespace=env.get("POWERTOOLS_METRICS_NAMESPACE") or _DEFAULT_NAMESPACE,
+            shards=_shards(env),
+            shard_queue=env.get("DELTALOG_SHARD_QUEUE_URL") or None,
+            reshard_lag=int(_number(env, "DELTALOG_RESHARD_LAG", 100) or 0),
+            query_fanout=_flag(env, "DELTALOG_QUERY_FANOUT"),
         )
 
     @property
@@ -179,6 +200,23 @@ def _check_logical_ids(logs: tuple[str, ...]) -> None:
                 "one, or serve it from another stack"
             )
         seen[key] = log
+
+
+def _shards(env: Mapping[str, str]) -> int | None:
+    text = env.get("DELTALOG_SHARDS", "").strip()
+    if not text:
+        return None
+    try:
+        return parse_shard_count(text)
+    except InvalidInput as exc:
+        raise ConfigurationError(f"DELTALOG_SHARDS: {exc.message}") from None
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    text = env.get(name, "").strip().lower()
+    if text not in ("", "true", "false"):
+        raise ConfigurationError(f"{name} is {text!r}: give true or false")
+    return text == "true"
 
 
 def _number(env: Mapping[str, str], name: str, default: float | None) -> float | None:
