@@ -62,7 +62,7 @@ from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, 
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.keys import LogKeys, Shard, shard_of
 from deltalog.log import DeltaLog
-from deltalog.shards import current_shards, cut, read_states
+from deltalog.shards import current_shards, cut, merge_nearest, read_states
 from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
@@ -106,6 +106,8 @@ class ReaderStatistics:
     """The seq the loaded checkpoint holds (the smallest among the shards)."""
     shards: int = 1
     """How many indexes the reader answers from (1 for a log without shards)."""
+    generation: int = 0
+    """The layout generation of those shards (0 for a log without shards)."""
 
 
 @dataclass(slots=True)
@@ -220,6 +222,7 @@ class Reader:
         consistency: Consistency = "snapshot",
         prefetch: int = 32,
         concurrency: int = 8,
+        shards: Sequence[int] | None = None,
     ) -> None:
         if consistency not in ("snapshot", "fresh"):
             raise InvalidInput(f"consistency must be 'snapshot' or 'fresh', not {consistency!r}")
@@ -231,6 +234,11 @@ class Reader:
         self._prefetch = prefetch
         self._concurrency = concurrency
         """How many shards one call loads, or waits on, at once."""
+        self.only = sorted(set(shards)) if shards is not None else None
+        """The shards this reader answers from (None: all): one part of a fan-out."""
+        self.floor = 0
+        """Snapshot reads show every shard at this seq at least (a cut chosen elsewhere:
+        the other shards' readers of a fan-out); it must be a committed hwm."""
         self._layout: Layout | None = None
         self._parts: list[_Part] = []
         self._hwm = 0
@@ -252,11 +260,13 @@ class Reader:
         store: ObjectStore | None = None,
         table: Table | None = None,
         concurrency: int = 8,
+        shards: Sequence[int] | None = None,
     ) -> AsyncIterator[Reader]:
-        """Connect to the log and load the committed snapshot (every shard's)."""
+        """Connect to the log and load the committed snapshot (every shard's, or those of
+        ``shards``)."""
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
         async with DeltaLog.open(config, store=store, table=table) as log:
-            reader = cls(log, root, consistency=consistency, concurrency=concurrency)
+            reader = cls(log, root, consistency=consistency, concurrency=concurrency, shards=shards)
             try:
                 await reader.refresh()
                 yield reader
@@ -306,7 +316,10 @@ class Reader:
         states = await self._fan(self._parts, self._load_part, states)
         layout = self._layout
         assert layout is not None
-        self._hwm = cut(layout, states)
+        everyone = states
+        if self.only is not None and layout.sharded:  # the cut is every shard's
+            everyone = await read_states(self.log.table, self.log.keys, current_shards(layout))
+        self._hwm = max(cut(layout, everyone), self.floor)
         tails = [part.snapshot.tail for part in self._parts]
         after = min(tail.last_seq for tail in tails)
         if self.consistency == "fresh":  # every prefix of the tail is a fresh cut
@@ -332,11 +345,21 @@ class Reader:
         """Answer from ``layout``'s shards: the old parts are retired once unused."""
         old, self._parts = (
             self._parts,
-            [self._part(shard) for shard in current_shards(layout)],
+            [self._part(shard) for shard in current_shards(layout) if self._wanted(shard)],
         )
         self._layout = layout
         for part in old:
             await self._retire(part.snapshot)
+        if not self._parts:
+            raise InvalidInput(
+                f"log {self.log.config.log!r} has {layout.shards} shards: no shard "
+                f"{', '.join(map(str, self.only or []))} to read",
+                log=self.log.config.log,
+            )
+
+    def _wanted(self, shard: Shard | None) -> bool:
+        index = 0 if shard is None else shard.index
+        return self.only is None or index in self.only
 
     def _part(self, shard: Shard | None) -> _Part:
         keys = self.log.keys.for_shard(shard)
@@ -537,7 +560,9 @@ class Reader:
             )
             for view, found, space in answers
         ]
-        return merged[0] if len(merged) == 1 else _merge_shards(merged, n_results)
+        return (
+            merged[0] if len(merged) == 1 else cast(QueryResult, merge_nearest(merged, n_results))
+        )
 
     async def get(
         self,
@@ -600,6 +625,7 @@ class Reader:
             self._calls,
             min(s.hwm for s in snapshots),
             len(snapshots),
+            self._layout.generation if self._layout is not None else 0,
         )
 
 
@@ -655,16 +681,20 @@ _Row = tuple[str, str | None, Metadata | None]
 def _route(
     snapshots: Sequence[_Snapshot], collection: str, ids: list[str] | None
 ) -> list[list[str] | None]:
-    """The ids each shard is asked for (all of them without shards; None: no id filter)."""
-    if ids is None or len(snapshots) == 1:
+    """The ids each shard is asked for (all of them without shards; None: no id filter).
+
+    Ids of shards this reader does not answer from (a part of a fan-out) go nowhere.
+    """
+    first = snapshots[0].shard
+    if ids is None or first is None:
         return [ids for _ in snapshots]
+    position = {s.shard.index: i for i, s in enumerate(snapshots) if s.shard is not None}
     routed: list[list[str] | None] = [[] for _ in snapshots]
     for id_ in ids:
-        shard = snapshots[0].shard
-        assert shard is not None
-        chosen = routed[shard_of(collection, id_, shard.count)]
-        assert chosen is not None
-        chosen.append(id_)
+        i = position.get(shard_of(collection, id_, first.count))
+        chosen = routed[i] if i is not None else None
+        if chosen is not None:
+            chosen.append(id_)
     return routed
 
 
@@ -678,25 +708,6 @@ def _get_rows(rows: list[Hit], view: _View, ids: list[str] | None, where: Any) -
         if (chosen is None or r.id in chosen) and matches(where, r.metadata)
     ]
     return kept
-
-
-def _merge_shards(answers: Sequence[QueryResult], n_results: int) -> QueryResult:
-    """The nearest ``n_results`` per query among every shard's nearest, by distance then id."""
-    result: QueryResult = {"ids": [], "distances": [], "documents": [], "metadatas": []}
-    for q in range(len(answers[0]["ids"])):
-        rows = sorted(
-            (
-                (a["distances"][q][i], a["ids"][q][i], a["documents"][q][i], a["metadatas"][q][i])
-                for a in answers
-                for i in range(len(a["ids"][q]))
-            ),
-            key=lambda row: (row[0], row[1]),
-        )[:n_results]
-        result["ids"].append([r[1] for r in rows])
-        result["distances"].append([r[0] for r in rows])
-        result["documents"].append([r[2] for r in rows])
-        result["metadatas"].append([r[3] for r in rows])
-    return result
 
 
 async def _build_view(sink: ChromaSink | None, collection: str, plan: CollectionPlan) -> _View:

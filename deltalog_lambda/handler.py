@@ -99,12 +99,14 @@ class Handler:
             version=config,
         )
 
-    def reader(self, name: str, consistency: Consistency) -> Reader:
+    def reader(self, name: str, consistency: Consistency, shard: int | None = None) -> Reader:
+        """A reader of log ``name`` (of its ``shard`` alone: a part of a fan-out)."""
         config = self.config(name)
         cache = self.settings.cache_dir / "cache"
+        only = None if shard is None else [shard]
         return self.runtime.resource(
-            ("reader", name, consistency),
-            lambda: Reader.open(config, consistency=consistency, cache_dir=cache),
+            ("reader", name, consistency, shard),
+            lambda: Reader.open(config, consistency=consistency, cache_dir=cache, shards=only),
             version=config,
         )
 

@@ -26,6 +26,11 @@ of JSON (5 MiB: Lambda cannot answer more than 6 MB).
 A request that is wrong, or whose answer would break a bound, gets ``400``
 and ``{"error": "..."}`` saying what to fix and naming the bound; a
 transient failure ``503``.
+
+**Fan-out** (``DELTALOG_QUERY_FANOUT=true``): a request on a sharded log is
+answered by one invocation of this function per shard, each holding its
+shard alone, merged at one cut (``deltalog_lambda.scatter``); without it
+one invocation opens every shard (``Reader``).
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ from typing import Any
 
 import msgspec
 
-from deltalog.errors import DeltalogError, InvalidInput, Unavailable
+from deltalog.errors import ConfigurationError, DeltalogError, InvalidInput, Unavailable
+from deltalog.log import DeltaLog
 from deltalog.reader import Consistency, Reader
 from deltalog.receipts.embed import Embedder
 from deltalog_lambda.events import request_body
 from deltalog_lambda.handler import Context, Handler
+from deltalog_lambda.scatter import ShardAsk, answer_shard, open_invoker, parse_ask, scatter
 
 __all__ = ["QueryHandler", "QueryRequest", "handler"]
 
@@ -96,13 +103,19 @@ class QueryHandler(Handler):
 
     def __call__(self, event: dict[str, Any], context: Context | None) -> dict[str, Any]:
         s = self.settings
+        ask = parse_ask(event)
+        if ask is not None:
+            return self._shard(ask)
         try:
             request = parse_request(request_body(event), max_results=s.query_max_results)
             name = request.log or s.default_log
             s.check_log(name)
-            reader = self.reader(name, request.consistency)
             embedder = self.embedder() if request.query_texts is not None else None
-            answer = self.runtime.call(_answer, reader, embedder, request, s.query_max_results)
+            if s.query_fanout and self.runtime.call(_sharded, self.log(name)):
+                answer = self.runtime.call(self._routed, name, embedder, request)
+            else:
+                reader = self.reader(name, request.consistency)
+                answer = self.runtime.call(_answer, reader, embedder, request, s.query_max_results)
             body = _bounded(answer, s.query_max_answer_bytes)
         except InvalidInput as exc:
             return _response(400, {"error": str(exc)})
@@ -113,6 +126,54 @@ class QueryHandler(Handler):
             self.runtime.reset()
             raise
         return _response(200, body)
+
+    def _shard(self, ask: ShardAsk) -> dict[str, Any]:
+        """A shard invocation of the fan-out: its shard's answer at the router's cut."""
+        s = self.settings
+        try:
+            request = parse_request(ask.request, max_results=s.query_max_results)
+            name = request.log or s.default_log
+            s.check_log(name)
+            reader = self.reader(name, request.consistency, shard=ask.shard)
+
+            async def answer(reader: Reader) -> Any:
+                return await _answer(reader, None, request, s.query_max_results)
+
+            return self.runtime.call(answer_shard, reader, ask, answer)
+        except DeltalogError as exc:
+            if not isinstance(exc, InvalidInput):
+                self.runtime.reset()
+            raise
+
+    async def _routed(
+        self, name: str, embedder: Embedder | None, request: QueryRequest
+    ) -> dict[str, Any]:
+        """The fan-out: one invocation of this function per shard (``scatter``)."""
+        s = self.settings
+        if s.function_name is None:
+            raise ConfigurationError(
+                "DELTALOG_QUERY_FANOUT needs AWS_LAMBDA_FUNCTION_NAME (Lambda sets it)"
+            )
+        asked = msgspec.to_builtins(request)
+        if request.query_texts is not None:
+            assert embedder is not None
+            vectors = await embedder.embed(request.query_texts)
+            asked = {**asked, "query_texts": None, "query_embeddings": vectors.tolist()}
+        opened = self.log(name)
+        async with open_invoker(s.function_name, opened.config) as invoke:
+            answer = await scatter(
+                opened, invoke, asked, n_results=request.n_results if request.is_query else None
+            )
+        if not request.is_query and len(answer["ids"]) > s.query_max_results:
+            raise InvalidInput(
+                f"more than {s.query_max_results} records match (DELTALOG_QUERY_MAX_RESULTS): "
+                "give a limit, or a narrower where or ids"
+            )
+        return answer
+
+
+async def _sharded(opened: DeltaLog) -> bool:
+    return (await opened.table.read_layout(opened.keys.log_id)).sharded
 
 
 async def _answer(

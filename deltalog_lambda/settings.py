@@ -114,6 +114,8 @@ class Settings:
     shard_queue: str | None = None
     reshard_lag: int = 100
     query_fanout: bool = False
+    function_name: str | None = None
+    """``AWS_LAMBDA_FUNCTION_NAME`` (Lambda sets it): the query fan-out invokes itself."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -147,6 +149,7 @@ class Settings:
             shard_queue=env.get("DELTALOG_SHARD_QUEUE_URL") or None,
             reshard_lag=int(_number(env, "DELTALOG_RESHARD_LAG", 100) or 0),
             query_fanout=_flag(env, "DELTALOG_QUERY_FANOUT"),
+            function_name=env.get("AWS_LAMBDA_FUNCTION_NAME") or None,
         )
 
     @property

@@ -27,6 +27,7 @@ from deltalog.shards.layout import (
     pending_shards,
     read_states,
 )
+from deltalog.shards.merge import merge_nearest
 
 __all__ = [
     "InitOutcome",
@@ -34,6 +35,7 @@ __all__ = [
     "current_shards",
     "cut",
     "init_layout",
+    "merge_nearest",
     "parse_shard_count",
     "pending_shards",
     "read_states",

@@ -14,20 +14,34 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from compactor import Limits
+from compactor.shards import ShardedCompactor
 from deltalog import DeltaLog, LogConfig
 from deltalog.keys import Shard
+from deltalog.receipts.embed import HashingEmbedder
+from deltalog.receipts.generate import generate_receipts
+from deltalog.receipts.ingest import ReceiptProducer
+from deltalog.receipts.model import line_records
 from deltalog.shards import init_layout
 from deltalog_lambda.compact import CompactHandler
+from deltalog_lambda.query import QueryHandler
+from deltalog_lambda.scatter import scatter
+from deltalog_lambda.settings import Settings
 from tests.builders import delta
+from tests.deltalog_lambda.conftest import DIM
 from tests.deltalog_lambda.lambda_aws import Context, Queue, emf_lines, invoke
+from tests.deltalog_lambda.test_query import url_request
+from tests.lambda_server import LambdaServer
 
 
 async def _hwms(config: LogConfig, generation: int, shards: int) -> list[int]:
@@ -157,3 +171,77 @@ async def test_the_stack_shard_count_creates_and_reshards_the_layout(
     async with DeltaLog.open(lambda_env) as log:
         layout = await log.table.read_layout(log.keys.log_id)
         assert (layout.shards, layout.generation, layout.floor) == (3, 2, head)
+
+
+async def test_the_query_fan_out_asks_one_invocation_per_shard(
+    lambda_env: LogConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Through botocore's Lambda client and a local stand-in of ``Invoke``; each shard's
+    invocation has its own handler (environment, ``/tmp``)."""
+    receipts = list(generate_receipts(4, seed=9))
+    async with DeltaLog.open(lambda_env) as log:
+        await init_layout(log.table, log.keys, 3, now=time.time())
+        async with ReceiptProducer(log, HashingEmbedder(DIM)) as producer:
+            await producer.add_many(receipts)
+    async with ShardedCompactor(lambda_env, cache_dir=tmp_path / "c", limits=Limits(3)) as c:
+        await c.run_once()  # every shard at hwm 3 of 4; the cut folds the rest in
+    whole = QueryHandler()  # one invocation opening every shard
+    shards: dict[int, QueryHandler] = {}
+
+    def route(event: dict[str, Any]) -> QueryHandler:
+        index = event["deltalog_shard"]["shard"]
+        if index not in shards:
+            env = {**os.environ, "DELTALOG_CACHE_DIR": str(tmp_path / f"shard-{index}")}
+            shards[index] = QueryHandler(Settings.from_env(env))
+        return shards[index]
+
+    word = receipts[1].words[2].text
+    asks = [
+        {"collection": "words", "query_texts": [word, "TOTAL"], "n_results": 5},
+        {"collection": "words", "where": {"receipt_id": receipts[2].receipt_id}},
+        {"collection": "lines", "ids": [*line_records(receipts[0]).ids[:3], "nope"], "limit": 5},
+    ]
+    try:
+        with LambdaServer(route, Context()) as server:
+            monkeypatch.setenv("DELTALOG_QUERY_FANOUT", "true")
+            monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "deltalog-query")
+            monkeypatch.setenv("AWS_ENDPOINT_URL_LAMBDA", server.url)
+            router = QueryHandler()
+            try:
+                for ask in asks:
+                    fanned = await invoke(router, url_request(ask), Context())
+                    direct = await invoke(whole, url_request(ask), Context())
+                    assert fanned["statusCode"] == direct["statusCode"] == 200, fanned
+                    a, b = json.loads(fanned["body"]), json.loads(direct["body"])
+                    assert sorted(a["ids"]) == sorted(b["ids"]), ask
+                    if "distances" in a:
+                        assert a["ids"] == b["ids"] and a["distances"] == b["distances"]
+            finally:
+                router.close()
+        shards_asked = sorted(event["deltalog_shard"]["shard"] for _, event in server.invocations)
+        assert shards_asked == sorted([0, 1, 2] * len(asks)), "one invocation per shard, each"
+        assert {name for name, _ in server.invocations} == {"deltalog-query"}
+    finally:
+        whole.close()
+        for handler in shards.values():
+            handler.close()
+
+
+async def test_shards_that_answer_at_another_cut_are_asked_again(lambda_env: LogConfig) -> None:
+    """A shard that committed past the router's cut answers at its own hwm; the others are
+    asked again at it, so the merged answer is one cut."""
+    async with DeltaLog.open(lambda_env) as log:
+        await init_layout(log.table, log.keys, 2, now=time.time())
+        asked: list[tuple[int, int]] = []
+
+        async def shard_answers(payload: dict[str, Any]) -> dict[str, Any]:
+            ask = payload["deltalog_shard"]
+            asked.append((ask["shard"], ask["cut"]))
+            cut = max(ask["cut"], 7 if ask["shard"] == 1 else 0)  # shard 1 committed seq 7
+            row = {"ids": [[f"s{ask['shard']}@{cut}"]], "distances": [[float(ask["shard"])]]}
+            answer = {**row, "documents": [[None]], "metadatas": [[None]]}
+            return {"cut": cut, "answer": answer}
+
+        merged = await scatter(log, shard_answers, {"collection": "w"}, n_results=2)
+    assert sorted(asked) == [(0, 0), (0, 7), (1, 0)]
+    assert merged["ids"] == [["s0@7", "s1@7"]], "both at seq 7"
