@@ -397,22 +397,21 @@ async def test_a_live_copy_behind_the_checkpoint_is_not_reused(
     """Compactor A keeps a live copy at seq 1; B publishes a checkpoint at 3; one more
     entry arrives. A's copy is behind the checkpoint, so A starts from the checkpoint
     (nothing of the tail to replay), not from its copy (2 seqs to replay)."""
-    async with backend.open_log() as log:
-        async with backend.compactor(cache_dir=tmp_path / "a") as a:
-            await log.append(delta(rng, "a"))
-            assert (await a.run_once()).checkpoint == "first"
-            await log.append(delta(rng, "b"))
-            await log.append(delta(rng, "c"))
-            async with backend.compactor(cache_dir=tmp_path / "b") as b:
-                assert (await b.run_once(checkpoint=True)).snapshot_hwm == 3
-            await log.append(delta(rng, "d"))
-            result = await a.run_once()
-            assert (result.working_copy, result.replayed_tail, result.hwm_after) == (
-                "checkpoint",
-                0,
-                4,
-            )
-            await converged(log, a, tmp_path / "reader")
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "a") as a:
+        await log.append(delta(rng, "a"))
+        assert (await a.run_once()).checkpoint == "first"
+        await log.append(delta(rng, "b"))
+        await log.append(delta(rng, "c"))
+        async with backend.compactor(cache_dir=tmp_path / "b") as b:
+            assert (await b.run_once(checkpoint=True)).snapshot_hwm == 3
+        await log.append(delta(rng, "d"))
+        result = await a.run_once()
+        assert (result.working_copy, result.replayed_tail, result.hwm_after) == (
+            "checkpoint",
+            0,
+            4,
+        )
+        await converged(log, a, tmp_path / "reader")
 
 
 # -- compatibility with states committed before checkpoints ----------------------------
