@@ -242,6 +242,20 @@ class TableContract:
         await table.commit(log_id, "a", 1, prev_hwm=6, commit=third, now=103.0)
         assert (await table.read_state(log_id)).recent_snapshots == ("snap-8", "snap-4")
 
+    async def test_a_commit_records_a_new_lineage_and_others_keep_it(
+        self, table: Table, log_id: str
+    ) -> None:
+        assert (await table.read_state(log_id)).lineage == ""
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        rebuilt = Commit(4, "snap-4", "sha-4", 40, lineage="snap-4")
+        await table.commit(log_id, "a", 1, prev_hwm=0, commit=rebuilt, now=101.0)
+        assert (await table.read_state(log_id)).lineage == "snap-4"
+        await table.commit(log_id, "a", 1, prev_hwm=4, commit=Commit(6, "s6", "x", 6), now=102.0)
+        await table.commit(log_id, "a", 1, prev_hwm=6, commit=Commit(7, tail_bytes=3), now=103.0)
+        assert (await table.read_state(log_id)).lineage == "snap-4", "runs keep the lineage"
+        with pytest.raises(ValueError, match="lineage starts with a checkpoint"):
+            Commit(8, lineage="x")
+
     async def test_a_commit_without_a_checkpoint_moves_hwm_and_keeps_the_checkpoint(
         self, table: Table, log_id: str
     ) -> None:
