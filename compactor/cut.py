@@ -129,10 +129,10 @@ async def _merge_into(
 ) -> None:
     """Add every record of every shard's copy to one new Chroma directory at ``target``."""
     done = 0
-    out = await ChromaSink.open(target)
+    out = await ChromaSink.open(target, distinct="off")
     try:
         for copy in copies:
-            shard = await ChromaSink.open(copy.path)
+            shard = await ChromaSink.open(copy.path, distinct="off")
             try:
                 for name in await shard.collections():
                     await out.apply(FoldPlan({name: CollectionPlan()}))  # empty ones too

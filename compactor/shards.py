@@ -35,7 +35,7 @@ import anyio
 
 from compactor.publish import list_snapshots
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor, RebuildResult
-from compactor.verify import VerifyResult
+from compactor.verify import DEFAULT_INDEX_QUERIES, DEFAULT_MIN_RECALL, VerifyResult
 from deltalog.config import LogConfig
 from deltalog.errors import DeltalogError, InvalidInput, Resharded
 from deltalog.keys import Shard
@@ -217,10 +217,18 @@ class ShardedCompactor:
             lambda c: c.rebuild(to_seq, publish=publish, force=force, wait=wait)
         )
 
-    async def verify(self) -> list[VerifyResult]:
+    async def verify(
+        self,
+        *,
+        index_queries: int = DEFAULT_INDEX_QUERIES,
+        min_recall: float = DEFAULT_MIN_RECALL,
+    ) -> list[VerifyResult]:
         """``Compactor.verify`` of every current shard (or those asked for): each shard's
-        rebuild to its committed hwm compared with its committed state."""
-        return await self._each(lambda c: c.verify())
+        rebuild to its committed hwm compared with its committed state, and its index's
+        recall checked (``index_queries`` per collection of each shard)."""
+        return await self._each(
+            lambda c: c.verify(index_queries=index_queries, min_recall=min_recall)
+        )
 
     async def _each(self, work: Callable[[Compactor], Awaitable[T]]) -> list[T]:
         """``work`` on every current shard's compactor, ``concurrency`` at once; in order."""

@@ -36,6 +36,8 @@ RATIO_KEYS = {
     "shard_apply_cpu",
     "fanout_query_vs_single",
     "parallel_rebuild_speedup",
+    "recall_lowest",
+    "raw_chroma_recall_lowest",
 }
 PLOTS = (
     "append.png",
@@ -142,3 +144,8 @@ def _check_ratios_follow_figures(ratios: dict[str, float], figures: dict[str, An
     assert all(0 < p["recall_at_10"] <= 1 for p in shards["layouts"])
     speedup = single["rebuild_seconds"] / sharded["rebuild_seconds"]
     assert ratios["parallel_rebuild_speedup"] == pytest.approx(speedup, rel=0.01)
+    rows = figures["recall"]["rows"]
+    ours = [r for r in rows if r["system"] in ("deltalog", "deltalog incremental")]
+    assert ratios["recall_lowest"] == min(min(r["typed"], r["near"]) for r in ours)
+    raw = [r for r in rows if r["system"] == "raw chromadb"]
+    assert ratios["raw_chroma_recall_lowest"] == min(min(r["typed"], r["near"]) for r in raw)

@@ -3,7 +3,7 @@
 Exit
 status: 0 done (applied, nothing to do, verified equal), 1 an error, 3 the
 lease is busy (``rebuild --publish``: still busy after ``--wait``), 4
-``verify`` found differences.
+``verify`` found differences (or an index recall below ``--min-recall``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor, ExportResult
 from compactor.shards import DEFAULT_RETIRE_GRACE, ShardedCompactor
+from compactor.verify import DEFAULT_INDEX_QUERIES, DEFAULT_MIN_RECALL, VerifyResult
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay, shards_progress
@@ -269,10 +270,12 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     async with _sharded(args) as sharded:
-        results = await sharded.verify()
+        results = await sharded.verify(index_queries=args.index_queries, min_recall=args.min_recall)
     for result in results:
         if args.json:
-            print(json.dumps({**asdict(result), "ok": result.ok}, sort_keys=True))
+            index = result.index
+            extra = {"index_recall": index.lowest if index else None}
+            print(json.dumps({**asdict(result), **extra, "ok": result.ok}, sort_keys=True))
             continue
         for line in result.differences:
             print(line)
@@ -282,7 +285,33 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         verdict = "equal" if result.ok else f"{result.difference_count} differences"
         which = "" if result.shard is None else f" of shard {result.shard}"
         print(f"verify{which} at hwm {result.hwm}: {result.records} records, {verdict}")
+        print(_index_line(result))
     return 0 if all(result.ok for result in results) else EXIT_DIFFERENT
+
+
+def _index_line(result: VerifyResult) -> str:
+    index = result.index
+    if index is None:
+        return "index check skipped (--index-queries 0)"
+    if index.lowest is None:
+        return "index check: no records to query"
+    return (
+        f"index recall@10 {index.lowest:.4f} over {index.queries} sampled queries "
+        f"(threshold {index.min_recall}): {'ok' if index.ok else 'BELOW'}"
+    )
+
+
+def _fraction(text: str) -> float:
+    value = float(text) if text.replace(".", "", 1).isdigit() else -1.0
+    if not 0.0 <= value <= 1.0:
+        raise InvalidInput(f"expected a number from 0 to 1, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise InvalidInput(f"expected a whole number of at least 0, not {text!r}")
+    return int(text)
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
@@ -477,6 +506,19 @@ def register(commands: Any) -> None:
     verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")
     add_compactor_flags(verify)
     _add_shard_flag(verify)
+    verify.add_argument(
+        "--index-queries",
+        type=argument(_count),
+        default=DEFAULT_INDEX_QUERIES,
+        help="sampled queries per collection for the index check, against brute force "
+        f"(default {DEFAULT_INDEX_QUERIES}; 0 skips the check)",
+    )
+    verify.add_argument(
+        "--min-recall",
+        type=argument(_fraction),
+        default=DEFAULT_MIN_RECALL,
+        help=f"fail when the index's recall@10 is below this (default {DEFAULT_MIN_RECALL})",
+    )
     verify.set_defaults(run=cmd_verify)
 
     export = commands.add_parser(
