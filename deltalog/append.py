@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import anyio
 
-from deltalog.codec import Frame, batch_body, decode_entry
+from deltalog.codec import Frame, batch_body, decode_entry, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Batch, Seal, new_id
 from deltalog.errors import Closed, Conflict, CorruptEntry, DeltalogError, Unavailable
@@ -159,6 +159,9 @@ class Appender:
                 await self._backoff(n)
                 continue
             await self._retrying(functools.partial(self._claim, attempt, seq))
+            if not attempt.deltas:  # every key went to another append: nothing to write
+                await self._abandon(seq)
+                return self._finish(attempt, 0, wrote=False)
             written = await self._put(attempt, seq)
             if written:
                 return self._finish(attempt, seq)
@@ -213,6 +216,33 @@ class Appender:
             seq=seq,
             key=key,
         ) from last
+
+    async def _abandon(self, seq: int) -> None:
+        """Seal ``seq``, reserved by an attempt left with no delta to write.
+
+        Claiming keys at a reserved seq can lose every one of them to appends
+        that claimed them first (concurrent producers of the same deltas). An
+        entry never holds zero deltas, and a seal now spares the compactor a
+        hole it would wait a grace period for. If the seal cannot be written,
+        the hole stays for a compactor to seal.
+        """
+        reason = "reserved by an append whose every delta was claimed by another append"
+        try:
+            await self._retrying(functools.partial(self._seal, seq, reason))
+        except Unavailable as exc:
+            log.warning(
+                "seq %d of log %s: could not seal a seq no delta needs (%s); a compactor "
+                "seals it after the grace period",
+                seq,
+                self.config.log,
+                exc,
+            )
+
+    async def _seal(self, seq: int, reason: str) -> bool:
+        """Write a seal at ``seq`` if nothing is there; False if something already is."""
+        seal = Seal(sealed_by=self.producer_id, reason=reason, kind="hole", sealed_at=time.time())
+        data = Frame(seal_body(seal)).at(seq, signer=self.config.signer)
+        return await self.store.put_if_absent(self.keys.entry(seq), data)
 
     async def _read_back_or_say_so(self, attempt: Attempt, seq: int, key: str) -> bool | None:
         """``_read_back``; if that fails, the entry may be written: the error says so."""

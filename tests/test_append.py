@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
 import anyio
@@ -22,9 +24,10 @@ from deltalog import (
     Unavailable,
 )
 from deltalog.codec import Frame, batch_body, encode_delta, seal_body
-from deltalog.storage.table import Claim
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import Claim, MemoryTable
 from tests.builders import batch_of, delete, delta, delta_seqs, read_all, seal_of
-from tests.faulty import faulty_log
+from tests.faulty import FaultyStore, FaultyTable, faulty_log, faulty_memory_log
 
 TASKS = 32
 PER_TASK = 200
@@ -331,6 +334,75 @@ async def test_a_key_held_by_an_unwritten_seq_is_a_conflict(log: DeltaLog) -> No
     assert (caught.value.seq, caught.value.log) == (seq, log.config.log)
     assert await log.head() == 1
     assert await read_all(log) == []
+
+
+@asynccontextmanager
+async def _two_logs(
+    adapters: str, config: LogConfig
+) -> AsyncIterator[tuple[tuple[DeltaLog, FaultyStore], tuple[DeltaLog, FaultyTable]]]:
+    """Two handles of one log, each through its own fault wrappers (on moto: own clients)."""
+    async with AsyncExitStack() as stack:
+        if adapters == "moto":
+            a, a_store, _ = await stack.enter_async_context(faulty_log(config))
+            b, _, b_table = await stack.enter_async_context(faulty_log(config))
+        else:
+            config = LogConfig(bucket="memory", table="memory", log="mem")
+            store, table = MemoryStore(), MemoryTable()
+            a, a_store, _ = await stack.enter_async_context(faulty_memory_log(config, store, table))
+            b, _, b_table = await stack.enter_async_context(faulty_memory_log(config, store, table))
+        yield (a, a_store), (b, b_table)
+
+
+@pytest.mark.parametrize("adapters", ["memory", "moto"])
+async def test_a_batch_whose_every_key_is_held_in_flight_seals_its_seq(
+    adapters: str, config: LogConfig
+) -> None:
+    """Issue 19 item 10: concurrent ingests of the same receipts left entries with no delta.
+
+    Producer B checks its two keys (free), then reserves; producer A claims
+    both at its own seq and is still writing when B claims them: B loses
+    both keys. B's seq used to receive a batch of zero deltas; now B seals it.
+    """
+    async with _two_logs(adapters, config) as ((a, a_store), (b, b_table)):
+        a_store.hang_puts = "before"  # A has reserved and claimed, and is writing
+        b_table.hold_reserves = a_store.hung  # B reserves once A is there
+        answers: dict[str, object] = {}
+
+        async def submit_both(log: DeltaLog, name: str) -> None:
+            async def submit(d: Delta) -> None:
+                try:
+                    answers[f"{name}:{d.idempotency_key}"] = await producer.submit(d)
+                except Conflict as exc:
+                    answers[f"{name}:{d.idempotency_key}"] = exc
+
+            deltas = [delete(f"{name}-x", key="k1"), delete(f"{name}-y", key="k2")]
+            async with (
+                log.producer(linger_ms=10_000, max_deltas=2) as producer,
+                anyio.create_task_group() as submitters,
+            ):
+                for d in deltas:
+                    submitters.start_soon(submit, d)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit_both, b, "b")
+            await b_table.reserving.wait()  # B read the claims before A claimed them
+            tg.start_soon(submit_both, a, "a")
+            with anyio.fail_after(30):
+                while len(answers) < 2:  # noqa: ASYNC110 (answers come from the tasks)
+                    await anyio.sleep(0.01)
+            a_store.release.set()
+        assert {k: type(v).__name__ for k, v in answers.items()} == {
+            "a:k1": "int",
+            "a:k2": "int",
+            "b:k1": "Conflict",
+            "b:k2": "Conflict",
+        }
+        entries = await read_all(a)
+        assert [seq for seq, _ in entries] == [1, 2]
+        assert [len(e.deltas) for _, e in entries] == [2, 0]
+        assert seal_of(entries[1][1]).reason.startswith("reserved by an append whose every delta")
+        status = await a.status()
+        assert (status.head, status.entries, status.hole_count) == (2, 2, 0)
 
 
 async def test_a_claim_pointing_at_a_sealed_seq_is_taken_over(log: DeltaLog) -> None:
