@@ -48,6 +48,8 @@ class FaultyStore:
         """Every delete deletes nothing and raises a non-ambiguous ``Unavailable``."""
         self.puts: list[str] = []
         self.faults: list[Unavailable] = []
+        self.before_put: dict[str, bytes] = {}
+        """key -> bytes another writer puts there just before our put (a late write)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -59,6 +61,8 @@ class FaultyStore:
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         self.puts.append(key)
+        if key in self.before_put:
+            await self.inner.put_if_absent(key, self.before_put.pop(key))
         if self.hang_puts == "before":
             await self._hang()
         if self.hang_puts == "after":

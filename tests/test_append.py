@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -406,6 +408,61 @@ async def test_a_batch_whose_every_key_is_held_in_flight_seals_its_seq(
         assert seal_of(stored[1][1]).reason.startswith("reserved by an append whose every delta")
         status = await a.status()
         assert (status.head, status.entries, status.hole_count) == (2, 2, 0)
+
+
+async def test_a_key_left_unwritten_past_the_grace_is_sealed_and_written_again(
+    log: DeltaLog,
+) -> None:
+    """Issue 19 item 3: a rerun after an interrupted producer meets its own keys at
+    seqs reserved and never written; past the grace it seals them itself."""
+    seq = await log.table.reserve(log.keys.log_id)
+    stopped = Claim("k", seq, "stopped-producer", time.time() - 120)  # grace: 60 s
+    await log.table.claim_keys(log.keys.log_id, [stopped])
+    d = delete("a", key="k")
+    assert await log.append(d) == 2
+    entries = await read_all(log)
+    assert seal_of(entries[0][1]).reason.startswith(
+        "seq reserved for idempotency key 'k' and not written for 120s (grace 60s)"
+    )
+    assert [x.delta_id for x in batch_of(entries[1][1]).deltas] == [d.delta_id]
+    claim = (await log.table.get_claims(log.keys.log_id, ["k"]))["k"]
+    assert (claim.seq, claim.entry_id) == (2, batch_of(entries[1][1]).entry_id)
+    again = await log.append(delete("a", key="k"))
+    assert again == 2 and isinstance(again, Repeat)
+    assert (await log.status()).hole_count == 0
+
+
+async def test_a_key_younger_than_the_grace_is_a_conflict_that_says_when_to_retry(
+    log: DeltaLog,
+) -> None:
+    seq = await log.table.reserve(log.keys.log_id)
+    live = Claim("k", seq, "slow-producer", time.time())
+    await log.table.claim_keys(log.keys.log_id, [live])
+    with pytest.raises(Conflict) as caught:
+        await log.append(delete("a", key="k"))
+    assert re.search(
+        r"claimed \d+s ago\); if its producer died, retry after the grace period "
+        r"\(60s, DELTALOG_GRACE\): this append then seals the seq itself",
+        caught.value.message,
+    )
+    assert await log.head() == 1
+    assert await read_all(log) == []
+
+
+async def test_a_late_write_beats_the_seal_of_its_key(config: LogConfig) -> None:
+    """The stopped producer's write lands just before the seal: the seal loses (412)
+    and the append resolves to the late entry, writing nothing."""
+    async with faulty_log(config, grace=0.0) as (log, store, _):
+        seq = await log.table.reserve(log.keys.log_id)
+        original = delete("a", key="k")
+        late = Frame(batch_body("slow", [encode_delta(original)], created_at=0)).at(seq)
+        await log.table.claim_keys(log.keys.log_id, [Claim("k", seq, "slow", time.time())])
+        store.before_put[log.keys.entry(seq)] = late
+        again = await log.append(delete("a", key="k"))
+        assert again == seq and isinstance(again, Repeat)
+        assert store.before_put == {}, "the seal was tried"
+        assert await delta_seqs(log) == {original.delta_id: [seq]}
+        assert await log.head() == 1
 
 
 async def test_a_claim_pointing_at_a_sealed_seq_is_taken_over(log: DeltaLog) -> None:

@@ -66,7 +66,8 @@ def _item_key(log_id: str, sk: str) -> dict[str, dict[str, str]]:
 
 def _claim_of(item: dict[str, Any]) -> Claim:
     key = item["sk"]["S"][len(IDEMPOTENCY_PREFIX) :]
-    return Claim(key, int(item["seq"]["N"]), item["entry_id"]["S"])
+    at = float(item["claimed_at"]["N"]) if "claimed_at" in item else 0.0
+    return Claim(key, int(item["seq"]["N"]), item["entry_id"]["S"], at)
 
 
 class DynamoTable:
@@ -192,9 +193,13 @@ class DynamoTable:
                 "Update": {
                     "TableName": self.name,
                     "Key": _item_key(log_id, idempotency_sk(c.key)),
-                    "UpdateExpression": "SET seq = :s, entry_id = :e",
+                    "UpdateExpression": "SET seq = :s, entry_id = :e, claimed_at = :t",
                     "ConditionExpression": "attribute_not_exists(pk) OR entry_id = :e",
-                    "ExpressionAttributeValues": {":s": _n(c.seq), ":e": _s(c.entry_id)},
+                    "ExpressionAttributeValues": {
+                        ":s": _n(c.seq),
+                        ":e": _s(c.entry_id),
+                        ":t": _n(c.claimed_at),
+                    },
                 }
             }
             for c in claims
@@ -254,7 +259,7 @@ class DynamoTable:
             await self._db.update_item(
                 TableName=self.name,
                 Key=_item_key(log_id, idempotency_sk(new.key)),
-                UpdateExpression="SET seq = :n, entry_id = :f",
+                UpdateExpression="SET seq = :n, entry_id = :f, claimed_at = :t",
                 # The second clause makes a retried swap (answer lost) succeed.
                 ConditionExpression="(seq = :s AND entry_id = :e) OR (seq = :n AND entry_id = :f)",
                 ExpressionAttributeValues={
@@ -262,6 +267,7 @@ class DynamoTable:
                     ":e": _s(old.entry_id),
                     ":n": _n(new.seq),
                     ":f": _s(new.entry_id),
+                    ":t": _n(new.claimed_at),
                 },
             )
         except ClientError as exc:

@@ -40,6 +40,9 @@ class Claim:
     key: str
     seq: int
     entry_id: str
+    claimed_at: float = 0.0
+    """When the claimer took it (its clock, seconds since the epoch); 0 for a claim
+    written by a version before it. Tells how long the seq has gone unwritten."""
 
 
 @dataclass(frozen=True, slots=True)
