@@ -156,7 +156,7 @@ class LogConfig:
 
     @property
     def keys(self) -> LogKeys:
-        return LogKeys(self.root, self.log)
+        return LogKeys(self.root, self.log, self.bucket)
 
     @property
     def s3_endpoint(self) -> str | None:

@@ -20,6 +20,7 @@ from deltalog import (
     Conflict,
     Delta,
     DeltaLog,
+    IdentityMismatch,
     LogConfig,
     Repeat,
     Seal,
@@ -534,14 +535,16 @@ async def test_a_counter_that_keeps_failing_gives_up_leaving_only_holes(
 
 
 @pytest.mark.parametrize("missing", ["bucket", "table"])
-async def test_a_missing_bucket_or_table_says_to_run_init(
-    config: LogConfig, rng: np.random.Generator, missing: str
-) -> None:
+async def test_a_missing_bucket_or_table_says_to_run_init(config: LogConfig, missing: str) -> None:
+    """Opening the log says so, before anything is written (no seq is reserved)."""
     gone = f"gone-{uuid.uuid4().hex[:12]}"
-    config = replace(config, bucket=gone) if missing == "bucket" else replace(config, table=gone)
-    async with DeltaLog.open(config) as log:
-        for d in (delete("a"), delta(rng, "b")):
-            with pytest.raises(ConfigurationError, match=f"{missing} '{gone}' does not exist"):
-                await log.append(d)
-        with pytest.raises(ConfigurationError, match="run `deltalog init --bucket"):
-            await log.status()
+    wrong = replace(config, bucket=gone) if missing == "bucket" else replace(config, table=gone)
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match=f"{missing} '{gone}' does not exist") as e:
+            async with DeltaLog.open(wrong):
+                pass
+        assert "run `deltalog init --bucket" in str(e.value)
+        assert not isinstance(e.value, IdentityMismatch), "a new log: nothing to mismatch"
+    async with DeltaLog.open(config, read_only=True) as log:
+        status = await log.status()
+    assert (status.head, status.identity) == (0, None), "nothing was written"
