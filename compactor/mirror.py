@@ -50,7 +50,14 @@ from anyio.streams.memory import MemoryObjectSendStream
 from compactor.lease import Lease, LeaseKeeper
 from compactor.replay import Progress, Replay, Replayer
 from deltalog.config import LogConfig
-from deltalog.errors import ConfigurationError, DataError, Fenced, LeaseBusy, Unavailable
+from deltalog.errors import (
+    ConfigurationError,
+    DataError,
+    Fenced,
+    IdentityMismatch,
+    LeaseBusy,
+    Unavailable,
+)
 from deltalog.fold import FoldPlan, Record
 from deltalog.log import DeltaLog
 from deltalog.snapshot.cache import SnapshotCache
@@ -84,6 +91,9 @@ class MirrorPosition(msgspec.Struct, frozen=True):
     owner: str = ""
     updated_at: float = 0.0
     format: int = 1
+    identity: str = ""
+    """The log's full identity, bucket included (``LogKeys.identity``); "" in a
+    position written before it (the next write records it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +210,7 @@ class Mirror:
         self.chunk_entries = chunk_entries
         self.max_batch_size = max_batch_size
         self.progress = progress
-        self.cache = SnapshotCache(Path(cache_dir) / self.keys.cache_name)
+        self.cache = SnapshotCache.for_log(Path(cache_dir), self.keys)
         self._log = log_handle
         self._owns_log = log_handle is None
         self._counts = _Counts()
@@ -419,11 +429,24 @@ class Mirror:
                 f"deltalog mirror's ({exc}): mirror into another database",
                 log=self.config.log,
             ) from exc
-        if position.log != self.keys.log_id:
-            raise ConfigurationError(
+        mirrored = position.identity or position.log
+        if position.log != self.keys.log_id or mirrored not in (
+            self.keys.identity,
+            self.keys.log_id,
+        ):
+            raise IdentityMismatch(
                 f"{self.target.url} ({self.target.tenant}/{self.target.database}) mirrors the "
-                f"log {position.log!r}, not {self.keys.log_id!r}: use another database",
+                f"log {mirrored!r}, not {self.keys.identity!r}: use another database",
+                recorded=mirrored,
+                wanted=self.keys.identity,
                 log=self.config.log,
+            )
+        if not position.identity:
+            log.warning(
+                "%s: the mirror position was written before identities; it is %s from its "
+                "next write",
+                self.target.url,
+                self.keys.identity,
             )
         return position
 
@@ -433,6 +456,7 @@ class Mirror:
         old = session.position
         position = MirrorPosition(
             log=self.keys.log_id,
+            identity=self.keys.identity,
             seq=seq,
             phase=phase,
             snapshot_key=snapshot_key or (old.snapshot_key if old else ""),

@@ -6,6 +6,9 @@
   slot only when its snapshot was committed (``adopt``).
 - The **live copy** is a compactor's warm working copy between runs: the
   fold of the log up to the seq it records (``hwm``), committed at that seq.
+  A cache is one log's (``for_log``: its directory is named after the log's
+  identity, bucket included); a live copy records that identity, and one of
+  another log is never taken, nor a snapshot whose sidecar names another.
   A run takes it (``take_live``) instead of copying a checkpoint, applies
   only new entries, and puts it back after its commit (``keep_live``).
 
@@ -45,6 +48,7 @@ import anyio.to_thread
 import msgspec
 
 from deltalog.errors import ConfigurationError, CorruptSnapshot, DataError, InvalidInput
+from deltalog.keys import LogKeys
 from deltalog.snapshot.archive import SIDECAR_NAME, extract
 from deltalog.storage.store import ObjectStore
 
@@ -56,10 +60,12 @@ _LIVE_NAME = "live.json"
 
 
 class _Live(msgspec.Struct, frozen=True):
-    """Written next to the live copy: the seq it holds."""
+    """Written next to the live copy: the seq it holds, of which log."""
 
     hwm: int
     installed_at: float
+    identity: str = ""
+    """The identity of the log whose fold it is (``LogKeys.identity``)."""
 
 
 class _Source(msgspec.Struct, frozen=True):
@@ -89,11 +95,13 @@ class SnapshotCache:
     only.
     """
 
-    def __init__(self, root: Path, *, keep: int = 2) -> None:
+    def __init__(self, root: Path, *, keep: int = 2, identity: str = "") -> None:
         if keep < 1:
             raise InvalidInput("the snapshot cache must keep at least one snapshot")
         self.root = root
         self.keep = keep
+        self.identity = identity
+        """The log this cache is bound to: a live copy or a snapshot of another is refused."""
         self._committed = root / "committed"
         self._live = root / "live"
         self._work = root / "work"
@@ -110,6 +118,11 @@ class SnapshotCache:
             ) from exc
         self.swept = self._sweep()
         """Scratch directories of dead processes removed when the cache was opened."""
+
+    @classmethod
+    def for_log(cls, cache_dir: Path, keys: LogKeys, *, keep: int = 2) -> SnapshotCache:
+        """The cache of one log under a cache directory: its own, bound to its identity."""
+        return cls(cache_dir / keys.cache_name, keep=keep, identity=keys.identity)
 
     @property
     def scratch(self) -> Path:
@@ -153,6 +166,10 @@ class SnapshotCache:
         )
         if sidecar.log != log:
             raise CorruptSnapshot(f"the sidecar is of log {sidecar.log!r}", log=log, key=key)
+        if self.identity and sidecar.identity and sidecar.identity != self.identity:
+            raise CorruptSnapshot(
+                f"the sidecar is of {sidecar.identity}, not {self.identity}", log=log, key=key
+            )
         self._place(staged, _Source(key, sha256, log, time.time(), "downloaded"))
 
     async def copy_of(self, store: ObjectStore, key: str, sha256: str, *, log: str) -> Path:
@@ -240,6 +257,8 @@ class SnapshotCache:
             return None
         try:
             live = msgspec.json.decode((claimed / _LIVE_NAME).read_bytes(), type=_Live)
+            if self.identity and live.identity != self.identity:  # another log's fold
+                return None
             work = Path(self._mkdtemp("run-", self._work))
             work.rmdir()
             (claimed / "chroma").rename(work)
@@ -259,7 +278,7 @@ class SnapshotCache:
         staged = Path(self._mkdtemp("live-"))
         try:
             work.rename(staged / "chroma")
-            record = _Live(hwm, time.time())
+            record = _Live(hwm, time.time(), self.identity)
             (staged / _LIVE_NAME).write_bytes(msgspec.json.encode(record))
             old = Path(self._mkdtemp("prune")) / "live"
             with suppress(FileNotFoundError):
