@@ -213,7 +213,7 @@ class DynamoTable:
             return False
         try:
             old = await self._update(
-                log_id, IDENTITY_SK, "record the log's identity", returns="UPDATED_OLD"
+                log_id, IDENTITY_SK, "record the log's identity", returns="ALL_OLD"
             )
         except BaseException:
             self._bindings.discard(log_id, identity)
