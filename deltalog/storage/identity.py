@@ -12,8 +12,8 @@ compactor), and checked by every handle when it opens the log:
   written (no seq reserved, no lease taken, no cached answer);
 - not recorded: a new log, or one written by a version before identities.
   If the table already holds something of it (a head, a state), the bucket
-  must hold its data too: an entry, and the checkpoint the state names.
-  Otherwise the handle names the wrong bucket and gets ``IdentityMismatch``;
+  must hold its entries too (one listing, which every role may make):
+  otherwise the handle names the wrong bucket and gets ``IdentityMismatch``;
   a missing bucket of a log the table knows is one too. A writer then
   records the identity (a conditional write: of two first uses, one wins),
   and says so once when it adopted an older log.
@@ -74,22 +74,21 @@ async def _check_unrecorded(store: ObjectStore, table: Table, keys: LogKeys) -> 
     history = f"head {head}, hwm {state.hwm}" if head or state.hwm or state.snapshot_key else ""
     try:
         has_entries = await _any_under(store, keys.entries_prefix)
-        checkpoint = state.snapshot_key
-        has_checkpoint = checkpoint is None or await _any_under(store, checkpoint, exact=True)
     except ConfigurationError as exc:  # a missing bucket, most often
         if not history:
             raise  # a new log: `deltalog init` creates the bucket
-        raise _elsewhere(keys, history, f"its entries cannot be listed ({exc.message})") from exc
-    if history and head and not has_entries:
+        # Not the store's advice to run `deltalog init` on it: the log exists elsewhere.
+        why = "it does not exist" if "does not exist" in exc.message else exc.message
+        raise _elsewhere(keys, history, f"its entries cannot be listed: {why}") from exc
+    if head and not has_entries:  # entries are never deleted: they would be here
         raise _elsewhere(keys, history, "it holds none of its entries")
-    if not has_checkpoint:
-        raise _elsewhere(keys, history, f"it does not hold its checkpoint {checkpoint}")
     return history
 
 
-async def _any_under(store: ObjectStore, prefix: str, *, exact: bool = False) -> bool:
-    async for info in store.list_after(prefix, "", page_size=1):
-        return not exact or info.key == prefix
+async def _any_under(store: ObjectStore, prefix: str) -> bool:
+    """Whether anything is stored under ``prefix`` (one listing, which every role may make)."""
+    async for _ in store.list_after(prefix, "", page_size=1):
+        return True
     return False
 
 
