@@ -730,8 +730,15 @@ async def unreachable(endpoint: str, config: LogConfig) -> Act:
     async def run() -> None:
         attempts = Attempts()
         try:
-            async with aws_log(nowhere) as (log, store, table):
-                attempts.watch(store, table)
+            async with AsyncExitStack() as stack:
+                store = await S3Store.connect(nowhere)
+                stack.push_async_callback(store.aclose)
+                table = await DynamoTable.connect(nowhere)
+                stack.push_async_callback(table.aclose)
+                attempts.watch(store, table)  # opening the log is its first request
+                log = await stack.enter_async_context(
+                    DeltaLog.open(nowhere, store=store, table=table)
+                )
                 await log.append(Delta(ops=[Delete(collection="words", ids=["a"])]))
         finally:
             # Fails fast: the first request's own attempts (botocore's 4: 3 retries),
