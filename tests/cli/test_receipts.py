@@ -181,10 +181,12 @@ async def test_an_ingest_stopped_by_ctrl_c_reruns_at_once(
     ``ingest`` runs as a user runs it (``python -m deltalog``) through a proxy
     that lets two entries through and then holds every entry's write: the
     process is stopped with entries reserved, their receipts' keys claimed,
-    and nothing written there. The rerun (``DELTALOG_GRACE=0``: the grace has
-    passed) meets those keys at unwritten seqs, seals the seqs itself and
-    writes the receipts. Every receipt is then in the log exactly once, and
-    in the fold.
+    and nothing written there. The rerun starts at once (with a grace of
+    2 s, ``DELTALOG_GRACE``, so the test need not wait a minute): it meets
+    those keys at unwritten seqs, retries until they are older than the
+    grace, seals the seqs itself and writes the receipts. Every receipt is
+    then in the log exactly once, and in the fold. About 10 s idle (20 s at
+    load 20): two ``deltalog`` processes, the grace, a compaction.
     """
     receipts = list(generate_receipts(24, seed=19))
     path = tmp_path / "receipts.jsonl"
@@ -219,7 +221,7 @@ async def test_an_ingest_stopped_by_ctrl_c_reruns_at_once(
         assert status.hole_count >= 1, "the interrupted ingest left reserved seqs unwritten"
         assert status.entries < len(receipts), first.stderr()
 
-        children.env["DELTALOG_GRACE"] = "0"
+        children.env["DELTALOG_GRACE"] = "2"
         rerun = children.start("rerun", [*ingest, *location, "--endpoint-url", config.endpoint_url])
         with anyio.fail_after(120):
             code = await rerun.exited()
