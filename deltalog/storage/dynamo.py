@@ -184,6 +184,7 @@ class DynamoTable:
         kwargs: dict[str, Any] = {"UpdateExpression": update, "ReturnValues": returns}
         if condition:
             kwargs["ConditionExpression"] = condition
+            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"  # to tell whose it is
         if names:
             kwargs["ExpressionAttributeNames"] = names
         if values:
@@ -195,7 +196,7 @@ class DynamoTable:
         except ClientError as exc:
             if error_code(exc) != "ConditionalCheckFailedException":
                 raise self._error(exc, what, ambiguous=True) from exc
-            await self._get(log_id, sk, what)  # raises if the item is another identity's
+            self._check_item(log_id, exc.response.get("Item", {}))  # another identity's?
             if wanted is not None and not conditional:  # only the identity's could fail
                 raise identity_mismatch(log_id, None, wanted) from exc
             return None
