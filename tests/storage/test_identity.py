@@ -117,13 +117,18 @@ async def test_ingest_with_a_typo_bucket_reserves_nothing(
     assert '"hole_count": 0' in status.out, status.out
 
 
-async def test_compact_with_a_typo_bucket_is_an_error_not_nothing_to_do(
-    config: LogConfig, receipts: Path, tmp_path: Path
-) -> None:
-    """And so is every other command that opens the log with it."""
+@pytest.fixture
+async def cache(config: LogConfig, receipts: Path, tmp_path: Path) -> list[str]:
+    """The receipts ingested and compacted; the flags of the compactor's cache."""
     await ingested(config, receipts)
     await compacted(config, tmp_path / "cache")
-    cache = ["--cache-dir", str(tmp_path / "cache")]
+    return ["--cache-dir", str(tmp_path / "cache")]
+
+
+async def test_compact_with_a_typo_bucket_is_an_error_not_nothing_to_do(
+    config: LogConfig, cache: list[str], tmp_path: Path
+) -> None:
+    """And so is every other command that opens the log with it."""
     before = await items(config)
     for command in (
         ["compact", "-q", *cache],
@@ -139,11 +144,8 @@ async def test_compact_with_a_typo_bucket_is_an_error_not_nothing_to_do(
 
 
 async def test_query_with_a_typo_bucket_answers_nothing_from_the_cache(
-    config: LogConfig, receipts: Path, tmp_path: Path
+    config: LogConfig, cache: list[str]
 ) -> None:
-    await ingested(config, receipts)
-    await compacted(config, tmp_path / "cache")
-    cache = ["--cache-dir", str(tmp_path / "cache")]
     search = ["query", "--collection", "words", "--text", "total", "--json", *HASH, *cache]
     answered = await deltalog(*search, *where(config))
     assert answered.code == 0 and '"ids"' in answered.out, answered.err
