@@ -20,6 +20,14 @@ and "Checkpoints"):
    and orphans (``_prune``, which needs no lease; never the checkpoint the
    state points to).
 
+A **deadline** (``Limits.deadline``: a Lambda invocation's end less a
+margin) bounds the whole run, not only its replay: getting the working copy
+(a checkpoint download, the committed tail's catch-up) counts, the replay
+stops early enough to leave the publish its time (``publish_seconds``, sized
+from the checkpoint), and a publish the time left cannot hold is deferred
+(hwm is committed alone; a later run publishes). A deadline that passes
+while the working copy is being made ends the run with ``Unavailable``.
+
 A crash anywhere before 6 leaves the committed state as it was (an upload
 is an orphan retention deletes later) and the next run redoes the work; the
 fold is deterministic, so the result is the same. A crash after 6 leaves a
@@ -35,9 +43,10 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -52,6 +61,7 @@ from compactor.checkpoint import (
     EntryCap,
     Reason,
     Tail,
+    publish_seconds,
 )
 from compactor.lease import Lease, LeaseKeeper
 from compactor.publish import (
@@ -64,7 +74,7 @@ from compactor.publish import (
 )
 from compactor.replay import Limits, Progress, Replay, Replayer
 from compactor.verify import VerifyResult, compare_sinks
-from compactor.working import WorkingCopy, catch_up, take
+from compactor.working import WorkingCopy, catch_up, take, trust_of
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -79,7 +89,7 @@ from deltalog.errors import (
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
@@ -296,6 +306,7 @@ class Compactor:
         self._log: DeltaLog | None = None
         self._cache: SnapshotCache | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
         self._cache = SnapshotCache.for_log(self.cache_dir, self.keys)
@@ -365,7 +376,7 @@ class Compactor:
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
         )
         if result.snapshot_key is not None:
-            await self._prune(result.snapshot_key)
+            await self._prune()
         if failure is not None:
             raise failure
         return result
@@ -425,22 +436,73 @@ class Compactor:
         head = await self.log.head()
         if head <= state.hwm and not (requested and state.tail_entries > 0):
             return self._nothing(state, "end"), None
-        copy = await take(self.cache, self.store, state, log=self.config.log)
+        with self._by_deadline("getting the working copy (the checkpoint's download)", state):
+            copy = await take(self.cache, self.store, state, log=self.config.log, trust=self._trust)
         try:
             replay, replayed = await self._replay_into(copy, lease)
             if not replay.advanced and not (requested and state.tail_entries > 0):
-                await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, state.hwm)
+                await self._keep_live(copy.path, state.hwm, state)
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
-            reason = self.policy.reason(tail, requested=requested)
+            reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
             published = await self._publish(copy.path, replay, lease) if reason else None
             result = self._applied(state, replay, lease, tail, reason, published)
             result = replace(result, working_copy=copy.how, replayed_tail=replayed)
             await self._commit(lease, state, published, result)
-            await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, replay.last_seq)
+            await self._keep_live(copy.path, replay.last_seq, state)
         finally:
             await self._discard(copy.path)
         return result, replay.error
+
+    async def _keep_live(self, work: Path, hwm: int, state: LogState) -> None:
+        """Keep ``work`` as the live copy at the committed ``hwm``; a run's commit keeps
+        the lineage of the state it read."""
+        await anyio.to_thread.run_sync(
+            partial(self.cache.keep_live, work, hwm, lineage=state.lineage, trust=self._trust)
+        )
+
+    @contextmanager
+    def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
+        """Cancel ``stage`` at the run's deadline, then raise ``Unavailable`` saying so."""
+        deadline = self.limits.deadline
+        if deadline is None:
+            yield
+            return
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                yield
+        except TimeoutError:
+            raise Unavailable(
+                f"the run's deadline passed while {stage}: the checkpoint is "
+                f"{state.snapshot_size} bytes and the committed tail {state.tail_entries} "
+                "entries; give the run more time (the function's timeout)",
+                log=self.config.log,
+            ) from None
+
+    def _replay_limits(self, state: LogState) -> Limits:
+        """The replay stops early enough to leave the publish its time."""
+        deadline = self.limits.deadline
+        if deadline is None:
+            return self.limits
+        keep = publish_seconds(state.snapshot_size, state.tail_bytes)
+        return replace(self.limits, deadline=deadline - keep)
+
+    def _in_time(self, reason: Reason | None, state: LogState, tail: Tail) -> Reason | None:
+        """``reason``, or None when the publish would not finish by the deadline (deferred)."""
+        deadline = self.limits.deadline
+        if reason is None or reason == "requested" or deadline is None:
+            return reason
+        needed = publish_seconds(state.snapshot_size, tail.bytes)
+        if deadline - time.monotonic() >= needed:
+            return reason
+        log.info(
+            "%s: checkpoint (%s) deferred: %.0fs left, about %.0fs needed to publish it",
+            self.config.log,
+            reason,
+            deadline - time.monotonic(),
+            needed,
+        )
+        return None
 
     def _tail(self, state: LogState, replay: Replay) -> Tail:
         """The committed tail after this run, if it publishes nothing."""
@@ -470,27 +532,22 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str) -> None:
+    async def _prune(self) -> None:
         """Retention, after a run and the release (DESIGN.md's step 8).
 
-        Housekeeping: a failure must not fail the committed run.
-
-        It holds no lease, and this process may have paused since its commit
-        while newer owners committed: what is committed is read again, and
-        nothing at or above its hwm is deleted (a newer owner's upload may be
-        about to be committed, whatever this caller read).
+        Housekeeping: a failure must not fail the committed run. It holds no
+        lease, and this process may pause anywhere in it while newer owners
+        commit (a forced rebuild's rollback included): ``prune_snapshots``
+        reads the state after listing and keeps every upload at or above its
+        token.
         """
         try:
-            state = await self.table.read_state(self.keys.log_id)
             await prune_snapshots(
                 self.store,
                 self.keys,
+                lambda: self.table.read_state(self.keys.log_id),
                 keep=self.retain,
-                committed=state.snapshot_key or committed,
-                below=state.hwm,
-                recent=state.recent_snapshots,
                 orphan_grace=self.orphan_grace,
-                now=time.time(),
             )
         except DeltalogError as exc:
             log.warning(
@@ -507,13 +564,14 @@ class Compactor:
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         sink = await self._open_sink(copy.path)
         try:
-            replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
+            with self._by_deadline("catching up the committed tail", state):
+                replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
             replay = await self._replayer().run(
                 sink,
                 after=state.hwm,
                 quarantined=quarantined,
                 sealer=_LeaseSealer(self, lease),
-                limits=self.limits,
+                limits=self._replay_limits(state),
             )
             replay.counts = await sink.counts()
         finally:
@@ -603,7 +661,17 @@ class Compactor:
             await forget_snapshot(self.store, key)
 
     def _nothing(self, state: LogState, stopped: str) -> CompactionResult:
-        return CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
+        return CompactionResult(
+            "nothing",
+            self.config.log,
+            state.hwm,
+            state.hwm,
+            stopped=stopped,
+            snapshot_size=state.snapshot_size,
+            snapshot_hwm=state.checkpoint_hwm,
+            tail_entries=state.tail_entries,
+            tail_bytes=state.tail_bytes,
+        )
 
     def _applied(
         self,
@@ -670,7 +738,7 @@ class Compactor:
         result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
-        await self._prune(result.snapshot_key)
+        await self._prune()
         return result
 
     async def _rebuild(
@@ -737,6 +805,7 @@ class Compactor:
             published.size,
             last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
             recent_snapshots=self._recent(published.key, lease.state),
+            lineage=published.key,  # a new lineage: every copy of the old one is rebuilt
         )
         await self._commit_point(lease, committed, commit)
 
@@ -751,9 +820,8 @@ class Compactor:
         target = Path(out)
         if await anyio.to_thread.run_sync(_occupied, target):
             raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
-        state = await self.table.read_state(self.keys.log_id)
+        state, copy = await self._take_committed()
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
         try:
             # Always Chroma (not the sink factory): what is exported is a Chroma directory.
             sink = await ChromaSink.open(copy.path, limiter=self._limiter)
@@ -775,6 +843,17 @@ class Compactor:
             counts,
         )
 
+    async def _take_committed(self) -> tuple[LogState, WorkingCopy]:
+        """A cold copy of the committed state's checkpoint, and that state.
+
+        No lease is held: retention may delete the checkpoint once a newer
+        commit replaced it; then the state is read again (``load_committed``).
+        """
+        return await load_committed(
+            lambda: self.table.read_state(self.keys.log_id),
+            lambda state: take(self.cache, self.store, state, log=self.config.log, warm=False),
+        )
+
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
 
@@ -783,13 +862,12 @@ class Compactor:
         are Chroma directories built by the same fold, so the comparison is
         exact: ids, vectors bit for bit, documents, metadata.
         """
-        state = await self.table.read_state(self.keys.log_id)
-        quarantined = await self.table.read_quarantined(self.keys.log_id)
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
+            state, committed = await self._take_committed()
+            cleanup.push_async_callback(self._discard, committed.path)
+            quarantined = await self.table.read_quarantined(self.keys.log_id)
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
             cleanup.push_async_callback(self._discard, rebuilt)
-            committed = await take(self.cache, self.store, state, log=self.config.log, warm=False)
-            cleanup.push_async_callback(self._discard, committed.path)
             expected = await self._open_sink(rebuilt)
             cleanup.push_async_callback(_close, expected)
             actual = await self._open_sink(committed.path)

@@ -9,8 +9,10 @@
     │                               collection's: another embedding model
     ├── ConfigurationError          fix the setup: missing bucket or table,
     │   │                           bad credentials, an unusable endpoint
-    │   └── IdentityMismatch        the table's log of that name lives in
-    │                               another bucket or root: a typo
+    │   ├── IdentityMismatch        the table's log of that name lives in
+    │   │                           another bucket or root: a typo
+    │   └── IncompatibleSnapshot    a snapshot written by a newer Chroma than
+    │                               the one installed: upgrade chromadb
     ├── Unavailable                 retry later: network, throttling, 5xx
     ├── Conflict                    re-read and retry: someone else won a race
     │   └── LeaseBusy               another compactor holds the lease
@@ -19,7 +21,9 @@
     ├── DataError                   stored bytes are wrong (names key and seq)
     │   ├── CorruptEntry            an entry that cannot be decoded or verified
     │   │   └── UntrustedEntry      not signed by a trusted key (signing is on)
-    │   └── CorruptSnapshot         a snapshot archive or its sidecar is wrong
+    │   ├── CorruptSnapshot         a snapshot archive or its sidecar is wrong
+    │   └── MissingObject           an object to read is not there (a snapshot
+    │                               retention deleted: read the state again)
     └── Closed                      the object was closed before the call
 
 Every error carries the ``log``, ``seq`` and ``key`` it concerns when known,
@@ -39,9 +43,11 @@ __all__ = [
     "DimensionMismatch",
     "Fenced",
     "IdentityMismatch",
+    "IncompatibleSnapshot",
     "InvalidInput",
     "LeaseBusy",
     "LeaseLost",
+    "MissingObject",
     "Unavailable",
     "UntrustedEntry",
     "ValidationError",
@@ -140,6 +146,27 @@ class IdentityMismatch(ConfigurationError):
         super().__init__(message, log=log)
 
 
+class IncompatibleSnapshot(ConfigurationError):
+    """A snapshot whose sidecar says a newer Chroma (major.minor) wrote it than the one
+    installed, which may not read its format: refused before Chroma opens it.
+
+    ``written_by`` and ``running`` are the two chromadb versions.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        written_by: str,
+        running: str,
+        log: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.written_by = written_by
+        self.running = running
+        super().__init__(message, log=log, key=key)
+
+
 class Unavailable(DeltalogError):
     """A transient failure; retrying later may succeed.
 
@@ -208,6 +235,16 @@ class UntrustedEntry(CorruptEntry):
 class CorruptSnapshot(DataError):
     """A snapshot archive that fails its checksum, cannot be read, or whose
     sidecar is missing, undecodable or does not match the files."""
+
+
+class MissingObject(DataError):
+    """An object that was to be read is not there (``key`` names it), or vanished
+    while it was being downloaded.
+
+    For a snapshot this is what retention does once a newer commit replaced
+    it: read the state again and load what it points to now. Only a snapshot
+    the state still points to that is missing is damage.
+    """
 
 
 class Closed(DeltalogError):

@@ -44,6 +44,7 @@ from deltalog.keys import (
     idempotency_sk,
     lease_sk,
     quarantine_sk,
+    version_sk,
 )
 from deltalog.storage.aws import Reachability, client, error_code, translate
 from deltalog.storage.table import (
@@ -264,6 +265,22 @@ class DynamoTable:
             for name, value in item.items()
             if name.startswith(_DIM_PREFIX)
         }
+
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        what = f"record version {version} of {subject}"
+        advanced = await self._update(
+            log_id,
+            version_sk(subject),
+            what,
+            update="SET version = :v",
+            condition="attribute_not_exists(version) OR version <= :v",
+            values={":v": _n(version)},
+            returns="NONE",
+        )
+        if advanced is not None:
+            return version
+        item = await self._get(log_id, version_sk(subject), what)
+        return max(version, int(item["version"]["N"]))  # versions only ever grow
 
     async def claim_keys(self, log_id: str, claims: Sequence[Claim]) -> dict[str, Claim]:
         held: dict[str, Claim] = {}
@@ -684,6 +701,9 @@ def _commit_sets(commit: Commit) -> tuple[list[str], dict[str, Any]]:
     if commit.recent_snapshots:
         sets.append("recent_snapshots = :recent")
         values[":recent"] = {"L": [_s(k) for k in commit.recent_snapshots]}
+    if commit.lineage is not None:
+        sets.append("lineage = :lineage")
+        values[":lineage"] = _s(commit.lineage)
     return sets, values
 
 
@@ -711,4 +731,5 @@ def _state_of(item: dict[str, Any]) -> LogState:
         recent_snapshots=tuple(
             v["S"] for v in item.get("recent_snapshots", {}).get("L", ()) if "S" in v
         ),
+        lineage=text("lineage") or "",
     )

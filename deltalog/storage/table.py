@@ -8,7 +8,10 @@ Items per log (see ``deltalog.keys``): the append counter ``head``, the
 ``schema`` (one embedding dimension per collection, fixed by first use),
 idempotency ``claims`` (which seq an idempotency key went to), the
 ``state`` item the compactor commits to (hwm, snapshot, and the lease with
-its fencing token), and ``quarantine`` marks set by an operator.
+its fencing token), ``quarantine`` marks set by an operator, and
+**versions**: the highest version of a subject (a receipt) whose append was
+allowed, so that an older version delivered late is refused
+(``advance_version``).
 
 The lease: ``acquire`` takes it when free or expired and adds one to the
 token; ``renew``, ``commit``, ``note_hole`` and ``release`` are conditioned
@@ -49,6 +52,7 @@ from deltalog.keys import (
     idempotency_sk,
     lease_sk,
     quarantine_sk,
+    version_sk,
 )
 
 __all__ = [
@@ -148,6 +152,12 @@ class LogState:
     """The keys of the most recently committed snapshots, newest (the committed
     one) first: what retention keeps. Empty for a state committed by a version
     before it."""
+    lineage: str = ""
+    """Which rebuild the checkpoint descends from: empty for the log's first
+    lineage (and a state committed before lineages); a published rebuild starts
+    a new one (named by its checkpoint's key). Every copy derived from the
+    committed state (a compactor's live copy, a mirror) records the lineage it
+    descends from and is discarded once the state's is another."""
 
     def lease_free(self, now: float) -> bool:
         return self.owner is None or self.expires_at <= now
@@ -195,10 +205,14 @@ class Commit:
     the recorded ones."""
     tail_bytes: int = 0
     """The committed tail's stored bytes after this commit (0 with a checkpoint)."""
+    lineage: str | None = None
+    """A new ``LogState.lineage`` (a published rebuild); None keeps the recorded one."""
 
     def __post_init__(self) -> None:
         if (self.snapshot_key is None) != (self.snapshot_sha256 is None):
             raise ValueError("a checkpoint needs both its key and its sha256")
+        if self.lineage is not None and self.snapshot_key is None:
+            raise ValueError("a new lineage starts with a checkpoint")
         if self.snapshot_key is not None and self.tail_bytes:
             raise ValueError("a commit with a checkpoint has an empty tail")
 
@@ -250,6 +264,14 @@ class Table(Protocol):
 
         True also when ``new`` is already stored: a retry of a swap whose
         answer was lost must not look like losing the key.
+        """
+        ...
+
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        """Record ``version`` of ``subject`` unless a higher one is recorded; return the one
+        recorded after the call (``version``, or the higher one that refused it).
+
+        Conditional and atomic: of two callers the higher version wins whatever the order.
         """
         ...
 
@@ -326,6 +348,7 @@ class MemoryTable:
         self._states: dict[str, LogState] = {}
         self._quarantined: dict[str, dict[int, str]] = {}
         self._leases: dict[tuple[str, str], LeaseState] = {}
+        self._versions: dict[tuple[str, str], int] = {}
         self.requests = 0
 
     def client(self) -> MemoryTable:
@@ -408,6 +431,13 @@ class MemoryTable:
         self._claims[(log_id, old.key)] = new
         return True
 
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        self.requests += 1
+        self._write(log_id, version_sk(subject))
+        recorded = max(self._versions.get((log_id, subject), version), version)
+        self._versions[(log_id, subject)] = recorded
+        return recorded
+
     async def read_state(self, log_id: str) -> LogState:
         self.requests += 1
         self._read(log_id, STATE_SK)
@@ -464,6 +494,7 @@ class MemoryTable:
             tail_bytes=commit.tail_bytes,
             last_run=commit.last_run or state.last_run,
             recent_snapshots=commit.recent_snapshots or state.recent_snapshots,
+            lineage=state.lineage if commit.lineage is None else commit.lineage,
             updated_at=now,
         )
         self._states[log_id] = state

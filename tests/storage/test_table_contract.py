@@ -54,6 +54,7 @@ class TableContract:
         await table.acquire(log_id, "a", ttl=10, now=100.0)
         await table.quarantine(log_id, 5, "bad", now=100.0)
         await table.acquire_lease(log_id, "mirror:x", "a", ttl=10, now=100.0)
+        assert await table.advance_version(log_id, "receipt:x", 2) == 2
 
     async def test_the_first_identity_recorded_stays(
         self, table: Table, client: Client, log_id: str
@@ -94,6 +95,7 @@ class TableContract:
             other.acquire(log_id, "b", ttl=10, now=200.0),
             other.quarantine(log_id, 5, "mine", now=200.0),
             other.acquire_lease(log_id, "mirror:x", "b", ttl=10, now=200.0),
+            other.advance_version(log_id, "receipt:x", 3),
             other.read_head(log_id),
             other.read_dims(log_id),
             other.get_claims(log_id, ["k"]),
@@ -114,6 +116,7 @@ class TableContract:
         assert (state.owner, state.token) == ("a", 1)
         assert await mine.read_quarantined(log_id) == {5: "bad"}
         assert (await mine.read_lease(log_id, "mirror:x")).owner == "a"
+        assert await mine.advance_version(log_id, "receipt:x", 1) == 2, "still version 2"
 
     async def test_items_without_an_identity_take_the_first_bound_writer(
         self, table: Table, client: Client, log_id: str
@@ -332,6 +335,20 @@ class TableContract:
         await table.commit(log_id, "a", 1, prev_hwm=6, commit=third, now=103.0)
         assert (await table.read_state(log_id)).recent_snapshots == ("snap-8", "snap-4")
 
+    async def test_a_commit_records_a_new_lineage_and_others_keep_it(
+        self, table: Table, log_id: str
+    ) -> None:
+        assert (await table.read_state(log_id)).lineage == ""
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        rebuilt = Commit(4, "snap-4", "sha-4", 40, lineage="snap-4")
+        await table.commit(log_id, "a", 1, prev_hwm=0, commit=rebuilt, now=101.0)
+        assert (await table.read_state(log_id)).lineage == "snap-4"
+        await table.commit(log_id, "a", 1, prev_hwm=4, commit=Commit(6, "s6", "x", 6), now=102.0)
+        await table.commit(log_id, "a", 1, prev_hwm=6, commit=Commit(7, tail_bytes=3), now=103.0)
+        assert (await table.read_state(log_id)).lineage == "snap-4", "runs keep the lineage"
+        with pytest.raises(ValueError, match="lineage starts with a checkpoint"):
+            Commit(8, lineage="x")
+
     async def test_a_commit_without_a_checkpoint_moves_hwm_and_keeps_the_checkpoint(
         self, table: Table, log_id: str
     ) -> None:
@@ -400,6 +417,33 @@ class TableContract:
         await table.quarantine(log_id, 12, "garbage bytes", now=100.0)
         await table.quarantine(log_id, 3, "undecodable", now=101.0)
         assert await table.read_quarantined(log_id) == {3: "undecodable", 12: "garbage bytes"}
+
+    async def test_a_version_is_recorded_unless_a_higher_one_is(
+        self, table: Table, log_id: str
+    ) -> None:
+        receipt = "receipt:0b8d:00001"
+        assert await table.advance_version(log_id, receipt, 5) == 5
+        assert await table.advance_version(log_id, receipt, 5) == 5, "the same again: allowed"
+        assert await table.advance_version(log_id, receipt, 3) == 5, "an older one is refused"
+        assert await table.advance_version(log_id, receipt, 9) == 9
+        assert await table.advance_version(log_id, receipt, 0) == 9
+        assert await table.advance_version(log_id, "receipt:0b8d:00002", 1) == 1
+        assert await table.advance_version(f"{log_id}-other", receipt, 2) == 2
+
+    async def test_concurrent_versions_end_at_the_highest(self, table: Table, log_id: str) -> None:
+        """Whatever the order they land in, the highest version is recorded, and every
+        caller but the highest's learns that a higher one exists."""
+        answers: dict[int, int] = {}
+
+        async def advance(version: int) -> None:
+            answers[version] = await table.advance_version(log_id, "r", version)
+
+        async with anyio.create_task_group() as tg:
+            for version in (4, 1, 7, 3, 6):
+                tg.start_soon(advance, version)
+        assert await table.advance_version(log_id, "r", 0) == 7
+        assert answers[7] == 7
+        assert all(answers[v] >= v for v in answers)
 
 
 class TestMemoryTable(TableContract):
