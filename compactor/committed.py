@@ -38,7 +38,7 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
         lambda state: take(cache, log.store, state, log=log.config.log, warm=False),
     )
     try:
-        sink = await ChromaSink.open(copy.path, log=log.config.log)
+        sink = await ChromaSink.open(copy.path, log=log.config.log, distinct="off")
         try:
             quarantined = await log.table.read_quarantined(log.keys.log_id)
             await catch_up(Replayer(log), sink, copy, state, quarantined)

@@ -659,7 +659,7 @@ class Mirror:
     async def _copy_from(self, session: _Session, work: Path) -> None:
         """Copy a checkpoint's working copy into the target."""
         snapshot = await ChromaSink.open(
-            work, log=self.config.log, max_batch_size=self.max_batch_size
+            work, log=self.config.log, max_batch_size=self.max_batch_size, distinct="off"
         )
         try:
             await self._copy(session, snapshot)

@@ -10,6 +10,10 @@ Each test runs on the memory adapters and on moto's server (``backend``).
   reference fold, and readers see it.
 - **Retention** never deletes the checkpoint the committed state points to,
   even at ``orphan_grace=0`` with every other snapshot gone.
+- **The committed tail**: a snapshot reader, a cold ``export`` and a cold
+  ``run_once`` refuse a committed tail that ends before hwm (a missing
+  entry is damage, never a shorter fold); the tail's bytes add up across
+  runs; a live copy behind the checkpoint is not reused.
 - **Size**: an archive of many parts goes up as a multipart upload and
   comes down by ranged requests, for a cold compactor, a reader and
   ``export``.
@@ -315,6 +319,106 @@ async def test_an_archive_of_many_parts_goes_up_and_comes_down_whole(
                 )
     finally:
         await store.aclose()
+
+
+# -- the committed tail: what each of its readers must check ----------------------------
+
+
+async def checkpoint_at_1_tail_to_3(log: DeltaLog, c: Compactor, rng: np.random.Generator) -> str:
+    """Entries a, b, c: a checkpoint at 1 and a committed tail to hwm 3; its key."""
+    await log.append(delta(rng, "a"))
+    first = await c.run_once()
+    assert (first.checkpoint, first.snapshot_key) != ("", None)
+    await log.append(delta(rng, "b"))
+    await log.append(delta(rng, "c"))
+    assert (await c.run_once()).checkpoint == ""
+    state = await log.table.read_state(log.keys.log_id)
+    assert (state.hwm, state.checkpoint_hwm) == (3, 1)
+    assert first.snapshot_key is not None
+    return first.snapshot_key
+
+
+async def test_a_snapshot_reader_refuses_a_committed_tail_that_ends_before_hwm(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Every seq up to hwm is an entry or a seal: with entry 3 gone, a snapshot reader
+    raises a ``DataError`` naming seq 3 rather than answer the fold at 2 as hwm 3."""
+    async with backend.open_log() as log:
+        async with backend.compactor(cache_dir=tmp_path / "c") as c:
+            await checkpoint_at_1_tail_to_3(log, c, rng)
+        await log.store.delete(log.keys.entry(3))
+        with pytest.raises(DataError, match="missing seq 3") as refused:
+            await reader_sees(log, tmp_path / "reader")
+        assert refused.value.seq == 3
+
+
+async def test_a_cold_copy_whose_committed_tail_ends_before_hwm_publishes_nothing(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """With entry 2 gone, a cold ``export`` and a cold ``run_once(checkpoint=True)`` each
+    raise a ``DataError`` (seq 2) and leave the committed checkpoint as it was, rather
+    than publish one that lacks seqs 2-3."""
+    async with backend.open_log() as log:
+        async with backend.compactor(cache_dir=tmp_path / "warm") as c:
+            checkpoint = await checkpoint_at_1_tail_to_3(log, c, rng)
+        await log.store.delete(log.keys.entry(2))
+        before = await snapshot_keys(log)
+        async with backend.compactor(cache_dir=tmp_path / "cold") as cold:
+            with pytest.raises(DataError) as exported:
+                await cold.export(tmp_path / "out")
+            assert exported.value.seq == 2
+            assert not (tmp_path / "out").exists()
+        async with backend.compactor(cache_dir=tmp_path / "cold2") as cold:
+            with pytest.raises(DataError) as checkpointed:
+                await cold.run_once(checkpoint=True)
+            assert checkpointed.value.seq == 2
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_key, state.checkpoint_hwm) == (3, checkpoint, 1)
+        assert await snapshot_keys(log) == before, "nothing uploaded"
+
+
+async def test_tail_bytes_add_up_across_runs(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Three tail-only runs (a publishes the first checkpoint; b, then c, go to the
+    tail): the tail's bytes are b's plus c's, in the result and the state, so the ratio
+    builds up over many small runs."""
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "c") as c:
+        results = []
+        for name in ("a", "b", "c"):
+            await log.append(delta(rng, name))
+            results.append(await c.run_once())
+        assert [r.checkpoint for r in results] == ["first", "", ""]
+        sizes = {
+            log.keys.seq_of(info.key): info.size
+            async for info in log.store.list_after(log.keys.entries_prefix)
+        }
+        state = await log.table.read_state(log.keys.log_id)
+        assert results[1].tail_bytes == sizes[2]
+        assert results[2].tail_bytes == state.tail_bytes == sizes[2] + sizes[3]
+
+
+async def test_a_live_copy_behind_the_checkpoint_is_not_reused(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Compactor A keeps a live copy at seq 1; B publishes a checkpoint at 3; one more
+    entry arrives. A's copy is behind the checkpoint, so A starts from the checkpoint
+    (nothing of the tail to replay), not from its copy (2 seqs to replay)."""
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "a") as a:
+        await log.append(delta(rng, "a"))
+        assert (await a.run_once()).checkpoint == "first"
+        await log.append(delta(rng, "b"))
+        await log.append(delta(rng, "c"))
+        async with backend.compactor(cache_dir=tmp_path / "b") as b:
+            assert (await b.run_once(checkpoint=True)).snapshot_hwm == 3
+        await log.append(delta(rng, "d"))
+        result = await a.run_once()
+        assert (result.working_copy, result.replayed_tail, result.hwm_after) == (
+            "checkpoint",
+            0,
+            4,
+        )
+        await converged(log, a, tmp_path / "reader")
 
 
 # -- compatibility with states committed before checkpoints ----------------------------

@@ -162,6 +162,31 @@ async def test_the_server_equals_the_reference_fold_from_a_bootstrap_and_on(
     assert lease.owner is None, "the lease is released"
 
 
+async def test_a_bootstrap_behind_a_committed_tail_replays_the_tail(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """The checkpoint holds seq 10 and the committed tail goes to 15: the bootstrap's
+    position is the checkpoint's seq, so the mirror goes on to apply 11-15 itself."""
+    await append_random(log, rng, 10)
+    async with Compactor(config, cache_dir=tmp_path / "c", checkpoint_ratio=1e6) as compactor:
+        assert (await compactor.run_once()).checkpoint == "first"
+        await append_random(log, rng, 5)
+        assert (await compactor.run_once()).checkpoint == ""
+    state = await log.table.read_state(log.keys.log_id)
+    assert (state.checkpoint_hwm, state.hwm) == (10, 15)
+    async with Mirror(config, target, cache_dir=tmp_path / "m") as mirror:
+        first = await mirror.run_once()
+    assert first.bootstrapped > 0
+    assert (first.position_before, first.position_after) == (10, 15)
+    assert await seq_on(chroma, target) == 15
+    assert_states_equal(server_state(chroma, target), await reference(log))
+
+
 async def test_an_empty_log_bootstraps_nothing_and_later_entries_arrive(
     log: DeltaLog,
     config: LogConfig,

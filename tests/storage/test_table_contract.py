@@ -270,6 +270,20 @@ class TableContract:
         state = await table.read_state(log_id)
         assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
 
+    async def test_the_same_owner_with_a_stale_token_cannot_commit(
+        self, table: Table, log_id: str
+    ) -> None:
+        """The commit is fenced by the token, not only the owner: ``Compactor(owner=...)``
+        lets one owner take its own expired lease again, and its earlier run must lose."""
+        first = await table.acquire(log_id, "a", ttl=10, now=100.0)
+        again = await table.acquire(log_id, "a", ttl=10, now=111.0)
+        assert (first.token, again.owner, again.token) == (1, "a", 2)
+        commit = Commit(3, "snap-a1", "sha-a1", 30)
+        with pytest.raises(LeaseLost):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=commit, now=112.0)
+        state = await table.read_state(log_id)
+        assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("a", 2, 0, None)
+
     async def test_named_leases_are_fenced_and_apart_from_the_compaction_lease(
         self, table: Table, log_id: str
     ) -> None:
