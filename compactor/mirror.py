@@ -74,6 +74,7 @@ from deltalog.errors import (
     ConfigurationError,
     DataError,
     Fenced,
+    IdentityMismatch,
     InvalidInput,
     LeaseBusy,
     LeaseLost,
@@ -120,6 +121,9 @@ class MirrorPosition(msgspec.Struct, frozen=True):
     """The committed state's lineage the target descends from (``LogState.lineage``)."""
     request_timeout: float = 0.0
     """The writer's request timeout (0: unknown), which a mirror taking over waits for."""
+    identity: str = ""
+    """The log's full identity, bucket included (``LogKeys.identity``); "" in a
+    position written before it (the next write records it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +251,7 @@ class Mirror:
         self.max_batch_size = max_batch_size
         self.progress = progress
         self._cache_dir = Path(cache_dir)
-        self.cache = SnapshotCache(self._cache_dir / self.keys.cache_name)
+        self.cache = SnapshotCache.for_log(self._cache_dir, self.keys)
         self._log = log_handle
         self._owns_log = log_handle is None
         self._counts = _Counts()
@@ -555,11 +559,24 @@ class Mirror:
                 f"deltalog mirror's ({exc}): mirror into another database",
                 log=self.config.log,
             ) from exc
-        if position.log != self.keys.log_id:
-            raise ConfigurationError(
+        mirrored = position.identity or position.log
+        if position.log != self.keys.log_id or mirrored not in (
+            self.keys.identity,
+            self.keys.log_id,
+        ):
+            raise IdentityMismatch(
                 f"{self.target.url} ({self.target.tenant}/{self.target.database}) mirrors the "
-                f"log {position.log!r}, not {self.keys.log_id!r}: use another database",
+                f"log {mirrored!r}, not {self.keys.identity!r}: use another database",
+                recorded=mirrored,
+                wanted=self.keys.identity,
                 log=self.config.log,
+            )
+        if not position.identity:
+            log.warning(
+                "%s: the mirror position was written before identities; it is %s from its "
+                "next write",
+                self.target.url,
+                self.keys.identity,
             )
         return position
 
@@ -574,6 +591,7 @@ class Mirror:
         old = session.position
         position = MirrorPosition(
             log=self.keys.log_id,
+            identity=self.keys.identity,
             seq=seq,
             phase=phase,
             snapshot_key=snapshot_key or (old.snapshot_key if old else ""),
@@ -728,7 +746,7 @@ class Mirror:
     def _shard_cache(self, shard: Shard | None) -> SnapshotCache:
         if shard is None:
             return self.cache
-        return SnapshotCache(self._cache_dir / self.keys.for_shard(shard).cache_name)
+        return SnapshotCache.for_log(self._cache_dir, self.keys.for_shard(shard))
 
     async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
         """Each collection, then each page, after the lease is renewed and the position

@@ -92,6 +92,7 @@ async def publish_snapshot(
         files={},
         deltalog_version=__version__,
         chroma_version=_chroma_version(),
+        identity=keys.identity if keys.bucket else "",
         shard=keys.shard.name if keys.shard is not None else "",
     )
     suffix = ".tar.zst" if compression == "zstd" else ".tar"

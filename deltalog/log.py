@@ -20,6 +20,7 @@ from deltalog.keys import Shard
 from deltalog.producer import MiB, Producer
 from deltalog.read import LogReader, list_entries
 from deltalog.shards import current_shards, pending_shards, read_states
+from deltalog.storage.identity import bind_log
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Layout, LogState, Table
 from deltalog.validate import validate_delta
@@ -91,6 +92,9 @@ class LogStatus:
     layout: Layout = field(default_factory=Layout)
     pending: list[ShardStatus] = field(default_factory=list)
     """The shards a reshard in progress builds, one row each."""
+    identity: str | None = None
+    """The identity recorded for the log (``s3://bucket/root/log``); None: not yet
+    (a log no writer has opened since identities)."""
 
     @property
     def lag(self) -> int:
@@ -127,9 +131,17 @@ class DeltaLog:
         *,
         store: ObjectStore | None = None,
         table: Table | None = None,
+        read_only: bool = False,
     ) -> AsyncIterator[DeltaLog]:
-        """Connect to the log's bucket and table (or use the given adapters)."""
-        log = await cls.connect(config, store=store, table=table)
+        """Connect to the log's bucket and table (or use the given adapters).
+
+        Opening checks the log's identity (``deltalog.storage.identity``): a
+        config naming another bucket or root than the table's log of that
+        name raises ``IdentityMismatch`` and nothing is read or written. The
+        first writer records the identity; a ``read_only`` handle (a reader
+        with read-only permissions) only checks it.
+        """
+        log = await cls.connect(config, store=store, table=table, read_only=read_only)
         try:
             yield log
         finally:
@@ -142,6 +154,7 @@ class DeltaLog:
         *,
         store: ObjectStore | None = None,
         table: Table | None = None,
+        read_only: bool = False,
     ) -> DeltaLog:
         """Like ``open`` without a context manager; call ``aclose()`` when done."""
         from deltalog.storage.dynamo import DynamoTable
@@ -155,6 +168,7 @@ class DeltaLog:
             if table is None:
                 table = await DynamoTable.connect(config)
                 stack.push_async_callback(table.aclose)
+            await bind_log(store, table, config.keys, record=not read_only)
         except BaseException:
             await stack.aclose()
             raise
@@ -279,6 +293,7 @@ class DeltaLog:
     async def status(self) -> LogStatus:
         """Head, entries, holes and the committed state (each shard's); lists the whole log."""
         self._check_open()
+        identity = await self.table.read_identity(self.keys.log_id)
         layout = await self.table.read_layout(self.keys.log_id)
         shards = await self._shard_rows(current_shards(layout))
         pending = await self._shard_rows(pending_shards(layout))
@@ -324,6 +339,7 @@ class DeltaLog:
             shards=shards,
             layout=layout,
             pending=pending,
+            identity=identity,
         )
 
     async def _shard_rows(self, shards: Sequence[Shard | None]) -> list[ShardStatus]:

@@ -265,7 +265,7 @@ class Reader:
         """Connect to the log and load the committed snapshot (every shard's, or those of
         ``shards``)."""
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
-        async with DeltaLog.open(config, store=store, table=table) as log:
+        async with DeltaLog.open(config, store=store, table=table, read_only=True) as log:
             reader = cls(log, root, consistency=consistency, concurrency=concurrency, shards=shards)
             try:
                 await reader.refresh()
@@ -363,7 +363,7 @@ class Reader:
 
     def _part(self, shard: Shard | None) -> _Part:
         keys = self.log.keys.for_shard(shard)
-        cache = SnapshotCache(self._cache_dir / keys.cache_name)
+        cache = SnapshotCache.for_log(self._cache_dir, keys)
         return _Part(keys, cache, _Snapshot(None, 0, shard))
 
     async def _relayout(self) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.output import print_fields, print_table
+from deltalog.config import LogConfig
+from deltalog.errors import ConfigurationError, IdentityMismatch
 from deltalog.log import DeltaLog, LogStatus, ShardStatus
 from deltalog.shards import init_layout, parse_shard_count
 from deltalog.storage.dynamo import DynamoTable
@@ -22,7 +24,13 @@ __all__ = ["register"]
 
 
 async def cmd_init(args: argparse.Namespace) -> int:
+    """Create the bucket and the table if missing; record the log's identity.
+
+    A log of that name the table holds for another bucket or root is
+    refused first (``IdentityMismatch``), before anything is created.
+    """
     config = config_from(args)
+    await _refuse_another_identity(config)
     store = await S3Store.connect(config)
     try:
         bucket_created = await store.ensure_bucket()
@@ -35,11 +43,14 @@ async def cmd_init(args: argparse.Namespace) -> int:
     try:
         table_created = await table.ensure_table()
         print(f"table {config.table}: {'created' if table_created else 'exists'}", flush=True)
-        if args.shards is not None:
-            outcome = await init_layout(table, config.keys, args.shards, now=time.time())
-            print(_LAYOUT_OUTCOMES[outcome].format(log=config.log, shards=args.shards))
     finally:
         await table.aclose()
+    async with DeltaLog.open(config) as log:
+        identity = await log.table.read_identity(log.keys.log_id)
+        print(f"log {config.log}: {identity}")
+        if args.shards is not None:  # through the bound table: the layout item is the log's
+            outcome = await init_layout(log.table, config.keys, args.shards, now=time.time())
+            print(_LAYOUT_OUTCOMES[outcome].format(log=config.log, shards=args.shards))
     return 0
 
 
@@ -48,6 +59,21 @@ _LAYOUT_OUTCOMES = {
     "created": "log {log}: {shards} shards (layout generation 1)",
     "exists": "log {log}: {shards} shards (layout exists)",
 }
+
+
+async def _refuse_another_identity(config: LogConfig) -> None:
+    """Raise ``IdentityMismatch`` if the table holds the log for another bucket or root.
+
+    Checked as a reader would, before anything is created; a missing table or
+    bucket is what init is for.
+    """
+    try:
+        async with DeltaLog.open(config, read_only=True):
+            pass
+    except IdentityMismatch:
+        raise
+    except ConfigurationError:  # no table or bucket yet (created below), or no access
+        return
 
 
 async def cmd_policy(args: argparse.Namespace) -> int:
@@ -68,7 +94,7 @@ async def cmd_policy(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    async with DeltaLog.open(config_from(args)) as log:
+    async with DeltaLog.open(config_from(args), read_only=True) as log:
         status = await log.status()
     if args.json:
         print(json.dumps(status_record(status), indent=2, sort_keys=True))
@@ -156,8 +182,10 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
     )
     quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
     sharded = [("layout", _layout(status))] if status.layout.sharded or status.pending else []
+    identity = status.identity or "not recorded yet (the first writer records it)"
     return [
         ("log", status.log),
+        ("identity", identity),
         ("head", status.head),
         ("entries", status.entries),
         ("holes", f"{status.hole_count} ({holes})"),
@@ -205,7 +233,9 @@ def _last_run(record: str) -> str:
 
 def register(commands: Any) -> None:
     """Add ``init``, ``policy`` and ``status`` to the ``deltalog`` parser."""
-    init = commands.add_parser("init", help="create the bucket and the table if missing")
+    init = commands.add_parser(
+        "init", help="create the bucket and the table if missing; record the log's identity"
+    )
     add_location_flags(init)
     init.add_argument(
         "--shards",

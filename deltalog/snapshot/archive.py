@@ -84,6 +84,9 @@ class Sidecar(msgspec.Struct, frozen=True):
     chroma_version: str = ""
     shard: str = ""
     """The shard of a sharded log it holds (``g{generation}-s{index}``); "" for a log without."""
+    identity: str = ""
+    """The log's full identity (``LogKeys.identity``); "" in an archive of a version
+    before it."""
 
 
 @dataclass(frozen=True, slots=True)

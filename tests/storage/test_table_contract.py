@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import anyio
 import pytest
 
-from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
+from deltalog import (
+    Closed,
+    ConfigurationError,
+    Conflict,
+    IdentityMismatch,
+    LeaseBusy,
+    LeaseLost,
+    LogConfig,
+)
 from deltalog.errors import Resharded
-from deltalog.keys import STATE_SK, LogKeys, Shard, shard_states_prefix
+from deltalog.keys import IDENTITY_SK, STATE_SK, LogKeys, Shard, shard_states_prefix
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.table import (
     Claim,
@@ -24,6 +33,11 @@ from deltalog.storage.table import (
     Table,
 )
 
+Client = Callable[[], Awaitable[Table]]
+"""Another client of the table under test (another process, as far as bindings go)."""
+OURS, THEIRS = "s3://ours/contract", "s3://theirs/contract"
+_SHARD_SK = LogKeys("", "x", shard=Shard(1, 0, 2)).state_sk
+
 
 class TableContract:
     """Every ``Table`` adapter passes these."""
@@ -34,9 +48,116 @@ class TableContract:
         """Store a state item as a version without checkpoints wrote it (no snapshot_hwm)."""
         raise NotImplementedError
 
+    async def forget_identity(self, table: Table, log_id: str) -> None:
+        """Delete the log's identity item, as an operator cleaning up by hand would."""
+        raise NotImplementedError
+
     @pytest.fixture
     def log_id(self) -> str:
         return f"contract/{uuid.uuid4().hex[:12]}"
+
+    # -- identity (the fixture ``client`` makes another client of the same table) --
+
+    async def _write_everything(self, table: Table, log_id: str) -> None:
+        assert await table.reserve(log_id) == 1
+        await table.record_dim(log_id, "words", 8)
+        assert await table.claim_keys(log_id, [Claim("k", 1, "e1")]) == {}
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        await table.quarantine(log_id, 5, "bad", now=100.0)
+        await table.acquire_lease(log_id, "mirror:x", "a", ttl=10, now=100.0)
+        assert await table.advance_version(log_id, "receipt:x", 2) == 2
+        await table.write_layout(log_id, Layout(shards=2, generation=1), expected=Layout(), now=1)
+        await table.acquire(log_id, "a", ttl=10, now=100.0, sk=_SHARD_SK)
+
+    async def test_the_first_identity_recorded_stays(
+        self, table: Table, client: Client, log_id: str
+    ) -> None:
+        assert await table.read_identity(log_id) is None
+        assert await table.bind(log_id, OURS, record=True) is True
+        assert await table.read_identity(log_id) == OURS
+        assert await (await client()).bind(log_id, OURS, record=True) is False
+        other = await client()
+        with pytest.raises(IdentityMismatch) as caught:
+            await other.bind(log_id, THEIRS, record=True)
+        assert (caught.value.recorded, caught.value.wanted) == (OURS, THEIRS)
+        assert await table.read_identity(log_id) == OURS
+        assert await other.read_identity(log_id) == OURS, "a failed bind leaves no binding"
+
+    async def test_one_client_addresses_a_log_as_one_identity(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.bind(log_id, OURS, record=False)
+        with pytest.raises(IdentityMismatch):
+            await table.bind(log_id, THEIRS, record=False)
+        assert await table.read_identity(log_id) is None, "nothing recorded without record"
+
+    async def test_every_item_refuses_another_identity_even_without_the_identity_item(
+        self, table: Table, client: Client, log_id: str
+    ) -> None:
+        """Every write is conditioned on the item's own identity, every read checks it."""
+        await table.bind(log_id, OURS, record=True)
+        await self._write_everything(table, log_id)
+        await self.forget_identity(table, log_id)
+        other = await client()
+        assert await other.bind(log_id, THEIRS, record=True) is True  # the item was gone
+        writes = [
+            other.reserve(log_id),
+            other.record_dim(log_id, "lines", 4),
+            other.claim_keys(log_id, [Claim("k", 2, "e2")]),
+            other.replace_claim(log_id, Claim("k", 1, "e1"), Claim("k", 2, "e2")),
+            other.acquire(log_id, "b", ttl=10, now=200.0),
+            other.quarantine(log_id, 5, "mine", now=200.0),
+            other.acquire_lease(log_id, "mirror:x", "b", ttl=10, now=200.0),
+            other.advance_version(log_id, "receipt:x", 3),
+            other.acquire(log_id, "b", ttl=10, now=200.0, sk=_SHARD_SK),
+            other.retire_state(log_id, sk=_SHARD_SK, generation=2, now=200.0),
+            other.write_layout(
+                log_id, Layout(shards=3, generation=2), expected=Layout(), now=200.0
+            ),
+            other.read_head(log_id),
+            other.read_dims(log_id),
+            other.get_claims(log_id, ["k"]),
+            other.read_state(log_id),
+            other.read_quarantined(log_id),
+            other.read_lease(log_id, "mirror:x"),
+            other.read_layout(log_id),
+            other.read_state(log_id, sk=_SHARD_SK),
+            other.read_states(log_id, _SHARD_SK),
+        ]
+        for call in writes:
+            with pytest.raises(IdentityMismatch) as caught:
+                await call
+            assert caught.value.wanted == THEIRS
+        mine = await client()
+        await mine.bind(log_id, OURS, record=False)
+        assert await mine.read_head(log_id) == 1
+        assert await mine.read_dims(log_id) == {"words": 8}
+        assert await mine.get_claims(log_id, ["k"]) == {"k": Claim("k", 1, "e1")}
+        state = await mine.read_state(log_id)
+        assert (state.owner, state.token) == ("a", 1)
+        assert await mine.read_quarantined(log_id) == {5: "bad"}
+        assert (await mine.read_lease(log_id, "mirror:x")).owner == "a"
+        assert await mine.advance_version(log_id, "receipt:x", 1) == 2, "still version 2"
+        assert (await mine.read_layout(log_id)).shards == 2
+        assert (await mine.read_state(log_id, sk=_SHARD_SK)).owner == "a"
+        assert list(await mine.read_states(log_id, _SHARD_SK)) == [_SHARD_SK]
+
+    async def test_items_without_an_identity_take_the_first_bound_writer(
+        self, table: Table, client: Client, log_id: str
+    ) -> None:
+        """Items an older version wrote (no identity) work on; a writer records its own."""
+        await self._write_everything(table, log_id)  # unbound: as an older version wrote
+        ours = await client()
+        await ours.bind(log_id, OURS, record=False)
+        assert await ours.reserve(log_id) == 2
+        await ours.acquire(log_id, "b", ttl=10, now=200.0)
+        theirs = await client()
+        await theirs.bind(log_id, THEIRS, record=False)
+        assert await theirs.read_dims(log_id) == {"words": 8}, "still no identity recorded"
+        for call in (theirs.reserve(log_id), theirs.read_state(log_id)):
+            with pytest.raises(IdentityMismatch):
+                await call
+        assert await ours.read_head(log_id) == 2
 
     async def test_reserve_counts_up_from_one(self, table: Table, log_id: str) -> None:
         assert await table.read_head(log_id) == 0
@@ -174,7 +295,7 @@ class TableContract:
         assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
 
     async def test_shard_states_are_items_of_their_own(self, table: Table, log_id: str) -> None:
-        sk = LogKeys("", "x", Shard(1, 2, 3)).state_sk
+        sk = LogKeys("", "x", shard=Shard(1, 2, 3)).state_sk
         own = await table.acquire(log_id, "a", ttl=10, now=100.0)
         shard = await table.acquire(log_id, "b", ttl=10, now=100.0, sk=sk)
         assert (own.owner, own.token, shard.owner, shard.token) == ("a", 1, "b", 1)
@@ -446,6 +567,17 @@ class TestMemoryTable(TableContract):
     def table(self) -> MemoryTable:
         return MemoryTable()
 
+    @pytest.fixture
+    def client(self, table: MemoryTable) -> Client:
+        async def another() -> Table:
+            return table.client()
+
+        return another
+
+    async def forget_identity(self, table: Table, log_id: str) -> None:
+        assert isinstance(table, MemoryTable)
+        del table._items[(log_id, IDENTITY_SK)]
+
     async def write_state_of_the_previous_version(
         self, table: Table, log_id: str, *, hwm: int, key: str
     ) -> None:
@@ -461,6 +593,22 @@ class TestDynamoTable(TableContract):
         table = await DynamoTable.connect(config)
         yield table
         await table.aclose()
+
+    @pytest.fixture
+    async def client(self, config: LogConfig) -> AsyncIterator[Client]:
+        async with AsyncExitStack() as stack:
+
+            async def another() -> Table:
+                table = await DynamoTable.connect(config)
+                stack.push_async_callback(table.aclose)
+                return table
+
+            yield another
+
+    async def forget_identity(self, table: Table, log_id: str) -> None:
+        assert isinstance(table, DynamoTable)
+        key = {"pk": {"S": log_id}, "sk": {"S": IDENTITY_SK}}
+        await table._db.delete_item(TableName=table.name, Key=key)
 
     async def write_state_of_the_previous_version(
         self, table: Table, log_id: str, *, hwm: int, key: str
