@@ -55,6 +55,8 @@ class Lease:
     lost: LeaseLost | None = None
     renewals: int = 0
     expires_at: float = field(default=0.0)
+    committed: int | None = None
+    """The hwm this holder committed under the lease, once it did."""
 
     @property
     def token(self) -> int:

@@ -101,6 +101,10 @@ class MirrorStatistics:
     """Records copied from the snapshot by a bootstrap."""
     seconds: float
     """Time spent bootstrapping and applying."""
+    bootstrap_total: int = 0
+    """While a bootstrap runs: the records it copies (0 otherwise)."""
+    bootstrap_copied: int = 0
+    """While a bootstrap runs: the records it has copied so far."""
 
     @property
     def lag(self) -> int:
@@ -161,6 +165,8 @@ class _Counts:
     running_since: float | None = None
     head: int = 0
     position: int = 0
+    bootstrap_total: int = 0
+    bootstrap_copied: int = 0
 
 
 @dataclass(slots=True)
@@ -243,6 +249,8 @@ class Mirror:
             c.patches,
             c.bootstrapped,
             c.seconds + running,
+            c.bootstrap_total,
+            c.bootstrap_copied,
         )
 
     # -- the two modes ----------------------------------------------------------
@@ -515,6 +523,17 @@ class Mirror:
         sink = session.sink
         names = await snapshot.collections()
         await sink.check(names)
+        self._counts.bootstrap_total = sum((await snapshot.counts()).values())
+        self._counts.bootstrap_copied = 0
+        try:
+            await self._copy_collections(session, snapshot, names)
+        finally:
+            self._counts.bootstrap_total = self._counts.bootstrap_copied = 0
+
+    async def _copy_collections(
+        self, session: _Session, snapshot: ChromaSink, names: list[str]
+    ) -> None:
+        sink = session.sink
         for name in names:
             sink.settings[name] = await snapshot.hnsw(name)
             await sink.add(name, [])  # creates it, empty ones included
@@ -527,6 +546,7 @@ class Mirror:
                         session.lease.check()
                         await sink.add(name, page)
                         self._counts.bootstrapped += len(page)
+                        self._counts.bootstrap_copied += len(page)
                         self._report()
 
     # -- following ----------------------------------------------------------------
@@ -563,7 +583,7 @@ class Mirror:
         c.batches += 1
         c.entries += plan.entries
         c.vectors += plan.vectors_upserted
-        c.deletes += plan.ids_deleted
+        c.deletes += stats.removed
         c.patches += plan.ids_patched
         c.head = max(c.head, c.position)
 

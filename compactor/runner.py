@@ -394,7 +394,10 @@ class Compactor:
                 tg.cancel_scope.cancel()
         finally:
             if lease.lost is None:
-                record = last_run(result, failure) if last_run is not None else ""
+                record = ""
+                if last_run is not None:
+                    interrupted = result is None and failure is None  # cancelled
+                    record = _interrupted(lease) if interrupted else last_run(result, failure)
                 await keeper.release(lease, last_run=record)
         lease.check()
         if failure is not None:
@@ -564,6 +567,7 @@ class Compactor:
             raise
         with anyio.CancelScope(shield=True):
             await self._commit_once(lease, prev_hwm, commit)
+        lease.committed = commit.hwm
 
     async def _commit_once(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
         try:
@@ -801,6 +805,14 @@ class Compactor:
             if replay.error is not None:
                 raise replay.error
             return await compare_sinks(expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq)
+
+
+def _interrupted(lease: Lease) -> str:
+    """The last-run record of a run cancelled (a stop signal) while it held ``lease``."""
+    before = lease.state.hwm
+    after = before if lease.committed is None else lease.committed
+    record = {"at": time.time(), "status": "interrupted", "hwm_before": before, "hwm_after": after}
+    return json.dumps(record, sort_keys=True)
 
 
 def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:

@@ -123,6 +123,12 @@ class LogKeys:
         return int(match.group(1)) if match else None
 
 
+def root_prefix(root: str) -> str:
+    """What every key under ``root`` starts with (``""`` for no root)."""
+    root = root.strip("/")
+    return f"{root}/" if root else ""
+
+
 def entry_log(root: str, key: str) -> str | None:
     """The log whose entry ``key`` is (under ``root``), or None for any other key.
 

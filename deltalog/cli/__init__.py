@@ -2,10 +2,12 @@
 
 | module | commands |
 |---|---|
-| ``log`` | ``init``, ``status``, ``policy`` |
+| ``log`` | ``init``, ``status``, ``logs``, ``policy`` |
+| ``records`` | ``get``, ``delete`` |
 | ``receipts`` | ``generate``, ``ingest``, ``query`` |
 | ``compact`` | ``compact [--follow]``, ``rebuild``, ``verify``, ``quarantine`` |
 | ``demo`` | ``demo`` |
+| ``endpoint`` | ``endpoint`` |
 | ``soak`` | ``soak`` |
 | ``mirror`` | ``mirror`` |
 | ``migrate`` | ``import chroma``, ``import pinecone`` |
@@ -13,33 +15,45 @@
 Shared by them: ``options`` (the location and output flags), ``output``
 (tables), ``progress`` (progress displays), ``process`` (exit codes, stopping
 on a signal). The command line is the only part of ``deltalog`` that imports
-the ``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
-message says what to do), 2 a usage error, 3 lease busy, 4 a check found
-differences.
+the ``compactor`` package. Exit status: see ``process``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import anyio
 
-from deltalog.cli import compact, demo, log, migrate, mirror, receipts, soak
+from deltalog.cli import compact, demo, endpoint, log, migrate, mirror, receipts, records, soak
+from deltalog.cli.process import EXIT_BROKEN_PIPE, exit_status
 from deltalog.errors import DeltalogError
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
-_GROUPS = (log, demo, receipts, compact, mirror, migrate, soak)
+_GROUPS = (log, demo, endpoint, records, receipts, compact, mirror, migrate, soak)
+
+
+def _versions() -> str:
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"deltalog {of('deltalog')} (chromadb {of('chromadb')}, Python {sys.version.split()[0]})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltalog", description="An event-sourced delta log on S3, folded into ChromaDB."
     )
+    parser.add_argument("--version", action="version", version=_versions())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in _GROUPS:
         group.register(commands)
@@ -53,10 +67,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = anyio.run(run, args)
     except DeltalogError as exc:
         print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        if not _broken_pipe(exc):
+            raise
+        _detach_stdout()
+        return EXIT_BROKEN_PIPE
     return code
+
+
+def _broken_pipe(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or only holds) the error of writing to a reader that went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_broken_pipe(e) for e in exc.exceptions)
+    return isinstance(exc, BrokenPipeError)
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again.
+
+    What ``| head`` did not read is dropped silently, as other command line
+    tools do (Python's own advice for SIGPIPE; restoring SIGPIPE's default
+    action instead would also kill the process on a broken network socket).
+    """
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fileno)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

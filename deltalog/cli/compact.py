@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,15 @@ from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
-from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
+from deltalog.cli.process import (
+    EXIT_BUSY,
+    EXIT_DIFFERENT,
+    EXIT_USAGE,
+    exit_on_signal,
+    first_deltalog_error,
+    interruptible,
+    stop_on_signal,
+)
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
 from deltalog.config import parse_size
 from deltalog.errors import InvalidInput, LeaseBusy
@@ -43,7 +52,6 @@ from deltalog.log import DeltaLog
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
 
 __all__ = ["register"]
-EXIT_USAGE = 2
 
 
 def _compactor(
@@ -107,12 +115,42 @@ async def cmd_compact(args: argparse.Namespace) -> int:
             if error is None:
                 raise
             raise error from group
-    head = await _head(args)
+    head, hwm = await _position(args)
     with _display(args, config_from(args).log) as display:
-        async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
-            result = await compactor.run_once(checkpoint=args.checkpoint)
-    _print_result(result, args.json)
-    return EXIT_BUSY if result.status == "busy" else 0
+
+        async def run() -> CompactionResult:
+            async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
+                return await compactor.run_once(checkpoint=args.checkpoint)
+
+        outcome = await interruptible(run)
+    if isinstance(outcome, signal.Signals):
+        await _report_interrupted(args, hwm, display.completed)
+        return exit_on_signal(outcome)
+    _print_result(outcome, args.json)
+    return EXIT_BUSY if outcome.status == "busy" else 0
+
+
+async def _position(args: argparse.Namespace) -> tuple[int, int]:
+    """The log's head and committed hwm before a run."""
+    async with DeltaLog.open(config_from(args)) as log:
+        return await log.head(), (await log.table.read_state(log.keys.log_id)).hwm
+
+
+async def _report_interrupted(args: argparse.Namespace, hwm_before: int, passed: int) -> None:
+    """What an interrupted run did and did not do, read back from the committed state."""
+    head, hwm = await _position(args)
+    name = config_from(args).log
+    if hwm > hwm_before:
+        done = f"hwm {hwm_before} -> {hwm} was committed before it stopped"
+    else:
+        done = f"nothing was committed (hwm stays {hwm}"
+        done += f"; the {passed} seqs it had applied were discarded)" if passed else ")"
+    left = f"{head - hwm} seqs up to the head {head} are not applied" if head > hwm else "none left"
+    print(
+        f"{name}: compact interrupted: {done}; {left}. Run the same command again: it "
+        "starts from the committed state, so nothing is applied twice",
+        file=sys.stderr,
+    )
 
 
 async def _follow(args: argparse.Namespace) -> int:

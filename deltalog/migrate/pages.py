@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import anyio
 import numpy as np
 
-from deltalog.entry import Delta, Upsert
-from deltalog.errors import InvalidInput
+from deltalog.codec import decode_entry
+from deltalog.entry import Batch, Delta, Upsert
+from deltalog.errors import CorruptEntry, InvalidInput
 from deltalog.fold import Record
 from deltalog.log import DeltaLog
 from deltalog.producer import Producer
+from deltalog.storage.table import Claim
 
 __all__ = [
     "CollectionPlan",
@@ -36,6 +38,7 @@ __all__ = [
     "Page",
     "PageWriter",
     "check_dims",
+    "durable_claims",
     "page_key",
 ]
 
@@ -135,9 +138,10 @@ class PageWriter:
     async def write(self, pages: Sequence[Page]) -> None:
         """Write pages (skipping parts the log holds); raise the first failure as itself."""
         parts = [(page, key, chunk) for page in pages for key, chunk in self._parts(page)]
-        held = await self.log.table.get_claims(self.log.keys.log_id, [k for _, k, _ in parts])
+        held = await durable_claims(self.log, [k for _, k, _ in parts])
         todo = [(page, key, chunk) for page, key, chunk in parts if key not in held]
         self.result.deltas_skipped += len(parts) - len(todo)
+        self.result.last_seq = max([self.result.last_seq, *(c.seq for c in held.values())])
         if not todo:
             return
         try:
@@ -168,6 +172,26 @@ class PageWriter:
         if chunk:
             parts.append((f"{page.key}/{len(parts)}", chunk))
         return parts
+
+
+async def durable_claims(log: DeltaLog, keys: Sequence[str]) -> dict[str, Claim]:
+    """The claims of ``keys`` whose entries are written: those deltas are in the log.
+
+    A claim alone is not enough: a writer stopped between claiming its key
+    and writing its entry leaves a claim on a seq that stays empty (and is
+    sealed). Such a key is left to the append protocol, which decides.
+    """
+    claims = await log.table.get_claims(log.keys.log_id, list(keys))
+    written: dict[int, str | None] = {}
+    for seq in sorted({c.seq for c in claims.values()}):
+        key = log.keys.entry(seq)
+        stored = await log.store.get(key)
+        try:
+            entry = decode_entry(stored.data, seq=seq, key=key) if stored else None
+        except CorruptEntry:
+            entry = None
+        written[seq] = entry.entry_id if isinstance(entry, Batch) else None
+    return {k: c for k, c in claims.items() if written[c.seq] == c.entry_id}
 
 
 def _first(group: BaseExceptionGroup[Exception]) -> Exception:

@@ -47,6 +47,7 @@ from deltalog.migrate.pages import (
     Page,
     PageWriter,
     check_dims,
+    durable_claims,
     page_key,
     record_bytes,
 )
@@ -252,8 +253,10 @@ class PineconeImporter:
             async for ids in self._id_pages(mapping):
                 entry.pages += 1
                 key = page_key("pinecone", self.name, mapping.namespace, ids)
-                if await self._held(f"{key}/0"):
+                held = await durable_claims(self.log, [f"{key}/0"])
+                if held:
                     result.deltas_skipped += 1
+                    result.last_seq = max(result.last_seq, *(c.seq for c in held.values()))
                     continue
                 scan = _Scan()
                 records = await self._fetch(mapping, ids, scan)
@@ -266,9 +269,6 @@ class PineconeImporter:
                     progress(result)
         result.seconds = time.monotonic() - started
         return result
-
-    async def _held(self, key: str) -> bool:
-        return bool(await self.log.table.get_claims(self.log.keys.log_id, [key]))
 
     async def _id_pages(self, mapping: NamespaceMap) -> Any:
         token: str | None = None

@@ -470,6 +470,7 @@ class IngestSummary:
 
     def rows(self) -> list[tuple[str, str]]:
         return [
+            ("lines read", f"{self.receipts + self.errors:,}"),
             ("receipts", f"{self.receipts:,}"),
             ("vectors written", f"{self.vectors:,}"),
             ("deltas written", f"{self.deltas_written:,}"),

@@ -64,6 +64,9 @@ class ApplyStats:
     patches: int
     batches: int = 0
     seconds: float = 0.0
+    removed: int = 0
+    """Ids of the plan's deletes that the sink held: what was deleted (a delete of an
+    id that does not exist changes nothing and is not counted)."""
 
 
 class Sink(Protocol):
@@ -169,24 +172,28 @@ class ChromaSink:
     async def apply(self, plan: FoldPlan) -> ApplyStats:
         started = time.perf_counter()
         async with self._lock:
-            batches = 0
+            batches = removed = 0
             for name, changes in plan.collections.items():
-                batches += await self._apply_collection(name, changes)
-        return _stats(plan, batches, time.perf_counter() - started)
+                calls, gone = await self._apply_collection(name, changes)
+                batches, removed = batches + calls, removed + gone
+        return _stats(plan, batches, time.perf_counter() - started, removed)
 
-    async def _apply_collection(self, name: str, changes: CollectionPlan) -> int:
+    async def _apply_collection(self, name: str, changes: CollectionPlan) -> tuple[int, int]:
+        """Apply one collection's changes: the calls it took and the deleted ids that existed."""
         collection = await self._collection(name)
         removals = sorted(changes.deletes | changes.puts.keys())
         puts = list(changes.puts.values())
         patches = [(id_, patch) for id_, patch in changes.patches.items() if patch]
-        calls = 0
+        calls = removed = 0
         for ids in _chunks(removals, self._batch):
-            calls += await self._run(f"delete from {name!r}", _remove_existing, collection, ids)
+            existing = await self._run(f"delete from {name!r}", _remove_existing, collection, ids)
+            calls += 1 + bool(existing)
+            removed += len(changes.deletes.intersection(existing))
         for records in _chunks(puts, self._batch):
             calls += await self._run(f"add to {name!r}", _add, collection, records)
         for some in _chunks(patches, self._batch):
             calls += await self._run(f"update {name!r}", _update, collection, some)
-        return calls
+        return calls, removed
 
     async def counts(self) -> dict[str, int]:
         names = await self.collections()
@@ -331,12 +338,12 @@ def _create(create: Callable[..., Collection], name: str) -> Collection:
     return create(name, embedding_function=None)
 
 
-def _remove_existing(collection: Collection, ids: list[str]) -> int:
-    """Delete the ids that exist; deleting absent ids costs as much as an add."""
+def _remove_existing(collection: Collection, ids: list[str]) -> list[str]:
+    """Delete the ids that exist (deleting absent ids costs as much as an add); return them."""
     existing: list[str] = list(collection.get(ids=ids, include=[])["ids"])
     if existing:
         collection.delete(ids=existing)
-    return 1 + bool(existing)
+    return existing
 
 
 def _add(collection: Collection, records: list[Record]) -> int:
@@ -459,8 +466,10 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(items[start : start + size])
 
 
-def _stats(plan: FoldPlan, batches: int, seconds: float) -> ApplyStats:
-    return ApplyStats(plan.ids_deleted, plan.vectors_upserted, plan.ids_patched, batches, seconds)
+def _stats(plan: FoldPlan, batches: int, seconds: float, removed: int) -> ApplyStats:
+    return ApplyStats(
+        plan.ids_deleted, plan.vectors_upserted, plan.ids_patched, batches, seconds, removed
+    )
 
 
 class MemorySink:
@@ -487,9 +496,13 @@ class MemorySink:
         for name, changes in plan.collections.items():
             for record in changes.puts.values():
                 self._check_dim(dims, name, record)
+        removed = sum(
+            len(changes.deletes.intersection(self._state.get(name, {})))
+            for name, changes in plan.collections.items()
+        )
         apply_to_state(self._state, plan)
         self._dims = dims
-        return _stats(plan, 0, time.perf_counter() - started)
+        return _stats(plan, 0, time.perf_counter() - started, removed)
 
     def _check_dim(self, dims: dict[str, int], name: str, record: Record) -> None:
         dim = dims.setdefault(name, record.embedding.shape[0])

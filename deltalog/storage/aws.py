@@ -24,6 +24,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
+    SSLError,
 )
 
 from deltalog.config import LogConfig
@@ -154,6 +155,13 @@ def translate(
         )
     if isinstance(exc, ClientError):
         return _translate_client_error(exc, what, ambiguous=ambiguous, missing=missing, key=key)
+    if isinstance(exc, SSLError):  # not a transient failure: before the BotoCoreError below
+        return ConfigurationError(
+            f"{what}: the TLS handshake with the endpoint failed ({exc}); retrying will not "
+            "help: check the endpoint URL (https:// on a port that speaks plain http? use "
+            "http://) and the certificates (AWS_CA_BUNDLE)",
+            key=key,
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError) and not reached:
         return ConfigurationError(
             f"{what}: cannot reach the endpoint, which never answered ({exc}); check the "

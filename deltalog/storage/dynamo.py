@@ -39,7 +39,7 @@ from deltalog.keys import (
     quarantine_sk,
 )
 from deltalog.storage.aws import Reachability, client, error_code, translate
-from deltalog.storage.table import Claim, Commit, LeaseState, LogState
+from deltalog.storage.table import Claim, Commit, LeaseState, LogState, held_until
 
 __all__ = ["DynamoTable"]
 
@@ -347,9 +347,7 @@ class DynamoTable:
         if item is None:
             state = await self.read_state(log_id)
             raise LeaseBusy(
-                f"the lease is held by {state.owner} until {state.expires_at:.3f} "
-                f"(in {max(0.0, state.expires_at - now):.1f}s)",
-                log=log_id,
+                f"the lease is {held_until(state.owner, state.expires_at, now)}", log=log_id
             )
         return _state_of(item)
 
@@ -465,8 +463,7 @@ class DynamoTable:
         if item is None:
             lease = await self.read_lease(log_id, name)
             raise LeaseBusy(
-                f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f} "
-                f"(in {max(0.0, lease.expires_at - now):.1f}s)",
+                f"the lease {name!r} is {held_until(lease.owner, lease.expires_at, now)}",
                 log=log_id,
             )
         return _lease_of(item)

@@ -24,13 +24,33 @@ lease's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from deltalog.errors import Conflict, LeaseBusy, LeaseLost
 
-__all__ = ["Claim", "Commit", "LeaseState", "LogState", "MemoryTable", "Table"]
+__all__ = [
+    "Claim",
+    "Commit",
+    "LeaseState",
+    "LogState",
+    "MemoryTable",
+    "Table",
+    "held_until",
+    "wall_time",
+]
+
+
+def wall_time(at: float) -> str:
+    """A time for people: ``2025-03-01 14:03:22 UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def held_until(owner: str | None, expires_at: float, now: float) -> str:
+    """``held by OWNER until 2025-03-01 14:03:22 UTC (in 18.7 s)``: a busy lease, for people."""
+    return f"held by {owner} until {wall_time(expires_at)} (in {max(0.0, expires_at - now):.1f} s)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +301,7 @@ class MemoryTable:
         state = await self.read_state(log_id)
         if not state.lease_free(now):
             raise LeaseBusy(
-                f"the lease is held by {state.owner} until {state.expires_at:.3f}", log=log_id
+                f"the lease is {held_until(state.owner, state.expires_at, now)}", log=log_id
             )
         state = replace(
             state, owner=owner, token=state.token + 1, expires_at=now + ttl, updated_at=now
@@ -370,7 +390,7 @@ class MemoryTable:
         lease = await self.read_lease(log_id, name)
         if not lease.lease_free(now):
             raise LeaseBusy(
-                f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f}",
+                f"the lease {name!r} is {held_until(lease.owner, lease.expires_at, now)}",
                 log=log_id,
             )
         lease = LeaseState(owner, lease.token + 1, now + ttl, now)
