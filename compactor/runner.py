@@ -753,8 +753,8 @@ class Compactor:
         cache, then moved).
         """
         target = Path(out)
-        if await anyio.to_thread.run_sync(_occupied, target):
-            raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
+        if taken := await anyio.to_thread.run_sync(_occupied, target):
+            raise InvalidInput(f"{target} {taken}: export into a new (or empty) directory")
         state = await self.table.read_state(self.keys.log_id)
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
@@ -828,8 +828,11 @@ def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:
     return (now.owner, now.token, now.hwm) == (lease.owner, lease.token, commit.hwm)
 
 
-def _occupied(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+def _occupied(path: Path) -> str:
+    """Why ``path`` cannot take an export ("" when it can: missing, or an empty directory)."""
+    if path.is_dir():
+        return "is a directory that is not empty" if any(path.iterdir()) else ""
+    return "is a file" if path.exists() else ""
 
 
 def _move_into(work: Path, target: Path) -> None:

@@ -27,7 +27,13 @@ import numpy as np
 from deltalog.entry import Delete, Delta, Entry, Op, UpdateMetadata, Upsert
 from deltalog.errors import ValidationError
 
-__all__ = ["MAX_IDEMPOTENCY_KEY", "validate_collection_name", "validate_delta", "validate_entry"]
+__all__ = [
+    "MAX_IDEMPOTENCY_KEY",
+    "validate_collection_name",
+    "validate_delta",
+    "validate_entry",
+    "validate_metadata",
+]
 
 MAX_IDEMPOTENCY_KEY = 512
 _INT64 = (-(2**63), 2**63 - 1)
@@ -95,6 +101,17 @@ def validate_collection_name(name: object, where: str = "collection") -> str:
     except ValueError:
         return name
     raise ValidationError(where, f"invalid collection name {name!r}: it is an IPv4 address")
+
+
+def validate_metadata(meta: object, where: str = "metadata") -> None:
+    """One record's metadata, by the rules of an ``Upsert``'s (for importers that check
+    records before they build deltas)."""
+    if not isinstance(meta, Mapping) or not meta:
+        raise ValidationError(where, "expected a non-empty dict of metadata")
+    try:
+        _check_metadata(where, 0, meta, patch=False)
+    except ValidationError as exc:  # name the key, not a position in an op
+        raise ValidationError(exc.field.replace(f"{where}[0]", where, 1), exc.reason) from None
 
 
 def _check_idempotency_key(key: object) -> None:

@@ -238,8 +238,10 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    async with _compactor(args) as compactor:
-        result = await compactor.verify()
+    _, hwm = await _position(args)
+    with ProgressDisplay("verify: committed copy", unit="seqs", quiet=args.quiet) as display:
+        async with _compactor(args, progress=_verify_progress(display, hwm)) as compactor:
+            result = await compactor.verify()
     if args.json:
         print(json.dumps({**asdict(result), "ok": result.ok}, sort_keys=True))
     else:
@@ -251,6 +253,20 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         verdict = "equal" if result.ok else f"{result.difference_count} differences"
         print(f"verify at hwm {result.hwm}: {result.records} records, {verdict}")
     return 0 if result.ok else EXIT_DIFFERENT
+
+
+def _verify_progress(display: ProgressDisplay, hwm: int) -> Callable[[Progress], None]:
+    """Verify's steps: the committed copy (no count), the rebuild (seqs), the comparison."""
+    rebuild = compaction_progress(display, hwm)
+
+    def report(progress: Progress) -> None:
+        if display.label != "verify: rebuild":
+            display.stage("verify: rebuild", unit="seqs", total=hwm)
+        rebuild(progress)
+        if progress.seq >= hwm:
+            display.stage("verify: compare", unit="records")
+
+    return report
 
 
 async def cmd_export(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ from deltalog.migrate.pages import (
     ImportResult,
     Page,
     PageWriter,
+    Refused,
     check_dims,
     durable_claims,
     page_key,
@@ -84,18 +85,6 @@ class NamespaceMap:
     def wire(self) -> str:
         """The namespace as requests name it ("" for the default one)."""
         return "" if self.namespace == DEFAULT_NAMESPACE else self.namespace
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """A record that cannot map, and why."""
-
-    namespace: str
-    id: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace or DEFAULT_NAMESPACE}/{self.id}: {self.reason}"
 
 
 def map_vector(vector: Any, document_field: str) -> tuple[Record | None, list[str]]:
@@ -217,7 +206,8 @@ class PineconeImporter:
                 f"it has {', '.join(sorted(found)) or 'none'}"
             )
         dims = {m.collection: stats.dimension for m in self.namespaces}
-        check_dims(await self.log.table.read_dims(self.log.keys.log_id), dims)
+        log_dims = await self.log.table.read_dims(self.log.keys.log_id)
+        check_dims(log_dims, dims, remap="--namespace NS=COLLECTION")
         return {m.namespace: found[_stat_name(m)] for m in self.namespaces}
 
     async def plan(self) -> tuple[ImportPlan, list[Refused]]:
@@ -300,7 +290,8 @@ class PineconeImporter:
             if vector is None:
                 continue  # deleted between the listing and the fetch
             record, reasons = map_vector(vector, self.document_field)
-            scan.refused += [Refused(mapping.namespace, id_, why) for why in reasons]
+            where = mapping.namespace or DEFAULT_NAMESPACE
+            scan.refused += [Refused(where, id_, why) for why in reasons]
             if record is not None:
                 records.append(record)
         return records

@@ -17,6 +17,7 @@ from deltalog.cli import main
 from deltalog.errors import ConfigurationError, InvalidInput
 from deltalog.fold import Record, State
 from deltalog.migrate.chroma import ChromaImporter, ChromaSource
+from deltalog.migrate.pages import SourceMap
 from deltalog.snapshot.server import ChromaTarget
 from tests.chroma_server import ChromaServer, free_port
 from tests.commands import where
@@ -150,7 +151,7 @@ async def test_bad_sources_are_typed_errors_and_write_nothing(
     async with await ChromaImporter.open(log, ChromaSource(path=tmp_path / "src")) as importer:
         with pytest.raises(InvalidInput, match="dimension clash, nothing written: words"):
             await importer.run()
-        importer._wanted = ["nope"]
+        importer._wanted = [SourceMap("nope", "nope")]
         with pytest.raises(InvalidInput, match="no collection 'nope'"):
             await importer.run()
     assert await log.head() == 1, "nothing but the delta that fixed the dimension"
