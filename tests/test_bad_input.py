@@ -742,7 +742,7 @@ async def ignores_conditional_writes(endpoint: str, config: LogConfig) -> Act:
         with StubServer(forwarding(endpoint, drop={"If-None-Match"})) as proxy:
             env = {"AWS_ENDPOINT_URL_S3": proxy.url, "AWS_ENDPOINT_URL_DYNAMODB": endpoint}
             done = await deltalog(*init, **env)
-            assert done.code == 1, (done.code, done.err)
+            assert done.code == 2, (done.code, done.err)
             assert done.err.startswith("deltalog: ConfigurationError: "), done.err
             assert "does not honour If-None-Match" in done.err, done.err
             assert done.err.count("\n") == 1, done.err
@@ -831,7 +831,7 @@ CONFIG_CASES = [
     Case("ignores-if-none-match", "`deltalog init` on a store that ignores If-None-Match",
          ConfigurationError, ("does not honour if-none-match", "exactly-once"),
          ignores_conditional_writes,
-         "bucket and table names, the new bucket's objects: the bucket only, empty; exit 1"),
+         "bucket and table names, the new bucket's objects: the bucket only, empty; exit 2"),
     Case("rejects-if-none-match", "`init` on a store that answers 501 to If-None-Match",
          ConfigurationError, ("does not implement", "conditional writes (if-none-match)"),
          rejects_if_none_match, "cannot write: a stub answers; one conditional PUT"),

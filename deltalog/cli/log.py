@@ -135,7 +135,7 @@ def _log_row(record: dict[str, Any]) -> list[object]:
     )
     tail = f"{record['tail_entries']} entries" if record["tail_entries"] else "empty"
     run = record["last_run"]
-    last = _run_words(run) if run else "never"
+    last = f"{wall_time(float(run.get('at', 0)))}: {_run_words(run)}" if run else "never"
     return [
         record["log"],
         record["head"],

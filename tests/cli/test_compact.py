@@ -423,7 +423,7 @@ async def test_follow_reports_a_setup_error_like_any_command(
 ) -> None:
     cli = Cli(replace(config, table=f"{config.table}-missing"), tmp_path / "cache")
     run = await cli("compact", "--follow", "--logs", "x,y")
-    assert run.code == 1
+    assert run.code == 2, "a configuration error"
     assert "ConfigurationError" in run.err and "does not exist" in run.err
     assert "Traceback" not in run.err
 

@@ -133,10 +133,10 @@ async def test_a_missing_or_wrong_key_is_a_configuration_error(
 ) -> None:
     fill(pinecone, rng, "words", 5)
     monkeypatch.delenv("PINECONE_API_KEY")
-    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 1
+    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 2
     assert "ConfigurationError: set PINECONE_API_KEY" in capsys.readouterr().err
     monkeypatch.setenv("PINECONE_API_KEY", "pc-wrong")
-    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 1
+    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 2
     assert "refused the API key" in capsys.readouterr().err
     assert await log.head() == 0
     assert pinecone.requests["/vectors/fetch"] == 0
