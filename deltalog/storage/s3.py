@@ -433,9 +433,13 @@ class MultipartUpload:
             self._tg.cancel_scope.cancel()
         # Part tasks never raise (they keep their failure): the task group
         # adds nothing to the exception the caller's block may be raising.
-        await self._tg.__aexit__(None, None, None)
-        if self._upload_id is not None and not self._done:
-            await self._abort()
+        # When an outer scope is cancelled (a stop signal), leaving the task
+        # group raises that cancellation again: abort in ``finally``.
+        try:
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            if self._upload_id is not None and not self._done:
+                await self._abort()
 
     async def write(self, data: bytes) -> None:
         self._check()

@@ -787,3 +787,58 @@ def test_the_checkpoint_flags_reach_the_policy(tmp_path: Path) -> None:
     assert policy("--checkpoint-ratio", "0", "--max-tail-entries", "0") == (0.0, None, 256 << 20)
     assert policy("--max-tail-entries", "500", "--max-tail-bytes", "0") == (0.1, 500, None)
     assert policy("--max-tail-bytes", "16MiB")[2] == 16 * 2**20
+
+
+def _upload_part(request: Request) -> bool:
+    """A multipart upload's part (the proxy names it PutObject, with a part number)."""
+    return request.method == "PUT" and "partNumber=" in request.query
+
+
+async def _open_uploads(config: LogConfig, prefix: str) -> list[str]:
+    """The multipart uploads S3 (moto) holds under ``prefix``, asked with a plain client."""
+    import aioboto3
+
+    session = aioboto3.Session(region_name="us-east-1")
+    async with session.client("s3", endpoint_url=config.endpoint_url) as s3:
+        listed = await s3.list_multipart_uploads(Bucket=config.bucket, Prefix=prefix)
+    return [upload["Key"] for upload in listed.get("Uploads", [])]
+
+
+async def test_ctrl_c_during_a_publish_aborts_the_upload_and_says_what_was_not_done(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator
+) -> None:
+    """SIGINT while a part of the checkpoint's multipart upload is held at the proxy: the
+    command aborts the upload on its way out (none left on S3), releases the lease, commits
+    nothing, exits 130 and says so; the state's last run says it was interrupted."""
+    for i in range(3):
+        await log.append(delta(rng, f"r{i}", rows=20))
+    async with held_once(log.config, _upload_part) as (url, reached, _go):
+        via = replace(log.config, endpoint_url=url)
+        argv = [*replace(cli, config=via).argv("compact"), "--part-size", "1KiB"]
+        async with _daemon(argv) as daemon:
+            with anyio.fail_after(60):
+                while not reached.is_set():
+                    assert daemon.process.returncode is None, daemon.stderr
+                    await anyio.sleep(0.02)
+            assert await _open_uploads(log.config, log.keys.snapshots_prefix), "mid-upload"
+            daemon.process.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                code = await daemon.process.wait()
+            await _eventually(lambda: _true("Run the same command again" in daemon.stderr), 5)
+            print("BEFORE RELEASE", await _open_uploads(log.config, log.keys.snapshots_prefix))
+    assert code == 130, daemon.stderr
+    assert "Traceback" not in daemon.stderr
+    assert await _open_uploads(log.config, log.keys.snapshots_prefix) == [], daemon.stderr
+    assert (
+        f"{log.config.log}: compact interrupted: nothing was committed (hwm stays 0; the 3 seqs "
+        "it had applied were discarded); 3 seqs up to the head 3 are not applied. Run the same "
+        "command again" in daemon.stderr
+    ), daemon.stderr
+    state = await _state(log)
+    assert (state.hwm, state.owner, state.snapshot_key) == (0, None, None)
+    assert json.loads(state.last_run)["status"] == "interrupted"
+    status = await cli("status")
+    assert re.search(r"^last run   [-0-9: ]+UTC: interrupted at hwm 0: nothing committed$",
+                     status.out, re.M), status.out  # fmt: skip
+    again = await cli("compact")
+    assert again.code == 0 and "applied 3 entries (hwm 0 -> 3)" in again.out, again.err

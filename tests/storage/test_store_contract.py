@@ -10,7 +10,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 from deltalog import Closed, ConfigurationError, LogConfig
+from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore, ObjectStore
 from deltalog.storage.transfer import ThreadWriter, upload_from_thread
@@ -28,6 +29,12 @@ PART = 4096
 
 class Boom(Exception):
     """Raised inside an upload to see it aborted."""
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    with anyio.fail_after(30):
+        while not check():  # noqa: ASYNC110 (a proxy's counters, moved by other tasks)
+            await anyio.sleep(0.01)
 
 
 class StoreContract:
@@ -313,6 +320,52 @@ class TestS3Store(StoreContract):
             assert not (await upload.complete()).created
         pending = await store._s3.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
         assert pending.get("Uploads", []) == []
+
+    @pytest.mark.parametrize("parts_done", [False, True])
+    async def test_an_upload_cancelled_from_outside_with_a_part_in_flight_is_aborted(
+        self, config: LogConfig, prefix: str, parts_done: bool
+    ) -> None:
+        """A stop signal cancels the scope around the upload while a part hangs (held at a
+        proxy): leaving the upload re-raises that cancellation, and the upload is still
+        aborted on the way out (a stopped compactor left one on S3 before)."""
+        key = f"{prefix}cancelled"
+        reached, go = anyio.Event(), anyio.Event()
+
+        def second_part(request: Request) -> bool:
+            if request.method == "PUT" and "partNumber=2" in request.query:
+                reached.set()
+                return True
+            return False
+
+        assert config.endpoint_url is not None
+        async with FaultProxy(config.endpoint_url) as proxy:
+            proxy.script(Fault.DELAY, when=second_part, until=go.wait)
+            store = await S3Store.connect(
+                replace(config, endpoint_url=proxy.url, part_size=PART, transfer_concurrency=3)
+            )
+            try:
+                with anyio.CancelScope() as outer:
+                    async with store.upload(key) as upload:
+                        await upload.write(b"p" * (3 * PART))
+                        await reached.wait()
+                        if parts_done:  # the other parts landed: only the held one is in flight
+                            await _until(lambda: proxy.statistics().forwarded >= 3)
+                        outer.cancel()
+                        await anyio.sleep_forever()
+                assert outer.cancelled_caught
+            finally:
+                go.set()
+                await store.aclose()
+        pending = await self._uploads(config, prefix)
+        assert pending == [], "the upload was aborted"
+
+    async def _uploads(self, config: LogConfig, prefix: str) -> list[str]:
+        store = await S3Store.connect(config)
+        try:
+            listed = await store._s3.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
+        finally:
+            await store.aclose()
+        return [u["Key"] for u in listed.get("Uploads", [])]
 
     async def test_parts_below_the_stores_minimum_say_to_raise_part_size(
         self, config: LogConfig
