@@ -123,8 +123,10 @@ async def test_compact_applies_then_has_nothing_to_do_and_status_json_shows_it(
     assert run.code == 0, run.err
     state = await _state(log)
     assert state.snapshot_key is not None
+    # The figures are the snapshot's net change: a#1, put and deleted in this run, was
+    # never in it, so nothing was deleted from it.
     assert run.out.splitlines() == [
-        f"{name}: applied 3 entries (hwm 0 -> 3): 2 vectors upserted, 1 deleted, 0 patched, "
+        f"{name}: applied 3 entries (hwm 0 -> 3): 2 vectors upserted, 0 deleted, 0 patched, "
         f"0 holes sealed in {_seconds(run.out)}s; checkpoint {state.snapshot_key} published "
         f"({state.snapshot_size} bytes, first)"
     ]
@@ -138,6 +140,11 @@ async def test_compact_applies_then_has_nothing_to_do_and_status_json_shows_it(
     assert (status["state"]["owner"], status["state"]["token"]) == (None, 2)
     assert status["last_run"]["status"] == "nothing"
     assert (status["last_run"]["hwm_before"], status["last_run"]["hwm_after"]) == (3, 3)
+
+    await log.append(delete("a#0", "a#1", "never-was"))  # one of the three is there
+    third = await cli("compact", "--json")
+    assert third.code == 0, third.err
+    assert json.loads(third.out)["ids_deleted"] == 1, "only what was there is counted"
     assert (status["snapshot_hwm"], status["snapshot_bytes"]) == (3, state.snapshot_size)
     assert (status["tail_entries"], status["tail_bytes"]) == (0, 0)
 
@@ -228,8 +235,14 @@ async def test_export_refuses_a_directory_that_is_not_empty(
     (out / "mine.txt").write_text("keep me")
     run = await cli("export", "--out", str(out))
     assert run.code == 1
-    assert "exists and is not empty" in run.err
+    assert f"{out} is a directory that is not empty: export into a new" in run.err
     assert _listing(out) == ["mine.txt"], "nothing was written"
+    file = tmp_path / "taken.sqlite3"
+    file.write_text("a file")
+    run = await cli("export", "--out", str(file))
+    assert run.code == 1
+    assert f"{file} is a file: export into a new (or empty) directory" in run.err
+    assert file.read_text() == "a file"
 
 
 async def test_export_to_another_file_system_appears_whole(
@@ -301,6 +314,9 @@ async def test_a_held_lease_exits_3_and_status_shows_the_holder(
     assert busy.code == 3, busy.err
     assert len(busy.out.splitlines()) == 1
     assert f"{log.config.log}: lease busy" in busy.out and holder in busy.out
+    assert re.search(
+        rf"held by {holder} until \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in \d+\.\d s\)", busy.out
+    ), busy.out
     assert (await _state(log)).hwm == 1
 
     text = await cli("status")
@@ -314,9 +330,11 @@ async def test_a_held_lease_exits_3_and_status_shows_the_holder(
     ):
         assert line in lines, (line, text.out)
     assert re.search(
-        rf"^lease      held by {holder}, token 2, expires in \d+\.\ds$", text.out, re.M
+        rf"^lease      held by {holder} until [-0-9: ]+ UTC \(in \d+\.\d s\), token 2$",
+        text.out,
+        re.M,
     ), text.out
-    assert re.search(r"^last run   [-0-9: ]+: applied, hwm 0 -> 1$", text.out, re.M), text.out
+    assert re.search(r"^last run   [-0-9: ]+ UTC: applied, hwm 0 -> 1$", text.out, re.M), text.out
 
 
 async def test_a_poison_entry_exits_1_until_quarantined(
@@ -409,6 +427,12 @@ async def test_verify_exits_0_when_equal_and_4_listing_the_differences(
     await _compact_in_process(config, cli.cache)
     equal = await cli("verify")
     assert (equal.code, equal.out) == (0, "verify at hwm 2: 5 records, equal\n"), equal.err
+    # Progress on stderr (a pipe here: plain lines): each step, the rebuild counted.
+    steps = [line.split(":", 1)[0] + ":" + line.split(":", 2)[1] for line in equal.err.splitlines()]
+    assert "verify: rebuild" in steps, equal.err
+    assert re.search(r"^verify: rebuild: 2/2 seqs", equal.err, re.M), equal.err
+    quiet = await cli("verify", "-q")
+    assert (quiet.code, quiet.err) == (0, ""), "-q: no progress"
     await _commit_a_snapshot_missing(config, tmp_path / "tamper", "a#1")
     found = await cli("verify")
     assert found.code == 4, found.err
