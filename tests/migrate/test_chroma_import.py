@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +194,116 @@ async def test_import_from_a_server(
     state = await reference(log)
     assert sorted(state["words"]) == sorted(f"w{i}" for i in range(300))
     assert state["words"]["w5"].embedding.tobytes() == vectors[5].tobytes()
+
+
+def _source_with(path: Path, rng: np.random.Generator, **collections: list[dict[str, Any]]) -> None:
+    """A Chroma directory whose collections hold records with these metadatas (4-d vectors);
+    a collection given no metadatas is created empty."""
+    client: Any = chromadb.PersistentClient(
+        path=str(path), settings=Settings(anonymized_telemetry=False)
+    )
+    try:
+        for name, metadatas in collections.items():
+            collection = client.create_collection(name, embedding_function=None)
+            if metadatas:
+                collection.add(
+                    ids=[f"{name}-{i:03d}" for i in range(len(metadatas))],
+                    embeddings=rng.standard_normal((len(metadatas), 4), dtype=np.float32),
+                    metadatas=metadatas,
+                )
+    finally:
+        client.close()
+
+
+async def test_dry_run_lists_every_refusal_with_counts_and_the_import_writes_none_of_their_pages(
+    log: DeltaLog,
+    config: LogConfig,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plain = [{"n": i} for i in range(10)]
+    tagged = [{"n": i, "tags": ["a", "b"]} if i % 3 == 0 else {"n": i} for i in range(10)]
+    _source_with(tmp_path / "src", rng, plain=plain, tagged=tagged)
+    args = ["import", "chroma", "--path", str(tmp_path / "src"), *where(config), "-q"]
+    assert await run_cli(*args, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "refused: 4 records the log would not take" in out, out
+    counted = r"tagged \| metadata\['tags'\]: [^|]*, not list \|\s+4 \| "
+    counted += "tagged-000, tagged-003, tagged-006"
+    assert re.search(counted, out), out
+    for i in (0, 3, 6, 9):
+        assert f"refused: tagged/tagged-{i:03d}: metadata['tags']" in out, out
+    assert await run_cli(*args, "--dry-run", "--json") == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["refused_counts"] == [
+        {
+            "source": "tagged",
+            "reason": "metadata['tags']: metadata values must be str, int, float or bool, not list",
+            "records": 4,
+            "ids": ["tagged-000", "tagged-003", "tagged-006"],
+        }
+    ]
+    assert len(body["refused"]) == 4
+    assert await log.head() == 0, "a dry run writes nothing"
+
+    assert await run_cli(*args, "--batch", "5") == 1
+    err = capsys.readouterr().err
+    assert "2 records the log refuses, nothing of their page written" in err, err
+    assert "tagged/tagged-000" in err and "tagged/tagged-003" in err
+    assert sorted(await upserted_ids(log)) == [f"plain-{i:03d}" for i in range(10)], (
+        "the collection before it is imported; nothing of the refused page"
+    )
+
+
+async def test_collection_src_eq_dst_imports_under_another_name_and_the_clash_says_how(
+    log: DeltaLog,
+    config: LogConfig,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _source_with(tmp_path / "src", rng, words=[{"n": i} for i in range(6)])
+    await log.append(Delta(ops=[Upsert("words", ["other"], np.zeros((1, 3), np.float32))]))
+    args = ["import", "chroma", "--path", str(tmp_path / "src"), *where(config), "-q"]
+    assert await run_cli(*args) == 1
+    err = capsys.readouterr().err
+    assert "dimension clash, nothing written: words: the source has 4-dimensional vectors, " in err
+    assert "Import into another collection (--collection SRC=DST) or another log (--log)" in err
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert await run_cli(*args, "--collection", "words=words4", "--verify", *cache) == 0
+    out = capsys.readouterr().out
+    assert "imported 6 records" in out and "verify: equal (1 collections)" in out, out
+    state = await reference(log)
+    assert sorted(state["words4"]) == [f"words-{i:03d}" for i in range(6)]
+    assert sorted(state["words"]) == ["other"], "the clashing collection is untouched"
+    # A repeat writes nothing, and says where the import's records are.
+    head = await log.head()
+    assert await run_cli(*args, "--collection", "words=words4") == 0
+    repeat = capsys.readouterr().out
+    assert "imported 0 records in 0 deltas (1 already in the log)" in repeat
+    assert repeat.rstrip().endswith(f"last seq {head}"), repeat
+    assert await log.head() == head
+
+
+async def test_an_empty_source_collection_is_skipped_and_said_so(
+    log: DeltaLog,
+    config: LogConfig,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _source_with(tmp_path / "src", rng, empty=[], full=[{"n": i} for i in range(3)])
+    args = ["import", "chroma", "--path", str(tmp_path / "src"), *where(config), "-q"]
+    assert await run_cli(*args, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "skipped, empty in the source: empty" in out, out
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert await run_cli(*args, "--verify", *cache) == 0
+    out = capsys.readouterr().out
+    assert "empty: skipped: empty in the source" in out, out
+    assert "verify: equal (1 collections; 1 empty ones skipped)" in out, out
+    assert "0 | 0" not in out, "not reported as 0/0 equal"
+    assert await run_cli(*args, "--verify", "--json", *cache) == 0
+    body = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (body["counts"], body["skipped"], body["ok"]) == ({"full": [3, 3]}, ["empty"], True)
