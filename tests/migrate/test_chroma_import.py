@@ -307,3 +307,31 @@ async def test_an_empty_source_collection_is_skipped_and_said_so(
     assert await run_cli(*args, "--verify", "--json", *cache) == 0
     body = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert (body["counts"], body["skipped"], body["ok"]) == ({"full": [3, 3]}, ["empty"], True)
+
+
+async def test_a_page_claimed_by_a_write_that_never_landed_is_not_taken_as_imported(
+    log: DeltaLog, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """An import stopped between claiming a page's key and writing its entry leaves a claim
+    on a seq that stays empty. A rerun must not count that page as in the log (its records
+    would never be imported): it goes to the append protocol, which writes it or refuses
+    loudly, never skips it."""
+    from deltalog.errors import Conflict
+    from deltalog.migrate.pages import page_key
+    from deltalog.storage.table import Claim
+
+    _source_with(tmp_path / "src", rng, words=[{"n": i} for i in range(4)])
+    source = ChromaSource(path=tmp_path / "src")
+    async with await ChromaImporter.open(log, source) as importer:
+        ((collection, _, ids, _),) = await importer.check()
+        key = page_key("chroma", str(collection.id), collection.name, ids) + "/0"
+        seq = await log.table.reserve(log.keys.log_id)
+        await log.table.claim_keys(log.keys.log_id, [Claim(key, seq, "a-write-that-died")])
+        try:
+            result = await importer.run()
+        except Conflict:
+            written = False  # the append protocol refuses to write it twice, loudly
+        else:
+            assert (result.deltas_skipped, result.records_written) == (0, 4)
+            written = True
+    assert sorted(await upserted_ids(log)) == (sorted(ids) if written else [])
