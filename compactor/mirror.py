@@ -10,7 +10,8 @@
   carry exactly the metadata the log gives them.
 - **Bootstrap**: a target without a position must hold no records. It is
   filled in bulk from the log's published snapshot (collections created
-  with the snapshot's HNSW settings), and the position becomes the seq that
+  with the snapshot's HNSW settings and the embedder its collections
+  record), and the position becomes the seq that
   snapshot holds (named in its key, and in its sidecar; it may be below the
   committed hwm).
   An interrupted bootstrap is started again from scratch.
@@ -537,6 +538,8 @@ class Mirror:
         for name in names:
             sink.settings[name] = await snapshot.hnsw(name)
             await sink.add(name, [])  # creates it, empty ones included
+            if embedder := await snapshot.embedder(name):
+                await sink.set_embedder(name, embedder)
             # Read the next page from the snapshot while this one goes to the server.
             send, recv = anyio.create_memory_object_stream[list[Record]](1)
             async with anyio.create_task_group() as tg:

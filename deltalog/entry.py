@@ -77,6 +77,9 @@ class Upsert(msgspec.Struct, frozen=True, tag="upsert"):
     embeddings: Vectors
     documents: list[str] | None = None
     metadatas: list[Metadata] | None = None
+    embedder: str | None = None
+    """The name of the model that made these vectors, when the producer says (the
+    receipts producer does); snapshots and mirrors record it on the collection."""
 
     def __post_init__(self) -> None:
         coerced = _as_float32(self.embeddings)

@@ -115,6 +115,8 @@ class CollectionPlan:
     deletes: set[str] = field(default_factory=set)
     patches: dict[str, MetadataPatch] = field(default_factory=dict)
     """Metadata merges for ids not put here; a ``None`` value removes the key."""
+    embedder: str | None = None
+    """The embedder the last upsert that named one said made its vectors."""
 
     def put(self, record: Record) -> None:
         self.deletes.discard(record.id)
@@ -133,7 +135,7 @@ class CollectionPlan:
             self.patches[id_] = {**self.patches.get(id_, {}), **patch}
 
     def copy(self) -> CollectionPlan:
-        return CollectionPlan(dict(self.puts), set(self.deletes), dict(self.patches))
+        return CollectionPlan(dict(self.puts), set(self.deletes), dict(self.patches), self.embedder)
 
     @property
     def is_empty(self) -> bool:
@@ -235,6 +237,7 @@ class Folder:
             for record in _records(op):
                 plan.put(record)
             self._counts.vectors += len(op.ids)
+            plan.embedder = op.embedder or plan.embedder
         elif isinstance(op, Delete):
             for id_ in op.ids:
                 plan.delete(id_)

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 MAX_IDEMPOTENCY_KEY = 512
+MAX_EMBEDDER_NAME = 256
 _INT64 = (-(2**63), 2**63 - 1)
 _COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 _RESERVED_KEY_PREFIXES = ("#", "chroma:")
@@ -132,6 +133,7 @@ def _check_op(where: str, op: Op) -> None:
     _check_ids(f"{where}.ids", op.ids)
     if isinstance(op, Upsert):
         _check_embeddings(f"{where}.embeddings", op.embeddings, len(op.ids))
+        _check_embedder(f"{where}.embedder", op.embedder)
         if op.documents is not None:
             _check_documents(f"{where}.documents", op.documents, len(op.ids))
         if op.metadatas is not None:
@@ -164,6 +166,17 @@ def _check_embeddings(where: str, vectors: object, count: int) -> None:
         row = int(np.argwhere(~np.isfinite(vectors))[0][0])
         raise ValidationError(
             f"{where}[{row}]", "vector holds NaN or infinity (or a value beyond float32's range)"
+        )
+
+
+def _check_embedder(where: str, embedder: object) -> None:
+    if embedder is None:
+        return
+    if not isinstance(embedder, str) or not embedder or len(embedder) > MAX_EMBEDDER_NAME:
+        raise ValidationError(
+            where,
+            f"the embedder's name must be a non-empty string of at most "
+            f"{MAX_EMBEDDER_NAME} characters, got {embedder!r}",
         )
 
 

@@ -16,6 +16,9 @@ Contract:
   ``records`` returns a collection's records sorted by id (none for a
   collection that does not exist), vectors bit-exact.
 - ``aclose`` is idempotent; any other call after it raises ``Closed``.
+- A plan's collection that names its embedder (``CollectionPlan.embedder``)
+  records it on the collection (``embedder`` reads it back); in Chroma, as
+  the collection metadata ``deltalog:embedder``.
 
 ChromaDB semantics this relies on (chromadb 1.5): ``add`` of an existing id
 is silently ignored and ``upsert`` merges metadata and keeps the old document
@@ -50,7 +53,11 @@ if TYPE_CHECKING:  # importing chromadb takes a second: only ChromaSink pays for
     from chromadb.api.models.Collection import Collection
     from chromadb.api.types import Metadata as ChromaMetadata
 
-__all__ = ["ApplyStats", "ChromaSink", "Hit", "MemorySink", "Sink"]
+__all__ = ["EMBEDDER_KEY", "ApplyStats", "ChromaSink", "Hit", "MemorySink", "Sink"]
+
+EMBEDDER_KEY = "deltalog:embedder"
+"""The collection metadata key naming the embedder that made its vectors, when the log
+says (``Upsert.embedder``): what a plain Chroma client reads to embed its queries alike."""
 
 T = TypeVar("T")
 
@@ -193,7 +200,23 @@ class ChromaSink:
             calls += await self._run(f"add to {name!r}", _add, collection, records)
         for some in _chunks(patches, self._batch):
             calls += await self._run(f"update {name!r}", _update, collection, some)
+        if changes.embedder is not None:
+            calls += await self.set_embedder(name, changes.embedder)
         return calls, removed
+
+    async def embedder(self, collection: str) -> str | None:
+        """The embedder the collection's metadata says made its vectors (``EMBEDDER_KEY``)."""
+        handle = await self._existing(collection)
+        value = (handle.metadata or {}).get(EMBEDDER_KEY) if handle is not None else None
+        return value if isinstance(value, str) else None
+
+    async def set_embedder(self, collection: str, embedder: str) -> int:
+        """Record the embedder in the collection's metadata; the calls it took (0: it was)."""
+        handle = await self._collection(collection)
+        if (handle.metadata or {}).get(EMBEDDER_KEY) == embedder:
+            return 0
+        await self._run(f"record the embedder of {collection!r}", _set_embedder, handle, embedder)
+        return 1
 
     async def counts(self) -> dict[str, int]:
         names = await self.collections()
@@ -346,6 +369,13 @@ def _remove_existing(collection: Collection, ids: list[str]) -> list[str]:
     return existing
 
 
+def _set_embedder(collection: Collection, embedder: str) -> None:
+    # Chroma refuses "hnsw:" keys in a modify (the distance function is fixed at
+    # creation, and kept in the collection's configuration): carry the others over.
+    kept = {k: v for k, v in (collection.metadata or {}).items() if not k.startswith("hnsw:")}
+    collection.modify(metadata={**kept, EMBEDDER_KEY: embedder})
+
+
 def _add(collection: Collection, records: list[Record]) -> int:
     documents = [r.document for r in records]
     metadatas = [r.metadata for r in records]
@@ -478,6 +508,7 @@ class MemorySink:
     def __init__(self, *, log: str | None = None) -> None:
         self._state: State = {}
         self._dims: dict[str, int] = {}
+        self._embedders: dict[str, str] = {}
         self._log = log
         self._closed = False
 
@@ -502,7 +533,14 @@ class MemorySink:
         )
         apply_to_state(self._state, plan)
         self._dims = dims
+        for name, changes in plan.collections.items():
+            if changes.embedder is not None:
+                self._embedders[name] = changes.embedder
         return _stats(plan, 0, time.perf_counter() - started, removed)
+
+    async def embedder(self, collection: str) -> str | None:
+        self._check_open()
+        return self._embedders.get(collection)
 
     def _check_dim(self, dims: dict[str, int], name: str, record: Record) -> None:
         dim = dims.setdefault(name, record.embedding.shape[0])
