@@ -484,6 +484,7 @@ class Mirror:
         )
         seq = await self._load_snapshot(session, state)
         await self._write_position(session, seq, snapshot_key=state.snapshot_key or "")
+        self._report()  # the bootstrap is over: following starts from here
         assert session.position is not None
         return session.position
 
@@ -526,6 +527,7 @@ class Mirror:
         await sink.check(names)
         self._counts.bootstrap_total = sum((await snapshot.counts()).values())
         self._counts.bootstrap_copied = 0
+        self._report()
         try:
             await self._copy_collections(session, snapshot, names)
         finally:

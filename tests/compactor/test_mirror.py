@@ -476,3 +476,33 @@ async def test_collections_record_the_embedder_through_snapshot_bootstrap_and_fo
         await mirror.run_once()
         assert mirror.statistics().bootstrap_total == 0, "not bootstrapping any more"
     assert embedders() == {"words": "model-b:8", "lines": "model-b:4"}, "recorded by follow"
+
+
+async def test_the_commands_progress_counts_the_bootstrap_records_then_the_seqs(
+    log: DeltaLog,
+    config: LogConfig,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``deltalog mirror --once`` (stderr a pipe: plain lines): the bootstrap counts the
+    snapshot's records against their total, then the seqs after it against the lag."""
+    await append_random(log, rng, 6)
+    async with Compactor(config, cache_dir=tmp_path / "c") as compactor:
+        assert (await compactor.run_once()).status == "applied"
+    records = sum((await compactor_counts(config, tmp_path / "c")).values())
+    await append_random(log, rng, 3)
+    code = await anyio.to_thread.run_sync(main, [*_cli(config, target, tmp_path / "m"), "--once"])
+    assert code == 0
+    err = capsys.readouterr().err.splitlines()
+    boot = [line for line in err if line.startswith("mirror bootstrap: ")]
+    assert boot and boot[-1].startswith(f"mirror bootstrap: {records}/{records} records ("), err
+    follow = [line for line in err if line.startswith("mirror: ")]
+    assert follow and follow[-1].startswith("mirror: 3/3 seqs ("), err
+
+
+async def compactor_counts(config: LogConfig, cache: Path) -> dict[str, int]:
+    async with Compactor(config, cache_dir=cache) as compactor:
+        exported = await compactor.export(cache.parent / "counted")
+    return exported.counts
