@@ -34,7 +34,7 @@ from compactor.follow import follow
 from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
-from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
+from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor, RebuildResult
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.process import (
     EXIT_BUSY,
@@ -217,14 +217,31 @@ def _on_error(name: str, exc: Exception, exporter: PrometheusExporter | None) ->
 async def cmd_rebuild(args: argparse.Namespace) -> int:
     head = args.to_seq or await _head(args)
     with _display(args, "rebuild") as display:
-        async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
-            try:
-                result = await compactor.rebuild(
+
+        async def run() -> RebuildResult:
+            async with _compactor(args, progress=compaction_progress(display, head)) as compactor:
+                return await compactor.rebuild(
                     args.to_seq, publish=args.publish, force=args.force, wait=args.wait
                 )
-            except LeaseBusy as exc:
-                print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
-                return EXIT_BUSY
+
+        try:
+            result = await interruptible(run)
+        except LeaseBusy as exc:
+            print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_BUSY
+    if isinstance(result, signal.Signals):
+        what = (
+            "the committed state changed only if its commit landed before the stop "
+            "(`deltalog status` says)"
+            if args.publish
+            else "nothing was published"
+        )
+        print(
+            f"{config_from(args).log}: rebuild interrupted: an upload in progress was aborted; "
+            f"{what}. Run it again to rebuild",
+            file=sys.stderr,
+        )
+        return exit_on_signal(result)
     if args.json:
         print(json.dumps(asdict(result), sort_keys=True))
     else:
