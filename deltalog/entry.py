@@ -38,7 +38,9 @@ __all__ = [
     "new_id",
 ]
 
-MetadataValue = str | int | float | bool
+Scalar = str | int | float | bool
+MetadataValue = str | int | float | bool | list[Scalar]
+"""A scalar, or a non-empty list of scalars of one type (chromadb 1.5's list values)."""
 Metadata = dict[str, MetadataValue]
 MetadataPatch = dict[str, MetadataValue | None]
 Vectors = npt.NDArray[np.float32]

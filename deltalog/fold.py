@@ -395,5 +395,10 @@ def _same_vector(a: Vector, b: Vector) -> bool:
 
 
 def _typed(metadata: Metadata | None) -> dict[str, tuple[type, object]] | None:
-    """Metadata with value types, so that ``True``, ``1`` and ``1.0`` differ."""
-    return None if not metadata else {k: (type(v), v) for k, v in metadata.items()}
+    """Metadata with value types, so that ``True``, ``1`` and ``1.0`` differ (in lists too)."""
+    if not metadata:
+        return None
+    return {
+        k: (list, tuple((type(x), x) for x in v)) if isinstance(v, list) else (type(v), v)
+        for k, v in metadata.items()
+    }

@@ -7,8 +7,8 @@ field (``ops[2].metadatas[7]['price']``) and what to do about it.
 The rules: at least one op; collection names Chroma accepts; ids non-empty,
 unique within an op; one vector per id, 2-D float32, finite, one dimension
 per collection; documents and metadatas one per id; metadata flat, with
-string keys and str, int, float or bool values (``None`` only in
-``UpdateMetadata``, where it removes a key).
+string keys and str, int, float or bool values, or non-empty lists of one of
+those types (``None`` only in ``UpdateMetadata``, where it removes a key).
 
 ``validate_entry`` holds an entry read back from the log to the same rules
 (the reader refuses a stored entry that breaks one as ``CorruptEntry``).
@@ -234,5 +234,25 @@ def _check_value(where: str, value: Any, *, patch: bool) -> None:
         if not math.isfinite(value):
             raise ValidationError(where, "float must be finite")
         return
-    kind = "list" if isinstance(value, Sequence) else type(value).__name__
-    raise ValidationError(where, f"metadata values must be str, int, float or bool, not {kind}")
+    if isinstance(value, list):
+        _check_list(where, value)
+        return
+    kind = "a tuple or other sequence" if isinstance(value, Sequence) else type(value).__name__
+    raise ValidationError(
+        where, f"metadata values must be str, int, float, bool or a list of them, not {kind}"
+    )
+
+
+def _check_list(where: str, values: list[Any]) -> None:
+    """A list value as Chroma takes one: non-empty, of one scalar type (bool is not int)."""
+    if not values:
+        raise ValidationError(where, "a list value must not be empty")
+    kinds = {bool if isinstance(v, bool) else type(v) for v in values}
+    if len(kinds) > 1 or not kinds <= {str, int, float, bool}:
+        names = ", ".join(sorted(k.__name__ for k in kinds))
+        raise ValidationError(
+            where, f"a list value holds str, int, float or bool items, all of one type, not {names}"
+        )
+    for i, item in enumerate(values):
+        if isinstance(item, float | int) and not isinstance(item, bool):
+            _check_value(f"{where}[{i}]", item, patch=False)

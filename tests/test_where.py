@@ -22,13 +22,24 @@ VALUES = st.one_of(
     st.booleans(),
     st.sampled_from(["x", "y"]),
 )
+LISTS = st.one_of(
+    st.lists(st.integers(-2, 2), min_size=1, max_size=3),
+    st.lists(st.sampled_from([-1.5, 0.0, 1.0, 2.5]), min_size=1, max_size=3),
+    st.lists(st.booleans(), min_size=1, max_size=2),
+    st.lists(st.sampled_from(["x", "y"]), min_size=1, max_size=2),
+)
+"""chromadb 1.5's list values: non-empty, items of one type."""
 RECORDS = st.lists(
-    st.dictionaries(st.sampled_from(KEYS), VALUES, min_size=1, max_size=3), min_size=1, max_size=8
+    st.dictionaries(st.sampled_from(KEYS), st.one_of(VALUES, LISTS), min_size=1, max_size=3),
+    min_size=1,
+    max_size=8,
 )
 
 
 def conditions() -> st.SearchStrategy[dict[str, Any]]:
-    ops = st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte"])
+    ops = st.sampled_from(
+        ["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$contains", "$not_contains"]
+    )
     scalar = st.builds(lambda k, op, v: {k: {op: v}}, st.sampled_from(KEYS), ops, VALUES)
     listed = st.builds(
         lambda k, op, vs: {k: {op: vs}},
@@ -70,7 +81,7 @@ def _valid_for_chroma(where: dict[str, Any]) -> bool:
     return True
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(records=RECORDS, where=conditions())
 def test_matches_agrees_with_chroma(
     chroma: Any, records: list[dict[str, Any]], where: dict[str, Any]

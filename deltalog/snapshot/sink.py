@@ -482,12 +482,15 @@ def _fetch(collection: Collection, ids: list[str]) -> list[Record]:
 
 
 def _metadata(id_: str, raw: Mapping[str, object] | None) -> Metadata | None:
-    """Chroma's metadata as deltalog's: flat str, int, float or bool values."""
+    """Chroma's metadata as deltalog's: flat str, int, float or bool values, or lists of one."""
     out: Metadata = {}
     for key, value in (raw or {}).items():
-        if not isinstance(value, str | int | float | bool):
+        if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+            out[key] = list(value)
+        elif isinstance(value, str | int | float | bool):
+            out[key] = value
+        else:
             raise ValueError(f"record {id_!r} has metadata {key!r} of type {type(value).__name__}")
-        out[key] = value
     return out or None
 
 
