@@ -123,6 +123,28 @@ def test_ints_against_float_operands_agree_with_chroma(chroma: Any, op: str) -> 
         chroma.delete_collection(f"grid{op[1:]}")
 
 
+@pytest.mark.parametrize("op", ["$contains", "$not_contains", "$eq", "$ne", "$in", "$gt"])
+def test_list_values_against_every_kind_of_operand_agree_with_chroma(chroma: Any, op: str) -> None:
+    """Lists of each type (and scalars, and a record without the key) against operands of
+    each type: ``$contains`` is typed (1 is not in [1.0]), other operators never match a list."""
+    collection = chroma.get_or_create_collection(f"lists{op[1:]}", embedding_function=None)
+    values: list[Any] = [[1, 2], [1.0, 2.5], [0.0], [True], [False, True], ["1", "x"], 1, 1.0, "x"]
+    metadatas = [{"k": v} for v in values] + [{"other": 1}]
+    ids = [f"r{i}" for i in range(len(metadatas))]
+    collection.add(ids=ids, embeddings=np.ones((len(ids), 2), np.float32), metadatas=metadatas)
+    try:
+        for operand in (1, 1.0, 2, 2.5, 0, 0.0, True, False, "1", "x"):
+            argument = [operand] if op == "$in" else operand
+            if op == "$gt" and isinstance(operand, bool | str):
+                continue  # Chroma refuses order comparisons with those
+            where = normalize_where({"k": {op: argument}})
+            want = sorted(collection.get(where=where)["ids"])
+            got = sorted(i for i, m in zip(ids, metadatas, strict=True) if matches(where, m))
+            assert got == want, (where, set(got) ^ set(want))
+    finally:
+        chroma.delete_collection(f"lists{op[1:]}")
+
+
 def test_several_keys_mean_and() -> None:
     assert normalize_where({"a": 1, "b": "x"}) == {"$and": [{"a": {"$eq": 1}}, {"b": {"$eq": "x"}}]}
     assert matches(normalize_where({"a": 1, "b": "x"}), {"a": 1, "b": "x"})
