@@ -237,10 +237,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 _PINECONE_MAPPING = """\
-metadata mapping: str, int, float and bool values pass unchanged; the --document-field
-value (a string) becomes the document; refused and listed, never dropped: lists, nulls,
-nested objects, a non-string document field, non-finite numbers, keys empty or starting
-with '#', sparse values. The API key comes from PINECONE_API_KEY."""
+metadata mapping: str, int, float and bool values and lists of strings pass unchanged;
+the --document-field value (a string) becomes the document; refused and listed, never
+dropped: empty lists, nulls, nested objects, a non-string document field, non-finite
+numbers, keys empty or starting with '#', sparse values. The API key comes from
+PINECONE_API_KEY."""
 
 
 def register(commands: Any) -> None:

@@ -15,10 +15,11 @@
   default. A page's key names the destination when it differs, so one
   source may go to two collections.
 - Metadata that Chroma accepted and the log accepts passes through
-  unchanged. A record the log refuses (a sparse vector in its metadata, a
-  key starting with ``#``, ...) is ``Refused``: ``plan`` (``--dry-run``)
-  lists every one, and ``run`` stops before the page holding one is
-  written, with an ``InvalidInput`` that lists the page's.
+  unchanged, list values included. A record the log refuses (metadata it
+  does not take, a record too large for one delta) is ``Refused``:
+  ``plan`` (``--dry-run``) lists every one, and ``run`` stops before the
+  page holding one is written, with an ``InvalidInput`` that lists the
+  page's.
 - An empty source collection holds nothing to import: the log creates a
   collection with its first record, so it is skipped (``skipped``), and
   ``verify`` says so rather than comparing nothing.
@@ -238,7 +239,8 @@ class ChromaImporter:
             name = f"{name}={destination}"
         for start in range(0, len(ids), self.batch):
             chunk = ids[start : start + self.batch]
-            records, refused = await self._run(_read, collection, chunk)
+            limit = self.log.config.max_delta_bytes
+            records, refused = await self._run(_read, collection, chunk, limit)
             yield Page(destination, page_key("chroma", source, name, chunk), records), refused
 
     # -- verify -----------------------------------------------------------------------
@@ -271,7 +273,7 @@ class ChromaImporter:
                     + (f" ({destination})" if destination != name else "")
                 )
             picked = sorted(rng.choice(ids, min(sample, len(ids)), replace=False))
-            expected, _ = await self._run(_read, collection, picked)
+            expected, _ = await self._run(_read, collection, picked, None)
             differences += await _compare(name, destination, expected, committed)
         return seen, differences
 
@@ -311,8 +313,10 @@ def _dimension(collection: Any) -> int:
     return int(np.asarray(got["embeddings"][0]).shape[0])
 
 
-def _read(collection: Any, ids: list[str]) -> tuple[list[Record], list[Refused]]:
-    """The records of ``ids``, in that order, and those the log refuses (blocking)."""
+def _read(collection: Any, ids: list[str], limit: int | None) -> tuple[list[Record], list[Refused]]:
+    """The records of ``ids``, in that order, and those the log refuses (blocking): metadata
+    the log does not take, or a record over ``limit`` bytes (the log's ``max_delta_bytes``:
+    it could not be one delta)."""
     if not ids:
         return [], []
     got = collection.get(ids=ids, include=["embeddings", "documents", "metadatas"])
@@ -323,12 +327,15 @@ def _read(collection: Any, ids: list[str]) -> tuple[list[Record], list[Refused]]
     by_id: dict[str, Record] = {}
     refused: list[Refused] = []
     for i, id_ in enumerate(got["ids"]):
-        metadata = _metadata(metadatas[i])
-        why = _refusal(metadata)
+        record = Record(id_, vectors[i], documents[i], _metadata(metadatas[i]))
+        why = _refusal(record.metadata)
+        size = record_bytes(record)
+        if not why and limit is not None and size > limit:
+            why = f"about {size:,} bytes, over the log's max_delta_bytes ({limit:,}): not one delta"
         if why:
             refused.append(Refused(collection.name, id_, why))
         else:
-            by_id[id_] = Record(id_, vectors[i], documents[i], metadata)
+            by_id[id_] = record
     return [by_id[id_] for id_ in ids if id_ in by_id], refused
 
 

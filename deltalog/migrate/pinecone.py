@@ -12,20 +12,19 @@
   resumes, a repeated one writes nothing.
 
 **The metadata mapping** (Pinecone metadata to Chroma's, which the log
-keeps): string, integer, float and boolean values pass unchanged; the
-``--document-field`` value (default ``text``), a string, becomes the
-record's document and leaves the metadata; an empty metadata becomes none.
-Refused, never dropped: lists (Pinecone's string lists: Chroma's metadata
-values are scalars), nulls and nested objects, a non-string document field,
-non-finite numbers, keys that are empty or start with ``#``, and sparse
-values. A page with a refused record is not written; the error lists every
+keeps): string, integer, float and boolean values and lists of strings
+pass unchanged; the ``--document-field`` value (default ``text``), a
+string, becomes the record's document and leaves the metadata; an empty
+metadata becomes none. Refused, never dropped: empty lists, nulls and
+nested objects, a non-string document field, non-finite numbers, keys that
+are empty or start with ``#``, and sparse values (the log's own metadata
+rules, ``deltalog.validate``). A page with a refused record is not written; the error lists every
 refusal of the page (``--dry-run`` lists those of the whole index).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,13 @@ import anyio.to_thread
 import numpy as np
 
 from deltalog.entry import Metadata
-from deltalog.errors import ConfigurationError, DeltalogError, InvalidInput, Unavailable
+from deltalog.errors import (
+    ConfigurationError,
+    DeltalogError,
+    InvalidInput,
+    Unavailable,
+    ValidationError,
+)
 from deltalog.fold import Record
 from deltalog.log import DeltaLog
 from deltalog.migrate.pages import (
@@ -52,6 +57,7 @@ from deltalog.migrate.pages import (
     page_key,
     record_bytes,
 )
+from deltalog.validate import validate_metadata
 
 __all__ = ["API_KEY_VARIABLE", "NamespaceMap", "PineconeImporter", "Refused", "map_vector"]
 
@@ -116,15 +122,13 @@ def map_vector(vector: Any, document_field: str) -> tuple[Record | None, list[st
 
 
 def _refusal(key: str, value: Any) -> str | None:
-    if not key or key.startswith("#"):
-        return f"metadata key {key!r} is empty or starts with '#'"
-    if isinstance(value, bool | str | int):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"metadata {key!r} is {value}"
-    if isinstance(value, list):
-        return f"metadata {key!r} is a list (Chroma metadata values are scalars)"
-    return f"metadata {key!r} is a {type(value).__name__}"
+    """Why the log would refuse this metadata value (None if it takes it): the log's own
+    rules, so a list of strings passes and an empty list, a null or an object does not."""
+    try:
+        validate_metadata({key: value})
+    except ValidationError as exc:
+        return f"metadata {key!r}: {exc.reason}"
+    return None
 
 
 @dataclass(slots=True)

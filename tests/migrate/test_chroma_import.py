@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -215,45 +214,74 @@ def _source_with(path: Path, rng: np.random.Generator, **collections: list[dict[
         client.close()
 
 
-async def test_dry_run_lists_every_refusal_with_counts_and_the_import_writes_none_of_their_pages(
+async def test_list_metadata_imports_bit_exact_and_verifies(
     log: DeltaLog,
     config: LogConfig,
     rng: np.random.Generator,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    plain = [{"n": i} for i in range(10)]
-    tagged = [{"n": i, "tags": ["a", "b"]} if i % 3 == 0 else {"n": i} for i in range(10)]
-    _source_with(tmp_path / "src", rng, plain=plain, tagged=tagged)
-    args = ["import", "chroma", "--path", str(tmp_path / "src"), *where(config), "-q"]
-    assert await run_cli(*args, "--dry-run") == 0
-    out = capsys.readouterr().out
-    assert "refused: 4 records the log would not take" in out, out
-    counted = r"tagged \| metadata\['tags'\]: [^|]*, not list \|\s+4 \| "
-    counted += "tagged-000, tagged-003, tagged-006"
-    assert re.search(counted, out), out
-    for i in (0, 3, 6, 9):
-        assert f"refused: tagged/tagged-{i:03d}: metadata['tags']" in out, out
-    assert await run_cli(*args, "--dry-run", "--json") == 0
-    body = json.loads(capsys.readouterr().out)
-    assert body["refused_counts"] == [
-        {
-            "source": "tagged",
-            "reason": "metadata['tags']: metadata values must be str, int, float or bool, not list",
-            "records": 4,
-            "ids": ["tagged-000", "tagged-003", "tagged-006"],
-        }
-    ]
-    assert len(body["refused"]) == 4
-    assert await log.head() == 0, "a dry run writes nothing"
+    """chromadb 1.5's list values pass through: the log carries them, the committed
+    snapshot holds them, ``--verify`` compares them bit-exact and a fresh read filters
+    them with ``$contains`` as Chroma does."""
+    from deltalog import Reader
 
-    assert await run_cli(*args, "--batch", "5") == 1
-    err = capsys.readouterr().err
-    assert "2 records the log refuses, nothing of their page written" in err, err
-    assert "tagged/tagged-000" in err and "tagged/tagged-003" in err
-    assert sorted(await upserted_ids(log)) == [f"plain-{i:03d}" for i in range(10)], (
-        "the collection before it is imported; nothing of the refused page"
+    tagged = [
+        {"n": i, "tags": ["a", "b"] if i % 2 else ["c"], "xs": [0.1, i / 3], "ks": [i, -i]}
+        for i in range(8)
+    ]
+    _source_with(tmp_path / "src", rng, tagged=tagged)
+    args = ["import", "chroma", "--path", str(tmp_path / "src"), *where(config), "-q"]
+    assert await run_cli(*args, "--verify", "--cache-dir", str(tmp_path / "cache")) == 0
+    assert "verify: equal (1 collections)" in capsys.readouterr().out
+    state = await reference(log)
+    assert state["tagged"]["tagged-003"].metadata == tagged[3]
+    async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
+        got = await reader.get(collection="tagged", where={"tags": {"$contains": "a"}})
+    assert sorted(got["ids"]) == [f"tagged-{i:03d}" for i in range(1, 8, 2)]
+
+
+async def test_dry_run_lists_every_refusal_with_counts_and_the_import_writes_none_of_their_pages(
+    config: LogConfig, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Records too large for one delta of a log with a small ``max_delta_bytes`` (what
+    Chroma takes and the log does not): the plan lists every one, with counts; the
+    import writes the pages before the first page that holds one, and nothing of it."""
+    from dataclasses import replace
+
+    from deltalog.migrate.pages import refusal_counts
+
+    client: Any = chromadb.PersistentClient(
+        path=str(tmp_path / "src"), settings=Settings(anonymized_telemetry=False)
     )
+    try:
+        for name, big in (("alpha", ()), ("beta", (0, 3, 6, 9))):
+            collection = client.create_collection(name, embedding_function=None)
+            collection.add(
+                ids=[f"{name}-{i:03d}" for i in range(10)],
+                embeddings=rng.standard_normal((10, 4), dtype=np.float32),
+                documents=["x" * (8000 if i in big else 10) for i in range(10)],
+            )
+    finally:
+        client.close()
+    small = replace(config, max_delta_bytes=4096)
+    async with DeltaLog.open(small) as log:
+        source = ChromaSource(path=tmp_path / "src")
+        async with await ChromaImporter.open(log, source, batch=5) as importer:
+            plan, refused = await importer.plan()
+            assert [(r.namespace, r.id) for r in refused] == [
+                ("beta", f"beta-{i:03d}") for i in (0, 3, 6, 9)
+            ]
+            assert refusal_counts(refused) == [
+                ("beta", refused[0].reason, 4, ["beta-000", "beta-003", "beta-006"])
+            ]
+            assert "over the log's max_delta_bytes (4,096): not one delta" in refused[0].reason
+            assert [c.records for c in plan.collections] == [10, 10]
+            assert await log.head() == 0, "a plan writes nothing"
+            with pytest.raises(InvalidInput, match="2 records the log refuses, nothing of"):
+                await importer.run()
+        ids = await upserted_ids(log)
+    assert sorted(ids) == [f"alpha-{i:03d}" for i in range(10)], "only the collection before"
 
 
 async def test_collection_src_eq_dst_imports_under_another_name_and_the_clash_says_how(
