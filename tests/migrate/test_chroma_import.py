@@ -236,9 +236,13 @@ async def test_list_metadata_imports_bit_exact_and_verifies(
     assert "verify: equal (1 collections)" in capsys.readouterr().out
     state = await reference(log)
     assert state["tagged"]["tagged-003"].metadata == tagged[3]
+    vector = rng.standard_normal((1, 4), dtype=np.float32)
+    await log.append(Delta(ops=[Upsert("tagged", ["tail"], vector, metadatas=[{"tags": ["a"]}])]))
     async with Reader.open(config, consistency="fresh", cache_dir=tmp_path / "r") as reader:
         got = await reader.get(collection="tagged", where={"tags": {"$contains": "a"}})
-    assert sorted(got["ids"]) == [f"tagged-{i:03d}" for i in range(1, 8, 2)]
+        assert sorted(got["ids"]) == [*(f"tagged-{i:03d}" for i in range(1, 8, 2)), "tail"]
+        none = await reader.get(collection="tagged", where={"ks": {"$contains": 1.0}})
+        assert none["ids"] == [], "typed: 1.0 is not in a list of ints"
 
 
 async def test_dry_run_lists_every_refusal_with_counts_and_the_import_writes_none_of_their_pages(
