@@ -32,6 +32,14 @@ checkpoint. The caps bound the tail where the ratio does not:
 
 With any ``ratio`` <= 1 the committed tail stays smaller than the
 checkpoint.
+
+**Time to publish** (``publish_seconds``): a run with a deadline (a Lambda
+invocation) keeps this long for its publish, sized from the checkpoint's
+bytes: archiving and uploading moved 60-80 MB/s in the benchmarks (README
+"Performance"); ``PUBLISH_BYTES_PER_SECOND`` assumes a quarter of that, plus
+``PUBLISH_FLOOR_SECONDS`` for the requests around it. A new checkpoint is
+about the old one plus ``ENTRY_TO_CHECKPOINT`` times the tail's entry bytes
+(float32 vectors in entries, Chroma's index and copies in the archive).
 """
 
 from __future__ import annotations
@@ -47,11 +55,15 @@ __all__ = [
     "DEFAULT_MAX_TAIL_BYTES",
     "DEFAULT_MAX_TAIL_ENTRIES",
     "DEFAULT_RATIO",
+    "ENTRY_TO_CHECKPOINT",
     "MIN_AUTO_TAIL_ENTRIES",
+    "PUBLISH_BYTES_PER_SECOND",
+    "PUBLISH_FLOOR_SECONDS",
     "CheckpointPolicy",
     "EntryCap",
     "Reason",
     "parse_entry_cap",
+    "publish_seconds",
     "Tail",
 ]
 
@@ -66,6 +78,16 @@ CHECKPOINT_BYTES_PER_TAIL_ENTRY = 64 * 1024
 DEFAULT_RATIO = 0.1
 DEFAULT_MAX_TAIL_ENTRIES: EntryCap = AUTO
 DEFAULT_MAX_TAIL_BYTES = 256 * 1024 * 1024
+PUBLISH_BYTES_PER_SECOND = 20 * 1024 * 1024
+PUBLISH_FLOOR_SECONDS = 5.0
+ENTRY_TO_CHECKPOINT = 1.5
+
+
+def publish_seconds(checkpoint_bytes: int, tail_bytes: int = 0) -> float:
+    """Seconds to keep for publishing a checkpoint that follows one of ``checkpoint_bytes``
+    and a tail of ``tail_bytes`` of entries (see the module docstring)."""
+    expected = checkpoint_bytes + ENTRY_TO_CHECKPOINT * tail_bytes
+    return PUBLISH_FLOOR_SECONDS + expected / PUBLISH_BYTES_PER_SECOND
 
 
 def parse_entry_cap(text: str) -> EntryCap:

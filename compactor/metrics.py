@@ -12,7 +12,10 @@ exporters take their figures from ``run_figures`` / ``failure_figures`` /
   (snapshot bytes uploaded), **run seconds** (the replay's duration);
 - **busy runs** (the lease was held elsewhere: a success), **lost leases**
   (the run was fenced: nothing committed), **poison entries** (the run
-  stopped at an entry it cannot read).
+  stopped at an entry it cannot read);
+- **checkpoint bytes** and **tail bytes** (gauges): the committed state's
+  size after a run, so its growth toward the compactor's disk and memory
+  shows before a run fails for lack of them.
 
 Pure: no I/O, no exporter library.
 """
@@ -29,12 +32,14 @@ from deltalog.errors import CorruptEntry, Fenced
 __all__ = [
     "BUSY_RUNS",
     "BYTES_PUBLISHED",
+    "CHECKPOINT_BYTES",
     "ENTRIES_APPLIED",
     "FIGURES",
     "LAG",
     "LOST_LEASES",
     "POISON_ENTRIES",
     "RUN_SECONDS",
+    "TAIL_BYTES",
     "VECTORS_APPLIED",
     "Figure",
     "Figures",
@@ -87,6 +92,12 @@ LOST_LEASES = Figure(
 POISON_ENTRIES = Figure(
     "PoisonEntries", "Count", "counter", "deltalog_poison_entries", "Runs stopped by a poison entry"
 )
+CHECKPOINT_BYTES = Figure(
+    "CheckpointBytes", "Bytes", "gauge", "deltalog_checkpoint_bytes", "The checkpoint's size"
+)
+TAIL_BYTES = Figure(
+    "TailBytes", "Bytes", "gauge", "deltalog_tail_bytes", "The committed tail's entry bytes"
+)
 
 FIGURES: tuple[Figure, ...] = (
     LAG,
@@ -97,6 +108,8 @@ FIGURES: tuple[Figure, ...] = (
     BUSY_RUNS,
     LOST_LEASES,
     POISON_ENTRIES,
+    CHECKPOINT_BYTES,
+    TAIL_BYTES,
 )
 
 
@@ -104,7 +117,7 @@ def run_figures(result: CompactionResult) -> dict[Figure, float]:
     """What a run that returned reports (zeros included, so series stay continuous)."""
     # A run that commits hwm alone (the committed tail grows) uploads nothing.
     published = result.snapshot_size if result.checkpoint else 0
-    return {
+    figures: dict[Figure, float] = {
         ENTRIES_APPLIED: result.entries_applied,
         VECTORS_APPLIED: result.vectors_upserted,
         RUN_SECONDS: result.seconds,
@@ -113,6 +126,10 @@ def run_figures(result: CompactionResult) -> dict[Figure, float]:
         LOST_LEASES: 0,
         POISON_ENTRIES: 0,
     }
+    if result.status != "busy":  # a busy run does not know the committed state's size
+        figures[CHECKPOINT_BYTES] = result.snapshot_size
+        figures[TAIL_BYTES] = result.tail_bytes
+    return figures
 
 
 def failure_figures(error: BaseException) -> dict[Figure, float]:

@@ -23,7 +23,7 @@ The reader stops at:
   operator quarantined its seq, otherwise the replay stops before it and
   reports the error. Nothing of a poison entry is ever folded, so what
   came before it is a whole prefix that may be committed;
-- a configured limit on entries, bytes or seconds.
+- a configured limit on entries, bytes or seconds, or a deadline.
 """
 
 from __future__ import annotations
@@ -50,11 +50,17 @@ __all__ = ["HoleSealer", "Limits", "Progress", "Replay", "Replayer"]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """When a run stops early: after this many entries, bytes or seconds."""
+    """When a run stops early: after this many entries, bytes or seconds, or at a deadline."""
 
     max_entries: int | None = None
     max_bytes: int | None = None
     max_seconds: float | None = None
+    """Seconds from the start of the replay."""
+    deadline: float | None = None
+    """An absolute time on ``time.monotonic()``'s clock by which the whole run must be
+    done, the time it takes to get its working copy included (a Lambda invocation's end
+    less a margin). ``Compactor.run_once`` stops the replay early enough to publish and
+    commit by then; ``Replayer.run`` stops reading at it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +254,7 @@ class Replayer:
                 and replay.bytes_passed + pass_bytes >= limits.max_bytes
             )
             or (limits.max_seconds is not None and time.monotonic() - start >= limits.max_seconds)
+            or (limits.deadline is not None and time.monotonic() >= limits.deadline)
         )
 
     async def _poison(

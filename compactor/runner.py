@@ -20,6 +20,14 @@ and "Checkpoints"):
    and orphans (``_prune``, which needs no lease; never the checkpoint the
    state points to).
 
+A **deadline** (``Limits.deadline``: a Lambda invocation's end less a
+margin) bounds the whole run, not only its replay: getting the working copy
+(a checkpoint download, the committed tail's catch-up) counts, the replay
+stops early enough to leave the publish its time (``publish_seconds``, sized
+from the checkpoint), and a publish the time left cannot hold is deferred
+(hwm is committed alone; a later run publishes). A deadline that passes
+while the working copy is being made ends the run with ``Unavailable``.
+
 A crash anywhere before 6 leaves the committed state as it was (an upload
 is an orphan retention deletes later) and the next run redoes the work; the
 fold is deterministic, so the result is the same. A crash after 6 leaves a
@@ -35,8 +43,8 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +60,7 @@ from compactor.checkpoint import (
     EntryCap,
     Reason,
     Tail,
+    publish_seconds,
 )
 from compactor.lease import Lease, LeaseKeeper
 from compactor.publish import (
@@ -428,14 +437,15 @@ class Compactor:
         head = await self.log.head()
         if head <= state.hwm and not (requested and state.tail_entries > 0):
             return self._nothing(state, "end"), None
-        copy = await take(self.cache, self.store, state, log=self.config.log)
+        with self._by_deadline("getting the working copy (the checkpoint's download)", state):
+            copy = await take(self.cache, self.store, state, log=self.config.log)
         try:
             replay, replayed = await self._replay_into(copy, lease)
             if not replay.advanced and not (requested and state.tail_entries > 0):
                 await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, state.hwm)
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
-            reason = self.policy.reason(tail, requested=requested)
+            reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
             published = await self._publish(copy.path, replay, lease) if reason else None
             result = self._applied(state, replay, lease, tail, reason, published)
             result = replace(result, working_copy=copy.how, replayed_tail=replayed)
@@ -444,6 +454,49 @@ class Compactor:
         finally:
             await self._discard(copy.path)
         return result, replay.error
+
+    @contextmanager
+    def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
+        """Cancel ``stage`` at the run's deadline, then raise ``Unavailable`` saying so."""
+        deadline = self.limits.deadline
+        if deadline is None:
+            yield
+            return
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                yield
+        except TimeoutError:
+            raise Unavailable(
+                f"the run's deadline passed while {stage}: the checkpoint is "
+                f"{state.snapshot_size} bytes and the committed tail {state.tail_entries} "
+                "entries; give the run more time (the function's timeout)",
+                log=self.config.log,
+            ) from None
+
+    def _replay_limits(self, state: LogState) -> Limits:
+        """The replay stops early enough to leave the publish its time."""
+        deadline = self.limits.deadline
+        if deadline is None:
+            return self.limits
+        keep = publish_seconds(state.snapshot_size, state.tail_bytes)
+        return replace(self.limits, deadline=deadline - keep)
+
+    def _in_time(self, reason: Reason | None, state: LogState, tail: Tail) -> Reason | None:
+        """``reason``, or None when the publish would not finish by the deadline (deferred)."""
+        deadline = self.limits.deadline
+        if reason is None or reason == "requested" or deadline is None:
+            return reason
+        needed = publish_seconds(state.snapshot_size, tail.bytes)
+        if deadline - time.monotonic() >= needed:
+            return reason
+        log.info(
+            "%s: checkpoint (%s) deferred: %.0fs left, about %.0fs needed to publish it",
+            self.config.log,
+            reason,
+            deadline - time.monotonic(),
+            needed,
+        )
+        return None
 
     def _tail(self, state: LogState, replay: Replay) -> Tail:
         """The committed tail after this run, if it publishes nothing."""
@@ -510,13 +563,14 @@ class Compactor:
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         sink = await self._open_sink(copy.path)
         try:
-            replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
+            with self._by_deadline("catching up the committed tail", state):
+                replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
             replay = await self._replayer().run(
                 sink,
                 after=state.hwm,
                 quarantined=quarantined,
                 sealer=_LeaseSealer(self, lease),
-                limits=self.limits,
+                limits=self._replay_limits(state),
             )
             replay.counts = await sink.counts()
         finally:
@@ -607,7 +661,17 @@ class Compactor:
             await forget_snapshot(self.store, key)
 
     def _nothing(self, state: LogState, stopped: str) -> CompactionResult:
-        return CompactionResult("nothing", self.config.log, state.hwm, state.hwm, stopped=stopped)
+        return CompactionResult(
+            "nothing",
+            self.config.log,
+            state.hwm,
+            state.hwm,
+            stopped=stopped,
+            snapshot_size=state.snapshot_size,
+            snapshot_hwm=state.checkpoint_hwm,
+            tail_entries=state.tail_entries,
+            tail_bytes=state.tail_bytes,
+        )
 
     def _applied(
         self,

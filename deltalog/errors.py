@@ -8,7 +8,9 @@
     │       └── DimensionMismatch   vectors of another dimension than the
     │                               collection's: another embedding model
     ├── ConfigurationError          fix the setup: missing bucket or table,
-    │                               bad credentials, an unusable endpoint
+    │   │                           bad credentials, an unusable endpoint
+    │   └── IncompatibleSnapshot    a snapshot written by a newer Chroma than
+    │                               the one installed: upgrade chromadb
     ├── Unavailable                 retry later: network, throttling, 5xx
     ├── Conflict                    re-read and retry: someone else won a race
     │   └── LeaseBusy               another compactor holds the lease
@@ -36,6 +38,7 @@ __all__ = [
     "DeltalogError",
     "DimensionMismatch",
     "Fenced",
+    "IncompatibleSnapshot",
     "InvalidInput",
     "LeaseBusy",
     "LeaseLost",
@@ -117,6 +120,27 @@ class DimensionMismatch(ValidationError):
 
 class ConfigurationError(DeltalogError):
     """The setup is wrong: a missing bucket or table, credentials, endpoint."""
+
+
+class IncompatibleSnapshot(ConfigurationError):
+    """A snapshot whose sidecar says a newer Chroma (major.minor) wrote it than the one
+    installed, which may not read its format: refused before Chroma opens it.
+
+    ``written_by`` and ``running`` are the two chromadb versions.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        written_by: str,
+        running: str,
+        log: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        self.written_by = written_by
+        self.running = running
+        super().__init__(message, log=log, key=key)
 
 
 class Unavailable(DeltalogError):

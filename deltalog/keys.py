@@ -14,6 +14,8 @@ DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
     (log, "quarantine#{seq:020d}")  an operator's mark: treat that entry as sealed
     (log, "lease#{name}")   a named lease of a reader that owns a target
                             (``deltalog mirror``: ``mirror:{target}``)
+    (log, "version#{subject}")  the highest version of a subject appended
+                            (``deltalog_lambda``'s ingest: one per receipt)
 
 and, outside every log (log names cannot start with ``_``)::
 
@@ -37,6 +39,7 @@ SCHEMA_SK = "schema"
 IDEMPOTENCY_PREFIX = "idem#"
 QUARANTINE_PREFIX = "quarantine#"
 LEASE_PREFIX = "lease#"
+VERSION_PREFIX = "version#"
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-\d{{12,}}-[A-Za-z0-9]+\.tar(?:\.zst)?")
@@ -155,3 +158,8 @@ def quarantine_sk(seq: int) -> str:
 def lease_sk(name: str) -> str:
     """The item of a named lease (not the compaction lease, which is in the state item)."""
     return f"{LEASE_PREFIX}{name}"
+
+
+def version_sk(subject: str) -> str:
+    """The item recording the highest version of ``subject`` (a receipt) appended."""
+    return f"{VERSION_PREFIX}{subject}"

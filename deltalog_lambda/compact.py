@@ -9,20 +9,28 @@
   such as the compactor's own snapshots, wake nothing). Logs the
   deployment does not serve are refused (scheduled) or skipped
   (notifications).
-- **How long**: each log's run gets ``Limits(max_seconds)`` = the
-  invocation's remaining time minus a margin (``DELTALOG_TIME_MARGIN``,
-  default 20 % and at least 30 s) kept for publishing and committing;
-  the run stops reading when it is spent and commits what it applied, and
-  the next invocation continues. Logs run in parallel, each under its own
-  lease, whose heartbeat renews it during the call.
+- **How long**: one absolute deadline for the whole invocation, taken
+  from Lambda's context on entry: its end less a margin
+  (``DELTALOG_TIME_MARGIN``, default 20 % and at least 30 s) kept for the
+  commit, the release and the metrics. Each log's run gets it as
+  ``Limits(deadline)``: the checkpoint's download and the committed tail's
+  catch-up count against it, the replay stops early enough to leave the
+  publish its time (sized from the checkpoint), and the run commits what it
+  applied; the next invocation continues. Logs run in parallel, each under
+  its own lease, whose heartbeat renews it during the call.
 - **Outcome**: ``busy`` (another compactor holds the lease) is a success.
   A lost lease, a poison entry or any other failure raises once every log
   has finished, so Lambda's retries, the destination queue and the error
   alarm see it. The answer is the ``CompactionResult`` as JSON, or
-  ``{"results": [...]}`` when the event named several logs.
+  ``{"results": [...]}`` when the event named several logs; each run's
+  result (or error) is also logged at INFO (ERROR) with its fields as
+  structured extras, since a scheduled invocation's answer goes nowhere.
 - **Cache**: snapshots and working copies live under ``DELTALOG_CACHE_DIR``
   (``/tmp``), and the compactors stay open across warm invocations, so a
-  warm run downloads nothing it already has.
+  warm run downloads nothing it already has. ``/tmp`` is shared by every
+  log this environment compacts: before the runs, a budget
+  (``deltalog_lambda.budget``) evicts the caches of other logs, least
+  recently used first, when the disk cannot hold what these runs need.
 
 Metrics (EMF, per log): the figures of ``compactor.metrics``.
 """
@@ -32,6 +40,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -40,6 +50,8 @@ from compactor.metrics import Figure, failure_figures, lag_figures, run_figures
 from compactor.replay import Limits
 from compactor.runner import CompactionResult, Compactor
 from deltalog.errors import ConfigurationError, DeltalogError
+from deltalog.storage.table import LogState
+from deltalog_lambda.budget import CacheBudget, Unit, need
 from deltalog_lambda.events import compaction_logs, is_sqs_batch
 from deltalog_lambda.handler import Context, Handler
 from deltalog_lambda.metrics import emit
@@ -72,6 +84,16 @@ class _Run:
             figures.update(lag_figures(self.head, self.hwm))
         return figures
 
+    def report(self) -> None:
+        """Log the run's result (INFO) or error (ERROR), its fields as structured extras."""
+        known = self.head is not None and self.hwm is not None
+        lag = {"lag": max(0, (self.head or 0) - (self.hwm or 0))} if known else {}
+        if self.result is not None:
+            log.info(self.result.summary(), extra={"run": asdict(self.result), **lag})
+        elif self.error is not None:
+            error = {"type": type(self.error).__name__, "message": str(self.error)}
+            log.error("%s: %s: %s", self.log, error["type"], self.error, extra={"error": error})
+
 
 class CompactHandler(Handler):
     """Lambda's entry point for compaction; see the module docstring.
@@ -83,22 +105,26 @@ class CompactHandler(Handler):
     def __init__(self, *args: Any, compactor_options: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.compactor_options = compactor_options or {}
+        self._sizes: dict[str, LogState] = {}
+        """Each log's committed size after its last run here (what ``/tmp``'s budget needs)."""
 
     def __call__(self, event: dict[str, Any], context: Context | None) -> dict[str, Any]:
-        started = time.monotonic()
+        deadline = self._deadline(context)
         names = self._logs(event)
         if not names:
             return {"results": []}
-        budget = self._budget(context)
         try:
             compactors = [self.compactor(name, **self.compactor_options) for name in names]
-            budget -= time.monotonic() - started  # opening them took some of it
-            runs = self.runtime.call(self._run_all, compactors, budget)
+            self._make_room(compactors)
+            runs = self.runtime.call(self._run_all, compactors, deadline)
         except BaseException:
             self.runtime.reset()
             raise
         for run in runs:
             emit(self.settings.namespace, run.log, run.figures())
+            run.report()
+            if run.result is not None and run.result.status != "busy":
+                self._sizes[run.log] = _size_of(run.result)
         self._raise_failures(runs)
         results = [asdict(run.result) for run in runs if run.result is not None]
         return results[0] if len(names) == 1 else {"results": results}
@@ -115,27 +141,46 @@ class CompactHandler(Handler):
             log.warning("skipped notifications of logs not served here: %s", ", ".join(skipped))
         return [n for n in names if n in self.settings.logs]
 
-    def _budget(self, context: Context | None) -> float:
+    def _make_room(self, compactors: list[Compactor]) -> None:
+        """Evict other logs' caches when ``/tmp`` cannot hold what these runs need."""
+        states = self.runtime.call(_states, compactors)
+        runs = [
+            (Unit(c.cache.root), need(state)) for c, state in zip(compactors, states, strict=True)
+        ]
+        budget = CacheBudget(self.settings.cache_dir / "cache", capacity=self.settings.cache_bytes)
+        budget.make_room(runs, self._units())
+
+    def _units(self) -> dict[Path, Unit]:
+        """Each served log's cache directory, and how to close its compactor."""
+        units = {}
+        for name in self.settings.logs:
+            path = self.cache_root / self.settings.config(name).keys.cache_name
+            units[path] = Unit(path, partial(self.runtime.discard, ("compactor", name)))
+        return units
+
+    def _deadline(self, context: Context | None) -> float:
+        """When every run of this invocation must be done (``time.monotonic()``'s clock)."""
+        now = time.monotonic()
         remaining = self.remaining(context)
         if remaining is None:
-            return _NO_DEADLINE
+            return now + _NO_DEADLINE
         margin = self.settings.margin(remaining)
         if remaining <= margin:
             raise ConfigurationError(
-                f"{remaining:.0f}s left is within the {margin:.0f}s kept to publish and commit: "
+                f"{remaining:.0f}s left is within the {margin:.0f}s kept to commit and answer: "
                 "raise the function's timeout or lower DELTALOG_TIME_MARGIN"
             )
-        return remaining - margin
+        return now + remaining - margin
 
-    async def _run_all(self, compactors: list[Compactor], budget: float) -> list[_Run]:
+    async def _run_all(self, compactors: list[Compactor], deadline: float) -> list[_Run]:
         runs = [_Run(c.config.log) for c in compactors]
         async with anyio.create_task_group() as tg:
             for compactor, run in zip(compactors, runs, strict=True):
-                tg.start_soon(self._run_one, compactor, run, max(0.0, budget))
+                tg.start_soon(self._run_one, compactor, run, deadline)
         return runs
 
-    async def _run_one(self, compactor: Compactor, run: _Run, budget: float) -> None:
-        compactor.limits = Limits(max_seconds=budget)
+    async def _run_one(self, compactor: Compactor, run: _Run, deadline: float) -> None:
+        compactor.limits = Limits(deadline=deadline)
         try:
             run.result = await compactor.run_once()
         except Exception as exc:  # raised by the handler once every log has finished
@@ -152,13 +197,23 @@ class CompactHandler(Handler):
 
     def _raise_failures(self, runs: list[_Run]) -> None:
         failed = [run for run in runs if run.error is not None]
-        for run in failed:
-            log.error("%s: %s: %s", run.log, type(run.error).__name__, run.error)
         if failed:
             self.runtime.reset()
             error = failed[0].error
             assert error is not None
             raise error
+
+
+def _size_of(result: CompactionResult) -> LogState:
+    return LogState(
+        snapshot_key=result.snapshot_key,
+        snapshot_size=result.snapshot_size,
+        tail_bytes=result.tail_bytes,
+    )
+
+
+async def _states(compactors: list[Compactor]) -> list[LogState]:
+    return [await c.table.read_state(c.keys.log_id) for c in compactors]
 
 
 _handler: CompactHandler | None = None

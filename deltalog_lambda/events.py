@@ -4,7 +4,12 @@
   ``{"Records": [{"messageId", "body", "messageAttributes", "eventSource":
   "aws:sqs", ...}]}``, read through Powertools' ``SQSEvent``. An ingest
   message's body is one receipt (a line of ``deltalog generate``'s JSONL);
-  its optional ``log`` string attribute names the log (else the default).
+  its optional ``log`` string attribute names the log (else the default),
+  its optional ``version`` number attribute orders the versions of one
+  receipt (``deltalog_lambda.ingest``), and a FIFO queue adds the message's
+  group (``attributes.MessageGroupId``). Each message's attributes are read
+  on their own: a malformed one (a ``log`` of type Binary, an empty name, a
+  ``version`` that is not a whole number) fails that message only.
 - **S3 notification** (the body of a notification-queue message):
   ``{"Records": [{"eventSource": "aws:s3", "eventName":
   "ObjectCreated:Put", "s3": {"bucket": {"name"}, "object": {"key"}}}]}``
@@ -26,14 +31,15 @@ import base64
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools.utilities.data_classes import SQSEvent
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from deltalog.errors import InvalidInput
-from deltalog.keys import entry_log
+from deltalog.keys import entry_log, valid_log_name
 
 __all__ = [
     "Message",
@@ -49,12 +55,20 @@ log = logging.getLogger("deltalog_lambda")
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One SQS message: its id (what a partial batch response names), body and log."""
+    """One SQS message: its id (what a partial batch response names), body and attributes."""
 
     message_id: str
     body: str
     log: str | None
     """The ``log`` message attribute, if the sender set one."""
+    version: int | None = None
+    """The ``version`` message attribute, if the sender set one."""
+    group: str | None = None
+    """The FIFO queue's ``MessageGroupId`` (None on a standard queue)."""
+    problem: InvalidInput | None = None
+    """Why the message's attributes cannot be used (it fails alone)."""
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    """Its message attributes as the event holds them (forwarded with it to a dead-letter queue)."""
 
 
 def is_sqs_batch(event: Mapping[str, Any]) -> bool:
@@ -68,17 +82,47 @@ def messages(event: Mapping[str, Any]) -> list[Message]:
     """The messages of an SQS batch event."""
     if not is_sqs_batch(event):
         raise InvalidInput("not an SQS batch event: expected Records from aws:sqs")
-    found = []
-    for record in SQSEvent(dict(event)).records:
-        attribute = record.message_attributes["log"]
-        found.append(
-            Message(
-                record.message_id,
-                record.body,
-                attribute.string_value if attribute is not None else None,
-            )
+    return [_message(record) for record in SQSEvent(dict(event)).records]
+
+
+def _message(record: SQSRecord) -> Message:
+    group = (record.raw_event.get("attributes") or {}).get("MessageGroupId")
+    attributes = record.raw_event.get("messageAttributes") or {}
+    try:
+        name = _attribute(attributes, "log", "String")
+        version = _attribute(attributes, "version", "Number")
+        return Message(
+            record.message_id,
+            record.body,
+            _name(name) if name is not None else None,
+            _version(version) if version is not None else None,
+            group,
+            attributes=attributes,
         )
-    return found
+    except InvalidInput as exc:
+        return Message(
+            record.message_id, record.body, None, group=group, problem=exc, attributes=attributes
+        )
+
+
+def _attribute(attributes: Mapping[str, Any], name: str, kind: str) -> str | None:
+    """A message attribute's string value, of ``kind`` (custom suffixes allowed)."""
+    attribute = attributes.get(name)
+    if attribute is None:
+        return None
+    data_type = attribute.get("dataType", "") if isinstance(attribute, dict) else ""
+    value = attribute.get("stringValue") if isinstance(attribute, dict) else None
+    if data_type.split(".", 1)[0] != kind or not isinstance(value, str):
+        raise InvalidInput(
+            f"the message attribute {name!r} must be of type {kind}, not {data_type or '?'}"
+        )
+    return value
+
+
+def _version(text: str) -> int:
+    if not text.strip().isdigit():
+        raise InvalidInput(f"the version attribute must be a whole number >= 0, not {text!r}")
+    return int(text)
 
 
 def compaction_logs(event: Mapping[str, Any], served: tuple[str, ...], root: str) -> list[str]:
@@ -131,8 +175,10 @@ def _created_keys(body: str) -> list[str]:
 
 
 def _name(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(f"a log name must be a non-empty string, not {value!r}")
+    if not isinstance(value, str) or not valid_log_name(value):
+        raise InvalidInput(
+            f"a log name must be 1-128 letters, digits, '.', '_' or '-', not {value!r}"
+        )
     return value
 
 

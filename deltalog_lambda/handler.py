@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from contextlib import AbstractAsyncContextManager, aclosing
+from pathlib import Path
 from typing import Any, Protocol
 
 from compactor.runner import Compactor
@@ -70,13 +71,18 @@ class Handler:
         config = self.config(name)
         return self.runtime.resource(("log", name), lambda: DeltaLog.open(config), version=config)
 
+    @property
+    def cache_root(self) -> Path:
+        """Where each compactor keeps its snapshot cache (one directory per log)."""
+        return self.settings.cache_dir / "cache"
+
     def compactor(self, name: str, **options: Any) -> Compactor:
         config, s = self.config(name), self.settings
         return self.runtime.resource(
             ("compactor", name),
             lambda: Compactor(
                 config,
-                cache_dir=s.cache_dir / "cache",
+                cache_dir=self.cache_root,
                 lease_ttl=s.lease_ttl,
                 grace=s.grace,
                 retain=s.retain,

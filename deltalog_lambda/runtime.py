@@ -76,6 +76,11 @@ class Runtime:
         self._kept[key] = _Kept(version, manager, value)
         return value
 
+    def discard(self, key: Hashable) -> None:
+        """Close the resource kept under ``key``, if any."""
+        if key in self._kept:
+            self._close(key)
+
     def reset(self) -> None:
         """Close every resource; the next ``resource`` call opens afresh."""
         for key in list(self._kept):

@@ -176,9 +176,34 @@ def test_a_kms_key_adds_its_statements() -> None:
     ):
         (kms,) = [s for s in statements(policy(role, kms_key_arn=arn)) if s["Resource"] == arn]
         assert kms["Action"] == wanted, role
-    (deny,) = [s for s in statements(policy("bucket", kms_key_arn=arn)) if "Kms" in s["Sid"]]
-    assert deny["Condition"] == {
-        "StringNotEqualsIfExists": {"s3:x-amz-server-side-encryption-aws-kms-key-id": arn}
+        # Through S3 only, for this bucket's objects only (bucket key: the bucket's ARN).
+        like = kms["Condition"]["StringLike"]
+        assert like["kms:ViaService"].startswith("s3.")
+        context = like["kms:EncryptionContext:aws:s3:arn"]
+        assert context == [
+            "arn:aws:s3:::receipts-bucket",
+            "arn:aws:s3:::receipts-bucket/prod/receipts/*",
+        ]
+    denies = {
+        s["Sid"]: s["Condition"]
+        for s in statements(policy("bucket", kms_key_arn=arn))
+        if s["Sid"] != "DenyInsecureTransport" and "entries" not in s["Resource"]
+    }
+    kms_ = ["aws:kms", "aws:kms:dsse"]
+    assert denies == {
+        # another key named
+        "DenyWritesWithoutTheLogKmsKey": {
+            "StringNotEqualsIfExists": {"s3:x-amz-server-side-encryption-aws-kms-key-id": arn}
+        },
+        # another encryption (SSE=AES256 got past the key-id deny: it names no key)
+        "DenyWritesUnderAnotherEncryption": {
+            "StringNotEqualsIfExists": {"s3:x-amz-server-side-encryption": kms_}
+        },
+        # aws:kms without a key: S3 would use the AWS managed key
+        "DenyKmsWritesThatNameNoKey": {
+            "StringEquals": {"s3:x-amz-server-side-encryption": kms_},
+            "Null": {"s3:x-amz-server-side-encryption-aws-kms-key-id": "true"},
+        },
     }
 
 

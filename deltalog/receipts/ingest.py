@@ -78,6 +78,7 @@ __all__ = [
     "ReceiptProducerStatistics",
     "ingest_file",
     "receipt_key",
+    "receipt_subject",
     "IngestProgress",
 ]
 
@@ -88,12 +89,17 @@ LINES = "lines"
 _MAX_ERRORS_KEPT = 100
 
 
+def receipt_subject(receipt: Receipt) -> str:
+    """Which receipt this is, whatever its content: ``receipt:{image_id}:{receipt_id:05d}``."""
+    return f"receipt:{receipt.image_id}:{receipt.receipt_id:05d}"
+
+
 def receipt_key(receipt: Receipt, embedder: Embedder) -> str:
     """The idempotency key of a receipt's upsert: its ids and a content hash."""
     digest = hashlib.sha256()
     digest.update(f"{embedder.name}\0{embedder.dim}\0".encode())
     digest.update(encode_receipt(receipt))
-    return f"receipt:{receipt.image_id}:{receipt.receipt_id:05d}:{digest.hexdigest()[:32]}"
+    return f"{receipt_subject(receipt)}:{digest.hexdigest()[:32]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,12 @@
 - The **sidecar**, ``deltalog-snapshot.json`` at the archive's root (written
   last), says which log, hwm and fencing token the snapshot is of, how many
   records each collection holds, and the sha256 of every other file.
+- The sidecar also records the deltalog and **chromadb versions** that
+  wrote it: ``check_chroma_version`` refuses a snapshot written by a newer
+  chromadb (major.minor) than the one installed, whose on-disk format the
+  installed one may not read (``IncompatibleSnapshot``), before Chroma
+  opens it. Patch releases, older writers and sidecars without a version
+  pass.
 - The archive's own sha256 is what the commit point records. ``extract``
   checks it before reading a single member, refuses anything but plain files
   and directories under the destination, then checks every file against the
@@ -34,7 +40,7 @@ from typing import IO, Any, Literal
 
 import msgspec
 
-from deltalog.errors import CorruptSnapshot, InvalidInput
+from deltalog.errors import CorruptSnapshot, IncompatibleSnapshot, InvalidInput
 
 __all__ = [
     "SIDECAR_NAME",
@@ -43,6 +49,7 @@ __all__ = [
     "Compression",
     "Sidecar",
     "archive",
+    "check_chroma_version",
     "extract",
     "read_sidecar",
     "sha256_file",
@@ -364,6 +371,32 @@ def _decode_sidecar(body: bytes, where: _Subject) -> Sidecar:
             f"{SNAPSHOT_FORMAT}); upgrade deltalog to read it"
         )
     return sidecar
+
+
+def check_chroma_version(
+    sidecar: Sidecar, running: str, *, key: str | None = None, log: str | None = None
+) -> None:
+    """Refuse a snapshot a newer chromadb (major.minor) wrote than ``running``."""
+    written, mine = _major_minor(sidecar.chroma_version), _major_minor(running)
+    if written is None or mine is None or written <= mine:
+        return
+    raise IncompatibleSnapshot(
+        f"the snapshot was written by chromadb {sidecar.chroma_version}, newer than the "
+        f"chromadb {running} installed here, which may not read its format: install "
+        f"chromadb {written[0]}.{written[1]} or later (deploy/requirements.lock for the "
+        "Lambda image) and retry",
+        written_by=sidecar.chroma_version,
+        running=running,
+        key=key,
+        log=log,
+    )
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 def read_sidecar(directory: Path, *, key: str, log: str | None = None) -> Sidecar:

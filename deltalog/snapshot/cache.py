@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ import anyio.to_thread
 import msgspec
 
 from deltalog.errors import ConfigurationError, CorruptSnapshot, DataError, InvalidInput
-from deltalog.snapshot.archive import SIDECAR_NAME, extract
+from deltalog.snapshot.archive import SIDECAR_NAME, check_chroma_version, extract
 from deltalog.storage.store import ObjectStore
 
 __all__ = ["SnapshotCache"]
@@ -153,6 +154,7 @@ class SnapshotCache:
         )
         if sidecar.log != log:
             raise CorruptSnapshot(f"the sidecar is of log {sidecar.log!r}", log=log, key=key)
+        check_chroma_version(sidecar, _chroma_version(), key=key, log=log)
         self._place(staged, _Source(key, sha256, log, time.time(), "downloaded"))
 
     async def copy_of(self, store: ObjectStore, key: str, sha256: str, *, log: str) -> Path:
@@ -348,6 +350,14 @@ class SnapshotCache:
                     continue
                 swept.append(f"{parent.name}/{path.name}")
         return swept
+
+
+def _chroma_version() -> str:
+    """The installed chromadb's version (without importing it: that is not free)."""
+    try:
+        return importlib.metadata.version("chromadb")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _scratch_pid(name: str) -> int | None:

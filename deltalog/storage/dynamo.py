@@ -37,6 +37,7 @@ from deltalog.keys import (
     idempotency_sk,
     lease_sk,
     quarantine_sk,
+    version_sk,
 )
 from deltalog.storage.aws import Reachability, client, error_code, translate
 from deltalog.storage.table import Claim, Commit, LeaseState, LogState, held_until
@@ -160,6 +161,23 @@ class DynamoTable:
             for name, value in item.items()
             if name.startswith(_DIM_PREFIX)
         }
+
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        what = f"record version {version} of {subject}"
+        try:
+            await self._db.update_item(
+                TableName=self.name,
+                Key=_item_key(log_id, version_sk(subject)),
+                UpdateExpression="SET version = :v",
+                ConditionExpression="attribute_not_exists(version) OR version <= :v",
+                ExpressionAttributeValues={":v": _n(version)},
+            )
+        except Exception as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise self._error(exc, what, ambiguous=True) from exc
+            item = await self._get(log_id, version_sk(subject), what)
+            return max(version, int(item["version"]["N"]))  # versions only ever grow
+        return version
 
     async def claim_keys(self, log_id: str, claims: Sequence[Claim]) -> dict[str, Claim]:
         held: dict[str, Claim] = {}

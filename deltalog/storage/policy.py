@@ -18,7 +18,12 @@
 
 The templates are JSON files in ``deltalog/storage/policies``; ``render`` fills in
 the bucket, table, log and account, and adds KMS statements when the log's
-objects are encrypted with a customer-managed key. DynamoDB transactions
+objects are encrypted with a customer-managed key: the roles may use the key
+only through S3 (``kms:ViaService``) and only for this bucket's objects (the
+``aws:s3:arn`` encryption context: the bucket's ARN with a bucket key, the
+object's without); the bucket denies writes that name another key, another
+encryption (``AES256``), or ``aws:kms`` without a key (which S3 would encrypt
+under the AWS managed key). DynamoDB transactions
 need no action of their own: each ``Update`` inside ``TransactWriteItems``
 is authorised as ``dynamodb:UpdateItem``. IAM cannot condition on a sort
 key, so reads are granted on the log's whole partition; writes are confined
@@ -77,7 +82,7 @@ def render(
     }
     document: dict[str, Any] = _fill(_template(role), values)
     if kms_key_arn:
-        document["Statement"].append(_kms_statement(role, kms_key_arn, values))
+        document["Statement"] += _kms_statements(role, kms_key_arn, values, region)
     return document
 
 
@@ -110,23 +115,64 @@ def _fill(node: Any, values: dict[str, str]) -> Any:
     return node
 
 
-def _kms_statement(role: Role, key_arn: str, values: dict[str, str]) -> dict[str, Any]:
+_KMS_ENCRYPTIONS = ["aws:kms", "aws:kms:dsse"]
+
+
+def _kms_statements(
+    role: Role, key_arn: str, values: dict[str, str], region: str
+) -> list[dict[str, Any]]:
+    objects = "arn:{partition}:s3:::{bucket}/{all_objects}".format(**values)
     if role == "bucket":
-        return {
-            "Sid": "DenyWritesWithoutTheLogKmsKey",
-            "Effect": "Deny",
-            "Principal": "*",
-            "Action": "s3:PutObject",
-            "Resource": "arn:{partition}:s3:::{bucket}/{all_objects}".format(**values),
+        return [
+            _deny_put(
+                "DenyWritesWithoutTheLogKmsKey",
+                objects,
+                {
+                    "StringNotEqualsIfExists": {
+                        "s3:x-amz-server-side-encryption-aws-kms-key-id": key_arn
+                    }
+                },
+            ),
+            _deny_put(
+                "DenyWritesUnderAnotherEncryption",
+                objects,
+                {"StringNotEqualsIfExists": {"s3:x-amz-server-side-encryption": _KMS_ENCRYPTIONS}},
+            ),
+            _deny_put(
+                "DenyKmsWritesThatNameNoKey",
+                objects,
+                {
+                    "StringEquals": {"s3:x-amz-server-side-encryption": _KMS_ENCRYPTIONS},
+                    "Null": {"s3:x-amz-server-side-encryption-aws-kms-key-id": "true"},
+                },
+            ),
+        ]
+    bucket = "arn:{partition}:s3:::{bucket}".format(**values)
+    return [
+        {
+            "Sid": "UseTheLogKmsKey",
+            "Effect": "Allow",
+            "Action": _KMS_ACTIONS[role],
+            "Resource": key_arn,
             "Condition": {
-                "StringNotEqualsIfExists": {
-                    "s3:x-amz-server-side-encryption-aws-kms-key-id": key_arn
+                "StringLike": {
+                    "kms:ViaService": f"s3.{region}.amazonaws.com",
+                    "kms:EncryptionContext:aws:s3:arn": [
+                        bucket,
+                        "{}/{}*".format(bucket, values["prefix"]),
+                    ],
                 }
             },
         }
+    ]
+
+
+def _deny_put(sid: str, resource: str, condition: dict[str, Any]) -> dict[str, Any]:
     return {
-        "Sid": "UseTheLogKmsKey",
-        "Effect": "Allow",
-        "Action": _KMS_ACTIONS[role],
-        "Resource": key_arn,
+        "Sid": sid,
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "s3:PutObject",
+        "Resource": resource,
+        "Condition": condition,
     }

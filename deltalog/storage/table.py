@@ -8,7 +8,10 @@ Items per log (see ``deltalog.keys``): the append counter ``head``, the
 ``schema`` (one embedding dimension per collection, fixed by first use),
 idempotency ``claims`` (which seq an idempotency key went to), the
 ``state`` item the compactor commits to (hwm, snapshot, and the lease with
-its fencing token), and ``quarantine`` marks set by an operator.
+its fencing token), ``quarantine`` marks set by an operator, and
+**versions**: the highest version of a subject (a receipt) whose append was
+allowed, so that an older version delivered late is refused
+(``advance_version``).
 
 The lease: ``acquire`` takes it when free or expired and adds one to the
 token; ``renew``, ``commit``, ``note_hole`` and ``release`` are conditioned
@@ -184,6 +187,14 @@ class Table(Protocol):
         """
         ...
 
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        """Record ``version`` of ``subject`` unless a higher one is recorded; return the one
+        recorded after the call (``version``, or the higher one that refused it).
+
+        Conditional and atomic: of two callers the higher version wins whatever the order.
+        """
+        ...
+
     async def read_state(self, log_id: str) -> LogState: ...
 
     async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
@@ -254,6 +265,7 @@ class MemoryTable:
         self._states: dict[str, LogState] = {}
         self._quarantined: dict[str, dict[int, str]] = {}
         self._leases: dict[tuple[str, str], LeaseState] = {}
+        self._versions: dict[tuple[str, str], int] = {}
         self.requests = 0
 
     async def reserve(self, log_id: str) -> int:
@@ -292,6 +304,12 @@ class MemoryTable:
             return False
         self._claims[(log_id, old.key)] = new
         return True
+
+    async def advance_version(self, log_id: str, subject: str, version: int) -> int:
+        self.requests += 1
+        recorded = max(self._versions.get((log_id, subject), version), version)
+        self._versions[(log_id, subject)] = recorded
+        return recorded
 
     async def read_state(self, log_id: str) -> LogState:
         self.requests += 1

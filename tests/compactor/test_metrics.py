@@ -9,11 +9,13 @@ from compactor.exporter import PrometheusExporter
 from compactor.metrics import (
     BUSY_RUNS,
     BYTES_PUBLISHED,
+    CHECKPOINT_BYTES,
     ENTRIES_APPLIED,
     FIGURES,
     LAG,
     LOST_LEASES,
     POISON_ENTRIES,
+    TAIL_BYTES,
     failure_figures,
     lag_figures,
     run_figures,
@@ -44,7 +46,13 @@ def test_every_run_reports_every_run_figure() -> None:
     assert requested[BYTES_PUBLISHED] == 512
     busy = run_figures(CompactionResult("busy", "r", 3, 3, stopped="held"))
     assert busy[BUSY_RUNS] == 1 and busy[BYTES_PUBLISHED] == 0
-    assert set(busy) == set(applied) == set(FIGURES) - {LAG}
+    assert set(applied) == set(FIGURES) - {LAG}
+    # The committed state's size, after any run that read it (a busy one did not).
+    assert set(busy) == set(applied) - {CHECKPOINT_BYTES, TAIL_BYTES}
+    assert (applied[CHECKPOINT_BYTES], applied[TAIL_BYTES]) == (
+        APPLIED.snapshot_size,
+        APPLIED.tail_bytes,
+    )
 
 
 def test_failures_name_lost_leases_and_poison_entries() -> None:

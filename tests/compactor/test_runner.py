@@ -14,6 +14,7 @@ import pytest
 
 import compactor.runner
 from compactor import Compactor, Limits, RebuildResult
+from compactor.checkpoint import publish_seconds
 from deltalog import (
     Closed,
     ConfigurationError,
@@ -710,6 +711,50 @@ async def test_a_time_limit_stops_a_run_after_what_it_read(
             (3, "limit"),
             (3, "end"),
         ]
+
+
+async def test_a_deadline_keeps_the_time_a_checkpoint_of_its_size_needs_to_publish(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """With 30 s to a deadline, a small checkpoint leaves time for everything; one whose
+    publish would take longer (a state that says the checkpoint is 1 GB: ~55 s at the
+    assumed rate) stops the replay at once and defers the publish: hwm is committed alone."""
+    assert publish_seconds(10**9) > 30 > publish_seconds(10**4)
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        for i in range(3):
+            await log.append(delta(rng, f"r{i}"))
+        async with Compactor(
+            MEMORY, cache_dir=tmp_path, store=store, table=table, checkpoint_ratio=0
+        ) as c:
+            c.limits = Limits(deadline=time.monotonic() + 30)
+            small = await c.run_once()
+            for i in range(3, 6):
+                await log.append(delta(rng, f"r{i}"))
+            log_id = log.keys.log_id
+            table._states[log_id] = replace(table._states[log_id], snapshot_size=10**9)
+            c.limits = Limits(deadline=time.monotonic() + 30)
+            large = await c.run_once()
+        state = await table.read_state(log_id)
+    assert (small.hwm_after, small.stopped, small.checkpoint) == (3, "end", "first")
+    assert (large.hwm_after, large.stopped, large.checkpoint) == (4, "limit", "")
+    assert (state.hwm, state.checkpoint_hwm) == (4, 3), "hwm committed, the publish deferred"
+
+
+async def test_a_deadline_that_passes_while_the_copy_is_made_is_unavailable_and_commits_nothing(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        await log.append(delta(rng, "r0"))
+        async with Compactor(MEMORY, cache_dir=tmp_path, store=store, table=table) as c:
+            c.limits = Limits(deadline=time.monotonic() - 1)
+            with pytest.raises(Unavailable, match="deadline passed while getting the working"):
+                await c.run_once()
+            state = await table.read_state(log.keys.log_id)
+            assert (state.hwm, state.owner) == (0, None), "nothing committed, the lease released"
+            c.limits = Limits()
+            assert (await c.run_once()).hwm_after == 1
 
 
 async def test_a_cancelled_run_closes_its_sink_removes_its_copy_and_releases(

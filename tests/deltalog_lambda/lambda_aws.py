@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -75,9 +76,14 @@ class Queue:
         *,
         dead_letter: Queue | None = None,
         max_receive_count: int = 2,
+        fifo: bool = False,
     ) -> Queue:
+        """A queue named ``name`` (``.fifo`` added for a FIFO queue, content-deduplicated)."""
         sqs = await client(stack, config, "sqs")
         attributes = {}
+        if fifo:
+            name = f"{name}.fifo"
+            attributes = {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
         if dead_letter is not None:
             attributes["RedrivePolicy"] = json.dumps(
                 {"deadLetterTargetArn": dead_letter.arn, "maxReceiveCount": max_receive_count}
@@ -88,13 +94,24 @@ class Queue:
         ]["QueueArn"]
         return cls(sqs, url, arn)
 
-    async def send(self, bodies: Sequence[str], *, log: str | None = None) -> list[str]:
-        """Send each body as a message (with a ``log`` attribute if given); their ids."""
+    async def send(
+        self,
+        bodies: Sequence[str],
+        *,
+        log: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        group: str | None = None,
+    ) -> list[str]:
+        """Send each body as a message (with a ``log`` attribute if given, and
+        ``attributes`` in ``SendMessage``'s form; in ``group`` on a FIFO queue); their ids."""
         ids = []
         for body in bodies:
-            attributes = {"log": {"DataType": "String", "StringValue": log}} if log else {}
+            extra = dict(attributes or {})
+            if log:
+                extra["log"] = {"DataType": "String", "StringValue": log}
+            fifo = {"MessageGroupId": group} if group else {}
             sent = await self.sqs.send_message(
-                QueueUrl=self.url, MessageBody=body, MessageAttributes=attributes
+                QueueUrl=self.url, MessageBody=body, MessageAttributes=extra, **fifo
             )
             ids.append(sent["MessageId"])
         return ids
@@ -127,12 +144,7 @@ class Queue:
             "body": message["Body"],
             "attributes": message.get("Attributes", {}),
             "messageAttributes": {
-                name: {
-                    "stringValue": value.get("StringValue"),
-                    "stringListValues": [],
-                    "binaryListValues": [],
-                    "dataType": value["DataType"],
-                }
+                name: _attribute(value)
                 for name, value in message.get("MessageAttributes", {}).items()
             },
             "md5OfBody": message["MD5OfBody"],
@@ -164,6 +176,21 @@ class Queue:
         response = await invoke(handler, self.event(messages), context)
         await self.settle(messages, response)
         return messages, response
+
+
+def _attribute(value: dict[str, Any]) -> dict[str, Any]:
+    """A message attribute as Lambda's event holds it: ``stringValue`` or base64
+    ``binaryValue``, whichever the attribute has, never both."""
+    attribute: dict[str, Any] = {
+        "stringListValues": [],
+        "binaryListValues": [],
+        "dataType": value["DataType"],
+    }
+    if "StringValue" in value:
+        attribute["stringValue"] = value["StringValue"]
+    if "BinaryValue" in value:
+        attribute["binaryValue"] = base64.b64encode(value["BinaryValue"]).decode()
+    return attribute
 
 
 def emf_lines(out: str) -> list[dict[str, Any]]:

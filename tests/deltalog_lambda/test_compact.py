@@ -8,6 +8,7 @@ S3 sends to a real SQS queue when deltalog writes an entry.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,11 +26,18 @@ from compactor.lease import LeaseKeeper
 from compactor.metrics import FIGURES
 from compactor.runner import CompactionResult
 from deltalog import DeltaLog, LogConfig
-from deltalog.errors import ConfigurationError, CorruptEntry, InvalidInput, LeaseLost
+from deltalog.errors import (
+    ConfigurationError,
+    CorruptEntry,
+    InvalidInput,
+    LeaseLost,
+    Unavailable,
+)
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.aws import client
-from deltalog.storage.faults import FaultProxy
+from deltalog.storage.faults import Fault, FaultProxy, Request
 from deltalog.storage.table import LogState
+from deltalog_lambda.budget import need
 from deltalog_lambda.compact import CompactHandler
 from tests.builders import delta
 from tests.deltalog_lambda.conftest import NAMESPACE
@@ -80,10 +88,19 @@ def held_sink(opened: threading.Event, gate: threading.Event) -> Callable[[Path]
 
 
 async def test_a_scheduled_event_compacts_its_log_and_answers_the_result(
-    compact: CompactHandler, lambda_env: LogConfig, rng: np.random.Generator
+    compact: CompactHandler,
+    lambda_env: LogConfig,
+    rng: np.random.Generator,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The answer is the result; the result is also logged at INFO (a scheduled invocation's
+    answer goes nowhere), its fields as the record's ``run`` extra."""
     head = await append(lambda_env, rng, 3)
-    answer = await invoke(compact, {"log": lambda_env.log}, Context())
+    with caplog.at_level(logging.INFO, logger="deltalog_lambda"):
+        answer = await invoke(compact, {"log": lambda_env.log}, Context())
+    (record,) = [r for r in caplog.records if hasattr(r, "run")]
+    assert (record.levelno, record.run, record.__dict__["lag"]) == (logging.INFO, answer, 0)
+    assert record.getMessage().startswith(f"{lambda_env.log}: applied 3 entries")
     assert set(answer) == {f.name for f in fields(CompactionResult)}
     assert (answer["status"], answer["log"], answer["hwm_after"]) == (
         "applied",
@@ -102,19 +119,74 @@ async def test_a_scheduled_event_compacts_its_log_and_answers_the_result(
 async def test_with_little_time_left_the_run_ends_early_and_commits_what_it_applied(
     lambda_env: LogConfig, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """9 s left, 5 s kept to commit: 4 s for the run, less than a publish keeps (at least
+    5 s): the replay stops after its first entry, the first checkpoint is deferred and hwm
+    is committed alone; the next invocation, with time, does the rest and publishes."""
     head = await append(lambda_env, rng, 30)
     monkeypatch.setenv("DELTALOG_TIME_MARGIN", "5")
     handler = CompactHandler()
     try:
-        # 5.002 s left, 5 s kept to publish and commit: a budget of about a millisecond.
-        short = await invoke(handler, {"log": lambda_env.log}, Context(remaining_ms=5_002))
-        assert (short["status"], short["stopped"]) == ("applied", "limit")
+        short = await invoke(handler, {"log": lambda_env.log}, Context(remaining_ms=9_000))
+        assert (short["status"], short["stopped"], short["checkpoint"]) == ("applied", "limit", "")
         assert 1 <= short["hwm_after"] < head
         assert (await state_of(lambda_env)).hwm == short["hwm_after"], "committed"
         rest = await invoke(handler, {"log": lambda_env.log}, Context())
     finally:
         handler.close()
-    assert (rest["hwm_before"], rest["hwm_after"]) == (short["hwm_after"], head)
+    assert (rest["hwm_before"], rest["hwm_after"], rest["checkpoint"]) == (
+        short["hwm_after"],
+        head,
+        "first",
+    )
+
+
+async def test_the_checkpoint_download_counts_against_the_invocation_deadline(
+    lambda_env: LogConfig,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A cold run whose checkpoint download alone outlasts the old budget (the remaining time
+    less the margin, counted from the replay's start): the run stops at the deadline with an
+    ``Unavailable`` naming the download, inside the invocation, and commits nothing; the
+    next invocation commits everything.
+
+    Measured on the invocation's own clock (the context); about 6 s of it is the held
+    download, the time the test is about.
+    """
+    assert lambda_env.endpoint_url is not None
+    await append(lambda_env, rng, 2)
+    async with Compactor(lambda_env, cache_dir=tmp_path / "first", checkpoint_ratio=0) as first:
+        await first.run_once()
+    head = await append(lambda_env, rng, 30)
+    monkeypatch.setenv("DELTALOG_TIME_MARGIN", "3")
+    context = Context(remaining_ms=8_000)  # deadline 5 s after the start; old budget 5 s
+
+    async def past_the_old_budget() -> None:  # held until 5.5 s of the 8 s have passed
+        await anyio.sleep(context.get_remaining_time_in_millis() / 1000 - 2.5)
+
+    async with FaultProxy(lambda_env.endpoint_url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+
+        def snapshots(r: Request) -> bool:
+            return "/snapshots/" in r.path
+
+        def entries(r: Request) -> bool:
+            return "/entries/" in r.path
+
+        proxy.script(Fault.DELAY, operation="GetObject", when=snapshots, until=past_the_old_budget)
+        proxy.script(Fault.DELAY, operation="GetObject", when=entries, delay=0.25, times=200)
+        handler = CompactHandler(compactor_options={"prefetch": 1})  # a replay of ~7 s
+        try:
+            with pytest.raises(Unavailable, match="deadline passed while getting the working"):
+                await invoke(handler, {"log": lambda_env.log}, context)
+            assert context.get_remaining_time_in_millis() > 0, "stopped inside the invocation"
+            assert (await state_of(lambda_env)).hwm == 2
+            proxy._script.clear()
+            answer = await invoke(handler, {"log": lambda_env.log}, Context())
+        finally:
+            handler.close()
+    assert (answer["status"], answer["hwm_after"]) == ("applied", head)
 
 
 async def test_the_checkpoint_policy_comes_from_the_environment(
@@ -232,14 +304,17 @@ async def test_a_poison_entry_raises_and_is_counted(
     lambda_env: LogConfig,
     rng: np.random.Generator,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     good = await append(lambda_env, rng, 2)
     async with DeltaLog.open(lambda_env) as log:
         seq = await log.table.reserve(log.keys.log_id)
         assert await log.store.put_if_absent(log.keys.entry(seq), b"not an entry at all")
     capsys.readouterr()
-    with pytest.raises(CorruptEntry):
+    with pytest.raises(CorruptEntry), caplog.at_level(logging.INFO, logger="deltalog_lambda"):
         await invoke(compact, {"log": lambda_env.log}, Context())
+    (record,) = [r for r in caplog.records if hasattr(r, "error")]
+    assert (record.levelno, record.error["type"]) == (logging.ERROR, "CorruptEntry")
     assert (await state_of(lambda_env)).hwm == good, "what came before the poison is committed"
     (emf,) = emf_lines(capsys.readouterr().out)
     assert (emf["PoisonEntries"], emf["LostLeases"], emf["Lag"]) == ([1], [0], [1])
@@ -402,3 +477,53 @@ def _created(bucket: str, key: str) -> dict[str, Any]:
 def test_results_are_json_serialisable() -> None:
     result = CompactionResult("nothing", "x", 0, 0)
     assert json.loads(json.dumps(asdict(result)))["status"] == "nothing"
+
+
+# -- /tmp shared by several logs ----------------------------------------------------------
+
+
+async def test_tmp_is_shared_by_logs_and_a_budget_evicts_the_least_recently_used(
+    lambda_env: LogConfig,
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three logs, one function: with room for all, each log's cache stays (warm); with a
+    budget that holds the current run and not the others, the least recently used log's
+    cache is evicted first (its compactor closed, its directory removed) and the runs go on."""
+    a, b, c = (lambda_env.log, f"{lambda_env.log}-b", f"{lambda_env.log}-c")
+    monkeypatch.setenv("DELTALOG_LOGS", f"{a},{b},{c}")
+    for name in (a, b, c):
+        await append(lambda_env.with_log(name), rng, 2)
+
+    async def compact_each(handler: CompactHandler, names: tuple[str, ...]) -> None:
+        for name in names:
+            answer = await invoke(handler, {"log": name}, Context())
+            assert answer["status"] == "applied"
+
+    roomy = CompactHandler()
+    try:
+        await compact_each(roomy, (a, b, c))
+        units = {n: roomy.cache_root / lambda_env.with_log(n).keys.cache_name for n in (a, b, c)}
+        assert all(u.is_dir() for u in units.values()), "room for every log: all stay"
+        sizes = {n: _tree_size(u) for n, u in units.items()}
+    finally:
+        roomy.close()
+    # Room for one more run beside two caches: compacting c again evicts a (used longest ago).
+    room = sizes[b] + sizes[c] + need(await state_of(lambda_env.with_log(c))) - sizes[c]
+    monkeypatch.setenv("DELTALOG_CACHE_BYTES", str(room + 1024))
+    tight = CompactHandler()
+    try:
+        kept = tight.compactor(a)
+        await append(lambda_env.with_log(c), rng, 1)
+        await compact_each(tight, (c,))
+        assert not units[a].exists(), "the least recently used cache went"
+        assert units[b].is_dir() and units[c].is_dir()
+        assert tight.compactor(a) is not kept, "its compactor was closed, a new one opened"
+        await append(lambda_env, rng, 1)
+        await compact_each(tight, (a,))  # and a runs again, from its checkpoint
+    finally:
+        tight.close()
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

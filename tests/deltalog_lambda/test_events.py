@@ -88,3 +88,24 @@ def test_sqs_messages_carry_their_id_body_and_log_attribute() -> None:
     ]
     with pytest.raises(InvalidInput, match="not an SQS batch"):
         messages({"log": "a"})
+
+
+def test_each_message_reads_its_own_attributes_and_a_bad_one_fails_alone() -> None:
+    """A Binary ``log`` (no ``stringValue``), an empty or invalid name, a version that is not
+    a whole number: that message carries the problem; the others are read as sent."""
+    event = sqs("a", "b", "c", "d", "e")
+    records = event["Records"]
+    records[0]["messageAttributes"] = {"log": {"binaryValue": "AAE=", "dataType": "Binary"}}
+    records[1]["messageAttributes"] = {"log": {"stringValue": "", "dataType": "String"}}
+    records[2]["messageAttributes"] = {"version": {"stringValue": "1.5", "dataType": "Number"}}
+    records[3]["messageAttributes"] = {
+        "log": {"stringValue": "b.v2", "dataType": "String"},
+        "version": {"stringValue": "1700000000123", "dataType": "Number"},
+    }
+    records[4]["attributes"] = {"MessageGroupId": "receipt-7"}
+    got = messages(event)
+    assert [m.problem is not None for m in got] == [True, True, True, False, False]
+    assert all(isinstance(m.problem, InvalidInput) for m in got[:3])
+    assert (got[3].log, got[3].version, got[3].group) == ("b.v2", 1700000000123, None)
+    assert (got[4].log, got[4].version, got[4].group) == (None, None, "receipt-7")
+    assert "Binary" in str(got[0].problem)

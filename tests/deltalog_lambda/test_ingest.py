@@ -12,18 +12,21 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
+import msgspec
 import numpy as np
 import pytest
 
 from deltalog import DeltaLog, LogConfig
 from deltalog.entry import Upsert
-from deltalog.errors import ConfigurationError
+from deltalog.errors import ConfigurationError, Unavailable
+from deltalog.receipts.embed import Embedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.model import Receipt, encode_receipt, word_records
 from deltalog.storage.aws import client
 from deltalog_lambda.ingest import IngestHandler
+from deltalog_lambda.metrics import INGEST_FIGURES
 from tests.deltalog_lambda.conftest import DIM, NAMESPACE
 from tests.deltalog_lambda.lambda_aws import Context, Queue, emf_lines, invoke
 from tests.openai_server import API_KEY, OpenAIServer, vector_for
@@ -259,12 +262,17 @@ async def test_a_missing_secret_is_a_configuration_error_naming_it(
 
 
 async def test_ingest_metrics_are_emf_lines_with_the_metric_names(
-    ingest: IngestHandler,
     lambda_env: LogConfig,
     receipts: list[Receipt],
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The dimensions stay ``log`` alone even with ``POWERTOOLS_SERVICE_NAME`` set (Powertools
+    would add ``service``, moving every metric away from the alarms)."""
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "somebody-set-this")
+    ingest = IngestHandler()
     async with AsyncExitStack() as stack:
+        stack.callback(ingest.close)
         queue = await Queue.create(stack, lambda_env, f"emf-{lambda_env.log}")
         await queue.send([body(r) for r in receipts[:4]])
         event = queue.event(await queue.receive_all())
@@ -276,9 +284,10 @@ async def test_ingest_metrics_are_emf_lines_with_the_metric_names(
         (directive,) = emf["_aws"]["CloudWatchMetrics"]
         assert directive["Namespace"] == NAMESPACE
         assert directive["Dimensions"] == [["log"]]
-        assert {m["Name"] for m in directive["Metrics"]} == {"DeltasIngested", "IngestFailures"}
+        assert {m["Name"] for m in directive["Metrics"]} == {f.name for f in INGEST_FIGURES}
         assert isinstance(emf["_aws"]["Timestamp"], int)
         assert emf["log"] == lambda_env.log
+        assert "service" not in emf
     assert (first["DeltasIngested"], second["DeltasIngested"]) == ([4], [0])
 
 
@@ -313,3 +322,165 @@ async def test_a_receipt_not_written_before_the_deadline_fails_only_its_message(
     assert sorted(f["itemIdentifier"] for f in late["batchItemFailures"]) == sorted(ids[1:])
     assert again == {"batchItemFailures": []}
     assert await receipts_in_log(lambda_env) == Counter({key_of(r): 1 for r in receipts[:3]})
+
+
+# -- one message's attributes, invalid input, versions and order ----------------------------
+
+
+async def test_a_malformed_attribute_fails_only_its_own_message(
+    ingest: IngestHandler, lambda_env: LogConfig, receipts: list[Receipt]
+) -> None:
+    """A ``log`` attribute of type Binary (no ``stringValue``), an empty one, a version that is
+    not a number: each fails its own message; the rest of the batch is ingested."""
+    bad_attributes: list[dict[str, Any]] = [
+        {"log": {"DataType": "Binary", "BinaryValue": b"\x00receipts"}},
+        {"log": {"DataType": "String", "StringValue": " "}},
+        {"version": {"DataType": "String", "StringValue": "v2"}},
+    ]
+    async with AsyncExitStack() as stack:
+        queue = await Queue.create(stack, lambda_env, f"attrs-{lambda_env.log}")
+        good = await queue.send([body(r) for r in receipts[:2]])
+        bad = [
+            (await queue.send([body(r)], attributes=a))[0]
+            for r, a in zip(receipts[2:5], bad_attributes, strict=True)
+        ]
+        messages = await queue.receive_all()
+        response = await invoke(ingest, queue.event(messages), Context())
+    assert sorted(f["itemIdentifier"] for f in response["batchItemFailures"]) == sorted(bad)
+    assert await receipts_in_log(lambda_env) == Counter({key_of(r): 1 for r in receipts[:2]})
+    assert len(good) == 2
+
+
+async def test_invalid_input_goes_to_the_dead_letter_queue_at_once_with_its_reason(
+    lambda_env: LogConfig, receipts: list[Receipt], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not retried ``maxReceiveCount`` times: forwarded with the error as an attribute, and
+    acknowledged (not in the answer); the good receipts of the batch are ingested."""
+    async with AsyncExitStack() as stack:
+        dlq = await Queue.create(stack, lambda_env, f"dl-{lambda_env.log}", fifo=True)
+        monkeypatch.setenv("DELTALOG_DEAD_LETTER_QUEUE_URL", dlq.url)
+        handler = IngestHandler()
+        stack.callback(handler.close)
+        queue = await Queue.create(stack, lambda_env, f"in-{lambda_env.log}", fifo=True)
+        await queue.send([body(receipts[0])], group="r0")
+        (bad,) = await queue.send(["{not a receipt"], group="r1", log=lambda_env.log)
+        response = await invoke(handler, queue.event(await queue.receive_all()), Context())
+        (dead,) = await dlq.receive_all()
+    assert response == {"batchItemFailures": []}
+    assert dead["Body"] == "{not a receipt"
+    attributes = dead["MessageAttributes"]
+    assert attributes["error_type"]["StringValue"] == "InvalidReceipt"
+    assert (
+        "not valid JSON" in attributes["error"]["StringValue"] or attributes["error"]["StringValue"]
+    )
+    assert attributes["log"]["StringValue"] == lambda_env.log, "its own attributes go with it"
+    assert dead["Attributes"]["MessageGroupId"] == "r1"
+    assert await receipts_in_log(lambda_env) == Counter({key_of(receipts[0]): 1})
+    assert bad
+
+
+def _version(n: int) -> dict[str, Any]:
+    return {"version": {"DataType": "Number", "StringValue": str(n)}}
+
+
+async def merchants_in_order(config: LogConfig, receipt: Receipt) -> list[str]:
+    """The merchant of each upsert of ``receipt``'s lines, in seq order: the last one wins."""
+    found = []
+    async with DeltaLog.open(config) as log:
+        async for _, entry in log.read():
+            for delta in entry.deltas:
+                for op in delta.ops:
+                    if isinstance(op, Upsert) and op.collection == "lines" and op.metadatas:
+                        meta = op.metadatas[0]
+                        if (meta["image_id"], meta["receipt_id"]) == (
+                            str(receipt.image_id),
+                            receipt.receipt_id,
+                        ):
+                            found.append(str(meta["merchant_name"]))
+    return found
+
+
+async def test_a_redelivered_older_version_never_replaces_a_newer_one(
+    ingest: IngestHandler,
+    lambda_env: LogConfig,
+    receipts: list[Receipt],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Version 1 of a receipt comes back after version 2 was appended (redriven from the
+    dead-letter queue, or sent again): acknowledged, counted, not written."""
+    v1 = msgspec.structs.replace(receipts[0], merchant_name="Version One")
+    v2 = msgspec.structs.replace(receipts[0], merchant_name="Version Two")
+    async with AsyncExitStack() as stack:
+        queue = await Queue.create(stack, lambda_env, f"ver-{lambda_env.log}", fifo=True)
+        group = str(v1.image_id)
+        await queue.send([body(v2)], attributes=_version(2), group=group)
+        assert await queue.poll(ingest, Context()) != ([], None)
+        capsys.readouterr()
+        await queue.send([body(v1)], attributes=_version(1), group=group)
+        messages, response = await queue.poll(ingest, Context())
+        # The same version again is a redelivery: allowed, and a duplicate.
+        await queue.send([body(v2) + " "], attributes=_version(2), group=group)
+        again, _ = await queue.poll(ingest, Context())
+    assert len(messages) == 1 and response == {"batchItemFailures": []}, "acknowledged"
+    assert await merchants_in_order(lambda_env, receipts[0]) == ["Version Two"]
+    (emf,) = emf_lines(capsys.readouterr().out)[:1]
+    assert (emf["StaleReceipts"], emf["DeltasIngested"]) == ([1], [0])
+    assert len(again) == 1
+
+
+async def test_a_group_is_ingested_in_order_and_a_failure_holds_the_rest_of_it(
+    lambda_env: LogConfig, receipts: list[Receipt]
+) -> None:
+    """Two versions of a receipt in one FIFO group, without version attributes: the first
+    fails (its embedding, once), so the second fails untried and both come back in order:
+    the log ends with the second."""
+    words = receipts[1].words
+    first_word = msgspec.structs.replace(words[0], text="FIRSTVERSION")
+    v1 = msgspec.structs.replace(receipts[1], merchant_name="First", words=[first_word, *words[1:]])
+    v2 = msgspec.structs.replace(receipts[1], merchant_name="Second")
+    handler = _FailingOnce(marker="FIRSTVERSION")
+    try:
+        async with AsyncExitStack() as stack:
+            queue = await Queue.create(stack, lambda_env, f"order-{lambda_env.log}", fifo=True)
+            await queue.send([body(v1), body(v2)], group="receipt-1")
+            await queue.send([body(receipts[2])], group="receipt-2")
+            batch, first = await queue.poll(handler, Context())
+            assert first is not None and len(batch) == 3
+            failed = {f["itemIdentifier"] for f in first["batchItemFailures"]}
+            assert failed == {batch[0]["MessageId"], batch[1]["MessageId"]}, (
+                "the other group went on"
+            )
+            _, second = await queue.poll(handler, Context())
+    finally:
+        handler.close()
+    assert second == {"batchItemFailures": []}
+    assert await merchants_in_order(lambda_env, receipts[1]) == ["First", "Second"]
+    assert handler.failed == 1
+
+
+class _FailingOnce(IngestHandler):
+    """The deployment's handler whose embedder fails once for a receipt naming ``marker``:
+    a transient outage that hits one message of a batch."""
+
+    def __init__(self, *, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+        self.failed = 0
+
+    def embedder(self) -> Embedder:
+        real = super().embedder()
+        handler = self
+
+        class Flaky:
+            name, dim = real.name, real.dim
+
+            async def embed(self, texts: list[str]) -> Any:
+                if handler.failed == 0 and any(handler.marker in t for t in texts):
+                    handler.failed += 1
+                    raise Unavailable("the embedder is down (injected once)")
+                return await real.embed(texts)
+
+            async def aclose(self) -> None:
+                return None
+
+        return cast(Embedder, Flaky())

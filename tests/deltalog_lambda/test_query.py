@@ -12,6 +12,7 @@ import pytest
 
 from compactor import Compactor
 from deltalog import DeltaLog, LogConfig
+from deltalog.errors import ConfigurationError
 from deltalog.receipts.embed import HashingEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import ReceiptProducer
@@ -115,3 +116,67 @@ async def test_a_bad_request_is_a_400_that_says_what_to_fix(
     answer = await invoke(query, event, Context())
     assert answer["statusCode"] == 400
     assert says in json.loads(answer["body"])["error"].lower()
+
+
+@pytest.fixture
+async def small_log(lambda_env: LogConfig, tmp_path: object) -> list[Any]:
+    """Three receipts, compacted."""
+    receipts = list(generate_receipts(3, seed=5))
+    async with DeltaLog.open(lambda_env) as log:
+        async with ReceiptProducer(log, HashingEmbedder(DIM)) as producer:
+            await producer.add_many(receipts)
+        async with Compactor(lambda_env, cache_dir=f"{tmp_path}/c") as compactor:
+            await compactor.run_once()
+    return receipts
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"collection": "words", "limit": -1}, "limit must be 1 to 50"),
+        ({"collection": "words", "limit": 0}, "limit must be 1 to 50"),
+        ({"collection": "words", "limit": 51}, "limit must be 1 to 50"),
+        ({"collection": "words", "query_texts": ["a"], "n_results": 51}, "1 to 50"),
+        ({"collection": "words", "query_texts": ["a", "b"], "n_results": 26}, "1 to 50"),
+        ({"collection": "words", "query_texts": ["a"], "n_results": 0}, "1 to 50"),
+        ({"collection": "words", "ids": [f"x{i}" for i in range(51)]}, "at most 50"),
+        ({"collection": "words"}, "more than 50 records match"),
+    ],
+)
+async def test_the_answer_is_bounded_and_a_request_past_a_bound_is_a_400_naming_it(
+    lambda_env: LogConfig,
+    small_log: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    body: dict[str, Any],
+    says: str,
+) -> None:
+    monkeypatch.setenv("DELTALOG_QUERY_MAX_RESULTS", "50")
+    handler = QueryHandler()
+    try:
+        answer = await invoke(handler, url_request(body), Context())
+        within = await invoke(handler, url_request({"collection": "lines", "limit": 50}), Context())
+    finally:
+        handler.close()
+    assert answer["statusCode"] == 400
+    error = json.loads(answer["body"])["error"]
+    assert says in error and "DELTALOG_QUERY_MAX_RESULTS" in error
+    assert within["statusCode"] == 200
+    assert 0 < len(json.loads(within["body"])["ids"]) <= 50
+
+
+async def test_an_answer_too_large_for_lambda_is_a_400_not_a_broken_response(
+    lambda_env: LogConfig, small_log: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DELTALOG_QUERY_MAX_ANSWER_BYTES", "2KiB")
+    handler = QueryHandler()
+    try:
+        big = await invoke(handler, url_request({"collection": "words", "limit": 200}), Context())
+        small = await invoke(handler, url_request({"collection": "words", "limit": 1}), Context())
+    finally:
+        handler.close()
+    assert big["statusCode"] == 400
+    assert "over 2048 (DELTALOG_QUERY_MAX_ANSWER_BYTES" in json.loads(big["body"])["error"]
+    assert small["statusCode"] == 200 and len(small["body"]) <= 2048
+    monkeypatch.setenv("DELTALOG_QUERY_MAX_ANSWER_BYTES", "7MiB")
+    with pytest.raises(ConfigurationError, match="Lambda's limit"):
+        QueryHandler()

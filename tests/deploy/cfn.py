@@ -161,7 +161,9 @@ class Stack:
         resolved = {k: self.resolve(v) for k, v in node.items()}
         return {k: v for k, v in resolved.items() if v is not _NO_VALUE}
 
-    def _Ref(self, name: str) -> Any:
+    def _Ref(self, name: Any) -> Any:
+        if isinstance(name, dict):  # AWS::LanguageExtensions allows a function here
+            name = self.resolve(name)
         if name == "AWS::NoValue":
             return _NO_VALUE
         if name in self.pseudo:
@@ -185,6 +187,8 @@ class Stack:
             "AWS::SQS::Queue": f"arn:aws:sqs:{REGION}:{ACCOUNT}:{name}",
             "AWS::Serverless::Function": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}",
             "AWS::Events::Rule": f"arn:aws:events:{REGION}:{ACCOUNT}:rule/{name}",
+            "AWS::Logs::LogGroup": f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{name}:*",
+            "AWS::IAM::Role": f"arn:aws:iam::{ACCOUNT}:role/{name}",
         }
         if attribute == "Arn" and kind in arns:
             return arns[kind]

@@ -11,8 +11,10 @@ within the queue's retention, alarms on the metrics the handlers emit.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,16 @@ from typing import Any
 import pytest
 
 from compactor.checkpoint import DEFAULT_RATIO
-from compactor.metrics import LAG
+from compactor.metrics import FIGURES, LAG
+from deltalog.errors import ConfigurationError
 from deltalog.storage.policy import render
+from deltalog_lambda.metrics import INGEST_FAILURES, INGEST_FIGURES
 from deltalog_lambda.settings import Settings
 from tests.deploy.cfn import (
     ACCOUNT,
     REGION,
     STACK,
+    STACK_UUID,
     TEMPLATE,
     Stack,
     defaults,
@@ -126,13 +131,16 @@ ROLES = {"producer": "Ingest", "compactor": "Compactor", "reader": "Query"}
 def test_each_log_gets_exactly_the_statements_of_deltalog_policy(
     template: dict[str, Any], parameters: dict[str, Any]
 ) -> None:
+    """A managed policy per log and role (not inline: 10,240 characters per role capped a
+    stack at 4 logs), attached to the function's role, equal to ``deltalog policy``."""
     stack = deployed(template, parameters)
     bucket = stack.names["Bucket"]
     kms = parameters.get("KmsKeyArn") or None
-    policies = stack.resources("AWS::IAM::RolePolicy")
+    policies = stack.resources("AWS::IAM::ManagedPolicy")
     query = parameters.get("DeployQueryFunction") == "true"
     expected_count = len(stack.parameters["LogNames"]) * (3 if query else 2)
     assert len(policies) == expected_count
+    assert not stack.resources("AWS::IAM::RolePolicy")
     for log in stack.parameters["LogNames"]:
         for role, function in ROLES.items():
             logical = f"{function}Policy{alnum(log)}"
@@ -140,8 +148,8 @@ def test_each_log_gets_exactly_the_statements_of_deltalog_policy(
                 assert logical not in policies
                 continue
             policy = policies[logical]["Properties"]
-            assert policy["RoleName"] == f"{function}FunctionRole"
-            assert policy["PolicyName"] == f"deltalog-{role}-{log}"
+            assert policy["Roles"] == [f"{function}FunctionRole"]
+            assert policy["Description"] == f"deltalog policy --role {role} --log {log}"
             want = render(
                 role, bucket=bucket, table=TABLE, log=log, account=ACCOUNT, region=REGION,
                 kms_key_arn=kms,
@@ -162,69 +170,116 @@ def test_the_bucket_policy_is_deltalog_policy_role_bucket(
     assert policy["Properties"]["Bucket"] == stack.names["Bucket"]
 
 
-def _statements(translated: dict[str, Any], parameters: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every statement of every identity policy the deployment creates."""
+# What AWS's managed policies for Lambda grant (their documents as published): a role
+# with one of them attached holds these statements.
+AWS_MANAGED: dict[str, list[dict[str, Any]]] = {
+    "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole": [
+        {
+            "Effect": "Allow",
+            "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+            "Resource": "*",
+        }
+    ],
+    "arn:aws:iam::aws:policy/service-role/AWSLambdaSQSQueueExecutionRole": [
+        {
+            "Effect": "Allow",
+            "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
+            "Resource": "*",
+        }
+    ],
+    "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess": [
+        {
+            "Effect": "Allow",
+            "Action": ["xray:PutTraceSegments", "xray:PutTelemetryRecords"],
+            "Resource": ["*"],
+        }
+    ],
+}
+
+
+def role_statements(translated: dict[str, Any], parameters: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every statement each role of the deployment holds, from the translated template:
+    its inline policies, the policy resources naming it, and every managed policy attached
+    (the template's own, and AWS's, whose documents are above; an unknown one fails)."""
     stack = Stack(translated, parameters)
-    found = []
-    for resource in stack.resources("AWS::IAM::Role").values():
-        for policy in resource["Properties"].get("Policies", []):
-            found += policy["PolicyDocument"]["Statement"]
-    for resource in stack.resources("AWS::IAM::RolePolicy").values():
-        found += resource["Properties"]["PolicyDocument"]["Statement"]
+    roles = stack.resources("AWS::IAM::Role")
+    found: dict[str, list[Any]] = {name: [] for name in roles}
+    for name, role in roles.items():
+        for policy in role["Properties"].get("Policies", []):
+            found[name] += policy["PolicyDocument"]["Statement"]
+        for arn in role["Properties"].get("ManagedPolicyArns", []):
+            assert arn in AWS_MANAGED, f"{name}: a managed policy this test cannot read: {arn}"
+            found[name] += AWS_MANAGED[arn]
+    for kind in ("AWS::IAM::Policy", "AWS::IAM::RolePolicy", "AWS::IAM::ManagedPolicy"):
+        for resource in stack.resources(kind).values():
+            props = resource["Properties"]
+            for role in props.get("Roles", []) + (
+                [props["RoleName"]] if "RoleName" in props else []
+            ):
+                found[role] += props["PolicyDocument"]["Statement"]
     return found
 
 
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
 @PARAMETER_SETS
-def test_no_statement_allows_a_wildcard_action(
+def test_no_role_holds_a_wildcard_action_or_resource_managed_policies_included(
     template: dict[str, Any], parameters: dict[str, Any]
 ) -> None:
+    """Read from the translated template, every role's statements (managed policies too, such
+    as the ``AWSLambdaSQSQueueExecutionRole`` SAM attaches to a role it makes for an SQS event
+    source: sqs:* actions on ``*``) name their actions and scope their resources."""
     translated = translate(template, parameters)
-    statements = _statements(translated, parameters)
-    assert statements
-    for statement in statements:
-        actions = statement["Action"]
-        for action in [actions] if isinstance(actions, str) else actions:
-            assert action != "*" and not action.endswith(":*"), statement
-    managed = {
-        arn
-        for resource in translated["Resources"].values()
-        if resource["Type"] == "AWS::IAM::Role"
-        for arn in resource["Properties"].get("ManagedPolicyArns", [])
-    }
-    assert managed == {
-        "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
-        "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
-        "arn:aws:iam::aws:policy/service-role/AWSLambdaSQSQueueExecutionRole",
-    }
-
-
-def _inline_size(translated: dict[str, Any], parameters: dict[str, Any], function: str) -> int:
-    """Characters of a role's inline policies as IAM counts them (no whitespace)."""
-    names = {"Bucket": parameters["BucketName"], "Table": TABLE}
-    stack = Stack(translated, parameters, names=names)
-    role = f"{function}FunctionRole"
-    documents = [p["PolicyDocument"] for p in stack.resource(role)["Properties"]["Policies"]]
-    documents += [
-        r["Properties"]["PolicyDocument"]
-        for r in stack.resources("AWS::IAM::RolePolicy").values()
-        if r["Properties"]["RoleName"] == role
+    statements = role_statements(translated, parameters)
+    query = parameters.get("DeployQueryFunction") == "true"
+    expected = {f"{f}FunctionRole" for f in ("Ingest", "Compactor")} | (
+        {"QueryFunctionRole"} if query else set()
+    )
+    assert set(statements) == expected
+    for role, held in statements.items():
+        assert held, role
+        for statement in held:
+            for action in _listed(statement["Action"]):
+                assert action != "*" and not action.endswith(":*"), (role, statement)
+            for resource in _listed(statement["Resource"]):
+                assert resource != "*" and not resource.endswith(":*:*"), (role, statement)
+    functions = [
+        r for r in translated["Resources"].values() if r["Type"] == "AWS::Lambda::Function"
     ]
-    return sum(len(json.dumps(d, separators=(",", ":"))) for d in documents)
+    assert all("TracingConfig" not in f["Properties"] for f in functions), "nothing is traced"
 
 
-MAX_LOGS = 4
-"""Logs per stack within IAM's 10,240 characters of inline policy per role (README)."""
+def _policy_size(document: dict[str, Any]) -> int:
+    """Characters of a policy document as IAM counts them (no whitespace)."""
+    return len(json.dumps(document, separators=(",", ":")))
 
 
-def test_inline_policies_fit_iam_for_the_documented_number_of_logs(
-    template: dict[str, Any],
-) -> None:
-    logs = [f"log-{i:02d}" for i in range(MAX_LOGS + 1)]
-    fits = {**EVERYTHING, "BucketName": "a" * 63, "LogNames": logs[:MAX_LOGS]}
-    too_many = {**fits, "LogNames": logs}
-    sizes = {f: _inline_size(translate(template, fits), fits, f) for f in ROLES.values()}
-    assert max(sizes.values()) <= 10_240, sizes
-    assert _inline_size(translate(template, too_many), too_many, "Compactor") > 10_240
+MAX_LOGS = 10
+"""Logs per stack: one managed policy per log on each role, and IAM attaches at most 10
+managed policies to a role by default (20 on request) (README)."""
+MAX_LOG_NAME = 50
+"""Characters of a log name: its schedule's name is ``dl-<8>-c-<log>``, at most 64."""
+
+
+def test_policies_fit_iam_for_the_documented_number_of_logs(template: dict[str, Any]) -> None:
+    logs = [f"{i:02d}".ljust(MAX_LOG_NAME, "x") for i in range(MAX_LOGS)]
+    most = {**EVERYTHING, "BucketName": "a" * 63, "LogNames": logs}
+    translated = translate(template, most)
+    stack = Stack(translated, most, names={"Bucket": most["BucketName"], "Table": TABLE})
+    for name, role in stack.resources("AWS::IAM::Role").items():
+        inline = sum(_policy_size(p["PolicyDocument"]) for p in role["Properties"]["Policies"])
+        assert inline <= 10_240, name
+        attached = [
+            p
+            for p in stack.resources("AWS::IAM::ManagedPolicy").values()
+            if name in p["Properties"]["Roles"]
+        ]
+        assert len(attached) == MAX_LOGS <= 10, name
+        assert max(_policy_size(p["Properties"]["PolicyDocument"]) for p in attached) <= 6_144
+    for rule in stack.resources("AWS::Events::Rule").values():
+        assert len(rule["Properties"]["Name"]) <= 64
 
 
 # -- queues, triggers, concurrency --------------------------------------------------------
@@ -284,17 +339,27 @@ def test_the_event_sources_report_batch_item_failures_and_bound_their_concurrenc
     assert "ReservedConcurrentExecutions" not in stack.resource("IngestFunction")["Properties"]
 
 
-def test_the_compactor_reserved_concurrency_covers_its_triggers(template: dict[str, Any]) -> None:
-    """One run per log on its schedule, plus the notification pollers' concurrency."""
-    stack = deployed(template, {})
-    compactor = stack.resource("CompactorFunction")["Properties"]
+def test_reserved_concurrency_is_optional_and_covers_the_triggers_when_set(
+    template: dict[str, Any],
+) -> None:
+    """None by default (a new account cannot reserve any); when set, the compactor's covers
+    one run per log plus the notification pollers, as its description says."""
+    stack = deployed(template, {"DeployQueryFunction": "true"})
+    for function in ("IngestFunction", "CompactorFunction", "QueryFunction"):
+        assert "ReservedConcurrentExecutions" not in stack.resource(function)["Properties"]
+    set_ = deployed(
+        template,
+        {"DeployQueryFunction": "true", "CompactorReservedConcurrency": "12",
+         "QueryReservedConcurrency": "4"},
+    )  # fmt: skip
+    compactor = set_.resource("CompactorFunction")["Properties"]
+    assert compactor["ReservedConcurrentExecutions"] == "12"
+    assert set_.resource("QueryFunction")["Properties"]["ReservedConcurrentExecutions"] == "4"
     pollers = compactor["Events"]["EntryNotifications"]["Properties"]["ScalingConfig"][
         "MaximumConcurrency"
     ]
-    reserved = int(compactor["ReservedConcurrentExecutions"])
-    assert reserved >= len(stack.parameters["LogNames"]) + pollers
-    minimum = template["Parameters"]["CompactorReservedConcurrency"]["MinValue"]
-    assert minimum >= 1 + pollers, "even the smallest allowed value leaves a log its run"
+    assert "logs plus 2" in template["Parameters"]["CompactorReservedConcurrency"]["Description"]
+    assert pollers == 2
 
 
 @PARAMETER_SETS
@@ -337,10 +402,16 @@ def test_the_bucket_is_private_encrypted_and_cleans_up_uploads(
         }
     else:
         assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
-    (lifecycle,) = props["LifecycleConfiguration"]["Rules"]
-    assert lifecycle["Status"] == "Enabled"
-    assert lifecycle["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1
+    uploads, tiering = props["LifecycleConfiguration"]["Rules"]
+    assert uploads["Status"] == "Enabled"
+    assert uploads["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1
+    assert tiering["Transitions"] == [
+        {"StorageClass": "INTELLIGENT_TIERING", "TransitionInDays": "30"}
+    ]
+    assert "Expiration" not in json.dumps(props), "entries are never expired"
     assert bucket["DeletionPolicy"] == "Retain"
+    off = deployed(template, {**parameters, "TieringAfterDays": "0"}).resource("Bucket")
+    assert len(off["Properties"]["LifecycleConfiguration"]["Rules"]) == 1
 
 
 @PARAMETER_SETS
@@ -441,10 +512,20 @@ def test_the_alarms_watch_lag_errors_and_dead_letters(
         assert lag["Threshold"] == stack.parameters["LagAlarmThreshold"]
         assert lag["EvaluationPeriods"] == stack.parameters["LagAlarmPeriods"]
         assert lag["ComparisonOperator"] == "GreaterThanThreshold"
-        assert lag.get("AlarmActions") == actions
+        assert lag["TreatMissingData"] == "breaching", "a compactor that stops reporting stalled"
+        failures = alarms[f"IngestFailuresAlarm{alnum(log)}"]["Properties"]
+        assert (failures["Namespace"], failures["MetricName"]) == (
+            f"deltalog/{STACK}",
+            INGEST_FAILURES.name,
+        )
+        assert failures["Dimensions"] == [{"Name": "log", "Value": log}]
     errors = alarms["CompactorErrorsAlarm"]["Properties"]
     assert (errors["Namespace"], errors["MetricName"]) == ("AWS/Lambda", "Errors")
     assert errors["Dimensions"] == [{"Name": "FunctionName", "Value": "CompactorFunction"}]
+    ingest_errors = alarms["IngestErrorsAlarm"]["Properties"]
+    assert (ingest_errors["DatapointsToAlarm"], ingest_errors["EvaluationPeriods"]) == (2, 3), (
+        "one transient failure does not fire it"
+    )
     for name, queue in (
         ("IngestDeadLetterAlarm", "IngestDeadLetterQueue"),
         ("CompactorDeadLetterAlarm", "CompactorDeadLetterQueue"),
@@ -453,6 +534,221 @@ def test_the_alarms_watch_lag_errors_and_dead_letters(
         assert dlq["MetricName"] == "ApproximateNumberOfMessagesVisible"
         assert dlq["Dimensions"] == [{"Name": "QueueName", "Value": queue}]
         assert (dlq["Threshold"], dlq["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+    age = alarms["IngestQueueAgeAlarm"]["Properties"]
+    assert (age["Namespace"], age["MetricName"]) == ("AWS/SQS", "ApproximateAgeOfOldestMessage")
+    assert age["Dimensions"] == [{"Name": "QueueName", "Value": "IngestQueue"}]
+    throttled = {
+        a["Properties"]["Dimensions"][0]["Value"]
+        for a in alarms.values()
+        if a["Properties"].get("MetricName") == "Throttles"
+    }
+    query = parameters.get("DeployQueryFunction") == "true"
+    assert throttled == {"IngestFunction", "CompactorFunction"} | (
+        {"QueryFunction"} if query else set()
+    )
+    for name, alarm in alarms.items():
+        props = alarm["Properties"]
+        assert props.get("AlarmActions") == actions, name
+        reminder = name.endswith("ReminderAlarm")
+        assert props.get("OKActions") == (None if reminder else actions), name
+
+
+@pytest.mark.parametrize("timeout", [300, 600, 900])
+def test_the_duration_alarm_fires_near_the_compactors_timeout(
+    template: dict[str, Any], timeout: int
+) -> None:
+    stack = deployed(template, {"CompactorTimeout": str(timeout)})
+    duration = stack.resource("CompactorDurationAlarm")["Properties"]
+    assert (duration["Namespace"], duration["MetricName"]) == ("AWS/Lambda", "Duration")
+    assert duration["Dimensions"] == [{"Name": "FunctionName", "Value": "CompactorFunction"}]
+    assert duration["Threshold"] == 0.9 * timeout * 1000
+    assert duration["Statistic"] == "Maximum"
+
+
+def _metric_math(expression: str, depth: float, hour: int, minute: int) -> float:
+    """A CloudWatch metric math expression over one metric (``depth``), evaluated at one
+    datapoint: IF, AND, OR, comparisons, MINUTE, HOUR, FLOOR, arithmetic."""
+    python = (
+        expression.replace("IF(", "_if(")
+        .replace(" AND ", " and ")
+        .replace(" OR ", " or ")
+        .replace("MINUTE(depth)", str(minute))
+        .replace("HOUR(depth)", str(hour))
+        .replace("FLOOR(", "_floor(")
+    )
+    scope = {
+        "_if": lambda c, a, b: a if c else b,
+        "_floor": math.floor,
+        "depth": depth,
+        "__builtins__": {},
+    }
+    return float(eval(python, scope))
+
+
+@pytest.mark.parametrize("hours", ["1", "6", "24"])
+def test_a_dead_letter_reminder_notifies_again_every_few_hours_while_messages_wait(
+    template: dict[str, Any], hours: str
+) -> None:
+    """Alarms notify on a change of state: the reminder's expression rests (0) for five
+    minutes every ``hours`` hours while the queue holds messages, so over a day of a
+    non-empty queue it fires 24 / hours times; with the queue empty it never does."""
+    stack = deployed(template, {"DeadLetterReminderHours": hours})
+    for name in ("IngestDeadLetterReminderAlarm", "CompactorDeadLetterReminderAlarm"):
+        props = stack.resource(name)["Properties"]
+        (expression,) = [m["Expression"] for m in props["Metrics"] if m.get("ReturnData")]
+        (depth,) = [m for m in props["Metrics"] if m["Id"] == "depth"]
+        assert depth["MetricStat"]["Metric"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        assert depth["MetricStat"]["Period"] == 60
+        for waiting, fires in ((3.0, 24 // int(hours)), (0.0, 0)):
+            states = [
+                _metric_math(expression, waiting, minute // 60, minute % 60) > props["Threshold"]
+                for minute in range(24 * 60)
+            ]
+            # Starting from OK, each step from OK to ALARM is a notification.
+            steps = zip([False, *states[:-1]], states, strict=True)
+            alarms = sum(1 for before, now in steps if now and not before)
+            assert alarms == fires, (name, waiting)
+
+
+@PARAMETER_SETS
+def test_a_dashboard_shows_the_pipeline_with_the_metrics_the_handlers_emit(
+    template: dict[str, Any], parameters: dict[str, Any]
+) -> None:
+    stack = deployed(template, parameters)
+    dashboard = stack.resource("Dashboard")["Properties"]
+    body = json.loads(dashboard["DashboardBody"])
+    text = json.dumps(body)
+    searched = set(re.findall(r'MetricName=\\"(\w+)\\"', text))
+    emitted = {f.name for f in FIGURES} | {f.name for f in INGEST_FIGURES}
+    assert searched <= emitted, searched - emitted
+    wanted = {"Lag", "EntriesApplied", "BytesPublished", "DeltasIngested", "CheckpointBytes"}
+    assert wanted <= searched
+    assert f'{{\\"deltalog/{STACK}\\",log}}' in text, "the namespace the handlers use"
+    for shown in ("IngestDeadLetterQueue", "CompactorDeadLetterQueue", "IngestQueue"):
+        assert f'"QueueName", "{shown}"' in text
+    assert '"Duration", "FunctionName", "CompactorFunction"' in text
+    assert all(w["properties"]["region"] == REGION for w in body["widgets"])
+
+
+@PARAMETER_SETS
+def test_logs_are_structured_json_at_info_in_groups_with_a_retention(
+    template: dict[str, Any], parameters: dict[str, Any]
+) -> None:
+    stack = deployed(template, parameters)
+    query = parameters.get("DeployQueryFunction") == "true"
+    for name in ("Ingest", "Compactor", "Query"):
+        if name == "Query" and not query:
+            continue
+        logging = stack.resource(f"{name}Function")["Properties"]["LoggingConfig"]
+        assert (logging["LogFormat"], logging["ApplicationLogLevel"]) == ("JSON", "INFO")
+        group = stack.resource(logging["LogGroup"])
+        assert group["Properties"]["RetentionInDays"] == stack.parameters["LogRetentionDays"]
+        (own,) = [
+            st
+            for st in stack.resource(f"{name}FunctionRole")["Properties"]["Policies"][0][
+                "PolicyDocument"
+            ]["Statement"]
+            if st["Sid"] == "WriteItsLogs"
+        ]
+        assert own["Resource"].startswith(
+            f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{logging['LogGroup']}:"
+        )
+
+
+@PARAMETER_SETS
+def test_the_ingest_queue_is_fifo_and_invalid_input_can_reach_its_dead_letter_queue(
+    template: dict[str, Any], parameters: dict[str, Any]
+) -> None:
+    stack = deployed(template, parameters)
+    queue = stack.resource("IngestQueue")["Properties"]
+    dlq = stack.resource("IngestDeadLetterQueue")["Properties"]
+    assert (queue["FifoQueue"], queue["ContentBasedDeduplication"], dlq["FifoQueue"]) == (
+        True,
+        True,
+        True,
+    )
+    ingest = stack.resource("IngestFunction")["Properties"]
+    source = ingest["Events"]["Receipts"]["Properties"]
+    assert "MaximumBatchingWindowInSeconds" not in source, "FIFO sources take no window"
+    assert int(template["Parameters"]["IngestBatchSize"]["MaxValue"]) <= 10
+    url = ingest["Environment"]["Variables"]["DELTALOG_DEAD_LETTER_QUEUE_URL"]
+    assert url == "IngestDeadLetterQueue"
+    statements = stack.resource("IngestFunctionRole")["Properties"]["Policies"][0][
+        "PolicyDocument"
+    ]["Statement"]
+    sends = [st for st in statements if st["Action"] == "sqs:SendMessage"]
+    assert [st["Resource"] for st in sends] == [
+        f"arn:aws:sqs:{REGION}:{ACCOUNT}:IngestDeadLetterQueue"
+    ]
+
+
+def test_the_query_function_has_its_own_timeout_storage_concurrency_and_bounds(
+    template: dict[str, Any],
+) -> None:
+    stack = deployed(
+        template,
+        {"DeployQueryFunction": "true", "QueryTimeout": "300", "QueryEphemeralStorage": "8192",
+         "QueryMaxResults": "200"},
+    )  # fmt: skip
+    query = stack.resource("QueryFunction")["Properties"]
+    assert (query["Timeout"], query["EphemeralStorage"]["Size"]) == ("300", "8192")
+    assert query["Environment"]["Variables"]["DELTALOG_QUERY_MAX_RESULTS"] == "200"
+    defaults_ = deployed(template, {"DeployQueryFunction": "true"}).resource("QueryFunction")
+    assert defaults_["Properties"]["Timeout"] == "120"
+
+
+@PARAMETER_SETS
+def test_only_this_stacks_schedules_reach_the_compactor_dead_letter_queue(
+    template: dict[str, Any], parameters: dict[str, Any]
+) -> None:
+    stack = deployed(template, parameters)
+    policy = stack.resource("CompactorDeadLetterQueuePolicy")["Properties"]["PolicyDocument"]
+    (statement,) = policy["Statement"]
+    pattern = statement["Condition"]["ArnLike"]["aws:SourceArn"]
+    stack_id = STACK_UUID.split("-")[0]
+    assert pattern == f"arn:aws:events:{REGION}:{ACCOUNT}:rule/dl-{stack_id}-c-*"
+    for log in stack.parameters["LogNames"]:
+        rule = stack.resource(f"CompactorSchedule{alnum(log)}")["Properties"]
+        assert fnmatch.fnmatchcase(
+            f"arn:aws:events:{REGION}:{ACCOUNT}:rule/{rule['Name']}", pattern
+        )
+        # The schedule names its log's policy: it starts once the compactor may work the log.
+        assert rule["Description"].endswith(f"(with CompactorPolicy{alnum(log)})")
+
+
+@PARAMETER_SETS
+def test_the_table_uses_the_customer_key_when_one_is_given(
+    template: dict[str, Any], parameters: dict[str, Any]
+) -> None:
+    table = deployed(template, parameters).resource("Table")["Properties"]
+    if parameters.get("KmsKeyArn"):
+        assert table["SSESpecification"] == {
+            "SSEEnabled": True,
+            "SSEType": "KMS",
+            "KMSMasterKeyId": KMS,
+        }
+    else:
+        assert "SSESpecification" not in table
+
+
+def test_secrets_under_a_customer_key_may_be_decrypted_through_their_service_only(
+    template: dict[str, Any],
+) -> None:
+    key = KMS.replace("1234abcd", "5678abcd")
+    stack = deployed(template, {**EVERYTHING, "SecretsKmsKeyArn": key})
+    for role in ("IngestFunctionRole", "QueryFunctionRole", "CompactorFunctionRole"):
+        statements = stack.resource(role)["Properties"]["Policies"][0]["PolicyDocument"][
+            "Statement"
+        ]
+        (decrypt,) = [st for st in statements if st["Sid"] == "DecryptTheSecrets"]
+        assert (decrypt["Action"], decrypt["Resource"]) == ("kms:Decrypt", key)
+        services = _listed(decrypt["Condition"]["StringEquals"]["kms:ViaService"])
+        assert f"secretsmanager.{REGION}.amazonaws.com" in services
+    none = deployed(template, {**SSM_KEY})
+    statements = none.resource("IngestFunctionRole")["Properties"]["Policies"][0]["PolicyDocument"][
+        "Statement"
+    ]
+    assert "DecryptTheSecrets" not in {st["Sid"] for st in statements}
 
 
 def test_every_parameter_has_a_default_that_deploys(template: dict[str, Any]) -> None:
@@ -460,3 +756,14 @@ def test_every_parameter_has_a_default_that_deploys(template: dict[str, Any]) ->
     values = defaults(template)
     assert set(values) == set(template["Parameters"])
     assert values["LogNames"] == ["receipts"]
+
+
+def test_log_names_that_differ_only_in_punctuation_are_refused(template: dict[str, Any]) -> None:
+    """The template's logical ids keep a log name's letters and digits only: ``a.b`` and
+    ``ab`` would share ``CompactorScheduleab``. The expanded template shows the collision,
+    and the handlers refuse such a list at once, naming both."""
+    stack = deployed(template, {"LogNames": ["labels.v2", "labelsv2"]})
+    assert len(stack.resources("AWS::Events::Rule")) == 1, "one log lost its schedule"
+    env = stack.resolve(template["Globals"]["Function"]["Environment"]["Variables"])
+    with pytest.raises(ConfigurationError, match=r"'labels\.v2' and 'labelsv2'"):
+        Settings.from_env(env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import io
 import os
 import subprocess
@@ -19,9 +20,15 @@ import numpy as np
 import pytest
 from chromadb.api.client import Client
 
-from compactor.publish import prune_snapshots
+from compactor.publish import prune_snapshots, publish_snapshot
 from deltalog.entry import Batch, Delete, Delta, Entry, Op, UpdateMetadata, Upsert
-from deltalog.errors import ConfigurationError, CorruptSnapshot, DataError, InvalidInput
+from deltalog.errors import (
+    ConfigurationError,
+    CorruptSnapshot,
+    DataError,
+    IncompatibleSnapshot,
+    InvalidInput,
+)
 from deltalog.fold import State, fold, state_differences
 from deltalog.keys import LogKeys
 from deltalog.snapshot.archive import (
@@ -31,6 +38,7 @@ from deltalog.snapshot.archive import (
     Sidecar,
     archive,
     extract,
+    read_sidecar,
     sha256_file,
 )
 from deltalog.snapshot.cache import SnapshotCache
@@ -331,6 +339,52 @@ async def test_cache_refuses_a_snapshot_of_another_log(
         await cache.committed(store, KEY, info.sha256, log="other")
     assert leftovers(cache) == []
     assert list((cache.root / "committed").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("writer", "refused"),
+    [("99.0.0", True), ("1.999.0", True), ("1.5.999", False), ("0.4.24", False), ("", False)],
+)
+async def test_a_snapshot_of_a_newer_chroma_is_refused_before_chroma_opens_it(
+    tmp_path: Path, writer: str, refused: bool
+) -> None:
+    """Written by a newer chromadb (major.minor) than the one installed: a typed
+    ``IncompatibleSnapshot`` naming both versions, nothing kept. A newer patch release, an
+    older writer or a sidecar without a version (written before it was recorded) pass."""
+    running = importlib.metadata.version("chromadb")
+    assert running.startswith("1."), "the cases above assume chromadb 1.x"
+    directory = await chroma_dir(tmp_path / "db", [])
+    written = msgspec.structs.replace(sidecar(), chroma_version=writer)
+    info = archive(directory, written, tmp_path / "snap.tar")
+    store = MemoryStore()
+    await uploaded(store, info)
+    cache = SnapshotCache(tmp_path / "cache")
+    if not refused:
+        assert (await cache.committed(store, KEY, info.sha256, log=LOG)).is_dir()
+        return
+    with pytest.raises(IncompatibleSnapshot, match=rf"chromadb {writer}.*{running}") as caught:
+        await cache.committed(store, KEY, info.sha256, log=LOG)
+    assert (caught.value.written_by, caught.value.running, caught.value.key) == (
+        writer,
+        running,
+        KEY,
+    )
+    assert isinstance(caught.value, ConfigurationError)
+    assert leftovers(cache) == []
+    assert list((cache.root / "committed").iterdir()) == []
+
+
+async def test_a_published_checkpoint_records_the_chromadb_that_wrote_it(tmp_path: Path) -> None:
+    directory = await chroma_dir(tmp_path / "db", [])
+    store = MemoryStore()
+    published = await publish_snapshot(
+        store, LogKeys("", LOG), directory, hwm=0, token=1, counts={}, compression="none"
+    )
+    cache = SnapshotCache(tmp_path / "cache")
+    path = await cache.committed(store, published.key, published.sha256, log=LOG)
+    recorded = read_sidecar(path, key=published.key)
+    assert recorded.chroma_version == importlib.metadata.version("chromadb")
+    assert recorded.deltalog_version
 
 
 async def test_working_copies_are_fresh_private_directories(

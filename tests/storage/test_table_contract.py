@@ -297,6 +297,33 @@ class TableContract:
         await table.quarantine(log_id, 3, "undecodable", now=101.0)
         assert await table.read_quarantined(log_id) == {3: "undecodable", 12: "garbage bytes"}
 
+    async def test_a_version_is_recorded_unless_a_higher_one_is(
+        self, table: Table, log_id: str
+    ) -> None:
+        receipt = "receipt:0b8d:00001"
+        assert await table.advance_version(log_id, receipt, 5) == 5
+        assert await table.advance_version(log_id, receipt, 5) == 5, "the same again: allowed"
+        assert await table.advance_version(log_id, receipt, 3) == 5, "an older one is refused"
+        assert await table.advance_version(log_id, receipt, 9) == 9
+        assert await table.advance_version(log_id, receipt, 0) == 9
+        assert await table.advance_version(log_id, "receipt:0b8d:00002", 1) == 1
+        assert await table.advance_version(f"{log_id}-other", receipt, 2) == 2
+
+    async def test_concurrent_versions_end_at_the_highest(self, table: Table, log_id: str) -> None:
+        """Whatever the order they land in, the highest version is recorded, and every
+        caller but the highest's learns that a higher one exists."""
+        answers: dict[int, int] = {}
+
+        async def advance(version: int) -> None:
+            answers[version] = await table.advance_version(log_id, "r", version)
+
+        async with anyio.create_task_group() as tg:
+            for version in (4, 1, 7, 3, 6):
+                tg.start_soon(advance, version)
+        assert await table.advance_version(log_id, "r", 0) == 7
+        assert answers[7] == 7
+        assert all(answers[v] >= v for v in answers)
+
 
 class TestMemoryTable(TableContract):
     @pytest.fixture
