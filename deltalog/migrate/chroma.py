@@ -57,6 +57,7 @@ from deltalog.migrate.pages import (
     check_dims,
     page_key,
     record_bytes,
+    refusal_error,
 )
 from deltalog.snapshot.server import ChromaTarget, close_http_session, connect_client
 from deltalog.snapshot.sink import ChromaSink
@@ -219,7 +220,11 @@ class ChromaImporter:
         ):
             async for page, rejected in self._pages(collection, destination, ids):
                 if rejected:
-                    raise _refusal_error(rejected)
+                    raise refusal_error(
+                        rejected,
+                        "records the log refuses, nothing of their page written (change them "
+                        "in the source; `--dry-run` lists every one)",
+                    )
                 await writer.write([page])
                 entry.pages += 1
                 entry.bytes += sum(record_bytes(r) for r in page.records)
@@ -294,18 +299,6 @@ async def _compare(
         else:
             out += [f"{name}/{record.id}: {d}" for d in record_differences(record, other)]
     return out
-
-
-_MAX_LISTED = 20
-
-
-def _refusal_error(refused: list[Refused]) -> InvalidInput:
-    listed = "; ".join(str(r) for r in refused[:_MAX_LISTED])
-    more = f"; and {len(refused) - _MAX_LISTED} more" if len(refused) > _MAX_LISTED else ""
-    return InvalidInput(
-        f"{len(refused)} records the log refuses, nothing of their page written (change "
-        f"them in the source; `--dry-run` lists every one): {listed}{more}"
-    )
 
 
 def _dimension(collection: Any) -> int:

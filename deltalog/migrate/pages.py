@@ -47,6 +47,7 @@ __all__ = [
     "durable_claims",
     "page_key",
     "refusal_counts",
+    "refusal_error",
 ]
 
 MiB = 1 << 20
@@ -101,6 +102,17 @@ class Refused:
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.id}: {self.reason}"
+
+
+_MAX_LISTED = 20
+
+
+def refusal_error(refused: Sequence[Refused], what: str) -> InvalidInput:
+    """The error of a page holding records the log refuses: ``what`` they are, and the
+    first of them."""
+    listed = "; ".join(str(r) for r in refused[:_MAX_LISTED])
+    more = f"; and {len(refused) - _MAX_LISTED} more" if len(refused) > _MAX_LISTED else ""
+    return InvalidInput(f"{len(refused)} {what}: {listed}{more}")
 
 
 def refusal_counts(refused: Sequence[Refused]) -> list[tuple[str, str, int, list[str]]]:

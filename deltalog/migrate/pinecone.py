@@ -56,6 +56,7 @@ from deltalog.migrate.pages import (
     durable_claims,
     page_key,
     record_bytes,
+    refusal_error,
 )
 from deltalog.validate import validate_metadata
 
@@ -64,7 +65,6 @@ __all__ = ["API_KEY_VARIABLE", "NamespaceMap", "PineconeImporter", "Refused", "m
 API_KEY_VARIABLE = "PINECONE_API_KEY"
 DEFAULT_NAMESPACE = "__default__"
 _PAGE_LIMIT = 100
-_MAX_LISTED = 20
 _ONE_PART = 1 << 62
 """Pages are never split (a page of 100 vectors is far under the delta limit): one key each."""
 
@@ -255,7 +255,11 @@ class PineconeImporter:
                 scan = _Scan()
                 records = await self._fetch(mapping, ids, scan)
                 if scan.refused:
-                    raise _refusal_error(scan.refused)
+                    raise refusal_error(
+                        scan.refused,
+                        "records cannot map to Chroma metadata, nothing of their page written "
+                        "(see the mapping in `deltalog import pinecone --help`)",
+                    )
                 entry.bytes += sum(record_bytes(r) for r in records)
                 await writer.write([Page(mapping.collection, key, records)])
                 result.seconds = time.monotonic() - started
@@ -318,15 +322,6 @@ class PineconeImporter:
 
 def _stat_name(mapping: NamespaceMap) -> str:
     return DEFAULT_NAMESPACE if mapping.wire == "" else mapping.namespace
-
-
-def _refusal_error(refused: list[Refused]) -> InvalidInput:
-    listed = "; ".join(str(r) for r in refused[:_MAX_LISTED])
-    more = f"; and {len(refused) - _MAX_LISTED} more" if len(refused) > _MAX_LISTED else ""
-    return InvalidInput(
-        f"{len(refused)} records cannot map to Chroma metadata, nothing of their page written "
-        f"(see the mapping in `deltalog import pinecone --help`): {listed}{more}"
-    )
 
 
 async def _call(what: str, func: Callable[[], Any]) -> Any:
