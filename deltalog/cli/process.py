@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -71,6 +72,8 @@ async def interruptible(work: Callable[[], Awaitable[T]]) -> T | signal.Signals:
     are aborted, leases released) before this returns. Without it, Python's
     KeyboardInterrupt lands wherever the main thread happens to be.
     """
+    if threading.current_thread() is not threading.main_thread():
+        return await work()  # signal handlers live in the main thread (``main`` in a worker)
     received: list[signal.Signals] = []
     done: list[T] = []
     try:
