@@ -115,7 +115,8 @@ async def cmd_compact(args: argparse.Namespace) -> int:
             if error is None:
                 raise
             raise error from group
-    head, hwm = await _position(args)
+    head = await _head(args)
+    started = time.time()
     with _display(args, config_from(args).log) as display:
 
         async def run() -> CompactionResult:
@@ -124,22 +125,27 @@ async def cmd_compact(args: argparse.Namespace) -> int:
 
         outcome = await interruptible(run)
     if isinstance(outcome, signal.Signals):
-        await _report_interrupted(args, hwm, display.completed)
+        await _report_interrupted(args, started, display.completed)
         return exit_on_signal(outcome)
     _print_result(outcome, args.json)
     return EXIT_BUSY if outcome.status == "busy" else 0
 
 
-async def _position(args: argparse.Namespace) -> tuple[int, int]:
-    """The log's head and committed hwm before a run."""
+async def _position(args: argparse.Namespace) -> tuple[int, int, dict[str, Any]]:
+    """The log's head, committed hwm and last run."""
     async with DeltaLog.open(config_from(args)) as log:
-        return await log.head(), (await log.table.read_state(log.keys.log_id)).hwm
+        state = await log.table.read_state(log.keys.log_id)
+        head = await log.head()
+    return head, state.hwm, json.loads(state.last_run) if state.last_run else {}
 
 
-async def _report_interrupted(args: argparse.Namespace, hwm_before: int, passed: int) -> None:
-    """What an interrupted run did and did not do, read back from the committed state."""
-    head, hwm = await _position(args)
+async def _report_interrupted(args: argparse.Namespace, started: float, passed: int) -> None:
+    """What an interrupted run did and did not do, read back from the committed state (its
+    last run, recorded when the stopped run released the lease)."""
+    head, hwm, run = await _position(args)
     name = config_from(args).log
+    ours = run.get("status") == "interrupted" and float(run.get("at", 0)) >= started
+    hwm_before = int(run["hwm_before"]) if ours else hwm
     if hwm > hwm_before:
         done = f"hwm {hwm_before} -> {hwm} was committed before it stopped"
     else:
@@ -255,7 +261,7 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    _, hwm = await _position(args)
+    _, hwm, _ = await _position(args)
     with ProgressDisplay("verify: committed copy", unit="seqs", quiet=args.quiet) as display:
         async with _compactor(args, progress=_verify_progress(display, hwm)) as compactor:
             result = await compactor.verify()
