@@ -63,6 +63,12 @@ class Sizes:
     """Receipts the per-stage CPU profile pushes through each stage in turn."""
     pipeline_receipts: int = 32
     """Receipts the overlapped pipeline (producers + ``compact --follow``) ingests."""
+    recall_receipts: int = 200
+    """Receipts whose WordLlama word vectors the recall benchmark indexes."""
+    recall_builds: int = 4
+    """Builds of each kind in the recall benchmark (builds differ run to run)."""
+    recall_near_queries: int = 200
+    """Queries near stored vectors in the recall benchmark (besides the typed ones)."""
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
     dim: int = DIM
@@ -123,6 +129,9 @@ _QUICK = Sizes(
     embed_repeats=2,
     checkpoint_runs=(2, 12),
     compression_levels=(1, 3, 9),
+    recall_receipts=120,
+    recall_builds=2,
+    recall_near_queries=100,
 )
 
 _SMOKE = Sizes(
@@ -156,6 +165,9 @@ _SMOKE = Sizes(
     compression_levels=(1, 3),
     stage_receipts=3,
     pipeline_receipts=4,
+    recall_receipts=6,
+    recall_builds=1,
+    recall_near_queries=10,
     dim=64,
 )
 

@@ -46,6 +46,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -72,8 +73,13 @@ from compactor.publish import (
     publish_snapshot,
 )
 from compactor.replay import Limits, Progress, Replay, Replayer
-from compactor.verify import VerifyResult, compare_sinks
-from compactor.working import WorkingCopy, catch_up, take
+from compactor.verify import (
+    DEFAULT_INDEX_QUERIES,
+    DEFAULT_MIN_RECALL,
+    VerifyResult,
+    compare_sinks,
+)
+from compactor.working import WorkingCopy, catch_up, take, trust_of
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -88,8 +94,9 @@ from deltalog.errors import (
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
-from deltalog.snapshot.cache import SnapshotCache
-from deltalog.snapshot.sink import ChromaSink, Sink
+from deltalog.snapshot.cache import SnapshotCache, load_committed
+from deltalog.snapshot.distinct import remove as remove_distinct
+from deltalog.snapshot.sink import ChromaSink, Distinct, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
 
@@ -305,6 +312,7 @@ class Compactor:
         self._log: DeltaLog | None = None
         self._cache: SnapshotCache | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
         self._cache = SnapshotCache(self.cache_dir / self.keys.cache_name)
@@ -339,10 +347,18 @@ class Compactor:
         assert self._cache is not None
         return self._cache
 
-    async def _open_sink(self, path: Path) -> Sink:
+    async def _open_sink(self, path: Path, distinct: Distinct = "keep") -> Sink:
+        """The sink of a working directory; a Chroma one keeps its distinct index
+        (indexing a checkpoint written before there was one) unless told otherwise."""
         if self._sink_factory is not None:
             return await self._sink_factory(path)
-        return await ChromaSink.open(path, limiter=self._limiter)
+        sink = await ChromaSink.open(path, limiter=self._limiter, distinct=distinct)
+        try:
+            await sink.index_distinct()
+        except BaseException:
+            await _close(sink)
+            raise
+        return sink
 
     def _keeper(self) -> LeaseKeeper:
         return LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
@@ -374,7 +390,7 @@ class Compactor:
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
         )
         if result.snapshot_key is not None:
-            await self._prune(result.snapshot_key)
+            await self._prune()
         if failure is not None:
             raise failure
         return result
@@ -438,11 +454,11 @@ class Compactor:
         if head <= state.hwm and not (requested and state.tail_entries > 0):
             return self._nothing(state, "end"), None
         with self._by_deadline("getting the working copy (the checkpoint's download)", state):
-            copy = await take(self.cache, self.store, state, log=self.config.log)
+            copy = await take(self.cache, self.store, state, log=self.config.log, trust=self._trust)
         try:
             replay, replayed = await self._replay_into(copy, lease)
             if not replay.advanced and not (requested and state.tail_entries > 0):
-                await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, state.hwm)
+                await self._keep_live(copy.path, state.hwm, state)
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
             reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
@@ -450,10 +466,17 @@ class Compactor:
             result = self._applied(state, replay, lease, tail, reason, published)
             result = replace(result, working_copy=copy.how, replayed_tail=replayed)
             await self._commit(lease, state, published, result)
-            await anyio.to_thread.run_sync(self.cache.keep_live, copy.path, replay.last_seq)
+            await self._keep_live(copy.path, replay.last_seq, state)
         finally:
             await self._discard(copy.path)
         return result, replay.error
+
+    async def _keep_live(self, work: Path, hwm: int, state: LogState) -> None:
+        """Keep ``work`` as the live copy at the committed ``hwm``; a run's commit keeps
+        the lineage of the state it read."""
+        await anyio.to_thread.run_sync(
+            partial(self.cache.keep_live, work, hwm, lineage=state.lineage, trust=self._trust)
+        )
 
     @contextmanager
     def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
@@ -526,27 +549,22 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str) -> None:
+    async def _prune(self) -> None:
         """Retention, after a run and the release (DESIGN.md's step 8).
 
-        Housekeeping: a failure must not fail the committed run.
-
-        It holds no lease, and this process may have paused since its commit
-        while newer owners committed: what is committed is read again, and
-        nothing at or above its hwm is deleted (a newer owner's upload may be
-        about to be committed, whatever this caller read).
+        Housekeeping: a failure must not fail the committed run. It holds no
+        lease, and this process may pause anywhere in it while newer owners
+        commit (a forced rebuild's rollback included): ``prune_snapshots``
+        reads the state after listing and keeps every upload at or above its
+        token.
         """
         try:
-            state = await self.table.read_state(self.keys.log_id)
             await prune_snapshots(
                 self.store,
                 self.keys,
+                lambda: self.table.read_state(self.keys.log_id),
                 keep=self.retain,
-                committed=state.snapshot_key or committed,
-                below=state.hwm,
-                recent=state.recent_snapshots,
                 orphan_grace=self.orphan_grace,
-                now=time.time(),
             )
         except DeltalogError as exc:
             log.warning(
@@ -738,7 +756,7 @@ class Compactor:
         result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
-        await self._prune(result.snapshot_key)
+        await self._prune()
         return result
 
     async def _rebuild(
@@ -805,6 +823,7 @@ class Compactor:
             published.size,
             last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
             recent_snapshots=self._recent(published.key, lease.state),
+            lineage=published.key,  # a new lineage: every copy of the old one is rebuilt
         )
         await self._commit_point(lease, committed, commit)
 
@@ -819,17 +838,18 @@ class Compactor:
         target = Path(out)
         if taken := await anyio.to_thread.run_sync(_occupied, target):
             raise InvalidInput(f"{target} {taken}: export into a new (or empty) directory")
-        state = await self.table.read_state(self.keys.log_id)
+        state, copy = await self._take_committed()
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
         try:
-            # Always Chroma (not the sink factory): what is exported is a Chroma directory.
-            sink = await ChromaSink.open(copy.path, limiter=self._limiter)
+            # Always Chroma (not the sink factory): what is exported is a Chroma directory,
+            # and a plain one: the distinct index stays behind.
+            sink = await ChromaSink.open(copy.path, limiter=self._limiter, distinct="off")
             try:
                 replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
                 counts = await sink.counts()
             finally:
                 await _close(sink)
+            await anyio.to_thread.run_sync(remove_distinct, copy.path)
             await anyio.to_thread.run_sync(_move_into, copy.path, target)
         finally:
             await self._discard(copy.path)
@@ -843,24 +863,48 @@ class Compactor:
             counts,
         )
 
-    async def verify(self) -> VerifyResult:
+    async def _take_committed(self) -> tuple[LogState, WorkingCopy]:
+        """A cold copy of the committed state's checkpoint, and that state.
+
+        No lease is held: retention may delete the checkpoint once a newer
+        commit replaced it; then the state is read again (``load_committed``).
+        """
+        return await load_committed(
+            lambda: self.table.read_state(self.keys.log_id),
+            lambda state: take(self.cache, self.store, state, log=self.config.log, warm=False),
+        )
+
+    async def verify(
+        self,
+        *,
+        index_queries: int = DEFAULT_INDEX_QUERIES,
+        min_recall: float = DEFAULT_MIN_RECALL,
+    ) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
 
         The committed side is what a reader on a fresh machine gets: the
         checkpoint downloaded, with the committed tail replayed. Both sides
         are Chroma directories built by the same fold, so the comparison is
-        exact: ids, vectors bit for bit, documents, metadata.
+        exact: ids, vectors bit for bit, documents, metadata. Then the
+        committed side's index answers ``index_queries`` sampled queries per
+        collection, against brute force (``compactor.verify``): a recall@10
+        below ``min_recall`` fails verify (``index_queries=0`` skips it).
         """
-        state = await self.table.read_state(self.keys.log_id)
-        quarantined = await self.table.read_quarantined(self.keys.log_id)
+        if index_queries < 0 or not 0.0 <= min_recall <= 1.0:
+            raise InvalidInput(
+                "index_queries (--index-queries) must be at least 0 and min_recall "
+                "(--min-recall) between 0 and 1"
+            )
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
+            state, committed = await self._take_committed()
+            cleanup.push_async_callback(self._discard, committed.path)
+            quarantined = await self.table.read_quarantined(self.keys.log_id)
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
             cleanup.push_async_callback(self._discard, rebuilt)
-            committed = await take(self.cache, self.store, state, log=self.config.log, warm=False)
-            cleanup.push_async_callback(self._discard, committed.path)
             expected = await self._open_sink(rebuilt)
             cleanup.push_async_callback(_close, expected)
-            actual = await self._open_sink(committed.path)
+            # As a reader opens the checkpoint: its index is checked as readers query it.
+            actual = await self._open_sink(committed.path, distinct="use")
             cleanup.push_async_callback(_close, actual)
             await catch_up(self._quiet_replayer(), actual, committed, state, quarantined)
             replay = await self._replayer().run(
@@ -868,7 +912,14 @@ class Compactor:
             )
             if replay.error is not None:
                 raise replay.error
-            return await compare_sinks(expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq)
+            return await compare_sinks(
+                expected,
+                actual,
+                hwm=state.hwm,
+                rebuilt_to=replay.last_seq,
+                index_queries=index_queries,
+                min_recall=min_recall,
+            )
 
 
 def _interrupted(lease: Lease) -> str:

@@ -3,10 +3,17 @@
 - A **working copy** is a private Chroma directory for one run and the seq
   whose fold it holds (``at``).
 - ``take`` gives a run its copy: the cache's **live copy** when it holds a
-  seq in ``[checkpoint_hwm, hwm]`` (**warm**: nothing is downloaded or
-  copied); otherwise the **checkpoint**, downloaded and verified (once per
-  host) and copied (**cold**); with no checkpoint yet, an empty directory
-  at seq 0.
+  seq in ``[checkpoint_hwm, hwm]``, descends from the state's lineage and
+  was folded under this process's trust settings (**warm**: nothing is
+  downloaded or copied); otherwise the **checkpoint**, downloaded and
+  verified (once per host) and copied (**cold**); with no checkpoint yet,
+  an empty directory at seq 0.
+- The **lineage** (``LogState.lineage``) names the rebuild the committed
+  state descends from; a published rebuild (a repair, or a rollback) starts
+  a new one, so a live copy of the old lineage is discarded even at a seq
+  the new state holds. The **trust** settings (``trust_of``: which
+  signatures the process requires) decide which entries are folded at all,
+  so a live copy folded under other settings is discarded too.
 - ``catch_up`` replays ``(at, hwm]`` into the copy, so it holds exactly the
   committed state: the checkpoint plus the committed tail. Every seq in it
   is an entry or a seal (everything <= hwm was applied or sealed), so the
@@ -14,8 +21,8 @@
 
 The fold of seqs ``1..n`` depends only on those entries, which never
 change, so a live copy at any committed seq ``w <= hwm`` plus the replay of
-``(w, hwm]`` equals the committed state; one above hwm (a rollback by
-``rebuild --publish --force``, a commit that failed) is discarded.
+``(w, hwm]`` equals the committed state of its lineage; one above hwm (a
+commit that failed) is discarded.
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ from typing import Literal
 import anyio
 
 from compactor.replay import Replayer
+from deltalog.config import LogConfig
 from deltalog.errors import DataError
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState
 
-__all__ = ["WorkingCopy", "catch_up", "take"]
+__all__ = ["WorkingCopy", "catch_up", "take", "trust_of"]
 
 How = Literal["warm", "checkpoint", "empty"]
 
@@ -46,21 +54,34 @@ class WorkingCopy:
     how: How
 
 
+def trust_of(config: LogConfig) -> str:
+    """The trust settings entries are read under: "" (any entry) or the trusted keys' ids."""
+    verifier = config.verifier
+    return "" if verifier is None else ",".join(verifier.key_ids)
+
+
 async def take(
-    cache: SnapshotCache, store: ObjectStore, state: LogState, *, log: str, warm: bool = True
+    cache: SnapshotCache,
+    store: ObjectStore,
+    state: LogState,
+    *,
+    log: str,
+    warm: bool = True,
+    trust: str = "",
 ) -> WorkingCopy:
     """A working copy of the committed state; see the module docstring.
 
     ``warm=False`` never uses the live copy (what a cold reader sees is
-    what ``verify`` and ``export`` build).
+    what ``verify`` and ``export`` build); ``trust`` is ``trust_of`` the
+    caller's config.
     """
     if warm:
         live = await anyio.to_thread.run_sync(cache.take_live)
         if live is not None:
-            path, at = live
-            if state.checkpoint_hwm <= at <= state.hwm:
-                return WorkingCopy(path, at, "warm")
-            await anyio.to_thread.run_sync(cache.discard, path)
+            ours = (live.lineage, live.trust) == (state.lineage, trust)
+            if ours and state.checkpoint_hwm <= live.hwm <= state.hwm:
+                return WorkingCopy(live.path, live.hwm, "warm")
+            await anyio.to_thread.run_sync(cache.discard, live.path)
     if state.snapshot_key is None or state.snapshot_sha256 is None:
         path = await anyio.to_thread.run_sync(cache.working_copy, None)
         return WorkingCopy(path, 0, "empty")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -16,6 +18,7 @@ import anyio
 import numpy as np
 
 from compactor import CompactionResult, Compactor
+from compactor.publish import publish_snapshot
 from deltalog import DeltaLog, LogConfig
 from deltalog.cli.soak import ChildProcess
 from deltalog.entry import Entry
@@ -23,6 +26,8 @@ from deltalog.errors import LeaseBusy
 from deltalog.fold import FoldPlan, Record
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.faults import Fault, FaultProxy, Request
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore, ObjectStore
 from deltalog.storage.table import Commit, LogState, MemoryTable, Table
 from tests.oracle import oracle_state
 
@@ -316,3 +321,74 @@ async def until_stopped(pid: int) -> None:
     with anyio.fail_after(10):
         while not is_stopped(pid):  # noqa: ASYNC110 (another process's state)
             await anyio.sleep(0.005)
+
+
+async def commit_altered_snapshot(
+    config: LogConfig,
+    cache: Path,
+    alter: Callable[[Path], Awaitable[None]],
+    **options: Any,
+) -> None:
+    """Commit, at the same hwm, the committed snapshot as ``alter`` leaves its directory:
+    what a compactor bug would commit. Checksums are all right; only verify shows it."""
+    async with Compactor(config, cache_dir=cache, **options) as c:
+        state = await c.table.read_state(c.keys.log_id)
+        assert state.snapshot_key is not None and state.snapshot_sha256 is not None
+        base = await c.cache.committed(
+            c.store, state.snapshot_key, state.snapshot_sha256, log=config.log
+        )
+        work = await anyio.to_thread.run_sync(c.cache.working_copy, base)
+        await alter(work)
+        async with await ChromaSink.open(work) as sink:
+            counts = await sink.counts()
+        published = await publish_snapshot(
+            c.store, c.keys, work, hwm=state.hwm, token=state.token, counts=counts
+        )
+        lease = await c.table.acquire(c.keys.log_id, "tamper", ttl=30, now=time.time())
+        commit = Commit(state.hwm, published.key, published.sha256, published.size)
+        await c.table.commit(
+            c.keys.log_id, "tamper", lease.token, prev_hwm=state.hwm, commit=commit, now=time.time()
+        )
+        assert await c.table.release(c.keys.log_id, "tamper", lease.token)
+
+
+@asynccontextmanager
+async def held_download(
+    config: LogConfig, store: ObjectStore, key: str
+) -> AsyncIterator[tuple[ObjectStore, anyio.Event, anyio.Event]]:
+    """A store for a downloader whose download of ``key`` stops after its first range.
+
+    Yields that store, an event set when the download reached its second range,
+    and one to set to let it go on. On the memory store it is ``store`` itself
+    (its ``on_range`` hook); on S3 a store reaching the endpoint through a proxy
+    that holds the first ranged ``GetObject`` of ``key`` past byte 0.
+    """
+    if isinstance(store, MemoryStore):
+        reached, go = anyio.Event(), anyio.Event()
+
+        async def hold(got: str, start: int) -> None:
+            if got == key and start > 0 and not reached.is_set():
+                reached.set()
+                await go.wait()
+
+        store.on_range = hold
+        try:
+            yield store, reached, go
+        finally:
+            store.on_range = None
+        return
+
+    def later_range(request: Request) -> bool:
+        return (
+            request.operation == "GetObject"
+            and request.path.endswith(key)
+            and not request.headers.get("range", "bytes=0-").startswith("bytes=0-")
+        )
+
+    async with held_once(config, later_range) as (url, reached, go):
+        proxied = await S3Store.connect(replace(config, endpoint_url=url))
+        try:
+            yield proxied, reached, go
+        finally:
+            go.set()
+            await proxied.aclose()

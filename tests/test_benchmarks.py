@@ -31,6 +31,8 @@ RATIO_KEYS = {
     "rss_growth",
     "cold_start_vs_warm",
     "end_to_end_vs_raw_chroma",
+    "recall_lowest",
+    "raw_chroma_recall_lowest",
 }
 PLOTS = (
     "append.png",
@@ -121,3 +123,8 @@ def _check_ratios_follow_figures(ratios: dict[str, float], figures: dict[str, An
     pipeline = figures["pipeline"]
     e2e = pipeline["raw_chroma_seconds"] / pipeline["seconds"]
     assert ratios["end_to_end_vs_raw_chroma"] == pytest.approx(e2e, rel=0.01)
+    rows = figures["recall"]["rows"]
+    ours = [r for r in rows if r["system"] in ("deltalog", "deltalog incremental")]
+    assert ratios["recall_lowest"] == min(min(r["typed"], r["near"]) for r in ours)
+    raw = [r for r in rows if r["system"] == "raw chromadb"]
+    assert ratios["raw_chroma_recall_lowest"] == min(min(r["typed"], r["near"]) for r in raw)
