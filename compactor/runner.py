@@ -315,7 +315,7 @@ class Compactor:
         self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
-        self._cache = SnapshotCache(self.cache_dir / self.keys.cache_name)
+        self._cache = SnapshotCache.for_log(self.cache_dir, self.keys)
         self._log = await DeltaLog.connect(self.config, store=self._store, table=self._table)
         return self
 

@@ -15,7 +15,8 @@
 Shared by them: ``options`` (the location and output flags), ``output``
 (tables), ``progress`` (progress displays), ``process`` (exit codes, stopping
 on a signal). The command line is the only part of ``deltalog`` that imports
-the ``compactor`` package. Exit status: see ``process``.
+the ``compactor`` package. Exit status: see ``process`` (a ``--bucket`` or
+``--root`` that is not the log's, ``IdentityMismatch``, is a configuration error: 2).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import uuid
 from dataclasses import asdict
@@ -12,10 +13,11 @@ from typing import Any
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
 from deltalog.cli.output import print_fields, print_table
 from deltalog.config import LogConfig
-from deltalog.errors import ConfigurationError
+from deltalog.errors import ConfigurationError, IdentityMismatch
 from deltalog.keys import root_prefix
 from deltalog.log import DeltaLog, LogStatus, log_names
 from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.identity import bind_log
 from deltalog.storage.policy import render
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.table import LogState, held_until, wall_time
@@ -24,7 +26,13 @@ __all__ = ["register"]
 
 
 async def cmd_init(args: argparse.Namespace) -> int:
+    """Create the bucket and the table if missing; record the log's identity.
+
+    A log of that name the table holds for another bucket or root is
+    refused first (``IdentityMismatch``), before anything is created.
+    """
     config = config_from(args)
+    await _refuse_another_identity(config)
     store = await S3Store.connect(config)
     try:
         bucket_created = await store.ensure_bucket()
@@ -41,7 +49,25 @@ async def cmd_init(args: argparse.Namespace) -> int:
     finally:
         await table.aclose()
     print(f"table {config.table}: {'created' if table_created else 'exists'}")
+    async with DeltaLog.open(config) as log:
+        identity = await log.table.read_identity(log.keys.log_id)
+    print(f"log {config.log}: {identity}")
     return 0
+
+
+async def _refuse_another_identity(config: LogConfig) -> None:
+    """Raise ``IdentityMismatch`` if the table holds the log for another bucket or root.
+
+    Checked as a reader would, before anything is created; a missing table or
+    bucket is what init is for.
+    """
+    try:
+        async with DeltaLog.open(config, read_only=True):
+            pass
+    except IdentityMismatch:
+        raise
+    except ConfigurationError:  # no table or bucket yet (created below), or no access
+        return
 
 
 async def cmd_policy(args: argparse.Namespace) -> int:
@@ -62,8 +88,7 @@ async def cmd_policy(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    config = config_from(args)
-    async with DeltaLog.open(config) as log:
+    async with DeltaLog.open(config_from(args), read_only=True) as log:
         status = await log.status()
         if not status.head and not status.entries and status.state.snapshot_key is None:
             raise ConfigurationError(await _no_such_log(log))
@@ -90,9 +115,14 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     """``deltalog logs``: the logs under the bucket and root, with head, hwm and lag."""
     config = config_from(args)
     rows: list[dict[str, Any]] = []
-    async with DeltaLog.open(config) as opened:
+    async with DeltaLog.open(config, read_only=True) as opened:
         for name in await log_names(opened.store, config.root):
             keys = config.with_log(name).keys
+            try:  # the table's items of that name must be this bucket's and root's
+                await bind_log(opened.store, opened.table, keys, record=False)
+            except IdentityMismatch as exc:
+                print(f"deltalog: {name}: skipped: {exc.message}", file=sys.stderr)
+                continue
             head = await opened.table.read_head(keys.log_id)
             state = await opened.table.read_state(keys.log_id)
             if head or state.snapshot_key is not None:
@@ -172,8 +202,10 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
         else "empty"
     )
     quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
+    identity = status.identity or "not recorded yet (the first writer records it)"
     return [
         ("log", status.log),
+        ("identity", identity),
         ("head", status.head),
         ("entries", status.entries),
         ("holes", f"{status.hole_count} ({holes})"),
@@ -224,7 +256,9 @@ def _run_words(run: dict[str, Any]) -> str:
 
 def register(commands: Any) -> None:
     """Add ``init``, ``policy`` and ``status`` to the ``deltalog`` parser."""
-    init = commands.add_parser("init", help="create the bucket and the table if missing")
+    init = commands.add_parser(
+        "init", help="create the bucket and the table if missing; record the log's identity"
+    )
     add_location_flags(init)
     init.set_defaults(run=cmd_init)
 

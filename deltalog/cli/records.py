@@ -48,7 +48,7 @@ async def cmd_get(args: argparse.Namespace) -> int:
     if not ids and where is None:
         raise InvalidInput("give the records to read: --ids a,b (or a filter: --where k=v)")
     config = config_from(args)
-    async with DeltaLog.open(config) as log:
+    async with DeltaLog.open(config, read_only=True) as log:
         await _check_collection(log, args.collection)
     async with Reader.open(
         config, consistency=args.consistency, cache_dir=Path(args.cache_dir)

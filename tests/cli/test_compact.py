@@ -727,7 +727,7 @@ async def test_follow_compacts_two_logs_and_stops_cleanly_on_a_signal(
         assert "Traceback" not in daemon.stderr
         for log in logs:
             assert (await _state(log)).owner is None, "the lease is released"
-            work = tmp_path / "cache" / log.keys.log_id / "work"
+            work = tmp_path / "cache" / log.keys.cache_name / "work"
             assert list(work.iterdir()) == [], "no working copy left behind"
         # Whatever the signal interrupted, the next run converges.
         for log, cfg in zip(logs, configs, strict=True):

@@ -43,11 +43,13 @@ async def test_init_creates_then_reports_existing(endpoint: str) -> None:
     bucket, table = _names()
     first = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert first.code == 0, first.err
+    identity = f"log default: s3://{bucket}/default"
     assert first.out.splitlines() == [
         f"bucket {bucket}: created",
         PROBE,
         f"{LIFECYCLE} (added)",
         f"table {table}: created",
+        identity,
     ]
     again = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert again.code == 0, again.err
@@ -56,6 +58,7 @@ async def test_init_creates_then_reports_existing(endpoint: str) -> None:
         PROBE,
         f"{LIFECYCLE} (present)",
         f"table {table}: exists",
+        identity,
     ]
     async with _s3(endpoint) as s3:
         rules = (await s3.get_bucket_lifecycle_configuration(Bucket=bucket))["Rules"]
@@ -148,7 +151,8 @@ async def test_a_missing_bucket_or_table_says_to_run_init(endpoint: str) -> None
     init = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert init.code == 0, init.err
     for b, t in ((f"{bucket}-gone", table), (bucket, f"{table}-gone")):
-        run = await deltalog("status", "--bucket", b, "--table", t, "--endpoint-url", endpoint)
+        where = ["--bucket", b, "--table", t, "--log", "new", "--endpoint-url", endpoint]
+        run = await deltalog("status", *where)
         assert run.code == 2, "a configuration error"
         assert "ConfigurationError" in run.err and "does not exist" in run.err
         assert f"run `deltalog init --bucket {b} --table {t}`" in run.err
