@@ -850,7 +850,7 @@ class TrapSinks:
             def __getattr__(self, name: str) -> Any:
                 return getattr(inner, name)
 
-        return Trapped()  # type: ignore[return-value]
+        return Trapped()
 
 
 @pytest.mark.parametrize("failure", ["lease lost", "commit failed", "apply failed"])
