@@ -99,6 +99,15 @@ class DeltalogChild:
                     return found
         raise RuntimeError(f"deltalog {' '.join(self.args)} exited before the awaited result")
 
+    async def drain(self) -> None:
+        """Read the child's lines as they come (kept for ``wait``), until its output ends.
+
+        Run it as a task while nothing else reads: a child that prints more
+        than a pipe holds would otherwise block.
+        """
+        while await self._next_line() is not None:
+            pass
+
     def cpu_now(self) -> float:
         """The child's CPU seconds so far (from ``/proc``)."""
         assert self._process is not None

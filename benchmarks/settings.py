@@ -61,8 +61,16 @@ class Sizes:
     """zstd levels measured against ``none`` on the largest base's checkpoint."""
     stage_receipts: int = 16
     """Receipts the per-stage CPU profile pushes through each stage in turn."""
-    pipeline_receipts: int = 32
+    pipeline_receipts: int = 128
     """Receipts the overlapped pipeline (producers + ``compact --follow``) ingests."""
+    freshness_seconds: float = 60.0
+    """How long producers submit at a steady rate in the freshness benchmark."""
+    freshness_load: float = 0.7
+    """Their rate, as a share of the drain rate measured first."""
+    freshness_warmup: int = 4
+    """Receipts of the burst that makes the freshness log's first checkpoint."""
+    freshness_calibration: int = 16
+    """Receipts of the burst whose time to a committed hwm gives the drain rate."""
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
     dim: int = DIM
@@ -95,7 +103,9 @@ _FULL = Sizes(
     checkpoint_base_entry=500,
     checkpoint_runs=(3, 60),
     stage_receipts=64,
-    pipeline_receipts=128,
+    pipeline_receipts=256,
+    freshness_seconds=120.0,
+    freshness_calibration=32,
 )
 
 _QUICK = Sizes(
@@ -156,6 +166,9 @@ _SMOKE = Sizes(
     compression_levels=(1, 3),
     stage_receipts=3,
     pipeline_receipts=4,
+    freshness_seconds=4.0,
+    freshness_warmup=1,
+    freshness_calibration=2,
     dim=64,
 )
 
