@@ -162,8 +162,10 @@ async def run_child(args: list[str]) -> Usage:
 def _main(argv: list[str]) -> int:
     import chromadb  # noqa: F401  (imported before "ready", as the CLI would on its first run)
 
+    from benchmarks.profiling import from_environment
     from deltalog.cli import main
 
+    from_environment()  # python -m benchmarks.profile: profile what follows "ready"
     print(_READY, flush=True)
     try:
         code = main(argv)
