@@ -17,7 +17,7 @@ import anyio.to_thread
 from compactor.replay import Replayer
 from compactor.working import catch_up, take
 from deltalog.log import DeltaLog
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink
 
 __all__ = ["committed_copy"]
@@ -33,8 +33,10 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
     raises (``DataError``, ``CorruptEntry``).
     """
     cache = SnapshotCache(cache_dir / log.keys.cache_name)
-    state = await log.table.read_state(log.keys.log_id)
-    copy = await take(cache, log.store, state, log=log.config.log, warm=False)
+    state, copy = await load_committed(  # no lease: retention may delete what it downloads
+        lambda: log.table.read_state(log.keys.log_id),
+        lambda state: take(cache, log.store, state, log=log.config.log, warm=False),
+    )
     try:
         sink = await ChromaSink.open(copy.path, log=log.config.log)
         try:

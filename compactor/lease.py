@@ -55,6 +55,11 @@ class Lease:
     lost: LeaseLost | None = None
     renewals: int = 0
     expires_at: float = field(default=0.0)
+    valid_until: float = 0.0
+    """On this process's monotonic clock: the acquire or the last renewal that
+    succeeded was *sent* at ``valid_until - ttl``, so the table cannot have
+    let anyone else take the lease before ``valid_until`` (whatever the wall
+    clocks say, up to the rate at which the two machines' clocks drift)."""
 
     @property
     def token(self) -> int:
@@ -148,7 +153,7 @@ class LeaseKeeper:
         flight would leave the lease taken without the caller knowing that it
         holds it, so nobody would release it before it expires.
         """
-        now = self.clock()
+        now, sent = self.clock(), time.monotonic()
         with anyio.CancelScope(shield=True):
             try:
                 state = await self._take(now)
@@ -158,7 +163,9 @@ class LeaseKeeper:
                 state = await self._reread()
                 if state.owner != self.owner:
                     raise
-        return Lease(self.log_id, self.owner, state, expires_at=now + self.ttl)
+        return Lease(
+            self.log_id, self.owner, state, expires_at=now + self.ttl, valid_until=sent + self.ttl
+        )
 
     async def _reread(self) -> LogState:
         if self.name is None:
@@ -168,9 +175,13 @@ class LeaseKeeper:
     async def renew(self, lease: Lease) -> None:
         """Renew now (``LeaseLost`` if it is gone): a check that the lease is still ours."""
         lease.check()
-        now = self.clock()
+        now, sent = self.clock(), time.monotonic()
         await self._extend(lease.token, now)
+        self._renewed(lease, now, sent)
+
+    def _renewed(self, lease: Lease, now: float, sent: float) -> None:
         lease.expires_at = now + self.ttl
+        lease.valid_until = sent + self.ttl
         lease.renewals += 1
 
     async def heartbeat(self, lease: Lease, run: anyio.CancelScope) -> None:
@@ -192,7 +203,7 @@ class LeaseKeeper:
         so it succeeds only if nobody took the lease meanwhile, which is safe.
         """
         while True:
-            now = self.clock()
+            now, sent = self.clock(), time.monotonic()
             try:
                 # botocore backs off for seconds between its own retries: bound
                 # each attempt to a third of the lease and then try afresh.
@@ -205,8 +216,7 @@ class LeaseKeeper:
                     ) from exc
                 await anyio.sleep(min(1.0, self.ttl / 10))
                 continue
-            lease.expires_at = now + self.ttl
-            lease.renewals += 1
+            self._renewed(lease, now, sent)
             return
 
     async def release(self, lease: Lease, *, last_run: str = "") -> bool:

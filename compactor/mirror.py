@@ -20,17 +20,35 @@
   does); it waits and goes on once the hole is written or sealed.
 - **The lease**: one named lease per (log, target) in the table
   (``mirror:{target id}``), renewed by a heartbeat; a second mirror of the
-  same target gets ``LeaseBusy``. Before each batch the mirror renews it
-  (``LeaseLost`` stops it) and re-reads the position: a position other than
-  the one it wrote last means someone else wrote the target, and the mirror
-  stops with ``Fenced``.
+  same target gets ``LeaseBusy``. Before each batch, and each page of a
+  bootstrap, the mirror renews it (``LeaseLost`` stops it) and re-reads the
+  position: a position other than the one it wrote last means someone else
+  wrote the target, and the mirror stops with ``Fenced``.
+- **Lineage**: the position records the committed state's lineage it
+  descends from (``LogState.lineage``). A published rebuild (a repair, or a
+  rollback) starts a new one; a mirror whose position is of another lineage
+  bootstraps again from the new checkpoint.
 
-What this cannot fence: the server takes no conditional writes. A mirror
-that stalls (a long GC pause, a frozen VM) after its checks and before its
-writes can still land one batch after a newer mirror took over. That batch
-holds entries the newer mirror also applies, in the same order, so the two
-converge once the newer mirror writes its next batch; but a reader between
-the two may see the older batch's records. Run one mirror per target.
+A Chroma server takes no conditional writes, so a mirror's writes are
+fenced in time instead. The lease was acquired or last renewed by a request
+*sent* at ``t``; nobody can take it before ``t + ttl`` (``Lease.valid_until``,
+on this process's monotonic clock). Every request to the server checks, in
+the thread that sends it, that it is sent before ``valid_until - margin``
+(``margin`` a tenth of the ttl, for clock drift), and each takes at most
+``request_timeout``. So a holder that stalls anywhere (a GC pause, SIGSTOP,
+a frozen VM) and wakes up after losing the lease sends nothing more, and
+what it sent before has landed or failed by ``valid_until +
+request_timeout``. A mirror that takes over a lease its holder did not
+release waits ``ttl + request_timeout`` before its first request to the
+server, then reads the position there and re-applies from it: whatever the
+old holder wrote after its last position is re-applied over, in order. One
+that saw a request fail in a way that may still land waits
+``request_timeout`` before its next one, and does not release the lease
+(its successor then waits). Puts replace records in place
+(``deltalog.snapshot.server``), so no id is ever absent while a batch lands.
+What remains: a process paused for longer than ``margin +
+request_timeout`` in the microseconds between the check and its request
+leaving the socket.
 """
 
 from __future__ import annotations
@@ -50,13 +68,21 @@ from anyio.streams.memory import MemoryObjectSendStream
 from compactor.lease import Lease, LeaseKeeper
 from compactor.replay import Progress, Replay, Replayer
 from deltalog.config import LogConfig
-from deltalog.errors import ConfigurationError, DataError, Fenced, LeaseBusy, Unavailable
+from deltalog.errors import (
+    ConfigurationError,
+    DataError,
+    Fenced,
+    InvalidInput,
+    LeaseBusy,
+    LeaseLost,
+    Unavailable,
+)
 from deltalog.fold import FoldPlan, Record
 from deltalog.log import DeltaLog
-from deltalog.snapshot.cache import SnapshotCache
-from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
+from deltalog.snapshot.cache import SnapshotCache, load_committed
+from deltalog.snapshot.server import DEFAULT_REQUEST_TIMEOUT, ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats, ChromaSink
-from deltalog.storage.table import LogState
+from deltalog.storage.table import LeaseState, LogState
 
 __all__ = ["CONTROL_COLLECTION", "Mirror", "MirrorPosition", "MirrorResult", "MirrorStatistics"]
 
@@ -64,6 +90,8 @@ log = logging.getLogger("compactor.mirror")
 
 CONTROL_COLLECTION = "deltalog.mirror"
 _CLEANUP_SECONDS = 60.0
+_FENCE_MARGIN = 0.1
+"""Of the ttl: no request is sent in the last tenth of the lease (clocks drift)."""
 
 T = TypeVar("T")
 Phase = Literal["bootstrapping", "following"]
@@ -84,6 +112,10 @@ class MirrorPosition(msgspec.Struct, frozen=True):
     owner: str = ""
     updated_at: float = 0.0
     format: int = 1
+    lineage: str = ""
+    """The committed state's lineage the target descends from (``LogState.lineage``)."""
+    request_timeout: float = 0.0
+    """The writer's request timeout (0: unknown), which a mirror taking over waits for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +204,12 @@ class _Session:
     sink: ChromaServerSink
     position: MirrorPosition | None = None
     applied: list[ApplyStats] = field(default_factory=list)
+    settle_until: float = 0.0
+    """On the monotonic clock: no request to the server before it (see the module docstring)."""
+    taken_over: LeaseState | None = None
+    """The lease as its previous holder left it, when it did not release it."""
+    taken_at: float = 0.0
+    """On the monotonic clock: when the acquire was sent."""
 
 
 class Mirror:
@@ -190,7 +228,11 @@ class Mirror:
         max_batch_size: int | None = None,
         progress: Callable[[MirrorStatistics], None] | None = None,
         log_handle: DeltaLog | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
+        if not request_timeout > 0:
+            raise InvalidInput("request_timeout (--request-timeout) must be positive")
+        self.request_timeout = request_timeout
         self.config = config
         self.target = target
         self.keys = config.keys
@@ -327,6 +369,8 @@ class Mirror:
         keeper = LeaseKeeper(
             self.log.table, self.keys.log_id, ttl=self.lease_ttl, name=self.lease_name
         )
+        before = await self.log.table.read_lease(self.keys.log_id, self.lease_name)
+        taken_at = time.monotonic()
         lease = await keeper.acquire()
         try:
             sink = await ChromaServerSink.connect(
@@ -334,18 +378,81 @@ class Mirror:
                 control=CONTROL_COLLECTION,
                 log=self.config.log,
                 max_batch_size=self.max_batch_size,
+                request_timeout=self.request_timeout,
             )
         except BaseException:
             await keeper.release(lease)
             raise
-        return _Session(keeper, lease, sink)
+        session = _Session(keeper, lease, sink, taken_at=taken_at)
+        try:
+            await keeper.renew(lease)  # connecting takes a while; the heartbeat starts later
+        except BaseException:
+            await self._close_session(session)
+            raise
+        sink.fence = self._fence(lease)
+        if not (before.owner is None and lease.token == before.token + 1):
+            session.taken_over = before  # its requests may still be landing
+        return session
+
+    def _fence(self, lease: Lease) -> Callable[[], None]:
+        """The check every request to the server passes first (see the module docstring)."""
+        margin = self.lease_ttl * _FENCE_MARGIN
+
+        def check() -> None:
+            lease.check()
+            if time.monotonic() >= lease.valid_until - margin:
+                raise LeaseLost(
+                    f"the lease of {self.target.id} was not renewed in time and may be "
+                    "another mirror's now: no request is sent to the server past it",
+                    log=self.config.log,
+                )
+
+        return check
+
+    async def _settle(self, session: _Session) -> None:
+        """Wait until requests that may still land (ours or a predecessor's) have."""
+        if session.taken_over is not None:
+            session.settle_until = session.taken_at + await self._predecessor_bound(session)
+            session.taken_over = None
+        if session.sink.unsettled:
+            session.sink.unsettled = False
+            session.settle_until = max(
+                session.settle_until, time.monotonic() + self.request_timeout
+            )
+        delay = session.settle_until - time.monotonic()
+        if delay > 0:
+            log.warning(
+                "%s -> %s: waiting %.1fs for requests that may still land on the server",
+                self.config.log,
+                self.target.id,
+                delay,
+            )
+            await anyio.sleep(delay)
+
+    async def _predecessor_bound(self, session: _Session) -> float:
+        """How long after our acquire an unreleased predecessor's requests may land: its
+        ttl (the lease item says which it renewed with) plus its request timeout (its
+        position says), or ours where longer."""
+        before = session.taken_over
+        assert before is not None
+        ttl = max(self.lease_ttl, before.expires_at - before.updated_at)
+        position = await self._read_position(session)
+        timeout = max(self.request_timeout, position.request_timeout if position else 0.0)
+        return ttl + timeout
 
     async def _close_session(self, session: _Session) -> None:
         with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
             try:
                 await session.sink.aclose()
             finally:
-                if session.lease.lost is None:
+                if session.sink.unsettled:  # the next holder must wait for it to land
+                    log.warning(
+                        "%s -> %s: a request may still land on the server; the lease is "
+                        "left to expire",
+                        self.config.log,
+                        self.target.id,
+                    )
+                elif session.lease.lost is None:
                     await session.keeper.release(session.lease)
 
     def _busy(self, exc: LeaseBusy) -> MirrorResult:
@@ -362,6 +469,7 @@ class Mirror:
             self._counts.running_since = None
 
     async def _catch_up_timed(self, session: _Session, started: float) -> MirrorResult:
+        await self._settle(session)
         head = await self.log.head()
         self._counts.head = head
         session.sink.dims = await self.log.table.read_dims(self.keys.log_id)
@@ -404,8 +512,22 @@ class Mirror:
                 log=self.config.log,
             )
         if position is None or position.phase == "bootstrapping":
-            position = await self._bootstrap(session, restart=position is not None)
+            return await self._bootstrap(session, restart=position is not None)
+        lineage = (await self._read_state()).lineage
+        if position.lineage != lineage:
+            log.warning(
+                "%s -> %s: the target descends from lineage %r, the committed state from %r "
+                "(a published rebuild): bootstrapping it again",
+                self.config.log,
+                self.target.id,
+                position.lineage,
+                lineage,
+            )
+            return await self._bootstrap(session, restart=True)
         return position
+
+    async def _read_state(self) -> LogState:
+        return await self.log.table.read_state(self.keys.log_id)
 
     async def _read_position(self, session: _Session) -> MirrorPosition | None:
         raw = await session.sink.read_control()
@@ -428,7 +550,12 @@ class Mirror:
         return position
 
     async def _write_position(
-        self, session: _Session, seq: int, phase: Phase = "following", snapshot_key: str = ""
+        self,
+        session: _Session,
+        seq: int,
+        phase: Phase = "following",
+        snapshot_key: str = "",
+        lineage: str | None = None,
     ) -> None:
         old = session.position
         position = MirrorPosition(
@@ -439,6 +566,8 @@ class Mirror:
             token=session.lease.token,
             owner=session.lease.owner,
             updated_at=time.time(),
+            lineage=lineage if lineage is not None else (old.lineage if old else ""),
+            request_timeout=self.request_timeout,
         )
         await session.sink.write_control(msgspec.to_builtins(position))
         session.position = position
@@ -469,12 +598,21 @@ class Mirror:
                 await sink.drop(name)
         else:
             await self._check_empty(sink)
-        state = await self.log.table.read_state(self.keys.log_id)
-        await self._write_position(
-            session, 0, phase="bootstrapping", snapshot_key=state.snapshot_key or ""
-        )
-        seq = await self._load_snapshot(session, state)
-        await self._write_position(session, seq, snapshot_key=state.snapshot_key or "")
+        # No lease of the log's: retention may delete the checkpoint while it downloads.
+        state, work = await load_committed(self._read_state, self._download)
+        key = state.snapshot_key or ""
+        try:
+            await self._write_position(
+                session, 0, phase="bootstrapping", snapshot_key=key, lineage=state.lineage
+            )
+            if work is not None:
+                await self._copy_from(session, work)
+        finally:
+            if work is not None:
+                with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
+                    await anyio.to_thread.run_sync(self.cache.discard, work)
+        seq = state.checkpoint_hwm if work is not None else 0
+        await self._write_position(session, seq, snapshot_key=key, lineage=state.lineage)
         assert session.position is not None
         return session.position
 
@@ -492,42 +630,53 @@ class Mirror:
                 log=self.config.log,
             )
 
-    async def _load_snapshot(self, session: _Session, state: LogState) -> int:
-        """Copy the published snapshot into the target; return the seq it holds."""
+    async def _download(self, state: LogState) -> Path | None:
+        """A working copy of the checkpoint ``state`` points to; None without one."""
         if state.snapshot_key is None or state.snapshot_sha256 is None:
-            return 0
-        work = await self.cache.copy_of(
+            return None
+        return await self.cache.copy_of(
             self.log.store, state.snapshot_key, state.snapshot_sha256, log=self.config.log
         )
+
+    async def _copy_from(self, session: _Session, work: Path) -> None:
+        """Copy a checkpoint's working copy into the target."""
+        snapshot = await ChromaSink.open(
+            work, log=self.config.log, max_batch_size=self.max_batch_size
+        )
         try:
-            snapshot = await ChromaSink.open(work, log=self.config.log)
-            try:
-                await self._copy(session, snapshot)
-            finally:
-                with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
-                    await snapshot.aclose()
+            await self._copy(session, snapshot)
         finally:
             with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
-                await anyio.to_thread.run_sync(self.cache.discard, work)
-        return state.checkpoint_hwm
+                await snapshot.aclose()
 
     async def _copy(self, session: _Session, snapshot: ChromaSink) -> None:
+        """Each collection, then each page, after the lease is renewed and the position
+        found as written: a bootstrapper that stalled writes nothing into a new
+        holder's collections."""
         sink = session.sink
         names = await snapshot.collections()
         await sink.check(names)
         for name in names:
             sink.settings[name] = await snapshot.hnsw(name)
+            await self._check_position(session)
             await sink.add(name, [])  # creates it, empty ones included
             # Read the next page from the snapshot while this one goes to the server.
             send, recv = anyio.create_memory_object_stream[list[Record]](1)
+            failure: Exception | None = None  # raised as itself, not as a task group's
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_pages_into, snapshot, name, send)
                 async with recv:
-                    async for page in recv:
-                        session.lease.check()
-                        await sink.add(name, page)
-                        self._counts.bootstrapped += len(page)
-                        self._report()
+                    try:
+                        async for page in recv:
+                            await self._check_position(session)
+                            await sink.add(name, page)
+                            self._counts.bootstrapped += len(page)
+                            self._report()
+                    except Exception as exc:
+                        failure = exc
+                        tg.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
 
     # -- following ----------------------------------------------------------------
 

@@ -73,7 +73,7 @@ from compactor.publish import (
 )
 from compactor.replay import Limits, Progress, Replay, Replayer
 from compactor.verify import VerifyResult, compare_sinks
-from compactor.working import OpenCopy, WarmSink, catch_up, close_sink, take
+from compactor.working import OpenCopy, WarmSink, WorkingCopy, catch_up, close_sink, take, trust_of
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -88,7 +88,7 @@ from deltalog.errors import (
 from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
@@ -307,10 +307,11 @@ class Compactor:
         self._cache: SnapshotCache | None = None
         self._warm: WarmSink | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
         self._cache = SnapshotCache(self.cache_dir / self.keys.cache_name)
-        self._warm = WarmSink(self._cache, self._open_sink)
+        self._warm = WarmSink(self._cache, self._open_sink, trust=self._trust)
         self._log = await DeltaLog.connect(self.config, store=self._store, table=self._table)
         return self
 
@@ -397,7 +398,7 @@ class Compactor:
             result, started_at=started_at, run_seconds=round(time.monotonic() - started, 6)
         )
         if result.snapshot_key is not None:
-            await self._prune(result.snapshot_key)
+            await self._prune()
         if failure is not None:
             raise failure
         return result
@@ -464,7 +465,7 @@ class Compactor:
         try:
             replay, replayed = await self._replay_into(opened, lease)
             if not replay.advanced and not (requested and state.tail_entries > 0):
-                warm.keep(opened, state.hwm)
+                warm.keep(opened, state.hwm, state)
                 handed_on = True
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
@@ -480,10 +481,11 @@ class Compactor:
                 warm_sink=opened.warm,
             )
             await self._commit(lease, state, published, result)
+            # The run's commit keeps the lineage of the state it read.
             if published is None:
-                warm.keep(opened, replay.last_seq)
+                warm.keep(opened, replay.last_seq, state)
             else:
-                await warm.park(opened.path, replay.last_seq)
+                await warm.park(opened.path, replay.last_seq, state)
             handed_on = True
         finally:
             if not handed_on:
@@ -561,27 +563,22 @@ class Compactor:
             for work in works:
                 await anyio.to_thread.run_sync(self.cache.discard, work)
 
-    async def _prune(self, committed: str) -> None:
+    async def _prune(self) -> None:
         """Retention, after a run and the release (DESIGN.md's step 8).
 
-        Housekeeping: a failure must not fail the committed run.
-
-        It holds no lease, and this process may have paused since its commit
-        while newer owners committed: what is committed is read again, and
-        nothing at or above its hwm is deleted (a newer owner's upload may be
-        about to be committed, whatever this caller read).
+        Housekeeping: a failure must not fail the committed run. It holds no
+        lease, and this process may pause anywhere in it while newer owners
+        commit (a forced rebuild's rollback included): ``prune_snapshots``
+        reads the state after listing and keeps every upload at or above its
+        token.
         """
         try:
-            state = await self.table.read_state(self.keys.log_id)
             await prune_snapshots(
                 self.store,
                 self.keys,
+                lambda: self.table.read_state(self.keys.log_id),
                 keep=self.retain,
-                committed=state.snapshot_key or committed,
-                below=state.hwm,
-                recent=state.recent_snapshots,
                 orphan_grace=self.orphan_grace,
-                now=time.time(),
             )
         except DeltalogError as exc:
             log.warning(
@@ -769,7 +766,7 @@ class Compactor:
         result = await self._leased(
             keeper, lease, lambda held: self._rebuild(held.state, to_seq, held, force)
         )
-        await self._prune(result.snapshot_key)
+        await self._prune()
         return result
 
     async def _rebuild(
@@ -836,6 +833,7 @@ class Compactor:
             published.size,
             last_run=json.dumps({"at": time.time(), **record}, sort_keys=True),
             recent_snapshots=self._recent(published.key, lease.state),
+            lineage=published.key,  # a new lineage: every copy of the old one is rebuilt
         )
         await self._commit_point(lease, committed, commit)
 
@@ -850,9 +848,8 @@ class Compactor:
         target = Path(out)
         if await anyio.to_thread.run_sync(_occupied, target):
             raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
-        state = await self.table.read_state(self.keys.log_id)
+        state, copy = await self._take_committed()
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        copy = await take(self.cache, self.store, state, log=self.config.log, warm=False)
         try:
             # Always Chroma (not the sink factory): what is exported is a Chroma directory.
             sink = await ChromaSink.open(copy.path, limiter=self._limiter)
@@ -874,6 +871,17 @@ class Compactor:
             counts,
         )
 
+    async def _take_committed(self) -> tuple[LogState, WorkingCopy]:
+        """A cold copy of the committed state's checkpoint, and that state.
+
+        No lease is held: retention may delete the checkpoint once a newer
+        commit replaced it; then the state is read again (``load_committed``).
+        """
+        return await load_committed(
+            lambda: self.table.read_state(self.keys.log_id),
+            lambda state: take(self.cache, self.store, state, log=self.config.log, warm=False),
+        )
+
     async def verify(self) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
 
@@ -882,13 +890,12 @@ class Compactor:
         are Chroma directories built by the same fold, so the comparison is
         exact: ids, vectors bit for bit, documents, metadata.
         """
-        state = await self.table.read_state(self.keys.log_id)
-        quarantined = await self.table.read_quarantined(self.keys.log_id)
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
+            state, committed = await self._take_committed()
+            cleanup.push_async_callback(self._discard, committed.path)
+            quarantined = await self.table.read_quarantined(self.keys.log_id)
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
             cleanup.push_async_callback(self._discard, rebuilt)
-            committed = await take(self.cache, self.store, state, log=self.config.log, warm=False)
-            cleanup.push_async_callback(self._discard, committed.path)
             expected = await self._open_sink(rebuilt)
             cleanup.push_async_callback(close_sink, expected)
             actual = await self._open_sink(committed.path)

@@ -3,10 +3,17 @@
 - A **working copy** is a private Chroma directory for one run and the seq
   whose fold it holds (``at``).
 - ``take`` gives a run its copy: the cache's **live copy** when it holds a
-  seq in ``[checkpoint_hwm, hwm]`` (**warm**: nothing is downloaded or
-  copied); otherwise the **checkpoint**, downloaded and verified (once per
-  host) and copied (**cold**); with no checkpoint yet, an empty directory
-  at seq 0.
+  seq in ``[checkpoint_hwm, hwm]``, descends from the state's lineage and
+  was folded under this process's trust settings (**warm**: nothing is
+  downloaded or copied); otherwise the **checkpoint**, downloaded and
+  verified (once per host) and copied (**cold**); with no checkpoint yet,
+  an empty directory at seq 0.
+- The **lineage** (``LogState.lineage``) names the rebuild the committed
+  state descends from; a published rebuild (a repair, or a rollback) starts
+  a new one, so a live copy of the old lineage is discarded even at a seq
+  the new state holds. The **trust** settings (``trust_of``: which
+  signatures the process requires) decide which entries are folded at all,
+  so a live copy folded under other settings is discarded too.
 - ``catch_up`` replays ``(at, hwm]`` into the copy, so it holds exactly the
   committed state: the checkpoint plus the committed tail. Every seq in it
   is an entry or a seal (everything <= hwm was applied or sealed), so the
@@ -25,28 +32,39 @@
 
 The fold of seqs ``1..n`` depends only on those entries, which never
 change, so a live copy at any committed seq ``w <= hwm`` plus the replay of
-``(w, hwm]`` equals the committed state; one above hwm (a rollback by
-``rebuild --publish --force``, a commit that failed) is discarded. The
-same rule (``_fits``) decides for the live copy on disk and the warm sink.
+``(w, hwm]`` equals the committed state of its lineage; one above hwm (a
+commit that failed) is discarded. The same rule (``_fits``: the seq, the
+lineage, the trust settings) decides for the live copy on disk and for the
+warm sink.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import anyio
 
 from compactor.replay import Replayer
+from deltalog.config import LogConfig
 from deltalog.errors import DataError
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState
 
-__all__ = ["OpenCopy", "WarmSink", "WarmStatistics", "WorkingCopy", "catch_up", "take"]
+__all__ = [
+    "OpenCopy",
+    "WarmSink",
+    "WarmStatistics",
+    "WorkingCopy",
+    "catch_up",
+    "take",
+    "trust_of",
+]
 
 _CLEANUP_SECONDS = 60.0
 
@@ -61,21 +79,33 @@ class WorkingCopy:
     how: How
 
 
+def trust_of(config: LogConfig) -> str:
+    """The trust settings entries are read under: "" (any entry) or the trusted keys' ids."""
+    verifier = config.verifier
+    return "" if verifier is None else ",".join(verifier.key_ids)
+
+
 async def take(
-    cache: SnapshotCache, store: ObjectStore, state: LogState, *, log: str, warm: bool = True
+    cache: SnapshotCache,
+    store: ObjectStore,
+    state: LogState,
+    *,
+    log: str,
+    warm: bool = True,
+    trust: str = "",
 ) -> WorkingCopy:
     """A working copy of the committed state; see the module docstring.
 
     ``warm=False`` never uses the live copy (what a cold reader sees is
-    what ``verify`` and ``export`` build).
+    what ``verify`` and ``export`` build); ``trust`` is ``trust_of`` the
+    caller's config.
     """
     if warm:
         live = await anyio.to_thread.run_sync(cache.take_live)
         if live is not None:
-            path, at = live
-            if _fits(at, state):
-                return WorkingCopy(path, at, "warm")
-            await anyio.to_thread.run_sync(cache.discard, path)
+            if _fits(live.hwm, live.lineage, live.trust, state, trust):
+                return WorkingCopy(live.path, live.hwm, "warm")
+            await anyio.to_thread.run_sync(cache.discard, live.path)
     if state.snapshot_key is None or state.snapshot_sha256 is None:
         path = await anyio.to_thread.run_sync(cache.working_copy, None)
         return WorkingCopy(path, 0, "empty")
@@ -83,9 +113,11 @@ async def take(
     return WorkingCopy(path, state.checkpoint_hwm, "checkpoint")
 
 
-def _fits(at: int, state: LogState) -> bool:
-    """Whether a live copy holding the fold at ``at`` can be brought to ``state`` by replay."""
-    return state.checkpoint_hwm <= at <= state.hwm
+def _fits(at: int, lineage: str | None, trust: str | None, state: LogState, ours: str) -> bool:
+    """Whether a live copy holding the fold at ``at`` of ``lineage``, read under ``trust``,
+    can be brought to ``state`` by replay, for a process whose trust settings are ``ours``."""
+    same = (lineage, trust) == (state.lineage, ours)
+    return same and state.checkpoint_hwm <= at <= state.hwm
 
 
 async def catch_up(
@@ -153,10 +185,13 @@ class WarmSink:
     so a compactor that starts later on this host is still warm.
     """
 
-    def __init__(self, cache: SnapshotCache, open_sink: SinkOpener) -> None:
+    def __init__(self, cache: SnapshotCache, open_sink: SinkOpener, *, trust: str = "") -> None:
         self._cache = cache
         self._open_sink = open_sink
-        self._held: tuple[OpenCopy, int] | None = None
+        self._trust = trust
+        """The trust settings this compactor reads entries under (``trust_of``)."""
+        self._held: tuple[OpenCopy, int, str] | None = None
+        """The copy held open, the seq it holds and the lineage it descends from."""
         self._reused = self._opened = self._dropped = 0
 
     def statistics(self) -> WarmStatistics:
@@ -173,16 +208,16 @@ class WarmSink:
         """The held copy if it fits ``state``; else one from the cache (``take``), opened.
 
         A held copy that does not fit (its seq above hwm or below the
-        checkpoint) is closed and discarded.
+        checkpoint, or another lineage) is closed and discarded.
         """
         held, self._held = self._held, None
         if held is not None:
-            opened, at = held
-            if _fits(at, state):
+            opened, at, lineage = held
+            if _fits(at, lineage, self._trust, state, self._trust):
                 self._reused += 1
                 return OpenCopy(WorkingCopy(opened.path, at, "warm"), opened.sink, warm=True)
             await self.drop(opened)
-        copy = await take(self._cache, store, state, log=log)
+        copy = await take(self._cache, store, state, log=log, trust=self._trust)
         try:
             sink = await self._open_sink(copy.path)
         except BaseException:
@@ -191,14 +226,20 @@ class WarmSink:
         self._opened += 1
         return OpenCopy(copy, sink, warm=False)
 
-    def keep(self, opened: OpenCopy, at: int) -> None:
-        """Hold ``opened`` open for the next run: its copy holds the committed fold at ``at``."""
-        self._held = (opened, at)
+    def keep(self, opened: OpenCopy, at: int, state: LogState) -> None:
+        """Hold ``opened`` open for the next run: its copy holds the fold at ``at``, committed
+        on ``state`` (whose lineage it keeps)."""
+        self._held = (opened, at, state.lineage)
 
-    async def park(self, path: Path, at: int) -> None:
-        """Make the closed copy at ``path`` the cache's live copy, at the committed ``at``."""
+    async def park(self, path: Path, at: int, state: LogState) -> None:
+        """Make the closed copy at ``path`` the cache's live copy, at ``at``, committed on
+        ``state``."""
+        await self._park(path, at, state.lineage)
+
+    async def _park(self, path: Path, at: int, lineage: str) -> None:
+        keep = partial(self._cache.keep_live, path, at, lineage=lineage, trust=self._trust)
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._cache.keep_live, path, at)
+            await anyio.to_thread.run_sync(keep)
 
     async def drop(self, opened: OpenCopy) -> None:
         """Close the sink and discard the copy (also when the caller was cancelled)."""
@@ -213,13 +254,13 @@ class WarmSink:
         held, self._held = self._held, None
         if held is None:
             return
-        opened, at = held
+        opened, at, lineage = held
         try:
             await close_sink(opened.sink)
         except BaseException:
             await _discard(self._cache, opened.path)
             raise
-        await self.park(opened.path, at)
+        await self._park(opened.path, at, lineage)
 
 
 async def close_sink(sink: Sink) -> None:

@@ -19,7 +19,9 @@
     ├── DataError                   stored bytes are wrong (names key and seq)
     │   ├── CorruptEntry            an entry that cannot be decoded or verified
     │   │   └── UntrustedEntry      not signed by a trusted key (signing is on)
-    │   └── CorruptSnapshot         a snapshot archive or its sidecar is wrong
+    │   ├── CorruptSnapshot         a snapshot archive or its sidecar is wrong
+    │   └── MissingObject           an object to read is not there (a snapshot
+    │                               retention deleted: read the state again)
     └── Closed                      the object was closed before the call
 
 Every error carries the ``log``, ``seq`` and ``key`` it concerns when known,
@@ -42,6 +44,7 @@ __all__ = [
     "InvalidInput",
     "LeaseBusy",
     "LeaseLost",
+    "MissingObject",
     "Unavailable",
     "UntrustedEntry",
     "ValidationError",
@@ -211,6 +214,16 @@ class UntrustedEntry(CorruptEntry):
 class CorruptSnapshot(DataError):
     """A snapshot archive that fails its checksum, cannot be read, or whose
     sidecar is missing, undecodable or does not match the files."""
+
+
+class MissingObject(DataError):
+    """An object that was to be read is not there (``key`` names it), or vanished
+    while it was being downloaded.
+
+    For a snapshot this is what retention does once a newer commit replaced
+    it: read the state again and load what it points to now. Only a snapshot
+    the state still points to that is missing is damage.
+    """
 
 
 class Closed(DeltalogError):

@@ -4,6 +4,7 @@ S3, under one bucket and a configurable root prefix::
 
     {root}/{log}/entries/{seq:020d}
     {root}/{log}/snapshots/{hwm:020d}-{token:012d}-{nonce}.tar[.zst]
+    {root}/{log}/snapshots/{snapshot name}.seen   when retention first saw an orphan
 
 DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
 
@@ -40,9 +41,10 @@ IDEMPOTENCY_PREFIX = "idem#"
 QUARANTINE_PREFIX = "quarantine#"
 LEASE_PREFIX = "lease#"
 VERSION_PREFIX = "version#"
+SEEN_SUFFIX = ".seen"
 
 _LOG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-\d{{12,}}-[A-Za-z0-9]+\.tar(?:\.zst)?")
+_SNAPSHOT_NAME = re.compile(rf"(\d{{{SEQ_WIDTH}}})-(\d{{12,}})-[A-Za-z0-9]+\.tar(?:\.zst)?")
 """What ``LogKeys.snapshot`` puts after the snapshots prefix, and nothing else."""
 _ROOT = re.compile(r"^[A-Za-z0-9._/-]*$")
 
@@ -120,10 +122,29 @@ class LogKeys:
         logs' keys (root ``""``, log ``x`` and root ``x``, log ``snapshots``
         share ``x/snapshots/``), and retention deletes only what parses.
         """
+        match = self._snapshot_name(key)
+        return int(match.group(1)) if match else None
+
+    def snapshot_token(self, key: str) -> int | None:
+        """The fencing token of the run that uploaded a snapshot key; None for any other key."""
+        match = self._snapshot_name(key)
+        return int(match.group(2)) if match else None
+
+    def _snapshot_name(self, key: str) -> re.Match[str] | None:
         if not key.startswith(self.snapshots_prefix):
             return None
-        match = _SNAPSHOT_NAME.fullmatch(key[len(self.snapshots_prefix) :])
-        return int(match.group(1)) if match else None
+        return _SNAPSHOT_NAME.fullmatch(key[len(self.snapshots_prefix) :])
+
+    def seen(self, snapshot_key: str) -> str:
+        """The marker retention writes when it first lists an orphan (its age counts from it)."""
+        return f"{snapshot_key}{SEEN_SUFFIX}"
+
+    def seen_of(self, key: str) -> str | None:
+        """The snapshot key a ``seen`` marker is of; None for any other key."""
+        if not key.endswith(SEEN_SUFFIX):
+            return None
+        snapshot = key[: -len(SEEN_SUFFIX)]
+        return snapshot if self.snapshot_hwm(snapshot) is not None else None
 
 
 def entry_log(root: str, key: str) -> str | None:

@@ -19,11 +19,14 @@ One ``Reader`` may serve concurrent calls (tasks of one event loop). Each
 call **pins** what it reads: under the reader's lock it refreshes, then
 takes the loaded snapshot and the tail folded on top of it, and answers
 from those alone, so its answer is the fold at one seq (hwm, or the last
-tail entry it saw). A **view** (the overlay of one collection, prepared for
-searching) is cached on the tail only if no entry was folded in while it
-was built. A snapshot replaced by a newer commit stays open until the last
-call that pinned it returns, then its Chroma client is closed and its
-working copy removed.
+tail entry it saw). A snapshot reader reads a newly committed tail whole and
+checks it reaches hwm before folding any of it, in one step: a call that
+pinned the snapshot before sees the fold at the old hwm or the new one,
+never at a seq between two commits (nor a tail that ends early). A
+**view** (the overlay of one collection, prepared for searching) is cached
+on the tail only if no entry was folded in while it was built. A snapshot
+replaced by a newer commit stays open until the last call that pinned it
+returns, then its Chroma client is closed and its working copy removed.
 
 Results have Chroma's shapes: ``query`` returns lists per query vector
 (``ids``, ``distances``, ``documents``, ``metadatas``), ``get`` flat lists.
@@ -33,7 +36,7 @@ Distances are Chroma's: squared L2 by default, ``1 - dot`` for ``ip``,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,7 @@ from deltalog.entry import Batch, Entry, Metadata, Seal, Upsert
 from deltalog.errors import Closed, CorruptEntry, DataError, DimensionMismatch, InvalidInput
 from deltalog.fold import CollectionPlan, Folder, Record, merge_metadata
 from deltalog.log import DeltaLog
-from deltalog.snapshot.cache import SnapshotCache
+from deltalog.snapshot.cache import SnapshotCache, load_committed
 from deltalog.snapshot.sink import ChromaSink, Hit
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState, Table
@@ -58,10 +61,6 @@ __all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistic
 
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
-
-_LOAD_ATTEMPTS = 5
-"""How many committed snapshots a refresh tries when retention deletes the one it
-read from the state item before it could download it."""
 
 
 class QueryResult(TypedDict):
@@ -231,25 +230,26 @@ class Reader:
         """``refresh`` under the lock."""
         if self._closed:
             raise Closed("the reader is closed", log=self.log.config.log)
-        state = await self.log.table.read_state(self.log.keys.log_id)
-        for attempt in range(1, _LOAD_ATTEMPTS + 1):
-            if self._holds(state):
-                break
-            try:
-                await self._load(state)
-                break
-            except DataError as exc:
-                newer = await self.log.table.read_state(self.log.keys.log_id)
-                if attempt == _LOAD_ATTEMPTS or not _pruned(exc, state, newer):
-                    raise
-                state = newer
+        state = await self._read_state()
+        if not self._holds(state):
+            state, _ = await load_committed(self._read_state, self._load, state=state)
         self._hwm = state.hwm
         tail = self._snapshot.tail
-        if self.consistency == "fresh":
-            await self._read_tail(tail, None)
+        if self.consistency == "fresh":  # every prefix of the tail is a fresh cut
+            await self._read_tail(tail.last_seq, None, lambda seq, entry: _fold(tail, seq, entry))
         elif tail.last_seq < state.hwm:
-            await self._read_tail(tail, state.hwm)
-            _check_committed_tail(tail, state, self.log.config.log)
+            # The committed tail is read whole, checked, then folded in one step (no
+            # await): a call that pinned this snapshot before sees the fold at the old
+            # hwm or at the new one, never at a seq between two commits.
+            read: list[tuple[int, Any]] = []
+            await self._read_tail(tail.last_seq, state.hwm, lambda *item: read.append(item))
+            last = read[-1][0] if read else tail.last_seq
+            _check_committed_tail(last, state, self.log.config.log)
+            for seq, entry in read:
+                _fold(tail, seq, entry)
+
+    async def _read_state(self) -> LogState:
+        return await self.log.table.read_state(self.log.keys.log_id)
 
     def _holds(self, state: LogState) -> bool:
         """Whether the loaded checkpoint is the one ``state`` points to."""
@@ -257,6 +257,9 @@ class Reader:
         return (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
 
     async def _load(self, state: LogState) -> None:
+        """Load the checkpoint ``state`` points to (``MissingObject`` if it was pruned)."""
+        if self._holds(state):
+            return
         loaded = await self._open_snapshot(
             state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
         )
@@ -298,9 +301,11 @@ class Reader:
                 if work is not None:
                     await anyio.to_thread.run_sync(self._cache.discard, work)
 
-    async def _read_tail(self, tail: _Tail, to_seq: int | None) -> None:
-        """Fold the entries after the tail's last seq (up to ``to_seq``), checked
-        against the log's schema.
+    async def _read_tail(
+        self, after: int, to_seq: int | None, take: Callable[[int, Any], None]
+    ) -> None:
+        """Hand ``take`` the entries after ``after`` (up to ``to_seq``), in seq order,
+        checked against the log's schema.
 
         An entry whose vectors disagree with the schema is a ``CorruptEntry``, as
         it is for the compactor (only a writer that bypassed ``append`` makes one).
@@ -311,7 +316,7 @@ class Reader:
             self._schema_read = True
         while True:
             reader = self.log.read(
-                after=tail.last_seq,
+                after=after,
                 to_seq=to_seq,
                 prefetch=self._prefetch,
                 classify_end=False,
@@ -321,14 +326,16 @@ class Reader:
                 async for seq, entry in reader:
                     if not _collections(entry) <= self._dims.keys():  # new to us: read the schema
                         self._dims = await self.log.table.read_dims(self.log.keys.log_id)
-                    _fold(tail, seq, entry)
+                    take(seq, entry)
+                    after = seq
                 return
             except CorruptEntry as exc:
                 if quarantined is None:
                     quarantined = await self.log.table.read_quarantined(self.log.keys.log_id)
                 if exc.seq is None or exc.seq not in quarantined:
                     raise
-                _fold(tail, exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+                take(exc.seq, Seal("quarantine", quarantined[exc.seq], "quarantine"))
+                after = exc.seq
 
     # -- queries ----------------------------------------------------------------
 
@@ -429,24 +436,14 @@ class Reader:
         )
 
 
-def _pruned(exc: DataError, tried: LogState, now: LogState) -> bool:
-    """Whether loading ``tried`` failed because retention deleted its snapshot.
-
-    A committed snapshot is only deleted once a newer commit replaced it, so
-    the state item has moved on; a snapshot unreadable while still committed
-    is a real ``DataError``.
-    """
-    return exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
-
-
-def _check_committed_tail(tail: _Tail, state: LogState, log: str) -> None:
+def _check_committed_tail(last_seq: int, state: LogState, log: str) -> None:
     """Every seq up to hwm is an entry or a seal: a committed tail that ends early is damage."""
-    if tail.last_seq < state.hwm:
+    if last_seq < state.hwm:
         raise DataError(
             f"the committed tail ({state.checkpoint_hwm}, {state.hwm}] is missing seq "
-            f"{tail.last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
+            f"{last_seq + 1}: every seq at or below the hwm must be an entry or a seal",
             log=log,
-            seq=tail.last_seq + 1,
+            seq=last_seq + 1,
         )
 
 

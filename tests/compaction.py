@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -23,6 +24,8 @@ from deltalog.errors import LeaseBusy
 from deltalog.fold import FoldPlan, Record
 from deltalog.snapshot.sink import ChromaSink, Sink
 from deltalog.storage.faults import Fault, FaultProxy, Request
+from deltalog.storage.s3 import S3Store
+from deltalog.storage.store import MemoryStore, ObjectStore
 from deltalog.storage.table import Commit, LogState, MemoryTable, Table
 from tests.oracle import oracle_state
 
@@ -319,3 +322,45 @@ async def until_stopped(pid: int) -> None:
     with anyio.fail_after(10):
         while not is_stopped(pid):  # noqa: ASYNC110 (another process's state)
             await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def held_download(
+    config: LogConfig, store: ObjectStore, key: str
+) -> AsyncIterator[tuple[ObjectStore, anyio.Event, anyio.Event]]:
+    """A store for a downloader whose download of ``key`` stops after its first range.
+
+    Yields that store, an event set when the download reached its second range,
+    and one to set to let it go on. On the memory store it is ``store`` itself
+    (its ``on_range`` hook); on S3 a store reaching the endpoint through a proxy
+    that holds the first ranged ``GetObject`` of ``key`` past byte 0.
+    """
+    if isinstance(store, MemoryStore):
+        reached, go = anyio.Event(), anyio.Event()
+
+        async def hold(got: str, start: int) -> None:
+            if got == key and start > 0 and not reached.is_set():
+                reached.set()
+                await go.wait()
+
+        store.on_range = hold
+        try:
+            yield store, reached, go
+        finally:
+            store.on_range = None
+        return
+
+    def later_range(request: Request) -> bool:
+        return (
+            request.operation == "GetObject"
+            and request.path.endswith(key)
+            and not request.headers.get("range", "bytes=0-").startswith("bytes=0-")
+        )
+
+    async with held_once(config, later_range) as (url, reached, go):
+        proxied = await S3Store.connect(replace(config, endpoint_url=url))
+        try:
+            yield proxied, reached, go
+        finally:
+            go.set()
+            await proxied.aclose()

@@ -1,4 +1,19 @@
-"""Fixtures: moto's server on loopback (a child process), fresh logs, seeded randomness."""
+"""Fixtures: moto's server on loopback (a child process), fresh logs, seeded randomness.
+
+Hypothesis profiles (README "Development"):
+
+- ``ci``, loaded here, so the README's test command and ``.ci/run`` use it:
+  derandomized (each test draws the same examples on every run, chosen
+  from a hash of the test, until the test or Hypothesis changes), no
+  example database (nothing a run leaves behind changes the next one), no
+  deadline (a loaded machine is slow, not wrong), failures printed with
+  their ``@reproduce_failure`` blob.
+- ``explore``: random seeds, with the local example database
+  (``.hypothesis/``, so a failure found is tried first next time). Chosen
+  with ``pytest --hypothesis-profile explore``, which hypothesis's pytest
+  plugin loads after this module. ``DELTALOG_EXPLORE_SCALE=N`` multiplies
+  each property test's example count (``examples``) for a longer search.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from deltalog import DeltaLog, LogConfig
 from deltalog.storage.dynamo import DynamoTable
@@ -15,6 +31,16 @@ from deltalog.storage.endpoint import FAKE_CREDENTIALS, EmbeddedEndpoint
 from deltalog.storage.s3 import S3Store
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile("ci")
+
+
+def examples(n: int) -> int:
+    """A property test's example count: ``n``, times ``DELTALOG_EXPLORE_SCALE`` if set."""
+    return n * int(os.environ.get("DELTALOG_EXPLORE_SCALE", "1"))
+
 
 BUCKET = "deltalog-tests"
 TABLE = "deltalog-tests"

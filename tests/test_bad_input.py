@@ -57,7 +57,7 @@ from deltalog import (
 )
 from deltalog.cli import build_parser
 from deltalog.codec import Frame, batch_body, encode_delta
-from deltalog.errors import CorruptSnapshot, UntrustedEntry
+from deltalog.errors import CorruptSnapshot, MissingObject, UntrustedEntry
 from deltalog.signing import Signer
 from deltalog.snapshot.archive import SIDECAR_NAME, Sidecar, archive
 from deltalog.snapshot.sink import MemorySink, Sink
@@ -473,7 +473,7 @@ SNAPSHOT_CASES = [
     Case("snapshot-checksum", "archive bytes that differ from the committed sha256",
          CorruptSnapshot, ("archive sha256 is", "the commit recorded"),
          Snap(good_snapshot, replaced)),
-    Case("snapshot-missing", "the committed snapshot object deleted", DataError,
+    Case("snapshot-missing", "the committed snapshot object deleted", MissingObject,
          ("committed snapshot object is missing",), Snap(good_snapshot, deleted)),
     Case("snapshot-garbage", "a committed archive that is not a tar", CorruptSnapshot,
          ("unreadable archive",), Snap(lambda tmp: b"\x00not a tar archive" * 64)),
@@ -500,6 +500,9 @@ SNAPSHOT_CASES = [
     Case("snapshot-unsafe-path", "an archive member escaping the directory", CorruptSnapshot,
          ("unsafe member path",),
          Snap(lambda tmp: tar_of({"../escape": b"x", SIDECAR_NAME: sidecar_json()}))),
+    Case("snapshot-file-and-dir", "an archive holding a file and a directory of one name",
+         CorruptSnapshot, ("as both a file and a directory",),
+         Snap(lambda tmp: tar_of({"a": b"x", "a/b": b"y", SIDECAR_NAME: sidecar_json()}))),
 ]  # fmt: skip
 
 

@@ -25,8 +25,9 @@ from deltalog.codec import (
     seal_body,
 )
 from tests.builders import assert_delta_equal, batch_of, seal_of
+from tests.conftest import examples
 
-FUZZ = settings(max_examples=300, deadline=None)
+FUZZ = settings(max_examples=examples(300), deadline=None)
 
 
 def _special_vectors() -> np.ndarray:

@@ -32,9 +32,10 @@ from deltalog.fold import (
     state_differences,
 )
 from tests import strategies
+from tests.conftest import examples
 from tests.oracle import oracle_state
 
-PROPERTY = settings(max_examples=100, deadline=None)
+PROPERTY = settings(max_examples=examples(100), deadline=None)
 ANY = strategies.ANY_FLOATS
 
 

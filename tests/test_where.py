@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from deltalog import InvalidInput
 from deltalog.where import matches, normalize_where
+from tests.conftest import examples
 
 KEYS = ["k", "s", "b"]
 VALUES = st.one_of(
@@ -70,7 +71,7 @@ def _valid_for_chroma(where: dict[str, Any]) -> bool:
     return True
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(records=RECORDS, where=conditions())
 def test_matches_agrees_with_chroma(
     chroma: Any, records: list[dict[str, Any]], where: dict[str, Any]

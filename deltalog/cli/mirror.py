@@ -21,7 +21,7 @@ from deltalog.cli.options import add_location_flags, add_output_flags, config_fr
 from deltalog.cli.process import EXIT_BUSY, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay
 from deltalog.errors import LeaseBusy
-from deltalog.snapshot.server import ChromaTarget
+from deltalog.snapshot.server import DEFAULT_REQUEST_TIMEOUT, ChromaTarget
 
 __all__ = ["register"]
 
@@ -36,6 +36,7 @@ def _mirror(args: argparse.Namespace, display: ProgressDisplay | None) -> Mirror
         chunk_entries=args.batch_entries,
         chunk_vectors=args.batch_vectors,
         progress=_progress(display) if display is not None else None,
+        request_timeout=args.request_timeout,
     )
 
 
@@ -115,6 +116,13 @@ def register(commands: Any) -> None:
         "--cache-dir", type=Path, default=Path(".deltalog/cache"), help="local snapshot cache"
     )
     mirror.add_argument("--lease-ttl", type=float, default=30.0, help="lease time to live (s)")
+    mirror.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="most seconds a request to the server may take (each phase); a mirror that "
+        "takes over a lease its holder did not release waits the ttl plus this first",
+    )
     mirror.add_argument("--poll-min", type=float, default=0.5, help="fastest poll (s)")
     mirror.add_argument("--poll-max", type=float, default=10.0, help="slowest poll (s)")
     mirror.add_argument(

@@ -309,8 +309,10 @@ def _extract_members(
 ) -> tuple[dict[str, str], bytes | None]:
     digests: dict[str, str] = {}
     sidecar: bytes | None = None
+    kinds = _Kinds(where)
     for member in tar:
         name = _safe_name(member, dest, where)
+        kinds.add(name, is_dir=member.isdir())
         if member.isdir():
             (dest / name).mkdir(parents=True, exist_ok=True)
         elif name in digests or (name == SIDECAR_NAME and sidecar is not None):
@@ -320,6 +322,29 @@ def _extract_members(
         else:
             digests[name] = _write_member(tar, member, dest / name)
     return digests, sidecar
+
+
+class _Kinds:
+    """What each path of an archive is, a file or a directory (its parents are
+    directories): one that would be both is refused before anything is written."""
+
+    def __init__(self, where: _Subject) -> None:
+        self.where = where
+        self.dirs: set[str] = {""}
+        self.files: set[str] = set()
+
+    def add(self, name: str, *, is_dir: bool) -> None:
+        parts = name.split("/") if name else []
+        parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        for path in parents:
+            self._mark(path, is_dir=True)
+        if name:
+            self._mark(name, is_dir=is_dir)
+
+    def _mark(self, path: str, *, is_dir: bool) -> None:
+        if path in (self.files if is_dir else self.dirs):
+            raise self.where.corrupt(f"the archive holds {path!r} as both a file and a directory")
+        (self.dirs if is_dir else self.files).add(path)
 
 
 def _safe_name(member: tarfile.TarInfo, dest: Path, where: _Subject) -> str:

@@ -14,7 +14,7 @@ Layout under its root::
     committed/{slot}/chroma/        an extracted committed snapshot
     committed/{slot}/source.json    which key and sha256 it is
     live/chroma/                    the live copy
-    live/live.json                  the seq it holds
+    live/live.json                  the seq it holds, its lineage and trust settings
     work/run-*/                     working copies
     tmp/                            downloads and extractions in progress
 
@@ -37,30 +37,60 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 import msgspec
 
-from deltalog.errors import ConfigurationError, CorruptSnapshot, DataError, InvalidInput
+from deltalog.errors import (
+    ConfigurationError,
+    CorruptSnapshot,
+    DataError,
+    InvalidInput,
+    MissingObject,
+)
 from deltalog.snapshot.archive import SIDECAR_NAME, check_chroma_version, extract
 from deltalog.storage.store import ObjectStore
+from deltalog.storage.table import LogState
 
-__all__ = ["SnapshotCache"]
+__all__ = ["LOAD_ATTEMPTS", "LiveCopy", "SnapshotCache", "load_committed"]
 
+T = TypeVar("T")
 _SOURCE_NAME = "source.json"
 _COPY_ATTEMPTS = 5
+LOAD_ATTEMPTS = 5
+"""How many committed states ``load_committed`` tries while retention deletes what it loads."""
 _LIVE_NAME = "live.json"
 
 
 class _Live(msgspec.Struct, frozen=True):
-    """Written next to the live copy: the seq it holds."""
+    """Written next to the live copy: the seq it holds, and what it was folded under.
+
+    ``lineage`` and ``trust`` are None in a live copy of a version that did not
+    record them: unknown, so it matches nothing.
+    """
 
     hwm: int
     installed_at: float
+    lineage: str | None = None
+    trust: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LiveCopy:
+    """The live copy, taken: a working copy, the seq it holds, and what it was folded under."""
+
+    path: Path
+    hwm: int
+    lineage: str | None
+    """The committed state's lineage it descends from (``LogState.lineage``)."""
+    trust: str | None
+    """The trust settings its entries were read under (which signatures it required)."""
 
 
 class _Source(msgspec.Struct, frozen=True):
@@ -124,7 +154,8 @@ class SnapshotCache:
     async def committed(self, store: ObjectStore, key: str, sha256: str, *, log: str) -> Path:
         """The extracted snapshot ``key``, downloaded and verified unless already cached.
 
-        A missing object is a ``DataError``; a checksum mismatch, an unreadable
+        A missing object (or one deleted while it downloads) is a
+        ``MissingObject``; a checksum mismatch, an unreadable
         archive or a sidecar that is wrong or of another log is a
         ``CorruptSnapshot``. Both name the key; nothing is left in the cache.
         """
@@ -135,7 +166,7 @@ class SnapshotCache:
         try:
             got = await store.download_file(key, tmp / "archive")
             if got is None:
-                raise DataError("the committed snapshot object is missing", log=log, key=key)
+                raise MissingObject("the committed snapshot object is missing", log=log, key=key)
             await anyio.to_thread.run_sync(self._install, tmp, key, sha256, log, got.sha256)
         finally:
             with anyio.CancelScope(shield=True):
@@ -228,8 +259,8 @@ class SnapshotCache:
         if path.exists():
             shutil.rmtree(path)
 
-    def take_live(self) -> tuple[Path, int] | None:
-        """Take the live copy as a working copy: its path and the seq it holds.
+    def take_live(self) -> LiveCopy | None:
+        """Take the live copy as a working copy, with what ``keep_live`` recorded.
 
         One rename claims it, so of two processes only one gets it; None when
         there is none. Until ``keep_live`` there is no live copy.
@@ -249,19 +280,20 @@ class SnapshotCache:
             return None
         finally:
             shutil.rmtree(claimed.parent)
-        return work, live.hwm
+        return LiveCopy(work, live.hwm, live.lineage, live.trust)
 
-    def keep_live(self, work: Path, hwm: int) -> None:
+    def keep_live(self, work: Path, hwm: int, *, lineage: str = "", trust: str = "") -> None:
         """Make a working copy the live copy, holding ``hwm``; ``work`` is moved.
 
-        Call it only after ``hwm`` was committed, on a closed directory. A
-        live copy already there (another process put one) is replaced.
+        Call it only after ``hwm`` was committed, on a closed directory, with the
+        committed state's ``lineage`` and the ``trust`` settings it was folded
+        under. A live copy already there (another process put one) is replaced.
         """
         self._check_working_copy(work)
         staged = Path(self._mkdtemp("live-"))
         try:
             work.rename(staged / "chroma")
-            record = _Live(hwm, time.time())
+            record = _Live(hwm, time.time(), lineage, trust)
             (staged / _LIVE_NAME).write_bytes(msgspec.json.encode(record))
             old = Path(self._mkdtemp("prune")) / "live"
             with suppress(FileNotFoundError):
@@ -350,6 +382,35 @@ class SnapshotCache:
                     continue
                 swept.append(f"{parent.name}/{path.name}")
         return swept
+
+
+async def load_committed(
+    read_state: Callable[[], Awaitable[LogState]],
+    load: Callable[[LogState], Awaitable[T]],
+    *,
+    state: LogState | None = None,
+    attempts: int = LOAD_ATTEMPTS,
+) -> tuple[LogState, T]:
+    """``load(state)`` of the committed state, read again when retention deleted its checkpoint.
+
+    Retention deletes a checkpoint only once a newer commit replaced it, so
+    a ``MissingObject`` naming the checkpoint ``load`` was given, with the
+    state moved on since, means "pruned: read the state again"; the newer
+    state is loaded instead, up to ``attempts`` times. A checkpoint the
+    state still points to that is missing is damage: raised as it is.
+    Returns the state that was loaded, and what ``load`` returned.
+    """
+    tried = state if state is not None else await read_state()
+    for attempt in range(1, attempts + 1):
+        try:
+            return tried, await load(tried)
+        except MissingObject as exc:
+            now = await read_state()
+            pruned = exc.key is not None and exc.key == tried.snapshot_key != now.snapshot_key
+            if attempt == attempts or not pruned:
+                raise
+            tried = now
+    raise AssertionError("unreachable")
 
 
 def _chroma_version() -> str:

@@ -18,6 +18,22 @@ owner asks for (the snapshot's HNSW settings), an existing collection of
 another dimension than the log's is refused before anything is written
 (``ConfigurationError``), and a server that cannot be reached is a
 ``ConfigurationError`` when it never answered, ``Unavailable`` afterwards.
+
+And what a server others read while it is written needs:
+
+- **Puts replace records in place**: ``upsert``, never a delete then an
+  add, so no reader sees an id absent and a writer stopped halfway leaves
+  the old record or the new one. Chroma's ``upsert`` keeps what it is not
+  given, so the put names every old metadata key it drops as ``None``
+  (measured on chromadb 1.5, embedded and ``chroma run``: the key goes, and
+  a record whose last key goes has ``None`` metadata). One thing ``upsert``
+  cannot do is take a document away: a put without a document over a
+  record that has one is the only put applied as a delete then an add.
+- **Every request is bounded in time** (``request_timeout``, for each of
+  connect, write and read; chromadb sets none) and passes ``fence`` first,
+  in the thread that sends it: the owner (``deltalog mirror``) refuses a
+  request there once its lease may have expired. ``unsettled`` records a
+  request that failed in a way that may still land (a timeout, a reset).
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ import anyio.to_thread
 import numpy as np
 
 from deltalog.errors import ConfigurationError, DataError, InvalidInput, Unavailable
-from deltalog.fold import Record
+from deltalog.fold import CollectionPlan, Record
 from deltalog.snapshot.sink import ChromaSink, _add
 
 if TYPE_CHECKING:
@@ -44,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_KEY_VARIABLE",
+    "DEFAULT_REQUEST_TIMEOUT",
     "ChromaServerSink",
     "ChromaTarget",
     "close_http_session",
@@ -52,6 +69,9 @@ __all__ = [
 
 API_KEY_VARIABLE = "CHROMA_API_KEY"
 """Set: the server is reached through ``chromadb.CloudClient`` with this key."""
+DEFAULT_REQUEST_TIMEOUT = 60.0
+"""Seconds each phase of a request to the server may take (a batch of thousands of
+vectors takes seconds to index)."""
 
 T = TypeVar("T")
 
@@ -154,6 +174,10 @@ class ChromaServerSink(ChromaSink):
         """The dimension each collection must have (the log's schema)."""
         self.settings: dict[str, dict[str, Any]] = {}
         """Per collection, the HNSW settings to create it with (default: Chroma's)."""
+        self.fence: Callable[[], None] | None = None
+        """Called before every request, in the thread that sends it; raises to stop it."""
+        self.unsettled = False
+        """Whether a request failed in a way that may still land on the server."""
 
     @classmethod
     async def connect(
@@ -164,10 +188,16 @@ class ChromaServerSink(ChromaSink):
         limiter: anyio.CapacityLimiter | None = None,
         log: str | None = None,
         max_batch_size: int | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> ChromaServerSink:
         """Connect to the target; ``control`` names the hidden control collection."""
         client = await anyio.to_thread.run_sync(connect_client, target, limiter=limiter)
         sink = cls(client, target, control=control, limiter=limiter, log=log, batch_size=1)
+        try:
+            _bound_requests(client, request_timeout, sink._before_request)
+        except BaseException:
+            await sink.aclose()
+            raise
         most = await sink._run("ask the batch size", client.get_max_batch_size)
         sink._batch = min(most, max_batch_size or most)
         return sink
@@ -260,15 +290,86 @@ class ChromaServerSink(ChromaSink):
         handle = client.get_or_create_collection(self.control, embedding_function=None)
         handle.modify(metadata=metadata)
 
+    # -- puts in place -------------------------------------------------------------
+
+    def _removals(self, changes: CollectionPlan) -> set[str]:
+        return set(changes.deletes)  # a put replaces its record in place (``_put``)
+
+    def _put(self, collection: Collection, records: list[Record]) -> int:
+        return _put_in_place(collection, records)
+
     async def aclose(self) -> None:
         client = self._client
         await super().aclose()
         if client is not None:
             await anyio.to_thread.run_sync(close_http_session, client)
 
+    def _before_request(self, request: Any) -> None:
+        if self.fence is not None:
+            self.fence()
+
     async def _run(self, what: str, func: Callable[..., T], *args: Any) -> T:
-        with _transport_errors(f"{what} in {self._where}", self._log):
-            return await super()._run(what, func, *args)
+        try:
+            with _transport_errors(f"{what} in {self._where}", self._log):
+                return await super()._run(what, func, *args)
+        except Unavailable:
+            self.unsettled = True
+            raise
+
+
+def _bound_requests(client: Any, timeout: float, before: Callable[[Any], None]) -> None:
+    """Give every request of ``client`` a timeout and pass it through ``before`` first.
+
+    chromadb 1.5's HTTP clients (``HttpClient``, ``CloudClient``) send through
+    one ``httpx.Client`` session, created without a timeout.
+    """
+    import httpx
+
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):
+        raise ConfigurationError(
+            "this chromadb client sends no requests through an httpx session that deltalog "
+            "can bound in time: use chromadb 1.5's HttpClient or CloudClient"
+        )
+    session.timeout = httpx.Timeout(timeout)
+    session.event_hooks["request"].append(before)
+
+
+def _put_in_place(collection: Collection, records: list[Record]) -> int:
+    """Replace whole records without ever leaving an id absent; see the module docstring."""
+    ids = [r.id for r in records]
+    old = collection.get(ids=ids, include=["documents", "metadatas"])
+    found = list(old["ids"])
+    none: list[Any] = [None] * len(found)
+    documents = dict(zip(found, old["documents"] or none, strict=True))
+    metadatas: dict[str, Any] = dict(zip(found, old["metadatas"] or none, strict=True))
+    cleared = [r for r in records if r.document is None and documents.get(r.id) is not None]
+    taken = {r.id for r in cleared}
+    upserts = [r for r in records if r.id not in taken]
+    calls = 1
+    if upserts:
+        docs = [r.document for r in upserts]
+        metas = [_replacing(r.metadata, metadatas.get(r.id)) for r in upserts]
+        collection.upsert(
+            ids=[r.id for r in upserts],
+            embeddings=np.stack([r.embedding for r in upserts]),
+            documents=cast("Any", docs) if any(d is not None for d in docs) else None,
+            metadatas=cast("Any", metas) if any(m is not None for m in metas) else None,
+        )
+        calls += 1
+    if cleared:  # upsert keeps a document it is not given: delete, then add
+        collection.delete(ids=[r.id for r in cleared])
+        calls += 1 + _add(collection, cleared)
+    return calls
+
+
+def _replacing(
+    new: Mapping[str, Any] | None, old: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The metadata to upsert so a record ends with exactly ``new``: keys it drops as None."""
+    out: dict[str, Any] = {key: None for key in (old or {}) if key not in (new or {})}
+    out.update(new or {})
+    return out or None
 
 
 def close_http_session(client: Any) -> None:

@@ -20,8 +20,10 @@ Contract:
 ChromaDB semantics this relies on (chromadb 1.5): ``add`` of an existing id
 is silently ignored and ``upsert`` merges metadata and keeps the old document
 when given none, so a put is applied as a delete of the ids that exist
-followed by an ``add``. ``update`` merges metadata like a patch, skips absent
-ids, and leaves ``None`` metadata when the last key is removed. Vectors are
+followed by an ``add`` (a Chroma server, which others read while it is
+written, replaces records in place instead: ``deltalog.snapshot.server``).
+``update`` merges metadata like a patch, skips absent ids, and leaves
+``None`` metadata when the last key is removed. Vectors are
 stored as float32 and read back as float64 that converts back exactly.
 Every blocking call runs in a worker thread, in batches of
 ``get_max_batch_size()``.
@@ -176,17 +178,26 @@ class ChromaSink:
 
     async def _apply_collection(self, name: str, changes: CollectionPlan) -> int:
         collection = await self._collection(name)
-        removals = sorted(changes.deletes | changes.puts.keys())
+        removals = sorted(self._removals(changes))
         puts = list(changes.puts.values())
         patches = [(id_, patch) for id_, patch in changes.patches.items() if patch]
         calls = 0
         for ids in _chunks(removals, self._batch):
             calls += await self._run(f"delete from {name!r}", _remove_existing, collection, ids)
         for records in _chunks(puts, self._batch):
-            calls += await self._run(f"add to {name!r}", _add, collection, records)
+            calls += await self._run(f"add to {name!r}", self._put, collection, records)
         for some in _chunks(patches, self._batch):
             calls += await self._run(f"update {name!r}", _update, collection, some)
         return calls
+
+    def _removals(self, changes: CollectionPlan) -> set[str]:
+        """The ids deleted before the puts: a put replaces the whole record, as a delete
+        of the id then an ``add`` (see the module docstring)."""
+        return changes.deletes | changes.puts.keys()
+
+    def _put(self, collection: Collection, records: list[Record]) -> int:
+        """Write ``records`` (blocking), after ``_removals``; returns the calls made."""
+        return _add(collection, records)
 
     async def counts(self) -> dict[str, int]:
         names = await self.collections()

@@ -585,6 +585,9 @@ def _commit_sets(commit: Commit) -> tuple[list[str], dict[str, Any]]:
     if commit.recent_snapshots:
         sets.append("recent_snapshots = :recent")
         values[":recent"] = {"L": [_s(k) for k in commit.recent_snapshots]}
+    if commit.lineage is not None:
+        sets.append("lineage = :lineage")
+        values[":lineage"] = _s(commit.lineage)
     return sets, values
 
 
@@ -612,4 +615,5 @@ def _state_of(item: dict[str, Any]) -> LogState:
         recent_snapshots=tuple(
             v["S"] for v in item.get("recent_snapshots", {}).get("L", ()) if "S" in v
         ),
+        lineage=text("lineage") or "",
     )

@@ -34,7 +34,14 @@ import anyio.abc
 from botocore.exceptions import ClientError, IncompleteReadError, ResponseStreamingError
 
 from deltalog.config import LogConfig
-from deltalog.errors import Closed, ConfigurationError, DeltalogError, InvalidInput, Unavailable
+from deltalog.errors import (
+    Closed,
+    ConfigurationError,
+    DeltalogError,
+    InvalidInput,
+    MissingObject,
+    Unavailable,
+)
 from deltalog.storage.aws import Reachability, client, error_code, http_status, translate
 from deltalog.storage.store import ObjectInfo, StoredObject
 from deltalog.storage.transfer import (
@@ -231,7 +238,7 @@ class S3Store:
         async def fetch(start: int, end: int) -> bytes:
             got = await self._range(key, start, end, etag=etag)
             if got is None:
-                raise Unavailable("the object vanished during the download", key=key)
+                raise MissingObject("the object vanished during the download", key=key)
             return got[0]
 
         return await download_ranges(

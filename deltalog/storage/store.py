@@ -23,7 +23,7 @@ Contract:
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Protocol
 
 import anyio
 
-from deltalog.errors import InvalidInput
+from deltalog.errors import InvalidInput, MissingObject
 from deltalog.storage.transfer import (
     Hasher,
     Transferred,
@@ -91,7 +91,10 @@ class ObjectStore(Protocol):
         ...
 
     async def download_file(self, key: str, path: Path) -> Transferred | None:
-        """Write an object to a local file, with its sha256; None if the key is missing."""
+        """Write an object to a local file, with its sha256; None if the key is missing.
+
+        ``MissingObject`` if it is deleted while it downloads (after the first range).
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -105,6 +108,8 @@ class MemoryStore:
         self._objects: dict[str, StoredObject] = {}
         self.part_size = part_size
         self.requests = 0
+        self.on_range: Callable[[str, int], Awaitable[None]] | None = None
+        """Awaited before each range of a download after the first (fault tests)."""
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         self.requests += 1
@@ -149,6 +154,10 @@ class MemoryStore:
         data, size = obj.data, self.part_size
 
         async def fetch(start: int, end: int) -> bytes:
+            if self.on_range is not None:
+                await self.on_range(key, start)
+            if self._objects.get(key) is not obj:  # S3's ranges are pinned to the ETag
+                raise MissingObject("the object vanished during the download", key=key)
             return data[start:end]
 
         async with await anyio.open_file(path, "wb") as out:

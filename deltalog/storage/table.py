@@ -78,6 +78,12 @@ class LogState:
     """The keys of the most recently committed snapshots, newest (the committed
     one) first: what retention keeps. Empty for a state committed by a version
     before it."""
+    lineage: str = ""
+    """Which rebuild the checkpoint descends from: empty for the log's first
+    lineage (and a state committed before lineages); a published rebuild starts
+    a new one (named by its checkpoint's key). Every copy derived from the
+    committed state (a compactor's live copy, a mirror) records the lineage it
+    descends from and is discarded once the state's is another."""
 
     def lease_free(self, now: float) -> bool:
         return self.owner is None or self.expires_at <= now
@@ -125,10 +131,14 @@ class Commit:
     the recorded ones."""
     tail_bytes: int = 0
     """The committed tail's stored bytes after this commit (0 with a checkpoint)."""
+    lineage: str | None = None
+    """A new ``LogState.lineage`` (a published rebuild); None keeps the recorded one."""
 
     def __post_init__(self) -> None:
         if (self.snapshot_key is None) != (self.snapshot_sha256 is None):
             raise ValueError("a checkpoint needs both its key and its sha256")
+        if self.lineage is not None and self.snapshot_key is None:
+            raise ValueError("a new lineage starts with a checkpoint")
         if self.snapshot_key is not None and self.tail_bytes:
             raise ValueError("a commit with a checkpoint has an empty tail")
 
@@ -344,6 +354,7 @@ class MemoryTable:
             tail_bytes=commit.tail_bytes,
             last_run=commit.last_run or state.last_run,
             recent_snapshots=commit.recent_snapshots or state.recent_snapshots,
+            lineage=state.lineage if commit.lineage is None else commit.lineage,
             updated_at=now,
         )
         self._states[log_id] = state

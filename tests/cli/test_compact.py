@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -242,6 +243,47 @@ async def test_export_to_another_file_system_appears_whole(
     await log.append(delta(rng, "a", rows=2))
     out = tmp_path / "elsewhere" / "out"
     crossed: list[Path] = []
+    async with Compactor(config, cache_dir=tmp_path / "cache") as compactor:
+        await compactor.run_once()
+        monkeypatch.setattr(Path, "rename", _rename_across(out, crossed))
+        result = await compactor.export(out)
+    assert crossed, "the rename across file systems was tried first"
+    assert (result.path, _listing(out.parent)) == (out, ["out"]), "no scratch left"
+    assert _plain_chroma(out) == {"words": {"a#0": "l0", "a#1": "l1"}}
+
+
+async def test_export_to_another_file_system_that_fills_up_leaves_no_target(
+    log: DeltaLog, config: LogConfig, rng: np.random.Generator, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """As above, and the copy across fails partway (ENOSPC after its first file): the
+    export raises, the target does not exist, and no scratch is left beside it."""
+    await log.append(delta(rng, "a", rows=2))
+    out = tmp_path / "elsewhere" / "out"
+    copyfile = shutil.copyfile
+    copied: list[str] = []
+
+    def filling(src: Any, dst: Any, **kwargs: Any) -> Any:
+        if out.parent in Path(dst).parents:  # the other file system
+            if copied:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+            copied.append(str(dst))
+        return copyfile(src, dst, **kwargs)
+
+    async with Compactor(config, cache_dir=tmp_path / "cache") as compactor:
+        await compactor.run_once()
+        monkeypatch.setattr(Path, "rename", _rename_across(out, []))
+        monkeypatch.setattr(shutil, "copyfile", filling)
+        with pytest.raises(OSError, match="No space left"):  # shutil.Error lists each file
+            await compactor.export(out)
+    assert copied, "it failed partway"
+    assert not out.exists()
+    assert _listing(out.parent) == [], "no scratch left"
+
+
+def _rename_across(out: Path, crossed: list[Path]) -> Callable[[Path, Any], Path]:
+    """``Path.rename`` as if ``out`` were on another file system than the cache: the
+    rename of a working copy to it fails with EXDEV, as the kernel answers."""
     rename = Path.rename
 
     def across(self: Path, target: Any) -> Path:
@@ -250,13 +292,7 @@ async def test_export_to_another_file_system_appears_whole(
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
         return rename(self, target)
 
-    async with Compactor(config, cache_dir=tmp_path / "cache") as compactor:
-        await compactor.run_once()
-        monkeypatch.setattr(Path, "rename", across)
-        result = await compactor.export(out)
-    assert crossed, "the rename across file systems was tried first"
-    assert (result.path, _listing(out.parent)) == (out, ["out"]), "no scratch left"
-    assert _plain_chroma(out) == {"words": {"a#0": "l0", "a#1": "l1"}}
+    return across
 
 
 def _listing(path: Path) -> list[str]:

@@ -10,6 +10,10 @@ Each test runs on the memory adapters and on moto's server (``backend``).
   reference fold, and readers see it.
 - **Retention** never deletes the checkpoint the committed state points to,
   even at ``orphan_grace=0`` with every other snapshot gone.
+- **The committed tail**: a snapshot reader, a cold ``export`` and a cold
+  ``run_once`` refuse a committed tail that ends before hwm (a missing
+  entry is damage, never a shorter fold); the tail's bytes add up across
+  runs; a live copy behind the checkpoint is not reused.
 - **Size**: an archive of many parts goes up as a multipart upload and
   comes down by ranged requests, for a cold compactor, a reader and
   ``export``.
@@ -24,11 +28,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
+import chromadb
 import numpy as np
 import pytest
+from chromadb.config import Settings
 
 from compactor import Compactor
-from deltalog import DeltaLog, LogConfig, Reader
+from deltalog import DataError, DeltaLog, LogConfig, Reader
 from deltalog.keys import STATE_SK
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.s3 import S3Store
@@ -42,10 +49,12 @@ from tests.compaction import (
     assert_states_equal,
     committed_state,
     faulty_sinks,
+    held_download,
     reference,
     until_state,
 )
 from tests.compactor.conftest import Backend
+from tests.faulty import FaultyStore
 
 PART = 4096
 TAIL_ONLY = 1e6
@@ -249,7 +258,9 @@ async def test_retention_keeps_the_checkpoint_the_state_points_to(
             await forget_checkpoint_fields(backend, log, "recent_snapshots")
         for i in range(4):
             await log.append(delta(rng, f"t{i}"))
-            orphan = log.keys.snapshot(await log.head() - 1, 90 + i, f"orphan{i}")
+            # A run killed before its commit, under the token it held:
+            token = (await log.table.read_state(log.keys.log_id)).token
+            orphan = log.keys.snapshot(await log.head() - 1, token, f"orphan{i}")
             assert await log.store.put_if_absent(orphan, b"never committed")
             rebuilt = await c.rebuild()  # uploaded, not published: an orphan too
             result = await c.run_once()
@@ -310,6 +321,106 @@ async def test_an_archive_of_many_parts_goes_up_and_comes_down_whole(
         await store.aclose()
 
 
+# -- the committed tail: what each of its readers must check ----------------------------
+
+
+async def checkpoint_at_1_tail_to_3(log: DeltaLog, c: Compactor, rng: np.random.Generator) -> str:
+    """Entries a, b, c: a checkpoint at 1 and a committed tail to hwm 3; its key."""
+    await log.append(delta(rng, "a"))
+    first = await c.run_once()
+    assert (first.checkpoint, first.snapshot_key) != ("", None)
+    await log.append(delta(rng, "b"))
+    await log.append(delta(rng, "c"))
+    assert (await c.run_once()).checkpoint == ""
+    state = await log.table.read_state(log.keys.log_id)
+    assert (state.hwm, state.checkpoint_hwm) == (3, 1)
+    assert first.snapshot_key is not None
+    return first.snapshot_key
+
+
+async def test_a_snapshot_reader_refuses_a_committed_tail_that_ends_before_hwm(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Every seq up to hwm is an entry or a seal: with entry 3 gone, a snapshot reader
+    raises a ``DataError`` naming seq 3 rather than answer the fold at 2 as hwm 3."""
+    async with backend.open_log() as log:
+        async with backend.compactor(cache_dir=tmp_path / "c") as c:
+            await checkpoint_at_1_tail_to_3(log, c, rng)
+        await log.store.delete(log.keys.entry(3))
+        with pytest.raises(DataError, match="missing seq 3") as refused:
+            await reader_sees(log, tmp_path / "reader")
+        assert refused.value.seq == 3
+
+
+async def test_a_cold_copy_whose_committed_tail_ends_before_hwm_publishes_nothing(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """With entry 2 gone, a cold ``export`` and a cold ``run_once(checkpoint=True)`` each
+    raise a ``DataError`` (seq 2) and leave the committed checkpoint as it was, rather
+    than publish one that lacks seqs 2-3."""
+    async with backend.open_log() as log:
+        async with backend.compactor(cache_dir=tmp_path / "warm") as c:
+            checkpoint = await checkpoint_at_1_tail_to_3(log, c, rng)
+        await log.store.delete(log.keys.entry(2))
+        before = await snapshot_keys(log)
+        async with backend.compactor(cache_dir=tmp_path / "cold") as cold:
+            with pytest.raises(DataError) as exported:
+                await cold.export(tmp_path / "out")
+            assert exported.value.seq == 2
+            assert not (tmp_path / "out").exists()
+        async with backend.compactor(cache_dir=tmp_path / "cold2") as cold:
+            with pytest.raises(DataError) as checkpointed:
+                await cold.run_once(checkpoint=True)
+            assert checkpointed.value.seq == 2
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_key, state.checkpoint_hwm) == (3, checkpoint, 1)
+        assert await snapshot_keys(log) == before, "nothing uploaded"
+
+
+async def test_tail_bytes_add_up_across_runs(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Three tail-only runs (a publishes the first checkpoint; b, then c, go to the
+    tail): the tail's bytes are b's plus c's, in the result and the state, so the ratio
+    builds up over many small runs."""
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "c") as c:
+        results = []
+        for name in ("a", "b", "c"):
+            await log.append(delta(rng, name))
+            results.append(await c.run_once())
+        assert [r.checkpoint for r in results] == ["first", "", ""]
+        sizes = {
+            log.keys.seq_of(info.key): info.size
+            async for info in log.store.list_after(log.keys.entries_prefix)
+        }
+        state = await log.table.read_state(log.keys.log_id)
+        assert results[1].tail_bytes == sizes[2]
+        assert results[2].tail_bytes == state.tail_bytes == sizes[2] + sizes[3]
+
+
+async def test_a_live_copy_behind_the_checkpoint_is_not_reused(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Compactor A keeps a live copy at seq 1; B publishes a checkpoint at 3; one more
+    entry arrives. A's copy is behind the checkpoint, so A starts from the checkpoint
+    (nothing of the tail to replay), not from its copy (2 seqs to replay)."""
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "a") as a:
+        await log.append(delta(rng, "a"))
+        assert (await a.run_once()).checkpoint == "first"
+        await log.append(delta(rng, "b"))
+        await log.append(delta(rng, "c"))
+        async with backend.compactor(cache_dir=tmp_path / "b") as b:
+            assert (await b.run_once(checkpoint=True)).snapshot_hwm == 3
+        await log.append(delta(rng, "d"))
+        result = await a.run_once()
+        assert (result.working_copy, result.replayed_tail, result.hwm_after) == (
+            "checkpoint",
+            0,
+            4,
+        )
+        await converged(log, a, tmp_path / "reader")
+
+
 # -- compatibility with states committed before checkpoints ----------------------------
 
 
@@ -357,3 +468,192 @@ async def forget_checkpoint_fields(backend: Backend, log: DeltaLog, *fields: str
         Key={"pk": {"S": log.keys.log_id}, "sk": {"S": STATE_SK}},
         UpdateExpression=f"REMOVE {', '.join(fields)}",
     )
+
+
+# -- derived copies: their lineage and trust settings ---------------------------------
+
+
+def _add_stray_record(chroma_dir: Path) -> None:
+    """Damage a Chroma directory: one record no entry wrote."""
+    client = chromadb.PersistentClient(
+        path=str(chroma_dir), settings=Settings(anonymized_telemetry=False)
+    )
+    try:
+        words = client.get_collection("words", embedding_function=None)
+        dim = len(words.get(limit=1, include=["embeddings"])["embeddings"][0])  # type: ignore[index]
+        words.add(ids=["stray"], embeddings=np.ones((1, dim), np.float32))
+    finally:
+        client.close()  # type: ignore[attr-defined]  # the concrete client has it
+
+
+async def test_a_forced_rebuild_reaches_a_hosts_live_copy(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A repair (``rebuild --publish --force``) reaches every derived copy.
+
+    Compactor A keeps a live copy, which gets damaged (a stray record, standing
+    in for whatever the repair is for). A forced rebuild at the same hwm starts
+    a new lineage; one more entry arrives. A's next run must start from the
+    rebuilt checkpoint, not from its live copy (still at a seq the state
+    holds), so the checkpoint it publishes equals the reference fold.
+    """
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "a", checkpoint_ratio=0) as a,
+        backend.compactor(cache_dir=tmp_path / "b") as b,
+    ):
+        await log.append(delta(rng, "x", rows=3))
+        await a.run_once()
+        await anyio.to_thread.run_sync(_add_stray_record, a.cache.root / "live" / "chroma")
+        rebuilt = await b.rebuild(publish=True, force=True)
+        await log.append(delta(rng, "y", rows=2))
+        result = await a.run_once()
+        assert_states_equal(await committed_state(a), await reference(log))
+        assert (result.working_copy, result.replayed_tail) == ("checkpoint", 0)
+        assert (await log.table.read_state(log.keys.log_id)).lineage == rebuilt.snapshot_key
+        await log.append(delta(rng, "z", rows=1))
+        assert (await a.run_once()).working_copy == "warm", "its new live copy is of the lineage"
+
+
+async def test_a_live_copy_folded_under_other_trust_settings_is_discarded(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Two compactors share a host's cache: one trusts every entry, one requires a
+    signature. Which entries get folded depends on that, so neither reuses the
+    other's live copy; each reuses its own."""
+    signed = replace(backend.config, signing_key=bytes(range(32)))
+    async with (
+        backend.open_log(signed) as log,
+        backend.compactor(cache_dir=tmp_path) as any_entry,
+        backend.compactor(signed, cache_dir=tmp_path) as verifying,
+    ):
+        runs: list[str] = []
+        for c in (any_entry, verifying, verifying, any_entry):
+            await log.append(delta(rng, f"d{len(runs)}"))
+            runs.append((await c.run_once()).working_copy)
+        assert runs == ["empty", "checkpoint", "warm", "checkpoint"]
+
+
+# -- a checkpoint pruned while it downloads -------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["reader", "export", "verify"])
+async def test_a_checkpoint_pruned_mid_download_is_read_again_from_the_state(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path, who: str
+) -> None:
+    """A vanished object is the "pruned: read the state again" case.
+
+    A checkpoint of many 4 KiB parts is committed; a reader (or ``export``, or
+    ``verify``) downloads it, and after its first range a compactor (retain 1)
+    commits a newer checkpoint and deletes that one. The download's next range
+    finds it gone: the state has moved on, so it loads the newer checkpoint.
+    """
+    config = replace(backend.config, part_size=PART, transfer_concurrency=2)
+    store: Any = MemoryStore(part_size=PART) if backend.name == "memory" else None
+    table = MemoryTable() if backend.name == "memory" else backend.table
+    store = store or await S3Store.connect(config)
+    options: Any = {"store": store, "table": table, "checkpoint_ratio": 0}
+    try:
+        async with (
+            DeltaLog.open(config, store=store, table=table) as log,
+            Compactor(config, cache_dir=tmp_path / "c", retain=1, orphan_grace=0, **options) as c,
+        ):
+            for i in range(3):
+                await log.append(delta(rng, f"r{i}", rows=20, dim=64))
+            first = await c.run_once()
+            assert first.snapshot_key is not None and first.snapshot_size > 4 * PART
+            async with (
+                held_download(config, store, first.snapshot_key) as (held, reached, go),
+                anyio.create_task_group() as tg,
+            ):
+                got: list[Any] = []
+                tg.start_soon(_download_as, who, config, held, table, tmp_path / who, got)
+                with anyio.fail_after(60):
+                    await reached.wait()
+                await log.append(delete("r0#3"))
+                second = await c.run_once()
+                assert first.snapshot_key not in await snapshot_keys(log), "pruned"
+                go.set()
+            want = await reference(log)
+            (answer,) = got
+            if who == "reader":
+                assert answer == (second.snapshot_key, sorted(want["words"]))
+            elif who == "export":
+                assert (answer.snapshot_key, answer.hwm) == (second.snapshot_key, 4)
+            else:
+                assert answer.ok and answer.hwm == 4
+    finally:
+        await store.aclose()
+
+
+async def _download_as(
+    who: str, config: LogConfig, store: Any, table: Any, cache: Path, got: list[Any]
+) -> None:
+    if who == "reader":
+        async with Reader.open(config, cache_dir=cache, store=store, table=table) as reader:
+            ids = sorted((await reader.get(collection="words"))["ids"])
+            got.append((reader.statistics().snapshot_key, ids))
+        return
+    async with Compactor(config, cache_dir=cache, store=store, table=table) as c:
+        got.append(await (c.export(cache / "out") if who == "export" else c.verify()))
+
+
+# -- one snapshot reader, concurrent calls: one complete cut --------------------------
+
+
+class DimsGate:
+    """A table whose first ``read_dims`` once armed waits for ``go``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+        self.paused, self.go = anyio.Event(), anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_dims(self, log_id: str) -> dict[str, int]:
+        dims: dict[str, int] = await self.inner.read_dims(log_id)
+        if self.armed:
+            self.armed = False
+            self.paused.set()
+            with anyio.fail_after(60):
+                await self.go.wait()
+        return dims
+
+
+async def test_a_call_pinned_before_a_refresh_never_sees_part_of_a_committed_tail(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Call A pins the snapshot at hwm 1 and waits (reading the schema of a collection
+    new to it). hwm 3 is committed, a tail of two entries; call B's refresh reads
+    entry 2 and finds entry 3 missing (the committed tail ends early: damage, B
+    raises). A then answers: from the fold at hwm 1 (or 3), never from the fold at 2.
+    """
+    table = DimsGate(backend.table)
+    store = FaultyStore(backend.store)
+    async with backend.open_log() as log, backend.compactor(cache_dir=tmp_path / "c") as c:
+        await log.append(delta(rng, "w"))
+        assert (await c.run_once()).hwm_after == 1
+        await log.append(delta(rng, "x", rows=1, collection="late"))
+        await log.append(delta(rng, "y", rows=1, collection="late"))
+        async with (
+            Reader.open(backend.config, cache_dir=tmp_path / "r", store=store, table=table) as r,
+            anyio.create_task_group() as tg,
+        ):
+            answers: list[list[str]] = []
+
+            async def call_a() -> None:
+                got = await r.query(collection="late", query_embeddings=np.ones(8), n_results=5)
+                answers.append(got["ids"][0])
+
+            table.armed = True
+            tg.start_soon(call_a)
+            with anyio.fail_after(60):
+                await table.paused.wait()  # A pinned the snapshot at hwm 1
+            assert (await c.run_once()).hwm_after == 3  # a committed tail (2, 3]
+            store.vanished.add(log.keys.entry(3))
+            with pytest.raises(DataError, match="seq=3"):
+                await r.refresh()
+            table.go.set()
+        assert answers == [[]], "the fold at hwm 1: 'late' holds nothing yet"

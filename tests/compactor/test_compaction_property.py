@@ -43,6 +43,7 @@ from tests.compaction import (
     reference,
     snapshot_state,
 )
+from tests.conftest import examples
 from tests.strategies import CHROMA_EXACT_FLOATS
 
 IDS = ("a", "b", "c", "d", "e", "f")
@@ -110,7 +111,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(history=steps)
 def test_compaction_at_random_points_equals_reference_and_rebuild(
     history: list[Delta | Compact],

@@ -243,7 +243,8 @@ async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
     with SIGSTOP in its retention, before it reads the committed state or
     after; meanwhile another commits, and an upload appears above the
     committed hwm (a newer owner's, about to be committed). Woken up, it
-    deletes neither: only snapshots below the committed hwm it read.
+    deletes neither: the state is read after the listing, and an upload at or
+    above the state's token may still be committed.
     """
     keys = log.keys
     # Every run publishes (checkpoint ratio 0): retention has snapshots to choose from.
@@ -279,9 +280,10 @@ async def test_a_compactor_paused_after_its_commit_deletes_no_newer_snapshot(
                 assert await zombie.exited() == 0, zombie.stderr()
     left = {i.key async for i in log.store.list_after(keys.snapshots_prefix)}
     assert s0 not in left, "the compactor's retention ran"
-    # Having read the state after the other's commit it follows it; having read it
-    # before, it keeps what it believes committed, and the next run deletes it.
-    assert left == ({s2, orphan} if held is state_read else {s1, s2, orphan})
+    # It reads the state after listing, so held at either it follows the other's
+    # commit: its own s1 is superseded, s2 committed, the upload's token above.
+    assert s1 not in left, "its own snapshot is superseded"
+    assert left == {s2, orphan}
 
 
 GRACE = 3.0

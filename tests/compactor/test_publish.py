@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
-from deltalog import DeltaLog
+from compactor import RebuildResult
+from deltalog import DeltaLog, Reader
+from deltalog.storage.store import ObjectInfo, ObjectStore
+from deltalog.storage.table import Commit, LogState, Table
 from tests.builders import delta
 from tests.compaction import Crash, FaultyTable
 from tests.compactor.conftest import Backend
@@ -20,6 +25,13 @@ EVERY_RUN: dict[str, Any] = {"checkpoint_ratio": 0}
 
 
 async def snapshot_keys(log: DeltaLog) -> list[str]:
+    """The snapshots (retention's ``seen`` markers left out)."""
+    listed = log.store.list_after(log.keys.snapshots_prefix)
+    return [info.key async for info in listed if log.keys.snapshot_hwm(info.key) is not None]
+
+
+async def all_keys(log: DeltaLog) -> list[str]:
+    """Every key under the snapshots prefix, markers included."""
     return [info.key async for info in log.store.list_after(log.keys.snapshots_prefix)]
 
 
@@ -103,20 +115,154 @@ async def test_retention_keeps_committed_snapshots_and_deletes_orphans_after_a_g
         orphans: list[str] = []
         for i, compactor in enumerate((keeper, keeper, keeper, sweeper)):
             await log.append(delta(rng, f"d{i}"))
-            # A run killed between its upload and its commit, at the hwm to come:
-            orphan = log.keys.snapshot(await log.head(), 90 + i, f"orphan{i}")
+            # A run killed between its upload and its commit, at the hwm to come,
+            # under the token it held (the next run's acquire goes past it):
+            token = (await log.table.read_state(log.keys.log_id)).token
+            orphan = log.keys.snapshot(await log.head(), token, f"orphan{i}")
             assert await log.store.put_if_absent(orphan, b"never committed")
             orphans.append(orphan)
             result = await compactor.run_once()
             assert result.snapshot_key is not None
             committed.append(result.snapshot_key)
-            if compactor is keeper:  # orphans younger than the grace stay, uncounted
-                assert set(await snapshot_keys(log)) == {*committed[-2:], *orphans}
-        # The sweeper (grace 0) deleted every orphan below the committed hwm; the
-        # one at the committed hwm may be a newer owner's upload about to commit.
-        assert set(await snapshot_keys(log)) == {*committed[-2:], orphans[-1]}
+            if compactor is keeper:  # orphans younger than the grace stay, uncounted, seen
+                seen = [log.keys.seen(o) for o in orphans]
+                assert set(await all_keys(log)) == {*committed[-2:], *orphans, *seen}
+        # The sweeper (grace 0) deleted every orphan, and the markers with them:
+        # each one's token is below the state's, so no commit can ever name it.
+        assert set(await all_keys(log)) == {*committed[-2:]}
         state = await log.table.read_state(log.keys.log_id)
         assert state.recent_snapshots == tuple(reversed(committed))
+
+
+class Gate:
+    """Once armed, the next call that reaches it waits for ``go`` (``paused`` says it did)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.paused = anyio.Event()
+        self.go = anyio.Event()
+
+    async def __call__(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.paused.set()
+            with anyio.fail_after(60):
+                await self.go.wait()
+
+
+class GatedTable:
+    """``inner``, with a gate after ``read_state`` (which returns the state it read
+    before the pause, stale by then) and one before ``commit``."""
+
+    def __init__(self, inner: Table) -> None:
+        self.inner = inner
+        self.read_gate, self.commit_gate = Gate(), Gate()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def read_state(self, log_id: str) -> LogState:
+        state = await self.inner.read_state(log_id)
+        await self.read_gate()
+        return state
+
+    async def commit(
+        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+    ) -> LogState:
+        await self.commit_gate()
+        return await self.inner.commit(
+            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
+        )
+
+
+class GatedStore:
+    """``inner``, with a gate before each listing of the snapshots."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.list_gate = Gate()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def list_after(
+        self, prefix: str, start_after: str = "", *, page_size: int = 1000
+    ) -> AsyncIterator[ObjectInfo]:
+        if prefix.endswith("/snapshots/"):
+            await self.list_gate()
+        async for info in self.inner.list_after(prefix, start_after, page_size=page_size):
+            yield info
+
+
+@pytest.mark.parametrize("where", ["state-read", "listing", "rebuild-upload"])
+async def test_retention_paused_across_a_forced_rebuild_keeps_the_rollback(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path, where: str
+) -> None:
+    """Retention must never delete a key the state could point to after its read.
+
+    Compactor P (retain 1, orphan grace 0: it deletes all it may) commits hwm
+    7, releases the lease and is paused in its retention: at its state read
+    (the stale state returned after the pause) or before its listing. A
+    ``rebuild(to_seq=3, publish=True, force=True)`` commits checkpoint K at 3,
+    below the hwm P read. P resumes: K must stay, and the log must stay
+    readable and compactable. In ``rebuild-upload`` P, paused before its
+    listing, resumes once K is uploaded and the rebuild is held before its
+    commit; P's retention ends, then the rebuild commits.
+    """
+    p_table, p_store = GatedTable(backend.table), GatedStore(backend.store)
+    q_table = GatedTable(backend.table)
+    p = backend.compactor(
+        cache_dir=tmp_path / "p",
+        table=p_table,
+        store=p_store,
+        retain=1,
+        orphan_grace=0,
+        **EVERY_RUN,
+    )
+    q = backend.compactor(cache_dir=tmp_path / "q", table=q_table, retain=1, orphan_grace=0)
+    async with backend.open_log() as log, p, q:
+        for i in range(6):
+            await log.append(delta(rng, f"d{i}"))
+        assert (await p.run_once()).hwm_after == 6
+        await log.append(delta(rng, "d6"))
+        paused = p_table.read_gate if where == "state-read" else p_store.list_gate
+        paused.armed = True
+        rolled_back: list[RebuildResult] = []
+        p_done = anyio.Event()
+
+        async def rebuild() -> None:
+            rolled_back.append(await q.rebuild(to_seq=3, publish=True, force=True))
+
+        async def run_p() -> None:
+            await p.run_once()
+            p_done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_p)
+            with anyio.fail_after(60):
+                await paused.paused.wait()
+            if where == "rebuild-upload":
+                q_table.commit_gate.armed = True
+                tg.start_soon(rebuild)
+                with anyio.fail_after(60):
+                    await q_table.commit_gate.paused.wait()
+                paused.go.set()
+                with anyio.fail_after(60):
+                    await p_done.wait()  # its retention listed K, uncommitted yet
+                q_table.commit_gate.go.set()
+            else:
+                await rebuild()
+                paused.go.set()
+        (k,) = rolled_back
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_key) == (3, k.snapshot_key)
+        assert k.snapshot_key in await snapshot_keys(log), "retention deleted it"
+        async with Reader.open(
+            backend.config, cache_dir=tmp_path / "r", store=backend.store, table=backend.table
+        ) as reader:
+            assert reader.statistics().hwm == 3
+        after = await q.run_once()
+        assert (after.status, after.hwm_after) == ("applied", 7)
 
 
 async def test_a_failed_cleanup_does_not_fail_a_committed_run(

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -503,9 +503,33 @@ def _created(bucket: str, key: str) -> dict[str, Any]:
     }
 
 
-def test_results_are_json_serialisable() -> None:
-    result = CompactionResult("nothing", "x", 0, 0)
-    assert json.loads(json.dumps(asdict(result)))["status"] == "nothing"
+async def test_every_answer_of_the_handler_is_plain_json(
+    lambda_env: LogConfig, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One invocation for three logs served: one applied, one with nothing new, one
+    whose lease another compactor holds. The answer is what Lambda's runtime can send:
+    plain JSON (no NaN, no value JSON does not have), each log's whole result."""
+    idle, held = f"{lambda_env.log}-idle", f"{lambda_env.log}-held"
+    monkeypatch.setenv("DELTALOG_LOGS", ",".join((lambda_env.log, idle, held)))
+    head = await append(lambda_env, rng, 2)
+    async with DeltaLog.open(lambda_env.with_log(held)) as log:
+        await log.table.acquire(log.keys.log_id, "another-host", ttl=60, now=time.time())
+    handler = CompactHandler()
+    try:
+        answer = await invoke(handler, SCHEDULED_EVENT, Context())
+    finally:
+        handler.close()
+    assert json.loads(json.dumps(answer, allow_nan=False)) == answer
+    results = {r["log"]: r for r in answer["results"]}
+    assert {r["status"] for r in results.values()} == {"applied", "nothing", "busy"}
+    assert (results[lambda_env.log]["status"], results[lambda_env.log]["hwm_after"]) == (
+        "applied",
+        head,
+    )
+    assert (results[idle]["status"], results[held]["status"]) == ("nothing", "busy")
+    assert "another-host" in results[held]["stopped"]
+    for result in results.values():
+        assert set(result) == {f.name for f in fields(CompactionResult)}
 
 
 # -- /tmp shared by several logs ----------------------------------------------------------

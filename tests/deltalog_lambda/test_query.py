@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 
 from compactor import Compactor
@@ -16,6 +16,7 @@ from deltalog.errors import ConfigurationError
 from deltalog.receipts.embed import HashingEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import ReceiptProducer
+from deltalog.receipts.model import Receipt, Records, line_records, word_records
 from deltalog_lambda.query import QueryHandler
 from tests.deltalog_lambda.conftest import DIM
 from tests.deltalog_lambda.lambda_aws import Context, invoke
@@ -61,16 +62,20 @@ def query(lambda_env: LogConfig) -> Iterator[QueryHandler]:
 async def test_a_query_gets_a_chroma_shaped_answer(
     query: QueryHandler, lambda_env: LogConfig, tmp_path: object
 ) -> None:
+    """A query by text ranks the word whose embedding input it is first (at distance 0:
+    the deployment's embedder, the right collection) and answers that word's document and
+    metadata; a get by ``where`` answers one receipt's lines."""
     receipts = list(generate_receipts(3, seed=4))
     async with DeltaLog.open(lambda_env) as log:
         async with ReceiptProducer(log, HashingEmbedder(DIM)) as producer:
             await producer.add_many(receipts)
         async with Compactor(lambda_env, cache_dir=f"{tmp_path}/c") as compactor:
             await compactor.run_once()
-    word = receipts[0].words[0]
+    words = word_records(receipts[0])
+    k = unique_input(words, receipts)
     answer = await invoke(
         query,
-        url_request({"collection": "words", "query_texts": [word.text], "n_results": 3}),
+        url_request({"collection": "words", "query_texts": [words.inputs[k]], "n_results": 3}),
         Context(),
     )
     assert answer["statusCode"] == 200
@@ -78,7 +83,11 @@ async def test_a_query_gets_a_chroma_shaped_answer(
     found = json.loads(answer["body"])
     assert set(found) == {"ids", "distances", "documents", "metadatas"}
     assert len(found["ids"]) == 1 and len(found["ids"][0]) == 3
-    assert all(isinstance(d, float) for d in found["distances"][0])
+    assert found["ids"][0][0] == words.ids[k], "the queried word ranks first"
+    distances = found["distances"][0]
+    assert distances[0] < 1e-5 and distances == sorted(distances)
+    assert found["documents"][0][0] == words.documents[k]
+    assert found["metadatas"][0][0] == words.metadatas[k]
     image = str(receipts[1].image_id)
     got = await invoke(
         query,
@@ -87,15 +96,45 @@ async def test_a_query_gets_a_chroma_shaped_answer(
     )
     lines = json.loads(got["body"])
     assert set(lines) == {"ids", "documents", "metadatas"}
-    assert len(lines["ids"]) == len(receipts[1].lines)
+    assert sorted(lines["ids"]) == sorted(line_records(receipts[1]).ids)
     assert {m["image_id"] for m in lines["metadatas"]} == {image}
-    vector = np.zeros(DIM).tolist()
-    by_vector = await invoke(
-        query,
-        url_request({"collection": "words", "query_embeddings": [vector], "consistency": "fresh"}),
-        Context(),
-    )
-    assert by_vector["statusCode"] == 200
+
+
+async def test_a_fresh_query_by_vector_sees_the_tail(
+    query: QueryHandler, lambda_env: LogConfig, tmp_path: object
+) -> None:
+    """A receipt appended after the compaction: a fresh query by its word's vector ranks
+    that word first; a snapshot query, which stops at hwm, does not see it."""
+    first, late = generate_receipts(2, seed=7)
+    embedder = HashingEmbedder(DIM)
+    async with DeltaLog.open(lambda_env) as log:
+        async with ReceiptProducer(log, embedder) as producer:
+            await producer.add_many([first])
+        async with Compactor(lambda_env, cache_dir=f"{tmp_path}/c") as compactor:
+            await compactor.run_once()
+        async with ReceiptProducer(log, embedder) as producer:
+            await producer.add_many([late])
+    words = word_records(late)
+    k = unique_input(words, [first, late])
+    vector = embedder.embed_sync([words.inputs[k]])[0].tolist()
+    answers = {}
+    for consistency in ("fresh", "snapshot"):
+        request = {"collection": "words", "query_embeddings": [vector], "n_results": 2}
+        answer = await invoke(
+            query, url_request({**request, "consistency": consistency}), Context()
+        )
+        assert answer["statusCode"] == 200
+        answers[consistency] = json.loads(answer["body"])
+    fresh = answers["fresh"]
+    assert fresh["ids"][0][0] == words.ids[k] and fresh["distances"][0][0] < 1e-5
+    assert fresh["metadatas"][0][0] == words.metadatas[k]
+    assert not set(answers["snapshot"]["ids"][0]) & set(words.ids), "not compacted yet"
+
+
+def unique_input(words: Records, receipts: list[Receipt]) -> int:
+    """The index of a word whose embedding input no other word of ``receipts`` has."""
+    inputs = Counter(text for r in receipts for text in word_records(r).inputs)
+    return next(i for i, text in enumerate(words.inputs) if inputs[text] == 1)
 
 
 @pytest.mark.parametrize(

@@ -227,6 +227,26 @@ def test_a_missing_weight_file_says_how_to_install(
     assert "pip install --force-reinstall 'deltalog[wordllama]'" in message
 
 
+def test_a_tokenizer_missing_at_load_is_an_error_and_never_a_download(
+    model: WordLlamaEmbedder, tmp_path: Path
+) -> None:
+    """The files were there when the embedder was made, the tokenizer is gone when it
+    loads: wordllama would fetch it from its model hub unless told not to. The load
+    fails, and nothing tried to connect (the guard records attempts that wordllama's
+    own error handling would swallow)."""
+    embedder = WordLlamaEmbedder()
+    package = tmp_path / "wordllama"
+    (package / "weights").mkdir(parents=True)
+    (package / "tokenizers").mkdir()
+    weights = "weights/l2_supercat_256.safetensors"
+    (package / weights).symlink_to(model.package / weights)
+    embedder.package = package
+    with no_network(loopback=False) as guard, pytest.raises(ConfigurationError) as refused:
+        embedder.embed_sync(["TOTAL"])
+    assert guard.attempts == []
+    assert f"cannot load the WordLlama model from {package}" in str(refused.value)
+
+
 def test_a_corrupt_weight_file_is_a_configuration_error(
     model: WordLlamaEmbedder, tmp_path: Path
 ) -> None:

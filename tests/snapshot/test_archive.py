@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ import msgspec
 import numpy as np
 import pytest
 from chromadb.api.client import Client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from compactor.publish import prune_snapshots, publish_snapshot
+from compactor.publish import plan_retention, prune_snapshots, publish_snapshot
 from deltalog.entry import Batch, Delete, Delta, Entry, Op, UpdateMetadata, Upsert
 from deltalog.errors import (
     ConfigurationError,
@@ -43,7 +46,8 @@ from deltalog.snapshot.archive import (
 )
 from deltalog.snapshot.cache import SnapshotCache
 from deltalog.snapshot.sink import ChromaSink
-from deltalog.storage.store import MemoryStore
+from deltalog.storage.store import MemoryStore, ObjectInfo
+from deltalog.storage.table import LogState
 from tests.oracle import oracle_state
 
 KEY = "root/receipts/snapshots/00000000000000000003-000000000007-abc.tar"
@@ -255,6 +259,33 @@ def test_unsafe_members_are_refused(
     assert not (tmp_path / "deep" / "evil").exists()
     assert not (tmp_path / "evil").exists()
     assert not dest.exists()
+
+
+def dir_member(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info, b""
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [file_member("a", b"x"), dir_member("a")],
+        [dir_member("a"), file_member("a", b"x")],
+        [file_member("a", b"x"), file_member("a/b", b"y")],
+        [file_member("a/b", b"y"), file_member("a", b"x")],
+        [dir_member(SIDECAR_NAME)],
+    ],
+    ids=["file-then-dir", "dir-then-file", "file-then-child", "child-then-file", "sidecar-dir"],
+)
+def test_a_file_and_a_directory_of_one_name_are_a_corrupt_snapshot(
+    tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes]]
+) -> None:
+    """Never a raw ``OSError``: the archive is wrong, whichever comes first."""
+    sha = hand_made_tar(tmp_path / "t.tar", [*members, sidecar_member({})])
+    with pytest.raises(CorruptSnapshot, match="both a file and a directory"):
+        extract(tmp_path / "t.tar", tmp_path / "out", expected_sha256=sha, key=KEY)
+    assert not (tmp_path / "out").exists()
 
 
 def test_archive_refuses_links_in_the_directory(tmp_path: Path) -> None:
@@ -555,6 +586,13 @@ async def _snapshots(store: MemoryStore, hwms: range) -> list[str]:
     return keys
 
 
+def _read(state: LogState) -> Callable[[], Awaitable[LogState]]:
+    async def read() -> LogState:
+        return state
+
+    return read
+
+
 async def _listed(store: MemoryStore) -> list[str]:
     return [info.key async for info in store.list_after(LOG_KEYS.snapshots_prefix)]
 
@@ -563,7 +601,8 @@ async def test_retention_without_a_history_keeps_the_newest_by_hwm() -> None:
     """A state committed by a version that kept no history."""
     store = MemoryStore()
     k1, k2, k3, k4 = await _snapshots(store, range(1, 5))
-    doomed = await prune_snapshots(store, LOG_KEYS, keep=2, committed=k4, below=4)
+    state = LogState(hwm=4, snapshot_key=k4, token=5)
+    doomed = await prune_snapshots(store, LOG_KEYS, _read(state), keep=2)
     assert doomed == [k1, k2]
     assert await _listed(store) == [k3, k4]
 
@@ -571,20 +610,75 @@ async def test_retention_without_a_history_keeps_the_newest_by_hwm() -> None:
 async def test_retention_with_a_history_tells_committed_from_orphans() -> None:
     store = MemoryStore()
     k1, k2, k3, k4, k5 = await _snapshots(store, range(1, 6))
-    recent = (k4, k3, k1)  # k2 was never committed; k5 is above the committed hwm
-    young = await prune_snapshots(
-        store, LOG_KEYS, keep=2, committed=k4, below=4, recent=recent, orphan_grace=60
-    )
+    # k2 was never committed; k5 neither, and its token is the state's: its uploader
+    # may hold the lease and commit it.
+    state = LogState(hwm=4, snapshot_key=k4, token=5, recent_snapshots=(k4, k3, k1))
+    young = await prune_snapshots(store, LOG_KEYS, _read(state), keep=2, orphan_grace=60)
     assert young == [k1], "an orphan younger than the grace stays"
+    seen = LOG_KEYS.seen(k2)
+    assert await _listed(store) == [k2, seen, k3, k4, k5], "its age counts from its marker"
     old = await prune_snapshots(
-        store,
-        LOG_KEYS,
-        keep=2,
-        committed=k4,
-        below=4,
-        recent=recent,
-        orphan_grace=60,
-        now=time.time() + 61,
+        store, LOG_KEYS, _read(state), keep=2, orphan_grace=60, now=time.time() + 61
     )
     assert old == [k2]
-    assert await _listed(store) == [k3, k4, k5]
+    assert await _listed(store) == [k3, k4, k5], "the marker goes with its orphan"
+
+
+async def test_an_orphans_grace_counts_from_when_retention_first_listed_it() -> None:
+    """S3 dates a multipart upload from its start: an archive whose upload took longer
+    than the grace looks old the moment it appears. Its age counts from the marker
+    retention writes when it first lists it, never from its ``LastModified``."""
+    store = MemoryStore()
+    k1, k2 = await _snapshots(store, range(1, 3))
+    state = LogState(hwm=1, snapshot_key=k1, token=5, recent_snapshots=(k1,))
+    later = time.time() + 7200  # its LastModified is two hours before "now"
+    first = await prune_snapshots(
+        store, LOG_KEYS, _read(state), keep=1, orphan_grace=3600, now=later
+    )
+    assert first == [] and await _listed(store) == [k1, k2, LOG_KEYS.seen(k2)]
+    again = await prune_snapshots(
+        store, LOG_KEYS, _read(state), keep=1, orphan_grace=3600, now=later + 3600
+    )
+    assert again == [k2] and await _listed(store) == [k1]
+
+
+@st.composite
+def _retention_cases(draw: st.DrawFn) -> tuple[list[ObjectInfo], LogState, int]:
+    """A listing of snapshots (and markers), a state read after it, and ``keep``."""
+    names = draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 6)), unique=True, max_size=8))
+    listed_keys = [LOG_KEYS.snapshot(hwm, token, f"n{hwm}x{token}") for hwm, token in names]
+    committed = draw(st.sampled_from([None, *listed_keys]))
+    recent = draw(st.lists(st.sampled_from(listed_keys), unique=True)) if listed_keys else []
+    if committed is not None:
+        recent = [committed, *(k for k in recent if k != committed)]
+    now = 10_000.0
+    listed = [ObjectInfo(k, 1, draw(st.floats(0, now))) for k in listed_keys]
+    seen = draw(st.lists(st.sampled_from(listed_keys), unique=True)) if listed_keys else []
+    listed += [ObjectInfo(LOG_KEYS.seen(k), 0, draw(st.floats(0, now))) for k in seen]
+    state = LogState(
+        hwm=draw(st.integers(0, 9)),
+        snapshot_key=committed,
+        token=draw(st.integers(0, 7)),
+        recent_snapshots=tuple(recent) if committed is not None else (),
+    )
+    return listed, state, draw(st.integers(1, 3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_retention_cases(), st.sampled_from([0.0, 60.0, 20_000.0]))
+def test_retention_never_deletes_what_the_state_could_point_to(
+    case: tuple[list[ObjectInfo], LogState, int], grace: float
+) -> None:
+    """The committed key, the kept history, and any upload no commit recorded whose
+    token is at or above the state's (its uploader may commit it), never go; what
+    goes was committed and superseded, or can never be committed."""
+    listed, state, keep = case
+    plan = plan_retention(listed, state, LOG_KEYS, keep=keep, orphan_grace=grace, now=10_000.0)
+    recent = state.recent_snapshots
+    for key in plan.delete:
+        assert key != state.snapshot_key and key not in recent[:keep]
+        token = LOG_KEYS.snapshot_token(key)
+        assert key in recent or (token is not None and token < state.token), key
+    assert set(plan.mark).isdisjoint(plan.delete)
+    markers = {i.key for i in listed if LOG_KEYS.seen_of(i.key)}
+    assert set(plan.unmark) <= markers

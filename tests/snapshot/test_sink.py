@@ -22,6 +22,7 @@ from deltalog.errors import Closed, DataError
 from deltalog.fold import Record, State, apply_to_state, fold, state_differences
 from deltalog.snapshot.sink import ChromaSink, MemorySink, Sink
 from tests import strategies
+from tests.conftest import examples
 from tests.oracle import oracle_state
 
 DIM = 8
@@ -212,7 +213,7 @@ OPENERS = {"memory": open_memory, "chroma": open_chroma}
 
 
 @pytest.mark.parametrize("kind", sorted(OPENERS))
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(chunks=strategies.split_logs(max_size=8))
 def test_chunked_plans_equal_op_by_op(kind: str, chunks: list[list[tuple[int, Entry]]]) -> None:
     anyio.run(replay_chunks, OPENERS[kind], chunks)
@@ -232,7 +233,7 @@ async def replay_chunks(
             await sink.aclose()
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(chunks=strategies.split_logs(max_size=8, floats=strategies.ANY_FLOATS))
 def test_chroma_in_chunks_equals_chroma_at_once(chunks: list[list[tuple[int, Entry]]]) -> None:
     """Incremental equals rebuild even for floats Chroma cannot store exactly."""

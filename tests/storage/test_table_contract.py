@@ -163,6 +163,20 @@ class TableContract:
         state = await table.read_state(log_id)
         assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("b", 2, 0, None)
 
+    async def test_the_same_owner_with_a_stale_token_cannot_commit(
+        self, table: Table, log_id: str
+    ) -> None:
+        """The commit is fenced by the token, not only the owner: ``Compactor(owner=...)``
+        lets one owner take its own expired lease again, and its earlier run must lose."""
+        first = await table.acquire(log_id, "a", ttl=10, now=100.0)
+        again = await table.acquire(log_id, "a", ttl=10, now=111.0)
+        assert (first.token, again.owner, again.token) == (1, "a", 2)
+        commit = Commit(3, "snap-a1", "sha-a1", 30)
+        with pytest.raises(LeaseLost):
+            await table.commit(log_id, "a", 1, prev_hwm=0, commit=commit, now=112.0)
+        state = await table.read_state(log_id)
+        assert (state.owner, state.token, state.hwm, state.snapshot_key) == ("a", 2, 0, None)
+
     async def test_named_leases_are_fenced_and_apart_from_the_compaction_lease(
         self, table: Table, log_id: str
     ) -> None:
@@ -227,6 +241,20 @@ class TableContract:
         third = Commit(8, "snap-8", "sha-8", 80, recent_snapshots=("snap-8", "snap-4"))
         await table.commit(log_id, "a", 1, prev_hwm=6, commit=third, now=103.0)
         assert (await table.read_state(log_id)).recent_snapshots == ("snap-8", "snap-4")
+
+    async def test_a_commit_records_a_new_lineage_and_others_keep_it(
+        self, table: Table, log_id: str
+    ) -> None:
+        assert (await table.read_state(log_id)).lineage == ""
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        rebuilt = Commit(4, "snap-4", "sha-4", 40, lineage="snap-4")
+        await table.commit(log_id, "a", 1, prev_hwm=0, commit=rebuilt, now=101.0)
+        assert (await table.read_state(log_id)).lineage == "snap-4"
+        await table.commit(log_id, "a", 1, prev_hwm=4, commit=Commit(6, "s6", "x", 6), now=102.0)
+        await table.commit(log_id, "a", 1, prev_hwm=6, commit=Commit(7, tail_bytes=3), now=103.0)
+        assert (await table.read_state(log_id)).lineage == "snap-4", "runs keep the lineage"
+        with pytest.raises(ValueError, match="lineage starts with a checkpoint"):
+            Commit(8, lineage="x")
 
     async def test_a_commit_without_a_checkpoint_moves_hwm_and_keeps_the_checkpoint(
         self, table: Table, log_id: str
