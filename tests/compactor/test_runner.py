@@ -910,3 +910,33 @@ async def test_a_run_that_fails_on_the_warm_sink_closes_it_and_the_next_run_star
         ), "the next run starts from the checkpoint and the committed tail"
         assert (again.hwm_before, again.hwm_after, len(sinks.made)) == (3, 4, 3)
         assert_states_equal(await committed_state(c), await reference(log))
+
+
+async def test_a_published_rebuild_retires_the_warm_sink_of_the_old_lineage(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The held index is at the committed hwm, but a published rebuild started a new
+    lineage: the next run closes it and starts from the rebuild's checkpoint."""
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        for name in ("a", "b"):
+            await log.append(delta(rng, name))
+        options: dict[str, Any] = {"store": store, "table": table, "checkpoint_ratio": 1e6}
+        async with Compactor(MEMORY, cache_dir=tmp_path, **options) as c:
+            await c.run_once()  # publishes the first checkpoint: parked
+            await log.append(delta(rng, "c"))
+            await c.run_once()
+            await log.append(delta(rng, "d"))
+            held = await c.run_once()
+            assert held.warm_sink and c.warm_sink.statistics().at == 4
+            rebuilt = await c.rebuild(publish=True)
+            assert rebuilt.hwm == 4
+            await log.append(delta(rng, "e"))
+            again = await c.run_once()
+            assert (again.warm_sink, again.working_copy, again.replayed_tail) == (
+                False,
+                "checkpoint",
+                0,
+            ), "the rebuild's checkpoint, not the index of the old lineage"
+            assert c.warm_sink.statistics().dropped == 1
+            assert_states_equal(await committed_state(c), await reference(log))
