@@ -69,7 +69,7 @@ class Sizes:
     """Their rate, as a share of the drain rate measured first."""
     freshness_warmup: int = 4
     """Receipts of the burst that makes the freshness log's first checkpoint."""
-    freshness_calibration: int = 16
+    freshness_calibration: int = 32
     """Receipts of the burst whose time to a committed hwm gives the drain rate."""
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
@@ -105,7 +105,7 @@ _FULL = Sizes(
     stage_receipts=64,
     pipeline_receipts=256,
     freshness_seconds=120.0,
-    freshness_calibration=32,
+    freshness_calibration=64,
 )
 
 _QUICK = Sizes(
