@@ -26,6 +26,7 @@ from benchmarks.harness import Endpoint, load_average, machine_info, progress
 from benchmarks.incremental import run_incremental
 from benchmarks.pipeline import run_pipeline
 from benchmarks.plots import write_plots
+from benchmarks.recall import run_recall
 from benchmarks.report import Results, render_table, write_json
 from benchmarks.settings import Mode, Sizes, sizes_for
 from benchmarks.stages import run_stages
@@ -38,6 +39,7 @@ __all__ = ["BENCHMARKS", "main"]
 BENCHMARKS = (
     "codec",
     "embed",
+    "recall",
     "append",
     "compaction",
     "incremental",
@@ -104,6 +106,7 @@ async def _run(sizes: Sizes, wanted: set[str], seed: int, results: Results) -> N
         texts = receipts(sizes.embed_receipts, seed=seed + 30, dim=sizes.dim)
         results.embed = run_embed(sizes, texts, seed=seed + 30)
         results.timings["embed"] = time.perf_counter() - started
+    results.recall = await runner.step("recall", lambda: run_recall(sizes, seed=seed))
     async with Endpoint(low_ms=sizes.proxy_low_ms, high_ms=sizes.proxy_high_ms) as env:
         results.append = (
             await runner.step("append", lambda: run_append(env, sizes, pool, proxied=False)) or []

@@ -71,6 +71,12 @@ class Sizes:
     """Receipts of the burst that makes the freshness log's first checkpoint."""
     freshness_calibration: int = 32
     """Receipts of the burst whose time to a committed hwm gives the drain rate."""
+    recall_receipts: int = 200
+    """Receipts whose WordLlama word vectors the recall benchmark indexes."""
+    recall_builds: int = 4
+    """Builds of each kind in the recall benchmark (builds differ run to run)."""
+    recall_near_queries: int = 200
+    """Queries near stored vectors in the recall benchmark (besides the typed ones)."""
     proxy_low_ms: float = 20.0
     proxy_high_ms: float = 100.0
     dim: int = DIM
@@ -133,6 +139,9 @@ _QUICK = Sizes(
     embed_repeats=2,
     checkpoint_runs=(2, 12),
     compression_levels=(1, 3, 9),
+    recall_receipts=120,
+    recall_builds=2,
+    recall_near_queries=100,
 )
 
 _SMOKE = Sizes(
@@ -169,6 +178,9 @@ _SMOKE = Sizes(
     freshness_seconds=4.0,
     freshness_warmup=1,
     freshness_calibration=2,
+    recall_receipts=6,
+    recall_builds=1,
+    recall_near_queries=10,
     dim=64,
 )
 

@@ -32,13 +32,13 @@ async def committed_copy(log: DeltaLog, cache_dir: Path) -> AsyncIterator[Chroma
     a snapshot reader answers from. A tail that cannot be replayed to hwm
     raises (``DataError``, ``CorruptEntry``).
     """
-    cache = SnapshotCache(cache_dir / log.keys.cache_name)
+    cache = SnapshotCache.for_log(cache_dir, log.keys)
     state, copy = await load_committed(  # no lease: retention may delete what it downloads
         lambda: log.table.read_state(log.keys.log_id),
         lambda state: take(cache, log.store, state, log=log.config.log, warm=False),
     )
     try:
-        sink = await ChromaSink.open(copy.path, log=log.config.log)
+        sink = await ChromaSink.open(copy.path, log=log.config.log, distinct="off")
         try:
             quarantined = await log.table.read_quarantined(log.keys.log_id)
             await catch_up(Replayer(log), sink, copy, state, quarantined)

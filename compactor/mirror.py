@@ -72,6 +72,7 @@ from deltalog.errors import (
     ConfigurationError,
     DataError,
     Fenced,
+    IdentityMismatch,
     InvalidInput,
     LeaseBusy,
     LeaseLost,
@@ -116,6 +117,9 @@ class MirrorPosition(msgspec.Struct, frozen=True):
     """The committed state's lineage the target descends from (``LogState.lineage``)."""
     request_timeout: float = 0.0
     """The writer's request timeout (0: unknown), which a mirror taking over waits for."""
+    identity: str = ""
+    """The log's full identity, bucket included (``LogKeys.identity``); "" in a
+    position written before it (the next write records it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +246,7 @@ class Mirror:
         self.chunk_entries = chunk_entries
         self.max_batch_size = max_batch_size
         self.progress = progress
-        self.cache = SnapshotCache(Path(cache_dir) / self.keys.cache_name)
+        self.cache = SnapshotCache.for_log(Path(cache_dir), self.keys)
         self._log = log_handle
         self._owns_log = log_handle is None
         self._counts = _Counts()
@@ -541,11 +545,24 @@ class Mirror:
                 f"deltalog mirror's ({exc}): mirror into another database",
                 log=self.config.log,
             ) from exc
-        if position.log != self.keys.log_id:
-            raise ConfigurationError(
+        mirrored = position.identity or position.log
+        if position.log != self.keys.log_id or mirrored not in (
+            self.keys.identity,
+            self.keys.log_id,
+        ):
+            raise IdentityMismatch(
                 f"{self.target.url} ({self.target.tenant}/{self.target.database}) mirrors the "
-                f"log {position.log!r}, not {self.keys.log_id!r}: use another database",
+                f"log {mirrored!r}, not {self.keys.identity!r}: use another database",
+                recorded=mirrored,
+                wanted=self.keys.identity,
                 log=self.config.log,
+            )
+        if not position.identity:
+            log.warning(
+                "%s: the mirror position was written before identities; it is %s from its "
+                "next write",
+                self.target.url,
+                self.keys.identity,
             )
         return position
 
@@ -560,6 +577,7 @@ class Mirror:
         old = session.position
         position = MirrorPosition(
             log=self.keys.log_id,
+            identity=self.keys.identity,
             seq=seq,
             phase=phase,
             snapshot_key=snapshot_key or (old.snapshot_key if old else ""),
@@ -641,7 +659,7 @@ class Mirror:
     async def _copy_from(self, session: _Session, work: Path) -> None:
         """Copy a checkpoint's working copy into the target."""
         snapshot = await ChromaSink.open(
-            work, log=self.config.log, max_batch_size=self.max_batch_size
+            work, log=self.config.log, max_batch_size=self.max_batch_size, distinct="off"
         )
         try:
             await self._copy(session, snapshot)

@@ -92,6 +92,7 @@ async def publish_snapshot(
         files={},
         deltalog_version=__version__,
         chroma_version=_chroma_version(),
+        identity=keys.identity if keys.bucket else "",
     )
     suffix = ".tar.zst" if compression == "zstd" else ".tar"
     key = keys.snapshot(hwm, token, uuid.uuid4().hex[:12], suffix)

@@ -72,8 +72,21 @@ from compactor.publish import (
     publish_snapshot,
 )
 from compactor.replay import Limits, Progress, Replay, Replayer
-from compactor.verify import VerifyResult, compare_sinks
-from compactor.working import OpenCopy, WarmSink, WorkingCopy, catch_up, close_sink, take, trust_of
+from compactor.verify import (
+    DEFAULT_INDEX_QUERIES,
+    DEFAULT_MIN_RECALL,
+    VerifyResult,
+    compare_sinks,
+)
+from compactor.working import (
+    OpenCopy,
+    WarmSink,
+    WorkingCopy,
+    catch_up,
+    close_sink,
+    take,
+    trust_of,
+)
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -89,7 +102,8 @@ from deltalog.log import DeltaLog
 from deltalog.read import ReadEnd
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
 from deltalog.snapshot.cache import SnapshotCache, load_committed
-from deltalog.snapshot.sink import ChromaSink, Sink
+from deltalog.snapshot.distinct import remove as remove_distinct
+from deltalog.snapshot.sink import ChromaSink, Distinct, Sink
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
 
@@ -310,7 +324,7 @@ class Compactor:
         self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
-        self._cache = SnapshotCache(self.cache_dir / self.keys.cache_name)
+        self._cache = SnapshotCache.for_log(self.cache_dir, self.keys)
         self._warm = WarmSink(self._cache, self._open_sink, trust=self._trust)
         self._log = await DeltaLog.connect(self.config, store=self._store, table=self._table)
         return self
@@ -354,10 +368,18 @@ class Compactor:
             raise InvalidInput("use the compactor as `async with Compactor(config) as c`")
         return self._warm
 
-    async def _open_sink(self, path: Path) -> Sink:
+    async def _open_sink(self, path: Path, distinct: Distinct = "keep") -> Sink:
+        """The sink of a working directory; a Chroma one keeps its distinct index
+        (indexing a checkpoint written before there was one) unless told otherwise."""
         if self._sink_factory is not None:
             return await self._sink_factory(path)
-        return await ChromaSink.open(path, limiter=self._limiter)
+        sink = await ChromaSink.open(path, limiter=self._limiter, distinct=distinct)
+        try:
+            await sink.index_distinct()
+        except BaseException:
+            await close_sink(sink)
+            raise
+        return sink
 
     def _keeper(self) -> LeaseKeeper:
         return LeaseKeeper(self.table, self.keys.log_id, ttl=self.lease_ttl, owner=self._owner)
@@ -851,13 +873,15 @@ class Compactor:
         state, copy = await self._take_committed()
         quarantined = await self.table.read_quarantined(self.keys.log_id)
         try:
-            # Always Chroma (not the sink factory): what is exported is a Chroma directory.
-            sink = await ChromaSink.open(copy.path, limiter=self._limiter)
+            # Always Chroma (not the sink factory): what is exported is a Chroma directory,
+            # and a plain one: the distinct index stays behind.
+            sink = await ChromaSink.open(copy.path, limiter=self._limiter, distinct="off")
             try:
                 replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
                 counts = await sink.counts()
             finally:
                 await close_sink(sink)
+            await anyio.to_thread.run_sync(remove_distinct, copy.path)
             await anyio.to_thread.run_sync(_move_into, copy.path, target)
         finally:
             await self._discard(copy.path)
@@ -882,14 +906,27 @@ class Compactor:
             lambda state: take(self.cache, self.store, state, log=self.config.log, warm=False),
         )
 
-    async def verify(self) -> VerifyResult:
+    async def verify(
+        self,
+        *,
+        index_queries: int = DEFAULT_INDEX_QUERIES,
+        min_recall: float = DEFAULT_MIN_RECALL,
+    ) -> VerifyResult:
         """Rebuild to the committed hwm into a fresh Chroma directory and compare.
 
         The committed side is what a reader on a fresh machine gets: the
         checkpoint downloaded, with the committed tail replayed. Both sides
         are Chroma directories built by the same fold, so the comparison is
-        exact: ids, vectors bit for bit, documents, metadata.
+        exact: ids, vectors bit for bit, documents, metadata. Then the
+        committed side's index answers ``index_queries`` sampled queries per
+        collection, against brute force (``compactor.verify``): a recall@10
+        below ``min_recall`` fails verify (``index_queries=0`` skips it).
         """
+        if index_queries < 0 or not 0.0 <= min_recall <= 1.0:
+            raise InvalidInput(
+                "index_queries (--index-queries) must be at least 0 and min_recall "
+                "(--min-recall) between 0 and 1"
+            )
         async with AsyncExitStack() as cleanup:  # whatever fails, what was made is undone
             state, committed = await self._take_committed()
             cleanup.push_async_callback(self._discard, committed.path)
@@ -898,7 +935,8 @@ class Compactor:
             cleanup.push_async_callback(self._discard, rebuilt)
             expected = await self._open_sink(rebuilt)
             cleanup.push_async_callback(close_sink, expected)
-            actual = await self._open_sink(committed.path)
+            # As a reader opens the checkpoint: its index is checked as readers query it.
+            actual = await self._open_sink(committed.path, distinct="use")
             cleanup.push_async_callback(close_sink, actual)
             await catch_up(self._quiet_replayer(), actual, committed, state, quarantined)
             replay = await self._replayer().run(
@@ -906,7 +944,14 @@ class Compactor:
             )
             if replay.error is not None:
                 raise replay.error
-            return await compare_sinks(expected, actual, hwm=state.hwm, rebuilt_to=replay.last_seq)
+            return await compare_sinks(
+                expected,
+                actual,
+                hwm=state.hwm,
+                rebuilt_to=replay.last_seq,
+                index_queries=index_queries,
+                min_recall=min_recall,
+            )
 
 
 def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:

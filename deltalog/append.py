@@ -10,7 +10,14 @@
    reset: log loudly and reserve again.
 
 A delta whose idempotency key is already claimed by a written entry is a
-duplicate: it is not written again and resolves to the original seq.
+duplicate: it is not written again and resolves to the original seq. A key
+claimed at a seq that is still unwritten is another append in flight
+(``Conflict``), unless the claim is older than the grace period
+(``LogConfig.grace``): its producer was stopped (a rerun after Ctrl-C meets
+its own keys there), so the append seals that seq (``If-None-Match``: a late
+write or the seal wins, never both) and writes the delta itself. An attempt
+whose every key went to other appends seals its own reserved seq: no entry
+ever holds zero deltas.
 Every wait between attempts backs off exponentially with jitter, and the
 number of attempts is bounded by ``LogConfig.append_attempts``.
 
@@ -32,7 +39,7 @@ from typing import TypeVar
 
 import anyio
 
-from deltalog.codec import Frame, batch_body, decode_entry
+from deltalog.codec import Frame, batch_body, decode_entry, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Batch, Seal, new_id
 from deltalog.errors import Closed, Conflict, CorruptEntry, DeltalogError, Unavailable
@@ -159,6 +166,9 @@ class Appender:
                 await self._backoff(n)
                 continue
             await self._retrying(functools.partial(self._claim, attempt, seq))
+            if not attempt.deltas:  # every key went to another append: nothing to write
+                await self._abandon(seq)
+                return self._finish(attempt, 0, wrote=False)
             written = await self._put(attempt, seq)
             if written:
                 return self._finish(attempt, seq)
@@ -213,6 +223,33 @@ class Appender:
             seq=seq,
             key=key,
         ) from last
+
+    async def _abandon(self, seq: int) -> None:
+        """Seal ``seq``, reserved by an attempt left with no delta to write.
+
+        Claiming keys at a reserved seq can lose every one of them to appends
+        that claimed them first (concurrent producers of the same deltas). An
+        entry never holds zero deltas, and a seal now spares the compactor a
+        hole it would wait a grace period for. If the seal cannot be written,
+        the hole stays for a compactor to seal.
+        """
+        reason = "reserved by an append whose every delta was claimed by another append"
+        try:
+            await self._retrying(functools.partial(self._seal, seq, reason))
+        except Unavailable as exc:
+            log.warning(
+                "seq %d of log %s: could not seal a seq no delta needs (%s); a compactor "
+                "seals it after the grace period",
+                seq,
+                self.config.log,
+                exc,
+            )
+
+    async def _seal(self, seq: int, reason: str) -> bool:
+        """Write a seal at ``seq`` if nothing is there; False if something already is."""
+        seal = Seal(sealed_by=self.producer_id, reason=reason, kind="hole", sealed_at=time.time())
+        data = Frame(seal_body(seal)).at(seq, signer=self.config.signer)
+        return await self.store.put_if_absent(self.keys.entry(seq), data)
 
     async def _read_back_or_say_so(self, attempt: Attempt, seq: int, key: str) -> bool | None:
         """``_read_back``; if that fails, the entry may be written: the error says so."""
@@ -358,20 +395,56 @@ class Appender:
         if claim is None or claim.entry_id == attempt.entry_id:
             return False
         state = await self._claim_state(claim)
+        if state == "in-flight":
+            state = await self._seal_if_abandoned(claim)
         if state == "written":
             self.duplicates += 1
             attempt.outcomes[delta.delta_id] = Repeat(claim.seq)
             return True
         if state == "in-flight":
             attempt.outcomes[delta.delta_id] = self._error(
-                Conflict,
-                f"idempotency key {claim.key!r} is held by an append at seq {claim.seq} that "
-                "has not been written yet; if its producer died, the hole is sealed after the "
-                "grace period: retry then",
-                claim.seq,
+                Conflict, self._in_flight_message(claim), claim.seq
             )
             return True
         return False
+
+    async def _seal_if_abandoned(self, claim: Claim) -> str:
+        """Seal the unwritten seq of a claim older than the grace; the claim's state after.
+
+        The append holding the key was reserved more than ``grace`` seconds
+        ago and has not written its seq: its producer was most likely stopped
+        (a rerun after Ctrl-C meets its own keys there). Sealing with
+        ``If-None-Match`` makes exactly one of the seal and a late write win,
+        so the key is then either written (a repeat) or free to take over.
+        """
+        age = time.time() - claim.claimed_at
+        if not claim.claimed_at or age < self.config.grace:
+            return "in-flight"
+        reason = (
+            f"seq reserved for idempotency key {claim.key!r} and not written for "
+            f"{age:.0f}s (grace {self.config.grace:g}s): sealed by an append of that key"
+        )
+        if await self._retrying(functools.partial(self._seal, claim.seq, reason)):
+            log.info("log %s: sealed seq %d, %s", self.config.log, claim.seq, reason)
+            return "stale"
+        return await self._claim_state(claim)  # a late write, or a compactor's seal, won
+
+    def _in_flight_message(self, claim: Claim) -> str:
+        held = (
+            f"idempotency key {claim.key!r} is held by an append at seq {claim.seq} that has "
+            "not been written yet"
+        )
+        if not claim.claimed_at:  # claimed by a version that did not say when
+            return (
+                f"{held}; if its producer died, a compactor seals the seq after its grace "
+                "period (deltalog compact): retry then"
+            )
+        age = max(0.0, time.time() - claim.claimed_at)
+        return (
+            f"{held} (claimed {age:.0f}s ago); if its producer died, retry after the grace "
+            f"period ({self.config.grace:g}s, DELTALOG_GRACE): this append then seals the "
+            "seq itself and writes the delta"
+        )
 
     async def _claim_state(self, claim: Claim) -> str:
         """``written``, ``in-flight`` or ``stale`` (the claimed seq was sealed)."""
@@ -389,8 +462,9 @@ class Appender:
 
     async def _claim(self, attempt: Attempt, seq: int) -> None:
         """Claim (or move) every key of the attempt at ``seq``."""
+        now = time.time()
         wanted = [
-            Claim(d.idempotency_key, seq, attempt.entry_id)
+            Claim(d.idempotency_key, seq, attempt.entry_id, now)
             for d in attempt.deltas
             if d.idempotency_key
         ]

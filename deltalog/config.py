@@ -20,6 +20,10 @@ Security settings, all optional:
 
 Transfers of snapshot archives: ``part_size`` (``DELTALOG_PART_SIZE``, bytes
 or a size such as ``16MiB``) and ``transfer_concurrency``.
+
+``grace`` (``DELTALOG_GRACE``, seconds): how long a reserved seq may stay
+unwritten before an append that meets its own idempotency key there seals
+it and writes again (a rerun after an interrupted producer).
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ class LogConfig:
     """Snapshot archives stream in parts of this size (S3's minimum is 5 MiB but the last)."""
     transfer_concurrency: int = 4
     """Parts uploaded, or ranges downloaded, at once per snapshot transfer."""
+    grace: float = 60.0
+    """Seconds a reserved seq may stay unwritten before an append that meets its own
+    idempotency key there seals it and writes the delta again (``DELTALOG_GRACE``)."""
 
     def __post_init__(self) -> None:
         self._check_location()
@@ -114,6 +121,8 @@ class LogConfig:
             )
         if self.transfer_concurrency < 1:
             raise ConfigurationError("transfer_concurrency must be at least 1")
+        if not self.grace >= 0:  # also refuses NaN
+            raise ConfigurationError(f"grace must be at least 0 seconds, not {self.grace}")
 
     def _check_security(self) -> None:
         if self.signing_key is not None:
@@ -147,7 +156,7 @@ class LogConfig:
 
     @property
     def keys(self) -> LogKeys:
-        return LogKeys(self.root, self.log)
+        return LogKeys(self.root, self.log, self.bucket)
 
     @property
     def s3_endpoint(self) -> str | None:
@@ -196,4 +205,13 @@ def _security_from_env(env: Mapping[str, str]) -> dict[str, object]:
             values[name] = value
     if part := env.get("DELTALOG_PART_SIZE", "").strip():
         values["part_size"] = parse_size(part)
+    if grace := env.get("DELTALOG_GRACE", "").strip():
+        values["grace"] = _seconds(grace, "DELTALOG_GRACE")
     return values
+
+
+def _seconds(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, not {text!r}") from None

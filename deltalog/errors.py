@@ -9,6 +9,8 @@
     │                               collection's: another embedding model
     ├── ConfigurationError          fix the setup: missing bucket or table,
     │   │                           bad credentials, an unusable endpoint
+    │   ├── IdentityMismatch        the table's log of that name lives in
+    │   │                           another bucket or root: a typo
     │   └── IncompatibleSnapshot    a snapshot written by a newer Chroma than
     │                               the one installed: upgrade chromadb
     ├── Unavailable                 retry later: network, throttling, 5xx
@@ -40,6 +42,7 @@ __all__ = [
     "DeltalogError",
     "DimensionMismatch",
     "Fenced",
+    "IdentityMismatch",
     "IncompatibleSnapshot",
     "InvalidInput",
     "LeaseBusy",
@@ -123,6 +126,24 @@ class DimensionMismatch(ValidationError):
 
 class ConfigurationError(DeltalogError):
     """The setup is wrong: a missing bucket or table, credentials, endpoint."""
+
+
+class IdentityMismatch(ConfigurationError):
+    """The table's log of this name belongs to another bucket or root prefix.
+
+    A log's identity (``s3://{bucket}/{root}/{log}``) is recorded by its
+    first use and checked by every later one, so a handle that names another
+    bucket (a typo) writes nothing and reads nothing. ``recorded`` is the
+    identity the table holds (None when the log has none recorded yet and the
+    bucket does not hold its data), ``wanted`` the one the handle named.
+    """
+
+    def __init__(
+        self, message: str, *, recorded: str | None, wanted: str, log: str | None = None
+    ) -> None:
+        self.recorded = recorded
+        self.wanted = wanted
+        super().__init__(message, log=log)
 
 
 class IncompatibleSnapshot(ConfigurationError):

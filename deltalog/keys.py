@@ -8,6 +8,7 @@ S3, under one bucket and a configurable root prefix::
 
 DynamoDB, one table with ``pk`` = the log's id and ``sk`` = the item kind::
 
+    (log, "identity")       the log's full identity, ``s3://{bucket}/{root}/{log}``
     (log, "head")           next_seq, the append counter
     (log, "state")          hwm, snapshot, lease: the commit point
     (log, "schema")         the embedding dimension of each collection
@@ -24,6 +25,11 @@ and, outside every log (log names cannot start with ``_``)::
 
 Zero padding keeps S3's lexicographic listing order equal to seq order, so
 "every entry after n" is one ``ListObjectsV2`` with ``StartAfter``.
+
+The log id names a log within a table; its **identity** also names the
+bucket (``LogKeys.identity``). The identity item records it, and every item
+of the log carries it (attribute ``identity``), so that a handle naming
+another bucket or root writes nothing (``deltalog.storage.identity``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 SEQ_WIDTH = 20
 MAX_SEQ = 10**SEQ_WIDTH - 1
 
+IDENTITY_SK = "identity"
 HEAD_SK = "head"
 STATE_SK = "state"
 SCHEMA_SK = "schema"
@@ -60,10 +67,19 @@ def valid_root(root: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class LogKeys:
-    """The keys of one log under one root prefix."""
+    """The keys of one log under one root prefix (of one bucket, when ``bucket`` is given)."""
 
     root: str
     log: str
+    bucket: str = ""
+
+    @property
+    def identity(self) -> str:
+        """The log's full identity: ``s3://{bucket}/{root}/{log}`` (no root: ``s3://{bucket}/{log}``).
+
+        Unique: a bucket name holds no ``/``, and the rest is the log id.
+        """
+        return f"s3://{self.bucket}/{self.log_id}"
 
     @property
     def log_id(self) -> str:
@@ -73,13 +89,15 @@ class LogKeys:
 
     @property
     def cache_name(self) -> str:
-        """The log's directory in a local snapshot cache: its id, ``/`` written as ``+``.
+        """The log's directory in a local snapshot cache: bucket and id, ``/`` written as ``+``.
 
-        One name per log id: neither a root prefix nor a log name may hold a
-        ``+`` (a plain ``_`` would let root ``x`` + log ``snapshots`` share a
-        directory with log ``x_snapshots``).
+        One name per identity: no bucket name, root prefix or log name may
+        hold a ``+`` (a plain ``_`` would let root ``x`` + log ``snapshots``
+        share a directory with log ``x_snapshots``), so two logs of one name
+        in two buckets never share a cached snapshot or a live copy.
         """
-        return self.log_id.replace("/", "+")
+        name = self.log_id.replace("/", "+")
+        return f"{self.bucket}+{name}" if self.bucket else name
 
     @property
     def prefix(self) -> str:

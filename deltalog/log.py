@@ -18,6 +18,7 @@ from deltalog.entry import Delta
 from deltalog.errors import Closed, DimensionMismatch, ValidationError
 from deltalog.producer import MiB, Producer
 from deltalog.read import LogReader, list_entries
+from deltalog.storage.identity import bind_log
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState, Table
 from deltalog.validate import validate_delta
@@ -51,6 +52,9 @@ class LogStatus:
     """Entry objects in the committed tail ``(snapshot_hwm, hwm]`` (seals included)."""
     tail_bytes: int = 0
     """Their stored bytes, as listed."""
+    identity: str | None = None
+    """The identity recorded for the log (``s3://bucket/root/log``); None: not yet
+    (a log no writer has opened since identities)."""
 
     @property
     def lag(self) -> int:
@@ -87,9 +91,17 @@ class DeltaLog:
         *,
         store: ObjectStore | None = None,
         table: Table | None = None,
+        read_only: bool = False,
     ) -> AsyncIterator[DeltaLog]:
-        """Connect to the log's bucket and table (or use the given adapters)."""
-        log = await cls.connect(config, store=store, table=table)
+        """Connect to the log's bucket and table (or use the given adapters).
+
+        Opening checks the log's identity (``deltalog.storage.identity``): a
+        config naming another bucket or root than the table's log of that
+        name raises ``IdentityMismatch`` and nothing is read or written. The
+        first writer records the identity; a ``read_only`` handle (a reader
+        with read-only permissions) only checks it.
+        """
+        log = await cls.connect(config, store=store, table=table, read_only=read_only)
         try:
             yield log
         finally:
@@ -102,6 +114,7 @@ class DeltaLog:
         *,
         store: ObjectStore | None = None,
         table: Table | None = None,
+        read_only: bool = False,
     ) -> DeltaLog:
         """Like ``open`` without a context manager; call ``aclose()`` when done."""
         from deltalog.storage.dynamo import DynamoTable
@@ -115,6 +128,7 @@ class DeltaLog:
             if table is None:
                 table = await DynamoTable.connect(config)
                 stack.push_async_callback(table.aclose)
+            await bind_log(store, table, config.keys, record=not read_only)
         except BaseException:
             await stack.aclose()
             raise
@@ -239,6 +253,7 @@ class DeltaLog:
     async def status(self) -> LogStatus:
         """Head, entries, holes and the committed state; lists the whole log."""
         self._check_open()
+        identity = await self.table.read_identity(self.keys.log_id)
         state = await self.table.read_state(self.keys.log_id)
         head = await self.head()
         holes: list[int] = []
@@ -272,6 +287,7 @@ class DeltaLog:
             snapshot_bytes=state.snapshot_size,
             tail_entries=tail_entries,
             tail_bytes=tail_bytes,
+            identity=identity,
         )
 
     def statistics(self) -> LogStatistics:

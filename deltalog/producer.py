@@ -34,7 +34,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from deltalog.append import Attempt, EncodedDelta, Outcome
+from deltalog.append import Attempt, EncodedDelta, Outcome, Repeat
 from deltalog.entry import Delta
 from deltalog.errors import Closed, Unavailable
 
@@ -68,6 +68,11 @@ class _Submission:
     delta: EncodedDelta
     done: anyio.Event = field(default_factory=anyio.Event)
     outcome: Outcome | BaseException | None = None
+
+
+def _wrote(outcome: Outcome | BaseException | None) -> bool:
+    """Whether a delta was written by this producer's entry (not a repeat, not refused)."""
+    return isinstance(outcome, int) and not isinstance(outcome, Repeat)
 
 
 class Producer:
@@ -240,10 +245,11 @@ class Producer:
         try:
             task_status.started()
             outcomes = await self._log.appender.write([s.delta for s in batch], attempt)
-            self._entries += 1
-            self._bytes += sum(len(s.delta.data) for s in batch)
             for s in batch:
                 s.outcome = outcomes.get(s.delta.delta_id)
+            written = [s for s in batch if _wrote(s.outcome)]
+            self._entries += bool(written)  # repeats and conflicts alone write nothing
+            self._bytes += sum(len(s.delta.data) for s in written)
             answered = True
         except Exception as exc:  # delivered to every submitter as the cause
             for s in batch:

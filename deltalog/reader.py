@@ -189,8 +189,8 @@ class Reader:
     ) -> AsyncIterator[Reader]:
         """Connect to the log and load the committed snapshot."""
         root = Path(cache_dir) if cache_dir else Path(".deltalog") / "cache"
-        cache = SnapshotCache(root / config.keys.cache_name)
-        async with DeltaLog.open(config, store=store, table=table) as log:
+        cache = SnapshotCache.for_log(root, config.keys)
+        async with DeltaLog.open(config, store=store, table=table, read_only=True) as log:
             reader = cls(log, cache, consistency=consistency)
             try:
                 await reader.refresh()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -17,6 +18,7 @@ import anyio
 import numpy as np
 
 from compactor import CompactionResult, Compactor
+from compactor.publish import publish_snapshot
 from deltalog import DeltaLog, LogConfig
 from deltalog.cli.soak import ChildProcess
 from deltalog.entry import Entry
@@ -322,6 +324,35 @@ async def until_stopped(pid: int) -> None:
     with anyio.fail_after(10):
         while not is_stopped(pid):  # noqa: ASYNC110 (another process's state)
             await anyio.sleep(0.005)
+
+
+async def commit_altered_snapshot(
+    config: LogConfig,
+    cache: Path,
+    alter: Callable[[Path], Awaitable[None]],
+    **options: Any,
+) -> None:
+    """Commit, at the same hwm, the committed snapshot as ``alter`` leaves its directory:
+    what a compactor bug would commit. Checksums are all right; only verify shows it."""
+    async with Compactor(config, cache_dir=cache, **options) as c:
+        state = await c.table.read_state(c.keys.log_id)
+        assert state.snapshot_key is not None and state.snapshot_sha256 is not None
+        base = await c.cache.committed(
+            c.store, state.snapshot_key, state.snapshot_sha256, log=config.log
+        )
+        work = await anyio.to_thread.run_sync(c.cache.working_copy, base)
+        await alter(work)
+        async with await ChromaSink.open(work) as sink:
+            counts = await sink.counts()
+        published = await publish_snapshot(
+            c.store, c.keys, work, hwm=state.hwm, token=state.token, counts=counts
+        )
+        lease = await c.table.acquire(c.keys.log_id, "tamper", ttl=30, now=time.time())
+        commit = Commit(state.hwm, published.key, published.sha256, published.size)
+        await c.table.commit(
+            c.keys.log_id, "tamper", lease.token, prev_hwm=state.hwm, commit=commit, now=time.time()
+        )
+        assert await c.table.release(c.keys.log_id, "tamper", lease.token)
 
 
 @asynccontextmanager

@@ -48,6 +48,8 @@ class FaultyStore:
         """Every delete deletes nothing and raises a non-ambiguous ``Unavailable``."""
         self.puts: list[str] = []
         self.faults: list[Unavailable] = []
+        self.before_put: dict[str, bytes] = {}
+        """key -> bytes another writer puts there just before our put (a late write)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -59,6 +61,8 @@ class FaultyStore:
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         self.puts.append(key)
+        if key in self.before_put:
+            await self.inner.put_if_absent(key, self.before_put.pop(key))
         if self.hang_puts == "before":
             await self._hang()
         if self.hang_puts == "after":
@@ -103,11 +107,17 @@ class FaultyTable:
         self.lost_replace_answers = 0
         """The next N claim replacements happen, then raise (ambiguous)."""
         self.reserved: list[int] = []
+        self.hold_reserves: anyio.Event | None = None
+        """When an event, every reserve waits for it (``reserving`` is set first)."""
+        self.reserving = anyio.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def reserve(self, log_id: str) -> int:
+        if self.hold_reserves is not None:
+            self.reserving.set()
+            await self.hold_reserves.wait()
         seq = await self.inner.reserve(log_id)
         self.reserved.append(seq)
         if self.lost_reserve_answers:
@@ -121,6 +131,16 @@ class FaultyTable:
             self.lost_replace_answers -= 1
             raise Unavailable(f"injected: replace answer lost ({replaced})", ambiguous=True)
         return replaced
+
+
+@asynccontextmanager
+async def faulty_memory_log(
+    config: LogConfig, store: ObjectStore, table: Table
+) -> AsyncIterator[tuple[DeltaLog, FaultyStore, FaultyTable]]:
+    """A log on in-memory adapters (shared with other logs) through the same wrappers."""
+    faulty_store, faulty_table = FaultyStore(store), FaultyTable(table)
+    async with DeltaLog.open(config, store=faulty_store, table=faulty_table) as log:
+        yield log, faulty_store, faulty_table
 
 
 @asynccontextmanager

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
 import anyio
@@ -16,15 +20,17 @@ from deltalog import (
     Conflict,
     Delta,
     DeltaLog,
+    IdentityMismatch,
     LogConfig,
     Repeat,
     Seal,
     Unavailable,
 )
 from deltalog.codec import Frame, batch_body, encode_delta, seal_body
-from deltalog.storage.table import Claim
+from deltalog.storage.store import MemoryStore
+from deltalog.storage.table import Claim, MemoryTable
 from tests.builders import batch_of, delete, delta, delta_seqs, read_all, seal_of
-from tests.faulty import faulty_log
+from tests.faulty import FaultyStore, FaultyTable, faulty_log, faulty_memory_log
 
 TASKS = 32
 PER_TASK = 200
@@ -333,6 +339,133 @@ async def test_a_key_held_by_an_unwritten_seq_is_a_conflict(log: DeltaLog) -> No
     assert await read_all(log) == []
 
 
+@asynccontextmanager
+async def _two_logs(
+    adapters: str, config: LogConfig
+) -> AsyncIterator[tuple[tuple[DeltaLog, FaultyStore], tuple[DeltaLog, FaultyTable]]]:
+    """Two handles of one log, each through its own fault wrappers (on moto: own clients)."""
+    async with AsyncExitStack() as stack:
+        if adapters == "moto":
+            a, a_store, _ = await stack.enter_async_context(faulty_log(config))
+            b, _, b_table = await stack.enter_async_context(faulty_log(config))
+        else:
+            config = LogConfig(bucket="memory", table="memory", log="mem")
+            store, table = MemoryStore(), MemoryTable()
+            a, a_store, _ = await stack.enter_async_context(faulty_memory_log(config, store, table))
+            b, _, b_table = await stack.enter_async_context(faulty_memory_log(config, store, table))
+        yield (a, a_store), (b, b_table)
+
+
+@pytest.mark.parametrize("adapters", ["memory", "moto"])
+async def test_a_batch_whose_every_key_is_held_in_flight_seals_its_seq(
+    adapters: str, config: LogConfig
+) -> None:
+    """Issue 19 item 10: concurrent ingests of the same receipts left entries with no delta.
+
+    Producer B checks its two keys (free), then reserves; producer A claims
+    both at its own seq and is still writing when B claims them: B loses
+    both keys. B's seq used to receive a batch of zero deltas; now B seals it.
+    """
+    async with _two_logs(adapters, config) as ((a, a_store), (b, b_table)):
+        a_store.hang_puts = "before"  # A has reserved and claimed, and is writing
+        b_table.hold_reserves = a_store.hung  # B reserves once A is there
+        answers: dict[str, object] = {}
+        entries: dict[str, int] = {}
+
+        async def submit_both(log: DeltaLog, name: str) -> None:
+            async def submit(d: Delta) -> None:
+                try:
+                    answers[f"{name}:{d.idempotency_key}"] = await producer.submit(d)
+                except Conflict as exc:
+                    answers[f"{name}:{d.idempotency_key}"] = exc
+
+            deltas = [delete(f"{name}-x", key="k1"), delete(f"{name}-y", key="k2")]
+            async with (
+                log.producer(linger_ms=10_000, max_deltas=2) as producer,
+                anyio.create_task_group() as submitters,
+            ):
+                for d in deltas:
+                    submitters.start_soon(submit, d)
+            entries[name] = producer.statistics().entries_written
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit_both, b, "b")
+            await b_table.reserving.wait()  # B read the claims before A claimed them
+            tg.start_soon(submit_both, a, "a")
+            with anyio.fail_after(30):
+                while len(answers) < 2:  # noqa: ASYNC110 (answers come from the tasks)
+                    await anyio.sleep(0.01)
+            a_store.release.set()
+        assert {k: type(v).__name__ for k, v in answers.items()} == {
+            "a:k1": "int",
+            "a:k2": "int",
+            "b:k1": "Conflict",
+            "b:k2": "Conflict",
+        }
+        assert entries == {"a": 1, "b": 0}
+        stored = await read_all(a)
+        assert [seq for seq, _ in stored] == [1, 2]
+        assert [len(e.deltas) for _, e in stored] == [2, 0]
+        assert seal_of(stored[1][1]).reason.startswith("reserved by an append whose every delta")
+        status = await a.status()
+        assert (status.head, status.entries, status.hole_count) == (2, 2, 0)
+
+
+async def test_a_key_left_unwritten_past_the_grace_is_sealed_and_written_again(
+    log: DeltaLog,
+) -> None:
+    """Issue 19 item 3: a rerun after an interrupted producer meets its own keys at
+    seqs reserved and never written; past the grace it seals them itself."""
+    seq = await log.table.reserve(log.keys.log_id)
+    stopped = Claim("k", seq, "stopped-producer", time.time() - 120)  # grace: 60 s
+    await log.table.claim_keys(log.keys.log_id, [stopped])
+    d = delete("a", key="k")
+    assert await log.append(d) == 2
+    entries = await read_all(log)
+    assert seal_of(entries[0][1]).reason.startswith(
+        "seq reserved for idempotency key 'k' and not written for 120s (grace 60s)"
+    )
+    assert [x.delta_id for x in batch_of(entries[1][1]).deltas] == [d.delta_id]
+    claim = (await log.table.get_claims(log.keys.log_id, ["k"]))["k"]
+    assert (claim.seq, claim.entry_id) == (2, batch_of(entries[1][1]).entry_id)
+    again = await log.append(delete("a", key="k"))
+    assert again == 2 and isinstance(again, Repeat)
+    assert (await log.status()).hole_count == 0
+
+
+async def test_a_key_younger_than_the_grace_is_a_conflict_that_says_when_to_retry(
+    log: DeltaLog,
+) -> None:
+    seq = await log.table.reserve(log.keys.log_id)
+    live = Claim("k", seq, "slow-producer", time.time())
+    await log.table.claim_keys(log.keys.log_id, [live])
+    with pytest.raises(Conflict) as caught:
+        await log.append(delete("a", key="k"))
+    assert re.search(
+        r"claimed \d+s ago\); if its producer died, retry after the grace period "
+        r"\(60s, DELTALOG_GRACE\): this append then seals the seq itself",
+        caught.value.message,
+    )
+    assert await log.head() == 1
+    assert await read_all(log) == []
+
+
+async def test_a_late_write_beats_the_seal_of_its_key(config: LogConfig) -> None:
+    """The stopped producer's write lands just before the seal: the seal loses (412)
+    and the append resolves to the late entry, writing nothing."""
+    async with faulty_log(config, grace=0.0) as (log, store, _):
+        seq = await log.table.reserve(log.keys.log_id)
+        original = delete("a", key="k")
+        late = Frame(batch_body("slow", [encode_delta(original)], created_at=0)).at(seq)
+        await log.table.claim_keys(log.keys.log_id, [Claim("k", seq, "slow", time.time())])
+        store.before_put[log.keys.entry(seq)] = late
+        again = await log.append(delete("a", key="k"))
+        assert again == seq and isinstance(again, Repeat)
+        assert store.before_put == {}, "the seal was tried"
+        assert await delta_seqs(log) == {original.delta_id: [seq]}
+        assert await log.head() == 1
+
+
 async def test_a_claim_pointing_at_a_sealed_seq_is_taken_over(log: DeltaLog) -> None:
     seq = await log.table.reserve(log.keys.log_id)
     await log.table.claim_keys(log.keys.log_id, [Claim("k", seq, "dead-producer")])
@@ -402,14 +535,16 @@ async def test_a_counter_that_keeps_failing_gives_up_leaving_only_holes(
 
 
 @pytest.mark.parametrize("missing", ["bucket", "table"])
-async def test_a_missing_bucket_or_table_says_to_run_init(
-    config: LogConfig, rng: np.random.Generator, missing: str
-) -> None:
+async def test_a_missing_bucket_or_table_says_to_run_init(config: LogConfig, missing: str) -> None:
+    """Opening the log says so, before anything is written (no seq is reserved)."""
     gone = f"gone-{uuid.uuid4().hex[:12]}"
-    config = replace(config, bucket=gone) if missing == "bucket" else replace(config, table=gone)
-    async with DeltaLog.open(config) as log:
-        for d in (delete("a"), delta(rng, "b")):
-            with pytest.raises(ConfigurationError, match=f"{missing} '{gone}' does not exist"):
-                await log.append(d)
-        with pytest.raises(ConfigurationError, match="run `deltalog init --bucket"):
-            await log.status()
+    wrong = replace(config, bucket=gone) if missing == "bucket" else replace(config, table=gone)
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match=f"{missing} '{gone}' does not exist") as e:
+            async with DeltaLog.open(wrong):
+                pass
+        assert "run `deltalog init --bucket" in str(e.value)
+        assert not isinstance(e.value, IdentityMismatch), "a new log: nothing to mismatch"
+    async with DeltaLog.open(config, read_only=True) as log:
+        status = await log.status()
+    assert (status.head, status.identity) == (0, None), "nothing was written"

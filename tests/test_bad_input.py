@@ -57,7 +57,7 @@ from deltalog import (
 )
 from deltalog.cli import build_parser
 from deltalog.codec import Frame, batch_body, encode_delta
-from deltalog.errors import CorruptSnapshot, MissingObject, UntrustedEntry
+from deltalog.errors import CorruptSnapshot, IdentityMismatch, MissingObject, UntrustedEntry
 from deltalog.signing import Signer
 from deltalog.snapshot.archive import SIDECAR_NAME, Sidecar, archive
 from deltalog.snapshot.sink import MemorySink, Sink
@@ -621,26 +621,6 @@ def partition(config: LogConfig) -> tuple[str, str]:
     return (config.table, config.keys.log_id)
 
 
-def a_hole_and_the_schema(config: LogConfig) -> Callable[[Footprint], Footprint]:
-    """What an append to a missing bucket writes before the entry put fails.
-
-    The seq it reserved stays a hole (the compactor seals it), and the schema
-    item holds the delta's dimension: both in the table, none in S3.
-    """
-    part = partition(config)
-    pk = {"S": config.keys.log_id}
-
-    def writes(before: Footprint) -> Footprint:
-        assert before.items[part] == {}, "a fresh log"
-        items = {
-            "head": {"pk": pk, "sk": {"S": "head"}, "next_seq": {"N": "1"}},
-            "schema": {"pk": pk, "sk": {"S": "schema"}, "dim#words": {"N": str(DIM)}},
-        }
-        return replace(before, items={**before.items, part: items})
-
-    return writes
-
-
 async def missing_bucket(endpoint: str, config: LogConfig) -> Act:
     gone = replace(config, bucket=f"missing-{uuid.uuid4().hex[:12]}")
 
@@ -648,12 +628,45 @@ async def missing_bucket(endpoint: str, config: LogConfig) -> Act:
         async with aws_log(gone) as (log, _store, _table):
             await log.append(upsert())
 
-    return Act(
-        run,
-        buckets=(config.bucket, gone.bucket),
-        partitions=(partition(config),),
-        writes=a_hole_and_the_schema(config),
-    )
+    return Act(run, buckets=(config.bucket, gone.bucket), partitions=(partition(config),))
+
+
+async def _recorded_log(config: LogConfig) -> None:
+    """A log with one entry, opened (so its identity is recorded) in ``config``'s bucket."""
+    async with aws_log(config) as (log, _store, _table):
+        await log.append(upsert())
+
+
+async def another_bucket(endpoint: str, config: LogConfig) -> Act:
+    """The log is recorded in one bucket; a handle names another (a typo)."""
+    await _recorded_log(config)
+    typo = replace(config, bucket=f"typo-{uuid.uuid4().hex[:12]}")
+
+    async def run() -> None:
+        async with aws_log(typo) as (log, _store, _table):
+            await log.append(upsert())
+
+    return Act(run, buckets=(config.bucket, typo.bucket), partitions=(partition(config),))
+
+
+async def older_log_another_bucket(endpoint: str, config: LogConfig) -> Act:
+    """A log an older version wrote (no identity recorded), opened with an empty bucket."""
+    other = replace(config, bucket=f"other-{uuid.uuid4().hex[:12]}")
+    async with AsyncExitStack() as stack:
+        store = await S3Store.connect(config)
+        stack.push_async_callback(store.aclose)
+        table = await DynamoTable.connect(config)
+        stack.push_async_callback(table.aclose)
+        await DeltaLog(config, store, table).append(upsert())  # not opened: no identity
+        empty = await S3Store.connect(other)
+        stack.push_async_callback(empty.aclose)
+        await empty.ensure_bucket()
+
+    async def run() -> None:
+        async with aws_log(other) as (log, _store, _table):
+            await log.append(upsert())
+
+    return Act(run, buckets=(config.bucket, other.bucket), partitions=(partition(config),))
 
 
 async def missing_table(endpoint: str, config: LogConfig) -> Act:
@@ -720,8 +733,15 @@ async def unreachable(endpoint: str, config: LogConfig) -> Act:
     async def run() -> None:
         attempts = Attempts()
         try:
-            async with aws_log(nowhere) as (log, store, table):
-                attempts.watch(store, table)
+            async with AsyncExitStack() as stack:
+                store = await S3Store.connect(nowhere)
+                stack.push_async_callback(store.aclose)
+                table = await DynamoTable.connect(nowhere)
+                stack.push_async_callback(table.aclose)
+                attempts.watch(store, table)  # opening the log is its first request
+                log = await stack.enter_async_context(
+                    DeltaLog.open(nowhere, store=store, table=table)
+                )
                 await log.append(Delta(ops=[Delete(collection="words", ids=["a"])]))
         finally:
             # Fails fast: the first request's own attempts (botocore's 4: 3 retries),
@@ -816,11 +836,17 @@ SETTING = "cannot write: `LogConfig` refuses it before any client exists"
 CONFIG_CASES = [
     Case("missing-bucket", "a bucket that does not exist", ConfigurationError,
          ("does not exist", "run `deltalog init --bucket"), missing_bucket,
-         "bucket and table names, the bucket's objects; the log's items gain only the counter "
-         "(a hole) and the schema"),
+         "bucket and table names, " + LOG),
     Case("missing-table", "a table that does not exist", ConfigurationError,
          ("does not exist", "run `deltalog init --bucket"), missing_table,
          "bucket and table names, " + LOG),
+    Case("another-bucket", "a bucket other than the one the log's identity records",
+         IdentityMismatch, ("is s3://deltalog-tests/", "not s3://typo-", "check --bucket"),
+         another_bucket, "bucket and table names, " + LOG + " (no seq reserved)"),
+    Case("older-log-another-bucket",
+         "a log written before identities, with a bucket that holds none of its entries",
+         IdentityMismatch, ("no recorded bucket", "cannot be its bucket", "none of its entries"),
+         older_log_another_bucket, "bucket and table names, " + LOG + " (no identity recorded)"),
     Case("wrong-s3-credentials", "S3 refuses the credentials (403 InvalidAccessKeyId)",
          ConfigurationError, ("access denied (invalidaccesskeyid)", "check the credentials"),
          wrong_s3_credentials, LOG + " (S3 answered by a stub)"),

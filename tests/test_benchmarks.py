@@ -32,6 +32,8 @@ RATIO_KEYS = {
     "cold_start_vs_warm",
     "end_to_end_vs_raw_chroma",
     "freshness_p99_vs_run",
+    "recall_lowest",
+    "raw_chroma_recall_lowest",
 }
 PLOTS = (
     "append.png",
@@ -130,3 +132,8 @@ def _check_ratios_follow_figures(ratios: dict[str, float], figures: dict[str, An
     assert fresh["run_mean_seconds"] == pytest.approx(statistics.mean(runs), rel=0.01)
     p99 = fresh["snapshot_visibility"]["p99_ms"] / 1000 / fresh["run_mean_seconds"]
     assert ratios["freshness_p99_vs_run"] == pytest.approx(p99, rel=0.01)
+    rows = figures["recall"]["rows"]
+    ours = [r for r in rows if r["system"] in ("deltalog", "deltalog incremental")]
+    assert ratios["recall_lowest"] == min(min(r["typed"], r["near"]) for r in ours)
+    raw = [r for r in rows if r["system"] == "raw chromadb"]
+    assert ratios["raw_chroma_recall_lowest"] == min(min(r["typed"], r["near"]) for r in raw)

@@ -14,7 +14,8 @@ Shared by them: ``options`` (the location and output flags), ``output``
 (tables), ``progress`` (progress displays), ``process`` (exit codes, stopping
 on a signal). The command line is the only part of ``deltalog`` that imports
 the ``compactor`` package. Exit status: 0 success, 1 a deltalog error (the
-message says what to do), 2 a usage error, 3 lease busy, 4 a check found
+message says what to do), 2 a usage error (also a ``--bucket`` or ``--root``
+that is not the log's: ``IdentityMismatch``), 3 lease busy, 4 a check found
 differences.
 """
 
@@ -27,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from deltalog.cli import compact, demo, log, migrate, mirror, receipts, soak
-from deltalog.errors import DeltalogError
+from deltalog.errors import DeltalogError, IdentityMismatch
 
 __all__ = ["build_parser", "main"]
 
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Command = args.run
     try:
         code: int = anyio.run(run, args)
+    except IdentityMismatch as exc:  # a wrong --bucket or --root: a usage error
+        print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     except DeltalogError as exc:
         print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

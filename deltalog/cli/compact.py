@@ -3,7 +3,7 @@
 Exit
 status: 0 done (applied, nothing to do, verified equal), 1 an error, 3 the
 lease is busy (``rebuild --publish``: still busy after ``--wait``), 4
-``verify`` found differences.
+``verify`` found differences (or an index recall below ``--min-recall``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
 from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor
+from compactor.verify import DEFAULT_INDEX_QUERIES, DEFAULT_MIN_RECALL, VerifyResult
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
 from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
@@ -201,9 +202,13 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     async with _compactor(args) as compactor:
-        result = await compactor.verify()
+        result = await compactor.verify(
+            index_queries=args.index_queries, min_recall=args.min_recall
+        )
     if args.json:
-        print(json.dumps({**asdict(result), "ok": result.ok}, sort_keys=True))
+        index = result.index
+        extra = {"index_recall": index.lowest if index else None}
+        print(json.dumps({**asdict(result), **extra, "ok": result.ok}, sort_keys=True))
     else:
         for line in result.differences:
             print(line)
@@ -212,7 +217,33 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             print(f"... and {more} more differences")
         verdict = "equal" if result.ok else f"{result.difference_count} differences"
         print(f"verify at hwm {result.hwm}: {result.records} records, {verdict}")
+        print(_index_line(result))
     return 0 if result.ok else EXIT_DIFFERENT
+
+
+def _index_line(result: VerifyResult) -> str:
+    index = result.index
+    if index is None:
+        return "index check skipped (--index-queries 0)"
+    if index.lowest is None:
+        return "index check: no records to query"
+    return (
+        f"index recall@10 {index.lowest:.4f} over {index.queries} sampled queries "
+        f"(threshold {index.min_recall}): {'ok' if index.ok else 'BELOW'}"
+    )
+
+
+def _fraction(text: str) -> float:
+    value = float(text) if text.replace(".", "", 1).isdigit() else -1.0
+    if not 0.0 <= value <= 1.0:
+        raise InvalidInput(f"expected a number from 0 to 1, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise InvalidInput(f"expected a whole number of at least 0, not {text!r}")
+    return int(text)
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
@@ -358,6 +389,19 @@ def register(commands: Any) -> None:
 
     verify = commands.add_parser("verify", help="compare a rebuild with the committed snapshot")
     _add_compactor_flags(verify)
+    verify.add_argument(
+        "--index-queries",
+        type=argument(_count),
+        default=DEFAULT_INDEX_QUERIES,
+        help="sampled queries per collection for the index check, against brute force "
+        f"(default {DEFAULT_INDEX_QUERIES}; 0 skips the check)",
+    )
+    verify.add_argument(
+        "--min-recall",
+        type=argument(_fraction),
+        default=DEFAULT_MIN_RECALL,
+        help=f"fail when the index's recall@10 is below this (default {DEFAULT_MIN_RECALL})",
+    )
     verify.set_defaults(run=cmd_verify)
 
     export = commands.add_parser(

@@ -11,6 +11,8 @@ from typing import Any
 
 from deltalog.cli.options import add_location_flags, add_output_flags, config_from
 from deltalog.cli.output import print_fields
+from deltalog.config import LogConfig
+from deltalog.errors import ConfigurationError, IdentityMismatch
 from deltalog.log import DeltaLog, LogStatus
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.policy import render
@@ -20,7 +22,13 @@ __all__ = ["register"]
 
 
 async def cmd_init(args: argparse.Namespace) -> int:
+    """Create the bucket and the table if missing; record the log's identity.
+
+    A log of that name the table holds for another bucket or root is
+    refused first (``IdentityMismatch``), before anything is created.
+    """
     config = config_from(args)
+    await _refuse_another_identity(config)
     store = await S3Store.connect(config)
     try:
         bucket_created = await store.ensure_bucket()
@@ -35,7 +43,25 @@ async def cmd_init(args: argparse.Namespace) -> int:
     finally:
         await table.aclose()
     print(f"table {config.table}: {'created' if table_created else 'exists'}")
+    async with DeltaLog.open(config) as log:
+        identity = await log.table.read_identity(log.keys.log_id)
+    print(f"log {config.log}: {identity}")
     return 0
+
+
+async def _refuse_another_identity(config: LogConfig) -> None:
+    """Raise ``IdentityMismatch`` if the table holds the log for another bucket or root.
+
+    Checked as a reader would, before anything is created; a missing table or
+    bucket is what init is for.
+    """
+    try:
+        async with DeltaLog.open(config, read_only=True):
+            pass
+    except IdentityMismatch:
+        raise
+    except ConfigurationError:  # no table or bucket yet (created below), or no access
+        return
 
 
 async def cmd_policy(args: argparse.Namespace) -> int:
@@ -56,7 +82,7 @@ async def cmd_policy(args: argparse.Namespace) -> int:
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
-    async with DeltaLog.open(config_from(args)) as log:
+    async with DeltaLog.open(config_from(args), read_only=True) as log:
         status = await log.status()
     if args.json:
         print(json.dumps(status_record(status), indent=2, sort_keys=True))
@@ -89,8 +115,10 @@ def status_rows(status: LogStatus) -> list[tuple[str, object]]:
         else "empty"
     )
     quarantined = ", ".join(f"{seq} ({why})" for seq, why in sorted(status.quarantined.items()))
+    identity = status.identity or "not recorded yet (the first writer records it)"
     return [
         ("log", status.log),
+        ("identity", identity),
         ("head", status.head),
         ("entries", status.entries),
         ("holes", f"{status.hole_count} ({holes})"),
@@ -125,7 +153,9 @@ def _last_run(record: str) -> str:
 
 def register(commands: Any) -> None:
     """Add ``init``, ``policy`` and ``status`` to the ``deltalog`` parser."""
-    init = commands.add_parser("init", help="create the bucket and the table if missing")
+    init = commands.add_parser(
+        "init", help="create the bucket and the table if missing; record the log's identity"
+    )
     add_location_flags(init)
     init.set_defaults(run=cmd_init)
 

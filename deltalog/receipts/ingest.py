@@ -12,7 +12,10 @@
   a duplicate is found before embedding when the key's entry is already
   durable, so a rerun does not pay for embeddings twice. When another
   producer is appending the same receipt at the same moment (``Conflict``),
-  the add waits and retries a few times, and then finds the duplicate.
+  the add waits and retries, and then finds the duplicate; when the key was
+  left at an unwritten seq by a producer that was stopped (a rerun after
+  Ctrl-C), it retries until the claim is older than the grace period
+  (``LogConfig.grace``), when the append seals that seq and writes it.
 - ``ingest_file`` streams a JSONL file through a ``ReceiptProducer`` with
   bounded concurrency, reports progress to a callback and returns an
   ``IngestSummary``.
@@ -84,6 +87,8 @@ __all__ = [
 
 _CLAIM_BATCH = 100
 _CONFLICT_ATTEMPTS = 6
+_CONFLICT_SLACK = 5.0
+"""Seconds past the grace a receipt whose key is held in flight keeps being retried."""
 WORDS = "words"
 LINES = "lines"
 _MAX_ERRORS_KEPT = 100
@@ -348,15 +353,22 @@ class ReceiptProducer:
         return Added(seq, len(vectors), duplicate=False)
 
     async def _submit_receipt(self, ops: list[Op], key: str) -> tuple[int, bool]:
-        """The seq, and whether another producer wrote the receipt meanwhile."""
+        """The seq, and whether another producer wrote the receipt meanwhile.
+
+        A key held at a seq not written yet is retried for as long as the
+        grace period: another producer's write lands meanwhile (a repeat),
+        or its producer was stopped and the claim ages past the grace, and
+        then the append seals that seq and writes the receipt.
+        """
         attempt = 0
+        deadline = anyio.current_time() + self.log.config.grace + _CONFLICT_SLACK
         while True:
             try:
                 seq = await self._submitter().submit(Delta(ops=ops, idempotency_key=key))
             except Conflict:
                 # Another producer holds the key with an entry not written yet.
                 attempt += 1
-                if attempt >= _CONFLICT_ATTEMPTS:
+                if attempt >= _CONFLICT_ATTEMPTS and anyio.current_time() >= deadline:
                     raise
             else:  # a Repeat if another producer's entry holding the key landed meanwhile
                 return seq, isinstance(seq, Repeat)

@@ -82,6 +82,9 @@ class Sidecar(msgspec.Struct, frozen=True):
     """Relative POSIX path -> sha256 of every file but the sidecar; ``archive`` fills it."""
     deltalog_version: str = ""
     chroma_version: str = ""
+    identity: str = ""
+    """The log's full identity (``LogKeys.identity``); "" in an archive of a version
+    before it."""
 
 
 @dataclass(frozen=True, slots=True)

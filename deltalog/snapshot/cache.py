@@ -8,13 +8,16 @@
   fold of the log up to the seq it records (``hwm``), committed at that seq.
   A run takes it (``take_live``) instead of copying a checkpoint, applies
   only new entries, and puts it back after its commit (``keep_live``).
+- A cache is one log's (``for_log``: its directory is named after the log's
+  identity, bucket included); a live copy records that identity, and one of
+  another log is never taken, nor a snapshot whose sidecar names another.
 
 Layout under its root::
 
     committed/{slot}/chroma/        an extracted committed snapshot
     committed/{slot}/source.json    which key and sha256 it is
     live/chroma/                    the live copy
-    live/live.json                  the seq it holds, its lineage and trust settings
+    live/live.json                  the seq it holds, its lineage, trust settings, identity
     work/run-*/                     working copies
     tmp/                            downloads and extractions in progress
 
@@ -54,6 +57,7 @@ from deltalog.errors import (
     InvalidInput,
     MissingObject,
 )
+from deltalog.keys import LogKeys
 from deltalog.snapshot.archive import SIDECAR_NAME, check_chroma_version, extract
 from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import LogState
@@ -72,13 +76,15 @@ class _Live(msgspec.Struct, frozen=True):
     """Written next to the live copy: the seq it holds, and what it was folded under.
 
     ``lineage`` and ``trust`` are None in a live copy of a version that did not
-    record them: unknown, so it matches nothing.
+    record them: unknown, so it matches nothing. ``identity`` is the log's whose
+    fold it is (``LogKeys.identity``).
     """
 
     hwm: int
     installed_at: float
     lineage: str | None = None
     trust: str | None = None
+    identity: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +126,13 @@ class SnapshotCache:
     only.
     """
 
-    def __init__(self, root: Path, *, keep: int = 2) -> None:
+    def __init__(self, root: Path, *, keep: int = 2, identity: str = "") -> None:
         if keep < 1:
             raise InvalidInput("the snapshot cache must keep at least one snapshot")
         self.root = root
         self.keep = keep
+        self.identity = identity
+        """The log this cache is bound to: a live copy or a snapshot of another is refused."""
         self._committed = root / "committed"
         self._live = root / "live"
         self._work = root / "work"
@@ -141,6 +149,11 @@ class SnapshotCache:
             ) from exc
         self.swept = self._sweep()
         """Scratch directories of dead processes removed when the cache was opened."""
+
+    @classmethod
+    def for_log(cls, cache_dir: Path, keys: LogKeys, *, keep: int = 2) -> SnapshotCache:
+        """The cache of one log under a cache directory: its own, bound to its identity."""
+        return cls(cache_dir / keys.cache_name, keep=keep, identity=keys.identity)
 
     @property
     def scratch(self) -> Path:
@@ -185,6 +198,10 @@ class SnapshotCache:
         )
         if sidecar.log != log:
             raise CorruptSnapshot(f"the sidecar is of log {sidecar.log!r}", log=log, key=key)
+        if self.identity and sidecar.identity and sidecar.identity != self.identity:
+            raise CorruptSnapshot(
+                f"the sidecar is of {sidecar.identity}, not {self.identity}", log=log, key=key
+            )
         check_chroma_version(sidecar, _chroma_version(), key=key, log=log)
         self._place(staged, _Source(key, sha256, log, time.time(), "downloaded"))
 
@@ -273,6 +290,8 @@ class SnapshotCache:
             return None
         try:
             live = msgspec.json.decode((claimed / _LIVE_NAME).read_bytes(), type=_Live)
+            if self.identity and live.identity != self.identity:  # another log's fold
+                return None
             work = Path(self._mkdtemp("run-", self._work))
             work.rmdir()
             (claimed / "chroma").rename(work)
@@ -293,7 +312,7 @@ class SnapshotCache:
         staged = Path(self._mkdtemp("live-"))
         try:
             work.rename(staged / "chroma")
-            record = _Live(hwm, time.time(), lineage, trust)
+            record = _Live(hwm, time.time(), lineage, trust, self.identity)
             (staged / _LIVE_NAME).write_bytes(msgspec.json.encode(record))
             old = Path(self._mkdtemp("prune")) / "live"
             with suppress(FileNotFoundError):

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -46,15 +46,21 @@ import numpy as np
 from deltalog.entry import Metadata, MetadataPatch
 from deltalog.errors import Closed, DataError
 from deltalog.fold import CollectionPlan, FoldPlan, Record, State, apply_to_state
+from deltalog.snapshot.distinct import DistinctHit, DistinctIndex
 
 if TYPE_CHECKING:  # importing chromadb takes a second: only ChromaSink pays for it
     from chromadb.api.client import Client
     from chromadb.api.models.Collection import Collection
     from chromadb.api.types import Metadata as ChromaMetadata
 
-__all__ = ["ApplyStats", "ChromaSink", "Hit", "MemorySink", "Sink"]
+__all__ = ["ApplyStats", "ChromaSink", "Distinct", "Hit", "MemorySink", "Sink"]
 
 T = TypeVar("T")
+
+Distinct = Literal["off", "use", "keep"]
+"""What a Chroma sink does with the snapshot's distinct index (``deltalog.snapshot.distinct``):
+``keep`` creates it (indexing existing collections first) and keeps it in step;
+``use`` queries it when the directory has one; ``off`` ignores it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +128,8 @@ class ChromaSink:
         log: str | None = None,
         batch_size: int,
         where: str | None = None,
+        distinct: DistinctIndex | None = None,
+        keep_distinct: bool = False,
     ) -> None:
         """Use ``ChromaSink.open``; ``batch_size`` must not exceed Chroma's maximum.
 
@@ -135,6 +143,12 @@ class ChromaSink:
         self._batch = batch_size
         self._handles: dict[str, Collection] = {}
         self._lock = anyio.Lock()
+        self._distinct = distinct
+        self._keep_distinct = keep_distinct
+        self._indexed: set[str] = set()
+        """Collections the distinct index is known to hold whole."""
+        self._searched: set[str] = set()
+        """Collections known to be searched through the distinct index."""
 
     @classmethod
     async def open(
@@ -144,17 +158,26 @@ class ChromaSink:
         limiter: anyio.CapacityLimiter | None = None,
         log: str | None = None,
         max_batch_size: int | None = None,
+        distinct: Distinct = "use",
     ) -> ChromaSink:
         """Open (or create) the directory.
 
         ``log`` only names it in errors; ``max_batch_size`` lowers Chroma's own
-        maximum (tests use it to exercise batching).
+        maximum (tests use it to exercise batching); ``distinct`` says what to
+        do with the distinct index (``Distinct``).
         """
         with _chroma_errors(f"open {path}", log):
             client = await anyio.to_thread.run_sync(_open_client, path, limiter=limiter)
             most = await anyio.to_thread.run_sync(client.get_max_batch_size, limiter=limiter)
+            index = None
+            if distinct != "off":
+                index = await anyio.to_thread.run_sync(
+                    _open_distinct, path, distinct == "keep", limiter=limiter
+                )
         batch_size = min(most, max_batch_size or most)
-        return cls(client, path, limiter=limiter, log=log, batch_size=batch_size)
+        sink = cls(client, path, limiter=limiter, log=log, batch_size=batch_size, distinct=index)
+        sink._keep_distinct = distinct == "keep"
+        return sink
 
     async def __aenter__(self) -> Self:
         return self
@@ -178,6 +201,7 @@ class ChromaSink:
 
     async def _apply_collection(self, name: str, changes: CollectionPlan) -> int:
         collection = await self._collection(name)
+        distinct = await self._kept_distinct(name)
         removals = sorted(self._removals(changes))
         puts = list(changes.puts.values())
         patches = [(id_, patch) for id_, patch in changes.patches.items() if patch]
@@ -188,7 +212,47 @@ class ChromaSink:
             calls += await self._run(f"add to {name!r}", self._put, collection, records)
         for some in _chunks(patches, self._batch):
             calls += await self._run(f"update {name!r}", _update, collection, some)
+        if distinct is not None and (changes.deletes or puts):
+            replaced = sorted(changes.deletes | changes.puts.keys())
+            await self._index(distinct, name, replaced, puts)
         return calls
+
+    async def _index(
+        self, distinct: DistinctIndex, name: str, removals: list[str], puts: list[Record]
+    ) -> None:
+        """Keep the distinct index in step; give ``name`` its points once it needs them."""
+        what = f"index the distinct vectors of {name!r}"
+        space = await self.space(name)
+        batch = self._batch
+        if await self._run(what, distinct.update, name, space, removals, puts, batch):
+            async for page in self.pages(name):
+                await self._run(what, distinct.add_points, name, space, page, batch)
+            await self._run(what, distinct.mark_searchable, name)
+
+    async def _kept_distinct(self, name: str) -> DistinctIndex | None:
+        """The distinct index when it holds ``name`` whole (an apply keeps it in step).
+
+        A sink that keeps it indexes a collection it does not hold yet (a
+        snapshot written before it existed) first, from every record.
+        """
+        distinct = self._distinct
+        if distinct is None:
+            return None
+        if await self._holds(distinct, name):
+            return distinct
+        if not self._keep_distinct:
+            return None
+        await self._run(f"index {name!r}", distinct.reset, name)
+        async for page in self.pages(name):
+            await self._index(distinct, name, [], page)
+        await self._run(f"index {name!r}", distinct.mark_indexed, name)
+        self._indexed.add(name)
+        return distinct
+
+    async def index_distinct(self) -> None:
+        """Make the distinct index hold every collection (a sink that keeps it)."""
+        for name in await self.collections():
+            await self._kept_distinct(name)
 
     def _removals(self, changes: CollectionPlan) -> set[str]:
         """The ids deleted before the puts: a put replaces the whole record, as a delete
@@ -246,9 +310,12 @@ class ChromaSink:
         """Close the client, so the directory can be archived; idempotent."""
         async with self._lock:
             client, self._client = self._client, None
+            distinct, self._distinct = self._distinct, None
             self._handles.clear()
-            if client is not None:
-                with _chroma_errors(f"close {self._where}", self._log):
+            with _chroma_errors(f"close {self._where}", self._log):
+                if distinct is not None:
+                    await anyio.to_thread.run_sync(distinct.close, limiter=self._limiter)
+                if client is not None:
                     await anyio.to_thread.run_sync(client.close, limiter=self._limiter)
 
     # -- reads ----------------------------------------------------------------
@@ -260,13 +327,35 @@ class ChromaSink:
         n_results: int,
         where: Mapping[str, Any] | None,
     ) -> list[list[Hit]]:
-        """The nearest ``n_results`` records per query vector, Chroma's distances."""
+        """The nearest ``n_results`` records per query vector, Chroma's distances.
+
+        Without ``where``, through the distinct index when the directory has
+        one holding the collection; otherwise Chroma's own collection answers.
+        """
         handle = await self._existing(collection)
         if handle is None or n_results <= 0:
             return [[] for _ in range(len(embeddings))]
-        return await self._run(
-            f"query {collection!r}", _query, handle, embeddings, n_results, where
-        )
+        what = f"query {collection!r}"
+        distinct = self._distinct
+        if where is None and distinct is not None and await self._searchable(distinct, collection):
+            space = await self.space(collection)
+            found = await self._run(what, distinct.query, collection, space, embeddings, n_results)
+            return await self._run(what, _described, handle, found)
+        return await self._run(what, _query, handle, embeddings, n_results, where)
+
+    async def _searchable(self, distinct: DistinctIndex, collection: str) -> bool:
+        if collection not in self._searched:
+            if not await self._run("read", distinct.searchable, collection):
+                return False
+            self._searched.add(collection)
+        return True
+
+    async def _holds(self, distinct: DistinctIndex, collection: str) -> bool:
+        if collection not in self._indexed:
+            if not await self._run("read", distinct.indexes, collection):
+                return False
+            self._indexed.add(collection)
+        return True
 
     async def select(
         self,
@@ -336,6 +425,10 @@ def _chroma_errors(what: str, log: str | None) -> Iterator[None]:
         yield
     except (ChromaError, ValueError) as exc:
         raise DataError(f"chroma could not {what}: {exc}", log=log) from exc
+
+
+def _open_distinct(path: Path, create: bool) -> DistinctIndex | None:
+    return DistinctIndex.open(path, _open_client, create=create)
 
 
 def _create(create: Callable[..., Collection], name: str) -> Collection:
@@ -428,6 +521,19 @@ def _query(
             ]
         )
     return out
+
+
+def _described(collection: Collection, found: list[list[DistinctHit]]) -> list[list[Hit]]:
+    """Records found through the distinct index, with their documents and metadata."""
+    ids = sorted({hit.id for hits in found for hit in hits})
+    got = collection.get(ids=ids, include=["documents", "metadatas"]) if ids else None
+    rows: dict[str, tuple[str | None, Metadata | None]] = {}
+    if got is not None:
+        listed = list(got["ids"])
+        docs: Sequence[str | None] = got["documents"] or [None] * len(listed)
+        metas: Sequence[Mapping[str, object] | None] = got["metadatas"] or [None] * len(listed)
+        rows = {id_: (docs[i], _metadata(id_, metas[i])) for i, id_ in enumerate(listed)}
+    return [[Hit(h.id, *rows[h.id], h.distance) for h in hits if h.id in rows] for hits in found]
 
 
 def _select(

@@ -8,6 +8,12 @@ Producers write only with ``UpdateItem`` (never ``PutItem``, which replaces
 a whole item), so an IAM policy can confine them to the attributes they own
 (``dynamodb:Attributes``) and keep them off the state item's commit point;
 see ``deltalog/storage/policies``.
+
+Every write to a log's item goes through ``_update`` (the claims'
+transaction adds the same clause), which conditions it on the item's
+``identity`` attribute when the log is bound (``Table.bind``), and every
+read through ``_check_item``: the identity check is made there and nowhere
+else, for every item kind.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from deltalog.errors import (
 from deltalog.keys import (
     HEAD_SK,
     IDEMPOTENCY_PREFIX,
+    IDENTITY_SK,
     QUARANTINE_PREFIX,
     SCHEMA_SK,
     STATE_SK,
@@ -40,7 +47,14 @@ from deltalog.keys import (
     version_sk,
 )
 from deltalog.storage.aws import Reachability, client, error_code, translate
-from deltalog.storage.table import Claim, Commit, LeaseState, LogState
+from deltalog.storage.table import (
+    Bindings,
+    Claim,
+    Commit,
+    LeaseState,
+    LogState,
+    identity_mismatch,
+)
 
 __all__ = ["DynamoTable"]
 
@@ -65,9 +79,29 @@ def _item_key(log_id: str, sk: str) -> dict[str, dict[str, str]]:
     return {"pk": _s(log_id), "sk": _s(sk)}
 
 
+_IDENTITY = "identity"
+"""The attribute every item of a bound log carries: the log's identity."""
+_IDENTITY_HOLDS = "(attribute_not_exists(#ident) OR #ident = :ident)"
+
+
+def _identity_of(item: dict[str, Any]) -> str | None:
+    value: str | None = item.get(_IDENTITY, {}).get("S")
+    return value
+
+
+def _setting_identity(update: str) -> str:
+    """``update`` that also sets the item's identity (one SET clause per expression)."""
+    if not update:
+        return "SET #ident = :ident"
+    if "SET " in update:
+        return update.replace("SET ", "SET #ident = :ident, ", 1)
+    return f"{update} SET #ident = :ident"
+
+
 def _claim_of(item: dict[str, Any]) -> Claim:
     key = item["sk"]["S"][len(IDEMPOTENCY_PREFIX) :]
-    return Claim(key, int(item["seq"]["N"]), item["entry_id"]["S"])
+    at = float(item["claimed_at"]["N"]) if "claimed_at" in item else 0.0
+    return Claim(key, int(item["seq"]["N"]), item["entry_id"]["S"], at)
 
 
 class DynamoTable:
@@ -80,6 +114,7 @@ class DynamoTable:
         self._client: Any = None
         self._closed = False
         self._reach = Reachability()
+        self._bindings = Bindings()
 
     @classmethod
     async def connect(cls, config: LogConfig) -> DynamoTable:
@@ -118,23 +153,93 @@ class DynamoTable:
         except Exception as exc:
             raise self._error(exc, what, ambiguous=ambiguous) from exc
 
+    def _check_item(self, log_id: str, item: dict[str, Any]) -> None:
+        """The identity check of every item read (see ``Table.bind``)."""
+        self._bindings.check(log_id, _identity_of(item))
+
+    async def _update(
+        self,
+        log_id: str,
+        sk: str,
+        what: str,
+        *,
+        update: str = "",
+        condition: str | None = None,
+        names: dict[str, str] | None = None,
+        values: dict[str, Any] | None = None,
+        returns: str = "ALL_NEW",
+    ) -> dict[str, Any] | None:
+        """Update one item of a log; None if ``condition`` failed (nothing was written).
+
+        Every write to a log's items comes here. When the log is bound, the
+        write is also conditioned on the item's identity and records it; an
+        item of another identity raises ``IdentityMismatch``, writing nothing.
+        """
+        names, values = dict(names or {}), dict(values or {})
+        wanted, conditional = self._bindings.get(log_id), condition is not None
+        if wanted is not None:
+            condition = f"({condition}) AND {_IDENTITY_HOLDS}" if condition else _IDENTITY_HOLDS
+            update = _setting_identity(update)
+            names["#ident"] = _IDENTITY
+            values[":ident"] = _s(wanted)
+        kwargs: dict[str, Any] = {"UpdateExpression": update, "ReturnValues": returns}
+        if condition:
+            kwargs["ConditionExpression"] = condition
+            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"  # to tell whose it is
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        try:
+            answer = await self._db.update_item(
+                TableName=self.name, Key=_item_key(log_id, sk), **kwargs
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise self._error(exc, what, ambiguous=True) from exc
+            self._check_item(log_id, exc.response.get("Item", {}))  # another identity's?
+            if wanted is not None and not conditional:  # only the identity's could fail
+                raise identity_mismatch(log_id, None, wanted) from exc
+            return None
+        except Exception as exc:
+            raise self._error(exc, what, ambiguous=True) from exc
+        attributes: dict[str, Any] = answer.get("Attributes", {})
+        return attributes
+
+    async def read_identity(self, log_id: str) -> str | None:
+        return _identity_of(await self._get(log_id, IDENTITY_SK, "read the log's identity"))
+
+    async def bind(self, log_id: str, identity: str, *, record: bool) -> bool:
+        self._bindings.add(log_id, identity)
+        if not record:
+            return False
+        try:
+            old = await self._update(
+                log_id, IDENTITY_SK, "record the log's identity", returns="ALL_OLD"
+            )
+        except BaseException:
+            self._bindings.discard(log_id, identity)
+            raise
+        return old is not None and _IDENTITY not in old
+
     async def reserve(self, log_id: str) -> int:
-        answer = await self._call(
-            "update_item",
+        answer = await self._update(
+            log_id,
+            HEAD_SK,
             "reserve a seq",
-            ambiguous=True,
-            Key=_item_key(log_id, HEAD_SK),
-            UpdateExpression="ADD next_seq :one",
-            ExpressionAttributeValues={":one": _n(1)},
-            ReturnValues="UPDATED_NEW",
+            update="ADD next_seq :one",
+            values={":one": _n(1)},
+            returns="UPDATED_NEW",
         )
-        return int(answer["Attributes"]["next_seq"]["N"])
+        assert answer is not None  # no condition but the identity's, which raises
+        return int(answer["next_seq"]["N"])
 
     async def _get(self, log_id: str, sk: str, what: str) -> dict[str, Any]:
         answer = await self._call(
             "get_item", what, ambiguous=False, Key=_item_key(log_id, sk), ConsistentRead=True
         )
         item: dict[str, Any] = answer.get("Item", {})
+        self._check_item(log_id, item)
         return item
 
     async def read_head(self, log_id: str) -> int:
@@ -142,17 +247,16 @@ class DynamoTable:
         return int(item["next_seq"]["N"]) if "next_seq" in item else 0
 
     async def record_dim(self, log_id: str, collection: str, dim: int) -> int:
-        answer = await self._call(
-            "update_item",
+        answer = await self._update(
+            log_id,
+            SCHEMA_SK,
             "record a collection's dimension",
-            ambiguous=True,
-            Key=_item_key(log_id, SCHEMA_SK),
-            UpdateExpression="SET #d = if_not_exists(#d, :d)",
-            ExpressionAttributeNames={"#d": f"{_DIM_PREFIX}{collection}"},
-            ExpressionAttributeValues={":d": _n(dim)},
-            ReturnValues="ALL_NEW",
+            update="SET #d = if_not_exists(#d, :d)",
+            names={"#d": f"{_DIM_PREFIX}{collection}"},
+            values={":d": _n(dim)},
         )
-        return int(answer["Attributes"][f"{_DIM_PREFIX}{collection}"]["N"])
+        assert answer is not None  # no condition but the identity's, which raises
+        return int(answer[f"{_DIM_PREFIX}{collection}"]["N"])
 
     async def read_dims(self, log_id: str) -> dict[str, int]:
         item = await self._get(log_id, SCHEMA_SK, "read the schema")
@@ -164,20 +268,19 @@ class DynamoTable:
 
     async def advance_version(self, log_id: str, subject: str, version: int) -> int:
         what = f"record version {version} of {subject}"
-        try:
-            await self._db.update_item(
-                TableName=self.name,
-                Key=_item_key(log_id, version_sk(subject)),
-                UpdateExpression="SET version = :v",
-                ConditionExpression="attribute_not_exists(version) OR version <= :v",
-                ExpressionAttributeValues={":v": _n(version)},
-            )
-        except Exception as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise self._error(exc, what, ambiguous=True) from exc
-            item = await self._get(log_id, version_sk(subject), what)
-            return max(version, int(item["version"]["N"]))  # versions only ever grow
-        return version
+        advanced = await self._update(
+            log_id,
+            version_sk(subject),
+            what,
+            update="SET version = :v",
+            condition="attribute_not_exists(version) OR version <= :v",
+            values={":v": _n(version)},
+            returns="NONE",
+        )
+        if advanced is not None:
+            return version
+        item = await self._get(log_id, version_sk(subject), what)
+        return max(version, int(item["version"]["N"]))  # versions only ever grow
 
     async def claim_keys(self, log_id: str, claims: Sequence[Claim]) -> dict[str, Claim]:
         held: dict[str, Claim] = {}
@@ -204,15 +307,32 @@ class DynamoTable:
         return held
 
     async def _try_claims(self, log_id: str, claims: list[Claim]) -> list[str]:
-        """Write all claims in one transaction; return the keys whose condition failed."""
+        """Write all claims in one transaction; return the keys whose condition failed.
+
+        A bound log's claims are conditioned on their identity as in ``_update``;
+        a key that fails on it is read back by the caller, which raises.
+        """
+        wanted = self._bindings.get(log_id)
+        update, condition = "SET seq = :s, entry_id = :e, claimed_at = :t", "entry_id = :e"
+        condition = f"(attribute_not_exists(pk) OR {condition})"
+        guard: dict[str, Any] = {}
+        if wanted is not None:
+            update, condition = _setting_identity(update), f"{condition} AND {_IDENTITY_HOLDS}"
+            guard = {"ExpressionAttributeNames": {"#ident": _IDENTITY}}
         items = [
             {
                 "Update": {
                     "TableName": self.name,
                     "Key": _item_key(log_id, idempotency_sk(c.key)),
-                    "UpdateExpression": "SET seq = :s, entry_id = :e",
-                    "ConditionExpression": "attribute_not_exists(pk) OR entry_id = :e",
-                    "ExpressionAttributeValues": {":s": _n(c.seq), ":e": _s(c.entry_id)},
+                    "UpdateExpression": update,
+                    "ConditionExpression": condition,
+                    "ExpressionAttributeValues": {
+                        ":s": _n(c.seq),
+                        ":e": _s(c.entry_id),
+                        ":t": _n(c.claimed_at),
+                        **({":ident": _s(wanted)} if wanted is not None else {}),
+                    },
+                    **guard,
                 }
             }
             for c in claims
@@ -262,58 +382,50 @@ class DynamoTable:
                 except Exception as exc:
                     raise self._error(exc, "read idempotency claims", ambiguous=False) from exc
                 for item in answer.get("Responses", {}).get(self.name, []):
+                    self._check_item(log_id, item)
                     claim = _claim_of(item)
                     found[claim.key] = claim
                 request = answer.get("UnprocessedKeys") or {}
         return found
 
     async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
-        try:
-            await self._db.update_item(
-                TableName=self.name,
-                Key=_item_key(log_id, idempotency_sk(new.key)),
-                UpdateExpression="SET seq = :n, entry_id = :f",
-                # The second clause makes a retried swap (answer lost) succeed.
-                ConditionExpression="(seq = :s AND entry_id = :e) OR (seq = :n AND entry_id = :f)",
-                ExpressionAttributeValues={
-                    ":s": _n(old.seq),
-                    ":e": _s(old.entry_id),
-                    ":n": _n(new.seq),
-                    ":f": _s(new.entry_id),
-                },
-            )
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
-        except Exception as exc:
-            raise self._error(exc, "replace an idempotency claim", ambiguous=True) from exc
-        return True
+        swapped = await self._update(
+            log_id,
+            idempotency_sk(new.key),
+            "replace an idempotency claim",
+            update="SET seq = :n, entry_id = :f, claimed_at = :t",
+            # The second clause makes a retried swap (answer lost) succeed.
+            condition="(seq = :s AND entry_id = :e) OR (seq = :n AND entry_id = :f)",
+            values={
+                ":s": _n(old.seq),
+                ":e": _s(old.entry_id),
+                ":n": _n(new.seq),
+                ":f": _s(new.entry_id),
+                ":t": _n(new.claimed_at),
+            },
+            returns="NONE",
+        )
+        return swapped is not None
 
     async def read_state(self, log_id: str) -> LogState:
         item = await self._get(log_id, STATE_SK, "read the state")
         return _state_of(item)
 
     async def _update_state(
-        self, log_id: str, what: str, *, condition: str, sk: str = STATE_SK, **kwargs: Any
+        self,
+        log_id: str,
+        what: str,
+        *,
+        condition: str,
+        sk: str = STATE_SK,
+        update: str,
+        names: dict[str, str],
+        values: dict[str, Any],
     ) -> dict[str, Any] | None:
         """A conditional update of the state item (or another); None if the condition failed."""
-        try:
-            answer = await self._db.update_item(
-                TableName=self.name,
-                Key=_item_key(log_id, sk),
-                ConditionExpression=condition,
-                ReturnValues="ALL_NEW",
-                **kwargs,
-            )
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return None
-            raise self._error(exc, what, ambiguous=True) from exc
-        except Exception as exc:
-            raise self._error(exc, what, ambiguous=True) from exc
-        attributes: dict[str, Any] = answer["Attributes"]
-        return attributes
+        return await self._update(
+            log_id, sk, what, update=update, condition=condition, names=names, values=values
+        )
 
     async def _lost(self, log_id: str, token: int, what: str) -> LeaseLost:
         state = await self.read_state(log_id)
@@ -332,9 +444,9 @@ class DynamoTable:
             what,
             sk=sk,
             condition="attribute_not_exists(#owner) OR #exp <= :now",
-            UpdateExpression="SET #owner = :owner, #exp = :exp, updated_at = :now ADD #token :one",
-            ExpressionAttributeNames={"#owner": "owner", "#exp": "expires_at", "#token": "token"},
-            ExpressionAttributeValues={
+            update="SET #owner = :owner, #exp = :exp, updated_at = :now ADD #token :one",
+            names={"#owner": "owner", "#exp": "expires_at", "#token": "token"},
+            values={
                 ":owner": _s(owner),
                 ":exp": _n(now + ttl),
                 ":now": _n(now),
@@ -351,9 +463,9 @@ class DynamoTable:
             what,
             sk=sk,
             condition=self._HELD,
-            UpdateExpression="SET expires_at = :exp, updated_at = :now",
-            ExpressionAttributeNames=self._HELD_NAMES,
-            ExpressionAttributeValues={
+            update="SET expires_at = :exp, updated_at = :now",
+            names=self._HELD_NAMES,
+            values={
                 **self._held_values(owner, token),
                 ":exp": _n(now + ttl),
                 ":now": _n(now),
@@ -393,9 +505,9 @@ class DynamoTable:
             log_id,
             "commit",
             condition=f"{self._HELD} AND {hwm_matches}",
-            UpdateExpression=f"SET {', '.join(sets)}",
-            ExpressionAttributeNames=self._HELD_NAMES,
-            ExpressionAttributeValues={
+            update=f"SET {', '.join(sets)}",
+            names=self._HELD_NAMES,
+            values={
                 **self._held_values(owner, token),
                 ":prev": _n(prev_hwm),
                 ":now": _n(now),
@@ -415,9 +527,9 @@ class DynamoTable:
             log_id,
             "release the lease",
             condition=self._HELD,
-            UpdateExpression=f"REMOVE #owner SET expires_at = :zero{run}",
-            ExpressionAttributeNames=self._HELD_NAMES,
-            ExpressionAttributeValues={
+            update=f"REMOVE #owner SET expires_at = :zero{run}",
+            names=self._HELD_NAMES,
+            values={
                 **self._held_values(owner, token),
                 ":zero": _n(0),
                 **({":run": _s(last_run)} if last_run else {}),
@@ -437,9 +549,9 @@ class DynamoTable:
             log_id,
             "note a hole",
             condition=self._HELD,
-            UpdateExpression="SET hole_seq = :seq, hole_first_seen = :now",
-            ExpressionAttributeNames=self._HELD_NAMES,
-            ExpressionAttributeValues={
+            update="SET hole_seq = :seq, hole_first_seen = :now",
+            names=self._HELD_NAMES,
+            values={
                 **self._held_values(owner, token),
                 ":seq": _n(seq),
                 ":now": _n(now),
@@ -450,11 +562,14 @@ class DynamoTable:
         return now
 
     async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
-        await self._call(
-            "put_item",
+        await self._update(
+            log_id,
+            quarantine_sk(seq),
             "quarantine an entry",
-            ambiguous=True,
-            Item={**_item_key(log_id, quarantine_sk(seq)), "reason": _s(reason), "at": _n(now)},
+            update="SET #reason = :reason, #at = :at",
+            names={"#reason": "reason", "#at": "at"},
+            values={":reason": _s(reason), ":at": _n(now)},
+            returns="NONE",
         )
 
     async def read_quarantined(self, log_id: str) -> dict[int, str]:
@@ -467,6 +582,7 @@ class DynamoTable:
         while True:
             answer = await self._call("query", "read quarantine marks", ambiguous=False, **kwargs)
             for item in answer.get("Items", []):
+                self._check_item(log_id, item)
                 found[int(item["sk"]["S"][len(QUARANTINE_PREFIX) :])] = item["reason"]["S"]
             if "LastEvaluatedKey" not in answer:
                 return found
@@ -511,9 +627,9 @@ class DynamoTable:
             f"release the lease {name!r}",
             sk=lease_sk(name),
             condition=self._HELD,
-            UpdateExpression="REMOVE #owner SET expires_at = :zero",
-            ExpressionAttributeNames=self._HELD_NAMES,
-            ExpressionAttributeValues={**self._held_values(owner, token), ":zero": _n(0)},
+            update="REMOVE #owner SET expires_at = :zero",
+            names=self._HELD_NAMES,
+            values={**self._held_values(owner, token), ":zero": _n(0)},
         )
         return item is not None
 

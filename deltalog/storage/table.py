@@ -23,17 +23,88 @@ an item of their own, ``(log, "lease#{name}")``: the right of one process to
 own something outside the log for that log (``deltalog mirror`` holds one
 per target server). Their tokens count up independently of the compaction
 lease's.
+
+**Identity.** A log id names a log within the table, not its bucket. A
+table **binds** a log id to the log's full identity (``bind``, done by
+``deltalog.storage.identity`` when a log is opened); from then on every
+write it makes to any item of that log is conditioned on the item's
+recorded identity being absent or equal, and records it, and every read of
+an item recorded for another identity raises ``IdentityMismatch``. The
+check is made in one place per adapter (``MemoryTable._write``/``_read``,
+``DynamoTable._update``/``_check_item``), so an item kind added later is
+covered by going through them. A log id never bound is addressed as is
+(tools, and the contract tests of the other operations).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from deltalog.errors import Conflict, LeaseBusy, LeaseLost
+from deltalog.errors import Conflict, IdentityMismatch, LeaseBusy, LeaseLost
+from deltalog.keys import (
+    HEAD_SK,
+    IDENTITY_SK,
+    SCHEMA_SK,
+    STATE_SK,
+    idempotency_sk,
+    lease_sk,
+    quarantine_sk,
+    version_sk,
+)
 
-__all__ = ["Claim", "Commit", "LeaseState", "LogState", "MemoryTable", "Table"]
+__all__ = [
+    "Bindings",
+    "Claim",
+    "Commit",
+    "LeaseState",
+    "LogState",
+    "MemoryTable",
+    "Table",
+    "identity_mismatch",
+]
+
+
+def identity_mismatch(log_id: str, recorded: str | None, wanted: str) -> IdentityMismatch:
+    """The error of a handle naming ``wanted`` for a log recorded as ``recorded``."""
+    belongs = recorded or "of another bucket or root"
+    return IdentityMismatch(
+        f"the table's log {log_id!r} is {belongs}, not {wanted}: check --bucket and --root "
+        "(DELTALOG_BUCKET, DELTALOG_ROOT). A table holds one log of a name per root prefix: "
+        "a log of that name in another bucket needs another --log or --root. Nothing was "
+        "written",
+        recorded=recorded,
+        wanted=wanted,
+        log=log_id,
+    )
+
+
+class Bindings:
+    """The identity a table adapter addresses each bound log as (see ``Table.bind``)."""
+
+    def __init__(self) -> None:
+        self._by_log: dict[str, str] = {}
+
+    def get(self, log_id: str) -> str | None:
+        return self._by_log.get(log_id)
+
+    def add(self, log_id: str, identity: str) -> None:
+        """Bind ``log_id``; one table cannot address one log as two identities."""
+        bound = self._by_log.setdefault(log_id, identity)
+        if bound != identity:
+            raise identity_mismatch(log_id, bound, identity)
+
+    def discard(self, log_id: str, identity: str) -> None:
+        if self._by_log.get(log_id) == identity:
+            del self._by_log[log_id]
+
+    def check(self, log_id: str, recorded: str | None) -> None:
+        """The rule of every access: an item recorded for another identity is not ours."""
+        wanted = self._by_log.get(log_id)
+        if wanted is not None and recorded is not None and recorded != wanted:
+            raise identity_mismatch(log_id, recorded, wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +114,9 @@ class Claim:
     key: str
     seq: int
     entry_id: str
+    claimed_at: float = 0.0
+    """When the claimer took it (its clock, seconds since the epoch); 0 for a claim
+    written by a version before it. Tells how long the seq has gone unwritten."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +219,22 @@ class Commit:
 
 class Table(Protocol):
     """The operations deltalog performs on its table."""
+
+    async def read_identity(self, log_id: str) -> str | None:
+        """The identity recorded for the log (``LogKeys.identity``), None if none is."""
+        ...
+
+    async def bind(self, log_id: str, identity: str, *, record: bool) -> bool:
+        """Address the log as ``identity`` from now on; True if this call recorded it.
+
+        With ``record``, the identity is written unless one is (a conditional
+        write): another recorded one raises ``IdentityMismatch`` and nothing
+        is written. Without, nothing is written (a reader). Either way, every
+        later write of this table to the log's items is conditioned on, and
+        records, the identity; a read of an item recorded for another raises
+        ``IdentityMismatch``; so does binding one log id to two identities.
+        """
+        ...
 
     async def reserve(self, log_id: str) -> int:
         """Atomically add one to the counter and return the new value."""
@@ -249,6 +339,9 @@ class MemoryTable:
     """The table seam in dicts: for tests, examples and single-process use."""
 
     def __init__(self) -> None:
+        self._items: dict[tuple[str, str], str] = {}
+        """(log id, sort key) -> the identity the item was written for."""
+        self._bindings = Bindings()
         self._heads: dict[str, int] = {}
         self._dims: dict[str, dict[str, int]] = {}
         self._claims: dict[tuple[str, str], Claim] = {}
@@ -258,25 +351,66 @@ class MemoryTable:
         self._versions: dict[tuple[str, str], int] = {}
         self.requests = 0
 
+    def client(self) -> MemoryTable:
+        """Another client of the same tables, with bindings of its own (another process)."""
+        other = copy.copy(self)
+        other._bindings = Bindings()
+        other.requests = 0
+        return other
+
+    def _read(self, log_id: str, *sks: str) -> None:
+        """The identity check of every read (see ``Table.bind``)."""
+        for sk in sks:
+            self._bindings.check(log_id, self._items.get((log_id, sk)))
+
+    def _write(self, log_id: str, *sks: str) -> None:
+        """The identity check of every write, all items first; then records the identity."""
+        self._read(log_id, *sks)
+        if (wanted := self._bindings.get(log_id)) is not None:
+            for sk in sks:
+                self._items[(log_id, sk)] = wanted
+
+    async def read_identity(self, log_id: str) -> str | None:
+        self.requests += 1
+        return self._items.get((log_id, IDENTITY_SK))
+
+    async def bind(self, log_id: str, identity: str, *, record: bool) -> bool:
+        self._bindings.add(log_id, identity)
+        if not record:
+            return False
+        self.requests += 1
+        recorded = (log_id, IDENTITY_SK) in self._items
+        try:
+            self._write(log_id, IDENTITY_SK)
+        except IdentityMismatch:
+            self._bindings.discard(log_id, identity)
+            raise
+        return not recorded
+
     async def reserve(self, log_id: str) -> int:
         self.requests += 1
+        self._write(log_id, HEAD_SK)
         self._heads[log_id] = self._heads.get(log_id, 0) + 1
         return self._heads[log_id]
 
     async def read_head(self, log_id: str) -> int:
         self.requests += 1
+        self._read(log_id, HEAD_SK)
         return self._heads.get(log_id, 0)
 
     async def record_dim(self, log_id: str, collection: str, dim: int) -> int:
         self.requests += 1
+        self._write(log_id, SCHEMA_SK)
         return self._dims.setdefault(log_id, {}).setdefault(collection, dim)
 
     async def read_dims(self, log_id: str) -> dict[str, int]:
         self.requests += 1
+        self._read(log_id, SCHEMA_SK)
         return dict(self._dims.get(log_id, {}))
 
     async def claim_keys(self, log_id: str, claims: Sequence[Claim]) -> dict[str, Claim]:
         self.requests += 1
+        self._write(log_id, *(idempotency_sk(c.key) for c in claims))
         held: dict[str, Claim] = {}
         for claim in claims:
             existing = self._claims.setdefault((log_id, claim.key), claim)
@@ -286,10 +420,12 @@ class MemoryTable:
 
     async def get_claims(self, log_id: str, keys: Sequence[str]) -> dict[str, Claim]:
         self.requests += 1
+        self._read(log_id, *(idempotency_sk(k) for k in keys))
         return {k: c for k in keys if (c := self._claims.get((log_id, k))) is not None}
 
     async def replace_claim(self, log_id: str, old: Claim, new: Claim) -> bool:
         self.requests += 1
+        self._write(log_id, idempotency_sk(new.key))
         if self._claims.get((log_id, old.key)) not in (old, new):
             return False
         self._claims[(log_id, old.key)] = new
@@ -297,12 +433,14 @@ class MemoryTable:
 
     async def advance_version(self, log_id: str, subject: str, version: int) -> int:
         self.requests += 1
+        self._write(log_id, version_sk(subject))
         recorded = max(self._versions.get((log_id, subject), version), version)
         self._versions[(log_id, subject)] = recorded
         return recorded
 
     async def read_state(self, log_id: str) -> LogState:
         self.requests += 1
+        self._read(log_id, STATE_SK)
         return self._states.get(log_id, LogState())
 
     async def acquire(self, log_id: str, owner: str, *, ttl: float, now: float) -> LogState:
@@ -311,6 +449,7 @@ class MemoryTable:
             raise LeaseBusy(
                 f"the lease is held by {state.owner} until {state.expires_at:.3f}", log=log_id
             )
+        self._write(log_id, STATE_SK)
         state = replace(
             state, owner=owner, token=state.token + 1, expires_at=now + ttl, updated_at=now
         )
@@ -318,6 +457,7 @@ class MemoryTable:
         return state
 
     def _held(self, log_id: str, owner: str, token: int) -> LogState:
+        self._write(log_id, STATE_SK)
         state = self._states.get(log_id, LogState())
         if state.owner != owner or state.token != token:
             raise LeaseLost(
@@ -383,14 +523,18 @@ class MemoryTable:
 
     async def quarantine(self, log_id: str, seq: int, reason: str, *, now: float) -> None:
         self.requests += 1
+        self._write(log_id, quarantine_sk(seq))
         self._quarantined.setdefault(log_id, {})[seq] = reason
 
     async def read_quarantined(self, log_id: str) -> dict[int, str]:
         self.requests += 1
-        return dict(self._quarantined.get(log_id, {}))
+        marks = dict(self._quarantined.get(log_id, {}))
+        self._read(log_id, *(quarantine_sk(seq) for seq in marks))
+        return marks
 
     async def read_lease(self, log_id: str, name: str) -> LeaseState:
         self.requests += 1
+        self._read(log_id, lease_sk(name))
         return self._leases.get((log_id, name), LeaseState())
 
     async def acquire_lease(
@@ -402,11 +546,13 @@ class MemoryTable:
                 f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f}",
                 log=log_id,
             )
+        self._write(log_id, lease_sk(name))
         lease = LeaseState(owner, lease.token + 1, now + ttl, now)
         self._leases[(log_id, name)] = lease
         return lease
 
     def _held_lease(self, log_id: str, name: str, owner: str, token: int) -> LeaseState:
+        self._write(log_id, lease_sk(name))
         lease = self._leases.get((log_id, name), LeaseState())
         if lease.owner != owner or lease.token != token:
             raise LeaseLost(

@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 
 from compactor import Compactor
-from compactor.publish import publish_snapshot
 from deltalog import Batch, DeltaLog, LogConfig
 from deltalog.cli.soak import ChildProcesses, compactor_argv
 from deltalog.codec import FLAG_SIGNED, decode_entry
@@ -38,11 +37,12 @@ from deltalog.errors import UntrustedEntry
 from deltalog.fold import fold
 from deltalog.snapshot.sink import ChromaSink
 from deltalog.storage.faults import Fault, FaultProxy, Request
-from deltalog.storage.table import Commit, LogState
+from deltalog.storage.table import LogState
 from tests.builders import delete, delta, patch
 from tests.commands import Run, cli_env
 from tests.compaction import (
     assert_states_equal,
+    commit_altered_snapshot,
     committed_state,
     entry_read,
     held_once,
@@ -444,14 +444,37 @@ async def test_verify_exits_0_when_equal_and_4_listing_the_differences(
     await log.append(delta(rng, "b"))
     await _compact_in_process(config, cli.cache)
     equal = await cli("verify")
-    assert (equal.code, equal.out) == (0, "verify at hwm 2: 5 records, equal\n"), equal.err
+    assert (equal.code, equal.out.splitlines()) == (
+        0,
+        [
+            "verify at hwm 2: 5 records, equal",
+            "index recall@10 1.0000 over 5 sampled queries (threshold 0.99): ok",
+        ],
+    ), equal.err
     await _commit_a_snapshot_missing(config, tmp_path / "tamper", "a#1")
     found = await cli("verify")
     assert found.code == 4, found.err
-    assert found.out.splitlines() == [
+    assert found.out.splitlines()[:2] == [
         "words/a#1: missing",
         "verify at hwm 2: 4 records, 1 differences",
     ]
+
+
+async def test_verify_index_flags(
+    cli: Cli, log: DeltaLog, config: LogConfig, rng: np.random.Generator
+) -> None:
+    await log.append(delta(rng, "a", rows=3))
+    await _compact_in_process(config, cli.cache)
+    checked = await cli("verify", "--json", "--index-queries", "2", "--min-recall", "1")
+    assert checked.code == 0, checked.err
+    result = json.loads(checked.out)
+    assert (result["ok"], result["index_recall"]) == (True, 1.0)
+    assert result["index"] == {"queries": 2, "min_recall": 1.0, "recall": {"words": 1.0}}
+    skipped = await cli("verify", "--index-queries", "0")
+    assert skipped.out.splitlines()[-1] == "index check skipped (--index-queries 0)"
+    for flag, value in (("--min-recall", "1.5"), ("--index-queries", "-1")):
+        bad = await cli("verify", flag, value)
+        assert bad.code == 2 and flag in bad.err and "Traceback" not in bad.err, bad.err
 
 
 async def test_follow_reports_a_setup_error_like_any_command(
@@ -465,27 +488,13 @@ async def test_follow_reports_a_setup_error_like_any_command(
 
 
 async def _commit_a_snapshot_missing(config: LogConfig, cache: Path, id_: str) -> None:
-    """Commit, at the same hwm, the committed snapshot without one record: what a
-    compactor bug would leave. Checksums are all right; only a rebuild shows it."""
-    async with Compactor(config, cache_dir=cache) as c:
-        state = await c.table.read_state(c.keys.log_id)
-        assert state.snapshot_key is not None and state.snapshot_sha256 is not None
-        base = await c.cache.committed(
-            c.store, state.snapshot_key, state.snapshot_sha256, log=config.log
-        )
-        work = await anyio.to_thread.run_sync(c.cache.working_copy, base)
+    """Commit, at the same hwm, the committed snapshot without one record."""
+
+    async def remove(work: Path) -> None:
         async with await ChromaSink.open(work) as sink:
             await sink.apply(fold([(1, Batch(entry_id="tamper", deltas=[delete(id_)]))]))
-            counts = await sink.counts()
-        published = await publish_snapshot(
-            c.store, c.keys, work, hwm=state.hwm, token=state.token, counts=counts
-        )
-        lease = await c.table.acquire(c.keys.log_id, "tamper", ttl=30, now=time.time())
-        commit = Commit(state.hwm, published.key, published.sha256, published.size)
-        await c.table.commit(
-            c.keys.log_id, "tamper", lease.token, prev_hwm=state.hwm, commit=commit, now=time.time()
-        )
-        assert await c.table.release(c.keys.log_id, "tamper", lease.token)
+
+    await commit_altered_snapshot(config, cache, remove)
 
 
 async def test_rebuild_publish_waits_for_a_followers_lease_and_both_go_on(
@@ -694,7 +703,7 @@ async def test_follow_compacts_two_logs_and_stops_cleanly_on_a_signal(
         assert "Traceback" not in daemon.stderr
         for log in logs:
             assert (await _state(log)).owner is None, "the lease is released"
-            work = tmp_path / "cache" / log.keys.log_id / "work"
+            work = tmp_path / "cache" / log.keys.cache_name / "work"
             assert list(work.iterdir()) == [], "no working copy left behind"
         # Whatever the signal interrupted, the next run converges.
         for log, cfg in zip(logs, configs, strict=True):

@@ -21,10 +21,21 @@ async def test_init_creates_then_reports_existing(endpoint: str) -> None:
     first = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert first.code == 0, first.err
     probe = "conditional writes: honoured (If-None-Match probe refused with 412)"
-    assert first.out.splitlines() == [f"bucket {bucket}: created", probe, f"table {table}: created"]
+    identity = f"log default: s3://{bucket}/default"
+    assert first.out.splitlines() == [
+        f"bucket {bucket}: created",
+        probe,
+        f"table {table}: created",
+        identity,
+    ]
     again = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert again.code == 0, again.err
-    assert again.out.splitlines() == [f"bucket {bucket}: exists", probe, f"table {table}: exists"]
+    assert again.out.splitlines() == [
+        f"bucket {bucket}: exists",
+        probe,
+        f"table {table}: exists",
+        identity,
+    ]
 
 
 async def test_status_json_shows_the_log(endpoint: str) -> None:
@@ -77,7 +88,8 @@ async def test_a_missing_bucket_or_table_says_to_run_init(endpoint: str) -> None
     init = await deltalog("init", "--bucket", bucket, "--table", table, "--endpoint-url", endpoint)
     assert init.code == 0, init.err
     for b, t in ((f"{bucket}-gone", table), (bucket, f"{table}-gone")):
-        run = await deltalog("status", "--bucket", b, "--table", t, "--endpoint-url", endpoint)
+        where = ["--bucket", b, "--table", t, "--log", "new", "--endpoint-url", endpoint]
+        run = await deltalog("status", *where)
         assert run.code == 1
         assert "ConfigurationError" in run.err and "does not exist" in run.err
         assert f"run `deltalog init --bucket {b} --table {t}`" in run.err

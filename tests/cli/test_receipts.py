@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
-from deltalog import LogConfig
+from compactor import Compactor
+from deltalog import DeltaLog, LogConfig, Reader, Seal
 from deltalog.cli import main
+from deltalog.cli.soak import ChildProcesses
 from deltalog.receipts.embed import HashingEmbedder
 from deltalog.receipts.generate import generate_receipts
+from deltalog.receipts.ingest import receipt_key
 from deltalog.receipts.model import Receipt, word_inputs, word_records, write_jsonl
 from deltalog.receipts.wordllama import NORMALISATION
+from deltalog.storage.faults import Fault, FaultProxy, Request
+from tests.commands import cli_env
+from tests.compaction import until_reached
 from tests.network import NetworkGuard, no_network
 
 DIM = 16
@@ -162,3 +171,70 @@ def test_query_command_fresh_json_then_snapshot_table(
     assert first[0] == "1" and first[1] == "0.0000" and first[3:] == [merchant, word_id]
     rows = [line for line in lines[header + 2 :] if line.strip()]
     assert len(rows) == 4
+
+
+async def test_an_ingest_stopped_by_ctrl_c_reruns_at_once(
+    config: LogConfig, tmp_path: Path
+) -> None:
+    """Issue 19 item 3: SIGINT mid-ingest, then the same ingest again, at once.
+
+    ``ingest`` runs as a user runs it (``python -m deltalog``) through a proxy
+    that lets two entries through and then holds every entry's write: the
+    process is stopped with entries reserved, their receipts' keys claimed,
+    and nothing written there. The rerun starts at once (with a grace of
+    2 s, ``DELTALOG_GRACE``, so the test need not wait a minute): it meets
+    those keys at unwritten seqs, retries until they are older than the
+    grace, seals the seqs itself and writes the receipts. Every receipt is
+    then in the log exactly once, and in the fold. About 10 s idle (20 s at
+    load 20): two ``deltalog`` processes, the grace, a compaction.
+    """
+    receipts = list(generate_receipts(24, seed=19))
+    path = tmp_path / "receipts.jsonl"
+    write_jsonl(path, receipts)
+    assert config.endpoint_url is not None
+    ingest = [sys.executable, "-m", "deltalog", "ingest", str(path), "-q"]
+    ingest += ["--embedder", "hash", "--dim", str(DIM), "--concurrency", "4"]
+    location = ["--bucket", config.bucket, "--table", config.table, "--log", config.log]
+    held, never = anyio.Event(), anyio.Event()
+    puts = 0
+
+    def entry_put(request: Request) -> bool:
+        nonlocal puts
+        if request.operation != "PutObject" or "/entries/" not in request.path:
+            return False
+        puts += 1
+        if puts > 2:
+            held.set()
+        return puts > 2
+
+    with ChildProcesses(tmp_path / "logs", cli_env()) as children:
+        async with FaultProxy(config.endpoint_url) as proxy:
+            proxy.script(Fault.DELAY, when=entry_put, until=never.wait, times=10**6)
+            first = children.start("ingest", [*ingest, *location, "--endpoint-url", proxy.url])
+            await until_reached(held, first)
+            first.signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                await first.exited()
+        # The proxy is gone: the held writes never land.
+        async with DeltaLog.open(config) as log:
+            status = await log.status()
+        assert status.hole_count >= 1, "the interrupted ingest left reserved seqs unwritten"
+        assert status.entries < len(receipts), first.stderr()
+
+        children.env["DELTALOG_GRACE"] = "2"
+        rerun = children.start("rerun", [*ingest, *location, "--endpoint-url", config.endpoint_url])
+        with anyio.fail_after(120):
+            code = await rerun.exited()
+        assert code == 0, rerun.stderr()
+
+    async with Compactor(config, cache_dir=tmp_path / "cache", grace=0) as compactor:
+        await compactor.run_once()  # seals what was reserved and never claimed
+    async with DeltaLog.open(config) as log:
+        entries = [entry async for _, entry in log.read()]
+    keys = [d.idempotency_key or "" for entry in entries for d in entry.deltas]
+    assert sorted(keys) == sorted(receipt_key(r, HashingEmbedder(DIM)) for r in receipts)
+    reasons = [entry.reason for entry in entries if isinstance(entry, Seal)]
+    assert any(r.startswith("seq reserved for idempotency key") for r in reasons), reasons
+    async with Reader.open(config, cache_dir=tmp_path / "reader") as reader:
+        words = await reader.get(collection="words")
+    assert sorted(words["ids"]) == sorted(i for r in receipts for i in word_records(r).ids)

@@ -8,6 +8,7 @@ independently of the fold and of the mirror.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import time
@@ -25,7 +26,7 @@ from compactor.mirror import CONTROL_COLLECTION, Mirror, MirrorResult
 from deltalog import Delete, Delta, DeltaLog, LogConfig, UpdateMetadata, Upsert
 from deltalog.cli import main
 from deltalog.cli.soak import ChildProcess, ChildProcesses
-from deltalog.errors import ConfigurationError, Fenced, LeaseLost
+from deltalog.errors import ConfigurationError, Fenced, IdentityMismatch, LeaseLost
 from deltalog.fold import CollectionPlan, FoldPlan, Record, State, apply_to_state
 from deltalog.snapshot.server import ChromaServerSink, ChromaTarget
 from deltalog.snapshot.sink import ApplyStats
@@ -347,9 +348,57 @@ async def test_a_server_ahead_of_the_mirror_stops_it(
 
 
 def set_seq(chroma: ChromaServer, target: ChromaTarget, seq: int) -> None:
+    set_position(chroma, target, seq=seq)
+
+
+def set_position(chroma: ChromaServer, target: ChromaTarget, **changes: object) -> None:
     with chroma.client(target.database) as client:
         control = client.get_collection(CONTROL_COLLECTION)
-        control.modify(metadata={**(control.metadata or {}), "seq": seq})
+        control.modify(metadata={**(control.metadata or {}), **changes})
+
+
+async def test_a_target_mirroring_another_buckets_log_of_that_name_is_refused(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """Issue 19 item 2: the position names the log's bucket, not only its id."""
+    await append_random(log, rng, 2)
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        await mirror.run_once()
+    assert (position(chroma, target) or {})["identity"] == config.keys.identity
+    elsewhere = f"s3://elsewhere/{config.keys.log_id}"
+    set_position(chroma, target, identity=elsewhere)  # another bucket's log of this name
+    await append_random(log, rng, 1)
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        with pytest.raises(IdentityMismatch, match=f"mirrors the log '{elsewhere}'"):
+            await mirror.run_once()
+    assert (position(chroma, target) or {})["seq"] == 2, "the mirror wrote nothing"
+
+
+async def test_a_position_written_before_identities_takes_the_mirrors(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await append_random(log, rng, 2)
+    async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+        await mirror.run_once()
+    set_position(chroma, target, identity="")  # as the version before identities wrote it
+    await append_random(log, rng, 1)
+    with caplog.at_level(logging.WARNING, logger="compactor.mirror"):
+        async with Mirror(config, target, cache_dir=tmp_path) as mirror:
+            await mirror.run_once()
+    assert "written before identities" in caplog.text
+    control = position(chroma, target) or {}
+    assert (control["seq"], control["identity"]) == (3, config.keys.identity)
 
 
 class Tampered(Mirror):

@@ -24,6 +24,7 @@ from deltalog.cli import main
 from deltalog.codec import Frame, batch_body, encode_delta
 from deltalog.entry import Delete, Delta, UpdateMetadata, Upsert
 from deltalog.errors import ConfigurationError, DimensionMismatch, InvalidInput, Unavailable
+from deltalog.receipts import ingest as ingest_module
 from deltalog.receipts.embed import HashingEmbedder, OpenAIEmbedder
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import (
@@ -224,6 +225,27 @@ async def test_a_receipt_another_process_is_writing_is_waited_for(
     assert (added.seq, added.duplicate, added.vectors) == (seq, True, 0)
     assert producer.statistics().receipts_added == 0
     assert await log.head() == seq
+
+
+async def test_a_receipt_a_stopped_producer_left_claimed_is_written_once_past_the_grace(
+    config: LogConfig,
+    embedder: HashingEmbedder,
+    receipts: list[Receipt],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 19 item 3: a rerun at once keeps retrying until the claim is older than the
+    grace, then the append seals the unwritten seq and writes the receipt."""
+    monkeypatch.setattr(ingest_module, "_CONFLICT_ATTEMPTS", 1)  # only the grace keeps trying
+    receipt = receipts[0]
+    async with DeltaLog.open(dataclasses.replace(config, grace=0.5)) as log:
+        seq = await log.table.reserve(log.keys.log_id)
+        stopped = Claim(receipt_key(receipt, embedder), seq, "stopped", time.time())
+        await log.table.claim_keys(log.keys.log_id, [stopped])
+        async with ReceiptProducer(log, embedder) as producer:
+            added = await producer.add(receipt)
+        assert (added.seq, added.duplicate) == (seq + 1, False)
+        entries = [entry async for _, entry in log.read()]
+    assert [entry.is_seal for entry in entries] == [True, False]
 
 
 class _EmbedderWhileAnotherFinishes(HashingEmbedder):

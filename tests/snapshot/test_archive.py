@@ -372,6 +372,36 @@ async def test_cache_refuses_a_snapshot_of_another_log(
     assert list((cache.root / "committed").iterdir()) == []
 
 
+async def test_a_cache_bound_to_a_log_refuses_a_snapshot_of_its_namesake_in_another_bucket(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """The sidecar names the log's bucket: the same root and name elsewhere is not it."""
+    directory = await chroma_dir(tmp_path / "db", receipt_log(rng))
+    elsewhere = LogKeys("root", LOG, "elsewhere").identity
+    info = archive(directory, sidecar(identity=elsewhere), tmp_path / "snap.tar")
+    store = MemoryStore()
+    await uploaded(store, info)
+    cache = SnapshotCache.for_log(tmp_path / "cache", LogKeys("root", LOG, "ours"))
+    with pytest.raises(CorruptSnapshot, match="sidecar is of s3://elsewhere/root/receipts"):
+        await cache.committed(store, KEY, info.sha256, log=LOG)
+    assert list((cache.root / "committed").iterdir()) == []
+
+
+def test_a_live_copy_is_taken_only_by_the_log_whose_fold_it_is(tmp_path: Path) -> None:
+    """Two logs of one name in two buckets, one cache directory given by hand."""
+    ours = SnapshotCache(tmp_path / "cache", identity="s3://ours/receipts")
+    theirs = SnapshotCache(tmp_path / "cache", identity="s3://theirs/receipts")
+    work = ours.working_copy(None)
+    (work / "marker").write_text("ours")
+    ours.keep_live(work, 7)
+    assert theirs.take_live() is None, "another log's fold is never a warm copy"
+    assert ours.take_live() is None, "and it was discarded, not left for anyone"
+    ours.keep_live(ours.working_copy(None), 8)
+    taken = ours.take_live()
+    assert taken is not None and taken.hwm == 8
+    assert SnapshotCache.for_log(tmp_path, LogKeys("", "receipts", "b")).root.name == "b+receipts"
+
+
 @pytest.mark.parametrize(
     ("writer", "refused"),
     [("99.0.0", True), ("1.999.0", True), ("1.5.999", False), ("0.4.24", False), ("", False)],

@@ -24,6 +24,7 @@ import numpy as np
 from compactor import Compactor
 from compactor.lease import LeaseKeeper
 from deltalog import DeltaLog, LogConfig
+from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.policy import render
 from tests.builders import delta
 
@@ -46,8 +47,8 @@ def _attributes(update: dict[str, Any]) -> set[str]:
     return found
 
 
-def _recording(deltalog: DeltaLog) -> list[dict[str, Any]]:
-    """Every update ``deltalog``'s table sends from now on (UpdateItem, transactions)."""
+def _recording(deltalog: DeltaLog | DynamoTable) -> list[dict[str, Any]]:
+    """Every update a table sends from now on (UpdateItem, transactions)."""
     updates: list[dict[str, Any]] = []
 
     def record(params: dict[str, Any], **_: Any) -> None:
@@ -56,7 +57,8 @@ def _recording(deltalog: DeltaLog) -> list[dict[str, Any]]:
         elif "UpdateExpression" in params:
             updates.append(params)
 
-    client = deltalog.table._db  # type: ignore[attr-defined]
+    table = deltalog.table if isinstance(deltalog, DeltaLog) else deltalog
+    client = table._db  # type: ignore[attr-defined]
     client.meta.events.register("provide-client-params.dynamodb.UpdateItem", record)
     client.meta.events.register("provide-client-params.dynamodb.TransactWriteItems", record)
     return updates
@@ -80,25 +82,29 @@ def _uncovered(updates: list[dict[str, Any]], patterns: list[str]) -> set[str]:
 async def test_the_producer_policy_lists_every_attribute_a_producer_writes(
     config: LogConfig, rng: np.random.Generator
 ) -> None:
-    async with DeltaLog.open(config) as log:
-        updates = _recording(log)
+    table = await DynamoTable.connect(config)
+    updates = _recording(table)  # from the first open: it records the log's identity
+    async with DeltaLog.open(config, table=table) as log:
         await log.append(delta(rng, "a", idempotency_key="k1"))  # counter, schema, claim
         await log.append(delta(rng, "b", collection="lines", idempotency_key="k2"))
         async with log.producer(linger_ms=5) as producer:
             await producer.submit(delta(rng, "c", idempotency_key="k3"))
-    assert len(updates) >= 6
+    await table.aclose()
+    assert any(u["Key"]["sk"]["S"] == "identity" for u in updates)
+    assert len(updates) >= 7
     assert _uncovered(updates, _writable("producer", config)) == set()
 
 
 async def test_the_compactor_policy_lists_every_attribute_a_compactor_writes(
     config: LogConfig, rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    async with DeltaLog.open(config) as log:
-        await log.append(delta(rng, "a"))
-        await log.table.reserve(log.keys.log_id)  # a hole, sealed at once (grace 0)
-        await log.append(delta(rng, "b"))
-    async with Compactor(config, cache_dir=tmp_path, grace=0) as compactor:
-        updates = _recording(compactor.log)
+    table = await DynamoTable.connect(config)
+    updates = _recording(table)  # the compactor opens the log first: it records its identity
+    async with Compactor(config, cache_dir=tmp_path, grace=0, table=table) as compactor:
+        async with DeltaLog.open(config) as log:
+            await log.append(delta(rng, "a"))
+            await log.table.reserve(log.keys.log_id)  # a hole, sealed at once (grace 0)
+            await log.append(delta(rng, "b"))
         result = await compactor.run_once()  # acquire, note the hole, commit, release
         keeper = LeaseKeeper(compactor.table, compactor.keys.log_id, ttl=30)
         lease = await keeper.acquire()
@@ -106,6 +112,8 @@ async def test_the_compactor_policy_lists_every_attribute_a_compactor_writes(
             compactor.keys.log_id, lease.owner, lease.token, ttl=30, now=time.time()
         )
         await keeper.release(lease)
+    await table.aclose()
+    assert any(u["Key"]["sk"]["S"] == "identity" for u in updates)
     assert (result.status, result.seals_written) == ("applied", 1)
     assert _uncovered(updates, _writable("compactor", config)) == set()
 

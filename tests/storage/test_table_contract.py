@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 
 import anyio
 import pytest
 
-from deltalog import Closed, ConfigurationError, Conflict, LeaseBusy, LeaseLost, LogConfig
-from deltalog.keys import STATE_SK
+from deltalog import (
+    Closed,
+    ConfigurationError,
+    Conflict,
+    IdentityMismatch,
+    LeaseBusy,
+    LeaseLost,
+    LogConfig,
+)
+from deltalog.keys import IDENTITY_SK, STATE_SK
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.table import Claim, Commit, LeaseState, LogState, MemoryTable, Table
+
+Client = Callable[[], Awaitable[Table]]
+"""Another client of the table under test (another process, as far as bindings go)."""
+OURS, THEIRS = "s3://ours/contract", "s3://theirs/contract"
 
 
 class TableContract:
@@ -24,9 +37,103 @@ class TableContract:
         """Store a state item as a version without checkpoints wrote it (no snapshot_hwm)."""
         raise NotImplementedError
 
+    async def forget_identity(self, table: Table, log_id: str) -> None:
+        """Delete the log's identity item, as an operator cleaning up by hand would."""
+        raise NotImplementedError
+
     @pytest.fixture
     def log_id(self) -> str:
         return f"contract/{uuid.uuid4().hex[:12]}"
+
+    # -- identity (the fixture ``client`` makes another client of the same table) --
+
+    async def _write_everything(self, table: Table, log_id: str) -> None:
+        assert await table.reserve(log_id) == 1
+        await table.record_dim(log_id, "words", 8)
+        assert await table.claim_keys(log_id, [Claim("k", 1, "e1")]) == {}
+        await table.acquire(log_id, "a", ttl=10, now=100.0)
+        await table.quarantine(log_id, 5, "bad", now=100.0)
+        await table.acquire_lease(log_id, "mirror:x", "a", ttl=10, now=100.0)
+        assert await table.advance_version(log_id, "receipt:x", 2) == 2
+
+    async def test_the_first_identity_recorded_stays(
+        self, table: Table, client: Client, log_id: str
+    ) -> None:
+        assert await table.read_identity(log_id) is None
+        assert await table.bind(log_id, OURS, record=True) is True
+        assert await table.read_identity(log_id) == OURS
+        assert await (await client()).bind(log_id, OURS, record=True) is False
+        other = await client()
+        with pytest.raises(IdentityMismatch) as caught:
+            await other.bind(log_id, THEIRS, record=True)
+        assert (caught.value.recorded, caught.value.wanted) == (OURS, THEIRS)
+        assert await table.read_identity(log_id) == OURS
+        assert await other.read_identity(log_id) == OURS, "a failed bind leaves no binding"
+
+    async def test_one_client_addresses_a_log_as_one_identity(
+        self, table: Table, log_id: str
+    ) -> None:
+        await table.bind(log_id, OURS, record=False)
+        with pytest.raises(IdentityMismatch):
+            await table.bind(log_id, THEIRS, record=False)
+        assert await table.read_identity(log_id) is None, "nothing recorded without record"
+
+    async def test_every_item_refuses_another_identity_even_without_the_identity_item(
+        self, table: Table, client: Client, log_id: str
+    ) -> None:
+        """Every write is conditioned on the item's own identity, every read checks it."""
+        await table.bind(log_id, OURS, record=True)
+        await self._write_everything(table, log_id)
+        await self.forget_identity(table, log_id)
+        other = await client()
+        assert await other.bind(log_id, THEIRS, record=True) is True  # the item was gone
+        writes = [
+            other.reserve(log_id),
+            other.record_dim(log_id, "lines", 4),
+            other.claim_keys(log_id, [Claim("k", 2, "e2")]),
+            other.replace_claim(log_id, Claim("k", 1, "e1"), Claim("k", 2, "e2")),
+            other.acquire(log_id, "b", ttl=10, now=200.0),
+            other.quarantine(log_id, 5, "mine", now=200.0),
+            other.acquire_lease(log_id, "mirror:x", "b", ttl=10, now=200.0),
+            other.advance_version(log_id, "receipt:x", 3),
+            other.read_head(log_id),
+            other.read_dims(log_id),
+            other.get_claims(log_id, ["k"]),
+            other.read_state(log_id),
+            other.read_quarantined(log_id),
+            other.read_lease(log_id, "mirror:x"),
+        ]
+        for call in writes:
+            with pytest.raises(IdentityMismatch) as caught:
+                await call
+            assert caught.value.wanted == THEIRS
+        mine = await client()
+        await mine.bind(log_id, OURS, record=False)
+        assert await mine.read_head(log_id) == 1
+        assert await mine.read_dims(log_id) == {"words": 8}
+        assert await mine.get_claims(log_id, ["k"]) == {"k": Claim("k", 1, "e1")}
+        state = await mine.read_state(log_id)
+        assert (state.owner, state.token) == ("a", 1)
+        assert await mine.read_quarantined(log_id) == {5: "bad"}
+        assert (await mine.read_lease(log_id, "mirror:x")).owner == "a"
+        assert await mine.advance_version(log_id, "receipt:x", 1) == 2, "still version 2"
+
+    async def test_items_without_an_identity_take_the_first_bound_writer(
+        self, table: Table, client: Client, log_id: str
+    ) -> None:
+        """Items an older version wrote (no identity) work on; a writer records its own."""
+        await self._write_everything(table, log_id)  # unbound: as an older version wrote
+        ours = await client()
+        await ours.bind(log_id, OURS, record=False)
+        assert await ours.reserve(log_id) == 2
+        await ours.acquire(log_id, "b", ttl=10, now=200.0)
+        theirs = await client()
+        await theirs.bind(log_id, THEIRS, record=False)
+        assert await theirs.read_dims(log_id) == {"words": 8}, "still no identity recorded"
+        for call in (theirs.reserve(log_id), theirs.read_state(log_id)):
+            with pytest.raises(IdentityMismatch):
+                await call
+        assert await ours.read_head(log_id) == 2
 
     async def test_reserve_counts_up_from_one(self, table: Table, log_id: str) -> None:
         assert await table.read_head(log_id) == 0
@@ -358,6 +465,17 @@ class TestMemoryTable(TableContract):
     def table(self) -> MemoryTable:
         return MemoryTable()
 
+    @pytest.fixture
+    def client(self, table: MemoryTable) -> Client:
+        async def another() -> Table:
+            return table.client()
+
+        return another
+
+    async def forget_identity(self, table: Table, log_id: str) -> None:
+        assert isinstance(table, MemoryTable)
+        del table._items[(log_id, IDENTITY_SK)]
+
     async def write_state_of_the_previous_version(
         self, table: Table, log_id: str, *, hwm: int, key: str
     ) -> None:
@@ -373,6 +491,22 @@ class TestDynamoTable(TableContract):
         table = await DynamoTable.connect(config)
         yield table
         await table.aclose()
+
+    @pytest.fixture
+    async def client(self, config: LogConfig) -> AsyncIterator[Client]:
+        async with AsyncExitStack() as stack:
+
+            async def another() -> Table:
+                table = await DynamoTable.connect(config)
+                stack.push_async_callback(table.aclose)
+                return table
+
+            yield another
+
+    async def forget_identity(self, table: Table, log_id: str) -> None:
+        assert isinstance(table, DynamoTable)
+        key = {"pk": {"S": log_id}, "sk": {"S": IDENTITY_SK}}
+        await table._db.delete_item(TableName=table.name, Key=key)
 
     async def write_state_of_the_previous_version(
         self, table: Table, log_id: str, *, hwm: int, key: str
