@@ -3,10 +3,11 @@
 ``deltalog compact --follow`` runs in a child process (as in the overlapped
 pipeline, ``--poll-min 0.05``, the default checkpoint policy). Then:
 
-1. **drain rate**: a burst of ``freshness_warmup`` receipts (the log's first
-   checkpoint), then a burst of ``freshness_calibration`` receipts appended at
-   once; the drain rate is its vectors over the time from its first submit
-   until the committed hwm reached its last seq;
+1. **drain rate**: a base of ``freshness_base`` vectors and a burst of
+   ``freshness_warmup`` receipts (the log's first checkpoint), then a burst
+   of ``freshness_calibration`` receipts appended at once; the drain rate is
+   its vectors over the time from its first submit until the committed hwm
+   reached its last seq;
 2. **steady load**: receipts are submitted at ``freshness_load`` (70 %) of
    that rate, evenly spaced, for ``freshness_seconds``, each by its own task
    through one ``ReceiptProducer``. For each receipt the benchmark records
@@ -33,11 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 
 from benchmarks.child import DeltalogChild
 from benchmarks.harness import Endpoint, percentile, progress, scratch_dir
 from benchmarks.settings import Sizes
-from benchmarks.workload import WORDS, PrecomputedEmbedder, ReceiptData, receipts
+from benchmarks.workload import (
+    WORDS,
+    PrecomputedEmbedder,
+    ReceiptData,
+    append_each,
+    receipts,
+    word_delta,
+)
 from deltalog.config import LogConfig
 from deltalog.log import DeltaLog
 from deltalog.reader import Consistency, Reader
@@ -152,6 +161,17 @@ class _Watcher:
             await anyio.sleep(_READ_POLL)
 
 
+async def _base(log: DeltaLog, sizes: Sizes) -> None:
+    """``freshness_base`` vectors in entries of ``checkpoint_base_entry``."""
+    rng = np.random.default_rng(sizes.freshness_base)
+    per, total = sizes.checkpoint_base_entry, sizes.freshness_base
+    deltas = [
+        word_delta(rng, min(per, total - start), sizes.freshness_dim, "Base")
+        for start in range(0, total, per)
+    ]
+    await append_each(log, deltas, tasks=8)
+
+
 async def _burst(
     producer: ReceiptProducer, child: DeltalogChild, log: DeltaLog, batch: Sequence[ReceiptData]
 ) -> float:
@@ -196,8 +216,8 @@ async def _steady(
 async def run_freshness(env: Endpoint, sizes: Sizes, seed: int) -> FreshnessFigures:
     """The freshness benchmark on a new log; see the module docstring."""
     config = env.config("freshness")
-    warmup = receipts(sizes.freshness_warmup, seed=seed + 50, dim=sizes.dim)
-    calibration = receipts(sizes.freshness_calibration, seed=seed + 51, dim=sizes.dim)
+    warmup = receipts(sizes.freshness_warmup, seed=seed + 50, dim=sizes.freshness_dim)
+    calibration = receipts(sizes.freshness_calibration, seed=seed + 51, dim=sizes.freshness_dim)
     with scratch_dir("freshness") as cache:
         args = [
             *("compact", "--follow", "-q", "--json"),
@@ -207,7 +227,8 @@ async def run_freshness(env: Endpoint, sizes: Sizes, seed: int) -> FreshnessFigu
             *("--poll-max", "0.2"),
         ]
         async with DeltaLog.open(config) as log, DeltalogChild(args) as child:
-            embedder = PrecomputedEmbedder([*warmup, *calibration], sizes.dim)
+            await _base(log, sizes)
+            embedder = PrecomputedEmbedder([*warmup, *calibration], sizes.freshness_dim)
             async with ReceiptProducer(log, embedder, concurrency=sizes.e2e_concurrency) as p:
                 await _burst(p, child, log, warmup)
                 drain_seconds = await _burst(p, child, log, calibration)
@@ -215,7 +236,7 @@ async def run_freshness(env: Endpoint, sizes: Sizes, seed: int) -> FreshnessFigu
             per_receipt = sum(r.vectors for r in calibration) / len(calibration)
             rate = sizes.freshness_load * drain / per_receipt
             count = int(rate * sizes.freshness_seconds) + 1
-            pool = receipts(count, seed=seed + 52, dim=sizes.dim)
+            pool = receipts(count, seed=seed + 52, dim=sizes.freshness_dim)
             progress(
                 f"freshness: drain {drain:,.0f} vectors/s; {rate:.2f} receipts/s for "
                 f"{sizes.freshness_seconds:g} s ({count} receipts)"
@@ -261,7 +282,7 @@ async def _measure(
             async with anyio.create_task_group() as tg:
                 for watcher in watchers.values():
                     tg.start_soon(watcher.poll, stop)
-                embedder = PrecomputedEmbedder(pool, sizes.dim)
+                embedder = PrecomputedEmbedder(pool, sizes.freshness_dim)
                 async with ReceiptProducer(
                     log, embedder, concurrency=sizes.e2e_concurrency
                 ) as producer:

@@ -71,6 +71,15 @@ class Sizes:
     """Receipts of the burst that makes the freshness log's first checkpoint."""
     freshness_calibration: int = 32
     """Receipts of the burst whose time to a committed hwm gives the drain rate."""
+    freshness_base: int = 30_000
+    """Vectors the freshness log holds before the producers start (entries of
+    ``checkpoint_base_entry``): a log with a history, whose checkpoint a minute of
+    steady load grows by a fraction, as in production. From an empty log every run
+    would publish (each run's entries pass the ratio of a checkpoint that small)."""
+    freshness_dim: int = 384
+    """The freshness receipts' vector size: a minute of steady load at 1536 dims grows the
+    log (and so every checkpoint the policy publishes) past what this benchmark's 2 cores
+    publish in time; the checkpoint benchmark's 384 keeps the run about Chroma's apply."""
     recall_receipts: int = 200
     """Receipts whose WordLlama word vectors the recall benchmark indexes."""
     recall_builds: int = 4
@@ -112,6 +121,7 @@ _FULL = Sizes(
     pipeline_receipts=256,
     freshness_seconds=120.0,
     freshness_calibration=64,
+    freshness_base=100_000,
 )
 
 _QUICK = Sizes(
@@ -178,6 +188,8 @@ _SMOKE = Sizes(
     freshness_seconds=4.0,
     freshness_warmup=1,
     freshness_calibration=2,
+    freshness_base=200,
+    freshness_dim=64,
     recall_receipts=6,
     recall_builds=1,
     recall_near_queries=10,
