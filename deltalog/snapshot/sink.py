@@ -484,10 +484,13 @@ def _add(collection: Collection, records: list[Record]) -> int:
     documents = [r.document for r in records]
     metadatas = [r.metadata for r in records]
     # Chroma takes None entries for records without a document or metadata;
-    # its type hints do not say so.
+    # its type hints do not say so. Its vectors as a list of the records'
+    # float32 rows: Chroma splits a matrix into rows anyway, so stacking them
+    # would only copy every vector once more.
+    rows: list[Any] = [r.embedding for r in records]
     collection.add(
         ids=[r.id for r in records],
-        embeddings=np.stack([r.embedding for r in records]),
+        embeddings=rows,
         documents=cast("list[str]", documents) if _any_set(documents) else None,
         metadatas=cast("list[ChromaMetadata]", metadatas) if _any_set(metadatas) else None,
     )
