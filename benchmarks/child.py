@@ -99,6 +99,15 @@ class DeltalogChild:
                     return found
         raise RuntimeError(f"deltalog {' '.join(self.args)} exited before the awaited result")
 
+    async def drain(self) -> None:
+        """Read the child's lines as they come (kept for ``wait``), until its output ends.
+
+        Run it as a task while nothing else reads: a child that prints more
+        than a pipe holds would otherwise block.
+        """
+        while await self._next_line() is not None:
+            pass
+
     def cpu_now(self) -> float:
         """The child's CPU seconds so far (from ``/proc``)."""
         assert self._process is not None
@@ -153,8 +162,10 @@ async def run_child(args: list[str]) -> Usage:
 def _main(argv: list[str]) -> int:
     import chromadb  # noqa: F401  (imported before "ready", as the CLI would on its first run)
 
+    from benchmarks.profiling import from_environment
     from deltalog.cli import main
 
+    from_environment()  # python -m benchmarks.profile: profile what follows "ready"
     print(_READY, flush=True)
     try:
         code = main(argv)

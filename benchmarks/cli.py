@@ -21,6 +21,7 @@ from benchmarks.compaction import run_compaction
 from benchmarks.compression import run_compression
 from benchmarks.embed import run_embed
 from benchmarks.fresh import run_fresh
+from benchmarks.freshness import run_freshness
 from benchmarks.harness import Endpoint, load_average, machine_info, progress
 from benchmarks.incremental import run_incremental
 from benchmarks.pipeline import run_pipeline
@@ -50,6 +51,7 @@ BENCHMARKS = (
     "stages",
     "pipeline",
     "shards",
+    "freshness",
     "proxy",
 )
 """In the order they run; ``proxy`` is append and compaction through the latency proxy;
@@ -129,6 +131,7 @@ async def _run(sizes: Sizes, wanted: set[str], seed: int, results: Results) -> N
         flow = receipts(sizes.pipeline_receipts, seed=seed + 40, dim=sizes.dim)
         results.pipeline = await runner.step("pipeline", lambda: run_pipeline(env, sizes, flow))
         results.shards = await runner.step("shards", lambda: run_shards(env, sizes, seed + 50))
+        results.freshness = await runner.step("freshness", lambda: run_freshness(env, sizes, seed))
         await runner.step("proxy", lambda: _through_proxy(env, sizes, pool, compaction, results))
 
 

@@ -1,4 +1,5 @@
-"""The table sections of the cost benchmarks: checkpoints, compression, stages, pipeline."""
+"""The table sections of the cost benchmarks: checkpoints, compression, stages, pipeline,
+freshness."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ from collections.abc import Sequence
 
 from benchmarks.checkpoints import CheckpointFigures
 from benchmarks.compression import CompressionRow
+from benchmarks.freshness import FreshnessFigures
 from benchmarks.pipeline import OverlapFigures
 from benchmarks.stages import StageFigures
 from benchmarks.tables import num, table
 
-__all__ = ["checkpoint_section", "compression_section", "pipeline_section", "stage_section"]
+__all__ = [
+    "checkpoint_section",
+    "compression_section",
+    "freshness_section",
+    "pipeline_section",
+    "stage_section",
+]
 
 STAGE_NAMES = {
     "encode": "encode (validate + msgspec)",
@@ -124,5 +132,31 @@ def pipeline_section(p: OverlapFigures | None) -> list[str]:
         f"(CPU us/vector: producers {p.producer_cpu_seconds * per:,.0f}, compactor "
         f"{p.compactor_cpu_seconds * per:,.0f}, S3 stand-in {p.server_cpu_seconds * per:,.0f}; "
         f"compactor peak RSS {p.compactor_peak_rss_mb:,.0f} MB)"
+    )
+    return lines
+
+
+def freshness_section(f: FreshnessFigures | None) -> list[str]:
+    if f is None:
+        return []
+    rows = [
+        [name, f"{x.p50_ms:,.0f}", f"{x.p95_ms:,.0f}", f"{x.p99_ms:,.0f}", f"{x.max_ms:,.0f}"]
+        for name, x in (
+            ("submit (add resolved)", f.submit),
+            ("snapshot reader sees it", f.snapshot_visibility),
+            ("fresh reader sees it", f.fresh_visibility),
+            ("follower wake-up", f.wake_up),
+        )
+    ]
+    title = (
+        f"Freshness: {f.receipts} receipts ({f.vectors:,} vectors) over {f.seconds:.0f} s at "
+        f"{f.offered_vectors_per_s:,.0f} vectors/s ({f.load:.0%} of the drain rate, "
+        f"{f.drain_vectors_per_s:,.0f}); {f.runs} runs of {f.run_mean_seconds:.2f} s on average "
+        f"({f.warm_runs} on the warm sink, {f.checkpoints} checkpoints)"
+    )
+    lines = table(title, ["latency ms", "p50", "p95", "p99", "max"], rows)
+    lines.append(
+        f"(p99 snapshot visibility / mean run: {f.p99_vs_run:.2f}; entries not committed when "
+        f"the producers stopped: {f.lag_at_end})"
     )
     return lines

@@ -9,7 +9,10 @@
 - ``fresh.png``: query p50/p99 against the tail's size, snapshot and fresh;
 - ``checkpoints.png``: the cost of a small run against the checkpoint's size
   (mean with the default policy, warm, publishing every run, cold, and
-  ``compact --checkpoint``), and the peak RSS of the latter.
+  ``compact --checkpoint``), and the peak RSS of the latter;
+- ``freshness.png``: each receipt's visibility latency (snapshot and fresh
+  readers) against when it was submitted, with the follower's runs and
+  checkpoints along the time axis.
 """
 
 from __future__ import annotations
@@ -256,6 +259,36 @@ def _checkpoints(results: Results, out: Path) -> Path | None:
     return _save(fig, out / "checkpoints.png")
 
 
+def _freshness(results: Results, out: Path) -> Path | None:
+    f = results.freshness
+    if f is None or not f.samples:
+        return None
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for name, attr, color in (
+        ("snapshot reader", "snapshot_visible", "tab:blue"),
+        ("fresh reader", "fresh_visible", "tab:orange"),
+    ):
+        points = [(s.submitted, getattr(s, attr) - s.resolved) for s in f.samples]
+        seen = [(x, y * 1000) for x, y in points if y is not None]
+        ax.scatter([x for x, _ in seen], [y for _, y in seen], s=8, color=color, label=name)
+    for run in f.run_points:
+        ax.axvspan(run.started, run.started + run.seconds, color="tab:gray", alpha=0.08)
+        if run.checkpoint:
+            ax.axvline(run.started + run.seconds, color="tab:red", alpha=0.4, lw=1)
+    ax.axhline(f.snapshot_visibility.p99_ms, color="tab:blue", ls="--", lw=1, label="snapshot p99")
+    ax.set_xlabel("seconds (when the receipt was submitted); shaded: runs, red: checkpoints")
+    ax.set_ylabel("ms from append to visible")
+    ax.set_title(
+        f"Freshness at {f.load:.0%} of the drain rate ({f.offered_vectors_per_s:,.0f} vectors/s):"
+        f" p99 {f.snapshot_visibility.p99_ms:,.0f} ms = {f.p99_vs_run:.2f} x the mean run",
+        fontsize=10,
+    )
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "freshness.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -265,6 +298,6 @@ def _save(fig: Any, path: Path) -> Path:
 
 def write_plots(results: Results, out: Path) -> list[Path]:
     """Every plot the run has data for; returns their paths."""
-    plots = (_append, _compaction, _incremental, _codec, _fresh, _checkpoints)
+    plots = (_append, _compaction, _incremental, _codec, _fresh, _checkpoints, _freshness)
     made = [plot(results, out) for plot in plots]
     return [p for p in made if p is not None]

@@ -61,7 +61,7 @@ class Sizes:
     """zstd levels measured against ``none`` on the largest base's checkpoint."""
     stage_receipts: int = 16
     """Receipts the per-stage CPU profile pushes through each stage in turn."""
-    pipeline_receipts: int = 32
+    pipeline_receipts: int = 128
     """Receipts the overlapped pipeline (producers + ``compact --follow``) ingests."""
     shard_base: int = 500
     """Vectors of the small log of the shard growth figures (and of each of ten shards)."""
@@ -72,6 +72,23 @@ class Sizes:
     shard_count: int = 8
     shard_queries: int = 40
     shard_dim: int = 384
+    freshness_seconds: float = 60.0
+    """How long producers submit at a steady rate in the freshness benchmark."""
+    freshness_load: float = 0.7
+    """Their rate, as a share of the drain rate measured first."""
+    freshness_warmup: int = 4
+    """Receipts of the burst that makes the freshness log's first checkpoint."""
+    freshness_calibration: int = 32
+    """Receipts of the burst whose time to a committed hwm gives the drain rate."""
+    freshness_base: int = 30_000
+    """Vectors the freshness log holds before the producers start (entries of
+    ``checkpoint_base_entry``): a log with a history, whose checkpoint a minute of
+    steady load grows by a fraction, as in production. From an empty log every run
+    would publish (each run's entries pass the ratio of a checkpoint that small)."""
+    freshness_dim: int = 384
+    """The freshness receipts' vector size: a minute of steady load at 1536 dims grows the
+    log (and so every checkpoint the policy publishes) past what this benchmark's 2 cores
+    publish in time; the checkpoint benchmark's 384 keeps the run about Chroma's apply."""
     recall_receipts: int = 200
     """Receipts whose WordLlama word vectors the recall benchmark indexes."""
     recall_builds: int = 4
@@ -110,10 +127,13 @@ _FULL = Sizes(
     checkpoint_base_entry=500,
     checkpoint_runs=(3, 60),
     stage_receipts=64,
-    pipeline_receipts=128,
     shard_base=10_000,
     shard_vectors=100_000,
     shard_queries=200,
+    pipeline_receipts=256,
+    freshness_seconds=120.0,
+    freshness_calibration=64,
+    freshness_base=100_000,
 )
 
 _QUICK = Sizes(
@@ -183,6 +203,11 @@ _SMOKE = Sizes(
     shard_count=2,
     shard_queries=5,
     shard_dim=64,
+    freshness_seconds=4.0,
+    freshness_warmup=1,
+    freshness_calibration=2,
+    freshness_base=200,
+    freshness_dim=64,
     recall_receipts=6,
     recall_builds=1,
     recall_near_queries=10,

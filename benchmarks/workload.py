@@ -20,7 +20,7 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 
-from deltalog.entry import Delta, Op, UpdateMetadata, Upsert
+from deltalog.entry import Delta, Metadata, MetadataPatch, Op, UpdateMetadata, Upsert
 from deltalog.log import DeltaLog
 from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.model import Receipt, Records, line_records, word_records
@@ -100,7 +100,7 @@ def receipts(count: int, *, seed: int, dim: int) -> list[ReceiptData]:
 def label_delta(data: ReceiptData, n: int) -> Delta:
     """A label update of the ``n``-th word of a receipt (no vectors)."""
     word = data.words.ids[n % len(data.words.ids)]
-    patch: dict[str, str | int | float | bool | None] = {
+    patch: MetadataPatch = {
         "label_GRAND_TOTAL": True,
         "label_status": "validated",
     }
@@ -111,7 +111,7 @@ def word_delta(rng: np.random.Generator, vectors: int, dim: int, merchant: str) 
     """A small upsert: ``vectors`` new words of one line of a new receipt."""
     image = uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63)))
     ids = [f"IMAGE#{image}#RECEIPT#00001#LINE#00001#WORD#{w:05d}" for w in range(1, vectors + 1)]
-    metadatas: list[dict[str, str | int | float | bool]] = [
+    metadatas: list[Metadata] = [
         {"merchant_name": merchant, "line_id": 1, "word_id": w, "label_status": "unvalidated"}
         for w in range(1, vectors + 1)
     ]

@@ -64,8 +64,8 @@ async def export_cut(
 ) -> CutExport:
     """Write the log at its cut into ``out`` (new or empty); see the module docstring."""
     target = Path(out)
-    if await anyio.to_thread.run_sync(occupied, target):
-        raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
+    if taken := await anyio.to_thread.run_sync(occupied, target):
+        raise InvalidInput(f"{target} {taken}: export into a new (or empty) directory")
     compactors = sharded.current
     if not sharded.layout.sharded and not per_shard:
         single = await compactors[0].export(target)

@@ -1,10 +1,18 @@
 """``compact --follow``: a daemon that compacts logs as entries arrive.
 
 Each log gets its own task and its own lease; they compact in parallel. A
-task polls the counter (one consistent read) and runs a compaction only
-when the head is past the committed hwm, backing off while nothing
-arrives. Notifications are not needed: every run reads from hwm, so a
-missed wake-up delays work but loses nothing.
+task watches the head counter (one consistent read per poll) and runs a
+compaction as soon as the head is past the hwm it last knew, backing off
+exponentially (``poll_min`` doubling to ``poll_max``) while nothing
+arrives, and polling again at once after a run that applied something.
+The state item is read only when the head moved past that hwm (another
+compactor may have committed meanwhile), so an idle follower costs one
+read per poll. Notifications are not needed: every run reads from hwm, so
+a missed wake-up delays work but loses nothing.
+
+The compactor keeps its live copy open between runs (its warm sink,
+``compactor.working``), so a run that follows another pays neither
+Chroma's open nor its index's load.
 
 ``on_lag(compactor, head, hwm)`` hears each log's (or shard's) counter and
 committed hwm at every poll and after every run (``compact --follow
@@ -54,9 +62,10 @@ async def follow_one(
     """
     delay = poll_min
     name = _name(compactor)
+    watch = _Watch(compactor, on_lag)
     while True:
         try:
-            result = await _step(compactor, on_lag)
+            result = await watch.step()
         except Resharded:
             raise
         except (Unavailable, Conflict, Fenced, DataError) as exc:
@@ -66,6 +75,7 @@ async def follow_one(
             if on_error is not None:
                 on_error(compactor, exc)
             log.error("%s: %s", name, exc)
+            watch.forget()
             result, delay = None, poll_max
         if result is not None and on_result is not None and result.status != "nothing":
             on_result(result)
@@ -76,20 +86,42 @@ async def follow_one(
         delay = min(poll_max, delay * 2)
 
 
-async def _step(
-    compactor: Compactor, on_lag: Callable[[Compactor, int, int], None] | None
-) -> CompactionResult | None:
-    """Run once if the head is past the committed hwm; None when idle."""
-    state = await compactor.read_state()
-    head = await compactor.log.head()
-    if on_lag is not None:
-        on_lag(compactor, head, state.hwm)
-    if head <= state.hwm:
-        return None
-    result = await compactor.run_once()
-    if on_lag is not None:
-        on_lag(compactor, await compactor.log.head(), result.hwm_after)
-    return result
+class _Watch:
+    """The head counter and the hwm a follower last knew of one log (or one shard)."""
+
+    def __init__(
+        self, compactor: Compactor, on_lag: Callable[[Compactor, int, int], None] | None
+    ) -> None:
+        self.compactor = compactor
+        self.on_lag = on_lag
+        self.hwm: int | None = None
+        """The committed hwm last read or committed; None: read the state at the next poll."""
+
+    def forget(self) -> None:
+        self.hwm = None
+
+    async def step(self) -> CompactionResult | None:
+        """Run once if the head is past the committed hwm; None when idle.
+
+        The head is read at every poll; the state (the shard's, for a shard)
+        only when the head is past the hwm known (no commit can move hwm past
+        the head, so an idle log costs one read).
+        """
+        compactor = self.compactor
+        head = await compactor.log.head()
+        if self.hwm is None or head > self.hwm:
+            self.hwm = (await compactor.read_state()).hwm
+        self._lag(head, self.hwm)
+        if head <= self.hwm:
+            return None
+        result = await compactor.run_once()
+        self.hwm = result.hwm_after
+        self._lag(await compactor.log.head(), result.hwm_after)
+        return result
+
+    def _lag(self, head: int, hwm: int) -> None:
+        if self.on_lag is not None:
+            self.on_lag(self.compactor, head, hwm)
 
 
 async def follow(

@@ -61,6 +61,8 @@ class Lease:
     succeeded was *sent* at ``valid_until - ttl``, so the table cannot have
     let anyone else take the lease before ``valid_until`` (whatever the wall
     clocks say, up to the rate at which the two machines' clocks drift)."""
+    committed: int | None = None
+    """The hwm this holder committed under the lease, once it did."""
 
     @property
     def token(self) -> int:

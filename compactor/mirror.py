@@ -10,7 +10,8 @@
   carry exactly the metadata the log gives them.
 - **Bootstrap**: a target without a position must hold no records. It is
   filled in bulk from the log's published snapshot (collections created
-  with the snapshot's HNSW settings), and the position becomes the seq that
+  with the snapshot's HNSW settings and the embedder its collections
+  record), and the position becomes the seq that
   snapshot holds (named in its key, and in its sidecar; it may be below the
   committed hwm). A sharded log's target is filled from every shard's
   checkpoint; the shards whose checkpoint is older than the newest are
@@ -141,6 +142,10 @@ class MirrorStatistics:
     """Records copied from the snapshot by a bootstrap."""
     seconds: float
     """Time spent bootstrapping and applying."""
+    bootstrap_total: int = 0
+    """While a bootstrap runs: the records it copies (0 otherwise)."""
+    bootstrap_copied: int = 0
+    """While a bootstrap runs: the records it has copied so far."""
 
     @property
     def lag(self) -> int:
@@ -201,6 +206,8 @@ class _Counts:
     running_since: float | None = None
     head: int = 0
     position: int = 0
+    bootstrap_total: int = 0
+    bootstrap_copied: int = 0
 
 
 @dataclass(slots=True)
@@ -294,6 +301,8 @@ class Mirror:
             c.patches,
             c.bootstrapped,
             c.seconds + running,
+            c.bootstrap_total,
+            c.bootstrap_copied,
         )
 
     # -- the two modes ----------------------------------------------------------
@@ -651,6 +660,7 @@ class Mirror:
                     await anyio.to_thread.run_sync(self.cache.discard, work)
         seq = state.checkpoint_hwm if work is not None else 0
         await self._write_position(session, seq, snapshot_key=key, lineage=state.lineage)
+        self._report()  # the bootstrap is over: following starts from here
         assert session.position is not None
         return session.position
 
@@ -755,10 +765,24 @@ class Mirror:
         sink = session.sink
         names = await snapshot.collections()
         await sink.check(names)
+        self._counts.bootstrap_total = sum((await snapshot.counts()).values())
+        self._counts.bootstrap_copied = 0
+        self._report()
+        try:
+            await self._copy_collections(session, snapshot, names)
+        finally:
+            self._counts.bootstrap_total = self._counts.bootstrap_copied = 0
+
+    async def _copy_collections(
+        self, session: _Session, snapshot: ChromaSink, names: list[str]
+    ) -> None:
+        sink = session.sink
         for name in names:
             sink.settings[name] = await snapshot.hnsw(name)
             await self._check_position(session)
             await sink.add(name, [])  # creates it, empty ones included
+            if embedder := await snapshot.embedder(name):
+                await sink.set_embedder(name, embedder)
             # Read the next page from the snapshot while this one goes to the server.
             send, recv = anyio.create_memory_object_stream[list[Record]](1)
             failure: Exception | None = None  # raised as itself, not as a task group's
@@ -770,6 +794,7 @@ class Mirror:
                             await self._check_position(session)
                             await sink.add(name, page)
                             self._counts.bootstrapped += len(page)
+                            self._counts.bootstrap_copied += len(page)
                             self._report()
                     except Exception as exc:
                         failure = exc
@@ -811,7 +836,7 @@ class Mirror:
         c.batches += 1
         c.entries += plan.entries
         c.vectors += plan.vectors_upserted
-        c.deletes += plan.ids_deleted
+        c.deletes += stats.removed
         c.patches += plan.ids_patched
         c.head = max(c.head, c.position)
 

@@ -100,6 +100,7 @@ class Replay:
     """Stored bytes of the entries passed on to be applied (what ``max_bytes`` limits)."""
     vectors_upserted: int = 0
     ids_deleted: int = 0
+    """Ids deleted that the sink held (a delete of an absent id is not counted)."""
     ids_patched: int = 0
     seals_written: int = 0
     quarantined_passed: int = 0
@@ -315,10 +316,10 @@ class Replayer:
         plan = folder.plan()
         if plan.first_seq is None or plan.last_seq is None:  # nothing since the last chunk
             return
-        await sink.apply(plan)
+        stats = await sink.apply(plan)
         replay.last_seq = plan.last_seq
         replay.vectors_upserted += plan.vectors_upserted
-        replay.ids_deleted += plan.ids_deleted
+        replay.ids_deleted += stats.removed  # deletes of ids that were there
         replay.ids_patched += plan.ids_patched
         folder.reset()
         if self.progress is not None:

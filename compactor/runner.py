@@ -51,7 +51,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -84,7 +83,15 @@ from compactor.verify import (
     VerifyResult,
     compare_sinks,
 )
-from compactor.working import WorkingCopy, catch_up, take, trust_of
+from compactor.working import (
+    OpenCopy,
+    WarmSink,
+    WorkingCopy,
+    catch_up,
+    close_sink,
+    take,
+    trust_of,
+)
 from deltalog.codec import Frame, seal_body
 from deltalog.config import LogConfig
 from deltalog.entry import Seal
@@ -154,6 +161,13 @@ class CompactionResult:
     """The shard compacted (its index), or None for a log without shards."""
     generation: int = 0
     """The shard's layout generation (0 for a log without shards)."""
+    warm_sink: bool = False
+    """Whether the run reused the sink (Chroma's client, its index loaded) this compactor
+    held open since its last run, instead of opening the copy again."""
+    started_at: float = 0.0
+    """When the run started (``time.time()``), before it asked for the lease."""
+    run_seconds: float = 0.0
+    """The whole run: lease, working copy, replay, publish, commit and release."""
 
     @property
     def name(self) -> str:
@@ -248,12 +262,6 @@ DEFAULT_LEASE_WAIT = 60.0
 _CLEANUP_SECONDS = 60.0
 _RECENT_SNAPSHOTS = 16
 """How many committed snapshot keys the state item remembers (at least ``retain``)."""
-
-
-async def _close(sink: Sink) -> None:
-    """Close a sink, also when the run was cancelled: an open Chroma client leaks."""
-    with anyio.move_on_after(_CLEANUP_SECONDS, shield=True):
-        await sink.aclose()
 
 
 class _LeaseSealer:
@@ -356,11 +364,13 @@ class Compactor:
         self._sink_factory = sink_factory
         self._log: DeltaLog | None = None
         self._cache: SnapshotCache | None = None
+        self._warm: WarmSink | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._trust = trust_of(config)
 
     async def __aenter__(self) -> Compactor:
         self._cache = SnapshotCache.for_log(self.cache_dir, self.keys)
+        self._warm = WarmSink(self._cache, self._open_sink, trust=self._trust)
         self._log = await DeltaLog.connect(self.config, store=self._store, table=self._table)
         return self
 
@@ -370,8 +380,12 @@ class Compactor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._log is not None:
-            await self._log.aclose()
+        try:
+            if self._warm is not None:
+                await self._warm.aclose()
+        finally:
+            if self._log is not None:
+                await self._log.aclose()
 
     @property
     def log(self) -> DeltaLog:
@@ -392,6 +406,13 @@ class Compactor:
         assert self._cache is not None
         return self._cache
 
+    @property
+    def warm_sink(self) -> WarmSink:
+        """The live copy this compactor holds open between its runs (``compactor.working``)."""
+        if self._warm is None:
+            raise InvalidInput("use the compactor as `async with Compactor(config) as c`")
+        return self._warm
+
     async def _open_sink(self, path: Path, distinct: Distinct = "keep") -> Sink:
         """The sink of a working directory; a Chroma one keeps its distinct index
         (indexing a checkpoint written before there was one) unless told otherwise."""
@@ -401,7 +422,7 @@ class Compactor:
         try:
             await sink.index_distinct()
         except BaseException:
-            await _close(sink)
+            await close_sink(sink)
             raise
         return sink
 
@@ -433,16 +454,27 @@ class Compactor:
         commit landed before it), and a ``CorruptEntry`` for a poison entry
         after committing everything before it.
         """
+        started_at, started = time.time(), time.monotonic()
         keeper = self._keeper()
         try:
             lease = await keeper.acquire()
         except LeaseBusy as exc:
             state = await self.read_state()
             return self._stamped(
-                CompactionResult("busy", self.config.log, state.hwm, state.hwm, stopped=exc.message)
+                CompactionResult(
+                    "busy",
+                    self.config.log,
+                    state.hwm,
+                    state.hwm,
+                    stopped=exc.message,
+                    started_at=started_at,
+                )
             )
         result, failure = await self._leased(
             keeper, lease, lambda held: self._compact(held, checkpoint), self._run_record
+        )
+        result = replace(
+            result, started_at=started_at, run_seconds=round(time.monotonic() - started, 6)
         )
         if result.snapshot_key is not None:
             await self._prune()
@@ -474,7 +506,10 @@ class Compactor:
                 tg.cancel_scope.cancel()
         finally:
             if lease.lost is None:
-                record = last_run(result, failure) if last_run is not None else ""
+                record = ""
+                if last_run is not None:
+                    interrupted = result is None and failure is None  # cancelled
+                    record = _interrupted(lease) if interrupted else last_run(result, failure)
                 await keeper.release(lease, last_run=record)
         lease.check()
         if failure is not None:
@@ -505,30 +540,39 @@ class Compactor:
         head = await self.log.head()
         if head <= state.hwm and not (requested and state.tail_entries > 0):
             return self._nothing(state, "end"), None
+        warm = self.warm_sink
         with self._by_deadline("getting the working copy (the checkpoint's download)", state):
-            copy = await take(self.cache, self.store, state, log=self.config.log, trust=self._trust)
+            opened = await warm.take(self.store, state, log=self.config.log)
+        handed_on = False  # kept open or parked for the next run: else closed and discarded
         try:
-            replay, replayed = await self._replay_into(copy, lease)
+            replay, replayed = await self._replay_into(opened, lease)
             if not replay.advanced and not (requested and state.tail_entries > 0):
-                await self._keep_live(copy.path, state.hwm, state)
+                warm.keep(opened, state.hwm, state)
+                handed_on = True
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
             reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
-            published = await self._publish(copy.path, replay, lease) if reason else None
+            if reason:
+                await close_sink(opened.sink)  # Chroma must be closed before it is archived
+            published = await self._publish(opened.path, replay, lease) if reason else None
             result = self._applied(state, replay, lease, tail, reason, published)
-            result = replace(result, working_copy=copy.how, replayed_tail=replayed)
+            result = replace(
+                result,
+                working_copy=opened.copy.how,
+                replayed_tail=replayed,
+                warm_sink=opened.warm,
+            )
             await self._commit(lease, state, published, result)
-            await self._keep_live(copy.path, replay.last_seq, state)
+            # The run's commit keeps the lineage of the state it read.
+            if published is None:
+                warm.keep(opened, replay.last_seq, state)
+            else:
+                await warm.park(opened.path, replay.last_seq, state)
+            handed_on = True
         finally:
-            await self._discard(copy.path)
+            if not handed_on:
+                await warm.drop(opened)
         return result, replay.error
-
-    async def _keep_live(self, work: Path, hwm: int, state: LogState) -> None:
-        """Keep ``work`` as the live copy at the committed ``hwm``; a run's commit keeps
-        the lineage of the state it read."""
-        await anyio.to_thread.run_sync(
-            partial(self.cache.keep_live, work, hwm, lineage=state.lineage, trust=self._trust)
-        )
 
     @contextmanager
     def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
@@ -623,28 +667,25 @@ class Compactor:
                 "%s: could not delete old snapshots (next run retries): %s", self.keys.log, exc
             )
 
-    async def _replay_into(self, copy: WorkingCopy, lease: Lease) -> tuple[Replay, int]:
-        """Bring ``copy`` up to the committed hwm, then replay what is new after it.
+    async def _replay_into(self, opened: OpenCopy, lease: Lease) -> tuple[Replay, int]:
+        """Bring the copy up to the committed hwm, then replay what is new after it.
 
         Returns the replay of the new entries and how many committed seqs
-        the copy needed first.
+        the copy needed first. The sink stays open (the caller closes it).
         """
         state = lease.state
         quarantined = await self.table.read_quarantined(self.keys.log_id)
-        sink = await self._open_sink(copy.path)
-        try:
-            with self._by_deadline("catching up the committed tail", state):
-                replayed = await catch_up(self._quiet_replayer(), sink, copy, state, quarantined)
-            replay = await self._replayer().run(
-                sink,
-                after=state.hwm,
-                quarantined=quarantined,
-                sealer=_LeaseSealer(self, lease),
-                limits=self._replay_limits(state),
-            )
-            replay.counts = await sink.counts()
-        finally:
-            await _close(sink)
+        sink = opened.sink
+        with self._by_deadline("catching up the committed tail", state):
+            replayed = await catch_up(self._quiet_replayer(), sink, opened.copy, state, quarantined)
+        replay = await self._replayer().run(
+            sink,
+            after=state.hwm,
+            quarantined=quarantined,
+            sealer=_LeaseSealer(self, lease),
+            limits=self._replay_limits(state),
+        )
+        replay.counts = await sink.counts()
         return replay, replayed
 
     def _quiet_replayer(self) -> Replayer:
@@ -691,6 +732,7 @@ class Compactor:
             raise
         with anyio.CancelScope(shield=True):
             await self._commit_once(lease, prev_hwm, commit)
+        lease.committed = commit.hwm
 
     async def _commit_once(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
         try:
@@ -833,7 +875,7 @@ class Compactor:
                 )
                 counts = await sink.counts()
             finally:
-                await _close(sink)
+                await close_sink(sink)
             if replay.error is not None:
                 raise replay.error
             token = lease.token if lease is not None else state.token
@@ -898,8 +940,8 @@ class Compactor:
         cache, then moved).
         """
         target = Path(out)
-        if await anyio.to_thread.run_sync(occupied, target):
-            raise InvalidInput(f"{target} exists and is not empty: export into a new directory")
+        if taken := await anyio.to_thread.run_sync(occupied, target):
+            raise InvalidInput(f"{target} {taken}: export into a new (or empty) directory")
         copy = await self.committed_copy()
         try:
             await anyio.to_thread.run_sync(move_into, copy.path, target)
@@ -948,7 +990,7 @@ class Compactor:
                 replayed = await catch_up(self._quiet_replayer(), sink, copy, target, quarantined)
                 counts = await sink.counts()
             finally:
-                await _close(sink)
+                await close_sink(sink)
             await anyio.to_thread.run_sync(remove_distinct, copy.path)
         except BaseException:
             await self._discard(copy.path)
@@ -998,10 +1040,10 @@ class Compactor:
             rebuilt = await anyio.to_thread.run_sync(self.cache.working_copy, None)
             cleanup.push_async_callback(self._discard, rebuilt)
             expected = await self._open_sink(rebuilt)
-            cleanup.push_async_callback(_close, expected)
+            cleanup.push_async_callback(close_sink, expected)
             # As a reader opens the checkpoint: its index is checked as readers query it.
             actual = await self._open_sink(committed.path, distinct="use")
-            cleanup.push_async_callback(_close, actual)
+            cleanup.push_async_callback(close_sink, actual)
             await catch_up(self._quiet_replayer(), actual, committed, state, quarantined)
             replay = await self._replayer().run(
                 expected, after=0, to_seq=state.hwm, quarantined=quarantined
@@ -1019,6 +1061,14 @@ class Compactor:
             return replace(result, shard=None if self.shard is None else self.shard.index)
 
 
+def _interrupted(lease: Lease) -> str:
+    """The last-run record of a run cancelled (a stop signal) while it held ``lease``."""
+    before = lease.state.hwm
+    after = before if lease.committed is None else lease.committed
+    record = {"at": time.time(), "status": "interrupted", "hwm_before": before, "hwm_after": after}
+    return json.dumps(record, sort_keys=True)
+
+
 def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:
     """Whether ``commit`` is in the state read after its answer was lost or refused.
 
@@ -1032,8 +1082,11 @@ def _landed(commit: Commit, now: LogState, lease: Lease) -> bool:
     return (now.owner, now.token, now.hwm) == (lease.owner, lease.token, commit.hwm)
 
 
-def occupied(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+def occupied(path: Path) -> str:
+    """Why ``path`` cannot take an export ("" when it can: missing, or an empty directory)."""
+    if path.is_dir():
+        return "is a directory that is not empty" if any(path.iterdir()) else ""
+    return "is a file" if path.exists() else ""
 
 
 def move_into(work: Path, target: Path) -> None:

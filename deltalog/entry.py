@@ -38,7 +38,9 @@ __all__ = [
     "new_id",
 ]
 
-MetadataValue = str | int | float | bool
+Scalar = str | int | float | bool
+MetadataValue = str | int | float | bool | list[Scalar]
+"""A scalar, or a non-empty list of scalars of one type (chromadb 1.5's list values)."""
 Metadata = dict[str, MetadataValue]
 MetadataPatch = dict[str, MetadataValue | None]
 Vectors = npt.NDArray[np.float32]
@@ -77,6 +79,9 @@ class Upsert(msgspec.Struct, frozen=True, tag="upsert"):
     embeddings: Vectors
     documents: list[str] | None = None
     metadatas: list[Metadata] | None = None
+    embedder: str | None = None
+    """The name of the model that made these vectors, when the producer says (the
+    receipts producer does); snapshots and mirrors record it on the collection."""
 
     def __post_init__(self) -> None:
         coerced = _as_float32(self.embeddings)

@@ -122,6 +122,8 @@ class CollectionPlan:
     deletes: set[str] = field(default_factory=set)
     patches: dict[str, MetadataPatch] = field(default_factory=dict)
     """Metadata merges for ids not put here; a ``None`` value removes the key."""
+    embedder: str | None = None
+    """The embedder the last upsert that named one said made its vectors."""
 
     def put(self, record: Record) -> None:
         self.deletes.discard(record.id)
@@ -140,7 +142,7 @@ class CollectionPlan:
             self.patches[id_] = {**self.patches.get(id_, {}), **patch}
 
     def copy(self) -> CollectionPlan:
-        return CollectionPlan(dict(self.puts), set(self.deletes), dict(self.patches))
+        return CollectionPlan(dict(self.puts), set(self.deletes), dict(self.patches), self.embedder)
 
     @property
     def is_empty(self) -> bool:
@@ -249,6 +251,7 @@ class Folder:
             for record in _records(op, rows):
                 plan.put(record)
             self._counts.vectors += len(rows) if rows is not None else len(op.ids)
+            plan.embedder = op.embedder or plan.embedder
         elif isinstance(op, Delete):
             ids = op.ids if rows is None else [op.ids[i] for i in rows]
             for id_ in ids:
@@ -425,5 +428,10 @@ def _same_vector(a: Vector, b: Vector) -> bool:
 
 
 def _typed(metadata: Metadata | None) -> dict[str, tuple[type, object]] | None:
-    """Metadata with value types, so that ``True``, ``1`` and ``1.0`` differ."""
-    return None if not metadata else {k: (type(v), v) for k, v in metadata.items()}
+    """Metadata with value types, so that ``True``, ``1`` and ``1.0`` differ (in lists too)."""
+    if not metadata:
+        return None
+    return {
+        k: (list, tuple((type(x), x) for x in v)) if isinstance(v, list) else (type(v), v)
+        for k, v in metadata.items()
+    }

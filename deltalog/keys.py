@@ -237,6 +237,12 @@ class LogKeys:
         return snapshot if self.snapshot_hwm(snapshot) is not None else None
 
 
+def root_prefix(root: str) -> str:
+    """What every key under ``root`` starts with (``""`` for no root)."""
+    root = root.strip("/")
+    return f"{root}/" if root else ""
+
+
 def entry_log(root: str, key: str) -> str | None:
     """The log whose entry ``key`` is (under ``root``), or None for any other key.
 

@@ -16,7 +16,7 @@ from deltalog.codec import encode_delta
 from deltalog.config import LogConfig
 from deltalog.entry import Delta
 from deltalog.errors import Closed, DimensionMismatch, ValidationError
-from deltalog.keys import Shard
+from deltalog.keys import Shard, root_prefix, valid_log_name
 from deltalog.producer import MiB, Producer
 from deltalog.read import LogReader, list_entries
 from deltalog.shards import current_shards, pending_shards, read_states
@@ -25,7 +25,7 @@ from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Layout, LogState, Table
 from deltalog.validate import validate_delta
 
-__all__ = ["DeltaLog", "LogStatistics", "LogStatus", "ShardStatus"]
+__all__ = ["DeltaLog", "LogStatistics", "LogStatus", "ShardStatus", "log_names"]
 
 _MAX_HOLES_LISTED = 100
 
@@ -358,3 +358,31 @@ class DeltaLog:
             append_retries=self.appender.retries,
             duplicates_skipped=self.appender.duplicates,
         )
+
+
+async def log_names(store: ObjectStore, root: str = "") -> list[str]:
+    """The names of the logs with objects (entries, snapshots) under ``root``, sorted.
+
+    One listing of one key per log: after the first key of a log ``L``, the
+    next listing starts after ``L0`` (``0`` follows ``/``), past all of
+    ``L/``'s keys. A name under the root that is not a valid log name (the
+    ``_deltalog`` probes, say) is passed over.
+    """
+    prefix = root_prefix(root)
+    names: list[str] = []
+    start = ""
+    while True:
+        listing = store.list_after(prefix, start, page_size=1)
+        try:
+            info = await anext(listing, None)
+        finally:
+            close = getattr(listing, "aclose", None)  # an async generator: stop its paging
+            if close is not None:
+                await close()
+        if info is None:
+            return names
+        first = info.key
+        name, slash, _ = first[len(prefix) :].partition("/")
+        if slash and valid_log_name(name):
+            names.append(name)
+        start = f"{prefix}{name}0" if slash else first

@@ -69,7 +69,14 @@ from deltalog.storage.store import ObjectStore
 from deltalog.storage.table import Layout, LogState, Table
 from deltalog.where import Where, matches, normalize_where
 
-__all__ = ["Consistency", "GetResult", "QueryResult", "Reader", "ReaderStatistics"]
+__all__ = [
+    "Consistency",
+    "GetResult",
+    "QueryResult",
+    "Reader",
+    "ReaderStatistics",
+    "collections_named",
+]
 
 Consistency = Literal["snapshot", "fresh"]
 Matrix64 = npt.NDArray[np.float64]
@@ -605,7 +612,8 @@ class Reader:
         known = self._dims.get(collection)
         if known is None:
             raise InvalidInput(
-                f"collection {collection!r} holds no vectors in log {self.log.config.log!r}",
+                f"collection {collection!r} holds no vectors in log {self.log.config.log!r}; "
+                f"{collections_named(self._dims)}",
                 log=self.log.config.log,
             )
         if known != dim:
@@ -638,6 +646,14 @@ def _check_committed_tail(last_seq: int, state: LogState, upto: int, log: str) -
             log=log,
             seq=last_seq + 1,
         )
+
+
+def collections_named(dims: Mapping[str, int]) -> str:
+    """The collections a log has, for an error about one it has not."""
+    if not dims:
+        return "it has no collections yet"
+    listed = ", ".join(f"{name} ({dim} dims)" for name, dim in sorted(dims.items()))
+    return f"its collections: {listed}"
 
 
 def _collections(entry: Entry) -> set[str]:

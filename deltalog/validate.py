@@ -7,8 +7,8 @@ field (``ops[2].metadatas[7]['price']``) and what to do about it.
 The rules: at least one op; collection names Chroma accepts; ids non-empty,
 unique within an op; one vector per id, 2-D float32, finite, one dimension
 per collection; documents and metadatas one per id; metadata flat, with
-string keys and str, int, float or bool values (``None`` only in
-``UpdateMetadata``, where it removes a key).
+string keys and str, int, float or bool values, or non-empty lists of one of
+those types (``None`` only in ``UpdateMetadata``, where it removes a key).
 
 ``validate_entry`` holds an entry read back from the log to the same rules
 (the reader refuses a stored entry that breaks one as ``CorruptEntry``).
@@ -27,9 +27,16 @@ import numpy as np
 from deltalog.entry import Delete, Delta, Entry, Op, UpdateMetadata, Upsert
 from deltalog.errors import ValidationError
 
-__all__ = ["MAX_IDEMPOTENCY_KEY", "validate_collection_name", "validate_delta", "validate_entry"]
+__all__ = [
+    "MAX_IDEMPOTENCY_KEY",
+    "validate_collection_name",
+    "validate_delta",
+    "validate_entry",
+    "validate_metadata",
+]
 
 MAX_IDEMPOTENCY_KEY = 512
+MAX_EMBEDDER_NAME = 256
 _INT64 = (-(2**63), 2**63 - 1)
 _COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,510}[A-Za-z0-9]$")
 _RESERVED_KEY_PREFIXES = ("#", "chroma:")
@@ -97,6 +104,17 @@ def validate_collection_name(name: object, where: str = "collection") -> str:
     raise ValidationError(where, f"invalid collection name {name!r}: it is an IPv4 address")
 
 
+def validate_metadata(meta: object, where: str = "metadata") -> None:
+    """One record's metadata, by the rules of an ``Upsert``'s (for importers that check
+    records before they build deltas)."""
+    if not isinstance(meta, Mapping) or not meta:
+        raise ValidationError(where, "expected a non-empty dict of metadata")
+    try:
+        _check_metadata(where, 0, meta, patch=False)
+    except ValidationError as exc:  # name the key, not a position in an op
+        raise ValidationError(exc.field.replace(f"{where}[0]", where, 1), exc.reason) from None
+
+
 def _check_idempotency_key(key: object) -> None:
     if key is None:
         return
@@ -115,6 +133,7 @@ def _check_op(where: str, op: Op) -> None:
     _check_ids(f"{where}.ids", op.ids)
     if isinstance(op, Upsert):
         _check_embeddings(f"{where}.embeddings", op.embeddings, len(op.ids))
+        _check_embedder(f"{where}.embedder", op.embedder)
         if op.documents is not None:
             _check_documents(f"{where}.documents", op.documents, len(op.ids))
         if op.metadatas is not None:
@@ -147,6 +166,17 @@ def _check_embeddings(where: str, vectors: object, count: int) -> None:
         row = int(np.argwhere(~np.isfinite(vectors))[0][0])
         raise ValidationError(
             f"{where}[{row}]", "vector holds NaN or infinity (or a value beyond float32's range)"
+        )
+
+
+def _check_embedder(where: str, embedder: object) -> None:
+    if embedder is None:
+        return
+    if not isinstance(embedder, str) or not embedder or len(embedder) > MAX_EMBEDDER_NAME:
+        raise ValidationError(
+            where,
+            f"the embedder's name must be a non-empty string of at most "
+            f"{MAX_EMBEDDER_NAME} characters, got {embedder!r}",
         )
 
 
@@ -204,5 +234,25 @@ def _check_value(where: str, value: Any, *, patch: bool) -> None:
         if not math.isfinite(value):
             raise ValidationError(where, "float must be finite")
         return
-    kind = "list" if isinstance(value, Sequence) else type(value).__name__
-    raise ValidationError(where, f"metadata values must be str, int, float or bool, not {kind}")
+    if isinstance(value, list):
+        _check_list(where, value)
+        return
+    kind = "a tuple or other sequence" if isinstance(value, Sequence) else type(value).__name__
+    raise ValidationError(
+        where, f"metadata values must be str, int, float, bool or a list of them, not {kind}"
+    )
+
+
+def _check_list(where: str, values: list[Any]) -> None:
+    """A list value as Chroma takes one: non-empty, of one scalar type (bool is not int)."""
+    if not values:
+        raise ValidationError(where, "a list value must not be empty")
+    kinds = {bool if isinstance(v, bool) else type(v) for v in values}
+    if len(kinds) > 1 or not kinds <= {str, int, float, bool}:
+        names = ", ".join(sorted(k.__name__ for k in kinds))
+        raise ValidationError(
+            where, f"a list value holds str, int, float or bool items, all of one type, not {names}"
+        )
+    for i, item in enumerate(values):
+        if isinstance(item, float | int) and not isinstance(item, bool):
+            _check_value(f"{where}[{i}]", item, patch=False)

@@ -17,8 +17,14 @@ ChromaDB 1.5, checked against it:
   with any number as a float.
 - Operands are finite, and the values of one ``$in`` / ``$nin`` list share
   one type: Chroma refuses anything else, so ``normalize_where`` does too.
-- A record without the key fails every operator except ``$ne`` and
-  ``$nin``, which it passes.
+- A record without the key fails every operator except ``$ne``, ``$nin``
+  and ``$not_contains``, which it passes.
+- **List values** (chromadb 1.5): ``$contains`` / ``$not_contains`` test
+  whether a list holds the operand, typed (``1`` is in ``[1, 2]``, not in
+  ``[1.0, 2.0]``; ``True`` is not ``1``); a scalar value never contains
+  anything. Every other operator sees a list as a value equal to no
+  operand: ``$eq``, ``$in`` and the order comparisons fail, ``$ne`` and
+  ``$nin`` pass.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ _COMPARE = {
     "$lt": lambda a, b: a < b,
     "$lte": lambda a, b: a <= b,
 }
-_OPERATORS = {"$eq", "$ne", "$in", "$nin", *_COMPARE}
+_CONTAINS = {"$contains", "$not_contains"}
+_OPERATORS = {"$eq", "$ne", "$in", "$nin", *_COMPARE, *_CONTAINS}
+_PASSED_BY_LISTS = {"$ne", "$nin", "$not_contains"}
 _SCALARS = (str, int, float, bool)
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -97,11 +105,16 @@ def matches(where: Where | None, metadata: Mapping[str, Any] | None) -> bool:
         return any(matches(part, metadata) for part in value)
     ((op, operand),) = value.items()
     if metadata is None or key not in metadata:
-        return op in ("$ne", "$nin")
+        return op in _PASSED_BY_LISTS
     return _test(op, metadata[key], operand)
 
 
 def _test(op: str, actual: Any, operand: Any) -> bool:
+    if op in _CONTAINS:
+        held = isinstance(actual, list) and any(_same(item, operand) for item in actual)
+        return held == (op == "$contains")
+    if isinstance(actual, list):
+        return op in _PASSED_BY_LISTS
     if op in ("$in", "$nin"):
         operand = [_cast(actual, v) for v in operand]
     else:
@@ -124,6 +137,11 @@ def _cast(actual: Any, operand: Any) -> Any:
     if isinstance(actual, int) and not isinstance(actual, bool) and isinstance(operand, float):
         return min(max(math.trunc(operand), _INT64[0]), _INT64[1])
     return operand
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of one type: a list item as Chroma's ``$contains`` compares it."""
+    return type(a) is type(b) and bool(a == b)
 
 
 def _number(value: Any) -> bool:

@@ -27,8 +27,10 @@
   structured extras, since a scheduled invocation's answer goes nowhere.
 - **Cache**: snapshots and working copies live under ``DELTALOG_CACHE_DIR``
   (``/tmp``), and the compactors stay open across warm invocations, so a
-  warm run downloads nothing it already has. ``/tmp`` is shared by every
-  log this environment compacts: before the runs, a budget
+  warm run downloads nothing it already has and applies into the Chroma
+  index its compactor held open since the invocation before (its warm sink,
+  ``compactor.working``; a failed invocation resets the runtime, closing it).
+  ``/tmp`` is shared by every log this environment compacts: before the runs, a budget
   (``deltalog_lambda.budget``) evicts the caches of other logs, least
   recently used first, when the disk cannot hold what these runs need.
 

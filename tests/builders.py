@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from deltalog import Batch, Delete, Delta, DeltaLog, Entry, Seal, UpdateMetadata, Upsert
-from deltalog.entry import Op
+from deltalog.entry import MetadataPatch, Op
 
 DIM = 8
 
@@ -55,7 +55,7 @@ def delete(*ids: str, collection: str = "words", key: str | None = None) -> Delt
     return Delta(ops=[Delete(collection=collection, ids=list(ids))], idempotency_key=key)
 
 
-def patch(ids: list[str], metadatas: list[dict[str, str | int | float | bool | None]]) -> Delta:
+def patch(ids: list[str], metadatas: list[MetadataPatch]) -> Delta:
     return Delta(ops=[UpdateMetadata(collection="words", ids=ids, metadatas=metadatas)])
 
 

@@ -73,11 +73,14 @@ async def snapshot_state(compactor: Compactor, key: str, sha256: str) -> State:
 
 async def sink_state(path: Path, copy: Callable[[Path | None], Path]) -> State:
     work = copy(path)
-    sink = await ChromaSink.open(work)
     try:
-        return {c: {r.id: r for r in await sink.records(c)} for c in await sink.collections()}
+        sink = await ChromaSink.open(work)
+        try:
+            return {c: {r.id: r for r in await sink.records(c)} for c in await sink.collections()}
+        finally:
+            await sink.aclose()
     finally:
-        await sink.aclose()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def log_entries(log: DeltaLog, to_seq: int | None = None) -> list[tuple[int, Entry]]:

@@ -36,6 +36,7 @@ RATIO_KEYS = {
     "shard_apply_cpu",
     "fanout_query_vs_single",
     "parallel_rebuild_speedup",
+    "freshness_p99_vs_run",
     "recall_lowest",
     "raw_chroma_recall_lowest",
 }
@@ -46,6 +47,7 @@ PLOTS = (
     "codec.png",
     "fresh.png",
     "checkpoints.png",
+    "freshness.png",
 )
 STAGES = {"encode", "append", "s3_standin", "read", "fold", "apply", "publish"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,6 +146,13 @@ def _check_ratios_follow_figures(ratios: dict[str, float], figures: dict[str, An
     assert all(0 < p["recall_at_10"] <= 1 for p in shards["layouts"])
     speedup = single["rebuild_seconds"] / sharded["rebuild_seconds"]
     assert ratios["parallel_rebuild_speedup"] == pytest.approx(speedup, rel=0.01)
+    fresh = figures["freshness"]
+    seen = [s["snapshot_visible"] - s["resolved"] for s in fresh["samples"]]
+    assert len(seen) == fresh["receipts"] > 0 and all(x > 0 for x in seen), "every receipt seen"
+    runs = [r["seconds"] for r in fresh["run_points"]]
+    assert fresh["run_mean_seconds"] == pytest.approx(statistics.mean(runs), rel=0.01)
+    p99 = fresh["snapshot_visibility"]["p99_ms"] / 1000 / fresh["run_mean_seconds"]
+    assert ratios["freshness_p99_vs_run"] == pytest.approx(p99, rel=0.01)
     rows = figures["recall"]["rows"]
     ours = [r for r in rows if r["system"] in ("deltalog", "deltalog incremental")]
     assert ratios["recall_lowest"] == min(min(r["typed"], r["near"]) for r in ours)

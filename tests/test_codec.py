@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -78,6 +79,52 @@ def test_batch_round_trip_is_exact() -> None:
     assert len(entry.deltas) == 2
     for got, want in zip(entry.deltas, deltas, strict=True):
         assert_delta_equal(got, want)
+
+
+def test_list_values_and_the_embedder_come_back_with_their_types() -> None:
+    """chromadb 1.5's list metadata: ints stay ints, floats floats, bools bools."""
+    metadata: dict[str, list[Any]] = {
+        "ks": [1, -(2**63)],
+        "fs": [1.0, -0.0, 2.5],
+        "bs": [True, False],
+        "ss": ["é"],
+    }
+    delta = Delta(
+        ops=[
+            Upsert("words", ["a"], np.ones((1, 2), np.float32), None, [dict(metadata)], "model:2"),
+            UpdateMetadata("words", ["a"], [{"ks": [3], "fs": None}]),
+        ]
+    )
+    (got,) = batch_of(decode_entry(_batch_bytes([delta]), seq=7)).deltas
+    upsert, update = got.ops
+    assert isinstance(upsert, Upsert) and isinstance(update, UpdateMetadata)
+    assert upsert.embedder == "model:2"
+    assert upsert.metadatas is not None
+    typed = {
+        k: [(type(x), x) for x in cast("list[Any]", v)] for k, v in upsert.metadatas[0].items()
+    }
+    assert typed == {k: [(type(x), x) for x in v] for k, v in metadata.items()}
+    assert update.metadatas == [{"ks": [3], "fs": None}]
+
+
+def test_an_upsert_without_an_embedder_decodes_from_the_previous_format() -> None:
+    """Entries written before ``Upsert.embedder`` existed decode with ``embedder=None``."""
+
+    class OldUpsert(msgspec.Struct, frozen=True, tag="upsert"):
+        collection: str
+        ids: list[str]
+        embeddings: np.ndarray
+        documents: list[str] | None = None
+        metadatas: list[dict[str, str | int | float | bool]] | None = None
+
+    class OldDelta(msgspec.Struct, frozen=True):
+        ops: list[OldUpsert]
+
+    old = OldDelta([OldUpsert("words", ["a"], np.ones((1, 2), np.float32))])
+    body = batch_body("e-1", [_encoder.encode(old)], producer_id="p", created_at=1.0)
+    (delta,) = batch_of(decode_entry(Frame(body).at(3), seq=3)).deltas
+    (op,) = delta.ops
+    assert isinstance(op, Upsert) and op.embedder is None and op.ids == ["a"]
 
 
 def test_vectors_come_back_bit_exact_as_float32(rng: np.random.Generator) -> None:

@@ -6,7 +6,11 @@ Hypothesis drives a ``RuleBasedStateMachine`` through random sequences of:
   idempotency key; **append again**: a new call with an acknowledged key
   (it must return the original seq and write nothing); **submit**: several
   deltas at once through a group-commit producer;
-- **compact**: ``Compactor.run_once`` under a random checkpoint policy
+- **compact**: ``Compactor.run_once`` of one compactor kept open across
+  steps, as ``compact --follow`` keeps it (**follow**: an append, then
+  such a run) (its warm sink holds the live
+  copy's Chroma index open between runs, while crashes, rebuilds and other
+  compactors commit around it), under a random checkpoint policy
   (publish every run, at the default ratio, rarely), sometimes with a
   checkpoint requested. Whether it publishes, and why, is the README's
   policy modelled from its rules (``policy``: requested, first, the ratio
@@ -54,7 +58,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +80,7 @@ from hypothesis.stateful import (
 )
 
 from compactor import Compactor
+from compactor.checkpoint import CheckpointPolicy
 from deltalog import Batch, Delete, Delta, DeltaLog, LogConfig, Reader, Upsert
 from deltalog.entry import MetadataValue
 from deltalog.fold import State
@@ -220,6 +225,9 @@ class DeltaLogModel(RuleBasedStateMachine):
         self.hwm = 0
         self.checked: tuple[str | None, int] = (None, 0)
         self.next_key = 0
+        self.kept = AsyncExitStack()
+        self.follower: Compactor | None = None
+        """The compactor the compact rule runs, kept open across steps."""
 
     def run(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         async def call() -> T:
@@ -229,6 +237,7 @@ class DeltaLogModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            self.run(self.kept.aclose)
             self.run(self.log.aclose)
             self.run(self.store.inner.aclose)
             self.run(self.table.inner.aclose)
@@ -335,10 +344,13 @@ class DeltaLogModel(RuleBasedStateMachine):
         before = self.state()
 
         async def go() -> Any:
-            async with self.compactor(checkpoint_ratio=ratio) as compactor:
-                return await compactor.run_once(checkpoint=requested)
+            if self.follower is None:
+                self.follower = await self.kept.enter_async_context(self.compactor())
+            self.follower.policy = CheckpointPolicy(ratio)
+            return await self.follower.run_once(checkpoint=requested)
 
         result = self.run(go)
+        note(f"compact {'on the warm sink' if result.warm_sink else 'opened a copy'}")
         if self.head() > self.hwm:
             status = "applied"
         elif requested and before.tail_entries:
@@ -353,6 +365,13 @@ class DeltaLogModel(RuleBasedStateMachine):
         reason, tail_bytes = self.policy(before, ratio, requested)
         assert result.checkpoint == reason, (result, tail_bytes)
         assert result.tail_bytes == (0 if reason else tail_bytes), result
+
+    @rule(ops=op_lists, ratio=st.sampled_from((0.1, 1e9)))
+    def follow(self, ops: list[Any], ratio: float) -> None:
+        """An entry arrives and the kept compactor runs, as a follower would: mostly on
+        the index it holds open since its last run."""
+        self.append(ops)
+        self.compact(ratio, False)
 
     def policy(self, before: LogState, ratio: float, requested: bool) -> tuple[str, int]:
         """Why a run that brings the committed state to the head should publish a

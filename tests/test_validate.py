@@ -131,7 +131,12 @@ BAD: list[tuple[str, Callable[[], Any], str]] = [
         "ops[0].metadatas[0]",
     ),
     ("nested-dict", lambda: meta({"inner": 1}), "ops[0].metadatas[0]['k']"),
-    ("list-value", lambda: meta([1, 2]), "ops[0].metadatas[0]['k']"),
+    ("mixed-list", lambda: meta([1, "2"]), "ops[0].metadatas[0]['k']"),
+    ("empty-list", lambda: meta([]), "ops[0].metadatas[0]['k']"),
+    ("bool-int-list", lambda: meta([True, 1]), "ops[0].metadatas[0]['k']"),
+    ("nested-list", lambda: meta([[1]]), "ops[0].metadatas[0]['k']"),
+    ("nan-in-list", lambda: meta([1.0, float("nan")]), "ops[0].metadatas[0]['k'][1]"),
+    ("tuple-value", lambda: meta((1, 2)), "ops[0].metadatas[0]['k']"),
     ("bytes-value", lambda: meta(b"raw"), "ops[0].metadatas[0]['k']"),
     ("none-in-upsert", lambda: meta(None), "ops[0].metadatas[0]['k']"),
     ("numpy-int", lambda: meta(np.int64(3)), "ops[0].metadatas[0]['k']"),
@@ -148,7 +153,7 @@ BAD: list[tuple[str, Callable[[], Any], str]] = [
     ),
     (
         "second-op-bad",
-        lambda: Delta(ops=[up(["a"]), up(["b"], metadatas=[{"k": [1]}])]),
+        lambda: Delta(ops=[up(["a"]), up(["b"], metadatas=[{"k": [1, "x"]}])]),
         "ops[1].metadatas[0]['k']",
     ),
 ]

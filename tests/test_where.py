@@ -23,13 +23,24 @@ VALUES = st.one_of(
     st.booleans(),
     st.sampled_from(["x", "y"]),
 )
+LISTS = st.one_of(
+    st.lists(st.integers(-2, 2), min_size=1, max_size=3),
+    st.lists(st.sampled_from([-1.5, 0.0, 1.0, 2.5]), min_size=1, max_size=3),
+    st.lists(st.booleans(), min_size=1, max_size=2),
+    st.lists(st.sampled_from(["x", "y"]), min_size=1, max_size=2),
+)
+"""chromadb 1.5's list values: non-empty, items of one type."""
 RECORDS = st.lists(
-    st.dictionaries(st.sampled_from(KEYS), VALUES, min_size=1, max_size=3), min_size=1, max_size=8
+    st.dictionaries(st.sampled_from(KEYS), st.one_of(VALUES, LISTS), min_size=1, max_size=3),
+    min_size=1,
+    max_size=8,
 )
 
 
 def conditions() -> st.SearchStrategy[dict[str, Any]]:
-    ops = st.sampled_from(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte"])
+    ops = st.sampled_from(
+        ["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$contains", "$not_contains"]
+    )
     scalar = st.builds(lambda k, op, v: {k: {op: v}}, st.sampled_from(KEYS), ops, VALUES)
     listed = st.builds(
         lambda k, op, vs: {k: {op: vs}},
@@ -71,7 +82,7 @@ def _valid_for_chroma(where: dict[str, Any]) -> bool:
     return True
 
 
-@settings(max_examples=examples(60), deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(records=RECORDS, where=conditions())
 def test_matches_agrees_with_chroma(
     chroma: Any, records: list[dict[str, Any]], where: dict[str, Any]
@@ -111,6 +122,28 @@ def test_ints_against_float_operands_agree_with_chroma(chroma: Any, op: str) -> 
             assert got == want, (where, set(got) ^ set(want))
     finally:
         chroma.delete_collection(f"grid{op[1:]}")
+
+
+@pytest.mark.parametrize("op", ["$contains", "$not_contains", "$eq", "$ne", "$in", "$gt"])
+def test_list_values_against_every_kind_of_operand_agree_with_chroma(chroma: Any, op: str) -> None:
+    """Lists of each type (and scalars, and a record without the key) against operands of
+    each type: ``$contains`` is typed (1 is not in [1.0]), other operators never match a list."""
+    collection = chroma.get_or_create_collection(f"lists{op[1:]}", embedding_function=None)
+    values: list[Any] = [[1, 2], [1.0, 2.5], [0.0], [True], [False, True], ["1", "x"], 1, 1.0, "x"]
+    metadatas = [{"k": v} for v in values] + [{"other": 1}]
+    ids = [f"r{i}" for i in range(len(metadatas))]
+    collection.add(ids=ids, embeddings=np.ones((len(ids), 2), np.float32), metadatas=metadatas)
+    try:
+        for operand in (1, 1.0, 2, 2.5, 0, 0.0, True, False, "1", "x"):
+            argument = [operand] if op == "$in" else operand
+            if op == "$gt" and isinstance(operand, bool | str):
+                continue  # Chroma refuses order comparisons with those
+            where = normalize_where({"k": {op: argument}})
+            want = sorted(collection.get(where=where)["ids"])
+            got = sorted(i for i, m in zip(ids, metadatas, strict=True) if matches(where, m))
+            assert got == want, (where, set(got) ^ set(want))
+    finally:
+        chroma.delete_collection(f"lists{op[1:]}")
 
 
 def test_several_keys_mean_and() -> None:

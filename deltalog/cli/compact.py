@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -35,20 +36,34 @@ from compactor.follow import follow_log
 from compactor.metrics import failure_figures, lag_figures, run_figures
 from compactor.publish import DEFAULT_COMPRESSION
 from compactor.replay import Limits, Progress
-from compactor.runner import DEFAULT_LEASE_WAIT, CompactionResult, Compactor, ExportResult
-from compactor.shards import DEFAULT_RETIRE_GRACE, ShardedCompactor
+from compactor.runner import (
+    DEFAULT_LEASE_WAIT,
+    CompactionResult,
+    Compactor,
+    ExportResult,
+    RebuildResult,
+)
+from compactor.shards import DEFAULT_RETIRE_GRACE, ShardedCompactor, ShardOutcome
 from compactor.verify import DEFAULT_INDEX_QUERIES, DEFAULT_MIN_RECALL, VerifyResult
 from deltalog.cli.options import add_location_flags, add_output_flags, argument, config_from
-from deltalog.cli.process import EXIT_BUSY, EXIT_DIFFERENT, first_deltalog_error, stop_on_signal
-from deltalog.cli.progress import ProgressDisplay, shards_progress
+from deltalog.cli.process import (
+    EXIT_BUSY,
+    EXIT_DIFFERENT,
+    EXIT_USAGE,
+    exit_on_signal,
+    first_deltalog_error,
+    interruptible,
+    stop_on_signal,
+)
+from deltalog.cli.progress import ProgressDisplay, compaction_progress, shards_progress
 from deltalog.config import LogConfig, parse_size
 from deltalog.errors import InvalidInput, LeaseBusy
 from deltalog.log import DeltaLog
 from deltalog.shards import current_shards, read_states
 from deltalog.snapshot.archive import DEFAULT_ZSTD_LEVEL
+from deltalog.storage.table import LogState
 
 __all__ = ["register"]
-EXIT_USAGE = 2
 
 
 def compactor_options(
@@ -140,9 +155,17 @@ async def cmd_compact(args: argparse.Namespace) -> int:
                 raise
             raise error from group
     head = await _head(args)
+    started = time.time()
     with _display(args, config_from(args).log) as display:
-        async with _sharded(args, progress=shards_progress(display, head)) as sharded:
-            outcomes = await sharded.run_each(checkpoint=args.checkpoint)
+
+        async def run() -> list[ShardOutcome]:
+            async with _sharded(args, progress=shards_progress(display, head)) as sharded:
+                return await sharded.run_each(checkpoint=args.checkpoint)
+
+        outcomes = await interruptible(run)
+    if isinstance(outcomes, signal.Signals):
+        await _report_interrupted(args, started, display.completed)
+        return exit_on_signal(outcomes)
     for outcome in outcomes:
         if outcome.result is not None:
             _print_result(outcome.result, args.json)
@@ -153,6 +176,48 @@ async def cmd_compact(args: argparse.Namespace) -> int:
         raise failed[0]
     busy = any(o.result is not None and o.result.status == "busy" for o in outcomes)
     return EXIT_BUSY if busy else 0
+
+
+async def _positions(args: argparse.Namespace) -> tuple[int, list[tuple[str, LogState]]]:
+    """The log's head, and the committed state of each shard the command works on (the
+    log's own state for a log without shards), named as results name them."""
+    async with DeltaLog.open(config_from(args)) as log:
+        shards = current_shards(await log.table.read_layout(log.keys.log_id))
+        chosen = getattr(args, "shard", None)
+        if chosen is not None and shards != [None]:
+            shards = [s for s in shards if s is not None and s.index == chosen]
+        states = await read_states(log.table, log.keys, shards)
+        head = await log.head()
+    name = config_from(args).log
+    named = [(name if s is None else f"{name} shard {s.index}") for s in shards]
+    return head, list(zip(named, states, strict=True))
+
+
+async def _report_interrupted(args: argparse.Namespace, started: float, passed: int) -> None:
+    """What an interrupted run did and did not do, read back from the committed state of
+    each shard it ran (its last run, recorded when the stopped run released the lease)."""
+    head, positions = await _positions(args)
+    for name, state in positions:
+        hwm = state.hwm
+        run = json.loads(state.last_run) if state.last_run else {}
+        ours = run.get("status") == "interrupted" and float(run.get("at", 0)) >= started
+        hwm_before = int(run["hwm_before"]) if ours else hwm
+        if hwm > hwm_before:
+            done = f"hwm {hwm_before} -> {hwm} was committed before it stopped"
+        else:
+            done = f"nothing was committed (hwm stays {hwm}"
+            applied = passed if len(positions) == 1 else 0
+            done += f"; the {applied} seqs it had applied were discarded)" if applied else ")"
+        left = (
+            f"{head - hwm} seqs up to the head {head} are not applied"
+            if head > hwm
+            else "none left"
+        )
+        print(
+            f"{name}: compact interrupted: {done}; {left}. Run the same command again: it "
+            "starts from the committed state, so nothing is applied twice",
+            file=sys.stderr,
+        )
 
 
 async def _follow(args: argparse.Namespace) -> int:
@@ -247,14 +312,31 @@ def _on_error(compactor: Compactor, exc: Exception, exporter: PrometheusExporter
 async def cmd_rebuild(args: argparse.Namespace) -> int:
     head = args.to_seq or await _head(args)
     with _display(args, "rebuild") as display:
-        async with _sharded(args, progress=shards_progress(display, head)) as sharded:
-            try:
-                results = await sharded.rebuild(
+
+        async def run() -> list[RebuildResult]:
+            async with _sharded(args, progress=shards_progress(display, head)) as sharded:
+                return await sharded.rebuild(
                     args.to_seq, publish=args.publish, force=args.force, wait=args.wait
                 )
-            except LeaseBusy as exc:
-                print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
-                return EXIT_BUSY
+
+        try:
+            results = await interruptible(run)
+        except LeaseBusy as exc:
+            print(f"deltalog: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_BUSY
+    if isinstance(results, signal.Signals):
+        what = (
+            "the committed state changed only if its commit landed before the stop "
+            "(`deltalog status` says)"
+            if args.publish
+            else "nothing was published"
+        )
+        print(
+            f"{config_from(args).log}: rebuild interrupted: an upload in progress was aborted; "
+            f"{what}. Run it again to rebuild",
+            file=sys.stderr,
+        )
+        return exit_on_signal(results)
     for result in results:
         if args.json:
             print(json.dumps(asdict(result), sort_keys=True))
@@ -269,8 +351,16 @@ async def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
-    async with _sharded(args) as sharded:
-        results = await sharded.verify(index_queries=args.index_queries, min_recall=args.min_recall)
+    _, positions = await _positions(args)
+    hwm = max(state.hwm for _, state in positions)
+    with ProgressDisplay("verify: committed copy", unit="seqs", quiet=args.quiet) as display:
+        progress = (
+            _verify_progress(display, hwm) if len(positions) == 1 else shards_progress(display)
+        )
+        async with _sharded(args, progress=progress) as sharded:
+            results = await sharded.verify(
+                index_queries=args.index_queries, min_recall=args.min_recall
+            )
     for result in results:
         if args.json:
             index = result.index
@@ -287,6 +377,21 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         print(f"verify{which} at hwm {result.hwm}: {result.records} records, {verdict}")
         print(_index_line(result))
     return 0 if all(result.ok for result in results) else EXIT_DIFFERENT
+
+
+def _verify_progress(display: ProgressDisplay, hwm: int) -> Callable[[Progress], None]:
+    """Verify's steps: the committed copy (no count), the rebuild (seqs), then the
+    comparison of the records and the index check."""
+    rebuild = compaction_progress(display, hwm)
+
+    def report(progress: Progress) -> None:
+        if display.label != "verify: rebuild":
+            display.stage("verify: rebuild", unit="seqs", total=hwm)
+        rebuild(progress)
+        if progress.seq >= hwm:
+            display.stage("verify: compare and check the index", unit="records")
+
+    return report
 
 
 def _index_line(result: VerifyResult) -> str:

@@ -36,7 +36,7 @@ from compactor import CompactionResult, Compactor
 from deltalog.cli.options import add_embedder_flags, add_output_flags
 from deltalog.cli.output import print_fields
 from deltalog.cli.progress import ProgressDisplay, compaction_progress
-from deltalog.cli.receipts import describe_embedder, ingest_display, print_results
+from deltalog.cli.receipts import describe_embedder, ingest_display, print_results, show_ingest
 from deltalog.config import LogConfig
 from deltalog.errors import DataError
 from deltalog.log import DeltaLog
@@ -83,9 +83,7 @@ async def _ingest(tally: _Tally, log: DeltaLog, setup: _Setup, name: str, total:
             log,
             setup.embedder,
             concurrency=setup.concurrency,
-            progress=lambda p: display.update(
-                p.receipts + p.errors, vectors=p.vectors, duplicates=p.duplicates
-            ),
+            progress=lambda p: show_ingest(display, p),
         )
     tally.ingests.append(summary)
     print(

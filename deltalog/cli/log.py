@@ -1,9 +1,10 @@
-"""The log's own commands: ``init``, ``status``, ``policy``."""
+"""The log's own commands: ``init``, ``status``, ``logs``, ``policy``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import uuid
 from dataclasses import asdict
@@ -13,12 +14,14 @@ from deltalog.cli.options import add_location_flags, add_output_flags, argument,
 from deltalog.cli.output import print_fields, print_table
 from deltalog.config import LogConfig
 from deltalog.errors import ConfigurationError, IdentityMismatch
-from deltalog.log import DeltaLog, LogStatus, ShardStatus
-from deltalog.shards import init_layout, parse_shard_count
+from deltalog.keys import root_prefix
+from deltalog.log import DeltaLog, LogStatus, ShardStatus, log_names
+from deltalog.shards import current_shards, init_layout, parse_shard_count, read_states
 from deltalog.storage.dynamo import DynamoTable
+from deltalog.storage.identity import bind_log
 from deltalog.storage.policy import render
 from deltalog.storage.s3 import S3Store
-from deltalog.storage.table import LogState
+from deltalog.storage.table import LogState, held_until, wall_time
 
 __all__ = ["register"]
 
@@ -36,9 +39,11 @@ async def cmd_init(args: argparse.Namespace) -> int:
         bucket_created = await store.ensure_bucket()
         print(f"bucket {config.bucket}: {'created' if bucket_created else 'exists'}", flush=True)
         await store.check_conditional_writes(config.keys.probe(uuid.uuid4().hex))
+        print("conditional writes: honoured (If-None-Match probe refused with 412)", flush=True)
+        added = await store.ensure_abort_rule(root_prefix(config.root))
     finally:
         await store.aclose()
-    print("conditional writes: honoured (If-None-Match probe refused with 412)", flush=True)
+    print(f"lifecycle: incomplete multipart uploads aborted after 1 day ({added})", flush=True)
     table = await DynamoTable.connect(config)
     try:
         table_created = await table.ensure_table()
@@ -96,6 +101,8 @@ async def cmd_policy(args: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     async with DeltaLog.open(config_from(args), read_only=True) as log:
         status = await log.status()
+        if not status.head and not status.entries and status.state.snapshot_key is None:
+            raise ConfigurationError(await _no_such_log(log))
     if args.json:
         print(json.dumps(status_record(status), indent=2, sort_keys=True))
     else:
@@ -107,6 +114,90 @@ async def cmd_status(args: argparse.Namespace) -> int:
                 right=("shard", "hwm", "lag", "tail"),
             )
     return 0
+
+
+async def _no_such_log(log: DeltaLog) -> str:
+    """What to say about a log nothing was ever appended to: where, and what is there."""
+    config = log.config
+    names = await log_names(log.store, config.root)
+    there = f"the logs there: {', '.join(names)}" if names else "there are no logs there yet"
+    root = f", root {config.root!r}" if config.root else ""
+    return (
+        f"no log {config.log!r} in bucket {config.bucket!r}{root} (table {config.table!r}): "
+        f"nothing was ever appended to it; {there} (`deltalog logs` lists them)"
+    )
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    """``deltalog logs``: the logs under the bucket and root, with head, hwm and lag."""
+    config = config_from(args)
+    rows: list[dict[str, Any]] = []
+    async with DeltaLog.open(config, read_only=True) as opened:
+        for name in await log_names(opened.store, config.root):
+            keys = config.with_log(name).keys
+            try:  # the table's items of that name must be this bucket's and root's
+                await bind_log(opened.store, opened.table, keys, record=False)
+            except IdentityMismatch as exc:
+                print(f"deltalog: {name}: skipped: {exc.message}", file=sys.stderr)
+                continue
+            head = await opened.table.read_head(keys.log_id)
+            layout = await opened.table.read_layout(keys.log_id)
+            states = await read_states(opened.table, keys, current_shards(layout))
+            if head or any(state.snapshot_key is not None for state in states):
+                rows.append(_log_record(config.with_log(name), head, states))
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    elif not rows:
+        root = f" under root {config.root!r}" if config.root else ""
+        print(f"no logs in bucket {config.bucket!r}{root}")
+    else:
+        print_table(
+            ["log", "head", "hwm", "lag", "checkpoint", "tail", "lease", "last run"],
+            [_log_row(row) for row in rows],
+            right=["head", "hwm", "lag"],
+        )
+    return 0
+
+
+def _log_record(config: LogConfig, head: int, states: list[LogState]) -> dict[str, Any]:
+    """A log's row: for a sharded log (``states``: one per shard) the lagging shard's hwm,
+    checkpoint, lease and last run (as ``status``), the bytes and tails summed."""
+    state = min(states, key=lambda s: s.hwm)
+    return {
+        "log": config.log,
+        "head": head,
+        "hwm": state.hwm,
+        "lag": max(0, head - state.hwm),
+        "shards": len(states),
+        "snapshot_key": state.snapshot_key,
+        "snapshot_hwm": state.checkpoint_hwm if state.snapshot_key else 0,
+        "snapshot_bytes": sum(s.snapshot_size for s in states),
+        "tail_entries": sum(s.tail_entries for s in states),
+        "tail_bytes": sum(s.tail_bytes for s in states),
+        "owner": state.owner if state.owner and state.expires_at > time.time() else None,
+        "last_run": json.loads(state.last_run) if state.last_run else None,
+    }
+
+
+def _log_row(record: dict[str, Any]) -> list[object]:
+    checkpoint = (
+        f"seq {record['snapshot_hwm']} ({record['snapshot_bytes']:,} bytes)"
+        if record["snapshot_key"]
+        else "none"
+    )
+    tail = f"{record['tail_entries']} entries" if record["tail_entries"] else "empty"
+    run = record["last_run"]
+    last = f"{wall_time(float(run.get('at', 0)))}: {_run_words(run)}" if run else "never"
+    return [
+        record["log"],
+        record["head"],
+        record["hwm"],
+        record["lag"],
+        checkpoint,
+        tail,
+        f"held by {record['owner']}" if record["owner"] else "free",
+        last,
+    ]
 
 
 def status_record(status: LogStatus) -> dict[str, Any]:
@@ -216,19 +307,35 @@ def _lease_of(state: LogState) -> str:
         return f"retired by generation {state.retired_by}"
     if not state.owner:
         return f"free (token {state.token})"
-    left = state.expires_at - time.time()
-    when = f"expires in {left:.1f}s" if left > 0 else f"expired {-left:.1f}s ago: free to take"
-    return f"held by {state.owner}, token {state.token}, {when}"
+    now = time.time()
+    if state.expires_at <= now:
+        return (
+            f"held by {state.owner}, token {state.token}, expired at "
+            f"{wall_time(state.expires_at)} ({now - state.expires_at:.1f} s ago): free to take"
+        )
+    return f"{held_until(state.owner, state.expires_at, now)}, token {state.token}"
 
 
 def _last_run(record: str) -> str:
     if not record:
         return "never"
     run = json.loads(record)
-    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(run.get("at", 0))))
-    if run.get("status") == "error":
-        return f"{at}: error: {run.get('error')}"
-    return f"{at}: {run.get('status')}, hwm {run.get('hwm_before')} -> {run.get('hwm_after')}"
+    return f"{wall_time(float(run.get('at', 0)))}: {_run_words(run)}"
+
+
+def _run_words(run: dict[str, Any]) -> str:
+    """A last-run record in words: what it did to the hwm, or why it stopped."""
+    status = run.get("status")
+    if status == "error":
+        return f"error: {run.get('error')}"
+    before, after = run.get("hwm_before"), run.get("hwm_after")
+    if status == "interrupted":
+        if after is not None and after != before:
+            return f"interrupted after committing hwm {before} -> {after}"
+        return f"interrupted at hwm {before}: nothing committed"
+    if before is None:  # a record from before runs recorded their hwm
+        return str(status or "unknown")
+    return f"{status}, hwm {before} -> {after}"
 
 
 def register(commands: Any) -> None:
@@ -260,3 +367,10 @@ def register(commands: Any) -> None:
     add_location_flags(status)
     add_output_flags(status, quiet=False)
     status.set_defaults(run=cmd_status)
+
+    logs = commands.add_parser(
+        "logs", help="the logs in a bucket (under --root): head, hwm, lag, checkpoint"
+    )
+    add_location_flags(logs)
+    add_output_flags(logs, quiet=False)
+    logs.set_defaults(run=cmd_logs)

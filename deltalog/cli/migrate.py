@@ -27,20 +27,26 @@ from deltalog.cli.progress import ProgressDisplay
 from deltalog.errors import Conflict
 from deltalog.log import DeltaLog
 from deltalog.migrate.chroma import ChromaImporter, ChromaSource
-from deltalog.migrate.pages import ImportPlan, ImportResult
-from deltalog.migrate.pinecone import NamespaceMap, PineconeImporter, Refused
+from deltalog.migrate.pages import ImportPlan, ImportResult, Refused, SourceMap, refusal_counts
+from deltalog.migrate.pinecone import NamespaceMap, PineconeImporter
 from deltalog.snapshot.server import ChromaTarget
 
 __all__ = ["register"]
 
 _COMPACT_WAIT = 300.0
+_LISTED = 50
 
 
 def _print_plan(plan: ImportPlan, as_json: bool, refused: list[Refused] | None = None) -> None:
+    counted = refusal_counts(refused or [])
     if as_json:
         body: dict[str, Any] = {"collections": [asdict(c) for c in plan.collections]}
         if refused is not None:
             body["refused"] = [str(r) for r in refused]
+            body["refused_counts"] = [
+                {"source": src, "reason": why, "records": n, "ids": ids}
+                for src, why, n, ids in counted
+            ]
         print(json.dumps(body, sort_keys=True))
         return
     print_table(
@@ -49,8 +55,20 @@ def _print_plan(plan: ImportPlan, as_json: bool, refused: list[Refused] | None =
         title="would write (dry run: nothing written)",
         right=["records", "dim", "bytes"],
     )
-    for r in refused or []:
+    if not counted:
+        return
+    print_table(
+        ["source", "refused because", "records", "for example"],
+        [(src, why, n, ", ".join(ids)) for src, why, n, ids in counted],
+        title=f"refused: {len(refused or [])} records the log would not take (pages holding "
+        "them are not written)",
+        right=["records"],
+    )
+    for r in (refused or [])[:_LISTED]:
         print(f"refused: {r}")
+    if len(refused or []) > _LISTED:
+        more = len(refused or []) - _LISTED
+        print(f"... and {more} more refused records (--json lists them all)")
 
 
 def _print_result(result: ImportResult, as_json: bool) -> None:
@@ -110,20 +128,40 @@ async def _import(args: argparse.Namespace, log: DeltaLog, run: Any) -> bool:
 
 
 def _report_verify(
-    seen: dict[str, tuple[int, int]], differences: list[str], as_json: bool, what: str
+    seen: dict[str, tuple[int, int]],
+    differences: list[str],
+    as_json: bool,
+    what: str,
+    skipped: list[str] | None = None,
 ) -> int:
+    skipped = [name for name in skipped or [] if name not in seen]
     if as_json:
-        print(json.dumps({"counts": seen, "differences": differences, "ok": not differences}))
-    else:
+        body = {"counts": seen, "differences": differences, "ok": not differences}
+        print(json.dumps({**body, "skipped": skipped}))
+        return 0 if not differences else EXIT_DIFFERENT
+    if seen:
         print_table(
             [what, "source", "log"],
             [(name, a, b) for name, (a, b) in seen.items()],
             title="verify after compaction",
             right=["source", "log"],
         )
-        for line in differences[:50]:
-            print(line)
-        print("verify: equal" if not differences else f"verify: {len(differences)} differences")
+    for name in skipped:
+        print(
+            f"{name}: skipped: empty in the source (the log creates a collection with its "
+            "first record), not compared"
+        )
+    for line in differences[:50]:
+        print(line)
+    if differences:
+        print(f"verify: {len(differences)} differences")
+    elif not seen:
+        print("verify: nothing compared (every source collection is empty)")
+    else:
+        print(
+            f"verify: equal ({len(seen)} collections"
+            + (f"; {len(skipped)} empty ones skipped)" if skipped else ")")
+        )
     return 0 if not differences else EXIT_DIFFERENT
 
 
@@ -134,19 +172,36 @@ async def cmd_import_chroma(args: argparse.Namespace) -> int:
         if args.url
         else None,
     )
-    collections = [c for item in args.collections or [] for c in item.split(",") if c]
+    maps = [
+        SourceMap.parse(text, flag="--collections")
+        for item in args.collections or []
+        for text in item.split(",")
+        if text
+    ]
+    maps += [SourceMap.parse(text) for text in args.collection or []]
     async with (
         DeltaLog.open(config_from(args)) as log,
-        await ChromaImporter.open(log, source, collections=collections, batch=args.batch) as imp,
+        await ChromaImporter.open(log, source, collections=maps, batch=args.batch) as imp,
     ):
         if args.dry_run:
-            _print_plan(await imp.plan(), args.json)
+            plan, refused = await imp.plan()
+            _print_plan(plan, args.json, refused)
+            _print_skipped(imp.skipped, args.json)
             return 0
         if not await _import(args, log, imp.run):
+            _print_skipped(imp.skipped, args.json)
             return 0
         async with committed_copy(log, args.cache_dir) as committed:
             seen, differences = await imp.verify(committed)
-        return _report_verify(seen, differences, args.json, "collection")
+        return _report_verify(seen, differences, args.json, "collection", imp.skipped)
+
+
+def _print_skipped(skipped: list[str], as_json: bool) -> None:
+    if skipped and not as_json:
+        print(
+            f"skipped, empty in the source: {', '.join(skipped)} (the log creates a collection "
+            "with its first record)"
+        )
 
 
 async def cmd_import_pinecone(args: argparse.Namespace) -> int:
@@ -186,10 +241,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 _PINECONE_MAPPING = """\
-metadata mapping: str, int, float and bool values pass unchanged; the --document-field
-value (a string) becomes the document; refused and listed, never dropped: lists, nulls,
-nested objects, a non-string document field, non-finite numbers, keys empty or starting
-with '#', sparse values. The API key comes from PINECONE_API_KEY."""
+metadata mapping: str, int, float and bool values and lists of strings pass unchanged;
+the --document-field value (a string) becomes the document; refused and listed, never
+dropped: empty lists, nulls, nested objects, a non-string document field, non-finite
+numbers, keys empty or starting with '#', sparse values. The API key comes from
+PINECONE_API_KEY."""
 
 
 def register(commands: Any) -> None:
@@ -205,6 +261,13 @@ def register(commands: Any) -> None:
     chroma.add_argument("--database", default="default_database", help="with --url")
     chroma.add_argument(
         "--collections", action="append", help="only these (repeat or comma-separate)"
+    )
+    chroma.add_argument(
+        "--collection",
+        action="append",
+        metavar="SRC[=DST]",
+        help="a source collection and the log collection it goes to (default: its own "
+        "name); repeat",
     )
     chroma.add_argument("--batch", type=int, default=500, help="records read per page")
     _common(chroma)

@@ -25,6 +25,9 @@ from deltalog.snapshot.server import DEFAULT_REQUEST_TIMEOUT, ChromaTarget
 
 __all__ = ["register"]
 
+_BOOTSTRAP = "mirror bootstrap"
+_FOLLOW = "mirror"
+
 
 def _mirror(args: argparse.Namespace, display: ProgressDisplay | None) -> Mirror:
     target = ChromaTarget(args.chroma_url, tenant=args.tenant, database=args.database)
@@ -41,12 +44,21 @@ def _mirror(args: argparse.Namespace, display: ProgressDisplay | None) -> Mirror
 
 
 def _progress(display: ProgressDisplay) -> Any:
+    """Records copied while a bootstrap runs, then seqs applied (and the lag behind the head)."""
+    base = [0, 0]  # entries and vectors counted before this stage
+
     def report(stats: MirrorStatistics) -> None:
+        if stats.bootstrap_total:
+            if display.label != _BOOTSTRAP:
+                display.stage(_BOOTSTRAP, unit="records", total=stats.bootstrap_total)
+            display.update(stats.bootstrap_copied)
+            return
+        if display.label != _FOLLOW:
+            display.stage(_FOLLOW, unit="seqs")
+            base[:] = [stats.entries, stats.vectors_upserted]
+        done = stats.entries - base[0]
         display.update(
-            stats.position,
-            total=stats.head or None,
-            lag=stats.lag,
-            vectors=stats.vectors_upserted + stats.bootstrapped,
+            done, total=done + stats.lag, lag=stats.lag, vectors=stats.vectors_upserted - base[1]
         )
 
     return report
@@ -60,7 +72,7 @@ def _print(result: MirrorResult, as_json: bool) -> None:
 
 
 async def cmd_mirror(args: argparse.Namespace) -> int:
-    with ProgressDisplay("mirror", unit="seq", quiet=args.quiet) as display:
+    with ProgressDisplay(_FOLLOW, unit="seqs", quiet=args.quiet) as display:
         async with _mirror(args, display) as mirror:
             if args.once:
                 result = await mirror.run_once()

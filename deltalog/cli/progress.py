@@ -8,7 +8,8 @@ one at the end. ``quiet`` shows nothing.
 
 A display counts **items** (entries, receipts, vectors: the ``unit``) and
 carries named **figures** beside the count (vectors, duplicates, errors),
-each shown with its rate.
+each shown with its rate. ``note`` adds a line of its own; ``warn`` too,
+also when quiet (quiet hides progress, not errors).
 """
 
 from __future__ import annotations
@@ -120,11 +121,32 @@ class ProgressDisplay:
         if not self._printed or now - self._printed >= self.interval:
             self._print_line()
 
+    def stage(self, label: str, *, unit: str, total: int | None = None) -> None:
+        """Count something else from here on (a command's next step): the count, the
+        figures and the rates start again; a plain line shows the step's last count."""
+        if self._live is None and not self.quiet and self.completed:
+            self._print_line()
+        self.label, self.unit, self.total = label, unit, total
+        self.completed = 0
+        self.figures = {}
+        self._started = time.monotonic()
+        self._printed = 0.0
+        if self._live is not None and self._task is not None:
+            self._live.reset(self._task, total=total, description=label, unit=unit, figures="")
+
     def note(self, message: str) -> None:
         """A line of its own (a skipped input, say), above the bar."""
         if self._live is not None:
             self._live.console.print(message, markup=False, highlight=False)
         elif not self.quiet:
+            print(message, file=self.stream, flush=True)
+
+    def warn(self, message: str) -> None:
+        """A line of its own that ``quiet`` does not hide (a skipped input's reason):
+        quiet hides progress, not errors."""
+        if self._live is not None:
+            self._live.console.print(message, markup=False, highlight=False)
+        else:
             print(message, file=self.stream, flush=True)
 
     def line(self) -> str:

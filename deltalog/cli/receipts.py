@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from deltalog.cli.options import (
     config_from,
 )
 from deltalog.cli.output import print_fields, print_table
+from deltalog.cli.process import exit_on_signal, interruptible
 from deltalog.cli.progress import ProgressDisplay
 from deltalog.errors import DimensionMismatch, InvalidInput
 from deltalog.log import DeltaLog
@@ -33,7 +35,14 @@ from deltalog.receipts.generate import generate_receipts
 from deltalog.receipts.ingest import IngestProgress, IngestSummary, ingest_file
 from deltalog.receipts.model import write_jsonl
 
-__all__ = ["describe_embedder", "ingest_display", "parse_where", "print_results", "register"]
+__all__ = [
+    "describe_embedder",
+    "ingest_display",
+    "parse_where",
+    "print_results",
+    "register",
+    "show_ingest",
+]
 
 
 async def cmd_generate(args: argparse.Namespace) -> int:
@@ -51,34 +60,65 @@ async def cmd_generate(args: argparse.Namespace) -> int:
 async def cmd_ingest(args: argparse.Namespace) -> int:
     """``deltalog ingest receipts.jsonl [--on-error stop|skip] [--concurrency N] ...``."""
     embedder = make_embedder(args.embedder, dim=args.dim)
+    seen: list[IngestProgress] = []
     try:
         async with DeltaLog.open(config_from(args)) as log:
             total = await anyio.to_thread.run_sync(_count_lines, Path(args.path))
             with ingest_display(total, quiet=args.quiet) as display:
-                summary = await ingest_file(
-                    args.path,
-                    log,
-                    embedder,
-                    on_error=args.on_error,
-                    concurrency=args.concurrency,
-                    progress=lambda p: _show(display, p),
-                    on_skip=lambda error: display.note(f"skipped: {error}"),
+
+                def progress(p: IngestProgress) -> None:
+                    seen[:] = [p]
+                    show_ingest(display, p)
+
+                outcome = await interruptible(
+                    lambda: ingest_file(
+                        args.path,
+                        log,
+                        embedder,
+                        on_error=args.on_error,
+                        concurrency=args.concurrency,
+                        progress=progress,
+                        on_skip=lambda error: display.warn(f"skipped: {error}"),
+                    )
                 )
     finally:
         await embedder.aclose()
+    if isinstance(outcome, signal.Signals):
+        _report_interrupted(total, seen[0] if seen else None)
+        return exit_on_signal(outcome)
     print(f"embedder {describe_embedder(embedder)}, log {log.config.log}")
-    print_summary(summary)
+    print_summary(outcome)
     return 0
 
 
+def _report_interrupted(total: int | None, progress: IngestProgress | None) -> None:
+    """What an interrupted ingest did and did not do, and that a rerun resumes."""
+    receipts = progress.receipts if progress else 0
+    errors = progress.errors if progress else 0
+    duplicates = progress.duplicates if progress else 0
+    left = "the rest"
+    if total is not None:
+        left = f"{total - receipts - errors:,} of the {total:,} lines"
+    print(
+        f"ingest interrupted: {receipts:,} receipts are in the log ({receipts - duplicates:,} "
+        f"written now, {duplicates:,} were there already), {errors:,} lines refused; {left} "
+        "not ingested (a receipt being written when it stopped is in the log whole or not at "
+        "all). Run the same command again to resume: it skips what the log holds and "
+        "writes nothing twice",
+        file=sys.stderr,
+    )
+
+
 def ingest_display(total: int | None, *, quiet: bool = False) -> ProgressDisplay:
-    """The progress display of an ingest of ``total`` receipts."""
-    return ProgressDisplay("ingest", unit="receipts", total=total, quiet=quiet)
+    """The progress display of an ingest of a file of ``total`` lines."""
+    return ProgressDisplay("ingest", unit="lines", total=total, quiet=quiet)
 
 
-def _show(display: ProgressDisplay, progress: IngestProgress) -> None:
+def show_ingest(display: ProgressDisplay, progress: IngestProgress) -> None:
+    """An ingest's progress: lines done (receipts and refused lines) against the file's."""
     display.update(
         progress.receipts + progress.errors,
+        receipts=progress.receipts,
         vectors=progress.vectors,
         duplicates=progress.duplicates,
         errors=progress.errors,

@@ -10,29 +10,39 @@
   made of the source collection's id (Chroma's UUID, the same in a copy of
   the directory), its name and the page's cursor, so an interrupted import
   resumes and a repeated one writes nothing.
+- ``collections`` picks and maps them: ``SRC`` or ``SRC=DST`` (a source
+  collection into a log collection of another name); all of them by
+  default. A page's key names the destination when it differs, so one
+  source may go to two collections.
 - Metadata that Chroma accepted and the log accepts passes through
-  unchanged; a value the log refuses (a list, say) stops the import with a
-  ``ValidationError`` naming the record, before that page is written.
+  unchanged, list values included. A record the log refuses (metadata it
+  does not take, a record too large for one delta) is ``Refused``:
+  ``plan`` (``--dry-run``) lists every one, and ``run`` stops before the
+  page holding one is written, with an ``InvalidInput`` that lists the
+  page's.
+- An empty source collection holds nothing to import: the log creates a
+  collection with its first record, so it is skipped (``skipped``), and
+  ``verify`` says so rather than comparing nothing.
 - Checked before anything is written (``InvalidInput`` or
   ``ConfigurationError``): a path that is not a Chroma directory, an
-  unreachable server, a missing collection, a dimension that clashes with
-  the log's schema.
+  unreachable server, a missing collection (the error lists those there
+  are), a dimension that clashes with the log's schema.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
 import numpy as np
 
 from deltalog.entry import Metadata
-from deltalog.errors import ConfigurationError, InvalidInput
+from deltalog.errors import InvalidInput, ValidationError
 from deltalog.fold import Record, record_differences
 from deltalog.log import DeltaLog
 from deltalog.migrate.pages import (
@@ -42,12 +52,16 @@ from deltalog.migrate.pages import (
     MiB,
     Page,
     PageWriter,
+    Refused,
+    SourceMap,
     check_dims,
     page_key,
     record_bytes,
+    refusal_error,
 )
 from deltalog.snapshot.server import ChromaTarget, close_http_session, connect_client
 from deltalog.snapshot.sink import ChromaSink
+from deltalog.validate import validate_metadata
 
 __all__ = ["ChromaImporter", "ChromaSource"]
 
@@ -94,7 +108,7 @@ class ChromaImporter:
         client: Any,
         source: ChromaSource,
         *,
-        collections: Sequence[str] | None = None,
+        collections: Sequence[str | SourceMap] | None = None,
         batch: int = 500,
         max_bytes: int = 4 * MiB,
     ) -> None:
@@ -105,8 +119,16 @@ class ChromaImporter:
         self.batch = batch
         self.max_bytes = max_bytes
         self._client = client
-        self._wanted = list(collections) if collections else None
+        self._wanted = (
+            [c if isinstance(c, SourceMap) else SourceMap.parse(c) for c in collections]
+            if collections
+            else None
+        )
+        if self._wanted:
+            SourceMap.check_distinct(self._wanted)
         self._limiter = anyio.CapacityLimiter(1)
+        self.skipped: list[str] = []
+        """Source collections left out because they are empty (set by ``check``)."""
 
     @classmethod
     async def open(cls, log: DeltaLog, source: ChromaSource, **options: Any) -> ChromaImporter:
@@ -132,42 +154,57 @@ class ChromaImporter:
 
     # -- what there is --------------------------------------------------------------
 
-    async def _collections(self) -> list[Any]:
+    async def _collections(self) -> list[tuple[Any, str]]:
+        """The source collections wanted, each with the log collection it goes to."""
         listed = await self._run(self._client.list_collections)
         by_name = {c.name: c for c in listed}
-        names = self._wanted if self._wanted is not None else sorted(by_name)
-        missing = [n for n in names if n not in by_name]
+        maps = self._wanted if self._wanted is not None else [SourceMap(n, n) for n in by_name]
+        missing = [m.source for m in maps if m.source not in by_name]
         if missing:
             raise InvalidInput(
                 f"{self.source.name} has no collection {', '.join(map(repr, missing))}; "
                 f"it has {', '.join(sorted(by_name)) or 'none'}"
             )
         return [
-            await self._run(lambda n=n: self._client.get_collection(n, embedding_function=None))
-            for n in names
+            (
+                await self._run(
+                    lambda n=m.source: self._client.get_collection(n, embedding_function=None)
+                ),
+                m.collection,
+            )
+            for m in sorted(maps, key=lambda m: m.source)
         ]
 
-    async def check(self) -> list[tuple[Any, list[str], int | None]]:
-        """Collections with their sorted ids and dimension; refuses a dimension clash."""
+    async def check(self) -> list[tuple[Any, str, list[str], int | None]]:
+        """Source collections with their destination, sorted ids and dimension; refuses a
+        dimension clash. Empty ones are left out (``skipped``)."""
         found = []
-        for collection in await self._collections():
+        self.skipped = []
+        for collection, destination in await self._collections():
             ids = sorted(await self._run(lambda c=collection: c.get(include=[])["ids"]))
-            dim = await self._run(_dimension, collection) if ids else None
-            found.append((collection, ids, dim))
+            if not ids:
+                self.skipped.append(collection.name)
+                continue
+            dim = await self._run(_dimension, collection)
+            found.append((collection, destination, ids, dim))
         log_dims = await self.log.table.read_dims(self.log.keys.log_id)
-        check_dims(log_dims, {c.name: dim for c, _, dim in found})
+        dims = {dest: dim for _, dest, _, dim in found}
+        check_dims(log_dims, dims, remap="--collection SRC=DST")
         return found
 
-    async def plan(self) -> ImportPlan:
-        """What an import would write: reads every record (``--dry-run``), writes nothing."""
+    async def plan(self) -> tuple[ImportPlan, list[Refused]]:
+        """What an import would write, and every record the log would refuse: reads every
+        record (``--dry-run``), writes nothing."""
         plan = ImportPlan()
-        for collection, ids, dim in await self.check():
-            entry = CollectionPlan(collection.name, collection.name, len(ids), dim)
-            async for page in self._pages(collection, ids):
+        refused: list[Refused] = []
+        for collection, destination, ids, dim in await self.check():
+            entry = CollectionPlan(collection.name, destination, len(ids), dim)
+            async for page, rejected in self._pages(collection, destination, ids):
                 entry.bytes += sum(record_bytes(r) for r in page.records)
                 entry.pages += 1
+                refused += rejected
             plan.collections.append(entry)
-        return plan
+        return plan, refused
 
     # -- the import -----------------------------------------------------------------
 
@@ -175,11 +212,19 @@ class ChromaImporter:
         started = time.monotonic()
         found = await self.check()
         result = ImportResult(
-            ImportPlan([CollectionPlan(c.name, c.name, len(ids), dim) for c, ids, dim in found])
+            ImportPlan([CollectionPlan(c.name, dest, len(ids), dim) for c, dest, ids, dim in found])
         )
         writer = PageWriter(self.log, result, max_bytes=self.max_bytes)
-        for (collection, ids, _), entry in zip(found, result.plan.collections, strict=True):
-            async for page in self._pages(collection, ids):
+        for (collection, destination, ids, _), entry in zip(
+            found, result.plan.collections, strict=True
+        ):
+            async for page, rejected in self._pages(collection, destination, ids):
+                if rejected:
+                    raise refusal_error(
+                        rejected,
+                        "records the log refuses, nothing of their page written (change them "
+                        "in the source; `--dry-run` lists every one)",
+                    )
                 await writer.write([page])
                 entry.pages += 1
                 entry.bytes += sum(record_bytes(r) for r in page.records)
@@ -189,12 +234,19 @@ class ChromaImporter:
         result.seconds = time.monotonic() - started
         return result
 
-    async def _pages(self, collection: Any, ids: list[str]) -> Any:
+    async def _pages(
+        self, collection: Any, destination: str, ids: list[str]
+    ) -> AsyncIterator[tuple[Page, list[Refused]]]:
         source = str(collection.id)
+        # The key of an import into a collection of the same name stays what it was.
+        name = collection.name
+        if destination != name:
+            name = f"{name}={destination}"
         for start in range(0, len(ids), self.batch):
             chunk = ids[start : start + self.batch]
-            records = await self._run(_read, collection, chunk)
-            yield Page(collection.name, page_key("chroma", source, collection.name, chunk), records)
+            limit = self.log.config.max_delta_bytes
+            records, refused = await self._run(_read, collection, chunk, limit)
+            yield Page(destination, page_key("chroma", source, name, chunk), records), refused
 
     # -- verify -----------------------------------------------------------------------
 
@@ -204,28 +256,41 @@ class ChromaImporter:
         """Counts per collection (source, committed) and the differences found.
 
         A sample of ``sample`` ids per collection is compared bit-exact
-        (vectors, documents, metadata).
+        (vectors, documents, metadata). Empty source collections are not
+        compared (``skipped``) unless the log holds records under their name.
         """
         counts = await committed.counts()
         rng = np.random.default_rng(seed)
         seen: dict[str, tuple[int, int]] = {}
         differences: list[str] = []
-        for collection, ids, _ in await self.check():
+        found = await self.check()
+        for name in self.skipped:
+            held = counts.get(self._destination(name), 0)
+            if held:
+                seen[name] = (0, held)
+                differences.append(f"{name}: empty in the source, {held} in the log")
+        for collection, destination, ids, _ in found:
             name = collection.name
-            seen[name] = (len(ids), counts.get(name, 0))
+            seen[name] = (len(ids), counts.get(destination, 0))
             if seen[name][0] != seen[name][1]:
                 differences.append(
                     f"{name}: {seen[name][0]} in the source, {seen[name][1]} in the log"
+                    + (f" ({destination})" if destination != name else "")
                 )
-            picked = sorted(rng.choice(ids, min(sample, len(ids)), replace=False)) if ids else []
-            differences += await _compare(
-                name, await self._run(_read, collection, picked), committed
-            )
+            picked = sorted(rng.choice(ids, min(sample, len(ids)), replace=False))
+            expected, _ = await self._run(_read, collection, picked, None)
+            differences += await _compare(name, destination, expected, committed)
         return seen, differences
 
+    def _destination(self, source: str) -> str:
+        maps = {m.source: m.collection for m in self._wanted or []}
+        return maps.get(source, source)
 
-async def _compare(name: str, expected: list[Record], committed: ChromaSink) -> list[str]:
-    got = {r.id: r for r in await committed.fetch(name, [r.id for r in expected])}
+
+async def _compare(
+    name: str, destination: str, expected: list[Record], committed: ChromaSink
+) -> list[str]:
+    got = {r.id: r for r in await committed.fetch(destination, [r.id for r in expected])}
     out = []
     for record in expected:
         other = got.get(record.id)
@@ -241,31 +306,44 @@ def _dimension(collection: Any) -> int:
     return int(np.asarray(got["embeddings"][0]).shape[0])
 
 
-def _read(collection: Any, ids: list[str]) -> list[Record]:
-    """The records of ``ids``, in that order (blocking)."""
+def _read(collection: Any, ids: list[str], limit: int | None) -> tuple[list[Record], list[Refused]]:
+    """The records of ``ids``, in that order, and those the log refuses (blocking): metadata
+    the log does not take, or a record over ``limit`` bytes (the log's ``max_delta_bytes``:
+    it could not be one delta)."""
     if not ids:
-        return []
+        return [], []
     got = collection.get(ids=ids, include=["embeddings", "documents", "metadatas"])
     # Chroma stores float32 and returns float64: the conversion back is exact.
     vectors = np.asarray(got["embeddings"], dtype=np.float64).astype(np.float32)
     documents = got["documents"] or [None] * len(got["ids"])
     metadatas = got["metadatas"] or [None] * len(got["ids"])
-    by_id = {
-        id_: Record(id_, vectors[i], documents[i], _metadata(collection.name, id_, metadatas[i]))
-        for i, id_ in enumerate(got["ids"])
-    }
-    return [by_id[id_] for id_ in ids if id_ in by_id]
+    by_id: dict[str, Record] = {}
+    refused: list[Refused] = []
+    for i, id_ in enumerate(got["ids"]):
+        record = Record(id_, vectors[i], documents[i], _metadata(metadatas[i]))
+        why = _refusal(record.metadata)
+        size = record_bytes(record)
+        if not why and limit is not None and size > limit:
+            why = f"about {size:,} bytes, over the log's max_delta_bytes ({limit:,}): not one delta"
+        if why:
+            refused.append(Refused(collection.name, id_, why))
+        else:
+            by_id[id_] = record
+    return [by_id[id_] for id_ in ids if id_ in by_id], refused
 
 
-def _metadata(collection: str, id_: str, raw: Mapping[str, Any] | None) -> Metadata | None:
-    out: Metadata = {}
-    for key, value in (raw or {}).items():
-        if value is None:
-            continue  # Chroma reports keys it does not hold as None
-        if not isinstance(value, str | int | float | bool):
-            raise ConfigurationError(
-                f"{collection}/{id_}: metadata {key!r} is a {type(value).__name__}; the log "
-                "takes str, int, float and bool values: change it in the source first"
-            )
-        out[key] = value
-    return out or None
+def _metadata(raw: Mapping[str, Any] | None) -> Metadata | None:
+    """Chroma's metadata as the log would hold it (keys Chroma reports as None dropped)."""
+    out = {key: value for key, value in (raw or {}).items() if value is not None}
+    return cast("Metadata", out) or None
+
+
+def _refusal(metadata: Metadata | None) -> str:
+    """Why the log would refuse this metadata ("" if it takes it)."""
+    if metadata is None:
+        return ""
+    try:
+        validate_metadata(metadata)
+    except ValidationError as exc:
+        return f"{exc.field}: {exc.reason}"
+    return ""

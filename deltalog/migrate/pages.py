@@ -10,7 +10,10 @@
   written again: an interrupted import resumes where it stopped, and a
   repeated import writes nothing.
 - A **plan** is what an import would write (``--dry-run``): per collection,
-  the records, their dimension and their bytes.
+  the records, their dimension and their bytes, and every record the log
+  would refuse (``Refused``), counted by reason.
+- A **mapping** ``SRC[=DST]`` sends a source collection (or namespace) to a
+  collection of another name in the log.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from dataclasses import dataclass, field
 import anyio
 import numpy as np
 
-from deltalog.entry import Delta, Upsert
-from deltalog.errors import InvalidInput
+from deltalog.codec import decode_entry
+from deltalog.entry import Batch, Delta, Upsert
+from deltalog.errors import CorruptEntry, InvalidInput, ValidationError
 from deltalog.fold import Record
 from deltalog.log import DeltaLog
 from deltalog.producer import Producer
+from deltalog.storage.table import Claim
+from deltalog.validate import validate_collection_name
 
 __all__ = [
     "CollectionPlan",
@@ -35,8 +41,13 @@ __all__ = [
     "ImportResult",
     "Page",
     "PageWriter",
+    "Refused",
+    "SourceMap",
     "check_dims",
+    "durable_claims",
     "page_key",
+    "refusal_counts",
+    "refusal_error",
 ]
 
 MiB = 1 << 20
@@ -46,6 +57,70 @@ def page_key(kind: str, source: str, collection: str, ids: Sequence[str]) -> str
     """The idempotency key of a page: its source, collection and cursor."""
     cursor = json.dumps([source, collection, ids[0], ids[-1], len(ids)])
     return f"import:{kind}:{hashlib.sha256(cursor.encode()).hexdigest()[:32]}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMap:
+    """``SRC[=DST]``: a source collection and the log collection it goes to."""
+
+    source: str
+    collection: str
+
+    @classmethod
+    def parse(cls, text: str, *, flag: str = "--collection") -> SourceMap:
+        source, _, collection = text.partition("=")
+        if not source:
+            raise InvalidInput(f"{flag} {text!r}: name the source: SRC or SRC=DST")
+        collection = collection or source
+        try:
+            validate_collection_name(collection)
+        except ValidationError as exc:
+            raise InvalidInput(f"{flag} {text!r}: {exc.reason}") from None
+        return cls(source, collection)
+
+    @staticmethod
+    def check_distinct(maps: Sequence[SourceMap]) -> None:
+        """Refuse two sources sent to one collection: their records would mix."""
+        seen: dict[str, str] = {}
+        for m in maps:
+            other = seen.setdefault(m.collection, m.source)
+            if other != m.source:
+                raise InvalidInput(
+                    f"{other!r} and {m.source!r} would both go to collection "
+                    f"{m.collection!r}: give each its own (SRC=DST)"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A record the log would refuse, and why."""
+
+    namespace: str
+    """The source collection (Chroma) or namespace (Pinecone) it is in."""
+    id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.id}: {self.reason}"
+
+
+_MAX_LISTED = 20
+
+
+def refusal_error(refused: Sequence[Refused], what: str) -> InvalidInput:
+    """The error of a page holding records the log refuses: ``what`` they are, and the
+    first of them."""
+    listed = "; ".join(str(r) for r in refused[:_MAX_LISTED])
+    more = f"; and {len(refused) - _MAX_LISTED} more" if len(refused) > _MAX_LISTED else ""
+    return InvalidInput(f"{len(refused)} {what}: {listed}{more}")
+
+
+def refusal_counts(refused: Sequence[Refused]) -> list[tuple[str, str, int, list[str]]]:
+    """Refusals grouped by source and reason: (source, reason, records, the first ids)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in refused:
+        groups.setdefault((r.namespace, r.reason), []).append(r.id)
+    return [(src, why, len(ids), ids[:3]) for (src, why), ids in sorted(groups.items())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,18 +181,24 @@ def record_bytes(record: Record) -> int:
     return record.embedding.nbytes + len((record.document or "").encode()) + meta + 64
 
 
-def check_dims(log_dims: dict[str, int], source_dims: dict[str, int | None]) -> None:
-    """Refuse, before anything is written, a source collection of another dimension."""
+def check_dims(
+    log_dims: dict[str, int], source_dims: dict[str, int | None], *, remap: str = ""
+) -> None:
+    """Refuse, before anything is written, a source collection of another dimension.
+
+    ``remap`` names the flag that sends a source to another collection.
+    """
     clashes = [
         f"{name}: the source has {dim}-dimensional vectors, the log {log_dims[name]}"
         for name, dim in source_dims.items()
         if dim is not None and name in log_dims and log_dims[name] != dim
     ]
     if clashes:
+        how = f" ({remap})" if remap else ""
         raise InvalidInput(
             "dimension clash, nothing written: "
             + "; ".join(clashes)
-            + ". Import into another collection or another log"
+            + f". Import into another collection{how} or another log (--log)"
         )
 
 
@@ -135,9 +216,10 @@ class PageWriter:
     async def write(self, pages: Sequence[Page]) -> None:
         """Write pages (skipping parts the log holds); raise the first failure as itself."""
         parts = [(page, key, chunk) for page in pages for key, chunk in self._parts(page)]
-        held = await self.log.table.get_claims(self.log.keys.log_id, [k for _, k, _ in parts])
+        held = await durable_claims(self.log, [k for _, k, _ in parts])
         todo = [(page, key, chunk) for page, key, chunk in parts if key not in held]
         self.result.deltas_skipped += len(parts) - len(todo)
+        self.result.last_seq = max([self.result.last_seq, *(c.seq for c in held.values())])
         if not todo:
             return
         try:
@@ -168,6 +250,26 @@ class PageWriter:
         if chunk:
             parts.append((f"{page.key}/{len(parts)}", chunk))
         return parts
+
+
+async def durable_claims(log: DeltaLog, keys: Sequence[str]) -> dict[str, Claim]:
+    """The claims of ``keys`` whose entries are written: those deltas are in the log.
+
+    A claim alone is not enough: a writer stopped between claiming its key
+    and writing its entry leaves a claim on a seq that stays empty (and is
+    sealed). Such a key is left to the append protocol, which decides.
+    """
+    claims = await log.table.get_claims(log.keys.log_id, list(keys))
+    written: dict[int, str | None] = {}
+    for seq in sorted({c.seq for c in claims.values()}):
+        key = log.keys.entry(seq)
+        stored = await log.store.get(key)
+        try:
+            entry = decode_entry(stored.data, seq=seq, key=key) if stored else None
+        except CorruptEntry:
+            entry = None
+        written[seq] = entry.entry_id if isinstance(entry, Batch) else None
+    return {k: c for k, c in claims.items() if written[c.seq] == c.entry_id}
 
 
 def _first(group: BaseExceptionGroup[Exception]) -> Exception:

@@ -12,20 +12,19 @@
   resumes, a repeated one writes nothing.
 
 **The metadata mapping** (Pinecone metadata to Chroma's, which the log
-keeps): string, integer, float and boolean values pass unchanged; the
-``--document-field`` value (default ``text``), a string, becomes the
-record's document and leaves the metadata; an empty metadata becomes none.
-Refused, never dropped: lists (Pinecone's string lists: Chroma's metadata
-values are scalars), nulls and nested objects, a non-string document field,
-non-finite numbers, keys that are empty or start with ``#``, and sparse
-values. A page with a refused record is not written; the error lists every
+keeps): string, integer, float and boolean values and lists of strings
+pass unchanged; the ``--document-field`` value (default ``text``), a
+string, becomes the record's document and leaves the metadata; an empty
+metadata becomes none. Refused, never dropped: empty lists, nulls and
+nested objects, a non-string document field, non-finite numbers, keys that
+are empty or start with ``#``, and sparse values (the log's own metadata
+rules, ``deltalog.validate``). A page with a refused record is not written; the error lists every
 refusal of the page (``--dry-run`` lists those of the whole index).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,13 @@ import anyio.to_thread
 import numpy as np
 
 from deltalog.entry import Metadata
-from deltalog.errors import ConfigurationError, DeltalogError, InvalidInput, Unavailable
+from deltalog.errors import (
+    ConfigurationError,
+    DeltalogError,
+    InvalidInput,
+    Unavailable,
+    ValidationError,
+)
 from deltalog.fold import Record
 from deltalog.log import DeltaLog
 from deltalog.migrate.pages import (
@@ -46,17 +51,20 @@ from deltalog.migrate.pages import (
     ImportResult,
     Page,
     PageWriter,
+    Refused,
     check_dims,
+    durable_claims,
     page_key,
     record_bytes,
+    refusal_error,
 )
+from deltalog.validate import validate_metadata
 
 __all__ = ["API_KEY_VARIABLE", "NamespaceMap", "PineconeImporter", "Refused", "map_vector"]
 
 API_KEY_VARIABLE = "PINECONE_API_KEY"
 DEFAULT_NAMESPACE = "__default__"
 _PAGE_LIMIT = 100
-_MAX_LISTED = 20
 _ONE_PART = 1 << 62
 """Pages are never split (a page of 100 vectors is far under the delta limit): one key each."""
 
@@ -83,18 +91,6 @@ class NamespaceMap:
     def wire(self) -> str:
         """The namespace as requests name it ("" for the default one)."""
         return "" if self.namespace == DEFAULT_NAMESPACE else self.namespace
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """A record that cannot map, and why."""
-
-    namespace: str
-    id: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace or DEFAULT_NAMESPACE}/{self.id}: {self.reason}"
 
 
 def map_vector(vector: Any, document_field: str) -> tuple[Record | None, list[str]]:
@@ -126,15 +122,13 @@ def map_vector(vector: Any, document_field: str) -> tuple[Record | None, list[st
 
 
 def _refusal(key: str, value: Any) -> str | None:
-    if not key or key.startswith("#"):
-        return f"metadata key {key!r} is empty or starts with '#'"
-    if isinstance(value, bool | str | int):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"metadata {key!r} is {value}"
-    if isinstance(value, list):
-        return f"metadata {key!r} is a list (Chroma metadata values are scalars)"
-    return f"metadata {key!r} is a {type(value).__name__}"
+    """Why the log would refuse this metadata value (None if it takes it): the log's own
+    rules, so a list of strings passes and an empty list, a null or an object does not."""
+    try:
+        validate_metadata({key: value})
+    except ValidationError as exc:
+        return f"metadata {key!r}: {exc.reason}"
+    return None
 
 
 @dataclass(slots=True)
@@ -216,7 +210,8 @@ class PineconeImporter:
                 f"it has {', '.join(sorted(found)) or 'none'}"
             )
         dims = {m.collection: stats.dimension for m in self.namespaces}
-        check_dims(await self.log.table.read_dims(self.log.keys.log_id), dims)
+        log_dims = await self.log.table.read_dims(self.log.keys.log_id)
+        check_dims(log_dims, dims, remap="--namespace NS=COLLECTION")
         return {m.namespace: found[_stat_name(m)] for m in self.namespaces}
 
     async def plan(self) -> tuple[ImportPlan, list[Refused]]:
@@ -252,13 +247,19 @@ class PineconeImporter:
             async for ids in self._id_pages(mapping):
                 entry.pages += 1
                 key = page_key("pinecone", self.name, mapping.namespace, ids)
-                if await self._held(f"{key}/0"):
+                held = await durable_claims(self.log, [f"{key}/0"])
+                if held:
                     result.deltas_skipped += 1
+                    result.last_seq = max(result.last_seq, *(c.seq for c in held.values()))
                     continue
                 scan = _Scan()
                 records = await self._fetch(mapping, ids, scan)
                 if scan.refused:
-                    raise _refusal_error(scan.refused)
+                    raise refusal_error(
+                        scan.refused,
+                        "records cannot map to Chroma metadata, nothing of their page written "
+                        "(see the mapping in `deltalog import pinecone --help`)",
+                    )
                 entry.bytes += sum(record_bytes(r) for r in records)
                 await writer.write([Page(mapping.collection, key, records)])
                 result.seconds = time.monotonic() - started
@@ -266,9 +267,6 @@ class PineconeImporter:
                     progress(result)
         result.seconds = time.monotonic() - started
         return result
-
-    async def _held(self, key: str) -> bool:
-        return bool(await self.log.table.get_claims(self.log.keys.log_id, [key]))
 
     async def _id_pages(self, mapping: NamespaceMap) -> Any:
         token: str | None = None
@@ -300,7 +298,8 @@ class PineconeImporter:
             if vector is None:
                 continue  # deleted between the listing and the fetch
             record, reasons = map_vector(vector, self.document_field)
-            scan.refused += [Refused(mapping.namespace, id_, why) for why in reasons]
+            where = mapping.namespace or DEFAULT_NAMESPACE
+            scan.refused += [Refused(where, id_, why) for why in reasons]
             if record is not None:
                 records.append(record)
         return records
@@ -323,15 +322,6 @@ class PineconeImporter:
 
 def _stat_name(mapping: NamespaceMap) -> str:
     return DEFAULT_NAMESPACE if mapping.wire == "" else mapping.namespace
-
-
-def _refusal_error(refused: list[Refused]) -> InvalidInput:
-    listed = "; ".join(str(r) for r in refused[:_MAX_LISTED])
-    more = f"; and {len(refused) - _MAX_LISTED} more" if len(refused) > _MAX_LISTED else ""
-    return InvalidInput(
-        f"{len(refused)} records cannot map to Chroma metadata, nothing of their page written "
-        f"(see the mapping in `deltalog import pinecone --help`): {listed}{more}"
-    )
 
 
 async def _call(what: str, func: Callable[[], Any]) -> Any:

@@ -340,9 +340,10 @@ class ReceiptProducer:
         words, lines = word_records(receipt), line_records(receipt)
         vectors = await self._embed(words.inputs + lines.inputs)
         split = len(words.ids)
+        name = self.embedder.name
         ops: list[Op] = [
-            Upsert(WORDS, words.ids, vectors[:split], words.documents, words.metadatas),
-            Upsert(LINES, lines.ids, vectors[split:], lines.documents, lines.metadatas),
+            Upsert(WORDS, words.ids, vectors[:split], words.documents, words.metadatas, name),
+            Upsert(LINES, lines.ids, vectors[split:], lines.documents, lines.metadatas, name),
         ]
         seq, duplicate = await self._submit_receipt(ops, key)
         if duplicate:
@@ -488,6 +489,7 @@ class IngestSummary:
 
     def rows(self) -> list[tuple[str, str]]:
         return [
+            ("lines read", f"{self.receipts + self.errors:,}"),
             ("receipts", f"{self.receipts:,}"),
             ("vectors written", f"{self.vectors:,}"),
             ("deltas written", f"{self.deltas_written:,}"),

@@ -16,6 +16,9 @@ Contract:
   ``records`` returns a collection's records sorted by id (none for a
   collection that does not exist), vectors bit-exact.
 - ``aclose`` is idempotent; any other call after it raises ``Closed``.
+- A plan's collection that names its embedder (``CollectionPlan.embedder``)
+  records it on the collection (``embedder`` reads it back); in Chroma, as
+  the collection metadata ``deltalog:embedder``.
 
 ChromaDB semantics this relies on (chromadb 1.5): ``add`` of an existing id
 is silently ignored and ``upsert`` merges metadata and keeps the old document
@@ -53,7 +56,11 @@ if TYPE_CHECKING:  # importing chromadb takes a second: only ChromaSink pays for
     from chromadb.api.models.Collection import Collection
     from chromadb.api.types import Metadata as ChromaMetadata
 
-__all__ = ["ApplyStats", "ChromaSink", "Distinct", "Hit", "MemorySink", "Sink"]
+__all__ = ["EMBEDDER_KEY", "ApplyStats", "ChromaSink", "Distinct", "Hit", "MemorySink", "Sink"]
+
+EMBEDDER_KEY = "deltalog:embedder"
+"""The collection metadata key naming the embedder that made its vectors, when the log
+says (``Upsert.embedder``): what a plain Chroma client reads to embed its queries alike."""
 
 T = TypeVar("T")
 
@@ -72,6 +79,9 @@ class ApplyStats:
     patches: int
     batches: int = 0
     seconds: float = 0.0
+    removed: int = 0
+    """Ids of the plan's deletes that the sink held: what was deleted (a delete of an
+    id that does not exist changes nothing and is not counted)."""
 
 
 class Sink(Protocol):
@@ -194,20 +204,24 @@ class ChromaSink:
     async def apply(self, plan: FoldPlan) -> ApplyStats:
         started = time.perf_counter()
         async with self._lock:
-            batches = 0
+            batches = removed = 0
             for name, changes in plan.collections.items():
-                batches += await self._apply_collection(name, changes)
-        return _stats(plan, batches, time.perf_counter() - started)
+                calls, gone = await self._apply_collection(name, changes)
+                batches, removed = batches + calls, removed + gone
+        return _stats(plan, batches, time.perf_counter() - started, removed)
 
-    async def _apply_collection(self, name: str, changes: CollectionPlan) -> int:
+    async def _apply_collection(self, name: str, changes: CollectionPlan) -> tuple[int, int]:
+        """Apply one collection's changes: the calls it took and the deleted ids that existed."""
         collection = await self._collection(name)
         distinct = await self._kept_distinct(name)
         removals = sorted(self._removals(changes))
         puts = list(changes.puts.values())
         patches = [(id_, patch) for id_, patch in changes.patches.items() if patch]
-        calls = 0
+        calls = removed = 0
         for ids in _chunks(removals, self._batch):
-            calls += await self._run(f"delete from {name!r}", _remove_existing, collection, ids)
+            existing = await self._run(f"delete from {name!r}", _remove_existing, collection, ids)
+            calls += 1 + bool(existing)
+            removed += len(changes.deletes.intersection(existing))
         for records in _chunks(puts, self._batch):
             calls += await self._run(f"add to {name!r}", self._put, collection, records)
         for some in _chunks(patches, self._batch):
@@ -215,7 +229,23 @@ class ChromaSink:
         if distinct is not None and (changes.deletes or puts):
             replaced = sorted(changes.deletes | changes.puts.keys())
             await self._index(distinct, name, replaced, puts)
-        return calls
+        if changes.embedder is not None:
+            calls += await self.set_embedder(name, changes.embedder)
+        return calls, removed
+
+    async def embedder(self, collection: str) -> str | None:
+        """The embedder the collection's metadata says made its vectors (``EMBEDDER_KEY``)."""
+        handle = await self._existing(collection)
+        value = (handle.metadata or {}).get(EMBEDDER_KEY) if handle is not None else None
+        return value if isinstance(value, str) else None
+
+    async def set_embedder(self, collection: str, embedder: str) -> int:
+        """Record the embedder in the collection's metadata; the calls it took (0: it was)."""
+        handle = await self._collection(collection)
+        if (handle.metadata or {}).get(EMBEDDER_KEY) == embedder:
+            return 0
+        await self._run(f"record the embedder of {collection!r}", _set_embedder, handle, embedder)
+        return 1
 
     async def _index(
         self, distinct: DistinctIndex, name: str, removals: list[str], puts: list[Record]
@@ -435,22 +465,32 @@ def _create(create: Callable[..., Collection], name: str) -> Collection:
     return create(name, embedding_function=None)
 
 
-def _remove_existing(collection: Collection, ids: list[str]) -> int:
-    """Delete the ids that exist; deleting absent ids costs as much as an add."""
+def _remove_existing(collection: Collection, ids: list[str]) -> list[str]:
+    """Delete the ids that exist (deleting absent ids costs as much as an add); return them."""
     existing: list[str] = list(collection.get(ids=ids, include=[])["ids"])
     if existing:
         collection.delete(ids=existing)
-    return 1 + bool(existing)
+    return existing
+
+
+def _set_embedder(collection: Collection, embedder: str) -> None:
+    # Chroma refuses "hnsw:" keys in a modify (the distance function is fixed at
+    # creation, and kept in the collection's configuration): carry the others over.
+    kept = {k: v for k, v in (collection.metadata or {}).items() if not k.startswith("hnsw:")}
+    collection.modify(metadata={**kept, EMBEDDER_KEY: embedder})
 
 
 def _add(collection: Collection, records: list[Record]) -> int:
     documents = [r.document for r in records]
     metadatas = [r.metadata for r in records]
     # Chroma takes None entries for records without a document or metadata;
-    # its type hints do not say so.
+    # its type hints do not say so. Its vectors as a list of the records'
+    # float32 rows: Chroma splits a matrix into rows anyway, so stacking them
+    # would only copy every vector once more.
+    rows: list[Any] = [r.embedding for r in records]
     collection.add(
         ids=[r.id for r in records],
-        embeddings=np.stack([r.embedding for r in records]),
+        embeddings=rows,
         documents=cast("list[str]", documents) if _any_set(documents) else None,
         metadatas=cast("list[ChromaMetadata]", metadatas) if _any_set(metadatas) else None,
     )
@@ -562,12 +602,15 @@ def _fetch(collection: Collection, ids: list[str]) -> list[Record]:
 
 
 def _metadata(id_: str, raw: Mapping[str, object] | None) -> Metadata | None:
-    """Chroma's metadata as deltalog's: flat str, int, float or bool values."""
+    """Chroma's metadata as deltalog's: flat str, int, float or bool values, or lists of one."""
     out: Metadata = {}
     for key, value in (raw or {}).items():
-        if not isinstance(value, str | int | float | bool):
+        if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+            out[key] = list(value)
+        elif isinstance(value, str | int | float | bool):
+            out[key] = value
+        else:
             raise ValueError(f"record {id_!r} has metadata {key!r} of type {type(value).__name__}")
-        out[key] = value
     return out or None
 
 
@@ -576,8 +619,10 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(items[start : start + size])
 
 
-def _stats(plan: FoldPlan, batches: int, seconds: float) -> ApplyStats:
-    return ApplyStats(plan.ids_deleted, plan.vectors_upserted, plan.ids_patched, batches, seconds)
+def _stats(plan: FoldPlan, batches: int, seconds: float, removed: int) -> ApplyStats:
+    return ApplyStats(
+        plan.ids_deleted, plan.vectors_upserted, plan.ids_patched, batches, seconds, removed
+    )
 
 
 class MemorySink:
@@ -586,6 +631,7 @@ class MemorySink:
     def __init__(self, *, log: str | None = None) -> None:
         self._state: State = {}
         self._dims: dict[str, int] = {}
+        self._embedders: dict[str, str] = {}
         self._log = log
         self._closed = False
 
@@ -604,9 +650,20 @@ class MemorySink:
         for name, changes in plan.collections.items():
             for record in changes.puts.values():
                 self._check_dim(dims, name, record)
+        removed = sum(
+            len(changes.deletes.intersection(self._state.get(name, {})))
+            for name, changes in plan.collections.items()
+        )
         apply_to_state(self._state, plan)
         self._dims = dims
-        return _stats(plan, 0, time.perf_counter() - started)
+        for name, changes in plan.collections.items():
+            if changes.embedder is not None:
+                self._embedders[name] = changes.embedder
+        return _stats(plan, 0, time.perf_counter() - started, removed)
+
+    async def embedder(self, collection: str) -> str | None:
+        self._check_open()
+        return self._embedders.get(collection)
 
     def _check_dim(self, dims: dict[str, int], name: str, record: Record) -> None:
         dim = dims.setdefault(name, record.embedding.shape[0])

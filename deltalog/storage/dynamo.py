@@ -57,6 +57,7 @@ from deltalog.storage.table import (
     LeaseState,
     LogState,
     Retiring,
+    held_until,
     identity_mismatch,
 )
 
@@ -512,9 +513,7 @@ class DynamoTable:
             if state.retired_by:
                 raise _retired(log_id, sk, state)
             raise LeaseBusy(
-                f"the lease is held by {state.owner} until {state.expires_at:.3f} "
-                f"(in {max(0.0, state.expires_at - now):.1f}s)",
-                log=log_id,
+                f"the lease is {held_until(state.owner, state.expires_at, now)}", log=log_id
             )
         return _state_of(item)
 
@@ -723,8 +722,7 @@ class DynamoTable:
         if item is None:
             lease = await self.read_lease(log_id, name)
             raise LeaseBusy(
-                f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f} "
-                f"(in {max(0.0, lease.expires_at - now):.1f}s)",
+                f"the lease {name!r} is {held_until(lease.owner, lease.expires_at, now)}",
                 log=log_id,
             )
         return _lease_of(item)

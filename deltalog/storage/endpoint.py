@@ -75,22 +75,32 @@ def _free_port() -> int:
 class EmbeddedEndpoint:
     """moto's server as a child process; ``url`` once started."""
 
-    def __init__(self, *, startup_timeout: float = 30.0, min_part_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        startup_timeout: float = 30.0,
+        min_part_size: int | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """``port`` 0 picks a free one (``url`` says which, once started)."""
         self.startup_timeout = startup_timeout
         self.min_part_size = min_part_size
-        self.port = 0
+        self.host = host
+        self.port = port
+        self._fixed_port = port
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> str:
         """Start the server and wait until it answers; return its URL."""
-        for _ in range(3):
-            self.port = _free_port()
+        for _ in range(1 if self._fixed_port else 3):
+            self.port = self._fixed_port or _free_port()
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _SERVER, "127.0.0.1", str(self.port)],
+                [sys.executable, "-c", _SERVER, self.host, str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -99,8 +109,9 @@ class EmbeddedEndpoint:
             if self._wait_ready():
                 return self.url
             self.stop()
+        taken = f" (is port {self._fixed_port} free?)" if self._fixed_port else ""
         raise ConfigurationError(
-            "could not start the embedded S3/DynamoDB endpoint (moto server); "
+            f"could not start the embedded S3/DynamoDB endpoint (moto server){taken}; "
             "is the 'moto[server]' package installed?"
         )
 

@@ -349,6 +349,49 @@ class S3Store:
             raise self._error(exc, "create bucket", self.bucket, ambiguous=False) from exc
         return True
 
+    async def ensure_abort_rule(self, prefix: str = "", days: int = 1) -> str:
+        """A lifecycle rule aborting multipart uploads left incomplete for ``days``.
+
+        An upload a crash or a kill left behind (the compactor aborts its own
+        on any other way out) costs storage until it is aborted. Returns
+        ``present`` when an enabled rule already covers ``prefix``, else adds
+        one, keeping the bucket's other rules, and returns ``added``.
+        """
+        try:
+            answer = await self._s3.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+            rules: list[dict[str, Any]] = list(answer.get("Rules", []))
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchLifecycleConfiguration":
+                raise self._error(exc, "read the lifecycle", self.bucket, ambiguous=False) from exc
+            rules = []
+        except Exception as exc:
+            raise self._error(exc, "read the lifecycle", self.bucket, ambiguous=False) from exc
+        if any(_aborts_uploads(rule, prefix) for rule in rules):
+            return "present"
+        rule = {
+            "ID": "deltalog-abort-incomplete-multipart-uploads",
+            "Status": "Enabled",
+            "Filter": {"Prefix": prefix},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": days},
+        }
+        try:
+            await self._s3.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": [*rules, rule]}
+            )
+        except Exception as exc:
+            raise self._error(exc, "set the lifecycle", self.bucket, ambiguous=False) from exc
+        return "added"
+
+
+def _aborts_uploads(rule: dict[str, Any], prefix: str) -> bool:
+    """Whether a lifecycle rule aborts the incomplete multipart uploads under ``prefix``."""
+    if rule.get("Status") != "Enabled" or "AbortIncompleteMultipartUpload" not in rule:
+        return False
+    scope = rule.get("Filter", {"Prefix": rule.get("Prefix", "")})
+    if set(scope) - {"Prefix"}:  # tags, sizes or an And: not every key
+        return False
+    return prefix.startswith(str(scope.get("Prefix", "")))
+
 
 def _total_size(answer: dict[str, Any], received: int) -> int:
     """The whole object's size, from a ranged answer's ``Content-Range``."""
@@ -397,9 +440,13 @@ class MultipartUpload:
             self._tg.cancel_scope.cancel()
         # Part tasks never raise (they keep their failure): the task group
         # adds nothing to the exception the caller's block may be raising.
-        await self._tg.__aexit__(None, None, None)
-        if self._upload_id is not None and not self._done:
-            await self._abort()
+        # When an outer scope is cancelled (a stop signal), leaving the task
+        # group raises that cancellation again: abort in ``finally``.
+        try:
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            if self._upload_id is not None and not self._done:
+                await self._abort()
 
     async def write(self, data: bytes) -> None:
         self._check()

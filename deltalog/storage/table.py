@@ -49,6 +49,7 @@ covered by going through them. A log id never bound is addressed as is
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -76,8 +77,20 @@ __all__ = [
     "MemoryTable",
     "Retiring",
     "Table",
+    "held_until",
     "identity_mismatch",
+    "wall_time",
 ]
+
+
+def wall_time(at: float) -> str:
+    """A time for people: ``2025-03-01 14:03:22 UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def held_until(owner: str | None, expires_at: float, now: float) -> str:
+    """``held by OWNER until 2025-03-01 14:03:22 UTC (in 18.7 s)``: a busy lease, for people."""
+    return f"held by {owner} until {wall_time(expires_at)} (in {max(0.0, expires_at - now):.1f} s)"
 
 
 def identity_mismatch(log_id: str, recorded: str | None, wanted: str) -> IdentityMismatch:
@@ -544,7 +557,7 @@ class MemoryTable:
         _check_current(state, log_id, sk)
         if not state.lease_free(now):
             raise LeaseBusy(
-                f"the lease is held by {state.owner} until {state.expires_at:.3f}", log=log_id
+                f"the lease is {held_until(state.owner, state.expires_at, now)}", log=log_id
             )
         self._write(log_id, sk)
         state = replace(
@@ -713,7 +726,7 @@ class MemoryTable:
         lease = await self.read_lease(log_id, name)
         if not lease.lease_free(now):
             raise LeaseBusy(
-                f"the lease {name!r} is held by {lease.owner} until {lease.expires_at:.3f}",
+                f"the lease {name!r} is {held_until(lease.owner, lease.expires_at, now)}",
                 log=log_id,
             )
         self._write(log_id, lease_sk(name))

@@ -210,17 +210,20 @@ async def upload_from_thread(
         finally:
             anyio.from_thread.run_sync(send.close)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(anyio.to_thread.run_sync, run)
-        try:
-            async with receive:
-                async for data in receive:
-                    writer.taken()
-                    await upload.write(data)
-        except Exception as exc:  # raised below, after the thread stopped: not in a group
-            failure.insert(0, exc)
-        finally:
-            writer.abort()  # the thread stops at its next write, if it is still writing
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, run)
+            try:
+                async with receive:
+                    async for data in receive:
+                        writer.taken()
+                        await upload.write(data)
+            except Exception as exc:  # raised below, after the thread stopped: not in a group
+                failure.insert(0, exc)
+            finally:
+                writer.abort()  # the thread stops at its next write, if it is still writing
+    finally:
+        send.close()  # when cancelled before the thread started, it never closes it itself
     if failure:
         raise failure[0]
     return outcome[0]

@@ -124,8 +124,10 @@ async def test_compact_applies_then_has_nothing_to_do_and_status_json_shows_it(
     assert run.code == 0, run.err
     state = await _state(log)
     assert state.snapshot_key is not None
+    # The figures are the snapshot's net change: a#1, put and deleted in this run, was
+    # never in it, so nothing was deleted from it.
     assert run.out.splitlines() == [
-        f"{name}: applied 3 entries (hwm 0 -> 3): 2 vectors upserted, 1 deleted, 0 patched, "
+        f"{name}: applied 3 entries (hwm 0 -> 3): 2 vectors upserted, 0 deleted, 0 patched, "
         f"0 holes sealed in {_seconds(run.out)}s; checkpoint {state.snapshot_key} published "
         f"({state.snapshot_size} bytes, first)"
     ]
@@ -139,6 +141,11 @@ async def test_compact_applies_then_has_nothing_to_do_and_status_json_shows_it(
     assert (status["state"]["owner"], status["state"]["token"]) == (None, 2)
     assert status["last_run"]["status"] == "nothing"
     assert (status["last_run"]["hwm_before"], status["last_run"]["hwm_after"]) == (3, 3)
+
+    await log.append(delete("a#0", "a#1", "never-was"))  # one of the three is there
+    third = await cli("compact", "--json")
+    assert third.code == 0, third.err
+    assert json.loads(third.out)["ids_deleted"] == 1, "only what was there is counted"
     assert (status["snapshot_hwm"], status["snapshot_bytes"]) == (3, state.snapshot_size)
     assert (status["tail_entries"], status["tail_bytes"]) == (0, 0)
 
@@ -229,8 +236,14 @@ async def test_export_refuses_a_directory_that_is_not_empty(
     (out / "mine.txt").write_text("keep me")
     run = await cli("export", "--out", str(out))
     assert run.code == 1
-    assert "exists and is not empty" in run.err
+    assert f"{out} is a directory that is not empty: export into a new" in run.err
     assert _listing(out) == ["mine.txt"], "nothing was written"
+    file = tmp_path / "taken.sqlite3"
+    file.write_text("a file")
+    run = await cli("export", "--out", str(file))
+    assert run.code == 1
+    assert f"{file} is a file: export into a new (or empty) directory" in run.err
+    assert file.read_text() == "a file"
 
 
 async def test_export_to_another_file_system_appears_whole(
@@ -337,6 +350,9 @@ async def test_a_held_lease_exits_3_and_status_shows_the_holder(
     assert busy.code == 3, busy.err
     assert len(busy.out.splitlines()) == 1
     assert f"{log.config.log}: lease busy" in busy.out and holder in busy.out
+    assert re.search(
+        rf"held by {holder} until \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in \d+\.\d s\)", busy.out
+    ), busy.out
     assert (await _state(log)).hwm == 1
 
     text = await cli("status")
@@ -350,9 +366,11 @@ async def test_a_held_lease_exits_3_and_status_shows_the_holder(
     ):
         assert line in lines, (line, text.out)
     assert re.search(
-        rf"^lease      held by {holder}, token 2, expires in \d+\.\ds$", text.out, re.M
+        rf"^lease      held by {holder} until [-0-9: ]+ UTC \(in \d+\.\d s\), token 2$",
+        text.out,
+        re.M,
     ), text.out
-    assert re.search(r"^last run   [-0-9: ]+: applied, hwm 0 -> 1$", text.out, re.M), text.out
+    assert re.search(r"^last run   [-0-9: ]+ UTC: applied, hwm 0 -> 1$", text.out, re.M), text.out
 
 
 async def test_a_poison_entry_exits_1_until_quarantined(
@@ -451,6 +469,12 @@ async def test_verify_exits_0_when_equal_and_4_listing_the_differences(
             "index recall@10 1.0000 over 5 sampled queries (threshold 0.99): ok",
         ],
     ), equal.err
+    # Progress on stderr (a pipe here: plain lines): each step, the rebuild counted.
+    steps = [line.split(":", 1)[0] + ":" + line.split(":", 2)[1] for line in equal.err.splitlines()]
+    assert "verify: rebuild" in steps, equal.err
+    assert re.search(r"^verify: rebuild: 2/2 seqs", equal.err, re.M), equal.err
+    quiet = await cli("verify", "-q")
+    assert (quiet.code, quiet.err) == (0, ""), "-q: no progress"
     await _commit_a_snapshot_missing(config, tmp_path / "tamper", "a#1")
     found = await cli("verify")
     assert found.code == 4, found.err
@@ -482,7 +506,7 @@ async def test_follow_reports_a_setup_error_like_any_command(
 ) -> None:
     cli = Cli(replace(config, table=f"{config.table}-missing"), tmp_path / "cache")
     run = await cli("compact", "--follow", "--logs", "x,y")
-    assert run.code == 1
+    assert run.code == 2, "a configuration error"
     assert "ConfigurationError" in run.err and "does not exist" in run.err
     assert "Traceback" not in run.err
 
@@ -832,3 +856,57 @@ def test_the_checkpoint_flags_reach_the_policy(tmp_path: Path) -> None:
     assert policy("--checkpoint-ratio", "0", "--max-tail-entries", "0") == (0.0, None, 256 << 20)
     assert policy("--max-tail-entries", "500", "--max-tail-bytes", "0") == (0.1, 500, None)
     assert policy("--max-tail-bytes", "16MiB")[2] == 16 * 2**20
+
+
+def _upload_part(request: Request) -> bool:
+    """A multipart upload's part (the proxy names it PutObject, with a part number)."""
+    return request.method == "PUT" and "partNumber=" in request.query
+
+
+async def _open_uploads(config: LogConfig, prefix: str) -> list[str]:
+    """The multipart uploads S3 (moto) holds under ``prefix``, asked with a plain client."""
+    import aioboto3
+
+    session = aioboto3.Session(region_name="us-east-1")
+    async with session.client("s3", endpoint_url=config.endpoint_url) as s3:
+        listed = await s3.list_multipart_uploads(Bucket=config.bucket, Prefix=prefix)
+    return [upload["Key"] for upload in listed.get("Uploads", [])]
+
+
+async def test_ctrl_c_during_a_publish_aborts_the_upload_and_says_what_was_not_done(
+    cli: Cli, log: DeltaLog, rng: np.random.Generator
+) -> None:
+    """SIGINT while a part of the checkpoint's multipart upload is held at the proxy: the
+    command aborts the upload on its way out (none left on S3), releases the lease, commits
+    nothing, exits 130 and says so; the state's last run says it was interrupted."""
+    for i in range(3):
+        await log.append(delta(rng, f"r{i}", rows=20))
+    async with held_once(log.config, _upload_part) as (url, reached, _go):
+        via = replace(log.config, endpoint_url=url)
+        argv = [*replace(cli, config=via).argv("compact"), "--part-size", "1KiB"]
+        async with _daemon(argv) as daemon:
+            with anyio.fail_after(60):
+                while not reached.is_set():
+                    assert daemon.process.returncode is None, daemon.stderr
+                    await anyio.sleep(0.02)
+            assert await _open_uploads(log.config, log.keys.snapshots_prefix), "mid-upload"
+            daemon.process.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                code = await daemon.process.wait()
+            await _eventually(lambda: _true("Run the same command again" in daemon.stderr), 5)
+    assert code == 130, daemon.stderr
+    assert "Traceback" not in daemon.stderr
+    assert await _open_uploads(log.config, log.keys.snapshots_prefix) == [], "aborted"
+    assert (
+        f"{log.config.log}: compact interrupted: nothing was committed (hwm stays 0; the 3 seqs "
+        "it had applied were discarded); 3 seqs up to the head 3 are not applied. Run the same "
+        "command again" in daemon.stderr
+    ), daemon.stderr
+    state = await _state(log)
+    assert (state.hwm, state.owner, state.snapshot_key) == (0, None, None)
+    assert json.loads(state.last_run)["status"] == "interrupted"
+    status = await cli("status")
+    assert re.search(r"^last run   [-0-9: ]+UTC: interrupted at hwm 0: nothing committed$",
+                     status.out, re.M), status.out  # fmt: skip
+    again = await cli("compact")
+    assert again.code == 0 and "applied 3 entries (hwm 0 -> 3)" in again.out, again.err

@@ -62,3 +62,27 @@ def test_quiet_shows_nothing_on_a_terminal_or_elsewhere() -> None:
             d.note("a note")
         assert stream.getvalue() == ""
         assert d.completed == 5, "the count is still kept"
+
+
+def test_quiet_hides_progress_not_warnings() -> None:
+    for stream in (Terminal(), io.StringIO()):
+        with ProgressDisplay("ingest", unit="lines", quiet=True, stream=stream) as d:
+            d.update(1)
+            d.warn("skipped: r.jsonl:2: not JSON")
+        assert ANSI.sub("", stream.getvalue()).strip() == "skipped: r.jsonl:2: not JSON"
+
+
+def test_a_stage_counts_something_else_from_zero() -> None:
+    pipe = io.StringIO()
+    with ProgressDisplay("mirror bootstrap", unit="records", total=5, stream=pipe) as display:
+        display.update(5)
+        display.stage("mirror", unit="seqs", total=2)
+        assert (display.completed, display.figures, display.total) == (0, {}, 2)
+        display.update(2, vectors=7)
+    lines = [line.split(" (")[0] for line in pipe.getvalue().splitlines()]
+    assert lines == ["mirror bootstrap: 5/5 records", "mirror: 2/2 seqs"]
+    tty = Terminal()
+    with ProgressDisplay("verify: committed copy", unit="seqs", stream=tty) as display:
+        display.stage("verify: rebuild", unit="seqs", total=3)
+        display.update(3)
+    assert "verify: rebuild" in ANSI.sub("", tty.getvalue())

@@ -888,3 +888,93 @@ async def test_a_checkpoint_pruned_while_the_bootstrap_downloads_it_is_read_agai
     assert result.position_after == 2
     assert (position(chroma, target) or {})["snapshot_key"] == second.snapshot_key
     assert_states_equal(server_state(chroma, target), await reference(log))
+
+
+async def test_collections_record_the_embedder_through_snapshot_bootstrap_and_follow(
+    log: DeltaLog,
+    config: LogConfig,
+    chroma: ChromaServer,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+) -> None:
+    """Upserts that name their embedder: the snapshot's collections record it, the mirror's
+    bootstrap copies it to the server, and following records a later one (a plain client
+    reads it in the collection's metadata). A collection whose upserts name none has none."""
+
+    def upsert(collection: str, ids: list[str], embedder: str | None) -> Delta:
+        vectors = rng.standard_normal((len(ids), DIMS[collection]), dtype=np.float32)
+        return Delta(ops=[Upsert(collection, ids, vectors, embedder=embedder)])
+
+    await log.append(upsert("words", ["w1", "w2"], "model-a:8"))
+    await log.append(upsert("lines", ["l1"], None))
+    async with Compactor(config, cache_dir=tmp_path / "c") as compactor:
+        assert (await compactor.run_once()).status == "applied"
+        exported = await compactor.export(tmp_path / "export")
+    import chromadb
+    from chromadb.config import Settings
+
+    plain: Any = chromadb.PersistentClient(
+        str(exported.path), settings=Settings(anonymized_telemetry=False)
+    )
+    try:
+        assert plain.get_collection("words").metadata == {"deltalog:embedder": "model-a:8"}
+        assert not plain.get_collection("lines").metadata
+    finally:
+        plain.close()
+
+    def embedders() -> dict[str, Any]:
+        with chroma.client(target.database) as client:
+            return {
+                c.name: (c.metadata or {}).get("deltalog:embedder")
+                for c in client.list_collections()
+                if c.name != CONTROL_COLLECTION
+            }
+
+    progress: list[tuple[int, int]] = []
+    async with Mirror(
+        config,
+        target,
+        cache_dir=tmp_path / "m",
+        progress=lambda s: progress.append((s.bootstrap_copied, s.bootstrap_total)),
+    ) as mirror:
+        first = await mirror.run_once()
+        assert first.bootstrapped == 3
+        assert embedders() == {"words": "model-a:8", "lines": None}, "copied from the snapshot"
+        assert progress and all(total == 3 for _, total in progress if total)
+        assert (3, 3) in progress, "the bootstrap's progress counts the records it copies"
+        await log.append(upsert("words", ["w3"], "model-b:8"))
+        await log.append(upsert("lines", ["l2"], "model-b:4"))
+        await mirror.run_once()
+        assert mirror.statistics().bootstrap_total == 0, "not bootstrapping any more"
+    assert embedders() == {"words": "model-b:8", "lines": "model-b:4"}, "recorded by follow"
+
+
+async def test_the_commands_progress_counts_the_bootstrap_records_then_the_seqs(
+    log: DeltaLog,
+    config: LogConfig,
+    target: ChromaTarget,
+    rng: np.random.Generator,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``deltalog mirror --once`` (stderr a pipe: plain lines): the bootstrap counts the
+    snapshot's records against their total, then the seqs after it against the lag."""
+    await append_random(log, rng, 6)
+    async with Compactor(config, cache_dir=tmp_path / "c") as compactor:
+        assert (await compactor.run_once()).status == "applied"
+    records = sum((await compactor_counts(config, tmp_path / "c")).values())
+    await append_random(log, rng, 3)
+    code = await anyio.to_thread.run_sync(main, [*_cli(config, target, tmp_path / "m"), "--once"])
+    assert code == 0
+    err = capsys.readouterr().err.splitlines()
+    boot = [line for line in err if line.startswith("mirror bootstrap: ")]
+    assert boot and boot[-1].startswith(f"mirror bootstrap: {records}/{records} records ("), err
+    follow = [line for line in err if line.startswith("mirror: ")]
+    assert follow and follow[-1].startswith("mirror: 3/3 seqs ("), err
+
+
+async def compactor_counts(config: LogConfig, cache: Path) -> dict[str, int]:
+    async with Compactor(config, cache_dir=cache) as compactor:
+        exported = await compactor.export(cache.parent / "counted")
+    return exported.counts

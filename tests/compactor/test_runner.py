@@ -632,8 +632,10 @@ async def test_a_warm_compactor_downloads_nothing_and_a_cold_one_replays_the_tai
             assert (behind.working_copy, behind.replayed_tail, behind.hwm_after) == ("warm", 1, 5)
             assert store.downloads == [first.snapshot_key]
             assert (await a.run_once()).status == "nothing"
-            assert _working_copies(a) == []
+            held = a.warm_sink.statistics()
+            assert _working_copies(a) == [held.path] and held.at == 5, "held open: the warm sink"
             assert_states_equal(await committed_state(a), await reference(log))
+        assert _working_copies(a) == [] and (a.cache.root / "live").exists(), "parked on close"
 
 
 async def test_an_uncommitted_working_copy_is_never_reused(
@@ -824,3 +826,120 @@ def test_bad_retention_settings_are_refused(
 ) -> None:
     with pytest.raises(InvalidInput, match=message):
         Compactor(MEMORY, cache_dir=tmp_path, **settings)
+
+
+# -- the warm sink ----------------------------------------------------------------------
+
+
+class TrapSinks:
+    """A sink factory of real Chroma sinks that run ``trap`` (once set) at their next apply."""
+
+    def __init__(self) -> None:
+        self.made: list[ChromaSink] = []
+        self.trap: Any = None
+
+    async def __call__(self, path: Path) -> Sink:
+        inner = await ChromaSink.open(path)
+        self.made.append(inner)
+        factory = self
+
+        class Trapped:
+            async def apply(self, plan: Any) -> Any:
+                trap, factory.trap = factory.trap, None
+                if trap is not None:
+                    await trap()
+                return await inner.apply(plan)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+        return Trapped()
+
+
+@pytest.mark.parametrize("failure", ["lease lost", "commit failed", "apply failed"])
+async def test_a_run_that_fails_on_the_warm_sink_closes_it_and_the_next_run_starts_cold(
+    failure: str, backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The index held open since the last run applies entries it never commits: the lease
+    is lost mid-apply (an intruder takes it), the commit fails, or the apply fails.
+    That index is closed and its copy removed, and the next run does not reuse it: it
+    takes the checkpoint and replays the committed tail."""
+    sinks, table = TrapSinks(), FaultyTable(backend.table)
+    options: dict[str, Any] = {"table": table, "sink_factory": sinks, "checkpoint_ratio": 1e6}
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path, lease_ttl=backend.lease_ttl, **options) as c,
+    ):
+        await log.append(delta(rng, "a"))
+        assert (await c.run_once()).checkpoint == "first"  # closed to publish: parked
+        for name in ("b", "c"):
+            await log.append(delta(rng, name))
+            kept = await c.run_once()
+        assert (kept.warm_sink, kept.hwm_after, len(sinks.made)) == (True, 3, 2)
+        held = c.warm_sink.statistics()
+        assert held.at == 3 and _working_copies(c) == [held.path]
+        await log.append(delta(rng, "d"))
+        intruder: list[LogState] = []
+
+        async def steal() -> None:  # the heartbeat's next renewal fails; the run is cancelled
+            now = time.time() + 60
+            intruder.append(await log.table.acquire(log.keys.log_id, "intruder", ttl=30, now=now))
+            await anyio.sleep_forever()
+
+        async def fail() -> None:
+            raise Crash("the sink failed mid-apply")
+
+        if failure == "lease lost":
+            sinks.trap = steal
+        elif failure == "apply failed":
+            sinks.trap = fail
+        else:
+            table.crash_on = "before-commit"
+        with pytest.raises(LeaseLost if failure == "lease lost" else Crash):
+            await c.run_once()
+        with pytest.raises(Closed):
+            await sinks.made[1].counts()  # the index held open, then written past hwm: closed
+        assert c.warm_sink.statistics().path is None and _working_copies(c) == []
+        assert not (c.cache.root / "live").exists()
+        if intruder:
+            await log.table.release(log.keys.log_id, "intruder", intruder[0].token)
+        state = await until_state(log, lambda s: s.lease_free(time.time()))
+        assert state.hwm == 3
+        again = await c.run_once()
+        assert (again.warm_sink, again.working_copy, again.replayed_tail) == (
+            False,
+            "checkpoint",
+            2,
+        ), "the next run starts from the checkpoint and the committed tail"
+        assert (again.hwm_before, again.hwm_after, len(sinks.made)) == (3, 4, 3)
+        assert_states_equal(await committed_state(c), await reference(log))
+
+
+async def test_a_published_rebuild_retires_the_warm_sink_of_the_old_lineage(
+    rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The held index is at the committed hwm, but a published rebuild started a new
+    lineage: the next run closes it and starts from the rebuild's checkpoint."""
+    store, table = MemoryStore(), MemoryTable()
+    async with DeltaLog.open(MEMORY, store=store, table=table) as log:
+        for name in ("a", "b"):
+            await log.append(delta(rng, name))
+        options: dict[str, Any] = {"store": store, "table": table, "checkpoint_ratio": 1e6}
+        async with Compactor(MEMORY, cache_dir=tmp_path, **options) as c:
+            await c.run_once()  # publishes the first checkpoint: parked
+            await log.append(delta(rng, "c"))
+            await c.run_once()
+            await log.append(delta(rng, "d"))
+            held = await c.run_once()
+            assert held.warm_sink and c.warm_sink.statistics().at == 4
+            rebuilt = await c.rebuild(publish=True)
+            assert rebuilt.hwm == 4
+            await log.append(delta(rng, "e"))
+            again = await c.run_once()
+            assert (again.warm_sink, again.working_copy, again.replayed_tail) == (
+                False,
+                "checkpoint",
+                0,
+            ), "the rebuild's checkpoint, not the index of the old lineage"
+            assert c.warm_sink.statistics().dropped == 1
+            assert_states_equal(await committed_state(c), await reference(log))

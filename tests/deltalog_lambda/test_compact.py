@@ -423,6 +423,35 @@ async def test_warm_invocations_reuse_the_snapshot_cache(
             cold.close()
 
 
+async def test_warm_invocations_apply_into_the_index_held_open_since_the_last_one(
+    lambda_env: LogConfig, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compactor, kept per execution environment, keeps its live copy's Chroma client
+    and index open between invocations (its warm sink); a reset, as after a failed call,
+    closes it and leaves the live copy in /tmp, which the next invocation opens again."""
+    monkeypatch.setenv("DELTALOG_CHECKPOINT_RATIO", "1000")  # the first checkpoint only
+    await append(lambda_env, rng, 2)
+    handler = CompactHandler()
+    try:
+        runs = []
+        for _ in range(3):
+            runs.append(await invoke(handler, {"log": lambda_env.log}, Context()))
+            await append(lambda_env, rng, 1)
+        held = handler.compactor(lambda_env.log).warm_sink.statistics()
+        assert held.at == runs[-1]["hwm_after"] and held.path is not None
+        handler.runtime.reset()
+        assert not held.path.exists(), "closed and parked as the live copy"
+        runs.append(await invoke(handler, {"log": lambda_env.log}, Context()))
+    finally:
+        handler.close()
+    assert [(r["checkpoint"], r["working_copy"], r["warm_sink"]) for r in runs] == [
+        ("first", "empty", False),
+        ("", "warm", False),  # the live copy, opened again after the first checkpoint
+        ("", "warm", True),  # the index held open since the invocation before
+        ("", "warm", False),  # after the reset: the live copy from /tmp, opened again
+    ]
+
+
 # -- S3 notifications through SQS ---------------------------------------------------------
 
 

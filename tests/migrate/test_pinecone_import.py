@@ -6,6 +6,7 @@ The SDK is pointed at ``tests.pinecone_server`` with only its host set
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,10 +134,10 @@ async def test_a_missing_or_wrong_key_is_a_configuration_error(
 ) -> None:
     fill(pinecone, rng, "words", 5)
     monkeypatch.delenv("PINECONE_API_KEY")
-    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 1
+    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 2
     assert "ConfigurationError: set PINECONE_API_KEY" in capsys.readouterr().err
     monkeypatch.setenv("PINECONE_API_KEY", "pc-wrong")
-    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 1
+    assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 2
     assert "refused the API key" in capsys.readouterr().err
     assert await log.head() == 0
     assert pinecone.requests["/vectors/fetch"] == 0
@@ -150,11 +151,15 @@ async def test_metadata_that_cannot_map_is_refused_and_listed(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     fill(pinecone, rng, "words", 10)
-    pinecone.namespaces["words"]["words-0003"]["metadata"]["tags"] = ["a", "b"]
+    pinecone.namespaces["words"]["words-0003"]["metadata"]["tags"] = []
+    pinecone.namespaces["words"]["words-0005"]["metadata"]["tags"] = ["a", "b"]  # taken
     pinecone.namespaces["words"]["words-0007"]["metadata"]["text"] = 42
     assert await run_cli(*args(config, pinecone, "--namespace", "words", "--dry-run")) == 0
     out = capsys.readouterr().out
-    assert "refused: words/words-0003: metadata 'tags' is a list" in out
+    assert "refused: words/words-0003: metadata 'tags': a list value must not be empty" in out
+    assert "words-0005" not in out, "a list of strings maps"
+    counted = r"^words\s+\| metadata 'tags': a list value must not be empty\s+\|\s+1 \| words-0003$"
+    assert re.search(counted, out, re.M), out
     assert "refused: words/words-0007: document field 'text' is a int, not a string" in out
     assert await run_cli(*args(config, pinecone, "--namespace", "words")) == 1
     err = capsys.readouterr().err

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +45,7 @@ from deltalog.receipts.model import (
     word_records,
     write_jsonl,
 )
+from deltalog.storage.faults import Request
 from deltalog.storage.store import MemoryStore, StoredObject
 from deltalog.storage.table import Claim, MemoryTable
 from tests.http_stubs import closed_port
@@ -529,9 +532,98 @@ def test_ingest_command(
     first = capsys.readouterr()
     assert "hashing-v1 (16 dims)" in first.out
     assert re.search(r"deltas written\s+3\n", first.out), first.out
-    assert re.search(r"^ingest: 3/3 receipts .*, \d+ vectors", first.err, re.M), first.err
+    assert re.search(r"^ingest: 3/3 lines .*, 3 receipts .*, \d+ vectors", first.err, re.M), (
+        first.err
+    )
     assert main(command) == 0
     assert re.search(r"duplicates skipped\s+3\n", capsys.readouterr().out)
     path.write_bytes(b"{oops\n")
     assert main(command) == 1
     assert f"InvalidReceipt: {path}:1: not a valid receipt" in capsys.readouterr().err
+
+
+def test_progress_counts_lines_as_the_summary_does_and_quiet_keeps_the_reasons(
+    config: LogConfig,
+    receipts: list[Receipt],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Eight lines, two of them bad, skipped: the progress counts the 8 lines and says 6
+    receipts, the summary says 8 lines read, 6 receipts, 2 errors. ``-q`` hides the
+    progress, not the reasons the two lines were skipped."""
+    good = [encode_receipt(r) for r in receipts[:6]]
+    path = jsonl(tmp_path / "r.jsonl", *good[:3], b"not json", *good[3:], b"{}")
+    where = ["--bucket", config.bucket, "--table", config.table, "--log", config.log]
+    where += ["--endpoint-url", str(config.endpoint_url)]
+    command = ["ingest", str(path), "--embedder", "hash", "--dim", str(DIM), "--on-error", "skip"]
+    assert main([*command, *where]) == 0
+    shown = capsys.readouterr()
+    last = [line for line in shown.err.splitlines() if line.startswith("ingest: ")][-1]
+    assert re.match(r"ingest: 8/8 lines \(.*\), 6 receipts \(", last), last
+    assert re.search(r"errors\s+2\n", shown.out) and re.search(r"lines read\s+8\n", shown.out)
+    assert re.search(r"^receipts\s+6$", shown.out, re.M), shown.out
+
+    assert main([*command, "-q", *where]) == 0
+    quiet = capsys.readouterr()
+    skipped = quiet.err.splitlines()
+    assert [line.split(": ", 2)[:2] for line in skipped] == [
+        ["skipped", f"{path}:4"],
+        ["skipped", f"{path}:8"],
+    ], quiet.err
+    assert "ingest: " not in quiet.err, "no progress with -q"
+    assert re.search(r"duplicates skipped\s+6\n", quiet.out)
+
+
+async def test_ctrl_c_says_what_is_in_the_log_what_is_not_and_exits_130(
+    config: LogConfig, receipts: list[Receipt], tmp_path: Path
+) -> None:
+    """Three receipts are in the log; a second ingest of those three and three more gets
+    SIGINT while its first write hangs (held at a proxy): the command says how many of the
+    file's receipts are in the log (found there already, none written now), how many lines
+    were not ingested, that a rerun resumes, and exits 130."""
+    from tests.commands import cli_env
+    from tests.compaction import held_once
+
+    where = ["--bucket", config.bucket, "--table", config.table, "--log", config.log]
+    ingest = [sys.executable, "-m", "deltalog", "ingest", "--embedder", "hash", "--dim", str(DIM)]
+    first = tmp_path / "first.jsonl"
+    write_jsonl(first, receipts[:3])
+    done = await anyio.run_process(
+        [*ingest, str(first), *where, "--endpoint-url", str(config.endpoint_url)],
+        env=cli_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    path = tmp_path / "r.jsonl"
+    write_jsonl(path, receipts[:6])
+
+    def entry_write(request: Request) -> bool:
+        return request.method == "PUT" and "/entries/" in request.path
+
+    async with held_once(config, entry_write) as (url, reached, _go):
+        argv = [*ingest, str(path), *where, "--endpoint-url", url]
+        async with await anyio.open_process(argv, env=cli_env()) as process:
+            with anyio.fail_after(60):
+                while not reached.is_set():
+                    assert process.returncode is None
+                    await anyio.sleep(0.02)
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(60):
+                code = await process.wait()
+            assert process.stderr is not None
+            err = (await process.stderr.receive(65536)).decode()
+        async with DeltaLog.open(config) as log:
+            written = await upserted_receipts(log)  # before the held write is let go
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert written == {key_of(r) for r in receipts[:3]}, "the held write did not land"
+    found = re.search(
+        r"ingest interrupted: (\d+) receipts are in the log \(0 written now, (\d+) were there "
+        r"already\), 0 lines refused; (\d+) of the 6 lines not ingested",
+        err,
+    )
+    assert found, err
+    reported = int(found.group(1))
+    assert int(found.group(2)) == reported <= 3, "those it found in the log"
+    assert int(found.group(3)) == 6 - reported
+    assert "Run the same command again to resume" in err

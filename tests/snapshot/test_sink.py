@@ -117,6 +117,15 @@ class SinkContract:
         assert after["words"]["b"] == Record("b", vectors[1], "y", None)
         assert "ghost" not in after["words"]
 
+    async def test_only_deletes_of_ids_it_held_are_counted_as_removed(
+        self, sink: Sink, rng: np.random.Generator
+    ) -> None:
+        vectors = rng.standard_normal((3, DIM), dtype=np.float32)
+        await sink.apply(fold(log_of(upsert(["a", "b", "c"], vectors))))
+        plan = fold(log_of(Delete("words", ["a", "never-was"]), Delete("lines", ["x"])))
+        stats = await sink.apply(plan)
+        assert (stats.deletes, stats.removed) == (3, 1), "the plan's deletes; those that were there"
+
     async def test_deletes_of_absent_ids_create_the_collection(self, sink: Sink) -> None:
         await apply_and_check(sink, Delete("words", ["nothing", "here"]))
         assert await sink.collections() == ["words"]

@@ -18,7 +18,8 @@ import anyio
 import pytest
 
 from deltalog import Closed, ConfigurationError, LogConfig
-from deltalog.storage.s3 import S3Store
+from deltalog.storage.faults import Fault, FaultProxy, Request
+from deltalog.storage.s3 import MultipartUpload, S3Store
 from deltalog.storage.store import MemoryStore, ObjectStore
 from deltalog.storage.transfer import ThreadWriter, upload_from_thread
 
@@ -313,6 +314,60 @@ class TestS3Store(StoreContract):
             assert not (await upload.complete()).created
         pending = await store._s3.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
         assert pending.get("Uploads", []) == []
+
+    async def test_an_upload_cancelled_from_outside_with_a_part_in_flight_is_aborted(
+        self, config: LogConfig, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A stop signal cancels the scope around the upload while a part hangs (held at a
+        proxy). The part takes a moment to stop (a body still being sent), so the outer
+        cancellation reaches the upload while it waits for its parts, and leaving their task
+        group raises it again: the upload is still aborted on the way out (a compactor
+        stopped by SIGINT mid-publish left one on S3 before)."""
+        key = f"{prefix}cancelled"
+        reached, go = anyio.Event(), anyio.Event()
+        put_part = MultipartUpload._put_part
+
+        async def slow_to_stop(upload: MultipartUpload, number: int, data: bytes) -> None:
+            try:
+                await put_part(upload, number, data)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.2)
+
+        monkeypatch.setattr(MultipartUpload, "_put_part", slow_to_stop)
+
+        def second_part(request: Request) -> bool:
+            if request.method == "PUT" and "partNumber=2" in request.query:
+                reached.set()
+                return True
+            return False
+
+        assert config.endpoint_url is not None
+        async with FaultProxy(config.endpoint_url) as proxy:
+            proxy.script(Fault.DELAY, when=second_part, until=go.wait)
+            store = await S3Store.connect(
+                replace(config, endpoint_url=proxy.url, part_size=PART, transfer_concurrency=3)
+            )
+            try:
+                with anyio.CancelScope() as outer:
+                    async with store.upload(key) as upload:
+                        await upload.write(b"p" * (3 * PART))
+                        await reached.wait()
+                        outer.cancel()
+                        await anyio.sleep_forever()
+                assert outer.cancelled_caught
+            finally:
+                go.set()
+                await store.aclose()
+        assert await self._uploads(config, prefix) == [], "the upload was aborted"
+
+    async def _uploads(self, config: LogConfig, prefix: str) -> list[str]:
+        store = await S3Store.connect(config)
+        try:
+            listed = await store._s3.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
+        finally:
+            await store.aclose()
+        return [u["Key"] for u in listed.get("Uploads", [])]
 
     async def test_parts_below_the_stores_minimum_say_to_raise_part_size(
         self, config: LogConfig

@@ -109,6 +109,27 @@ async def test_a_failing_upload_stops_the_thread_and_raises_its_error() -> None:
     assert stopped.is_set()
 
 
+async def test_an_upload_cancelled_before_its_thread_starts_leaves_no_stream_open() -> None:
+    """Cancelled on entry, the thread never runs and never closes the pipe: the loop side does."""
+    import gc
+    import warnings
+
+    started = threading.Event()
+
+    def produce(writer: ThreadWriter) -> None:
+        started.set()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await upload_from_thread(StalledUpload(), produce, chunk=100, depth=2)
+        gc.collect()
+    assert not started.is_set(), "the thread never ran"
+    unclosed = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, [str(w.message) for w in unclosed]
+
+
 async def test_ranges_are_written_in_order_whatever_order_they_arrive_in() -> None:
     data = bytes(range(256)) * 40
     out: list[bytes] = []
