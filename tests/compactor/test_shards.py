@@ -210,3 +210,37 @@ async def test_a_shard_compactor_alone_shares_nothing_with_the_log_index(
         assert f"{backend.config.log} shard 2: applied" in result.summary()
     async with DeltaLog.open(backend.config, store=backend.store, table=backend.table) as log:
         assert (await log.table.read_state(log.keys.log_id)).hwm == 0
+
+
+async def test_each_shards_retention_deletes_only_its_own_checkpoints(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Retention is scoped to the shard: a shard's superseded checkpoints go, and no
+    shard's pass ever deletes another shard's (nor the log's own index's)."""
+    own = backend.config.keys.snapshots_prefix  # the log's own index, before it had shards
+    await backend.store.put_if_absent(f"{own}{1:020d}-{1:012d}-old.tar", b"own")
+    await sharded_log(backend, rng, deltas=2)
+
+    async def snapshots() -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        async for info in backend.store.list_after(own):
+            found.setdefault(info.key[len(own) :].split("/")[0], []).append(info.key)
+        return found
+
+    options = {"retain": 1, "orphan_grace": 0.0}
+    async with sharded(backend, tmp_path, **options) as c, backend.open_log() as log:
+        for i in range(3):
+            await log.append(delta(rng, f"more{i}", rows=6))
+            await c.run_once(checkpoint=True)
+        async with sharded(backend, tmp_path / "one", shards=[0], **options) as zero:
+            for i in range(2):
+                await log.append(delta(rng, f"zero{i}", rows=6))
+                await zero.run_once(checkpoint=True)
+        states = [await k.read_state() for k in c.compactors]
+        found = await snapshots()
+    assert found.pop(f"{1:020d}-{1:012d}-old.tar") == [f"{own}{1:020d}-{1:012d}-old.tar"]
+    assert found == {
+        k.shard.name: [state.snapshot_key]
+        for k, state in zip(c.compactors, states, strict=True)
+        if k.shard is not None
+    }, "each shard keeps exactly its committed checkpoint (retain 1), all of them kept"
