@@ -10,7 +10,9 @@
 
 Reasons, checked in this order: ``requested`` (``--checkpoint``), ``first``
 (no checkpoint yet), ``ratio`` (tail bytes reach ``ratio`` times the
-checkpoint's bytes), ``entries`` and ``bytes`` (the tail reaches a cap).
+checkpoint's bytes; for a shard of a log of ``N`` shards, its share of them,
+the tail bytes over ``N``: each entry carries every shard's records),
+``entries`` and ``bytes`` (the tail reaches a cap).
 
 The defaults were chosen from the benchmarks (README "Performance",
 "Checkpoints"): with ``ratio`` = 0.1 a stream of small runs uploads about
@@ -111,6 +113,10 @@ class Tail:
     checkpoint_bytes: int
     """The checkpoint archive's bytes (0 when there is none)."""
     has_checkpoint: bool = True
+    shards: int = 1
+    """The shards the log's entries are split into: a shard's checkpoint holds its share
+    (about ``1/shards``) of the records those bytes carry, so the ratio compares that
+    share with it (the caps, which bound what a cold start reads, count every byte)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +154,7 @@ class CheckpointPolicy:
             return "first"
         if tail.entries == 0:
             return None
-        if tail.bytes >= self.ratio * tail.checkpoint_bytes:
+        if tail.bytes / tail.shards >= self.ratio * tail.checkpoint_bytes:
             return "ratio"
         cap = self.entry_cap(tail.checkpoint_bytes)
         if cap is not None and tail.entries >= cap:

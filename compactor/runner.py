@@ -624,6 +624,7 @@ class Compactor:
             bytes=state.tail_bytes + replay.bytes_passed,
             checkpoint_bytes=state.snapshot_size,
             has_checkpoint=state.snapshot_key is not None,
+            shards=1 if self.shard is None else self.shard.count,
         )
 
     async def _publish(self, work: Path, replay: Replay, lease: Lease) -> Published:

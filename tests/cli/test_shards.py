@@ -164,9 +164,9 @@ def test_query_json_is_the_same_for_a_sharded_and_an_unsharded_log(
 async def test_status_export_verify_and_rebuild_of_a_sharded_log(
     config: LogConfig, rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    """status --json has a row per shard and the lagging shard's hwm; export writes the
-    log at the cut (every shard caught up to the greatest hwm), merged or per shard;
-    verify and rebuild go shard by shard."""
+    """status --json has a row per shard and the lagging shard's hwm (as logs has); export
+    writes the log at the cut (every shard caught up to the greatest hwm), merged or per
+    shard; verify and rebuild go shard by shard."""
     cli = Cli(config, tmp_path / "cache")
     assert (await deltalog("init", *where(config), "--shards", "2")).code == 0
     async with DeltaLog.open(config) as log:
@@ -194,6 +194,10 @@ async def test_status_export_verify_and_rebuild_of_a_sharded_log(
         text = await cli("status")
         assert text.code == 0 and "2 shards (generation 1)" in text.out
         assert re.search(r"^1 \(g1\) *\| *7 *\| *0 *\|", text.out, re.M), text.out
+        logs = await deltalog("logs", "--json", *where(config))
+        assert logs.code == 0, logs.err
+        (row,) = [r for r in json.loads(logs.out) if r["log"] == config.log]
+        assert (row["hwm"], row["lag"], row["shards"]) == (4, head - 4, 2), "the lagging shard's"
         want = await reference(log)
 
     merged = await cli("export", "--out", str(tmp_path / "merged"), "--json", "-q")

@@ -139,3 +139,16 @@ def test_each_reason() -> None:
 def test_bad_policies_are_refused(options: dict[str, float], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         CheckpointPolicy(**options)  # type: ignore[arg-type]
+
+
+def test_a_shards_ratio_counts_its_share_of_the_tail_and_its_caps_every_byte() -> None:
+    """Each entry carries every shard's records: a shard of ten publishes by the ratio when
+    its share (a tenth of the tail's bytes) reaches it, not ten times as often."""
+    policy = CheckpointPolicy(ratio=0.1, max_tail_entries=None, max_tail_bytes=None)
+    assert policy.reason(Tail(10, 100, 1000)) == "ratio"
+    assert policy.reason(Tail(10, 100, 1000, shards=10)) is None
+    assert policy.reason(Tail(10, 999, 1000, shards=10)) is None
+    assert policy.reason(Tail(10, 1000, 1000, shards=10)) == "ratio"
+    capped = CheckpointPolicy(ratio=1.0, max_tail_entries=5, max_tail_bytes=50)
+    assert capped.reason(Tail(5, 10, 1000, shards=10)) == "entries", "a cold start reads them all"
+    assert capped.reason(Tail(4, 50, 1000, shards=10)) == "bytes"
