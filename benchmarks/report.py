@@ -633,6 +633,23 @@ def _shards_section(f: ShardFigures | None) -> list[str]:
         ],
         rows,
     )
+    rows = [
+        [
+            str(p.shards),
+            num(p.vectors),
+            f"{p.append_seconds:.0f}",
+            f"{p.seconds:.0f}",
+            f"{min(p.shard_seconds):.0f}-{max(p.shard_seconds):.0f}",
+            f"{min(p.shard_rss_mb):.0f}-{max(p.shard_rss_mb):.0f}",
+        ]
+        for p in f.scale
+    ]
+    if rows:
+        lines += table(
+            f"Shards: the scale point, a compact process per shard, all at once ({f.cores} cores)",
+            ["shards", "vectors", "append s", "compact s", "per shard s", "per shard RSS MB"],
+            rows,
+        )
     return lines
 
 

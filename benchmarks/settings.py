@@ -72,6 +72,8 @@ class Sizes:
     shard_count: int = 8
     shard_queries: int = 40
     shard_dim: int = 384
+    shard_scale_vectors: int = 0
+    """Vectors of the scale point (``shard_count`` shards, a process each); 0: not run."""
     freshness_seconds: float = 60.0
     """How long producers submit at a steady rate in the freshness benchmark."""
     freshness_load: float = 0.7
@@ -130,6 +132,7 @@ _FULL = Sizes(
     shard_base=10_000,
     shard_vectors=100_000,
     shard_queries=200,
+    shard_scale_vectors=500_000,
     pipeline_receipts=256,
     freshness_seconds=120.0,
     freshness_calibration=64,

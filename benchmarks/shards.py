@@ -19,6 +19,10 @@
 - **parallel rebuild**: the one index rebuilt by one ``deltalog rebuild``
   process, and the shards by one ``deltalog rebuild --shard I`` process
   each, all at once (``parallel_rebuild_speedup``, with the cores there are).
+- **scale point** (``shard_scale_vectors``, full sizes only): that many
+  vectors on ``shard_count`` shards, each shard compacted from an empty
+  cache by a ``deltalog compact --shard I`` process of its own, all at once:
+  each one's time and peak RSS (figures, no ratio).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from deltalog.log import DeltaLog
 from deltalog.reader import Reader
 from deltalog.shards import init_layout
 
-__all__ = ["ShardFigures", "run_shards"]
+__all__ = ["ScalePoint", "ShardFigures", "run_shards"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +87,28 @@ class LayoutPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ScalePoint:
+    """A large log on ``shards`` shards, every shard compacted by a process of its own."""
+
+    shards: int
+    vectors: int
+    append_seconds: float
+    """Appending every vector (8 tasks, ``checkpoint_base_entry`` vectors an entry)."""
+    seconds: float
+    """From the first process's start to the last one's exit."""
+    shard_seconds: list[float]
+    """Each shard's process, ready to exit (its first checkpoint published)."""
+    shard_rss_mb: list[float]
+    """Each shard's process's peak RSS."""
+
+
+@dataclass(frozen=True, slots=True)
 class ShardFigures:
     dim: int
     cores: int
     growth: list[GrowthPoint] = field(default_factory=list)
     layouts: list[LayoutPoint] = field(default_factory=list)
+    scale: list[ScalePoint] = field(default_factory=list)
 
     @property
     def run_growth(self) -> float | None:
@@ -296,6 +317,61 @@ async def _rebuild(config: LogConfig, cache: object, shards: int) -> float:
     return round(max(ends) - min(started), 3)
 
 
+async def _scale(env: Endpoint, sizes: Sizes, seed: int) -> ScalePoint:
+    """``shard_scale_vectors`` on ``shard_count`` shards: one compact process per shard."""
+    rng = np.random.default_rng(seed)
+    shards, total, per = sizes.shard_count, sizes.shard_scale_vectors, sizes.checkpoint_base_entry
+    config = await _new_log(env, "scale", shards)
+    started = time.perf_counter()
+    async with DeltaLog.open(config) as log:
+        for start in range(0, total, 20 * per):  # in slices: the deltas of a slice in memory
+            deltas = [
+                word_delta(rng, min(per, total - at), sizes.shard_dim, "Base")
+                for at in range(start, min(total, start + 20 * per), per)
+            ]
+            await append_each(log, deltas, tasks=8)
+    appended = round(time.perf_counter() - started, 3)
+    progress(f"shards: scale: {total:,} vectors appended in {appended:.0f} s")
+    with scratch_dir("shard-scale") as cache:
+        argv = ["compact", "-q", *_where(config)]
+        children = [
+            DeltalogChild([*argv, "--shard", str(i), "--cache-dir", str(cache / f"s{i}")])
+            for i in range(shards)
+        ]
+        usages = await _all_at_once(children)
+    if any(u.returncode for u in usages):
+        raise RuntimeError(f"a shard's compaction failed: {[u.returncode for u in usages]}")
+    point = ScalePoint(
+        shards,
+        total,
+        appended,
+        round(max(u.seconds for u in usages), 3),
+        [round(u.seconds, 3) for u in usages],
+        [u.peak_rss_mb for u in usages],
+    )
+    progress(
+        f"shards: scale: {total:,} vectors on {shards} shards, one process each: "
+        f"{point.seconds:.0f} s, shard seconds {min(point.shard_seconds):.0f}-"
+        f"{max(point.shard_seconds):.0f}, peak RSS {min(point.shard_rss_mb):.0f}-"
+        f"{max(point.shard_rss_mb):.0f} MB"
+    )
+    return point
+
+
+async def _all_at_once(children: list[DeltalogChild]) -> list[Usage]:
+    """Start every child at once; their usages, in order."""
+    usages: list[Usage | None] = [None] * len(children)
+
+    async def one(i: int) -> None:
+        async with children[i] as child:
+            usages[i] = await child.wait()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(children)):
+            tg.start_soon(one, i)
+    return [u for u in usages if u is not None]
+
+
 async def run_shards(env: Endpoint, sizes: Sizes, seed: int) -> ShardFigures:
     figures = ShardFigures(sizes.shard_dim, os.cpu_count() or 1)
     for shards in (1, 10):
@@ -306,5 +382,8 @@ async def run_shards(env: Endpoint, sizes: Sizes, seed: int) -> ShardFigures:
     queries = unit_vectors(rng, sizes.shard_queries, sizes.shard_dim)
     for shards in (1, sizes.shard_count):
         figures.layouts.append(await _layout(env, sizes, shards, deltas, ids, vectors, queries))
+        await env.reset()
+    if sizes.shard_scale_vectors:
+        figures.scale.append(await _scale(env, sizes, seed + 7))
         await env.reset()
     return figures
