@@ -13,6 +13,7 @@ import pytest
 
 from compactor import RebuildResult
 from deltalog import DeltaLog, Reader
+from deltalog.keys import STATE_SK
 from deltalog.storage.store import ObjectInfo, ObjectStore
 from deltalog.storage.table import Commit, LogState, Table
 from tests.builders import delta
@@ -161,17 +162,25 @@ class GatedTable:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def read_state(self, log_id: str) -> LogState:
-        state = await self.inner.read_state(log_id)
+    async def read_state(self, log_id: str, *, sk: str = STATE_SK) -> LogState:
+        state = await self.inner.read_state(log_id, sk=sk)
         await self.read_gate()
         return state
 
     async def commit(
-        self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
+        self,
+        log_id: str,
+        owner: str,
+        token: int,
+        *,
+        prev_hwm: int,
+        commit: Commit,
+        now: float,
+        sk: str = STATE_SK,
     ) -> LogState:
         await self.commit_gate()
         return await self.inner.commit(
-            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
+            log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now, sk=sk
         )
 
 
