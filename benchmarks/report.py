@@ -646,7 +646,7 @@ def _shards_section(f: ShardFigures | None) -> list[str]:
     ]
     if rows:
         lines += table(
-            f"Shards: the scale point, a compact process per shard, all at once ({f.cores} cores)",
+            f"Shards: the scale point, a compact process per shard, one per core ({f.cores} cores)",
             ["shards", "vectors", "append s", "compact s", "per shard s", "per shard RSS MB"],
             rows,
         )
