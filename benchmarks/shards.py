@@ -317,6 +317,9 @@ async def _rebuild(config: LogConfig, cache: object, shards: int) -> float:
     return round(max(ends) - min(started), 3)
 
 
+SCALE_LEASE_TTL = 180.0
+
+
 async def _scale(env: Endpoint, sizes: Sizes, seed: int) -> ScalePoint:
     """``shard_scale_vectors`` on ``shard_count`` shards: one compact process per shard."""
     rng = np.random.default_rng(seed)
@@ -333,7 +336,9 @@ async def _scale(env: Endpoint, sizes: Sizes, seed: int) -> ScalePoint:
     appended = round(time.perf_counter() - started, 3)
     progress(f"shards: scale: {total:,} vectors appended in {appended:.0f} s")
     with scratch_dir("shard-scale") as cache:
-        argv = ["compact", "-q", *_where(config)]
+        # A longer lease than the default 30 s: with the default, these compactors lost
+        # their leases on 2 cores (every renewal timed out), see ``_all_at_once``.
+        argv = ["compact", "-q", "--lease-ttl", str(SCALE_LEASE_TTL), *_where(config)]
         children = [
             DeltalogChild([*argv, "--shard", str(i), "--cache-dir", str(cache / f"s{i}")])
             for i in range(shards)
@@ -361,9 +366,11 @@ async def _scale(env: Endpoint, sizes: Sizes, seed: int) -> ScalePoint:
 async def _all_at_once(children: list[DeltalogChild], *, limit: int) -> list[Usage]:
     """Run the children, ``limit`` at a time; their usages, in order.
 
-    One per core: eight compactors of a large log on 2 cores behind moto's
-    one-request-at-a-time server starve their lease heartbeats (every
-    renewal timed out and 7 of 8 lost their lease, at load average 6.7).
+    One per core: eight compactors of a 500,000-vector log at once on 2
+    cores, behind moto's one-request-at-a-time server, lost their leases
+    (every renewal timed out; 7 of 8 at load average 6.7), and two at a
+    time still did with the default 30 s lease (load average 7): hence
+    also ``SCALE_LEASE_TTL``.
     """
     usages: list[Usage | None] = [None] * len(children)
     limiter = anyio.CapacityLimiter(limit)
