@@ -46,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from deltalog.fold import Record
+from deltalog.snapshot.hnsw import persist_often
 
 if TYPE_CHECKING:
     from chromadb.api.client import Client
@@ -294,6 +295,7 @@ class DistinctIndex:
                 embedding_function=None,
                 configuration={"hnsw": {**DISTINCT_HNSW, "space": space}},  # type: ignore[arg-type]
             )
+            persist_often(handle)
             self._handles[collection] = handle
         return handle
 

@@ -6,6 +6,8 @@ bit-exact, documents, metadata with its value types.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -313,3 +315,38 @@ class TestChromaSink(SinkContract):
             await sink.apply(fold(log_of(upsert(["a"], np.zeros((1, 2), np.float32)))))
             with pytest.raises(DataError, match=r"could not add to 'words'.*log=receipts"):
                 await sink.apply(fold(log_of(upsert(["b"], np.zeros((1, 3), np.float32)))))
+
+    @pytest.mark.parametrize("made_by", ["deltalog", "plain chromadb"])
+    async def test_a_closed_directory_has_every_write_in_its_index(
+        self, tmp_path: Path, made_by: str
+    ) -> None:
+        """Chroma saves a collection's HNSW index only every ``sync_threshold`` writes and
+        not on close; the writes since are inserted again by whoever opens the directory
+        next, on its first operation (``deltalog.snapshot.hnsw``). A sink's collections
+        save every ``PERSIST_EVERY`` writes, also one made by a client with Chroma's
+        default (1,000): closed after 250 writes, the index holds all of them."""
+        path = tmp_path / "db"
+        if made_by == "plain chromadb":  # a snapshot written before the threshold was lowered
+            client = chromadb.PersistentClient(path=str(path))
+            assert isinstance(client, Client)
+            try:
+                client.create_collection("words", embedding_function=None)
+            finally:
+                client.close()
+        vectors = np.random.default_rng(3).standard_normal((250, DIM), dtype=np.float32)
+        async with await ChromaSink.open(path, distinct="keep") as sink:
+            await sink.index_distinct()  # reads every collection first, as a compactor does
+            await sink.apply(fold(log_of(upsert([f"r{i}" for i in range(250)], vectors))))
+        assert _saved_seq_ids(path) == (250, 250)
+
+
+def _saved_seq_ids(path: Path) -> tuple[int | None, int | None]:
+    """The last write Chroma's HNSW index of ``words`` saved, and the last it took in
+    (its metadata segment): Chroma's own bookkeeping in its SQLite file."""
+    with contextlib.closing(sqlite3.connect(path / "chroma.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT s.scope, m.seq_id FROM segments s JOIN collections c ON c.id = s.collection "
+            "LEFT JOIN max_seq_id m ON m.segment_id = s.id WHERE c.name = 'words'"
+        ).fetchall()
+    seq = dict(rows)
+    return seq.get("VECTOR"), seq.get("METADATA")
