@@ -495,17 +495,19 @@ class Compactor:
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
             reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
+            prev_hwm = state.hwm
+            if reason and replay.advanced:
+                # hwm first, with the committed tail: the run's entries are visible while
+                # the checkpoint is archived and uploaded; the switch is a second commit.
+                early = self._applied(state, replay, lease, tail, None, None)
+                await self._commit(lease, state, None, self._how(early, opened, replayed))
+                prev_hwm = replay.last_seq
             if reason:
                 await close_sink(opened.sink)  # Chroma must be closed before it is archived
             published = await self._publish(opened.path, replay, lease) if reason else None
             result = self._applied(state, replay, lease, tail, reason, published)
-            result = replace(
-                result,
-                working_copy=opened.copy.how,
-                replayed_tail=replayed,
-                warm_sink=opened.warm,
-            )
-            await self._commit(lease, state, published, result)
+            result = self._how(result, opened, replayed)
+            await self._commit(lease, state, published, result, prev_hwm)
             # The run's commit keeps the lineage of the state it read.
             if published is None:
                 warm.keep(opened, replay.last_seq, state)
@@ -516,6 +518,13 @@ class Compactor:
             if not handed_on:
                 await warm.drop(opened)
         return result, replay.error
+
+    @staticmethod
+    def _how(result: CompactionResult, opened: OpenCopy, replayed: int) -> CompactionResult:
+        """``result`` with how the run got its working copy."""
+        return replace(
+            result, working_copy=opened.copy.how, replayed_tail=replayed, warm_sink=opened.warm
+        )
 
     @contextmanager
     def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
@@ -641,7 +650,10 @@ class Compactor:
         state: LogState,
         published: Published | None,
         result: CompactionResult,
+        prev_hwm: int | None = None,
     ) -> None:
+        """Commit ``result`` on ``state`` (read at the lease), whose hwm is ``prev_hwm``
+        unless this run committed since (its hwm, before the checkpoint switch)."""
         last_run = self._last_run(result, None)
         if published is None:
             commit = Commit(result.hwm_after, last_run=last_run, tail_bytes=result.tail_bytes)
@@ -654,7 +666,7 @@ class Compactor:
                 last_run=last_run,
                 recent_snapshots=self._recent(published.key, state),
             )
-        await self._commit_point(lease, state.hwm, commit)
+        await self._commit_point(lease, state.hwm if prev_hwm is None else prev_hwm, commit)
 
     async def _commit_point(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
         """The commit point. The upload is deleted only when the commit is refused for sure.

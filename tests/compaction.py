@@ -114,7 +114,9 @@ class FaultyTable:
     """A table (``inner``, a memory one by default) that fails on a chosen method, once.
 
     - ``crash_on``: ``before-commit``, ``after-commit`` or ``release`` raises ``Crash``
-      there (after the commit landed, for ``after-commit``);
+      there (after the commit landed, for ``after-commit``); ``before-checkpoint-commit``
+      and ``after-checkpoint-commit`` only around a commit that switches the
+      checkpoint (a run that publishes one commits hwm alone first);
     - ``lost_commit_answers``: the next N commits land, then their answer is lost:
       ``after_commit`` runs (a successor taking over, say) and the commit is sent
       again, as botocore retries, and that retry's answer is what the caller sees.
@@ -145,10 +147,14 @@ class FaultyTable:
         self, log_id: str, owner: str, token: int, *, prev_hwm: int, commit: Commit, now: float
     ) -> LogState:
         self._maybe_crash("before-commit")
+        if commit.snapshot_key is not None:
+            self._maybe_crash("before-checkpoint-commit")
         state = await self.inner.commit(
             log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now
         )
         self._maybe_crash("after-commit")
+        if commit.snapshot_key is not None:
+            self._maybe_crash("after-checkpoint-commit")
         if self.lost_commit_answers:
             self.lost_commit_answers -= 1
             if self.after_commit is not None:
