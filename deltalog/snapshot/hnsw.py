@@ -18,7 +18,8 @@ So every collection a ``ChromaSink`` opens saves its index every
 lowest threshold it accepts). Chroma reads the threshold when it loads the
 collection's index, on its first operation: it is set before that, and it
 is kept in the collection's configuration (a plain Chroma client sees
-``sync_threshold: 100``), so a copy opened later loads with it.
+``sync_threshold: 100``), so a copy opened later loads with it. The
+distinct index's collections are created with it (``DISTINCT_HNSW``).
 """
 
 from __future__ import annotations
