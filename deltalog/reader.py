@@ -12,6 +12,15 @@
   committed hwm. A newer commit is picked up by the next call: when only
   hwm moved, the new tail entries are folded in and nothing is downloaded;
   a new checkpoint is loaded (and the overlay restarts after it).
+- **A new checkpoint never blocks an answer** (a reader opened with
+  ``Reader.open``, once it answered): the log is append-only, so the
+  checkpoint it holds plus the entries after it fold to the same state as
+  the new checkpoint plus its tail. It goes on answering from the one it
+  holds, folding the new commit's entries into its overlay, while the new
+  one downloads and opens in the background; the next call after that
+  switches to it. A checkpoint of another lineage (a published rebuild), a
+  rollback below what the reader folded, or a failed background load is
+  loaded before the call answers, as before.
 - **fresh** consistency: the overlay goes on past hwm, up to the first hole.
   Only what arrived since the last call is read.
 
@@ -43,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import anyio
+import anyio.abc
 import numpy as np
 import numpy.typing as npt
 
@@ -146,6 +156,8 @@ class _Snapshot:
     hwm: int
     sink: ChromaSink | None = None
     work: Path | None = None
+    lineage: str | None = None
+    """The committed state's lineage it was loaded from (None: unknown)."""
     tail: _Tail = field(init=False)
     users: int = 0
     current: bool = True
@@ -182,6 +194,13 @@ class Reader:
         self._lock = anyio.Lock()
         self._loads = self._calls = 0
         self._closed = False
+        self._background: anyio.abc.TaskGroup | None = None
+        """Where a new checkpoint loads while calls go on (``Reader.open`` gives one)."""
+        self._answered = False
+        """Whether a refresh succeeded: until then a new checkpoint is loaded first."""
+        self._loading = False
+        self._prepared: _Snapshot | BaseException | None = None
+        """The checkpoint loaded in the background, or why it could not be."""
 
     @classmethod
     @asynccontextmanager
@@ -200,14 +219,25 @@ class Reader:
         async with DeltaLog.open(config, store=store, table=table, read_only=True) as log:
             reader = cls(log, cache, consistency=consistency)
             try:
-                await reader.refresh()
-                yield reader
-            finally:
-                await reader.aclose()
+                async with anyio.create_task_group() as background:
+                    reader._background = background
+                    try:
+                        await reader.refresh()
+                        yield reader
+                    finally:
+                        background.cancel_scope.cancel()
+                        await reader.aclose()
+            except BaseExceptionGroup as group:  # the caller's error (or ours), as itself
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
 
     async def aclose(self) -> None:
         """Close the reader; a call still running finishes on the snapshot it pinned."""
         self._closed = True
+        prepared, self._prepared = self._prepared, None
+        if isinstance(prepared, _Snapshot):
+            await self._retire(prepared)
         await self._retire(self._snapshot)
 
     # -- keeping up -------------------------------------------------------------
@@ -238,7 +268,8 @@ class Reader:
         if self._closed:
             raise Closed("the reader is closed", log=self.log.config.log)
         state = await self._read_state()
-        if not self._holds(state):
+        await self._switch(state)
+        if not self._holds(state) and not self._load_behind(state):
             state, _ = await load_committed(self._read_state, self._load, state=state)
         self._hwm = state.hwm
         tail = self._snapshot.tail
@@ -254,6 +285,65 @@ class Reader:
             _check_committed_tail(last, state, self.log.config.log)
             for seq, entry in read:
                 _fold(tail, seq, entry)
+        self._answered = True
+
+    def _carries(self, snapshot: _Snapshot, state: LogState) -> bool:
+        """Whether ``snapshot`` plus the log's entries after it folds to ``state``: of its
+        lineage, not past its checkpoint, and (snapshot reads) not past its hwm."""
+        past = self.consistency == "snapshot" and snapshot.tail.last_seq > state.hwm
+        return (
+            snapshot.lineage == state.lineage
+            and snapshot.hwm <= state.checkpoint_hwm
+            and not (past)
+        )
+
+    def _load_behind(self, state: LogState) -> bool:
+        """Load ``state``'s checkpoint in the background while calls go on with the one held
+        (True), when that one folds to ``state``; False: load it before answering."""
+        if (
+            self._background is None
+            or not self._answered
+            or not self._carries(self._snapshot, state)
+        ):
+            return False
+        if isinstance(self._prepared, BaseException):  # loaded in the caller's call: raised there
+            self._prepared = None
+            return False
+        if not self._loading and self._prepared is None:
+            self._loading = True
+            self._background.start_soon(self._prepare, state)
+        return True
+
+    async def _prepare(self, state: LogState) -> None:
+        """Load ``state``'s checkpoint for ``_switch``; a failure is kept for the next call."""
+        try:
+            loaded = await self._open_snapshot(
+                state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
+            )
+        except Exception as exc:  # the next call loads it before it answers, and raises
+            self._prepared = exc
+            return
+        finally:
+            self._loading = False
+        loaded.lineage = state.lineage
+        if self._closed:
+            await self._retire(loaded)
+            return
+        self._prepared = loaded
+
+    async def _switch(self, state: LogState) -> None:
+        """Answer from the checkpoint loaded in the background, if it folds to ``state``
+        (its entries are folded after it, as after any load); else discard it."""
+        prepared = self._prepared
+        if not isinstance(prepared, _Snapshot):
+            return
+        self._prepared = None
+        if not self._carries(prepared, state) or prepared.hwm < self._snapshot.hwm:
+            await self._retire(prepared)
+            return
+        old, self._snapshot = self._snapshot, prepared
+        self._loads += 1
+        await self._retire(old)
 
     async def _read_state(self) -> LogState:
         return await self.log.table.read_state(self.log.keys.log_id)
@@ -270,6 +360,7 @@ class Reader:
         loaded = await self._open_snapshot(
             state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
         )
+        loaded.lineage = state.lineage
         if self._closed:  # aclose() ran while it loaded
             await self._retire(loaded)
             raise Closed("the reader is closed", log=self.log.config.log)

@@ -42,6 +42,7 @@ from chromadb.config import Settings
 
 from compactor import Compactor
 from deltalog import DataError, DeltaLog, LogConfig, Reader
+from deltalog.errors import Unavailable
 from deltalog.keys import STATE_SK
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.s3 import S3Store
@@ -654,6 +655,111 @@ async def _download_as(
         return
     async with Compactor(config, cache_dir=cache, store=store, table=table) as c:
         got.append(await (c.export(cache / "out") if who == "export" else c.verify()))
+
+
+# -- a new checkpoint never blocks a reader's answer -----------------------------------
+
+
+class _DownloadGate:
+    """A store whose downloads, once ``armed``, wait for ``go`` (or fail with ``fail``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+        self.fail: Exception | None = None
+        self.reached, self.go = anyio.Event(), anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def download_file(self, key: str, path: Path) -> Any:
+        if self.armed:
+            self.reached.set()
+            if self.fail is not None:
+                raise self.fail
+            await self.go.wait()
+        return await self.inner.download_file(key, path)
+
+
+async def test_a_reader_answers_from_the_checkpoint_it_holds_while_the_next_loads(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The log is append-only: the checkpoint a snapshot reader holds plus the entries
+    after it fold to the committed state at the new hwm. While the new checkpoint's
+    download is held, every call answers that fold (deletes and patches of the new
+    entries included); once it is let go, a call switches to it, answering the same."""
+    gate = _DownloadGate(backend.store)
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c") as c,
+    ):
+        await three_entries(log, rng, "a")
+        first = await c.run_once()
+        async with Reader.open(
+            log.config, cache_dir=tmp_path / "r", store=gate, table=log.table
+        ) as reader:
+
+            async def ids() -> dict[str, list[str]]:
+                with anyio.fail_after(30):  # a call waiting for the held download fails here
+                    return {"words": sorted((await reader.get(collection="words"))["ids"])}
+
+            assert await ids() == ids_of(await reference(log))
+            gate.armed = True
+            await three_entries(log, rng, "b")
+            second = await c.run_once(checkpoint=True)
+            assert second.snapshot_key != first.snapshot_key
+            want = ids_of(await reference(log))
+            assert await ids() == want
+            stats = reader.statistics()
+            assert (stats.snapshot_key, stats.hwm, stats.tail_seq) == (first.snapshot_key, 6, 6)
+            with anyio.fail_after(30):
+                await gate.reached.wait()
+            assert await ids() == want, "still loading: answered from the one it holds"
+            gate.go.set()
+            with anyio.fail_after(30):
+                while reader.statistics().snapshot_key != second.snapshot_key:
+                    assert await ids() == want
+                    await anyio.sleep(0.01)
+            stats = reader.statistics()
+            assert (stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (6, 0, 2)
+            assert await ids() == want
+
+
+async def test_a_failed_background_load_is_raised_by_the_next_call(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A checkpoint that could not be loaded behind the calls is loaded in the next call,
+    whose error the caller sees (nothing is swallowed); once it loads, calls go on."""
+    gate = _DownloadGate(backend.store)
+    gate.fail = Unavailable("injected: the download failed")
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c") as c,
+    ):
+        await three_entries(log, rng, "a")
+        await c.run_once()
+        async with Reader.open(
+            log.config, cache_dir=tmp_path / "r", store=gate, table=log.table
+        ) as reader:
+            await reader.get(collection="words")
+            gate.armed = True
+            await three_entries(log, rng, "b")
+            await c.run_once(checkpoint=True)
+            await reader.get(collection="words")  # answered; the load failed behind it
+            with anyio.fail_after(30):
+                await gate.reached.wait()
+            with pytest.raises(Unavailable, match="injected"):
+                await _until_it_raises(lambda: reader.get(collection="words"))
+            gate.armed = False
+            got = sorted((await reader.get(collection="words"))["ids"])
+            assert {"words": got} == ids_of(await reference(log))
+
+
+async def _until_it_raises(call: Any) -> None:
+    with anyio.fail_after(30):
+        while True:
+            await call()
+            await anyio.sleep(0.01)
 
 
 # -- one snapshot reader, concurrent calls: one complete cut --------------------------
