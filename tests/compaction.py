@@ -119,7 +119,8 @@ class FaultyTable:
       checkpoint (a run that publishes one commits hwm alone first);
     - ``lost_commit_answers``: the next N commits land, then their answer is lost:
       ``after_commit`` runs (a successor taking over, say) and the commit is sent
-      again, as botocore retries, and that retry's answer is what the caller sees.
+      again, as botocore retries, and that retry's answer is what the caller sees
+      (with ``lose_checkpoint_answers_only``, the next N checkpoint switches).
 
     Every other call passes straight through.
     """
@@ -128,6 +129,7 @@ class FaultyTable:
         self.inner: Table = inner if inner is not None else MemoryTable()
         self.crash_on: str | None = None
         self.lost_commit_answers = 0
+        self.lose_checkpoint_answers_only = False
         self.after_commit: Callable[[], Awaitable[None]] | None = None
         self.refused = anyio.Event()
         """Set once an ``acquire`` found the lease busy."""
@@ -155,7 +157,8 @@ class FaultyTable:
         self._maybe_crash("after-commit")
         if commit.snapshot_key is not None:
             self._maybe_crash("after-checkpoint-commit")
-        if self.lost_commit_answers:
+        losable = commit.snapshot_key is not None or not self.lose_checkpoint_answers_only
+        if self.lost_commit_answers and losable:
             self.lost_commit_answers -= 1
             if self.after_commit is not None:
                 await self.after_commit()
