@@ -137,7 +137,7 @@ class _Totals:
             ops=self.ops,
             seconds=round(self.seconds, 4),
             deltas_per_s=round(rate, 1),
-            mb_per_s=round(self.bytes / MB / self.seconds, 2),
+            mb_per_s=round(self.bytes / MB / self.seconds, 4),
             vectors_per_s=round(rate * vectors, 1) if mode != "raw_put" else 0.0,
             latency=Summary.of(self.latencies),
             entries=self.entries,
