@@ -3,8 +3,10 @@ and holding a child process at a chosen request (so a pause lands there every ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -404,3 +406,17 @@ async def held_download(
         finally:
             go.set()
             await proxied.aclose()
+
+
+def saved_seq_ids(path: Path, collection: str) -> tuple[int | None, int | None]:
+    """The last write Chroma's HNSW index of ``collection`` in the directory ``path``
+    saved to disk, and the last write it took in (its metadata segment): Chroma's
+    own bookkeeping in its SQLite file (``deltalog.snapshot.hnsw``)."""
+    with contextlib.closing(sqlite3.connect(path / "chroma.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT s.scope, m.seq_id FROM segments s JOIN collections c ON c.id = s.collection "
+            "LEFT JOIN max_seq_id m ON m.segment_id = s.id WHERE c.name = ?",
+            (collection,),
+        ).fetchall()
+    seq = dict(rows)
+    return seq.get("VECTOR"), seq.get("METADATA")

@@ -6,8 +6,6 @@ bit-exact, documents, metadata with its value types.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,6 +22,7 @@ from deltalog.errors import Closed, DataError
 from deltalog.fold import Record, State, apply_to_state, fold, state_differences
 from deltalog.snapshot.sink import ChromaSink, MemorySink, Sink
 from tests import strategies
+from tests.compaction import saved_seq_ids
 from tests.conftest import examples
 from tests.oracle import oracle_state
 
@@ -337,16 +336,4 @@ class TestChromaSink(SinkContract):
         async with await ChromaSink.open(path, distinct="keep") as sink:
             await sink.index_distinct()  # reads every collection first, as a compactor does
             await sink.apply(fold(log_of(upsert([f"r{i}" for i in range(250)], vectors))))
-        assert _saved_seq_ids(path) == (250, 250)
-
-
-def _saved_seq_ids(path: Path) -> tuple[int | None, int | None]:
-    """The last write Chroma's HNSW index of ``words`` saved, and the last it took in
-    (its metadata segment): Chroma's own bookkeeping in its SQLite file."""
-    with contextlib.closing(sqlite3.connect(path / "chroma.sqlite3")) as db:
-        rows = db.execute(
-            "SELECT s.scope, m.seq_id FROM segments s JOIN collections c ON c.id = s.collection "
-            "LEFT JOIN max_seq_id m ON m.segment_id = s.id WHERE c.name = 'words'"
-        ).fetchall()
-    seq = dict(rows)
-    return seq.get("VECTOR"), seq.get("METADATA")
+        assert saved_seq_ids(path, "words") == (250, 250)
