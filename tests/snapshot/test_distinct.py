@@ -238,7 +238,8 @@ async def test_the_index_holds_every_point_written_once_closed(tmp_path: Path) -
     copies = [Record(f"c{i:03d}", same) for i in range(GROUP_LIMIT + 4)]
     sink = await ChromaSink.open(tmp_path, distinct="keep")
     try:
-        await sink.apply(plan([*copies, *records(rng, 130, 130)]))
+        rows = rng.normal(size=(130, DIM)).astype(np.float32)  # 130 distinct vectors
+        await sink.apply(plan([*copies, *(Record(f"r{i:03d}", v) for i, v in enumerate(rows))]))
     finally:
         await sink.aclose()
     vector, metadata = saved_seq_ids(tmp_path / DISTINCT_DIR / "chroma", "words")

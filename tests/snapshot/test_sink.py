@@ -325,15 +325,22 @@ class TestChromaSink(SinkContract):
         save every ``PERSIST_EVERY`` writes, also one made by a client with Chroma's
         default (1,000): closed after 250 writes, the index holds all of them."""
         path = tmp_path / "db"
+        rng = np.random.default_rng(3)
+        before = 0
         if made_by == "plain chromadb":  # a snapshot written before the threshold was lowered
+            before = 1000  # saved: exactly Chroma's default threshold
             client = chromadb.PersistentClient(path=str(path))
             assert isinstance(client, Client)
             try:
-                client.create_collection("words", embedding_function=None)
+                old = client.create_collection("words", embedding_function=None)
+                rows = list(rng.standard_normal((before, DIM), dtype=np.float32))
+                old.add(ids=[f"old{i}" for i in range(before)], embeddings=rows)
             finally:
                 client.close()
-        vectors = np.random.default_rng(3).standard_normal((250, DIM), dtype=np.float32)
+            assert saved_seq_ids(path, "words") == (before, before)
+        vectors = rng.standard_normal((250, DIM), dtype=np.float32)
         async with await ChromaSink.open(path, distinct="keep") as sink:
-            await sink.index_distinct()  # reads every collection first, as a compactor does
+            await sink.index_distinct()  # reads (loads) every collection first, as a compactor
             await sink.apply(fold(log_of(upsert([f"r{i}" for i in range(250)], vectors))))
-        assert saved_seq_ids(path, "words") == (250, 250)
+        saved, taken = saved_seq_ids(path, "words")
+        assert saved == taken and taken is not None and taken >= before + 250
