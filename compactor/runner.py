@@ -481,7 +481,8 @@ class Compactor:
     ) -> tuple[CompactionResult, Exception | None]:
         state = lease.state
         head = await self.log.head()
-        if head <= state.hwm and not (requested and state.tail_entries > 0):
+        publish_anyway = (requested or self._owed(state)) and state.tail_entries > 0
+        if head <= state.hwm and not publish_anyway:
             return self._nothing(state, "end"), None
         warm = self.warm_sink
         with self._by_deadline("getting the working copy (the checkpoint's download)", state):
@@ -489,7 +490,7 @@ class Compactor:
         handed_on = False  # kept open or parked for the next run: else closed and discarded
         try:
             replay, replayed = await self._replay_into(opened, lease)
-            if not replay.advanced and not (requested and state.tail_entries > 0):
+            if not replay.advanced and not publish_anyway:
                 warm.keep(opened, state.hwm, state)
                 handed_on = True
                 return self._nothing(state, replay.stopped), replay.error
@@ -568,6 +569,18 @@ class Compactor:
             needed,
         )
         return None
+
+    def _owed(self, state: LogState) -> bool:
+        """Whether the committed tail alone calls for a checkpoint: a run stopped between
+        its hwm commit and its checkpoint's (or one that deferred it for its deadline)
+        left it owed, and the next run publishes it even when nothing is new."""
+        committed = Tail(
+            entries=state.tail_entries,
+            bytes=state.tail_bytes,
+            checkpoint_bytes=state.snapshot_size,
+            has_checkpoint=state.snapshot_key is not None,
+        )
+        return self.policy.reason(committed) is not None
 
     def _tail(self, state: LogState, replay: Replay) -> Tail:
         """The committed tail after this run, if it publishes nothing."""

@@ -172,6 +172,33 @@ async def test_a_crash_after_uploading_a_checkpoint_before_its_commit_leaves_an_
         await converged(log, c, tmp_path / "reader")
 
 
+async def test_a_checkpoint_owed_by_a_run_stopped_between_its_commits_is_published_next(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The first run's checkpoint ("first") crashes after its hwm commit: the log has a
+    committed tail and no checkpoint. The next run has nothing new to apply, and still
+    publishes the checkpoint the policy owes (a rerun finishes what was interrupted)."""
+    table = FaultyTable(backend.table)
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c", table=table, lease_ttl=backend.lease_ttl) as c,
+    ):
+        await three_entries(log, rng, "a")
+        table.crash_on = "before-checkpoint-commit"
+        with pytest.raises(Crash):
+            await c.run_once()
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_key, state.tail_entries) == (3, None, 3)
+        await until_free(log)
+        again = await c.run_once()
+        assert (again.hwm_before, again.hwm_after, again.checkpoint) == (3, 3, "first")
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.snapshot_hwm, state.tail_entries) == (3, 0)
+        assert state.snapshot_key is not None
+        assert (await c.run_once()).status == "nothing", "owed no more"
+        await converged(log, c, tmp_path / "reader")
+
+
 class _UploadWatch:
     """A store that runs ``before`` when an upload starts (then uploads as ``inner``)."""
 
