@@ -159,4 +159,14 @@ def freshness_section(f: FreshnessFigures | None) -> list[str]:
         f"(p99 snapshot visibility / mean run: {f.p99_vs_run:.2f}; entries not committed when "
         f"the producers stopped: {f.lag_at_end})"
     )
+    if f.slowest is not None:
+        a = f.slowest
+        lines.append(
+            f"(the slowest 5 %, {a.samples} receipts: {a.commit_wait_ms:,.0f} ms waiting for "
+            f"their commit, {a.reader_wait_ms:,.0f} ms more for the reader; {a.by_checkpoint_run} "
+            f"committed by a checkpoint run, {a.after_reopen} behind a reopen, "
+            f"{a.reader_loading} seen by a reader loading a checkpoint; the snapshot reader "
+            f"loaded {len(f.reader_loads)} checkpoints, "
+            f"{', '.join(f'{s:.1f}' for _, s in f.reader_loads)} s)"
+        )
     return lines

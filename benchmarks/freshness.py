@@ -105,6 +105,7 @@ class RunPoint:
     checkpoint: str
     warm_sink: bool
     wake_seconds: float | None
+    hwm_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +134,32 @@ class FreshnessFigures:
     """p99 snapshot visibility / mean run seconds."""
     lag_at_end: int
     """Entries not yet committed when the producers stopped."""
+    slowest: Attribution | None = None
+    """Where the slowest 5 % of the snapshot visibility latencies went."""
+    reader_loads: list[tuple[float, float]] = field(default_factory=list)
+    """The snapshot reader's polls that loaded a new checkpoint: (start, seconds)."""
     samples: list[Sample] = field(default_factory=list)
     run_points: list[RunPoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """The slowest 5 % of the snapshot visibility latencies (at or above p95), split.
+
+    ``commit_wait``: from the resolve to the end of the run that committed the
+    receipt's seq; ``reader_wait``: from there to the snapshot reader returning it
+    (its poll interval, and any checkpoint it was loading meanwhile).
+    """
+
+    samples: int
+    commit_wait_ms: float
+    reader_wait_ms: float
+    by_checkpoint_run: int
+    """Committed by a run that published a checkpoint."""
+    after_reopen: int
+    """Committed by a run that reopened the live copy (no warm sink), or waited behind one."""
+    reader_loading: int
+    """Seen by a reader poll that loaded a new checkpoint."""
 
 
 class _Watcher:
@@ -145,6 +170,8 @@ class _Watcher:
         self.pending: dict[str, float] = {}
         """First word id -> the time it was submitted (perf_counter)."""
         self.seen: dict[str, float] = {}
+        self.loads: list[tuple[float, float]] = []
+        """Polls that loaded a new checkpoint: (start, seconds), perf_counter."""
 
     def expect(self, word_id: str) -> None:
         self.pending[word_id] = time.perf_counter()
@@ -153,8 +180,11 @@ class _Watcher:
         while not (stop.is_set() and not self.pending):
             if self.pending:
                 wanted = list(self.pending)
+                loads, began = self.reader.statistics().snapshot_loads, time.perf_counter()
                 got = await self.reader.get(collection=WORDS, ids=wanted)
                 now = time.perf_counter()
+                if self.reader.statistics().snapshot_loads != loads:
+                    self.loads.append((began, now - began))
                 for found in got["ids"]:
                     if self.pending.pop(found, None) is not None:
                         self.seen[found] = now
@@ -346,6 +376,8 @@ def _figures(
         warm_runs=sum(1 for r in points if r.warm_sink),
         p99_vs_run=round(snapshot.p99_ms / 1000 / mean_run, 3) if mean_run else 0.0,
         lag_at_end=m.lag,
+        slowest=_attribution(samples, points, snapshot.p95_ms, watchers["snapshot"].loads, start),
+        reader_loads=[(round(at - start, 4), round(s, 4)) for at, s in watchers["snapshot"].loads],
         samples=samples,
         run_points=points,
     )
@@ -385,7 +417,49 @@ def _run_points(runs: list[dict[str, Any]], samples: list[Sample], start: float)
                 str(run.get("checkpoint", "")),
                 bool(run.get("warm_sink", False)),
                 None if wake is None else round(wake, 4),
+                int(run["hwm_after"]),
             )
         )
         ended = began + seconds
     return points
+
+
+def _attribution(
+    samples: list[Sample],
+    points: list[RunPoint],
+    p95_ms: float,
+    loads: list[tuple[float, float]],
+    start: float,
+) -> Attribution | None:
+    """Split the slowest snapshot latencies into the wait for a commit and the reader's."""
+    slow = [
+        s
+        for s in samples
+        if s.snapshot_visible is not None and (s.snapshot_visible - s.resolved) * 1000 >= p95_ms
+    ]
+    if not slow or not points:
+        return None
+    spans = [(at - start, at - start + took) for at, took in loads]
+    commit, reader, by_checkpoint, reopened, loading = 0.0, 0.0, 0, 0, 0
+    for s in slow:
+        assert s.snapshot_visible is not None
+        i = next((i for i, r in enumerate(points) if r.hwm_after >= s.seq), None)
+        if i is None:
+            continue
+        run = points[i]
+        ended = run.started + run.seconds
+        commit += max(0.0, ended - s.resolved)
+        reader += max(0.0, s.snapshot_visible - ended)
+        by_checkpoint += bool(run.checkpoint)
+        before = [r for r in points[:i] if r.started + r.seconds > s.resolved]
+        reopened += any(not r.warm_sink for r in (run, *before))
+        loading += any(a <= s.snapshot_visible <= b + 0.001 for a, b in spans)
+    n = len(slow)
+    return Attribution(
+        n,
+        round(commit / n * 1000, 1),
+        round(reader / n * 1000, 1),
+        by_checkpoint,
+        reopened,
+        loading,
+    )

@@ -538,7 +538,8 @@ class Compactor:
     ) -> tuple[CompactionResult, Exception | None]:
         state = lease.state
         head = await self.log.head()
-        if head <= state.hwm and not (requested and state.tail_entries > 0):
+        publish_anyway = (requested or self._owed(state)) and state.tail_entries > 0
+        if head <= state.hwm and not publish_anyway:
             return self._nothing(state, "end"), None
         warm = self.warm_sink
         with self._by_deadline("getting the working copy (the checkpoint's download)", state):
@@ -546,23 +547,25 @@ class Compactor:
         handed_on = False  # kept open or parked for the next run: else closed and discarded
         try:
             replay, replayed = await self._replay_into(opened, lease)
-            if not replay.advanced and not (requested and state.tail_entries > 0):
+            if not replay.advanced and not publish_anyway:
                 warm.keep(opened, state.hwm, state)
                 handed_on = True
                 return self._nothing(state, replay.stopped), replay.error
             tail = self._tail(state, replay)
             reason = self._in_time(self.policy.reason(tail, requested=requested), state, tail)
+            prev_hwm = state.hwm
+            if reason and replay.advanced:
+                # hwm first, with the committed tail: the run's entries are visible while
+                # the checkpoint is archived and uploaded; the switch is a second commit.
+                early = self._applied(state, replay, lease, tail, None, None)
+                await self._commit(lease, state, None, self._how(early, opened, replayed))
+                prev_hwm = replay.last_seq
             if reason:
                 await close_sink(opened.sink)  # Chroma must be closed before it is archived
             published = await self._publish(opened.path, replay, lease) if reason else None
             result = self._applied(state, replay, lease, tail, reason, published)
-            result = replace(
-                result,
-                working_copy=opened.copy.how,
-                replayed_tail=replayed,
-                warm_sink=opened.warm,
-            )
-            await self._commit(lease, state, published, result)
+            result = self._how(result, opened, replayed)
+            await self._commit(lease, state, published, result, prev_hwm)
             # The run's commit keeps the lineage of the state it read.
             if published is None:
                 warm.keep(opened, replay.last_seq, state)
@@ -573,6 +576,13 @@ class Compactor:
             if not handed_on:
                 await warm.drop(opened)
         return result, replay.error
+
+    @staticmethod
+    def _how(result: CompactionResult, opened: OpenCopy, replayed: int) -> CompactionResult:
+        """``result`` with how the run got its working copy."""
+        return replace(
+            result, working_copy=opened.copy.how, replayed_tail=replayed, warm_sink=opened.warm
+        )
 
     @contextmanager
     def _by_deadline(self, stage: str, state: LogState) -> Iterator[None]:
@@ -616,6 +626,19 @@ class Compactor:
             needed,
         )
         return None
+
+    def _owed(self, state: LogState) -> bool:
+        """Whether the committed tail alone calls for a checkpoint: a run stopped between
+        its hwm commit and its checkpoint's (or one that deferred it for its deadline)
+        left it owed, and the next run publishes it even when nothing is new."""
+        committed = Tail(
+            entries=state.tail_entries,
+            bytes=state.tail_bytes,
+            checkpoint_bytes=state.snapshot_size,
+            has_checkpoint=state.snapshot_key is not None,
+            shards=1 if self.shard is None else self.shard.count,
+        )
+        return self.policy.reason(committed) is not None
 
     def _tail(self, state: LogState, replay: Replay) -> Tail:
         """The committed tail after this run, if it publishes nothing."""
@@ -699,7 +722,10 @@ class Compactor:
         state: LogState,
         published: Published | None,
         result: CompactionResult,
+        prev_hwm: int | None = None,
     ) -> None:
+        """Commit ``result`` on ``state`` (read at the lease), whose hwm is ``prev_hwm``
+        unless this run committed since (its hwm, before the checkpoint switch)."""
         last_run = self._last_run(result, None)
         if published is None:
             commit = Commit(result.hwm_after, last_run=last_run, tail_bytes=result.tail_bytes)
@@ -712,7 +738,7 @@ class Compactor:
                 last_run=last_run,
                 recent_snapshots=self._recent(published.key, state),
             )
-        await self._commit_point(lease, state.hwm, commit)
+        await self._commit_point(lease, state.hwm if prev_hwm is None else prev_hwm, commit)
 
     async def _commit_point(self, lease: Lease, prev_hwm: int, commit: Commit) -> None:
         """The commit point. The upload is deleted only when the commit is refused for sure.

@@ -12,6 +12,16 @@
   committed hwm. A newer commit is picked up by the next call: when only
   hwm moved, the new tail entries are folded in and nothing is downloaded;
   a new checkpoint is loaded (and the overlay restarts after it).
+- **A new checkpoint never blocks an answer** (a reader opened with
+  ``Reader.open``, once it answered): the log is append-only, so the
+  checkpoint it holds plus the entries after it fold to the same state as
+  the new checkpoint plus its tail. It goes on answering from the one it
+  holds, folding the new commit's entries into its overlay, while the new
+  one downloads and opens in the background; the next call after that
+  switches to it. A checkpoint of another lineage (a published rebuild), a
+  rollback below what the reader folded, or a failed background load is
+  loaded before the call answers, as before. On a sharded log each shard
+  does this on its own.
 - **fresh** consistency: the overlay goes on past hwm, up to the first hole.
   Only what arrived since the last call is read.
 
@@ -53,6 +63,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, TypeVar, cast
 
 import anyio
+import anyio.abc
 import numpy as np
 import numpy.typing as npt
 
@@ -168,6 +179,8 @@ class _Snapshot:
     work: Path | None = None
     cache: SnapshotCache | None = None
     """The cache ``work`` (the snapshot's working copy) belongs to."""
+    lineage: str | None = None
+    """The committed state's lineage it was loaded from (None: unknown)."""
     tail: _Tail = field(init=False)
     users: int = 0
     current: bool = True
@@ -206,6 +219,9 @@ class _Part:
     snapshot: _Snapshot
     hwm: int = 0
     """The part's committed hwm when the reader last read its state."""
+    loading: bool = False
+    prepared: _Snapshot | BaseException | None = None
+    """The part's next checkpoint loaded in the background, or why it could not be."""
 
     @property
     def shard(self) -> Shard | None:
@@ -249,12 +265,18 @@ class Reader:
         self._layout: Layout | None = None
         self._parts: list[_Part] = []
         self._hwm = 0
+        self._upto = 0
+        """The cut this refresh folds every part to (read before the parts load)."""
         self._dims: dict[str, int] = {}
         """The log's schema (each collection's dimension), read when a collection is new."""
         self._schema_read = False
         self._lock = anyio.Lock()
         self._loads = self._calls = 0
         self._closed = False
+        self._background: anyio.abc.TaskGroup | None = None
+        """Where a new checkpoint loads while calls go on (``Reader.open`` gives one)."""
+        self._answered = False
+        """Whether a refresh succeeded: until then a new checkpoint is loaded first."""
 
     @classmethod
     @asynccontextmanager
@@ -275,16 +297,31 @@ class Reader:
         async with DeltaLog.open(config, store=store, table=table, read_only=True) as log:
             reader = cls(log, root, consistency=consistency, concurrency=concurrency, shards=shards)
             try:
-                await reader.refresh()
-                yield reader
-            finally:
-                await reader.aclose()
+                async with anyio.create_task_group() as background:
+                    reader._background = background
+                    try:
+                        await reader.refresh()
+                        yield reader
+                    finally:
+                        background.cancel_scope.cancel()
+                        await reader.aclose()
+            except BaseExceptionGroup as group:  # the caller's error (or ours), as itself
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
 
     async def aclose(self) -> None:
         """Close the reader; a call still running finishes on the snapshot it pinned."""
         self._closed = True
         for part in self._parts:
-            await self._retire(part.snapshot)
+            await self._retire_part(part)
+
+    async def _retire_part(self, part: _Part) -> None:
+        """Retire ``part``'s snapshot and the next one loaded for it, if any."""
+        prepared, part.prepared = part.prepared, None
+        if isinstance(prepared, _Snapshot):
+            await self._retire(prepared)
+        await self._retire(part.snapshot)
 
     # -- keeping up -------------------------------------------------------------
 
@@ -320,12 +357,17 @@ class Reader:
         states = await self._read_states()
         if any(state.retired_by for state in states) and await self._relayout():
             states = await self._read_states()  # the new generation's
-        states = await self._fan(self._parts, self._load_part, states)
         layout = self._layout
         assert layout is not None
+        every_shard = self.only is not None and layout.sharded  # the cut is every shard's
         everyone = states
-        if self.only is not None and layout.sharded:  # the cut is every shard's
+        if every_shard:
             everyone = await read_states(self.log.table, self.log.keys, current_shards(layout))
+        # The seq every part is folded to: a lagging shard's tail goes past its own hwm.
+        self._upto = max(cut(layout, everyone), self.floor)
+        states = await self._fan(self._parts, self._load_part, states)
+        if not every_shard:
+            everyone = states  # as loaded (newer where retention pruned a checkpoint)
         self._hwm = max(cut(layout, everyone), self.floor)
         tails = [part.snapshot.tail for part in self._parts]
         after = min(tail.last_seq for tail in tails)
@@ -344,6 +386,64 @@ class Reader:
                 )
             for seq, entry in read:
                 _fold_into(tails, seq, entry)
+        self._answered = True
+
+    def _carries(self, snapshot: _Snapshot, state: LogState) -> bool:
+        """Whether ``snapshot`` plus the log's entries after it folds to ``state``: of its
+        lineage, not past its checkpoint, and (snapshot reads) not past its hwm."""
+        upto = max(state.hwm, self._upto)  # a lagging shard is folded to the cut
+        past = self.consistency == "snapshot" and snapshot.tail.last_seq > upto
+        return (
+            snapshot.lineage == state.lineage and snapshot.hwm <= state.checkpoint_hwm and not past
+        )
+
+    def _load_behind(self, part: _Part, state: LogState) -> bool:
+        """Load ``state``'s checkpoint in the background while calls go on with the part's
+        snapshot (True), when that one folds to ``state``; False: load it before answering."""
+        if (
+            self._background is None
+            or not self._answered
+            or not self._carries(part.snapshot, state)
+        ):
+            return False
+        if isinstance(part.prepared, BaseException):  # loaded in the caller's call: raised there
+            part.prepared = None
+            return False
+        if not part.loading and part.prepared is None:
+            part.loading = True
+            self._background.start_soon(self._prepare, part, state)
+        return True
+
+    async def _prepare(self, part: _Part, state: LogState) -> None:
+        """Load ``state``'s checkpoint for ``_switch``; a failure is kept for the next call."""
+        try:
+            loaded = await self._open_snapshot(
+                part, state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
+            )
+        except Exception as exc:  # the next call loads it before it answers, and raises
+            part.prepared = exc
+            return
+        finally:
+            part.loading = False
+        loaded.lineage = state.lineage
+        if self._closed or part not in self._parts:  # closed, or a new layout's parts
+            await self._retire(loaded)
+            return
+        part.prepared = loaded
+
+    async def _switch(self, part: _Part, state: LogState) -> None:
+        """Answer from the part's checkpoint loaded in the background, if it folds to
+        ``state`` (its entries are folded after it, as after any load); else discard it."""
+        prepared = part.prepared
+        if not isinstance(prepared, _Snapshot):
+            return
+        part.prepared = None
+        if not self._carries(prepared, state) or prepared.hwm < part.snapshot.hwm:
+            await self._retire(prepared)
+            return
+        old, part.snapshot = part.snapshot, prepared
+        self._loads += 1
+        await self._retire(old)
 
     async def _read_layout(self) -> Layout:
         return await self.log.table.read_layout(self.log.keys.log_id)
@@ -356,7 +456,7 @@ class Reader:
         )
         self._layout = layout
         for part in old:
-            await self._retire(part.snapshot)
+            await self._retire_part(part)
         if not self._parts:
             raise InvalidInput(
                 f"log {self.log.config.log!r} has {layout.shards} shards: no shard "
@@ -421,8 +521,10 @@ class Reader:
 
     async def _load_part(self, part: _Part, state: LogState) -> LogState:
         """Load the checkpoint ``state`` points to, unless loaded; return the state used
-        (a newer one when retention pruned that checkpoint: ``load_committed``)."""
-        if not self._holds(part, state):
+        (a newer one when retention pruned that checkpoint: ``load_committed``). Once
+        the reader answered, a checkpoint its snapshot carries loads in the background."""
+        await self._switch(part, state)
+        if not self._holds(part, state) and not self._load_behind(part, state):
             state, _ = await load_committed(
                 lambda: self._read_state(part), lambda s: self._load(part, s), state=state
             )
@@ -436,7 +538,7 @@ class Reader:
         ``rebuild --publish --force``) must load it again.
         """
         loaded = part.snapshot
-        behind = self.consistency == "fresh" or loaded.tail.last_seq <= state.hwm
+        behind = self.consistency == "fresh" or loaded.tail.last_seq <= max(state.hwm, self._upto)
         return behind and (loaded.key, loaded.hwm) == (state.snapshot_key, state.checkpoint_hwm)
 
     async def _load(self, part: _Part, state: LogState) -> None:
@@ -446,6 +548,7 @@ class Reader:
         loaded = await self._open_snapshot(
             part, state.snapshot_key, state.snapshot_sha256, state.checkpoint_hwm
         )
+        loaded.lineage = state.lineage
         if self._closed:  # aclose() ran while it loaded
             await self._retire(loaded)
             raise Closed("the reader is closed", log=self.log.config.log)

@@ -3,8 +3,10 @@ and holding a child process at a chosen request (so a pause lands there every ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -115,10 +117,13 @@ class FaultyTable:
     """A table (``inner``, a memory one by default) that fails on a chosen method, once.
 
     - ``crash_on``: ``before-commit``, ``after-commit`` or ``release`` raises ``Crash``
-      there (after the commit landed, for ``after-commit``);
+      there (after the commit landed, for ``after-commit``); ``before-checkpoint-commit``
+      and ``after-checkpoint-commit`` only around a commit that switches the
+      checkpoint (a run that publishes one commits hwm alone first);
     - ``lost_commit_answers``: the next N commits land, then their answer is lost:
       ``after_commit`` runs (a successor taking over, say) and the commit is sent
-      again, as botocore retries, and that retry's answer is what the caller sees.
+      again, as botocore retries, and that retry's answer is what the caller sees
+      (with ``lose_checkpoint_answers_only``, the next N checkpoint switches).
 
     Every other call passes straight through.
     """
@@ -127,6 +132,7 @@ class FaultyTable:
         self.inner: Table = inner if inner is not None else MemoryTable()
         self.crash_on: str | None = None
         self.lost_commit_answers = 0
+        self.lose_checkpoint_answers_only = False
         self.after_commit: Callable[[], Awaitable[None]] | None = None
         self.refused = anyio.Event()
         """Set once an ``acquire`` found the lease busy."""
@@ -154,11 +160,16 @@ class FaultyTable:
         sk: str = STATE_SK,
     ) -> LogState:
         self._maybe_crash("before-commit")
+        if commit.snapshot_key is not None:
+            self._maybe_crash("before-checkpoint-commit")
         state = await self.inner.commit(
             log_id, owner, token, prev_hwm=prev_hwm, commit=commit, now=now, sk=sk
         )
         self._maybe_crash("after-commit")
-        if self.lost_commit_answers:
+        if commit.snapshot_key is not None:
+            self._maybe_crash("after-checkpoint-commit")
+        losable = commit.snapshot_key is not None or not self.lose_checkpoint_answers_only
+        if self.lost_commit_answers and losable:
             self.lost_commit_answers -= 1
             if self.after_commit is not None:
                 await self.after_commit()
@@ -410,3 +421,17 @@ async def held_download(
         finally:
             go.set()
             await proxied.aclose()
+
+
+def saved_seq_ids(path: Path, collection: str) -> tuple[int | None, int | None]:
+    """The last write Chroma's HNSW index of ``collection`` in the directory ``path``
+    saved to disk, and the last write it took in (its metadata segment): Chroma's
+    own bookkeeping in its SQLite file (``deltalog.snapshot.hnsw``)."""
+    with contextlib.closing(sqlite3.connect(path / "chroma.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT s.scope, m.seq_id FROM segments s JOIN collections c ON c.id = s.collection "
+            "LEFT JOIN max_seq_id m ON m.segment_id = s.id WHERE c.name = ?",
+            (collection,),
+        ).fetchall()
+    seq = dict(rows)
+    return seq.get("VECTOR"), seq.get("METADATA")

@@ -130,7 +130,12 @@ async def test_a_reader_picks_up_new_commits(
         )
         await log.append(upsert_words(["c"], basis(2), "Costco"))
         await _compacted(log, config, tmp_path, **EVERY_RUN)  # a new checkpoint
+        # answered from the checkpoint it holds, its tail folded up to the new hwm, while
+        # the new one loads behind the call; a later call switches to it
         assert sorted((await reader.get(collection="words"))["ids"]) == ["a", "b", "c", "late"]
+        stats = reader.statistics()
+        assert (stats.hwm, stats.snapshot_hwm, stats.snapshot_loads) == (4, 1, 1)
+        assert await _until_switched(reader, 2) == ["a", "b", "c", "late"]
         stats = reader.statistics()
         assert (stats.hwm, stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (
             4,
@@ -275,6 +280,17 @@ async def _ids(reader: Reader) -> list[str]:
     return sorted((await reader.get(collection="words"))["ids"])
 
 
+async def _until_switched(reader: Reader, loads: int) -> list[str]:
+    """Calls until one answers from a checkpoint loaded behind the calls (the reader's
+    ``loads``-th load); its ids."""
+    with anyio.fail_after(60):
+        while True:
+            ids = await _ids(reader)
+            if reader.statistics().snapshot_loads >= loads:
+                return ids
+            await anyio.sleep(0.01)
+
+
 def _work_copies(config: LogConfig, cache: Path) -> list[Path]:
     """The reader's working copies: one per snapshot it holds open."""
     return list((cache / config.keys.cache_name / "work").iterdir())
@@ -371,7 +387,7 @@ async def test_a_snapshot_stays_open_until_the_calls_using_it_return(
                 await gate.reached.wait()
                 await log.append(delete("X"))
                 await _compacted(log, config, tmp_path, **EVERY_RUN)
-                answers["B"] = await _ids(reader)
+                answers["B"] = await _until_switched(reader, 2)
                 assert len(_work_copies(config, cache)) == 2, "S1 is still in use"
                 gate.opened.set()
         assert len(_work_copies(config, cache)) == 1, "S1 was closed by the last call out"

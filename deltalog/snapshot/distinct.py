@@ -46,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from deltalog.fold import Record
+from deltalog.snapshot.hnsw import PERSIST_EVERY
 
 if TYPE_CHECKING:
     from chromadb.api.client import Client
@@ -62,9 +63,15 @@ __all__ = [
 ]
 
 DISTINCT_DIR = "deltalog-distinct"
-DISTINCT_HNSW: dict[str, Any] = {"ef_construction": 200, "ef_search": 100, "max_neighbors": 16}
+DISTINCT_HNSW: dict[str, Any] = {
+    "ef_construction": 200,
+    "ef_search": 100,
+    "max_neighbors": 16,
+    "sync_threshold": PERSIST_EVERY,
+}
 """The distinct collections' HNSW settings (README "Search quality": ef_construction 200
-where Chroma's 100 left a query or two short; the rest are Chroma's defaults)."""
+where Chroma's 100 left a query or two short; the index saved every ``PERSIST_EVERY``
+records, ``deltalog.snapshot.hnsw``; the rest are Chroma's defaults)."""
 GROUP_LIMIT = 16
 """A collection gets its points once a vector has more copies than this (Chroma's
 ``max_neighbors``: more copies than that can fill each other's neighbour lists).

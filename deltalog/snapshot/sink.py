@@ -50,6 +50,7 @@ from deltalog.entry import Metadata, MetadataPatch
 from deltalog.errors import Closed, DataError
 from deltalog.fold import CollectionPlan, FoldPlan, Record, State, apply_to_state
 from deltalog.snapshot.distinct import DistinctHit, DistinctIndex
+from deltalog.snapshot.hnsw import persist_often
 
 if TYPE_CHECKING:  # importing chromadb takes a second: only ChromaSink pays for it
     from chromadb.api.client import Client
@@ -431,7 +432,8 @@ class ChromaSink:
         return handle
 
     async def _open_collection(self, name: str) -> Collection:
-        """Get or create a collection (subclasses add settings and checks)."""
+        """Get or create a collection (subclasses add settings and checks); it saves its
+        index every ``PERSIST_EVERY`` records (``deltalog.snapshot.hnsw``)."""
         create = self._open_client().get_or_create_collection
         return await self._run(f"create {name!r}", _create, create, name)
 
@@ -462,7 +464,9 @@ def _open_distinct(path: Path, create: bool) -> DistinctIndex | None:
 
 
 def _create(create: Callable[..., Collection], name: str) -> Collection:
-    return create(name, embedding_function=None)
+    handle = create(name, embedding_function=None)
+    persist_often(handle)  # before its first operation loads its index
+    return handle
 
 
 def _remove_existing(collection: Collection, ids: list[str]) -> list[str]:

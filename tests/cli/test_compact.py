@@ -873,12 +873,14 @@ async def _open_uploads(config: LogConfig, prefix: str) -> list[str]:
     return [upload["Key"] for upload in listed.get("Uploads", [])]
 
 
-async def test_ctrl_c_during_a_publish_aborts_the_upload_and_says_what_was_not_done(
+async def test_ctrl_c_during_a_publish_aborts_the_upload_and_says_what_was_done(
     cli: Cli, log: DeltaLog, rng: np.random.Generator
 ) -> None:
-    """SIGINT while a part of the checkpoint's multipart upload is held at the proxy: the
-    command aborts the upload on its way out (none left on S3), releases the lease, commits
-    nothing, exits 130 and says so; the state's last run says it was interrupted."""
+    """SIGINT while a part of the checkpoint's multipart upload is held at the proxy. A run
+    that publishes commits its hwm before it uploads, so the entries are committed (on the
+    committed tail, no checkpoint yet); the command aborts the upload on its way out (none
+    left on S3), releases the lease, exits 130 and says what was committed; the state's
+    last run says it was interrupted after committing, and a rerun publishes the checkpoint."""
     for i in range(3):
         await log.append(delta(rng, f"r{i}", rows=20))
     async with held_once(log.config, _upload_part) as (url, reached, _go):
@@ -898,15 +900,15 @@ async def test_ctrl_c_during_a_publish_aborts_the_upload_and_says_what_was_not_d
     assert "Traceback" not in daemon.stderr
     assert await _open_uploads(log.config, log.keys.snapshots_prefix) == [], "aborted"
     assert (
-        f"{log.config.log}: compact interrupted: nothing was committed (hwm stays 0; the 3 seqs "
-        "it had applied were discarded); 3 seqs up to the head 3 are not applied. Run the same "
-        "command again" in daemon.stderr
+        f"{log.config.log}: compact interrupted: hwm 0 -> 3 was committed before it stopped; "
+        "none left. Run the same command again" in daemon.stderr
     ), daemon.stderr
     state = await _state(log)
-    assert (state.hwm, state.owner, state.snapshot_key) == (0, None, None)
+    assert (state.hwm, state.owner, state.snapshot_key) == (3, None, None)
     assert json.loads(state.last_run)["status"] == "interrupted"
     status = await cli("status")
-    assert re.search(r"^last run   [-0-9: ]+UTC: interrupted at hwm 0: nothing committed$",
+    assert re.search(r"^last run   [-0-9: ]+UTC: interrupted after committing hwm 0 -> 3$",
                      status.out, re.M), status.out  # fmt: skip
     again = await cli("compact")
-    assert again.code == 0 and "applied 3 entries (hwm 0 -> 3)" in again.out, again.err
+    assert again.code == 0, again.err
+    assert (await _state(log)).snapshot_key is not None, (again.out, again.err)

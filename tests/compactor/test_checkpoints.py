@@ -4,10 +4,14 @@ Each test runs on the memory adapters and on moto's server (``backend``).
 
 - **Crashes** at each step a run with checkpoints adds: after applying,
   before committing hwm alone; after uploading a checkpoint, before its
-  commit; after a commit, before the live copy is kept and retention runs.
-  The committed state is unchanged by the first two (the upload is an
-  orphan), moved by the third; in every case the next run converges to the
-  reference fold, and readers see it.
+  commit (the switch: hwm was committed before the upload); after a
+  commit, before the live copy is kept and retention runs. The committed
+  state is unchanged by the first, has the run's hwm on the old checkpoint
+  after the second (the upload is an orphan), moved by the third; in every
+  case the next run converges to the reference fold, and readers see it.
+- **Order**: a run that publishes commits hwm (with its committed tail)
+  before it closes Chroma and uploads, so a snapshot reader sees the run's
+  entries while the checkpoint uploads; then the switch, on that hwm.
 - **Retention** never deletes the checkpoint the committed state points to,
   even at ``orphan_grace=0`` with every other snapshot gone.
 - **The committed tail**: a snapshot reader, a cold ``export`` and a cold
@@ -24,6 +28,8 @@ Each test runs on the memory adapters and on moto's server (``backend``).
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ from chromadb.config import Settings
 
 from compactor import Compactor
 from deltalog import DataError, DeltaLog, LogConfig, Reader
+from deltalog.errors import Unavailable
 from deltalog.keys import STATE_SK
 from deltalog.storage.dynamo import DynamoTable
 from deltalog.storage.s3 import S3Store
@@ -150,11 +157,12 @@ async def test_a_crash_after_uploading_a_checkpoint_before_its_commit_leaves_an_
         await three_entries(log, rng, "a")
         first = await c.run_once()
         await three_entries(log, rng, "b")
-        table.crash_on = "before-commit"
+        table.crash_on = "before-checkpoint-commit"
         with pytest.raises(Crash):
             await c.run_once(checkpoint=True)
         state = await log.table.read_state(log.keys.log_id)
-        assert (state.hwm, state.snapshot_key) == (3, first.snapshot_key)
+        # hwm was committed (with its tail) before the upload; the switch was not
+        assert (state.hwm, state.snapshot_key) == (6, first.snapshot_key)
         (orphan,) = set(await snapshot_keys(log)) - {first.snapshot_key}
         await until_free(log)
         await log.append(delta(rng, "c"))
@@ -164,17 +172,95 @@ async def test_a_crash_after_uploading_a_checkpoint_before_its_commit_leaves_an_
         await converged(log, c, tmp_path / "reader")
 
 
+async def test_a_checkpoint_owed_by_a_run_stopped_between_its_commits_is_published_next(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The first run's checkpoint ("first") crashes after its hwm commit: the log has a
+    committed tail and no checkpoint. The next run has nothing new to apply, and still
+    publishes the checkpoint the policy owes (a rerun finishes what was interrupted)."""
+    table = FaultyTable(backend.table)
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c", table=table, lease_ttl=backend.lease_ttl) as c,
+    ):
+        await three_entries(log, rng, "a")
+        table.crash_on = "before-checkpoint-commit"
+        with pytest.raises(Crash):
+            await c.run_once()
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.hwm, state.snapshot_key, state.tail_entries) == (3, None, 3)
+        await until_free(log)
+        again = await c.run_once()
+        assert (again.hwm_before, again.hwm_after, again.checkpoint) == (3, 3, "first")
+        state = await log.table.read_state(log.keys.log_id)
+        assert (state.snapshot_hwm, state.tail_entries) == (3, 0)
+        assert state.snapshot_key is not None
+        assert (await c.run_once()).status == "nothing", "owed no more"
+        await converged(log, c, tmp_path / "reader")
+
+
+class _UploadWatch:
+    """A store that runs ``before`` when an upload starts (then uploads as ``inner``)."""
+
+    def __init__(self, inner: Any, before: Any) -> None:
+        self.inner = inner
+        self.before = before
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @asynccontextmanager
+    async def upload(self, key: str) -> AsyncIterator[Any]:
+        await self.before(key)
+        async with self.inner.upload(key) as upload:
+            yield upload
+
+
+async def test_a_run_that_publishes_commits_hwm_before_it_uploads(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """While the checkpoint uploads, the run's entries are committed (the tail) and a
+    snapshot reader returns them; then the switch moves the checkpoint, not hwm."""
+    seen: list[tuple[int, str | None, dict[str, list[str]]]] = []
+    async with backend.open_log() as log:
+
+        async def before(key: str) -> None:
+            state = await log.table.read_state(log.keys.log_id)
+            seen.append((state.hwm, state.snapshot_key, await reader_sees(log, tmp_path / "r")))
+
+        store = _UploadWatch(backend.store, before)
+        async with backend.compactor(cache_dir=tmp_path / "c", store=store) as c:
+            await three_entries(log, rng, "a")
+            first = await c.run_once()  # the first checkpoint: a tail from seq 0 before it
+            assert seen[0] == (3, None, ids_of(await reference(log)))
+            await three_entries(log, rng, "b")
+            second = await c.run_once(checkpoint=True)
+            assert seen[1][:2] == (6, first.snapshot_key)
+            assert seen[1][2] == ids_of(await reference(log))
+            state = await log.table.read_state(log.keys.log_id)
+            assert (state.hwm, state.checkpoint_hwm, state.tail_entries) == (6, 6, 0)
+            assert (second.hwm_before, second.hwm_after, second.checkpoint) == (3, 6, "requested")
+            assert state.snapshot_key == second.snapshot_key != first.snapshot_key
+            await converged(log, c, tmp_path / "reader")
+
+
 async def test_a_crash_after_a_commit_before_the_live_copy_and_retention_converges(
     backend: Backend, rng: np.random.Generator, tmp_path: Path
 ) -> None:
-    for publish in (False, True):
+    cases = [  # a run that publishes commits twice: hwm (with its tail), then the switch
+        (False, "after-commit"),
+        (True, "after-commit"),
+        (True, "after-checkpoint-commit"),
+    ]
+    for publish, crash in cases:
+        switched = crash == "after-checkpoint-commit"
         table = FaultyTable(backend.table)
-        config = replace(backend.config, log=f"{backend.config.log}-{publish}")
+        config = replace(backend.config, log=f"{backend.config.log}-{publish}-{switched}")
         async with (
             backend.open_log(config) as log,
             backend.compactor(
                 config,
-                cache_dir=tmp_path / f"c{publish}",
+                cache_dir=tmp_path / f"c{publish}{switched}",
                 table=table,
                 lease_ttl=backend.lease_ttl,
                 retain=1,
@@ -184,21 +270,21 @@ async def test_a_crash_after_a_commit_before_the_live_copy_and_retention_converg
             await three_entries(log, rng, "a")
             first = await c.run_once()
             await three_entries(log, rng, "b")
-            table.crash_on = "after-commit"
+            table.crash_on = crash
             with pytest.raises(Crash):
                 await c.run_once(checkpoint=publish)
             state = await log.table.read_state(log.keys.log_id)
             assert state.hwm == 6, "the commit landed"
-            assert (state.snapshot_key == first.snapshot_key) is not publish
+            assert (state.snapshot_key == first.snapshot_key) is not switched
             assert first.snapshot_key in await snapshot_keys(log), "retention did not run"
             await until_free(log)
             await log.append(delta(rng, "c"))
             again = await c.run_once()
             assert again.working_copy == "checkpoint" and again.hwm_after == 7
-            assert again.replayed_tail == (0 if publish else 3)
+            assert again.replayed_tail == (0 if switched else 3)
             keys = await snapshot_keys(log)
             assert keys == [state.snapshot_key], "retention ran with the next commit"
-            await converged(log, c, tmp_path / f"reader{publish}")
+            await converged(log, c, tmp_path / f"reader{publish}{switched}")
 
 
 async def until_free(log: DeltaLog) -> None:
@@ -596,6 +682,111 @@ async def _download_as(
         return
     async with Compactor(config, cache_dir=cache, store=store, table=table) as c:
         got.append(await (c.export(cache / "out") if who == "export" else c.verify()))
+
+
+# -- a new checkpoint never blocks a reader's answer -----------------------------------
+
+
+class _DownloadGate:
+    """A store whose downloads, once ``armed``, wait for ``go`` (or fail with ``fail``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+        self.fail: Exception | None = None
+        self.reached, self.go = anyio.Event(), anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def download_file(self, key: str, path: Path) -> Any:
+        if self.armed:
+            self.reached.set()
+            if self.fail is not None:
+                raise self.fail
+            await self.go.wait()
+        return await self.inner.download_file(key, path)
+
+
+async def test_a_reader_answers_from_the_checkpoint_it_holds_while_the_next_loads(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """The log is append-only: the checkpoint a snapshot reader holds plus the entries
+    after it fold to the committed state at the new hwm. While the new checkpoint's
+    download is held, every call answers that fold (deletes and patches of the new
+    entries included); once it is let go, a call switches to it, answering the same."""
+    gate = _DownloadGate(backend.store)
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c") as c,
+    ):
+        await three_entries(log, rng, "a")
+        first = await c.run_once()
+        async with Reader.open(
+            log.config, cache_dir=tmp_path / "r", store=gate, table=log.table
+        ) as reader:
+
+            async def ids() -> dict[str, list[str]]:
+                with anyio.fail_after(30):  # a call waiting for the held download fails here
+                    return {"words": sorted((await reader.get(collection="words"))["ids"])}
+
+            assert await ids() == ids_of(await reference(log))
+            gate.armed = True
+            await three_entries(log, rng, "b")
+            second = await c.run_once(checkpoint=True)
+            assert second.snapshot_key != first.snapshot_key
+            want = ids_of(await reference(log))
+            assert await ids() == want
+            stats = reader.statistics()
+            assert (stats.snapshot_key, stats.hwm, stats.tail_seq) == (first.snapshot_key, 6, 6)
+            with anyio.fail_after(30):
+                await gate.reached.wait()
+            assert await ids() == want, "still loading: answered from the one it holds"
+            gate.go.set()
+            with anyio.fail_after(30):
+                while reader.statistics().snapshot_key != second.snapshot_key:
+                    assert await ids() == want
+                    await anyio.sleep(0.01)
+            stats = reader.statistics()
+            assert (stats.snapshot_hwm, stats.tail_entries, stats.snapshot_loads) == (6, 0, 2)
+            assert await ids() == want
+
+
+async def test_a_failed_background_load_is_raised_by_the_next_call(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """A checkpoint that could not be loaded behind the calls is loaded in the next call,
+    whose error the caller sees (nothing is swallowed); once it loads, calls go on."""
+    gate = _DownloadGate(backend.store)
+    gate.fail = Unavailable("injected: the download failed")
+    async with (
+        backend.open_log() as log,
+        backend.compactor(cache_dir=tmp_path / "c") as c,
+    ):
+        await three_entries(log, rng, "a")
+        await c.run_once()
+        async with Reader.open(
+            log.config, cache_dir=tmp_path / "r", store=gate, table=log.table
+        ) as reader:
+            await reader.get(collection="words")
+            gate.armed = True
+            await three_entries(log, rng, "b")
+            await c.run_once(checkpoint=True)
+            await reader.get(collection="words")  # answered; the load failed behind it
+            with anyio.fail_after(30):
+                await gate.reached.wait()
+            with pytest.raises(Unavailable, match="injected"):
+                await _until_it_raises(lambda: reader.get(collection="words"))
+            gate.armed = False
+            got = sorted((await reader.get(collection="words"))["ids"])
+            assert {"words": got} == ids_of(await reference(log))
+
+
+async def _until_it_raises(call: Any) -> None:
+    with anyio.fail_after(30):
+        while True:
+            await call()
+            await anyio.sleep(0.01)
 
 
 # -- one snapshot reader, concurrent calls: one complete cut --------------------------

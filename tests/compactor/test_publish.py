@@ -88,12 +88,13 @@ async def test_retention_deletes_old_snapshots_only_after_a_commit(
             committed.append(result.snapshot_key)
             assert await snapshot_keys(log) == sorted(committed[-2:])
         await log.append(delta(rng, "e"))
-        table.crash_on = "before-commit"
+        table.crash_on = "before-checkpoint-commit"  # after the upload
         with pytest.raises(Crash):
             await c.run_once()
         kept = await snapshot_keys(log)
         assert set(committed[-2:]) < set(kept) and len(kept) == 3, "nothing deleted uncommitted"
         (orphan,) = set(kept) - set(committed)
+        await log.append(delta(rng, "f"))  # "e" was committed before the upload
         result = await c.run_once()
         assert result.snapshot_key is not None
         # The crashed run's upload is an orphan: it never counts toward retain,

@@ -316,3 +316,39 @@ async def test_a_call_answers_every_shard_at_the_cut_it_pinned(
                     answers["B"] = sorted((await reader.get(collection="words"))["ids"])
                     opened.set()
     assert answers == {"A": sorted(ids[6:]), "B": []}
+
+
+async def test_a_shards_new_checkpoint_loads_behind_while_every_shard_answers(
+    backend: Backend, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """While shard 1's new checkpoint download is held, calls answer the fold at the new
+    cut from the checkpoint it holds plus the log after it; once let go, it switches."""
+    from tests.compactor.test_checkpoints import _DownloadGate
+
+    await init_layout(backend.table, backend.config.keys, SHARDS, now=time.time())
+    gate = _DownloadGate(backend.store)
+    async with backend.open_log() as log:
+        await _append(log, rng, 6)
+        for index in range(SHARDS):
+            async with await _shard(backend, tmp_path, index) as c:
+                await c.run_once()
+        async with Reader.open(
+            backend.config, cache_dir=tmp_path / "r", store=gate, table=backend.table
+        ) as reader:
+            await _check(reader, await _model(log, 6), rng)
+            loads = reader.statistics().snapshot_loads
+            gate.armed = True
+            await _append(log, rng, 4)
+            async with await _shard(backend, tmp_path, 1) as c:
+                assert (await c.run_once(checkpoint=True)).checkpoint == "requested"
+            with anyio.fail_after(30):  # a call waiting for the held download fails here
+                await _check(reader, await _model(log, 10), rng)
+                await gate.reached.wait()
+                await _check(reader, await _model(log, 10), rng)
+            assert reader.statistics().snapshot_loads == loads, "still the one it holds"
+            gate.go.set()
+            with anyio.fail_after(30):
+                while reader.statistics().snapshot_loads == loads:
+                    await _check(reader, await _model(log, 10), rng)
+                    await anyio.sleep(0.01)
+            await _check(reader, await _model(log, 10), rng)

@@ -24,7 +24,7 @@ from deltalog.snapshot.distinct import DISTINCT_DIR, GROUP_LIMIT, digest
 from deltalog.snapshot.sink import ChromaSink
 from deltalog.storage.store import MemoryStore
 from deltalog.storage.table import MemoryTable
-from tests.compaction import commit_altered_snapshot
+from tests.compaction import commit_altered_snapshot, saved_seq_ids
 
 DIM = 8
 SETTINGS = Settings(anonymized_telemetry=False)
@@ -227,3 +227,20 @@ async def test_points_appear_once_a_vector_has_more_copies_than_the_limit(tmp_pa
     async with await ChromaSink.open(tmp_path, distinct="keep") as sink:
         await sink.apply(plan(copies[-1:]))
     await assert_index_matches(tmp_path)
+
+
+async def test_the_index_holds_every_point_written_once_closed(tmp_path: Path) -> None:
+    """The distinct collections save their HNSW index every ``PERSIST_EVERY`` writes, as
+    the snapshot's own do (``deltalog.snapshot.hnsw``): closed after 131 points, their
+    index holds all of them (Chroma's default would have saved none)."""
+    rng = np.random.default_rng(11)
+    same = np.ones(DIM, np.float32)
+    copies = [Record(f"c{i:03d}", same) for i in range(GROUP_LIMIT + 4)]
+    sink = await ChromaSink.open(tmp_path, distinct="keep")
+    try:
+        rows = rng.normal(size=(130, DIM)).astype(np.float32)  # 130 distinct vectors
+        await sink.apply(plan([*copies, *(Record(f"r{i:03d}", v) for i, v in enumerate(rows))]))
+    finally:
+        await sink.aclose()
+    vector, metadata = saved_seq_ids(tmp_path / DISTINCT_DIR / "chroma", "words")
+    assert vector is not None and vector == metadata

@@ -22,6 +22,7 @@ from deltalog.errors import Closed, DataError
 from deltalog.fold import Record, State, apply_to_state, fold, state_differences
 from deltalog.snapshot.sink import ChromaSink, MemorySink, Sink
 from tests import strategies
+from tests.compaction import saved_seq_ids
 from tests.conftest import examples
 from tests.oracle import oracle_state
 
@@ -313,3 +314,33 @@ class TestChromaSink(SinkContract):
             await sink.apply(fold(log_of(upsert(["a"], np.zeros((1, 2), np.float32)))))
             with pytest.raises(DataError, match=r"could not add to 'words'.*log=receipts"):
                 await sink.apply(fold(log_of(upsert(["b"], np.zeros((1, 3), np.float32)))))
+
+    @pytest.mark.parametrize("made_by", ["deltalog", "plain chromadb"])
+    async def test_a_closed_directory_has_every_write_in_its_index(
+        self, tmp_path: Path, made_by: str
+    ) -> None:
+        """Chroma saves a collection's HNSW index only every ``sync_threshold`` writes and
+        not on close; the writes since are inserted again by whoever opens the directory
+        next, on its first operation (``deltalog.snapshot.hnsw``). A sink's collections
+        save every ``PERSIST_EVERY`` writes, also one made by a client with Chroma's
+        default (1,000): closed after 250 writes, the index holds all of them."""
+        path = tmp_path / "db"
+        rng = np.random.default_rng(3)
+        before = 0
+        if made_by == "plain chromadb":  # a snapshot written before the threshold was lowered
+            before = 1000  # saved: exactly Chroma's default threshold
+            client = chromadb.PersistentClient(path=str(path))
+            assert isinstance(client, Client)
+            try:
+                old = client.create_collection("words", embedding_function=None)
+                rows = list(rng.standard_normal((before, DIM), dtype=np.float32))
+                old.add(ids=[f"old{i}" for i in range(before)], embeddings=rows)
+            finally:
+                client.close()
+            assert saved_seq_ids(path, "words") == (before, before)
+        vectors = rng.standard_normal((250, DIM), dtype=np.float32)
+        async with await ChromaSink.open(path, distinct="keep") as sink:
+            await sink.index_distinct()  # reads (loads) every collection first, as a compactor
+            await sink.apply(fold(log_of(upsert([f"r{i}" for i in range(250)], vectors))))
+        saved, taken = saved_seq_ids(path, "words")
+        assert saved == taken and taken is not None and taken >= before + 250
