@@ -223,8 +223,16 @@ class LeaseKeeper:
                     await self._extend(lease.token, now)
             except (Unavailable, TimeoutError) as exc:
                 if self.clock() >= lease.expires_at:
+                    why = str(exc) or (
+                        f"each renewal took longer than {self.ttl / 3:g} s"
+                        if isinstance(exc, TimeoutError)
+                        else type(exc).__name__
+                    )
                     raise LeaseLost(
-                        f"lease expired: could not renew it in time ({exc})", log=self.log_id
+                        f"lease expired: could not renew it in time ({why}); the table did not "
+                        "answer in time (an overloaded machine or endpoint): give the lease a "
+                        "longer ttl or run fewer compactors at once",
+                        log=self.log_id,
                     ) from exc
                 await anyio.sleep(min(1.0, self.ttl / 10))
                 continue

@@ -100,3 +100,25 @@ async def test_a_taken_lease_fails_the_renewal_and_cancels_the_run() -> None:
     assert await keeper.release(lease) is False
     state = await table.read_state(LOG)
     assert (state.owner, state.token) == ("intruder", 2)
+
+
+class StalledTable(MemoryTable):
+    """A table whose renewals never answer (an endpoint stalled behind a loaded machine)."""
+
+    async def renew(
+        self, log_id: str, owner: str, token: int, *, ttl: float, now: float, sk: str = STATE_SK
+    ) -> None:
+        await anyio.sleep_forever()
+
+
+async def test_a_renewal_that_never_answers_loses_the_lease_and_says_why() -> None:
+    """Each attempt times out (a TimeoutError says nothing itself): the loss names the
+    bound each attempt had and what to do, rather than an empty reason."""
+    clock = [1000.0]
+    keeper = LeaseKeeper(StalledTable(), LOG, ttl=0.3, owner="me", clock=lambda: clock[0])
+    lease = await keeper.acquire()
+    clock[0] += 5.0  # past the expiry: the first failed attempt is the last
+    with anyio.fail_after(60), pytest.raises(LeaseLost) as lost:
+        await keeper._renew(lease)
+    assert "(each renewal took longer than 0.1 s)" in str(lost.value), str(lost.value)
+    assert "longer ttl or run fewer compactors" in str(lost.value)
