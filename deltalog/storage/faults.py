@@ -154,6 +154,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._script: list[_Scripted] = []
         self._connections: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._requests = self._forwarded = 0
         self._operations: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
@@ -170,12 +171,20 @@ class FaultProxy:
         return self.url
 
     async def aclose(self) -> None:
-        """Stop listening and cut every open connection."""
+        """Stop listening and cut every open connection.
+
+        A connection accepted in the last instant has its ``_serve`` task still to
+        run: the proxy yields to it (it closes the connection at once) and cuts
+        again, so no connection outlives the proxy.
+        """
+        self._closing = True
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        for _ in range(2):
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await asyncio.sleep(0)  # a connection accepted just now starts, sees closing
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -251,7 +260,7 @@ class FaultProxy:
         self._connections.add(task)
         upstream = _Upstream(*self.upstream)
         try:
-            while await self._exchange(reader, writer, upstream):
+            while not self._closing and await self._exchange(reader, writer, upstream):
                 pass
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # the client went away or spoke nonsense: drop the connection
